@@ -1,0 +1,1 @@
+"""Rewrite passes, one per file, each `verb_noun(gm, ctx) -> PassResult`."""

@@ -1,0 +1,88 @@
+"""merge_adapters: fold each mergeable adapter into its base weight and delete its nodes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from peftc import adapters
+from peftc.graph_edit import erase_nodes, provenance
+from peftc.pipeline import PassContext, PassResult
+
+
+def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Replace W by fold(W) for every adapter whose method can fold, and erase that adapter's nodes.
+
+    Merged weights are new tensors set on this graph module only: the base weights, shared
+    with the user's model and the compiled model, are never written. The first graph merged
+    leaves them in `ctx.state["merged"]`, so graphs for other call signatures reuse one copy.
+    """
+    from peftc.methods import METHODS
+
+    precomputed = ctx.state.get("merged")
+    merged: dict[str, torch.Tensor] = {}
+    kept: list[str] = []
+    sites = {s.path: s for s in ctx.sites}
+    result = PassResult(modified=False)
+    for group in _adapter_groups(gm):
+        tag = provenance(group[0])
+        method = METHODS[tag["method"]]
+        if method.fold is None:
+            kept.append(f"{tag['method']} at {tag['site']}")
+            continue
+        site = sites[tag["site"]]
+        _refuse_shared_weight(gm, site)
+        if precomputed is None:
+            module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
+            base = merged.get(site.param, gm.get_parameter(site.param))
+            with torch.no_grad():
+                merged[site.param] = method.fold(module, site, base).detach()
+        output = next(n for n in group if provenance(n).get("role") == "output")
+        output.replace_all_uses_with(output.args[0])
+        erase_nodes(gm, group)
+        result.modified = True
+        result.sites.append(site.path)
+    final = merged if precomputed is None else precomputed
+    for name, value in final.items():
+        _set_parameter(gm, name, value)
+    ctx.state["merged"] = final
+    _drop_adapter_tree_if_unused(gm)
+    result.notes = [f"kept as graph ops (not mergeable): {k}" for k in kept]
+    return result
+
+
+def _adapter_groups(gm: GraphModule) -> list[list[Node]]:
+    """Inserted nodes grouped by (entry, site, slot), in the order the entries were applied."""
+    groups: dict[tuple, list[Node]] = {}
+    for node in gm.graph.nodes:
+        tag = provenance(node)
+        if tag is not None and tag.get("slot") is not None:
+            groups.setdefault((tag["entry"], tag["site"], tag["slot"]), []).append(node)
+    return [groups[key] for key in sorted(groups, key=lambda k: k[0])]
+
+
+def _refuse_shared_weight(gm: GraphModule, site) -> None:
+    """A weight read by ops of another module too (tied embeddings) cannot be folded in place."""
+    readers = {
+        user.meta.get("nn_module_stack", {}) and list(user.meta["nn_module_stack"].values())[-1][0]
+        for node in gm.graph.nodes if node.op == "get_attr" and node.target == site.param
+        for user in node.users
+    }
+    if len(readers) > 1:
+        raise NotImplementedError(
+            f"cannot merge into {site.param!r}: it is shared by {sorted(map(str, readers))} (tied weights); "
+            "untie the weights before compiling, or keep the adapter unmerged")
+
+
+def _set_parameter(gm: GraphModule, name: str, value: torch.Tensor) -> None:
+    """Register a merged tensor at `name` on `gm` alone (its module tree is gm's own copy)."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _drop_adapter_tree_if_unused(gm: GraphModule) -> None:
+    prefix = adapters.ROOT + "."
+    if not any(n.op == "get_attr" and str(n.target).startswith(prefix) for n in gm.graph.nodes):
+        gm._modules.pop(adapters.ROOT, None)

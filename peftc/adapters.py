@@ -1,0 +1,57 @@
+"""Where adapter parameters live: a module tree mounted at `peftc` on every captured graph.
+
+An adapter for site `model.layers.0.self_attn.q_proj` added by the spec entry named `lora`
+lives at `peftc.model.layers.0.self_attn.q_proj.lora`, so its parameters read
+`...q_proj.lora.A` / `...q_proj.lora.B` in `adapter_state_dict()`. Graphs captured for other
+call signatures mount the same tree, so they share the same parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from torch import nn
+
+ROOT = "peftc"
+
+
+def module_at(root: nn.Module, path: str, create: bool) -> nn.Module | None:
+    current = root
+    for part in [p for p in path.split(".") if p]:
+        child = current._modules.get(part)
+        if child is None:
+            if not create:
+                return None
+            child = nn.Module()
+            current.add_module(part, child)
+        current = child
+    return current
+
+
+def get_or_create(root: nn.Module, site_path: str, slot: str, factory: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
+    """The adapter module for (site, slot), created by `factory` on first use."""
+    parent = module_at(root, site_path, create=True)
+    existing = parent._modules.get(slot)
+    if existing is not None:
+        return existing, False
+    module = factory()
+    parent.add_module(slot, module)
+    return module, True
+
+
+def target(site_path: str, slot: str, name: str) -> str:
+    """get_attr target of an adapter tensor, relative to the graph module."""
+    return ".".join(p for p in (ROOT, site_path, slot, name) if p)
+
+
+def adapter_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, module) for every adapter module (those that own tensors directly)."""
+    for name, module in root.named_modules():
+        if module._parameters or module._buffers:
+            yield name, module
+
+
+def mount(gm: nn.Module, root: nn.Module) -> None:
+    if ROOT in gm._modules and gm._modules[ROOT] is not root:
+        raise RuntimeError(f"the captured model already has a submodule named {ROOT!r}")
+    gm.add_module(ROOT, root)

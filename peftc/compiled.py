@@ -1,0 +1,109 @@
+"""CompiledModel: the rewritten graph(s), used like the original nn.Module.
+
+torch.export specializes a graph on which arguments a call passes (labels or not, a mask
+or not). A CompiledModel keeps one graph per call signature: the one captured at compile
+time, and others captured on first use of a new signature by the same pipeline, sharing
+the same base weights and the same adapter parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from . import adapters
+from .capture import CallSignature, normalize_call
+from .modes import set_mode
+
+
+class GraphDispatch(nn.Module):
+    """An nn.Module that runs the graph captured for each call's signature."""
+
+    def __init__(self, model: nn.Module, first: GraphModule, signature: CallSignature,
+                 build: Callable[[tuple, dict], GraphModule]):
+        super().__init__()
+        self.graph_module = first
+        object.__setattr__(self, "_model", model)  # the user's model, not a submodule of ours
+        object.__setattr__(self, "_build", build)
+        object.__setattr__(self, "_graphs", {signature: first})
+        set_mode(first, self.training)
+
+    @property
+    def graphs(self) -> dict[CallSignature, GraphModule]:
+        return dict(self._graphs)
+
+    def forward(self, *args, **kwargs):
+        args, kwargs = normalize_call(self._model, args, kwargs)
+        signature = CallSignature.of(args, kwargs)
+        gm = self._graphs.get(signature)
+        if gm is None:
+            gm = self._build(args, kwargs)
+            set_mode(gm, self.training)
+            self._graphs[signature] = gm
+        return gm(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        # Exported graph modules refuse .train(); the mode lives in the graph's nodes instead.
+        self.training = mode
+        for gm in self._graphs.values():
+            set_mode(gm, mode)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for gm in self._graphs.values():
+            if gm is not self.graph_module:
+                gm._apply(fn, recurse)
+        return self
+
+
+class CompiledModel(GraphDispatch):
+    """The result of `peftc.compile`: trains and evaluates like the original model."""
+
+    def __init__(self, model, first, signature, build, *, spec, records, sites, adapter_root, merge_build):
+        super().__init__(model, first, signature, build)
+        self.spec = spec
+        self.records = records
+        self.sites = sites
+        object.__setattr__(self, "_adapter_root", adapter_root)
+        object.__setattr__(self, "_merge_build", merge_build)
+
+    # -- adapter weights ---------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what the spec trains: adapter tensors by adapter name, unfrozen base params by FQN."""
+        out = {name: t.detach() for name, t in self._adapter_root.state_dict(keep_vars=True).items()}
+        for name, param in self.graph_module.named_parameters(remove_duplicate=False):
+            if param.requires_grad and not name.startswith(adapters.ROOT + "."):
+                if name in out:
+                    raise RuntimeError(f"adapter name {name!r} collides with a base parameter name")
+                out[name] = param.detach()
+        return out
+
+    def save_adapter(self, directory, format: str = "peftc") -> Path:
+        from .checkpoint import save_adapter
+
+        return save_adapter(self, directory, format=format)
+
+    def load_adapter(self, directory) -> "CompiledModel":
+        from .checkpoint import load_adapter
+
+        load_adapter(self, directory)
+        return self
+
+    # -- derived modules and views -----------------------------------------------------
+    def merged(self) -> GraphDispatch:
+        """A plain module with every mergeable adapter folded into its weight; this model is untouched."""
+        return self._merge_build()
+
+    def report(self):
+        from .report import Report
+
+        return Report.build(self)
+
+    def extra_repr(self) -> str:
+        methods = ", ".join(e.method for e in self.spec.adapters) or "none"
+        return f"methods=[{methods}], sites={len({s for r in self.records for s in r.sites})}"

@@ -1,0 +1,119 @@
+"""peftc.compile: capture, resolve sites, run the spec's passes, wrap the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from . import adapters
+from .capture import CallSignature, capture, hf_example_inputs, is_hf_model, normalize_call
+from .compiled import CompiledModel, GraphDispatch
+from .errors import CaptureError, SpecError
+from .methods import METHODS
+from .modes import record_modes
+from .pipeline import PassContext, PassRecord, Step, run_pipeline
+from .sites import Site, find_sites
+from .spec import Spec
+
+BACKENDS = ("torch",)
+
+
+def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_kwargs: dict | None = None,
+            dynamic_shapes: Any = None, dump_dir: str | Path | None = None, backend: str = "torch") -> CompiledModel:
+    """Compile `model` with the PEFT `spec` (a Spec, a dict, or a path to a spec file).
+
+    On failure the model is left exactly as it was (parameters, requires_grad flags, mode).
+    """
+    spec = as_spec(spec)
+    if backend not in BACKENDS:
+        raise SpecError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    args, kwargs = example_call(model, example_inputs, example_kwargs)
+    saved = _user_state(model)
+    adapter_root = nn.Module()
+    try:
+        gm, records, sites = build_graph(model, spec, adapter_root, args, kwargs, dynamic_shapes,
+                                         dump_dir=Path(dump_dir) if dump_dir is not None else None)
+    except BaseException:
+        _restore(model, saved)
+        raise
+
+    def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
+        return build_graph(model, spec, adapter_root, call_args, call_kwargs)[0]
+
+    def merge_build() -> GraphDispatch:
+        state: dict = {}
+
+        def build_merged(call_args: tuple, call_kwargs: dict) -> GraphModule:
+            return build_graph(model, spec, adapter_root, call_args, call_kwargs, merge=True, state=state)[0]
+
+        return GraphDispatch(model, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged)
+
+    cm = CompiledModel(model, gm, CallSignature.of(args, kwargs), build, spec=spec, records=records,
+                       sites=sites, adapter_root=adapter_root, merge_build=merge_build)
+    cm.train(saved["training"])
+    return cm
+
+
+def as_spec(spec: Any) -> Spec:
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, (str, Path)):
+        return Spec.load(spec)
+    return Spec.from_dict(spec)
+
+
+def example_call(model: nn.Module, example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
+    if example_inputs is None and example_kwargs is None:
+        if not is_hf_model(model):
+            raise CaptureError(
+                f"{type(model).__name__} is not a transformers model, so peftc cannot build example inputs; "
+                "pass example_inputs=(tensor, ...) and/or example_kwargs={...} to peftc.compile")
+        return normalize_call(model, (), hf_example_inputs(model))
+    if example_inputs is None:
+        example_inputs = ()
+    elif not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    return normalize_call(model, example_inputs, dict(example_kwargs or {}))
+
+
+def plan(spec: Spec, merge: bool) -> list[Step]:
+    """The spec as an ordered list of passes."""
+    from peftc.passes.freeze_params import freeze_params
+    from peftc.passes.merge_adapters import merge_adapters
+
+    steps = [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
+             for i, entry in enumerate(spec.adapters)]
+    steps.append(Step("freeze_params", freeze_params))
+    if merge:
+        steps.append(Step("merge_adapters", merge_adapters))
+    return steps
+
+
+def build_graph(model: nn.Module, spec: Spec, adapter_root: nn.Module, args: tuple, kwargs: dict,
+                dynamic_shapes: Any = None, *, merge: bool = False, state: dict | None = None,
+                dump_dir: Path | None = None) -> tuple[GraphModule, list[PassRecord], list[Site]]:
+    """Capture one call signature and run the spec's passes on it."""
+    gm = capture(model, args, kwargs, dynamic_shapes)
+    record_modes(gm)
+    base_params = dict(gm.named_parameters(remove_duplicate=False))
+    sites = find_sites(gm)
+    adapters.mount(gm, adapter_root)
+    ctx = PassContext(spec=spec, sites=sites, adapter_root=adapter_root, base_params=base_params,
+                      state=state if state is not None else {})
+    records = run_pipeline(gm, plan(spec, merge), ctx, dump_dir)
+    return gm, records, sites
+
+
+def _user_state(model: nn.Module) -> dict:
+    return {"training": model.training,
+            "requires_grad": {id(p): (p, p.requires_grad) for p in model.parameters()}}
+
+
+def _restore(model: nn.Module, saved: dict) -> None:
+    model.train(saved["training"])
+    for param, flag in saved["requires_grad"].values():
+        param.requires_grad_(flag)

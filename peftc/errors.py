@@ -1,0 +1,17 @@
+"""The errors peftc raises. Each names the problem and the fix."""
+
+
+class SpecError(ValueError):
+    """A spec field holds a value peftc cannot use; the message names the field path."""
+
+
+class CaptureError(ValueError):
+    """torch.export could not capture the model; `reason` keeps export's own message."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+class CheckpointError(ValueError):
+    """An adapter checkpoint is missing, truncated, or does not fit the compiled model."""

@@ -1,0 +1,102 @@
+"""Small helpers for rewriting captured graphs while keeping their metadata whole.
+
+Every node a pass inserts carries `meta["peftc"]` (which pass, method, site and entry put it
+there), the module stack of the site it belongs to, and `meta["val"]` (a fake tensor with
+the node's shape and dtype), so later passes, the report and the exporters can rely on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+PROVENANCE_KEY = "peftc"
+
+
+def fake_mode_of(gm: GraphModule):
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+            return val.fake_mode
+    return None
+
+
+class Inserter:
+    """Inserts nodes one after another, starting after `anchor`, tagged with `provenance`."""
+
+    def __init__(self, gm: GraphModule, anchor: Node, provenance: dict, fake_mode=None):
+        self.gm = gm
+        self.cursor = anchor
+        self.provenance = dict(provenance)
+        self.module_stack = anchor.meta.get("nn_module_stack")
+        self.fake_mode = fake_mode if fake_mode is not None else fake_mode_of(gm)
+        self.inserted: list[Node] = []
+
+    def call(self, op, *args, **kwargs) -> Node:
+        with self.gm.graph.inserting_after(self.cursor):
+            node = self.gm.graph.call_function(op, args, kwargs)
+        self._tag(node, self._fake_result(op, args, kwargs))
+        return node
+
+    def get_attr(self, target: str) -> Node:
+        with self.gm.graph.inserting_after(self.cursor):
+            node = self.gm.graph.get_attr(target)
+        value = self.gm.get_parameter(target) if _is_param(self.gm, target) else self.gm.get_buffer(target)
+        self._tag(node, self._fake_tensor(value))
+        return node
+
+    def _tag(self, node: Node, val: Any) -> None:
+        node.meta[PROVENANCE_KEY] = dict(self.provenance)
+        if self.module_stack is not None:
+            node.meta["nn_module_stack"] = self.module_stack
+        if val is not None:
+            node.meta["val"] = val
+        self.cursor = node
+        self.inserted.append(node)
+
+    def _fake_tensor(self, value: torch.Tensor):
+        if self.fake_mode is None:
+            return None
+        return self.fake_mode.from_tensor(value, static_shapes=True)
+
+    def _fake_result(self, op, args, kwargs):
+        if self.fake_mode is None:
+            return None
+        try:
+            fake_args, fake_kwargs = map_arg((args, kwargs), lambda n: n.meta.get("val"))
+            with self.fake_mode:
+                return op(*fake_args, **fake_kwargs)
+        except Exception:  # shape metadata is a convenience; a failure here must not block the rewrite
+            return None
+
+
+def _is_param(gm: GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def redirect_users(users: list[Node], old: Node, new: Node) -> None:
+    """Make `users` (taken before the rewrite) read `new` where they read `old`."""
+    for user in users:
+        user.replace_input_with(old, new)
+
+
+def provenance(node: Node) -> dict | None:
+    return node.meta.get(PROVENANCE_KEY)
+
+
+def erase_nodes(gm: GraphModule, nodes: list[Node]) -> None:
+    """Erase `nodes` (users first)."""
+    for node in reversed(sorted(nodes, key=_position(gm))):
+        gm.graph.erase_node(node)
+
+
+def _position(gm: GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: order[n]

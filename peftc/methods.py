@@ -1,0 +1,36 @@
+"""The method table: every PEFT method peftc knows, in one place.
+
+Adding a method is one file in passes/ (its config dataclass, its pass, its fold) plus one
+row here. The table is a constant: spec parsing uses it as an allow-list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # "reparameterized" | "additive" | "selective"
+    config: type
+    insert: Callable  # the pass: (gm, ctx) -> PassResult, reading ctx.entry
+    fold: Callable | None  # (adapter module, site, weight) -> merged weight; None: not mergeable
+    summary: str
+
+
+def fold_lora(module: LoraWeights, site, weight):
+    delta = module.delta_weight().to(weight.dtype)
+    return weight + (delta.T if site.layout == "in_out" else delta)
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method("lora", "reparameterized", LoraConfig, insert_lora, fold_lora,
+                   "W x + s·B(A x) on linear, conv and embedding ops"),
+}
+
+# The quantize section's config class (set by the quantized-base pass), or None.
+QUANTIZE_CONFIG: Any = None

@@ -1,0 +1,147 @@
+"""report(): what the compiler did, built from the passes' own records (never re-derived)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import adapters
+
+
+@dataclass
+class Report:
+    passes: list[dict] = field(default_factory=list)
+    sites: list[dict] = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cm) -> "Report":
+        sites_by_path = {s.path: s for s in cm.sites}
+        per_site: dict[str, dict] = {}
+        passes = []
+        for record in cm.records:
+            passes.append({
+                "index": record.index, "name": record.name, "method": record.method,
+                "entry": record.entry_index, "seconds": round(record.seconds, 6), "modified": record.modified,
+                "sites": len(record.sites), "params_added": sum(record.params_added.values()),
+                "notes": list(record.notes),
+            })
+            if record.method is None:
+                continue
+            for path in record.sites:
+                site = sites_by_path[path]
+                row = per_site.setdefault(path, {
+                    "path": path, "op": site.op, "kind": site.kind, "in_features": site.in_features,
+                    "out_features": site.out_features, "methods": [], "adapter_params": 0})
+                row["methods"].append(record.method)
+            for name, numel in record.params_added.items():
+                path = _site_of(name, per_site)
+                if path is not None:
+                    per_site[path]["adapter_params"] += numel
+        return cls(passes=passes, sites=list(per_site.values()), totals=_totals(cm))
+
+    def to_dict(self) -> dict:
+        return {"passes": self.passes, "sites": self.sites, "totals": self.totals}
+
+    def __str__(self) -> str:
+        t = self.totals
+        lines = [
+            f"trainable params: {t['trainable_params']:,} / {t['total_params']:,} "
+            f"({100 * t['trainable_fraction']:.4f}%)   adapter bytes: {t['adapter_bytes']:,}   "
+            f"base bytes: " + ", ".join(f"{k} {v:,}" for k, v in t["base_bytes_by_dtype"].items()),
+            "",
+            _table(["#", "pass", "time ms", "changed", "sites", "params added"],
+                   [[p["index"], p["name"] + (f"[{p['entry']}]" if p["entry"] is not None else ""),
+                     f"{1000 * p['seconds']:.1f}", "yes" if p["modified"] else "no", p["sites"],
+                     f"{p['params_added']:,}"] for p in self.passes]),
+            "",
+            _table(["sites", "op", "in -> out", "methods", "params each"], _grouped_site_rows(self.sites)),
+        ]
+        notes = [n for p in self.passes for n in p["notes"]]
+        if notes:
+            lines += [""] + [f"note: {n}" for n in notes]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _site_of(param_name: str, per_site: dict) -> str | None:
+    best = None
+    for path in per_site:
+        if param_name.startswith(path + ".") and (best is None or len(path) > len(best)):
+            best = path
+    return best
+
+
+def _totals(cm) -> dict:
+    seen: set[int] = set()
+    total = trainable = 0
+    base_bytes: dict[str, int] = {}
+    adapter_ids = {id(p) for p in getattr(cm.graph_module, adapters.ROOT).parameters()}
+    adapter_bytes = 0
+    for _, tensor in list(cm.graph_module.named_parameters()) + list(cm.graph_module.named_buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        nbytes = tensor.numel() * tensor.element_size()
+        if id(tensor) in adapter_ids:
+            adapter_bytes += nbytes
+        else:
+            key = str(tensor.dtype).replace("torch.", "")
+            base_bytes[key] = base_bytes.get(key, 0) + nbytes
+        if isinstance(tensor, torch.nn.Parameter):
+            total += tensor.numel()
+            trainable += tensor.numel() if tensor.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_fraction": trainable / total if total else 0.0,
+            "adapter_bytes": adapter_bytes, "base_bytes_by_dtype": base_bytes}
+
+
+def group_paths(paths: list[str]) -> list[tuple[str, list[str]]]:
+    """Fold numbered layers: model.layers.{0..31}.self_attn.q_proj, in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    numbers: dict[str, list[int]] = {}
+    for path in paths:
+        match = re.search(r"\.(\d+)\.", "." + path + ".")
+        if match is None:
+            groups.setdefault(path, []).append(path)
+            continue
+        padded = "." + path + "."
+        key = (padded[: match.start() + 1] + "{}" + padded[match.end() - 1:]).strip(".")
+        groups.setdefault(key, []).append(path)
+        numbers.setdefault(key, []).append(int(match.group(1)))
+    out = []
+    for key, members in groups.items():
+        if key in numbers:
+            nums = sorted(set(numbers[key]))
+            span = f"{nums[0]}..{nums[-1]}" if nums == list(range(nums[0], nums[-1] + 1)) else ",".join(map(str, nums))
+            label = key.replace("{}", "{" + span + "}") if len(nums) > 1 else key.replace("{}", str(nums[0]))
+        else:
+            label = key
+        out.append((label, members))
+    return out
+
+
+def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:
+    by_path = {s["path"]: s for s in sites}
+    rows = []
+    signature_groups: dict[tuple, list[str]] = {}
+    for s in sites:
+        sig = (s["op"], s["in_features"], s["out_features"], tuple(s["methods"]), s["adapter_params"])
+        signature_groups.setdefault(sig, []).append(s["path"])
+    for sig, paths in signature_groups.items():
+        for label, members in group_paths(paths):
+            s = by_path[members[0]]
+            rows.append([label, s["op"], f"{s['in_features']} -> {s['out_features']}", "+".join(s["methods"]),
+                         f"{s['adapter_params']:,}"])
+    return rows
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])

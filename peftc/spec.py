@@ -1,0 +1,152 @@
+"""The PEFT spec: which methods go where, which base parameters train, how the base is stored.
+
+A spec file is data, never code: entries are parsed through the method table in
+`peftc.methods` (an allow-list), each into its own frozen dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import SpecError
+from .fields import dataclass_to_dict, fail, optional_pattern_list, parse_dataclass
+
+SPEC_VERSION = 1
+TOP_LEVEL_FIELDS = ("version", "adapters", "trainable", "quantize")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A validated PEFT spec. Build it with `Spec.from_dict` or `Spec.load`."""
+
+    adapters: tuple = ()
+    trainable: tuple[str, ...] = ()
+    quantize: Any = None
+    version: int = SPEC_VERSION
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Spec":
+        if isinstance(data, Spec):
+            return data
+        if not isinstance(data, Mapping):
+            raise fail("spec", "a mapping with keys 'adapters', 'trainable', 'quantize'", data)
+        unknown = [k for k in data if k not in TOP_LEVEL_FIELDS]
+        if unknown:
+            raise SpecError(f"spec.{unknown[0]}: unknown field; known fields: {list(TOP_LEVEL_FIELDS)}")
+        version = data.get("version", SPEC_VERSION)
+        if version != SPEC_VERSION:
+            raise fail("spec.version", f"{SPEC_VERSION} (the only spec version this peftc reads)", version)
+        spec = cls(
+            adapters=_parse_adapters(data.get("adapters", [])),
+            trainable=optional_pattern_list(data.get("trainable"), "spec.trainable"),
+            quantize=_parse_quantize(data.get("quantize")),
+        )
+        if not spec.adapters and not spec.trainable:
+            raise SpecError(
+                "spec: trains nothing; add an entry to 'adapters' "
+                "(e.g. {'method': 'lora', 'targets': ['q_proj', 'v_proj']}) or patterns to 'trainable'"
+            )
+        return spec
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "adapters": [entry_to_dict(entry) for entry in self.adapters],
+            "trainable": list(self.trainable),
+            "quantize": None if self.quantize is None else self.quantize.to_dict(),
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Spec":
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"spec file {str(path)!r} does not exist")
+        return cls.from_dict(_read_spec_file(path))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            raise SpecError(f"spec file {str(path)!r}: expected a .json, .yaml or .yml name")
+        atomic_write_text(path, text)
+        return path
+
+    def entry_names(self) -> list[str]:
+        """A slot name per adapter entry: the method name, suffixed with the entry index if repeated."""
+        counts: dict[str, int] = {}
+        for entry in self.adapters:
+            counts[entry.method] = counts.get(entry.method, 0) + 1
+        return [
+            entry.method if counts[entry.method] == 1 else f"{entry.method}{i}"
+            for i, entry in enumerate(self.adapters)
+        ]
+
+
+def entry_to_dict(entry: Any) -> dict:
+    return {"method": entry.method, **dataclass_to_dict(entry)}
+
+
+def _parse_adapters(value: Any) -> tuple:
+    from .methods import METHODS
+
+    if not isinstance(value, (list, tuple)):
+        raise fail("spec.adapters", "a list of method entries", value)
+    entries = []
+    for i, item in enumerate(value):
+        path = f"adapters[{i}]"
+        if not isinstance(item, Mapping):
+            raise fail(path, "a mapping with a 'method' key", item)
+        name = item.get("method")
+        if name not in METHODS:
+            raise SpecError(f"{path}.method: expected one of {sorted(METHODS)}, got {name!r}")
+        entries.append(parse_dataclass(METHODS[name].config, item, path, skip=("method",)))
+    return tuple(entries)
+
+
+def _parse_quantize(value: Any) -> Any:
+    if value is None:
+        return None
+    from .methods import QUANTIZE_CONFIG
+
+    if QUANTIZE_CONFIG is None:
+        raise SpecError("spec.quantize: quantized bases are not available in this build; expected null")
+    return QUANTIZE_CONFIG.from_dict(value, "quantize")
+
+
+def _read_spec_file(path: Path) -> Any:
+    suffix = path.suffix.lower()
+    text = path.read_text()
+    try:
+        if suffix == ".json":
+            return json.loads(text)
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+    except Exception as err:  # json.JSONDecodeError or yaml.YAMLError
+        raise SpecError(f"spec file {str(path)!r} is not valid {suffix[1:].upper()}: {err}") from err
+    raise SpecError(f"spec file {str(path)!r}: expected a .json, .yaml or .yml file")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
