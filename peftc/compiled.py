@@ -24,8 +24,9 @@ class GraphDispatch(nn.Module):
     """An nn.Module that runs the graph captured for each call's signature."""
 
     def __init__(self, model: nn.Module, first: GraphModule, signature: CallSignature,
-                 build: Callable[[tuple, dict], GraphModule]):
+                 build: Callable[[tuple, dict], GraphModule], training: bool = False):
         super().__init__()
+        self.training = training
         self.graph_module = first
         object.__setattr__(self, "_model", model)  # the user's model, not a submodule of ours
         object.__setattr__(self, "_build", build)
@@ -64,8 +65,9 @@ class GraphDispatch(nn.Module):
 class CompiledModel(GraphDispatch):
     """The result of `peftc.compile`: trains and evaluates like the original model."""
 
-    def __init__(self, model, first, signature, build, *, spec, records, sites, adapter_root, merge_build):
-        super().__init__(model, first, signature, build)
+    def __init__(self, model, first, signature, build, *, training, spec, records, sites, adapter_root,
+                 merge_build):
+        super().__init__(model, first, signature, build, training=training)
         self.spec = spec
         self.records = records
         self.sites = sites

@@ -50,11 +50,11 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
         def build_merged(call_args: tuple, call_kwargs: dict) -> GraphModule:
             return build_graph(model, spec, adapter_root, call_args, call_kwargs, merge=True, state=state)[0]
 
-        return GraphDispatch(model, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged)
+        return GraphDispatch(model, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged,
+                             training=cm.training)
 
-    cm = CompiledModel(model, gm, CallSignature.of(args, kwargs), build, spec=spec, records=records,
-                       sites=sites, adapter_root=adapter_root, merge_build=merge_build)
-    cm.train(saved["training"])
+    cm = CompiledModel(model, gm, CallSignature.of(args, kwargs), build, training=saved["training"], spec=spec,
+                       records=records, sites=sites, adapter_root=adapter_root, merge_build=merge_build)
     return cm
 
 

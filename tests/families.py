@@ -1,0 +1,136 @@
+"""The shared table of model families: small configs, random weights, nothing downloaded.
+
+Each family builds a model in eval mode, makes inputs of any batch/sequence size, and names
+the targets a LoRA-style spec should use on it (peftc names and the `peft` package's names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, int], dict]  # (batch, seq) -> forward kwargs
+    targets: tuple[str, ...]  # attention projections, as peftc targets
+    all_linear: tuple[str, ...]  # every linear layer in the blocks
+    example_inputs: Callable[[], tuple] | None = None  # for non-transformers models
+    hf: bool = True
+
+
+def _ids(vocab: int) -> Callable[[int, int], dict]:
+    def make(batch: int, seq: int) -> dict:
+        g = torch.Generator().manual_seed(batch * 1000 + seq)
+        return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)}
+    return make
+
+
+def llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=48, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                     vocab_size=128, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                    image_size=16, patch_size=4, num_labels=5)
+    return ViTForImageClassification(cfg).eval()
+
+
+def vit_inputs(batch: int, seq: int) -> dict:
+    g = torch.Generator().manual_seed(batch)
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(16, 32)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = torch.relu(self.conv2(h)).mean(dim=(2, 3))
+        return self.head(h)
+
+
+FAMILIES = {
+    "llama": Family("llama", llama, _ids(128), ("q_proj", "v_proj"),
+                    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "gpt2": Family("gpt2", gpt2, _ids(128), ("c_attn",), ("c_attn", "c_proj", "c_fc")),
+    "bert": Family("bert", bert, _ids(128), ("query", "value"), ("query", "key", "value", "dense")),
+    "vit": Family("vit", vit, vit_inputs, ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj")),
+    "mlp": Family("mlp", lambda: MLP().eval(), lambda b, s: {"x": torch.randn(b, 16)}, ("fc1", "fc2"),
+                  ("fc1", "fc2"), example_inputs=lambda: (torch.randn(3, 16),), hf=False),
+    "convnet": Family("convnet", lambda: ConvNet().eval(), lambda b, s: {"x": torch.randn(b, 3, 12, 12)},
+                      ("conv1", "conv2", "head"), ("conv1", "conv2", "head"),
+                      example_inputs=lambda: (torch.randn(2, 3, 12, 12),), hf=False),
+}
+HF_FAMILIES = [name for name, f in FAMILIES.items() if f.hf]
+
+
+def compile_family(family: Family, spec, **kwargs):
+    import peftc
+    model = family.build()
+    if family.hf:
+        return model, peftc.compile(model, spec, **kwargs)
+    return model, peftc.compile(model, spec, example_inputs=family.example_inputs(), **kwargs)
+
+
+def call(module: nn.Module, family: Family, inputs: dict):
+    """Call a compiled or plain module with family inputs (positional for plain torch models)."""
+    return module(**inputs) if family.hf else module(*inputs.values())
+
+
+def logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+@torch.no_grad()
+def randomize_adapters(cm, std: float = 0.1, seed: int = 0) -> None:
+    """Non-zero adapter weights, so equality tests cannot pass trivially."""
+    g = torch.Generator().manual_seed(seed)
+    for name, tensor in cm.adapter_state_dict().items():
+        tensor.copy_(torch.randn(tensor.shape, generator=g) * std)
