@@ -1,0 +1,1 @@
+"""Back ends: ONNX export and Triton kernels."""

@@ -1,0 +1,1 @@
+"""ONNX export: merged, quantized, or with adapters as inputs."""

@@ -1,0 +1,1 @@
+"""Triton kernels: fused LoRA linear, dequant + LoRA, multi-adapter batches."""
