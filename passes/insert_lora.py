@@ -106,7 +106,7 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
     users = list(node.users)
     tag = {"pass": "insert_lora", "method": "lora", "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
-    ins = Inserter(gm, node, tag)
+    ins = Inserter(gm, node, tag, meta_cache=ctx.state.setdefault("meta_cache", {}))
     a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))
     b = ins.get_attr(adapters.target(site.path, ctx.slot, "B"))
     x = node.args[site.input_index]
@@ -122,8 +122,9 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
             delta = ins.call(aten.convolution.default, hidden, b, None, [1], [0], [1], False, [0], 1)
         else:
             delta = ins.call(aten.linear.default, ins.call(aten.linear.default, x, a), b)
-    scaled = ins.call(aten.mul.Tensor, delta, config.scale)
-    out = ins.call(aten.add.Tensor, node, scaled)
+    # add(y, delta, alpha=s) scales and adds in one pass over the output, where
+    # HF PEFT's y + delta * s makes two; the numbers agree to float rounding.
+    out = ins.call(aten.add.Tensor, node, delta, alpha=config.scale)
     out.meta["peftc"]["role"] = "output"
     redirect_users(users, node, out)
 
