@@ -68,7 +68,9 @@ def peft_names(cm) -> dict[str, str]:
                 out[name] = base_key(f"{site_path}.{tensor}".strip("."), wrapped)
             else:
                 out[name] = method_key(method, kinds.get(site_path), site_path, tensor, name)
+    copied = set(out.values())
     for name in cm.adapter_state_dict():
-        if name not in out:  # a base parameter the spec's `trainable` unfreezes
+        # A base parameter the spec's `trainable` unfreezes; where a copy replaces it, the copy is saved.
+        if name not in out and base_key(name, wrapped) not in copied:
             out[name] = base_key(name, wrapped)
     return out

@@ -23,7 +23,8 @@ def save_peft(cm, directory) -> Path:
                                    if site.path in _adapted_paths(cm))  # GPT-2's Conv1D
     config["base_model_name_or_path"] = getattr(getattr(cm._model, "config", None), "_name_or_path", None) or None
     names = peft_names(cm)
-    tensors = {names[n]: t.detach().to("cpu").contiguous().clone() for n, t in cm.adapter_state_dict().items()}
+    tensors = {names[n]: t.detach().to("cpu").contiguous().clone() for n, t in cm.adapter_state_dict().items()
+               if n in names}
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
