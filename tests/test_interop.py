@@ -156,7 +156,7 @@ def test_methods_not_yet_built_name_type_and_supported_list():
                               ("PROMPT_TUNING", "prompt"), ("PREFIX_TUNING", "prefix")):
         if method in METHODS:
             continue
-        with pytest.raises(SpecError, match=rf"{peft_type} is not yet supported.*supported: \['LORA'\]"):
+        with pytest.raises(SpecError, match=rf"{peft_type} is not yet supported.*supported: \['LORA'"):
             peftc.Spec.from_peft_config({"peft_type": peft_type, "target_modules": ["q"], "num_virtual_tokens": 4})
 
 
@@ -221,3 +221,21 @@ def test_missing_truncated_and_mismatched_files(mlp_adapter, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["fc3"]}))
     with pytest.raises(SpecError, match="'fc3' matches no module path"):
         peftc.from_peft(family.build(), tmp_path, **example)
+
+
+def test_copies_train_merge_and_round_trip(tmp_path):
+    family = FAMILIES["mlp"]
+    (x,) = family.example_inputs()
+    reference = peft_adapter(family, tmp_path / "peft", target_modules=["fc1"], modules_to_save=["fc2"], bias="all")
+    model = family.build()
+    cm = peftc.from_peft(model, tmp_path / "peft", example_inputs=(x,)).eval()
+    torch.testing.assert_close(cm(x), reference(x), **TOL)
+    torch.testing.assert_close(cm.merged()(x), reference(x), **TOL)
+    assert "copy" in str(cm.report())
+    cm.train()
+    cm(x).sum().backward()
+    copies = {n: p for n, p in cm.named_parameters() if ".copy" in n}
+    assert copies and all(p.grad is not None for p in copies.values())
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    config = cm.spec.to_peft_config()
+    assert (config["modules_to_save"], config["bias"], config["exclude_modules"]) == (["fc2"], "all", None)

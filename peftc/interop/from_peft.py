@@ -13,7 +13,7 @@ from peftc.errors import CheckpointError, SpecError
 from peftc.spec import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft
-from .peft_keys import PREFIX, normalize, peft_names
+from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -110,7 +110,7 @@ def overriding_copies(spec_dict: dict, tensors: dict, model: nn.Module) -> list[
                for n in copied_names(e, params, f"adapters[{i}]")}
     extra = []
     for key, value in tensors.items():
-        fqn = normalize(key)[len(PREFIX):] if key.startswith(PREFIX) else None
+        fqn = normalize(key)[len(PREFIX):] if key.startswith(PREFIX) and not is_unused_original(key) else None
         if fqn in params and fqn not in covered and not _same(params[fqn], value):
             owner, _, leaf = fqn.rpartition(".")
             extra.append({"method": "copy", "targets": ["re:" + re.escape(owner)], "params": [leaf]})
@@ -129,6 +129,8 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
     plan, unexpected = [], []
     for key, value in tensors.items():
         name = ours_by_key.get(normalize(key))
+        if is_unused_original(key):
+            continue
         if name is None:
             fqn = normalize(key)[len(PREFIX):]
             if not (fqn in params and _same(params[fqn], value)):  # PEFT also saves untouched base weights

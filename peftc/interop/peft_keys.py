@@ -30,8 +30,13 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
 
 
 def normalize(key: str) -> str:
-    """A PEFT key without the wrapper infix PEFT may or may not write (`base_layer.`)."""
-    return key.replace(".base_layer.", ".")
+    """A PEFT key without the wrapper infixes PEFT may or may not write (`base_layer.`, `modules_to_save.`)."""
+    return key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+
+
+def is_unused_original(key: str) -> bool:
+    """The original module PEFT keeps beside a modules_to_save copy; the forward pass never reads it."""
+    return ".original_module." in key
 
 
 def base_key(fqn: str, wrapped: set[str]) -> str:
