@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from peftc.errors import SpecError
+from peftc.errors import CheckpointError, SpecError
 
 from . import peft_targets as pt
 
@@ -43,7 +43,6 @@ def as_config_dict(config: Any) -> dict:
         try:
             return json.loads(path.read_text())
         except FileNotFoundError as err:
-            from peftc.errors import CheckpointError
             raise CheckpointError(f"{str(path)!r} does not exist; expected a PEFT adapter_config.json") from err
         except json.JSONDecodeError as err:
             raise SpecError(f"{str(path)!r} is not valid JSON: {err}") from err
@@ -79,8 +78,7 @@ def _refuse_unmapped(cfg: dict, row: PeftRow) -> None:
     for name, value in cfg.items():
         if name in row.mapped or name in METADATA_FIELDS or _is_default(value):
             continue
-        hint = " (DoRA needs peftc's 'dora' method)" if name == "use_dora" else ""
-        raise SpecError(f"{name}: peftc cannot express {row.peft_type} {name}={value!r}{hint}; "
+        raise SpecError(f"{name}: peftc cannot express {row.peft_type} {name}={value!r}; "
                         f"fields it maps: {sorted(row.mapped)}")
 
 
@@ -139,7 +137,8 @@ def read_lora(cfg: dict) -> list[dict]:
         raise SpecError(f"init_lora_weights: {init!r} rewrites the base weights at load time, which peftc "
                         "never does; convert the adapter to plain LoRA first (PEFT's "
                         "path_initial_model_for_weight_conversion)")
-    entry = {"method": "lora", "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("lora_alpha", 8),
+    entry = {"method": _lora_or_dora(cfg), "targets": _targets(cfg), "r": cfg.get("r", 8),
+             "alpha": cfg.get("lora_alpha", 8),
              "dropout": cfg.get("lora_dropout", 0.0), "rslora": bool(cfg.get("use_rslora", False)),
              "init": LORA_INITS[init]}
     exclude = _exclude(cfg)
@@ -151,15 +150,30 @@ def read_lora(cfg: dict) -> list[dict]:
     return [entry] + _copies(cfg, entry)
 
 
+def _lora_or_dora(cfg: dict) -> str:
+    """use_dora=True is peftc's separate 'dora' method (same fields as LoRA, plus a magnitude vector)."""
+    if not cfg.get("use_dora"):
+        return "lora"
+    from peftc.methods import METHODS
+
+    if "dora" not in METHODS:
+        raise SpecError(f"use_dora: DoRA adapters need peftc's 'dora' method, which this build lacks; "
+                        f"supported: {supported_types()} without use_dora")
+    return "dora"
+
+
 def write_lora(entry, field: str) -> dict:
-    init = {"default": True, "gaussian": "gaussian"}[entry.init]
+    init = {"default": True, "gaussian": "gaussian"}[getattr(entry, "init", "default")]
+    rank_pattern = getattr(entry, "rank_pattern", {})
+    alpha_pattern = getattr(entry, "alpha_pattern", {})
     return {
-        "peft_type": "LORA", "r": entry.r, "lora_alpha": _number(entry.alpha), "lora_dropout": entry.dropout,
-        "use_rslora": entry.rslora, "init_lora_weights": init, "use_dora": False, "fan_in_fan_out": False,
+        "peft_type": "LORA", "r": entry.r, "lora_alpha": _number(entry.alpha),
+        "lora_dropout": getattr(entry, "dropout", 0.0), "use_rslora": getattr(entry, "rslora", False),
+        "init_lora_weights": init, "use_dora": False, "fan_in_fan_out": False,
         "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
-        "exclude_modules": pt.targets_to_peft(entry.exclude, f"{field}.exclude"),
-        "rank_pattern": {pt.pattern_key_to_peft(k): v for k, v in entry.rank_pattern.items()},
-        "alpha_pattern": {pt.pattern_key_to_peft(k): _number(v) for k, v in entry.alpha_pattern.items()},
+        "exclude_modules": pt.targets_to_peft(getattr(entry, "exclude", ()), f"{field}.exclude"),
+        "rank_pattern": {pt.pattern_key_to_peft(k): v for k, v in rank_pattern.items()},
+        "alpha_pattern": {pt.pattern_key_to_peft(k): _number(v) for k, v in alpha_pattern.items()},
         "layers_to_transform": None, "layers_pattern": None, "bias": "none", "modules_to_save": None,
     }
 
@@ -211,7 +225,8 @@ PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_s
 
 PEFT_TYPES: dict[str, PeftRow] = {
     "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
-        "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern"}),
+        "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+        "use_dora"}),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights"}),
     "LOKR": PeftRow("LOKR", "lokr", read_lokr, COMMON | {"r", "alpha", "init_weights"}),
@@ -221,7 +236,11 @@ PEFT_TYPES: dict[str, PeftRow] = {
     "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS),
 }
 
-WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora}
+def write_dora(entry, field: str) -> dict:
+    return {**write_lora(entry, field), "use_dora": True}
+
+
+WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora}
 
 
 # -- spec -> PEFT ----------------------------------------------------------------------------
@@ -258,7 +277,7 @@ def _write_copies(spec, entry, cfg: dict) -> None:
     if saved:
         cfg["modules_to_save"] = saved
         exclusions = {pt.save_exclusion(n) for n in saved}
-        kept = [p for p in entry.exclude if p not in exclusions]
+        kept = [p for p in getattr(entry, "exclude", ()) if p not in exclusions]
         cfg["exclude_modules"] = pt.targets_to_peft(tuple(kept), "exclude")
 
 

@@ -20,6 +20,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
         "*": {"A": "lora_A.weight", "B": "lora_B.weight"},
     },
     # The rows below follow the methods issue's names; verify once those methods are merged.
+    "dora": {"*": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}},
     "ia3": {"*": {"scale": "ia3_l"}},
     "loha": {"*": {"w1_a": "hada_w1_a", "w1_b": "hada_w1_b", "w2_a": "hada_w2_a", "w2_b": "hada_w2_b",
                    "t1": "hada_t1", "t2": "hada_t2"}},
