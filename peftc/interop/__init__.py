@@ -4,8 +4,8 @@
     cm.save_adapter("out", format="peft")                   # PeftModel.from_pretrained loads it
     spec = peftc.Spec.from_peft_config(lora_config); spec.to_peft_config()
 
-peft_config.py maps configs (a row per peft_type), peft_keys.py maps tensor names,
-from_peft.py reads, save_peft.py writes.
+peft_config.py maps configs through a row per peft_type (peft_rows.py), peft_keys.py maps
+tensor names, from_peft.py reads, save_peft.py writes.
 """
 
 from .from_peft import from_peft, load_adapter_dir
