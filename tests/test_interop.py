@@ -188,6 +188,10 @@ def test_all_linear_and_load_adapter_dir_both_formats(mlp_adapter, tmp_path):
     assert {r.split(".")[0] for r in every_linear.adapter_state_dict()} == {"fc1", "fc2"}
     with pytest.raises(CheckpointError, match="neither a peftc checkpoint"):
         load_adapter_dir(family.build(), tmp_path)
+    assert peftc.Spec.from_peft_config(directory) == peftc.Spec.from_peft_config(LoraConfig(**{
+        k: v for k, v in config.items() if k != "peft_type"}))
+    fresh = peftc.from_peft(family.build(), LoraConfig(r=2, target_modules=["fc2"]), example_inputs=(x,)).eval()
+    torch.testing.assert_close(fresh(x), family.build()(x))  # a config alone: new adapters, B = 0
 
 
 def test_pickle_is_refused_unless_allowed(mlp_adapter, tmp_path):

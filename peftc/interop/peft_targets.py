@@ -38,7 +38,7 @@ def targets_from_peft(value: Any, field: str, layers: Any = None, layers_pattern
         return ["re:" + value]  # PEFT ignores layers_to_transform for a regex
     if not isinstance(value, (list, tuple, set)) or not value:
         raise SpecError(f"{field}: expected a list of module names or a regex string, got {value!r}")
-    names = sorted(value) if isinstance(value, set) else list(value)
+    names = sorted(set(value))  # PEFT keeps target_modules as a set: its saved order means nothing
     if layers is None or layers == []:
         return [suffix_target(name) for name in names]
     # One pattern: PEFT accepts a name that no selected layer holds, so each name need not match.
