@@ -92,8 +92,10 @@ def resolve_all_linear(config: dict, model: nn.Module) -> dict:
         linear = (nn.Linear, Conv1D)
     except ImportError:
         pass
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = [n for n, m in model.named_modules() if isinstance(m, linear) and m is not output]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and config.get("task_type") == "SEQ_CLS":  # PEFT also spares a classifier head
+        head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    names = [n for n, m in model.named_modules() if isinstance(m, linear) and m is not head]
     if not names:
         raise SpecError("target_modules: 'all-linear' found no linear layer in the model")
     return {**config, "target_modules": names}

@@ -80,15 +80,14 @@ def read_lora(cfg: dict) -> list[dict]:
                         "never does; convert the adapter to plain LoRA first (PEFT's "
                         "path_initial_model_for_weight_conversion)")
     entry = {"method": _lora_or_dora(cfg), "targets": _targets(cfg), "r": cfg.get("r", 8),
-             "alpha": cfg.get("lora_alpha", 8),
-             "dropout": cfg.get("lora_dropout", 0.0), "rslora": bool(cfg.get("use_rslora", False)),
-             "init": LORA_INITS[init]}
+             "alpha": cfg.get("lora_alpha", 8), "dropout": cfg.get("lora_dropout", 0.0),
+             "rslora": bool(cfg.get("use_rslora", False)), "init": LORA_INITS[init]}
     exclude = _exclude(cfg)
     if exclude:
         entry["exclude"] = exclude
-    for field, ours in (("rank_pattern", "rank_pattern"), ("alpha_pattern", "alpha_pattern")):
+    for field in ("rank_pattern", "alpha_pattern"):  # same names in peftc's LoraConfig
         if cfg.get(field):
-            entry[ours] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
+            entry[field] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
     return [entry] + _copies(cfg, entry)
 
 
