@@ -38,6 +38,9 @@ class LoraConfig:
     rank_pattern: dict = field(default_factory=dict, metadata={"check": pattern_map(positive_int)})
     alpha_pattern: dict = field(default_factory=dict, metadata={"check": pattern_map(positive_number)})
 
+    def __hash__(self) -> int:  # the pattern dicts would make the generated hash fail; specs stay hashable
+        return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v for v in vars(self).values()))
+
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
