@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -247,3 +248,23 @@ def test_copies_train_merge_and_round_trip(tmp_path):
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     config = cm.spec.to_peft_config()
     assert (config["modules_to_save"], config["bias"], config["exclude_modules"]) == (["fc2"], "all", None)
+
+
+def test_a_checkpoint_that_changes_a_base_weight_gets_a_copy(mlp_adapter, tmp_path):
+    """PEFT would load such a weight into the model; peftc copies it and leaves the model alone."""
+    directory, reference = mlp_adapter
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    new_weight = torch.randn(4, 32)
+    save_file({**tensors, "base_model.model.fc2.weight": new_weight}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text((directory / "adapter_config.json").read_text())
+    family = FAMILIES["mlp"]
+    (x,) = family.example_inputs()
+    model = family.build()
+    cm = peftc.from_peft(model, tmp_path, example_inputs=(x,)).eval()
+    expected = copy.deepcopy(reference)  # the fixture is shared: change a copy of it
+    with torch.no_grad():
+        expected.base_model.model.fc2.base_layer.weight.copy_(new_weight)
+    torch.testing.assert_close(cm(x), expected(x), **TOL)
+    assert torch.equal(model.fc2.weight, family.build().fc2.weight)
