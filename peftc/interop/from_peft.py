@@ -23,8 +23,9 @@ PICKLE_FILE = "adapter_model.bin"
 def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **compile_kwargs):
     """A CompiledModel computing what `PeftModel.from_pretrained(model, source)` computes.
 
-    `source` is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), or a
-    config alone (a PeftConfig, a dict, an adapter_config.json path), which gives fresh adapters.
+    `source` is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or its
+    adapter_config.json, or a config alone (a PeftConfig, a dict, another .json file), which
+    gives fresh adapters.
     The model itself is never written: weights PEFT would load into it (modules_to_save, biases)
     become trainable copies. `compile_kwargs` go to peftc.compile.
     """
