@@ -25,7 +25,7 @@ from peftc.targets import matches_any, select
 @dataclass(frozen=True)
 class CopyConfig:
     """Trainable copies of every parameter of the `targets` modules (and their submodules),
-    optionally only those whose name is in `params` (e.g. ["bias"])."""
+    optionally only those whose leaf name matches `params` (e.g. ["bias"])."""
 
     method = "copy"
     targets: tuple = field(metadata={"check": pattern_list})
@@ -46,23 +46,27 @@ def module_paths(param_names) -> list[str]:
     """Every module path that holds a parameter, itself or below it ('' is the root)."""
     paths: dict[str, None] = {"": None}
     for name in param_names:
-        parts = owner_of(name)[0].split(".") if owner_of(name)[0] else []
+        parts = name.split(".")[:-1]
         for i in range(1, len(parts) + 1):
             paths[".".join(parts[:i])] = None
     return list(paths)
 
 
 def copied_names(config: CopyConfig, param_names, field_path: str) -> list[str]:
-    """The parameter names (FQNs) a copy entry selects, in the given order."""
+    """The parameter names (FQNs) a copy entry selects, in the given order.
+
+    A parameter is selected when a target matches its module or a module above it, no `exclude`
+    pattern matches its module, and (if `params` is given) a `params` pattern matches its leaf name.
+    """
     param_names = list(param_names)
-    chosen = [m for m in select(config.targets, module_paths(param_names), f"{field_path}.targets",
-                                what="module path") if not matches_any(config.exclude, m)]
+    chosen = select(config.targets, module_paths(param_names), f"{field_path}.targets", what="module path")
 
-    def under_chosen(owner: str) -> bool:
-        return any(m == "" or owner == m or owner.startswith(m + ".") for m in chosen)
+    def wanted(name: str) -> bool:
+        owner, leaf = owner_of(name)
+        return (any(_is_under(owner, m) for m in chosen) and not matches_any(config.exclude, owner)
+                and (not config.params or matches_any(config.params, leaf)))
 
-    return [name for name in param_names
-            if under_chosen(owner_of(name)[0]) and (not config.params or owner_of(name)[1] in config.params)]
+    return [name for name in param_names if wanted(name)]
 
 
 def new_copies(spec, index: int, param_names) -> list[str]:
