@@ -269,3 +269,15 @@ def test_a_checkpoint_that_changes_a_base_weight_gets_a_copy(mlp_adapter, tmp_pa
         expected.base_model.model.fc2.base_layer.weight.copy_(new_weight)
     torch.testing.assert_close(cm(x), expected(x), **TOL)
     assert torch.equal(model.fc2.weight, family.build().fc2.weight)
+
+
+def test_copy_pass_node_counts_and_no_op():
+    family = FAMILIES["mlp"]
+    (x,) = family.example_inputs()
+    cm = peftc.compile(family.build(), {"adapters": [{"method": "copy", "targets": ["fc2"]}]}, example_inputs=(x,))
+    reads = [n.target for n in cm.graph_module.graph.nodes if n.op == "get_attr"]
+    assert sorted(t for t in reads if t.startswith("peftc.")) == ["peftc.fc2.copy.bias", "peftc.fc2.copy.weight"]
+    assert "fc2.weight" not in reads and cm.records[0].modified
+    noop = peftc.compile(family.build(), {"adapters": [{"method": "copy", "targets": ["fc2"], "params": ["scale"]}]},
+                         example_inputs=(x,))
+    assert not noop.records[0].modified and noop.adapter_state_dict() == {}
