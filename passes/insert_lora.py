@@ -15,6 +15,7 @@ from peftc.graph_edit import Inserter, redirect_users
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
+from ._conflicts import check_one_rewrite_per_weight
 from ._site_selection import select_sites
 
 aten = torch.ops.aten
@@ -87,6 +88,7 @@ def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add s * B(A(dropout(x))) to the output of every targeted linear, conv or embedding op."""
     config: LoraConfig = ctx.entry
     sites = select_sites(ctx, config, kinds=("linear", "conv", "embedding"))
+    check_one_rewrite_per_weight(gm, ctx, sites)
     nodes = {n.name: n for n in gm.graph.nodes}
     result = PassResult(modified=False)
     for site in sites:
