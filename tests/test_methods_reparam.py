@@ -28,7 +28,7 @@ FF_BERT = r"re:.*layer\.\d+\.output\.dense"
 # VeRA slicing two differently sized weights, IA3 on outputs and on a feedforward input, mask on an embedding.
 HYBRID = {
     "llama": [
-        {"method": "dora", "targets": ["q_proj"], "r": 4, "alpha": 8},
+        {"method": "dora", "targets": ["q_proj"], "r": 4, "alpha": 8, "dropout": 0.25},
         {"method": "loha", "targets": ["k_proj"], "r": 4, "alpha": 6},
         {"method": "ia3", "targets": ["v_proj", "down_proj"], "feedforward": ["down_proj"]},
         {"method": "vera", "targets": ["o_proj", "gate_proj"], "r": 16, "seed": 3},
@@ -55,7 +55,8 @@ PEFT_NAMES = {
 
 def peft_config(entry, pattern: str, feedforward: str):
     if entry.method == "dora":
-        return peft.LoraConfig(r=entry.r, lora_alpha=entry.alpha, target_modules=pattern, use_dora=True)
+        return peft.LoraConfig(r=entry.r, lora_alpha=entry.alpha, lora_dropout=entry.dropout, target_modules=pattern,
+                               use_dora=True)
     if entry.method == "loha":
         return peft.LoHaConfig(r=entry.r, alpha=entry.alpha, target_modules=pattern)
     if entry.method == "lokr":
@@ -196,6 +197,25 @@ def test_gradients_match_peft(hybrid):
                 target = target.weight if isinstance(target, torch.nn.Module) else target
                 torch.testing.assert_close(tensor.grad, target.grad.view_as(tensor), atol=1e-5, rtol=1e-4,
                                            msg=f"{entry.method} {path} {name}")
+
+
+def test_dora_dropout_matches_peft_in_train_mode(hybrid):
+    """With dropout, peft recomputes W·dropout(x) for the DoRA term; same seed, same masks, same output."""
+    if hybrid.family.name != "llama":
+        pytest.skip("the llama entry carries DoRA dropout (the only random op in that model)")
+    outs = []
+    for module in (hybrid.cm, hybrid.ref):
+        module.train()
+        for name, layer in module.named_modules():  # peft's LoHa/LoKr draw torch.rand(1) per call in train mode
+            if type(layer).__module__.startswith(("peft.tuners.loha", "peft.tuners.lokr")):
+                layer.train(False)
+        torch.manual_seed(123)
+        with torch.no_grad():
+            outs.append(logits(call(module, hybrid.family, hybrid.inputs)))
+        module.eval()
+    eval_out = logits(call(hybrid.ref, hybrid.family, hybrid.inputs))
+    assert (outs[1] - eval_out).abs().max() > 1e-3  # dropout did act
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
 
 
 def test_vera_projections_are_peft_s(hybrid):
