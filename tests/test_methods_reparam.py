@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import peftc
-from families import FAMILIES, call, compile_family, logits, randomize_adapters
+from families import FAMILIES, Family, call, compile_family, logits, randomize_adapters
 
 peft = pytest.importorskip("peft")
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
@@ -45,6 +45,41 @@ HYBRID = {
     ],
 }
 
+
+
+class Conv1DNet(torch.nn.Module):
+    """GPT-2's Conv1D ([in, out] weights, addmm) in a model cheap to capture: the "in_out" layout path."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        torch.manual_seed(0)
+        self.c_attn, self.c_fc, self.c_proj = Conv1D(24, 16), Conv1D(32, 24), Conv1D(16, 32)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+
+    def forward(self, x):
+        return self.c_proj(torch.tanh(self.c_fc(torch.tanh(self.c_attn(x)))))
+
+
+def conv1d_inputs(batch: int, seq: int) -> dict:
+    return {"x": torch.randn(batch, seq, 16, generator=torch.Generator().manual_seed(seq))}
+
+
+CONV1D = Family("conv1d", lambda: Conv1DNet().eval(), conv1d_inputs, ("c_attn",), ("c_attn", "c_fc", "c_proj"),
+                example_inputs=lambda: (torch.randn(2, 3, 16),), hf=False)
+HYBRID["conv1d"] = [
+    {"method": "dora", "targets": ["c_attn"], "r": 4, "alpha": 8},
+    {"method": "vera", "targets": ["c_fc"], "r": 8, "seed": 5},
+    {"method": "ia3", "targets": ["c_proj"], "feedforward": ["c_proj"]},
+]
+# conv ops: LoHa and LoKr flatten the kernel into the input dimension, as peft does by default
+HYBRID["convnet"] = [
+    {"method": "loha", "targets": ["conv1"], "r": 2},
+    {"method": "lokr", "targets": ["conv2"], "r": 1},
+    {"method": "mask", "targets": ["head"], "density": 0.3},
+]
+
 # peftc tensor name -> peft attribute, where they differ
 PEFT_NAMES = {
     "dora": {"A": "lora_A", "B": "lora_B", "magnitude": "lora_magnitude_vector"},
@@ -53,17 +88,18 @@ PEFT_NAMES = {
 }
 
 
-def peft_config(entry, pattern: str, feedforward: str):
+def peft_config(entry, pattern: str, feedforward: str, fan_in_fan_out: bool):
     if entry.method == "dora":
         return peft.LoraConfig(r=entry.r, lora_alpha=entry.alpha, lora_dropout=entry.dropout, target_modules=pattern,
-                               use_dora=True)
+                               use_dora=True, fan_in_fan_out=fan_in_fan_out)
     if entry.method == "loha":
         return peft.LoHaConfig(r=entry.r, alpha=entry.alpha, target_modules=pattern)
     if entry.method == "lokr":
         return peft.LoKrConfig(r=entry.r, alpha=entry.alpha, target_modules=pattern)
     if entry.method == "vera":
-        return peft.VeraConfig(r=entry.r, target_modules=pattern, projection_prng_key=entry.seed)
-    return peft.IA3Config(target_modules=pattern, feedforward_modules=feedforward)
+        return peft.VeraConfig(r=entry.r, target_modules=pattern, projection_prng_key=entry.seed,
+                               fan_in_fan_out=fan_in_fan_out)
+    return peft.IA3Config(target_modules=pattern, feedforward_modules=feedforward, fan_in_fan_out=fan_in_fan_out)
 
 
 def entry_sites(cm, index: int) -> list[str]:
@@ -87,7 +123,8 @@ def build_reference(family, cm):
             continue
         pattern = "|".join(re.escape(p) for p in paths)
         feedforward = "|".join(re.escape(p) for p in paths if getattr(adapter_module(cm, p, slot), "feedforward", 0))
-        config = peft_config(entry, pattern, feedforward)
+        fan_in_fan_out = any(s.layout == "in_out" for s in cm.sites if s.path in paths)
+        config = peft_config(entry, pattern, feedforward, fan_in_fan_out)
         # the tuner class itself, as inject_adapter_in_model refuses VeRA (its A/B live on the tuner)
         ref = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](ref, config, adapter_name=slot).model
         del ref.peft_config  # each tuner keeps its own; the next one must not read this one's
@@ -133,7 +170,7 @@ def sharpened(family):
 
 @pytest.fixture(scope="module", params=sorted(HYBRID))
 def hybrid(request):
-    family = sharpened(FAMILIES[request.param])
+    family = {"conv1d": CONV1D, "convnet": FAMILIES["convnet"]}.get(request.param) or sharpened(FAMILIES[request.param])
     model, cm = compile_family(family, {"adapters": HYBRID[request.param]})
     randomize(cm)
     return SimpleNamespace(family=family, model=model, cm=cm, ref=build_reference(family, cm),
@@ -155,6 +192,8 @@ def test_each_method_moves_the_reference(hybrid, method):
     full = logits(call(hybrid.ref, hybrid.family, hybrid.inputs))
     layers = [hybrid.ref.get_submodule(p) for i, e in enumerate(hybrid.cm.spec.adapters) if e.method == method
               for p in entry_sites(hybrid.cm, i)]
+    if not layers:
+        pytest.skip(f"no {method} entry on {hybrid.family.name}")
     for layer in layers:
         layer._disable_adapters = True
     try:
@@ -220,7 +259,9 @@ def test_dora_dropout_matches_peft_in_train_mode(hybrid):
 
 def test_vera_projections_are_peft_s(hybrid):
     """Same seed, same shared A and B as peft's projection_prng_key: nothing to copy."""
-    index = next(i for i, e in enumerate(hybrid.cm.spec.adapters) if e.method == "vera")
+    index = next((i for i, e in enumerate(hybrid.cm.spec.adapters) if e.method == "vera"), None)
+    if index is None:
+        pytest.skip(f"no vera entry on {hybrid.family.name}")
     shared = getattr(hybrid.cm.graph_module, "peftc").get_submodule("vera")
     layer = hybrid.ref.get_submodule(entry_sites(hybrid.cm, index)[0])
     torch.testing.assert_close(shared.A, layer.vera_A["vera"], atol=0, rtol=0)
@@ -267,20 +308,6 @@ def test_mask_matches_eager_reference_and_trains_only_its_entries():
     assert fc1.values.grad is not None and model.fc1.weight.grad is None
     assert torch.equal(model.fc1.weight, before)
     assert sorted(cm.adapter_state_dict()) == ["fc1.mask0.values", "fc2.mask1.values"]
-
-
-def test_loha_lokr_mask_on_conv_fold_exactly():
-    family = FAMILIES["convnet"]
-    spec = {"adapters": [{"method": "loha", "targets": ["conv1"], "r": 2},
-                         {"method": "lokr", "targets": ["conv2"], "r": 1},
-                         {"method": "mask", "targets": ["head"], "density": 0.3}]}
-    model, cm = compile_family(family, spec)
-    randomize_adapters(cm, std=0.3)
-    x = torch.randn(2, 3, 12, 12)
-    with torch.no_grad():
-        out = cm(x)
-        assert (out - model(x)).abs().max() > 1e-3
-        torch.testing.assert_close(cm.merged()(x), out, **TOL)
 
 
 # -- selective: trainable patterns ------------------------------------------------------------
