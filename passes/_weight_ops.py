@@ -1,4 +1,4 @@
-"""Graph helpers shared by the weight-delta methods: a site's weight as [out, in], its bias, its op on another weight."""
+"""Graph helpers for weight-delta methods: a site's weight as [out, in], its bias, its op on another weight."""
 
 from __future__ import annotations
 

@@ -384,3 +384,16 @@ def test_fields_are_validated(entry, message):
 def test_spec_round_trips():
     spec = peftc.Spec.from_dict({"adapters": HYBRID["bert"]})
     assert peftc.Spec.from_dict(spec.to_dict()) == spec
+
+
+def test_graph_shape_ia3_adds_one_mul_per_site():
+    """IA3 adds exactly a get_attr and a mul per site: before the op on a feedforward site, after it elsewhere."""
+    spec = {"adapters": [{"method": "ia3", "targets": ["fc1", "fc2"], "feedforward": ["fc2"]}]}
+    _, cm = compile_family(FAMILIES["mlp"], spec)
+    record = next(r for r in cm.records if r.method == "ia3")
+    assert record.nodes_after - record.nodes_before == 4
+    graph = cm.graph_module.graph
+    fc1 = next(n for n in graph.nodes if n.name == next(s.node for s in cm.sites if s.path == "fc1"))
+    fc2 = next(n for n in graph.nodes if n.name == next(s.node for s in cm.sites if s.path == "fc2"))
+    assert [u.target for u in fc1.users] == [torch.ops.aten.mul.Tensor]
+    assert fc2.args[0].target == torch.ops.aten.mul.Tensor
