@@ -168,13 +168,30 @@ def sharpened(family):
     return dataclasses.replace(family, build=build)
 
 
-@pytest.fixture(scope="module", params=sorted(HYBRID))
-def hybrid(request):
-    family = {"conv1d": CONV1D, "convnet": FAMILIES["convnet"]}.get(request.param) or sharpened(FAMILIES[request.param])
-    model, cm = compile_family(family, {"adapters": HYBRID[request.param]})
+def build_hybrid(name: str) -> SimpleNamespace:
+    family = {"conv1d": CONV1D, "convnet": FAMILIES["convnet"]}.get(name) or sharpened(FAMILIES[name])
+    model, cm = compile_family(family, {"adapters": HYBRID[name]})
     randomize(cm)
     return SimpleNamespace(family=family, model=model, cm=cm, ref=build_reference(family, cm),
                            inputs=inputs_like_capture(family, 2, 7))
+
+
+@pytest.fixture(scope="module")
+def hybrids():
+    """Each family's compiled hybrid, built on first use and shared by every test of this file."""
+    built: dict[str, SimpleNamespace] = {}
+
+    def get(name: str) -> SimpleNamespace:
+        if name not in built:
+            built[name] = build_hybrid(name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=sorted(HYBRID))
+def hybrid(request, hybrids):
+    return hybrids(request.param)
 
 
 def inputs_like_capture(family, batch: int, seq: int) -> dict:
@@ -194,15 +211,19 @@ def test_outputs_match_peft(hybrid):
     torch.testing.assert_close(ours, theirs, **TOL)
 
 
-@pytest.mark.parametrize("method", ["dora", "loha", "ia3", "vera", "lokr"])
+def family_methods(*methods: str) -> list[tuple[str, str]]:
+    """(family, method) pairs of HYBRID for the given methods, to parametrize the `hybrid` fixture indirectly."""
+    return [(f, e["method"]) for f in sorted(HYBRID) for e in HYBRID[f]
+            if e["method"] in methods]
+
+
+@pytest.mark.parametrize("hybrid,method", family_methods("dora", "loha", "ia3", "vera", "lokr"), indirect=["hybrid"])
 @torch.no_grad()
 def test_each_method_moves_the_reference(hybrid, method):
     """Each method's own share of the output is far above the tolerance, so parity covers all of them."""
     full = logits(call(hybrid.ref, hybrid.family, hybrid.inputs))
     layers = [hybrid.ref.get_submodule(p) for i, e in enumerate(hybrid.cm.spec.adapters) if e.method == method
               for p in entry_sites(hybrid.cm, i)]
-    if not layers:
-        pytest.skip(f"no {method} entry on {hybrid.family.name}")
     for layer in layers:
         layer._disable_adapters = True
     try:
@@ -247,10 +268,9 @@ def test_gradients_match_peft(hybrid):
                                            msg=f"{entry.method} {path} {name}")
 
 
+@pytest.mark.parametrize("hybrid", ["llama"], indirect=True)  # its DoRA entry has dropout
 def test_dora_dropout_matches_peft_in_train_mode(hybrid):
     """With dropout, peft recomputes W·dropout(x) for the DoRA term; same seed, same masks, same output."""
-    if hybrid.family.name != "llama":
-        pytest.skip("the llama entry carries DoRA dropout (the only random op in that model)")
     outs = []
     for module in (hybrid.cm, hybrid.ref):
         module.train()
@@ -266,11 +286,10 @@ def test_dora_dropout_matches_peft_in_train_mode(hybrid):
     torch.testing.assert_close(outs[0], outs[1], **TOL)
 
 
+@pytest.mark.parametrize("hybrid", [f for f, _ in family_methods("vera")], indirect=True)
 def test_vera_projections_are_peft_s(hybrid):
     """Same seed, same shared A and B as peft's projection_prng_key: nothing to copy."""
-    index = next((i for i, e in enumerate(hybrid.cm.spec.adapters) if e.method == "vera"), None)
-    if index is None:
-        pytest.skip(f"no vera entry on {hybrid.family.name}")
+    index = next(i for i, e in enumerate(hybrid.cm.spec.adapters) if e.method == "vera")
     shared = getattr(hybrid.cm.graph_module, "peftc").get_submodule("vera")
     layer = hybrid.ref.get_submodule(entry_sites(hybrid.cm, index)[0])
     torch.testing.assert_close(shared.A, layer.vera_A["vera"], atol=0, rtol=0)
