@@ -13,7 +13,7 @@ import importlib
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ EXPECTED_ERRORS = (SpecError, CaptureError, CheckpointError, ScopeError, Graphvi
 class LoadedModel:
     model: Any  # nn.Module
     example_inputs: tuple | None = None
-    example_kwargs: dict | None = field(default=None)
+    example_kwargs: dict | None = None
 
 
 # -- arguments -------------------------------------------------------------------------------

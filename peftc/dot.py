@@ -24,7 +24,8 @@ SPARE_COLOURS = ("palegreen", "gold", "lightskyblue", "orange", "aquamarine", "o
 SHAPES = {"placeholder": "invhouse", "output": "house", "get_attr": "cylinder"}
 RENDER_FORMATS = ("svg", "png", "pdf")
 INSTALL_HINT = ("install graphviz: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS) "
-                "or `conda install -c conda-forge graphviz`; or save cm.to_dot() to a .dot file and render it elsewhere")
+                "or `conda install -c conda-forge graphviz`; "
+                "or save cm.to_dot() to a .dot file and render it elsewhere")
 
 
 class GraphvizNotFoundError(RuntimeError):

@@ -197,8 +197,12 @@ def _diff_header(gm: GraphModule, records, changes: list[SiteChange], scope: str
     inserted = sum(len(c.inserted) for c in changes)
     where = f" under {scope!r}" if scope else ""
     removed = captured - original_now
-    return (f"graph: {captured} nodes captured -> {len(gm.graph.nodes)} now "
-            f"({removed} original removed); {inserted} inserted at {len(changes)} sites{where}")
+    return (f"graph: {captured:,} nodes captured -> {len(gm.graph.nodes):,} now ({removed:,} original removed); "
+            f"{inserted:,} inserted at {_plural(len(changes), 'site')}{where}")
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count:,} {word}" + ("" if count == 1 else "s")
 
 
 def _site_block(label: str, change: SiteChange, count: int) -> list[str]:
