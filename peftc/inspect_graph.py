@@ -95,7 +95,7 @@ def _format_arg(arg) -> str:
 # -- scopes ------------------------------------------------------------------------------
 def in_scope(path: str, scope: str | None) -> bool:
     """`scope` is a module path (it and everything under it) or a glob over module paths."""
-    if scope is None:
+    if not scope:
         return True
     if GLOB_CHARS & set(scope):
         return fnmatch.fnmatchcase(path, scope) or fnmatch.fnmatchcase(path, scope + ".*")
@@ -205,8 +205,14 @@ def _plural(count: int, word: str) -> str:
     return f"{count:,} {word}" + ("" if count == 1 else "s")
 
 
+def _inserted_by_label(tag: dict) -> str:
+    """`insert_lora[0] (lora)`: the pass, the spec entry it ran for, and the adapter slot."""
+    entry = f"[{tag['entry']}]" if tag.get("entry") is not None else ""
+    return f"{tag.get('pass')}{entry} ({tag.get('slot') or tag.get('method')})"
+
+
 def _site_block(label: str, change: SiteChange, count: int) -> list[str]:
-    passes = ", ".join(dict.fromkeys(f"{inserted_by(n)} ({provenance(n).get('method')})" for n in change.inserted))
+    passes = ", ".join(sorted(set(_inserted_by_label(provenance(n)) for n in change.inserted)))
     head = f"{label}    by {passes}"
     if count > 1:
         head += f"    [{count} sites, same rewrite; shown: {change.site}]"

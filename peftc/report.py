@@ -57,8 +57,10 @@ class Report:
                      f"{p['params_added']:,}", f"{p['nodes_added']:+d}"] for p in self.passes]),
             "",
             _table(["module path", "op", "shape in -> out", "methods", "adapter params"],
-                   _grouped_site_rows(self.sites)),
+                   _grouped_site_rows(self.sites)) if self.sites else "no sites rewritten",
         ]
+        lines += [f"{p['name']} touched: " + ", ".join(label for label, _ in group_paths(p["touched"]))
+                  for p in self.passes if p["method"] is None and p["touched"]]
         notes = [n for p in self.passes for n in p["notes"]]
         if notes:
             lines += [""] + [f"note: {n}" for n in notes]
@@ -71,6 +73,7 @@ def _pass_row(record) -> dict:
     return {
         "index": record.index, "name": record.name, "method": record.method, "entry": record.entry_index,
         "seconds": round(record.seconds, 6), "modified": record.modified, "sites": len(record.sites),
+        "touched": list(record.sites),
         "params_added": sum(record.params_added.values()), "nodes_added": record.nodes_after - record.nodes_before,
         "notes": list(record.notes),
     }

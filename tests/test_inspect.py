@@ -225,3 +225,22 @@ def test_dump_dir_has_valid_python_after_each_pass(compiled):
         compile(source, name, "exec")
     assert "lora" not in (dump / "00-capture.py").read_text()
     assert "peftc_model_layers_0_self_attn_q_proj_lora_a" in (dump / "01-insert_lora.py").read_text()
+
+
+# -- other specs (MLP: fast) ---------------------------------------------------------------------
+def test_report_and_diff_of_a_spec_that_only_unfreezes():
+    _, cm = compile_family(FAMILIES["mlp"], {"trainable": ["*.bias"]})
+    text = str(cm.report())
+    assert "no sites rewritten" in text and "freeze_params touched: fc1.bias, fc2.bias" in text
+    assert cm.report().totals["trainable_params"] == 32 + 4
+    assert cm.diff().endswith("no nodes inserted")
+
+
+def test_diff_names_each_entry_at_a_site_with_two_adapters():
+    spec = {"adapters": [{"method": "lora", "targets": ["fc1"], "r": 2},
+                         {"method": "lora", "targets": ["fc1", "fc2"], "r": 3}]}
+    _, cm = compile_family(FAMILIES["mlp"], spec)
+    text = cm.diff(scope="fc1")
+    assert "by insert_lora[0] (lora0), insert_lora[1] (lora1)" in text
+    assert "+ param peftc.fc1.lora0.A" in text and "+ param peftc.fc1.lora1.A" in text
+    assert {s["path"]: s["methods"] for s in cm.report().sites} == {"fc1": ["lora", "lora"], "fc2": ["lora"]}
