@@ -145,7 +145,8 @@ class SiteChange:
         """What makes two sites' changes the same rewrite (used to fold repeated layers)."""
         return (op_name(self.original) if self.original is not None else None,
                 node_shape(self.original) if self.original is not None else None,
-                tuple((inserted_by(n), op_name(n) if n.op != "get_attr" else "get_attr", node_shape(n))
+                tuple((_inserted_by_label(provenance(n)), op_name(n) if n.op != "get_attr" else "get_attr",
+                       node_shape(n))
                       for n in self.inserted))
 
 

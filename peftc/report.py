@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import adapters
-from .inspect_graph import in_scope, node_shape
+from .inspect_graph import in_scope, node_shape, select_nodes
 
 
 @dataclass
@@ -21,6 +21,8 @@ class Report:
     @classmethod
     def build(cls, cm, scope: str | None = None) -> "Report":
         """From the pipeline's records; `scope` keeps the site rows under one module path."""
+        if scope:
+            select_nodes(cm.graph_module, scope)  # a scope that names nothing is an error, not an empty table
         sites_by_path = {s.path: s for s in cm.sites}
         nodes = {n.name: n for n in cm.graph_module.graph.nodes}
         per_site: dict[str, dict] = {}

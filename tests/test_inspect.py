@@ -244,3 +244,9 @@ def test_diff_names_each_entry_at_a_site_with_two_adapters():
     assert "by insert_lora[0] (lora0), insert_lora[1] (lora1)" in text
     assert "+ param peftc.fc1.lora0.A" in text and "+ param peftc.fc1.lora1.A" in text
     assert {s["path"]: s["methods"] for s in cm.report().sites} == {"fc1": ["lora", "lora"], "fc2": ["lora"]}
+
+
+def test_report_scope_that_names_nothing_is_an_error(compiled):
+    _, cm, _ = compiled
+    with pytest.raises(ScopeError, match="model.layers.7"):
+        cm.report(scope="model.layers.7")
