@@ -136,12 +136,14 @@ def _import_with_cwd(module_name: str, ref: str):
 
 # -- spec and adapter --------------------------------------------------------------------------
 def spec_from_args(args: argparse.Namespace):
-    """The Spec from --spec, or from --adapter DIR's spec.json."""
+    """The Spec from --spec, or from --adapter DIR's spec.json; None if neither was given."""
     from .spec import Spec
 
     if getattr(args, "adapter", None) is not None:
         return adapter_spec(args.adapter)
-    return Spec.load(args.spec)
+    if getattr(args, "spec", None) is not None:
+        return Spec.load(args.spec)
+    return None
 
 
 def adapter_spec(directory: Path):
