@@ -46,11 +46,11 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """--spec SPEC | --adapter DIR (a peftc checkpoint: its spec.json and weights)."""
+    """--spec SPEC | --adapter DIR (a peftc checkpoint or a PEFT adapter directory: spec and weights)."""
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument("--spec", type=Path, help="spec file (.json, .yaml, .yml)")
     group.add_argument("--adapter", type=Path, metavar="DIR",
-                       help="adapter checkpoint folder written by save_adapter (spec.json + weights)")
+                       help="adapter folder: a peftc checkpoint (spec.json + weights) or a PEFT adapter directory")
 
 
 # -- MODEL -----------------------------------------------------------------------------------
@@ -136,33 +136,26 @@ def _import_with_cwd(module_name: str, ref: str):
 
 # -- spec and adapter --------------------------------------------------------------------------
 def spec_from_args(args: argparse.Namespace):
-    """The Spec from --spec, or from --adapter DIR's spec.json; None if neither was given."""
+    """The Spec from --spec (read before the model loads, so a bad spec fails fast); else None."""
     from .spec import Spec
 
-    if getattr(args, "adapter", None) is not None:
-        return adapter_spec(args.adapter)
-    if getattr(args, "spec", None) is not None:
-        return Spec.load(args.spec)
-    return None
+    return Spec.load(args.spec) if getattr(args, "spec", None) is not None else None
 
 
-def adapter_spec(directory: Path):
-    from .checkpoint import read_adapter
-
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter {str(directory)!r}: no such directory")
-    return read_adapter(directory)[0]
-
-
-def compile_model(loaded: LoadedModel, spec, adapter_dir: Path | None = None):
-    """peftc.compile with the loaded model's example inputs; then the adapter's weights, if any."""
+def compile_model(loaded: LoadedModel, spec=None, adapter_dir: Path | None = None):
+    """peftc.compile with `spec`, or with the adapter in `adapter_dir` (a peftc checkpoint or a PEFT
+    adapter directory, spec and weights both from there), using the loaded model's example inputs."""
     import peftc
+    from .interop import load_adapter_dir
 
-    cm = peftc.compile(loaded.model, spec, example_inputs=loaded.example_inputs,
-                       example_kwargs=loaded.example_kwargs)
+    inputs = {"example_inputs": loaded.example_inputs, "example_kwargs": loaded.example_kwargs}
     if adapter_dir is not None:
-        cm.load_adapter(adapter_dir)
-    return cm
+        if not Path(adapter_dir).is_dir():
+            raise FileNotFoundError(f"adapter {str(adapter_dir)!r}: no such directory")
+        return load_adapter_dir(loaded.model, adapter_dir, **inputs)
+    if spec is None:
+        raise UsageError("pass --spec SPEC or --adapter DIR")
+    return peftc.compile(loaded.model, spec, **inputs)
 
 
 # -- output ----------------------------------------------------------------------------------

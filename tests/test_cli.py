@@ -95,6 +95,20 @@ def test_inspect_adapter_dir_loads_spec_and_weights(capsys, tmp_path):
     (tmp_path / "ckpt" / "spec.json").write_text("{not json")
     code, _, err = run_cli(capsys, "inspect", MLP, "--adapter", tmp_path / "ckpt")
     assert_one_line_error(code, err, "not valid JSON")
+    code, _, err = run_cli(capsys, "inspect", MLP, "--adapter", tmp_path)
+    assert_one_line_error(code, err, "neither a peftc checkpoint")
+
+
+def test_inspect_a_peft_adapter_directory(capsys, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from cli_factories import tiny_mlp
+
+    get_peft_model(tiny_mlp()[0], LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"])).save_pretrained(tmp_path)
+    code, out, _ = run_cli(capsys, "inspect", MLP, "--adapter", tmp_path, "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and [s["path"] for s in data["sites"]] == ["fc1"]
+    assert data["totals"]["adapter_params"] == 2 * (16 + 32)
 
 
 # -- exit 2 with one line ------------------------------------------------------------------------
