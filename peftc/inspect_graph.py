@@ -217,17 +217,26 @@ def _site_block(label: str, change: SiteChange, count: int) -> list[str]:
     head = f"{label}    by {passes}"
     if count > 1:
         head += f"    [{count} sites, same rewrite; shown: {change.site}]"
+    original = change.original
+    members = set(change.inserted)
+    rewired = original is not None and any(a in members for a in original.all_input_nodes)
+    readers = [r for r in change.readers if r is not original]
     lines = [head]
-    if change.original is not None:
-        lines.append(f"  before  {format_node(change.original)}")
-        if change.readers:
-            lines.append(f"          read by {', '.join(r.name for r in change.readers)}")
-        lines.append(f"  after   {format_node(change.original)}")
+    if original is None:
+        lines += ["  before  (no site op: nodes added at this module)", "  after"]
+    elif rewired:
+        # The op now reads inserted nodes in place of inputs it had before; what those were is not
+        # kept in the graph, so no "before" line is made up.
+        inputs = [_format_arg(a) for a in original.all_input_nodes if a in members]
+        lines += [f"  after   {format_node(original)}",
+                  f"          now reads inserted {', '.join(inputs)} in place of its original inputs"]
     else:
-        lines.append("  before  (no site op: nodes added at this module)")
-        lines.append("  after")
+        lines.append(f"  before  {format_node(original)}")
+        if readers:
+            lines.append(f"          read by {', '.join(r.name for r in readers)}")
+        lines.append(f"  after   {format_node(original)}")
     lines += [f"        + {format_node(n)}" for n in change.inserted]
-    if change.readers:
-        outputs = sorted({n.name for n in change.inserted for u in n.users if u in change.readers})
-        lines.append(f"          {', '.join(r.name for r in change.readers)} now read {', '.join(outputs)}")
+    if readers:
+        outputs = sorted({n.name for n in change.inserted for u in n.users if u in readers})
+        lines.append(f"          {', '.join(r.name for r in readers)} now read {', '.join(outputs)}")
     return lines

@@ -250,3 +250,13 @@ def test_report_scope_that_names_nothing_is_an_error(compiled):
     _, cm, _ = compiled
     with pytest.raises(ScopeError, match="model.layers.7"):
         cm.report(scope="model.layers.7")
+
+
+def test_diff_of_a_pass_that_rewires_an_op_makes_up_no_before_line():
+    spec = {"adapters": [{"method": "copy", "targets": ["fc2"]}]}
+    _, cm = compile_family(FAMILIES["mlp"], spec)
+    text = cm.diff()
+    assert "(2 original removed)" in text  # the base get_attr nodes the copies replaced
+    assert "now reads inserted peftc.fc2.copy.weight, peftc.fc2.copy.bias in place of its original inputs" in text
+    assert "before" not in text
+    assert cm.report().totals["adapter_params_by_method"] == {"copy": 4 * 32 + 4}
