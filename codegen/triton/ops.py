@@ -256,3 +256,18 @@ def lora_sgmv_triton(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_ad
 @lora_sgmv.register_fake
 def _lora_sgmv_fake(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# -- the dequantize the lowering pass folds into lora_linear_q -----------------------------------
+
+@torch.library.custom_op("peftc::dequantize_packed", mutates_args=())
+def dequantize_packed(qweight: Tensor, scales: Tensor, fmt: str, group_size: int, in_features: int,
+                      dtype: torch.dtype) -> Tensor:
+    """W [N, K] from a packed weight (formats.py). A quantized base that reads its weight through
+    this op has its dequantize fused into the LoRA matmul by lower_lora_triton."""
+    return formats.dequantize(fmt, qweight, scales, group_size, in_features, dtype=dtype)
+
+
+@dequantize_packed.register_fake
+def _dequantize_packed_fake(qweight, scales, fmt, group_size, in_features, dtype):
+    return qweight.new_empty(qweight.shape[0], in_features, dtype=dtype)
