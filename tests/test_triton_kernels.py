@@ -194,3 +194,21 @@ def test_meta_shapes():
     y = ops.lora_linear(x, torch.empty(17, 30, device="meta"), None, torch.empty(4, 30, device="meta"),
                         torch.empty(17, 4, device="meta"), 1.0, None)
     assert y.shape == (2, 5, 17) and y.device.type == "meta"
+
+
+def test_cuda_kernels_fall_back_to_torch_without_a_gpu():
+    """The ops' CUDA kernels check for Triton + CUDA first; on CPU tensors they must take the torch path."""
+    x, w, bias, a, b = _tensors(4, 12, 6, 2, torch.float32)
+    dy = torch.randn(4, 6)
+    qweight, scales = formats.to_packed("int4", w, group_size=4)
+    _close(ops._lora_linear_cuda(x, w, bias, a, b, 0.5, None), reference.lora_linear(x, w, bias, a, b, 0.5),
+           torch.float32)
+    for got, want in zip(ops._lora_linear_backward_cuda(dy, x, w, a, b, 0.5, x),
+                         ops.lora_linear_backward(dy, x, w, a, b, 0.5, x)):
+        _close(got, want, torch.float32)
+    q_args = (qweight, scales, "int4", 4, 12)
+    _close(ops._lora_linear_q_cuda(x, *q_args, bias, a, b, 0.5, None),
+           ops.lora_linear_q(x, *q_args, bias, a, b, 0.5, None), torch.float32)
+    for got, want in zip(ops._lora_linear_q_backward_cuda(dy, x, *q_args, a, b, 0.5, None),
+                         ops.lora_linear_q_backward(dy, x, *q_args, a, b, 0.5, None)):
+        _close(got, want, torch.float32)

@@ -76,6 +76,10 @@ def _lora_linear_fake(x, weight, bias, a, b, scale, x_lora):
 def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a: Tensor, b: Tensor, scale: float,
                          x_lora: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dx_lora — empty when x_lora is None —, dA, dB)."""
+    return _backward_torch(dy, x, weight, a, b, scale, x_lora)
+
+
+def _backward_torch(dy, x, weight, a, b, scale, x_lora):
     dx, dx_lora, da, db = reference.lora_linear_backward(dy, x, weight, a, b, scale, x_lora)
     return dx, _empty(x) if dx_lora is None else dx_lora, da, db
 
@@ -83,7 +87,7 @@ def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a: Tensor, b: Te
 @lora_linear_backward.register_kernel("cuda")
 def _lora_linear_backward_cuda(dy, x, weight, a, b, scale, x_lora):
     if not triton_ready(x.device):
-        return lora_linear_backward.__wrapped__(dy, x, weight, a, b, scale, x_lora)
+        return _backward_torch(dy, x, weight, a, b, scale, x_lora)
     return lora_linear_backward_triton(dy, x, weight, a, b, scale, x_lora)
 
 
@@ -127,6 +131,10 @@ def _dequant_reference(x, qweight, scales, fmt, group_size, in_features):
 @torch.library.custom_op("peftc::lora_linear_q", mutates_args=())
 def lora_linear_q(x: Tensor, qweight: Tensor, scales: Tensor, fmt: str, group_size: int, in_features: int,
                   bias: Optional[Tensor], a: Tensor, b: Tensor, scale: float, x_lora: Optional[Tensor]) -> Tensor:
+    return _quant_forward_torch(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora)
+
+
+def _quant_forward_torch(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora):
     weight = _dequant_reference(x, qweight, scales, fmt, group_size, in_features)
     return reference.lora_linear(x, weight, bias, a, b, scale, x_lora)
 
@@ -134,7 +142,7 @@ def lora_linear_q(x: Tensor, qweight: Tensor, scales: Tensor, fmt: str, group_si
 @lora_linear_q.register_kernel("cuda")
 def _lora_linear_q_cuda(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora):
     if not triton_ready(x.device):
-        return lora_linear_q.__wrapped__(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora)
+        return _quant_forward_torch(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora)
     return lora_linear_q_triton(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora)
 
 
@@ -156,16 +164,19 @@ def _lora_linear_q_fake(x, qweight, scales, fmt, group_size, in_features, bias, 
 def lora_linear_q_backward(dy: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, fmt: str, group_size: int,
                            in_features: int, a: Tensor, b: Tensor, scale: float,
                            x_lora: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _quant_backward_torch(dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora)
+
+
+def _quant_backward_torch(dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora):
     weight = _dequant_reference(x, qweight, scales, fmt, group_size, in_features)
-    dx, dx_lora, da, db = reference.lora_linear_backward(dy, x, weight, a, b, scale, x_lora)
-    return dx, _empty(x) if dx_lora is None else dx_lora, da, db
+    return _backward_torch(dy, x, weight, a, b, scale, x_lora)
 
 
 @lora_linear_q_backward.register_kernel("cuda")
 def _lora_linear_q_backward_cuda(dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora):
     args = (dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora)
     if not triton_ready(x.device):
-        return lora_linear_q_backward.__wrapped__(*args)
+        return _quant_backward_torch(*args)
     return lora_linear_q_backward_triton(*args)
 
 
