@@ -65,14 +65,14 @@ def test_fused_forward(shape, dtype, shrink_first):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("with_dropout_input", [False, True])
+@pytest.mark.parametrize("shape, with_dropout_input", list(zip(SHAPES, [False, True, True])))
 def test_fused_backward(shape, dtype, with_dropout_input):
+    """dx (fused dy W + s (dy B) A), dA, dB; the dropout case splits the token reduction in 3."""
     x, w, _, a, b = _tensors(*shape, dtype)
     g = torch.Generator().manual_seed(1)
     dy = torch.randn(shape[0], shape[2], generator=g).to(dtype)
     x_lora = torch.randn(x.shape, generator=g).to(dtype) if with_dropout_input else None
-    got = fused.lora_linear_backward(dy, x, kernels.Weight(w), a, b, 0.5, x_lora)
+    got = fused.lora_linear_backward(dy, x, kernels.Weight(w), a, b, 0.5, x_lora, split=3 if x_lora is not None else 1)
     want = reference.lora_linear_backward(*_f32(dy, x, w, a, b), 0.5, *_f32(x_lora))
     for g_, w_ in zip(got, want):
         assert (g_ is None) == (w_ is None)

@@ -16,6 +16,9 @@ from .kernels import Weight, launch
 # recomputes x A^T (r / BLOCK_P extra FLOPs), which only pays off while launches dominate.
 # A heuristic, not yet measured on a GPU (benchmarks/kernels.py measures both forms).
 SHRINK_FIRST_ROWS = 256
+# Tokens per split of the adapter-gradient reductions (dA, dB); also a guess until measured.
+ROWS_PER_SPLIT = 1024
+MAX_SPLIT = 32
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -43,10 +46,15 @@ def lora_linear_forward(x: torch.Tensor, weight: Weight, bias: torch.Tensor | No
 
 
 def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: Weight, a: torch.Tensor, b: torch.Tensor,
-                         scale: float, x_lora: torch.Tensor | None = None
+                         scale: float, x_lora: torch.Tensor | None = None, split: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(dx, dx_lora or None, dA, dB). With x_lora, dx is the base path's part only."""
+    """(dx, dx_lora or None, dA, dB). With x_lora, dx is the base path's part only.
+
+    `split`: how many programs share the token reduction of dA and dB (default: by token count).
+    """
     dy2, x2 = _rows(dy), _rows(x)
+    if split is None:
+        split = max(1, min(MAX_SPLIT, x2.shape[0] // ROWS_PER_SPLIT))
     hx2 = _rows(x_lora) if x_lora is not None else x2
     m, k = x2.shape
     u = launch(dy2, Weight(b.t()), dy2.new_empty(m, b.shape[1]))  # dy B: [M, r]
@@ -58,6 +66,6 @@ def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: Weight, a: t
         launch(dy2, weight, dx, trans_w=True)
         dx_lora = launch(u, Weight(a.t()), x2.new_empty(m, k), alpha=scale).view(x_lora.shape)
     h = shrink(hx2, a)
-    da = launch(u.t(), Weight(hx2.t()), torch.empty_like(a), alpha=scale)  # s u^T x: [r, K]
-    db = launch(dy2.t(), Weight(h.t()), torch.empty_like(b), alpha=scale)  # s dy^T h: [N, r]
+    da = launch(u.t(), Weight(hx2.t()), torch.empty_like(a), alpha=scale, split=split)  # s u^T x: [r, K]
+    db = launch(dy2.t(), Weight(h.t()), torch.empty_like(b), alpha=scale, split=split)  # s dy^T h: [N, r]
     return dx.view(x.shape), dx_lora, da, db

@@ -53,14 +53,17 @@ def lora_matmul_kernel(
     x_ptr, w_ptr, s_ptr, code_ptr, a_ptr, h_ptr, b_ptr, bias_ptr, out_ptr,
     M, P, Q, R,
     stride_xm, stride_xq, stride_wn, stride_wk, stride_sn, stride_sg,
-    stride_ar, stride_aq, stride_hm, stride_hr, stride_bp, stride_br, stride_om, stride_op,
-    alpha, scale, group,
+    stride_ar, stride_aq, stride_hm, stride_hr, stride_bp, stride_br, stride_om, stride_op, stride_os,
+    alpha, scale, group, q_chunk,
     QUANT: tl.constexpr, TRANS_W: tl.constexpr, LORA: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
+    # split-Q: program (.., .., s) reduces Q range [s * q_chunk, (s + 1) * q_chunk) into out slice s
+    q_lo = tl.program_id(2) * q_chunk
+    q_hi = tl.minimum(Q, q_lo + q_chunk)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = tl.arange(0, BLOCK_R)
@@ -70,9 +73,9 @@ def lora_matmul_kernel(
     dot_dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for q0 in range(0, Q, BLOCK_Q):
+    for q0 in range(q_lo, q_hi, BLOCK_Q):
         offs_q = q0 + tl.arange(0, BLOCK_Q)
-        mask_q = offs_q < Q
+        mask_q = offs_q < q_hi
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_q[None, :] * stride_xq,
                     mask=mask_m[:, None] & mask_q[None, :], other=0.0)
         w_mask = mask_q[:, None] & mask_p[None, :]
@@ -98,7 +101,7 @@ def lora_matmul_kernel(
         acc += scale * tl.dot(h.to(dot_dtype), b.to(dot_dtype), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op,
+    tl.store(out_ptr + tl.program_id(2) * stride_os + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_p[None, :])
 
 
@@ -157,28 +160,42 @@ def _precision(dtype: torch.dtype) -> str:
 
 def launch(x2: torch.Tensor, weight: Weight, out: torch.Tensor, *, trans_w: bool = False, alpha: float = 1.0,
            a: torch.Tensor | None = None, h: torch.Tensor | None = None, b: torch.Tensor | None = None,
-           scale: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+           scale: float = 0.0, bias: torch.Tensor | None = None, split: int = 1) -> torch.Tensor:
     """out[M, P] = alpha * x2 @ op(W) + scale * H @ b_view^T (+ bias), H = x2 @ a_view^T or given.
 
     `a` is read as A[r, q] (A.stride(0) along r), `b` as B[p, r]; pass transposed views for
-    the backward's other orientations. Returns `out`.
+    the backward's other orientations. `split` > 1 cuts the reduction over Q into that many
+    programs writing fp32 partials, summed after (the adapter gradients reduce over all tokens
+    into a small [r, K] / [N, r] output, which alone would leave most of a GPU idle). Returns `out`.
     """
     m, q = x2.shape
-    p = out.shape[1]
+    if split > 1:
+        if b is not None or bias is not None:
+            raise ValueError("launch: split > 1 is for plain matmuls (no LoRA term, no bias)")
+        partial = out.new_empty(split, *out.shape, dtype=torch.float32)
+        return out.copy_(_launch(x2, weight, partial, trans_w, alpha, None, None, None, 0.0, None, split).sum(0))
+    return _launch(x2, weight, out, trans_w, alpha, a, h, b, scale, bias, 1)
+
+
+def _launch(x2, weight, out, trans_w, alpha, a, h, b, scale, bias, split):
+    m, q = x2.shape
+    p = out.shape[-1]
+    q_chunk = triton.cdiv(q, split)
     lora = b is not None
     rank = b.shape[1] if lora else 1
     dummy = x2
     a_t, h_t, b_t = (a if a is not None else dummy), (h if h is not None else dummy), (b if lora else dummy)
     kernel, blocks = _kernel_and_blocks()
     block_r = max(16, triton.next_power_of_2(rank))
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_P"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_P"]), split)  # noqa: E731
     kernel[grid](
         x_ptr=x2, a_ptr=a_t, h_ptr=h_t, b_ptr=b_t, bias_ptr=bias if bias is not None else dummy, out_ptr=out,
         M=m, P=p, Q=q, R=rank, stride_xm=x2.stride(0), stride_xq=x2.stride(1),
         stride_ar=a_t.stride(0), stride_aq=a_t.stride(1) if a_t.dim() > 1 else 0,
         stride_hm=h_t.stride(0), stride_hr=h_t.stride(1) if h_t.dim() > 1 else 0,
         stride_bp=b_t.stride(0), stride_br=b_t.stride(1) if b_t.dim() > 1 else 0,
-        stride_om=out.stride(0), stride_op=out.stride(1), alpha=alpha, scale=scale,
+        stride_om=out.stride(-2), stride_op=out.stride(-1), stride_os=out.stride(0) if split > 1 else 0,
+        alpha=alpha, scale=scale, q_chunk=q_chunk,
         TRANS_W=trans_w, LORA=lora, SHRINK_IN_LOOP=lora and h is None, HAS_BIAS=bias is not None,
         PRECISION=_precision(x2.dtype), BLOCK_R=block_r, **weight.kernel_args(), **blocks)
     return out
