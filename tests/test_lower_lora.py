@@ -188,3 +188,21 @@ def test_dequantized_base_weight_is_fused_into_the_op(fmt):
     assert torch.ops.peftc.lora_linear_q.default in targets
     assert torch.ops.peftc.dequantize_packed.default not in targets
     torch.testing.assert_close(cm(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_trainable_bias_gets_its_gradient_through_the_fused_op():
+    family = FAMILIES["mlp"]
+    spec = dict(_spec(["fc1", "fc2"], dropout=0.2), trainable=["*.bias"])
+    grads = []
+    for backend in ("torch", "triton"):
+        cm = _compile(family, spec, backend)
+        assert backend == "torch" or len(_fused_nodes(cm.graph_module)) == 2
+        cm.train()
+        torch.manual_seed(0)
+        cm(torch.randn(3, 16, generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in cm.graph_module.named_parameters() if p.requires_grad})
+        for p in cm.graph_module.parameters():  # the base biases are shared with the model: reset
+            p.grad = None
+    assert grads[0].keys() == grads[1].keys() and "fc1.bias" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5)

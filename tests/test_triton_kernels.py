@@ -212,3 +212,15 @@ def test_cuda_kernels_fall_back_to_torch_without_a_gpu():
     for got, want in zip(ops._lora_linear_q_backward_cuda(dy, x, *q_args, a, b, 0.5, None),
                          ops.lora_linear_q_backward(dy, x, *q_args, a, b, 0.5, None)):
         _close(got, want, torch.float32)
+
+
+def test_opcheck_backward_multi_adapter_and_dequant_ops():
+    x, w, bias, a, b = _tensors(6, 10, 7, 3, torch.float32)
+    dy = torch.randn(6, 7)
+    torch.library.opcheck(ops.lora_linear_backward, (dy, x, w, a, b, 0.5, x.clone()))
+    a_bank, b_bank, scales = _banks(2, 10, 7, 3, torch.float32)
+    torch.library.opcheck(ops.lora_bgmv, (x, w, bias, a_bank, b_bank, scales, torch.tensor([0, 1, -1, 1, 0, 0])))
+    torch.library.opcheck(ops.lora_sgmv, (x, w, None, a_bank, b_bank, scales, torch.tensor([0, 2, 6]),
+                                          torch.tensor([1, -1])))
+    qweight, qscales = formats.to_packed("nf4", w, group_size=4)
+    torch.library.opcheck(ops.dequantize_packed, (qweight, qscales, "nf4", 4, 10, torch.float32))
