@@ -31,9 +31,10 @@ from .formats import QUANT_CODE, nf4_code
 @triton.jit
 def _load_weight(w_ptr, s_ptr, code_ptr, n, k, mask, stride_wn, stride_wk, stride_sn, stride_sg, group,
                  QUANT: tl.constexpr):
-    """W[n, k] as float32 for broadcastable index tensors n, k (any tile orientation)."""
+    """W[n, k] for broadcastable index tensors n, k (any tile orientation): a float weight in its own
+    dtype (no round trip through fp32), a packed one dequantized to float32."""
     if QUANT == 0:
-        w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
     elif QUANT == 1:
         q = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0).to(tl.float32)
         w = q * tl.load(s_ptr + n * stride_sn, mask=mask, other=0.0).to(tl.float32)
