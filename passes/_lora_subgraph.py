@@ -21,7 +21,7 @@ class LoraMatch:
 
     site: Site
     tag: dict  # provenance of the LoRA nodes (entry, site, slot)
-    output: Node  # add(base, scaled): its users get the fused op
+    output: Node  # add(base, delta, alpha=s): its users get the fused op
     base: Node  # the site's matmul
     x: Node
     x_lora: Node | None  # the dropout node feeding the adapter, if any
@@ -51,14 +51,15 @@ def match_lora(gm: GraphModule, group: list[Node], site: Site, trainable: set[st
     output = next((n for n in group if provenance(n).get("role") == "output"), None)
     if output is None or output.target != aten.add.Tensor or len(output.args) != 2:
         return "unexpected LoRA output node"
-    base, scaled = output.args
+    base, delta = output.args
+    scale = output.kwargs.get("alpha", 1)
     if not isinstance(base, Node) or base.name != site.node or base.target not in BASE_OPS:
         return "base op is not the site's matmul (another adapter is stacked on it)"
     if len(base.users) != 1 or base.kwargs:
         return "base matmul has other users or beta/alpha"
     if site.param in trainable:
         return "base weight is trainable (the fused op gives no weight gradient)"
-    branch = _branch(scaled, group)
+    branch = _branch(delta, scale, group)
     if isinstance(branch, str):
         return branch
     hidden_in, a, b, scale, branch_nodes = branch
@@ -76,18 +77,17 @@ def match_lora(gm: GraphModule, group: list[Node], site: Site, trainable: set[st
                      erase=[output, *branch_nodes, base, *extra])
 
 
-def _branch(scaled, group: list[Node]):
-    """(adapter input, A node, B node, scale, nodes to erase) of mul(linear(linear(h, A), B), s)."""
-    ok = isinstance(scaled, Node) and scaled.target == aten.mul.Tensor and isinstance(scaled.args[1], (int, float))
-    delta = scaled.args[0] if ok else None
-    ok = ok and isinstance(delta, Node) and delta.target == aten.linear.default and len(delta.args) == 2
+def _branch(delta, scale, group: list[Node]):
+    """(adapter input, A node, B node, scale, nodes to erase) of add(base, linear(linear(h, A), B), alpha=s)."""
+    ok = isinstance(scale, (int, float)) and isinstance(delta, Node) and delta.target == aten.linear.default \
+        and len(delta.args) == 2
     hidden = delta.args[0] if ok else None
     ok = ok and isinstance(hidden, Node) and hidden.target == aten.linear.default and len(hidden.args) == 2
-    if not ok or not all(n in group for n in (scaled, delta, hidden)):
-        return "LoRA branch is not s * linear(linear(x, A), B)"
-    if any(len(n.users) != 1 for n in (scaled, delta, hidden)):
+    if not ok or not all(n in group for n in (delta, hidden)):
+        return "LoRA branch is not add(y, linear(linear(x, A), B), alpha=s)"
+    if any(len(n.users) != 1 for n in (delta, hidden)):
         return "LoRA branch values are used elsewhere"
-    return hidden.args[0], hidden.args[1], delta.args[1], float(scaled.args[1]), [scaled, delta, hidden]
+    return hidden.args[0], hidden.args[1], delta.args[1], float(scale), [delta, hidden]
 
 
 def _weight(base: Node, site: Site) -> tuple[Node, bool, list[Node]]:
