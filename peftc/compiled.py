@@ -9,7 +9,7 @@ the same base weights and the same adapter parameters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
