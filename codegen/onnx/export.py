@@ -1,0 +1,113 @@
+"""export_onnx: a CompiledModel to an ONNX file, merged, quantized, or with LoRA weights as inputs.
+
+    graph copy (eval) ──torch.onnx (dynamo)──▶ ONNX IR ──▶ LoRA inputs (merge=False)
+        ──▶ named weight transposes ──▶ onnxscript optimizer ──▶ output names
+        ──▶ MatMulNBits / GatherBlockQuantized (quantize=) ──▶ file (written atomically)
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+from torch.fx import GraphModule
+
+from peftc.capture import CallSignature, normalize_call
+from peftc.errors import ExportError
+
+from . import signature
+from .files import atomic_output
+from .graph_copy import eval_copy, strip_lora_scales
+from .lora_inputs import promote_lora_inputs
+from .names import fold_weight_transposes, keep_shared_transposes, name_outputs
+from .quantize import BITS, check_block_size, quantize_weights
+
+QUANTIZE_CHOICES = tuple(BITS)
+
+
+def export_onnx(cm, path, *, merge: bool = True, quantize: str | None = None, example_inputs: Any = None,
+                opset: int | None = None, block_size: int = 32) -> Path:
+    """Export `cm` to `path` and return the path; raises ExportError and leaves no file on failure.
+
+    merge=True folds the adapters into the weights; merge=False keeps LoRA weights as
+    overridable inputs (see export_adapter). quantize="int8" (per output channel) or "int4"
+    (blocks of `block_size`) stores weights in ONNX Runtime's MatMulNBits/GatherBlockQuantized.
+    """
+    if quantize is not None and quantize not in BITS:
+        raise ExportError(f"quantize: expected one of {[None, *QUANTIZE_CHOICES]}, got {quantize!r}")
+    check_block_size(block_size)
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        gm = graph_for_export(cm, merge, example_inputs)
+        model = to_onnx(gm, example_inputs_for(cm, gm, example_inputs), opset)
+        prepare(model, gm, merge=merge, quantized=quantize is not None)
+        if quantize is not None:
+            quantize_weights(model, BITS[quantize], block_size, tmp)
+        else:
+            ir.save(model, tmp)
+    return path
+
+
+def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
+    """An eval-mode copy of the merged or unmerged graph for the example's call signature."""
+    dispatch = cm.merged() if merge else cm
+    gm = dispatch.graph_module
+    if example_inputs is not None:
+        args, kwargs = user_example(cm, example_inputs)
+        gm = dispatch.graphs.get(CallSignature.of(args, kwargs))
+        if gm is None:  # a call signature not seen yet: let the dispatcher capture it
+            with torch.no_grad():
+                dispatch(*args, **kwargs)
+            gm = dispatch.graphs[CallSignature.of(args, kwargs)]
+    copy = eval_copy(gm)
+    if not merge:
+        strip_lora_scales(copy)
+    return copy
+
+
+def user_example(cm, example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, tuple):
+        args, kwargs = example_inputs, {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    return normalize_call(cm._model, args, kwargs)
+
+
+def example_inputs_for(cm, gm: GraphModule, example_inputs: Any) -> tuple[tuple, dict]:
+    return user_example(cm, example_inputs) if example_inputs is not None else signature.example_call(gm)
+
+
+def to_onnx(gm: GraphModule, example: tuple[tuple, dict], opset: int | None) -> ir.Model:
+    """Run torch's dynamo exporter on the graph module, unoptimized (peftc optimizes after naming)."""
+    args, kwargs = example
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(gm, args, kwargs=kwargs, dynamic_shapes=signature.dynamic_shapes(args, kwargs, gm),
+                                        dynamo=True, optimize=False, opset_version=opset, verbose=False)
+    except Exception as err:  # the exporter raises many types; keep its message
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"torch.onnx could not export the compiled graph: {first[:500]}\n"
+                          "Try: pass example_inputs= matching a real call, or opset= another version; "
+                          "ops without an ONNX translation need a custom_translation_table") from err
+    return program.model
+
+
+def prepare(model: ir.Model, gm: GraphModule, *, merge: bool, quantized: bool) -> None:
+    """LoRA inputs, named weight transposes, constant folding and fusions, output names."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    graph = model.graph
+    if not merge:
+        promote_lora_inputs(graph)
+    # A quantized export folds even a tied weight's transpose: the head gets its own MatMulNBits copy.
+    fold_weight_transposes(graph, keep_shared=not quantized)
+    onnxscript.optimizer.optimize_ir(model, should_fold=keep_shared_transposes)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+    name_outputs(graph, signature.output_names(gm))
