@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import onnx_ir as ir
 import torch
 from torch.fx import GraphModule
 
-from peftc.capture import CallSignature, normalize_call
+from peftc.capture import CallSignature, capture, normalize_call
+from peftc.compiled import GraphDispatch
+from peftc.compiler import example_call
 from peftc.errors import ExportError
 
 from . import signature
@@ -32,6 +35,8 @@ def export_onnx(cm, path, *, merge: bool = True, quantize: str | None = None, ex
                 opset: int | None = None, block_size: int = 32) -> Path:
     """Export `cm` to `path` and return the path; raises ExportError and leaves no file on failure.
 
+    `cm` is a CompiledModel, or a plain nn.Module (captured here and exported as it is).
+
     merge=True folds the adapters into the weights; merge=False keeps LoRA weights as
     overridable inputs (see export_adapter). quantize="int8" (per output channel) or "int4"
     (blocks of `block_size`) stores weights in ONNX Runtime's MatMulNBits/GatherBlockQuantized.
@@ -43,7 +48,7 @@ def export_onnx(cm, path, *, merge: bool = True, quantize: str | None = None, ex
     with atomic_output(path) as tmp:
         gm = graph_for_export(cm, merge, example_inputs)
         model = to_onnx(gm, example_inputs_for(cm, gm, example_inputs), opset)
-        prepare(model, gm, merge=merge, quantized=quantize is not None)
+        prepare(model, gm, merge=merge)
         if quantize is not None:
             quantize_weights(model, BITS[quantize], block_size, tmp)
         else:
@@ -53,7 +58,9 @@ def export_onnx(cm, path, *, merge: bool = True, quantize: str | None = None, ex
 
 def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
     """An eval-mode copy of the merged or unmerged graph for the example's call signature."""
-    dispatch = cm.merged() if merge else cm
+    if not isinstance(cm, GraphDispatch):
+        return eval_copy(capture_plain(cm, example_inputs))
+    dispatch = cm.merged() if merge and hasattr(cm, "merged") else cm
     gm = dispatch.graph_module
     if example_inputs is not None:
         args, kwargs = user_example(cm, example_inputs)
@@ -68,6 +75,14 @@ def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
     return copy
 
 
+def capture_plain(model: torch.nn.Module, example_inputs: Any) -> GraphModule:
+    """A model that was never compiled: capture it as peftc.compile would, without passes."""
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"export_onnx: expected a CompiledModel or an nn.Module, got {type(model).__name__}")
+    args, kwargs = user_example(model, example_inputs) if example_inputs is not None else example_call(model, None, None)
+    return capture(model, args, kwargs)
+
+
 def user_example(cm, example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
@@ -75,11 +90,13 @@ def user_example(cm, example_inputs: Any) -> tuple[tuple, dict]:
         args, kwargs = example_inputs, {}
     else:
         args, kwargs = (example_inputs,), {}
-    return normalize_call(cm._model, args, kwargs)
+    return normalize_call(getattr(cm, "_model", cm), args, kwargs)
 
 
 def example_inputs_for(cm, gm: GraphModule, example_inputs: Any) -> tuple[tuple, dict]:
-    return user_example(cm, example_inputs) if example_inputs is not None else signature.example_call(gm)
+    if example_inputs is not None:
+        return user_example(cm, example_inputs)
+    return signature.example_call(gm)
 
 
 def to_onnx(gm: GraphModule, example: tuple[tuple, dict], opset: int | None) -> ir.Model:
@@ -90,15 +107,21 @@ def to_onnx(gm: GraphModule, example: tuple[tuple, dict], opset: int | None) -> 
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, kwargs=kwargs, dynamic_shapes=signature.dynamic_shapes(args, kwargs, gm),
                                         dynamo=True, optimize=False, opset_version=opset, verbose=False)
-    except Exception as err:  # the exporter raises many types; keep its message
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"torch.onnx could not export the compiled graph: {first[:500]}\n"
+    except Exception as err:  # the exporter raises many types; keep the root cause's message
+        raise ExportError(f"torch.onnx could not export the compiled graph: {_root_cause(err)}\n"
                           "Try: pass example_inputs= matching a real call, or opset= another version; "
                           "ops without an ONNX translation need a custom_translation_table") from err
     return program.model
 
 
-def prepare(model: ir.Model, gm: GraphModule, *, merge: bool, quantized: bool) -> None:
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # the exporter colours its messages
+    return f"{type(err).__name__}: {text.splitlines()[0][:400]}" if text else type(err).__name__
+
+
+def prepare(model: ir.Model, gm: GraphModule, *, merge: bool) -> None:
     """LoRA inputs, named weight transposes, constant folding and fusions, output names."""
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
@@ -106,8 +129,7 @@ def prepare(model: ir.Model, gm: GraphModule, *, merge: bool, quantized: bool) -
     graph = model.graph
     if not merge:
         promote_lora_inputs(graph)
-    # A quantized export folds even a tied weight's transpose: the head gets its own MatMulNBits copy.
-    fold_weight_transposes(graph, keep_shared=not quantized)
+    fold_weight_transposes(graph, keep_shared=True)  # a tied weight stays one tensor
     onnxscript.optimizer.optimize_ir(model, should_fold=keep_shared_transposes)
     onnxscript.rewriter.onnx_fusions.fuse(model)
     name_outputs(graph, signature.output_names(gm))

@@ -21,7 +21,8 @@ import onnx_ir as ir
 
 from peftc.errors import ExportError
 
-from .names import TRANSPOSED_SUFFIX, add_initializer, drop_if_unused, is_constant_initializer, unique_name
+from .files import atomic_output
+from .names import TRANSPOSED_SUFFIX, add_initializer, fold_weight_transposes, drop_if_unused, is_constant_initializer, unique_name
 
 BITS = {"int8": 8, "int4": 4}
 MS_DOMAIN = "com.microsoft"
@@ -33,9 +34,22 @@ def check_block_size(block_size: int) -> None:
         raise ExportError(f"block_size: expected a power of two >= 16 (ONNX Runtime's MatMulNBits), got {block_size!r}")
 
 
+def quantize_onnx(source, path, quantize: str = "int8", *, block_size: int = 32) -> Path:
+    """Quantize an fp32 ONNX file written by export_onnx into `path` (no re-export from torch)."""
+    if quantize not in BITS:
+        raise ExportError(f"quantize: expected one of {list(BITS)}, got {quantize!r}")
+    check_block_size(block_size)
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        quantize_weights(ir.load(str(source)), BITS[quantize], block_size, tmp)
+    return path
+
+
 def quantize_weights(model: ir.Model, bits: int, block_size: int, out: Path) -> dict[str, int]:
     """Quantize every weight MatMul and embedding table of `model`, check, and save to `out`."""
     graph = model.graph
+    # A tied weight's transpose was kept to store it once; quantized, the head gets its own MatMulNBits copy.
+    fold_weight_transposes(graph, keep_shared=False)
     gemms_to_matmuls(graph)
     tables = quantize_embeddings(graph, bits, block_size)
     targets = weight_matmuls(graph)
