@@ -2,7 +2,8 @@
 
 MatMuls go through onnxruntime.quantization's MatMulNBitsQuantizer (QOperator format; its
 8-bit QDQ mode silently skips MatMuls, so it is never used). int8 is per output channel: one
-block spans the whole input dimension, so MatMuls are quantized in groups of equal K. The
+block spans the whole input dimension K, up to 256, the largest block ORT's kernels take
+(larger K: blocks of 256), so MatMuls are quantized in groups of equal block size. The
 token-embedding tables become GatherBlockQuantized (ORT's tool quantizes Gather at 4 bits
 only, so peftc packs both widths itself). Afterwards every targeted op is checked: a weight
 left in float is an error, never a silent fallback.
@@ -27,11 +28,13 @@ from .names import TRANSPOSED_SUFFIX, add_initializer, fold_weight_transposes, d
 BITS = {"int8": 8, "int4": 4}
 MS_DOMAIN = "com.microsoft"
 MIN_OPSET = 21  # 4-bit tensor types
+MAX_BLOCK = 256  # MLAS quantizes MatMulNBits weights in blocks of 16..256
 
 
 def check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise ExportError(f"block_size: expected a power of two >= 16 (ONNX Runtime's MatMulNBits), got {block_size!r}")
+    if not isinstance(block_size, int) or not 16 <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
+        raise ExportError(f"block_size: expected a power of two from 16 to {MAX_BLOCK} (ONNX Runtime's MatMulNBits), "
+                          f"got {block_size!r}")
 
 
 def quantize_onnx(source, path, quantize: str = "int8", *, block_size: int = 32) -> Path:
@@ -55,8 +58,7 @@ def quantize_weights(model: ir.Model, bits: int, block_size: int, out: Path) -> 
     targets = weight_matmuls(graph)
     _raise_opset(model)
     proto = ir.serde.serialize_model(model)
-    for k, names in _by_input_size(targets).items():
-        block = _next_power_of_two(k) if bits == 8 else block_size
+    for block, names in _by_block(targets, bits, block_size).items():
         proto = _run_matmul_nbits(proto, bits, block, include=set(names))
     counts = verify(proto, bits, matmuls=len(targets), tables=tables)
     onnx.save(proto, str(out))
@@ -78,10 +80,11 @@ def _is_float_matrix(value: ir.Value | None) -> bool:
             and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16))
 
 
-def _by_input_size(targets: dict[str, int]) -> dict[int, list[str]]:
+def _by_block(targets: dict[str, int], bits: int, block_size: int) -> dict[int, list[str]]:
+    """MatMul names grouped by their block size: int8 per channel (K, capped), int4 `block_size`."""
     groups: dict[int, list[str]] = defaultdict(list)
     for name, k in targets.items():
-        groups[k].append(name)
+        groups[min(_next_power_of_two(k), MAX_BLOCK) if bits == 8 else block_size].append(name)
     return dict(groups)
 
 
