@@ -6,6 +6,7 @@
 from .compiled import CompiledModel, GraphDispatch
 from .compiler import compile
 from .errors import CaptureError, CheckpointError, ExportError, SpecError
+from .interop import from_peft
 from .spec import Spec
 
 __version__ = "0.1.0"
@@ -29,5 +30,5 @@ def export_adapter(cm_or_adapter_dir, path):
     return export(cm_or_adapter_dir, path)
 
 
-__all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CheckpointError", "ExportError",
-           "export_onnx", "export_adapter"]
+__all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CheckpointError",
+           "ExportError", "from_peft", "export_onnx", "export_adapter"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from peftc.passes.copy_params import CopyConfig, copy_params
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
 
 
@@ -30,6 +31,8 @@ def fold_lora(module: LoraWeights, site, weight):
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "reparameterized", LoraConfig, insert_lora, fold_lora,
                    "W x + s·B(A x) on linear, conv and embedding ops"),
+    "copy": Method("copy", "selective", CopyConfig, copy_params, None,
+                   "trainable copies of selected base parameters (HF PEFT's modules_to_save)"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.
