@@ -60,9 +60,14 @@ def lora_parameters(spec, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndar
                               "be swapped at run time); export this model with merge=True")
         array = tensor.detach().to("cpu", torch.float32)
         if factor == "B":
-            array = array * slots[slot].scale
+            array = array * _scale(slots[slot], site_slot.rpartition(".")[0])
         parameters[f"{adapters.ROOT}.{key}"] = array.contiguous().numpy()
     return parameters
+
+
+def _scale(entry, site_path: str) -> float:
+    """The LoRA scale at one site (rank_pattern / alpha_pattern aware)."""
+    return entry.scale_at(site_path) if hasattr(entry, "scale_at") else entry.scale
 
 
 def _write(parameters: dict[str, np.ndarray], path: Path) -> None:

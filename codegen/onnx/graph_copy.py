@@ -26,16 +26,21 @@ def eval_copy(gm: GraphModule) -> GraphModule:
 
 
 def strip_lora_scales(gm: GraphModule) -> int:
-    """Remove `* scale` from every LoRA branch; the adapter file carries scale·B instead.
+    """Remove the scale from every LoRA branch; the adapter file carries scale·B instead.
 
+    insert_lora adds the branch as add(y, delta, alpha=s) (older graphs: y + delta * s).
     With the scale outside the graph, one exported model runs adapters of any rank and alpha.
     Returns how many branches were changed.
     """
     stripped = 0
     for node in list(gm.graph.nodes):
         tag = provenance(node)
-        if (tag and tag.get("method") == "lora" and node.target == aten.mul.Tensor
-                and isinstance(node.args[1], numbers.Number)):
+        if not tag or tag.get("method") != "lora":
+            continue
+        if node.target == aten.add.Tensor and tag.get("role") == "output" and "alpha" in node.kwargs:
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "alpha"}
+            stripped += 1
+        elif node.target == aten.mul.Tensor and isinstance(node.args[1], numbers.Number):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             stripped += 1
