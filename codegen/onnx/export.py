@@ -24,6 +24,7 @@ from peftc.errors import ExportError
 from . import signature
 from .files import atomic_output
 from .graph_copy import eval_copy, strip_lora_scales
+from .logs import quiet
 from .lora_inputs import promote_lora_inputs
 from .names import fold_weight_transposes, keep_shared_transposes, name_outputs
 from .quantize import BITS, check_block_size, quantize_weights
@@ -130,6 +131,7 @@ def prepare(model: ir.Model, gm: GraphModule, *, merge: bool) -> None:
     if not merge:
         promote_lora_inputs(graph)
     fold_weight_transposes(graph, keep_shared=True)  # a tied weight stays one tensor
-    onnxscript.optimizer.optimize_ir(model, should_fold=keep_shared_transposes)
-    onnxscript.rewriter.onnx_fusions.fuse(model)
+    with quiet("onnx_ir", "onnxscript"):  # e.g. "skipped deduplication" of every LoRA input
+        onnxscript.optimizer.optimize_ir(model, should_fold=keep_shared_transposes)
+        onnxscript.rewriter.onnx_fusions.fuse(model)
     name_outputs(graph, signature.output_names(gm))

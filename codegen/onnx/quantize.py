@@ -23,6 +23,7 @@ import onnx_ir as ir
 from peftc.errors import ExportError
 
 from .files import atomic_output
+from .logs import quiet
 from .names import TRANSPOSED_SUFFIX, add_initializer, fold_weight_transposes, drop_if_unused, is_constant_initializer, unique_name
 
 BITS = {"int8": 8, "int4": 4}
@@ -100,13 +101,8 @@ def _run_matmul_nbits(proto: onnx.ModelProto, bits: int, block_size: int, includ
     quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
                                      quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
                                      nodes_to_exclude=exclude)
-    logger = logging.getLogger("onnxruntime.quantization")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # it logs every node at INFO; restored right after
-    try:
+    with quiet("onnxruntime.quantization", level=logging.WARNING):  # it logs every node at INFO
         quantizer.process()
-    finally:
-        logger.setLevel(level)
     return quantizer.model.model
 
 
