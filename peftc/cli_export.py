@@ -18,11 +18,18 @@ from typing import Iterator
 from .errors import CaptureError, CheckpointError, ExportError, SpecError
 
 BAD_INPUT = 2
+HELP = "export a model (with an adapter) to ONNX: merged, quantized, or with swappable LoRA adapters"
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("export", help="export a model (with an adapter) to ONNX",
-                                   description=__doc__.splitlines()[0].strip("`"))
+    parser = subparsers.add_parser("export", help=HELP, description=HELP)
+    add_arguments(parser)
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The export options (peftc.cli registers subcommands through this)."""
     parser.add_argument("model", metavar="MODEL", help="local transformers model directory, or package.module:factory")
     parser.add_argument("--adapter", metavar="DIR", type=Path, help="adapter folder written by save_adapter")
     parser.add_argument("--out", metavar="FILE", type=Path, required=True, help="the .onnx file to write")
@@ -31,8 +38,6 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (MatMulNBits)")
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size (power of two >= 16)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    parser.set_defaults(func=run_export)
-    return parser
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -58,6 +63,9 @@ def run_export(args: argparse.Namespace) -> int:
         return BAD_INPUT
     print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+run = run_export  # the name peftc.cli looks up
 
 
 def compile_with_adapter(model, adapter_dir: Path):

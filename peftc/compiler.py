@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
@@ -19,7 +18,7 @@ from .pipeline import PassContext, PassRecord, Step, run_pipeline
 from .sites import Site, find_sites
 from .spec import Spec
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
 def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_kwargs: dict | None = None,
@@ -36,13 +35,14 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     adapter_root = nn.Module()
     try:
         gm, records, sites = build_graph(model, spec, adapter_root, args, kwargs, dynamic_shapes,
-                                         dump_dir=Path(dump_dir) if dump_dir is not None else None)
+                                         dump_dir=Path(dump_dir) if dump_dir is not None else None,
+                                         backend=backend)
     except BaseException:
         _restore(model, saved)
         raise
 
     def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
-        return build_graph(model, spec, adapter_root, call_args, call_kwargs)[0]
+        return build_graph(model, spec, adapter_root, call_args, call_kwargs, backend=backend)[0]
 
     def merge_build() -> GraphDispatch:
         state: dict = {}
@@ -80,7 +80,7 @@ def example_call(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
     return normalize_call(model, example_inputs, dict(example_kwargs or {}))
 
 
-def plan(spec: Spec, merge: bool) -> list[Step]:
+def plan(spec: Spec, merge: bool, backend: str = "torch") -> list[Step]:
     """The spec as an ordered list of passes."""
     from peftc.passes.freeze_params import freeze_params
     from peftc.passes.merge_adapters import merge_adapters
@@ -90,12 +90,16 @@ def plan(spec: Spec, merge: bool) -> list[Step]:
     steps.append(Step("freeze_params", freeze_params))
     if merge:
         steps.append(Step("merge_adapters", merge_adapters))
+    elif backend == "triton":  # a merged graph has no LoRA branch left to fuse
+        from peftc.passes.lower_lora_triton import lower_lora_triton
+
+        steps.append(Step("lower_lora_triton", lower_lora_triton))
     return steps
 
 
 def build_graph(model: nn.Module, spec: Spec, adapter_root: nn.Module, args: tuple, kwargs: dict,
                 dynamic_shapes: Any = None, *, merge: bool = False, state: dict | None = None,
-                dump_dir: Path | None = None) -> tuple[GraphModule, list[PassRecord], list[Site]]:
+                dump_dir: Path | None = None, backend: str = "torch") -> tuple[GraphModule, list[PassRecord], list[Site]]:
     """Capture one call signature and run the spec's passes on it."""
     gm = capture(model, args, kwargs, dynamic_shapes)
     record_modes(gm)
@@ -104,7 +108,7 @@ def build_graph(model: nn.Module, spec: Spec, adapter_root: nn.Module, args: tup
     adapters.mount(gm, adapter_root)
     ctx = PassContext(spec=spec, sites=sites, adapter_root=adapter_root, base_params=base_params,
                       state=state if state is not None else {})
-    records = run_pipeline(gm, plan(spec, merge), ctx, dump_dir)
+    records = run_pipeline(gm, plan(spec, merge, backend), ctx, dump_dir)
     return gm, records, sites
 
 
