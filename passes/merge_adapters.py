@@ -42,8 +42,9 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
                 merged[site.param] = method.fold(module, site, base).detach()
                 if method.fold_bias is not None:
                     _fold_bias(gm, site, method, module, merged)
-        output = next(n for n in group if provenance(n).get("role") == "output")
-        output.replace_all_uses_with(output.args[0])
+        # One output per op reading the weight: a layer called twice has two.
+        for output in [n for n in group if provenance(n).get("role") == "output"]:
+            output.replace_all_uses_with(output.args[0])
         erase_nodes(gm, group)
         result.modified = True
         result.sites.append(site.path)
