@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
+from peftc.passes.quantize_base import QuantizeConfig
 
 
 @dataclass(frozen=True)
@@ -33,4 +34,4 @@ METHODS: dict[str, Method] = {
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.
-QUANTIZE_CONFIG: Any = None
+QUANTIZE_CONFIG: Any = QuantizeConfig
