@@ -75,13 +75,16 @@ def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
         if module is None:
             module = quantized.QuantizedWeight.from_weight(_out_in(ctx.base_params[site.param], site), config)
             quantized.put_weight(root, site.param, module)
-            result.params_added[f"{quantized.ROOT}.{site.param}"] = sum(t.numel() for t in module.tensors())
         new = _rewrite_site(gm, nodes[site.node], site, module, config)
         ctx.sites[ctx.sites.index(site)] = dataclasses.replace(
             site, node=new.name, op="peftc.quantized_linear", input_index=0)
         _drop_weight_if_unread(gm, site.param)
         result.modified = True
         result.sites.append(site.path)
+    packed = quantized.summary(gm)
+    if packed:
+        result.notes.append(f"{config.format_name} base: {packed['weights']} weights packed in {packed['bytes']:,} "
+                            f"bytes, {packed['ratio_vs_fp32']:.3f}x their fp32 size")
     return result
 
 

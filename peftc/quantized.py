@@ -76,6 +76,18 @@ def quantized_weights(root: nn.Module) -> dict[str, QuantizedWeight]:
     return {name: m for name, m in root.named_modules() if isinstance(m, QuantizedWeight)}
 
 
+def summary(gm: nn.Module) -> dict | None:
+    """Totals for report(): how many base weights are packed, and their bytes against fp32."""
+    root = gm._modules.get(ROOT)
+    weights = quantized_weights(root) if root is not None else {}
+    if not weights:
+        return None
+    params = sum(m.out_features * m.in_features for m in weights.values())
+    packed = sum(m.nbytes() for m in weights.values())
+    return {"formats": sorted({m.fmt for m in weights.values()}), "weights": len(weights), "params": params,
+            "bytes": packed, "fp32_bytes": 4 * params, "ratio_vs_fp32": packed / (4 * params)}
+
+
 # -- the op ----------------------------------------------------------------------------------
 @torch.library.custom_op("peftc::quantized_linear", mutates_args=())
 def quantized_linear(x: torch.Tensor, qdata: list[torch.Tensor], bias: torch.Tensor | None, fmt: str,

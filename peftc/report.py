@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import adapters
+from . import adapters, quantized
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Report:
             f"trainable params: {t['trainable_params']:,} / {t['total_params']:,} "
             f"({100 * t['trainable_fraction']:.4f}%)   adapter bytes: {t['adapter_bytes']:,}   "
             f"base bytes: " + ", ".join(f"{k} {v:,}" for k, v in t["base_bytes_by_dtype"].items()),
+            *_quantized_line(t.get("quantized_base")),
             "",
             _table(["#", "pass", "time ms", "changed", "sites", "params added"],
                    [[p["index"], p["name"] + (f"[{p['entry']}]" if p["entry"] is not None else ""),
@@ -66,6 +67,13 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _quantized_line(q: dict | None) -> list[str]:
+    if not q:
+        return []
+    return [f"quantized base: {'+'.join(q['formats'])}, {q['weights']} weights, {q['params']:,} params in "
+            f"{q['bytes']:,} bytes ({q['ratio_vs_fp32']:.3f}x fp32, scales included)"]
 
 
 def _site_of(param_name: str, per_site: dict) -> str | None:
@@ -95,7 +103,9 @@ def _totals(cm) -> dict:
         if isinstance(tensor, torch.nn.Parameter):
             total += tensor.numel()
             trainable += tensor.numel() if tensor.requires_grad else 0
-    return {"trainable_params": trainable, "total_params": total,
+    quantized_base = quantized.summary(cm.graph_module)  # packed weights are buffers: count them here
+    total += quantized_base["params"] if quantized_base else 0
+    return {"trainable_params": trainable, "total_params": total, "quantized_base": quantized_base,
             "trainable_fraction": trainable / total if total else 0.0,
             "adapter_bytes": adapter_bytes, "base_bytes_by_dtype": base_bytes}
 
