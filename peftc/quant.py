@@ -72,7 +72,7 @@ def _scales_of(tensors: list[torch.Tensor], out_features: int, groups: int) -> t
 @torch.no_grad()
 def quantize(weight: torch.Tensor, fmt: str, group_size: int, double_quant: bool = False) -> list[torch.Tensor]:
     """Quantize a [out, in] weight; see the module docstring for what each format returns."""
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()
     if fmt == "int8":
         scale = w.abs().amax(dim=1).clamp_min(_TINY) / 127
         return [(w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale]
