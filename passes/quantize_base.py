@@ -104,16 +104,7 @@ def select_quantize_sites(sites: list[Site], config: QuantizeConfig) -> list[Sit
     chosen_sites = [s for s in chosen_sites if not matches_any(config.exclude, s.path)]
     if config.exclude:
         select(config.exclude, paths, "quantize.exclude")  # an exclude that matches nothing is a typo
-    for site in chosen_sites:
-        _check_groups(site, config)
     return chosen_sites
-
-
-def _check_groups(site: Site, config: QuantizeConfig) -> None:
-    if config.bits == 4 and site.in_features % config.group_size:
-        raise SpecError(
-            f"quantize.group_size: {config.group_size} does not divide in_features {site.in_features} of "
-            f"site {site.path!r}; choose a divisor of {site.in_features} or add the site to quantize.exclude")
 
 
 def _out_in(weight: torch.Tensor, site: Site) -> torch.Tensor:

@@ -3,10 +3,11 @@
 Every quantized weight is a list of tensors, always for a [out, in] weight:
 
     int8   [codes int8 [out, in], scale f32 [out]]
-    int4   [packed uint8 [out, in/2], scales]      code = round(w / scale) + 8, scale = absmax / 7
-    nf4    [packed uint8 [out, in/2], scales]      code = nearest NF4 value of w / absmax
+    int4   [packed uint8 [out, K/2], scales]       code = round(w / scale) + 8, scale = absmax / 7
+    nf4    [packed uint8 [out, K/2], scales]       code = nearest NF4 value of w / absmax
 
-`scales` is one f32 tensor [out, in/group] or, double-quantized (QLoRA), three tensors:
+K is `in` rounded up to a multiple of the group size: a ragged last group is zero-padded (as
+MatMulNBits pads K to its block size). `scales` is one f32 tensor [out, K/group] or, double-quantized (QLoRA), three tensors:
 int8 codes of (scale - mean) in blocks of 256, one f32 scale per block, and the f32 mean.
 Two 4-bit codes share a byte, the first (even column) in the low nibble: the layout of ONNX
 Runtime's MatMulNBits (int4 with zero point 8 is exactly its default format).
@@ -76,7 +77,9 @@ def quantize(weight: torch.Tensor, fmt: str, group_size: int, double_quant: bool
     if fmt == "int8":
         scale = w.abs().amax(dim=1).clamp_min(_TINY) / 127
         return [(w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale]
-    out_features, in_features = w.shape
+    out_features = w.shape[0]
+    w = torch.nn.functional.pad(w, (0, -w.shape[1] % group_size))  # a ragged last group: zero-padded
+    in_features = w.shape[1]
     groups = w.view(out_features, in_features // group_size, group_size)
     absmax = groups.abs().amax(dim=-1).clamp_min(_TINY)
     if fmt == "int4":
@@ -97,14 +100,14 @@ def dequantize(tensors: list[torch.Tensor], fmt: str, out_features: int, in_feat
     """The [out, in] weight a quantized list stands for, in `dtype`."""
     if fmt == "int8":
         return (tensors[0].float() * tensors[1].float()[:, None]).to(dtype)
-    groups = in_features // group_size
+    groups = -(-in_features // group_size)
     codes = unpack_nibbles(tensors[0]).view(out_features, groups, group_size)
     if fmt == "int4":
         values = codes.float() - INT4_ZERO
     else:
         values = nf4_code(codes.device)[codes.long()]
     scales = _scales_of(tensors, out_features, groups)
-    return (values * scales[..., None]).view(out_features, in_features).to(dtype)
+    return (values * scales[..., None]).view(out_features, groups * group_size)[:, :in_features].to(dtype)
 
 
 def nbytes(tensors: list[torch.Tensor]) -> int:
