@@ -80,8 +80,19 @@ def accuracy() -> dict:
 
 
 # -- in a child: process memory and training ------------------------------------------------
+def warm_imports() -> None:
+    """Import (and run once) everything a child uses before its baseline RSS: then deltas are the model's."""
+    import peft  # noqa: F401
+    import peftc  # noqa: F401
+    from transformers import LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=32))
+    gc.collect()
+
+
 def child_peftc(name: str, steps: int) -> dict:
     import peftc
+    warm_imports()
     base_rss = rss_mb()
     model = build_model()
     model_rss = rss_mb()
@@ -102,6 +113,7 @@ def child_peftc(name: str, steps: int) -> dict:
 def child_hf(name: str, steps: int, model_dir: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    warm_imports()
     base_rss = rss_mb()
     if name == "hf-bnb-nf4":
         from transformers import BitsAndBytesConfig

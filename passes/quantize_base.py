@@ -67,6 +67,8 @@ def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Replace each targeted linear site by peftc.quantized_linear over packed buffers; drop the weight."""
     config: QuantizeConfig = ctx.spec.quantize
     root = ctx.state.setdefault(STATE_KEY, nn.Module())
+    if gm._modules.get(quantized.ROOT, root) is not root:
+        raise RuntimeError(f"the captured model already has a submodule named {quantized.ROOT!r}")
     gm.add_module(quantized.ROOT, root)
     nodes = {n.name: n for n in gm.graph.nodes}
     result = PassResult(modified=False)

@@ -33,7 +33,9 @@ class QuantizedWeight(nn.Module):
                  group_size: int):
         super().__init__()
         self.fmt, self.out_features, self.in_features, self.group_size = fmt, out_features, in_features, group_size
-        names = ("codes",) + (_SCALE_NAMES if len(tensors) == 2 else _DOUBLE_SCALE_NAMES)
+        zero_points = ("zero_points",) if fmt == "int4" else ()
+        scale_count = len(tensors) - 1 - len(zero_points)
+        names = ("codes",) + zero_points + (_SCALE_NAMES if scale_count == 1 else _DOUBLE_SCALE_NAMES)
         for name, tensor in zip(names, tensors):
             self.register_buffer(name, tensor)
 

@@ -100,7 +100,7 @@ def test_quantize_round_trip(fmt, double):
     rel = float((back - w).norm() / w.norm())
     assert rel < {"int8": 0.01, "int4": 0.15, "nf4": 0.12}[fmt]
     bits = 8 * quant.nbytes(tensors) / w.numel()
-    assert bits <= {"int8": 8.2, "int4": 4.5, "nf4": 4.5}[fmt] - (0.35 if double else 0)
+    assert bits <= {"int8": 8.2, "int4": 4.65, "nf4": 4.5}[fmt] - (0.3 if double else 0)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
@@ -121,15 +121,25 @@ def test_zero_rows_and_groups_stay_zero():
         assert torch.allclose(back, w, atol=1e-6), fmt
 
 
+def absmax_int4(w, group):
+    """QLoRA's "Int4" baseline: symmetric, scale = absmax / 7 per group."""
+    groups = w.view(w.shape[0], -1, group)
+    scale = groups.abs().amax(-1, keepdim=True) / 7
+    return ((groups / scale).round().clamp(-7, 7) * scale).view_as(w)
+
+
 def test_nf4_beats_int4_on_normal_weights():
-    """The reason NF4 exists: its levels are N(0,1) quantiles, so normal weights lose less."""
+    """The reason NF4 exists: its levels are N(0,1) quantiles, so normal weights lose less than
+    with evenly spaced absmax int4. peftc's int4 is asymmetric (min/max + zero point), which
+    closes that gap: it is within a few percent of NF4."""
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
-    errors = {fmt: float((quant.dequantize(quant.quantize(w, fmt, 64), fmt, 256, 512, 64) - w).pow(2).mean())
-              for fmt in ("int4", "nf4")}
-    assert errors["nf4"] < 0.9 * errors["int4"], errors
+    mse = {fmt: float((quant.dequantize(quant.quantize(w, fmt, 64), fmt, 256, 512, 64) - w).pow(2).mean())
+           for fmt in ("int4", "nf4")}
+    plain = float((absmax_int4(w, 64) - w).pow(2).mean())
+    assert mse["nf4"] < 0.8 * plain, (mse, plain)
+    assert mse["int4"] < plain and abs(mse["int4"] / mse["nf4"] - 1) < 0.1, (mse, plain)
 
 
-# -- the pass --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def formats():
     """One random-weight LLaMA, compiled once per format (adapters left at zero: B = 0)."""
@@ -153,6 +163,8 @@ def test_pass_rewrites_every_linear_but_the_head(formats):
     names = dict(gm.named_buffers())
     assert names["quantized.model.layers.0.mlp.up_proj.weight.codes"].dtype == torch.uint8
     assert "quantized.model.layers.0.mlp.up_proj.weight.scale_codes" in names  # double-quantized scales
+    assert "quantized.model.layers.0.mlp.up_proj.weight.zero_points" in dict(
+        compiled["int4"].graph_module.named_buffers())
     assert gm.get_parameter("lm_head.weight") is model.lm_head.weight
     # the user's model is untouched
     assert {name: p._version for name, p in model.named_parameters()} == versions
