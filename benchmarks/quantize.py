@@ -79,6 +79,44 @@ def accuracy() -> dict:
     return out
 
 
+def bigram_batch(batch_size: int, seq: int, seed: int) -> torch.Tensor:
+    """Sequences following t -> (5 t + 3) mod vocab: a task the model learns in a few dozen steps."""
+    vocab = CONFIG["vocab_size"]
+    start = torch.randint(0, vocab, (batch_size, 1), generator=torch.Generator().manual_seed(seed))
+    steps = [start]
+    for _ in range(seq - 1):
+        steps.append((5 * steps[-1] + 3) % vocab)
+    return torch.cat(steps, dim=1)
+
+
+def trained_accuracy(steps: int = 60) -> dict:
+    """Argmax agreement with the fp32 model after the fp32 model has learned the bigram task."""
+    import peftc
+    model = build_model().train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        x = bigram_batch(8, 32, seed=step)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x = bigram_batch(16, 32, seed=10_000)
+    inputs = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+    out = {"train_steps": steps, "final_train_loss": round(float(loss.detach()), 4)}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        out["fp32_next_token_accuracy"] = round(float((ref[:, :-1].argmax(-1) == x[:, 1:]).float().mean()), 4)
+        for name in ("int8", "int4", "nf4"):
+            cm = peftc.compile(model, {"adapters": [LORA], "quantize": QUANT[name]}, example_kwargs=inputs)
+            logits = cm(**inputs).logits
+            out[name] = {"argmax_agreement": round(float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+                         "cosine": round(float(torch.nn.functional.cosine_similarity(
+                             logits.flatten().double(), ref.flatten().double(), dim=0)), 5)}
+            print(f"  trained {name:5s} {out[name]}", flush=True)
+    return out
+
+
 # -- in a child: process memory and training ------------------------------------------------
 def warm_imports() -> None:
     """Import (and run once) everything a child uses before its baseline RSS: then deltas are the model's."""
@@ -151,9 +189,47 @@ def train(module, x: dict, steps: int, base_rss: float) -> dict:
             "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+def step_timing(model_dir: str, rounds: int) -> dict:
+    """Training-step time, all five set-ups in this one process, alternated round by round; medians."""
+    import peft
+    import peftc
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    x = batch()
+    modules = {}
+    for name in ("fp32", "int8", "nf4"):
+        modules[f"peftc-{name}"] = peftc.compile(build_model(), {"adapters": [LORA], "quantize": QUANT[name]},
+                                                 example_kwargs=x)
+    lora = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["targets"], lora_dropout=0.0)
+    modules["hf-fp32"] = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                             llm_int8_skip_modules=["lm_head"])
+    modules["hf-bnb-nf4"] = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb, device_map="cpu", dtype=torch.float32), lora)
+    optimizers = {}
+    for name, module in modules.items():
+        module.train()
+        optimizers[name] = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name, module in modules.items():
+            t0 = time.perf_counter()
+            loss = module(**x).loss
+            optimizers[name].zero_grad()
+            loss.backward()
+            optimizers[name].step()
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["peftc-fp32"])
+    return {name: {"step_s_median": round(statistics.median(t), 4),
+                   "vs_peftc_fp32": round(statistics.median(t) / base, 3)} for name, t in times.items()}
+
+
 def run_child(kind: str, name: str, steps: int, model_dir: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, name, "--steps", str(steps), "--model-dir", model_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # A fixed mmap threshold: every large tensor is its own mapping, returned to the OS when freed,
+    # so peak RSS follows live tensors rather than glibc's heap growth.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -165,7 +241,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, default=None)
     parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--section", choices=("all", "trained", "train"), default="all")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.child:
@@ -174,11 +250,20 @@ def main() -> None:
         print(json.dumps(result))
         return
     results = {"config": CONFIG, "lora": LORA, "batch": [BATCH, SEQ], "torch": torch.__version__}
-    if not args.skip_accuracy:
+    if args.section in ("all", "trained"):
+        print("on a model that learned a task (full fine-tuning of the fp32 model first):", flush=True)
+        results["trained_accuracy"] = trained_accuracy()
+    if args.section == "trained":
+        _write(results, args.out)
+        return
+    if args.section == "all":
         print("accuracy and bytes (logits vs the fp32 base, random weights):", flush=True)
         results["accuracy"] = accuracy()
     with tempfile.TemporaryDirectory() as model_dir:
         build_model().save_pretrained(model_dir)
+        print("training-step time, alternated in one process:", flush=True)
+        results["step_time"] = step_timing(model_dir, rounds=args.steps)
+        print(f"  {results['step_time']}", flush=True)
         results["train"] = {}
         for kind, name in [("peftc", "fp32"), ("peftc", "int8"), ("peftc", "nf4"), ("hf", "hf-fp32"),
                            ("hf", "hf-bnb-nf4")]:
@@ -189,8 +274,12 @@ def main() -> None:
         results["bitsandbytes"] = bitsandbytes.__version__
     except ImportError as err:
         results["bitsandbytes"] = f"not importable: {err}"
-    if args.out:
-        with open(args.out, "w") as f:
+    _write(results, args.out)
+
+
+def _write(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
 
 
