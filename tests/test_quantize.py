@@ -180,6 +180,18 @@ def test_exclude_everything_is_a_no_op():
     assert cm.graph_module.get_parameter("fc1.weight") is model.fc1.weight
 
 
+def test_quantized_graph_re_exports():
+    """The custom op has a fake kernel: torch.export (hence ONNX exporters) sees one node per site."""
+    model = FAMILIES["mlp"].build()  # fc1 (16 inputs: one zero-padded group of 64) is quantized, fc2 is the head
+    cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["fc1"]}], "quantize": {"format": "nf4"}},
+                       example_inputs=(torch.randn(3, 16),))
+    x = torch.randn(5, 16)
+    program = torch.export.export(cm.graph_module, (x,), strict=False)
+    assert sum(n.target == quantized.OP for n in program.graph.nodes) == 1
+    assert "quantized.fc1.weight.codes" in program.state_dict
+    torch.testing.assert_close(program.module()(x), cm(x))
+
+
 def test_report_shows_packed_bytes(formats):
     _, _, compiled = formats
     for name, ratio in (("int8", 0.27), ("int4", 0.16), ("nf4", 0.16)):
