@@ -19,6 +19,7 @@ from peftc.sites import Site
 from peftc.targets import matches_any, select
 
 aten = torch.ops.aten
+DEFAULT_GROUP = 64
 STATE_KEY = "quantize_base"  # ctx.state[STATE_KEY]: the QuantizedWeight tree, shared by every graph
 
 
@@ -28,7 +29,7 @@ class QuantizeConfig:
 
     bits: int = field(default=4, metadata={"check": one_of(8, 4)})
     format: str = field(default="int", metadata={"check": one_of("int", "nf4")})
-    group_size: int = field(default=64, metadata={"check": positive_int})
+    group_size: int = field(default=DEFAULT_GROUP, metadata={"check": positive_int})
     double_quant: bool = field(default=False, metadata={"check": boolean})
     targets: tuple = field(default=(), metadata={"check": optional_pattern_list})  # () = every linear but the head
     exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
@@ -39,7 +40,7 @@ class QuantizeConfig:
         config = parse_dataclass(cls, value, path)
         if config.format == "nf4" and config.bits != 4:
             raise SpecError(f"{path}.bits: format 'nf4' is a 4-bit code book; expected 4, got {config.bits}")
-        if config.bits == 8 and "group_size" in value:
+        if config.bits == 8 and config.group_size != DEFAULT_GROUP:  # to_dict writes the default back: allowed
             raise SpecError(f"{path}.group_size: int8 uses one scale per output channel; "
                             "remove group_size or set bits to 4")
         if config.bits == 8 and config.double_quant:

@@ -53,13 +53,15 @@ def test_spec_round_trip_and_defaults():
     assert q.targets == () and q.format_name == "nf4"
     assert peftc.Spec.from_dict(spec.to_dict()) == spec
     assert spec.to_dict()["quantize"]["targets"] == []
+    int8 = peftc.Spec.from_dict({"adapters": [LORA_QV], "quantize": {"bits": 8, "exclude": ["o_proj"]}})
+    assert peftc.Spec.from_dict(int8.to_dict()) == int8  # what save_adapter writes to spec.json
 
 
 @pytest.mark.parametrize("section, field", [
     ({"bits": 8, "format": "nf4"}, "quantize.bits"),
     ({"bits": 3}, "quantize.bits"),
     ({"format": "fp4"}, "quantize.format"),
-    ({"bits": 8, "group_size": 64}, "quantize.group_size"),
+    ({"bits": 8, "group_size": 32}, "quantize.group_size"),
     ({"bits": 8, "double_quant": True}, "quantize.double_quant"),
     ({"group_size": 0}, "quantize.group_size"),
     ({"group_size": 33}, "quantize.group_size"),
