@@ -359,3 +359,44 @@ def test_requantizing_a_small_adapter_erases_it(merge_pair):
     for site in report["sites"].values():
         assert site["codes_changed"] < 0.10, site
     assert report["lost"] > 0.5, report
+
+
+# -- ONNX ------------------------------------------------------------------------------------
+class TwoLayer(torch.nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(128, hidden)
+        self.fc2 = torch.nn.Linear(hidden, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("section", [
+    {"bits": 8},
+    {"bits": 4, "group_size": 64, "double_quant": True},  # fc2 has 96 inputs: a ragged second block
+    {"format": "nf4", "group_size": 32},
+])
+def test_onnx_export_keeps_the_base_packed(tmp_path, section):
+    """int8 -> DequantizeLinear, int4 -> MatMulNBits, nf4 -> MatMulBnb4; ONNX Runtime matches peftc."""
+    import onnx
+    import onnxruntime as ort
+
+    from peftc.codegen.onnx.quantized_linear import export
+
+    hidden = 96
+    model = TwoLayer(hidden)
+    spec = {"adapters": [{"method": "lora", "targets": ["fc1"], "r": 4}],  # A, B: 512 and 4·hidden floats
+            "quantize": {**section, "targets": ["fc1", "fc2"]}}
+    cm = peftc.compile(model, spec, example_inputs=(torch.randn(3, 128),))
+    randomize_adapters(cm)
+    x = torch.randn(5, 128)
+    export(cm.graph_module, (x,), str(tmp_path / "q.onnx"))
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    float_sizes = [int(torch.tensor(i.dims).prod()) for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert 128 * hidden not in float_sizes and hidden * 8 not in float_sizes  # no fp32 copy of either weight
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), cm(x), atol=1e-4, rtol=1e-4)
