@@ -117,6 +117,30 @@ def trained_accuracy(steps: int = 60) -> dict:
     return out
 
 
+@torch.no_grad()
+def onnx_sizes(directory: str) -> dict:
+    """ONNX file size with the base packed (MatMulNBits / MatMulBnb4 / DequantizeLinear) and ORT's error."""
+    import onnxruntime as ort
+    import peftc
+    from peftc.codegen.onnx.quantized_linear import export
+    model = build_model()
+    x = batch()
+    del x["labels"]
+    out = {}
+    for name in ("fp32", "int8", "int4", "nf4"):
+        cm = peftc.compile(model, {"adapters": [LORA], "quantize": QUANT[name]}, example_kwargs=x)
+        cm.eval()
+        path = os.path.join(directory, f"{name}.onnx")
+        export(cm.graph_module, (), path, kwargs={**x, "use_cache": False})
+        session = ort.InferenceSession(path)
+        feeds = {i.name: x[i.name].numpy() for i in session.get_inputs()}
+        got = torch.from_numpy(session.run(None, feeds)[0])
+        out[name] = {"file_mb": round(os.path.getsize(path) / 2**20, 2),
+                     "ort_max_abs_diff": float((got - cm(**x).logits).abs().max())}
+        print(f"  onnx {name:5s} {out[name]}", flush=True)
+    return out
+
+
 # -- in a child: process memory and training ------------------------------------------------
 def warm_imports() -> None:
     """Import (and run once) everything a child uses before its baseline RSS: then deltas are the model's."""
@@ -241,7 +265,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, default=None)
     parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--section", choices=("all", "trained", "train"), default="all")
+    parser.add_argument("--section", choices=("all", "trained", "train", "onnx"), default="all")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.child:
@@ -250,6 +274,13 @@ def main() -> None:
         print(json.dumps(result))
         return
     results = {"config": CONFIG, "lora": LORA, "batch": [BATCH, SEQ], "torch": torch.__version__}
+    if args.section in ("all", "onnx"):
+        print("ONNX export with the base packed:", flush=True)
+        with tempfile.TemporaryDirectory() as directory:
+            results["onnx"] = onnx_sizes(directory)
+        if args.section == "onnx":
+            _write(results, args.out)
+            return
     if args.section in ("all", "trained"):
         print("on a model that learned a task (full fine-tuning of the fp32 model first):", flush=True)
         results["trained_accuracy"] = trained_accuracy()

@@ -377,6 +377,7 @@ class TwoLayer(torch.nn.Module):
     {"bits": 8},
     {"bits": 4, "group_size": 64, "double_quant": True},  # fc2 has 96 inputs: a ragged second block
     {"format": "nf4", "group_size": 32},
+    {"format": "nf4", "group_size": 64},  # fc2's 96 inputs: a ragged group, dequantized in the graph
 ])
 def test_onnx_export_keeps_the_base_packed(tmp_path, section):
     """int8 -> DequantizeLinear, int4 -> MatMulNBits, nf4 -> MatMulBnb4; ONNX Runtime matches peftc."""

@@ -6,7 +6,8 @@
   ([N, blocks, group/2], low nibble first); zero points go in as floats, one per block.
 - nf4  -> com.microsoft.MatMulBnb4 (quant_type 1 = NF4): the same code book, so no error is
   added; bitsandbytes packs the first code in the high nibble, so the bytes are swapped in-graph.
-  Needs in_features to be a multiple of the group size (its blocks run over the flattened weight).
+  Its blocks run over the flattened weight, so a ragged last group (in_features not a multiple of
+  the group) cannot use it: such a site dequantizes in the graph (codes still 4-bit in the file).
 - int8 -> DequantizeLinear (per output channel) + MatMul.
 
 Double-quantized scales are expanded to f32 in the graph (a few ops on the small scale tensors).
@@ -42,10 +43,9 @@ def quantized_linear(x, qdata, bias, fmt, out_features, in_features, group_size,
         zero_points = op.Reshape(op.Cast(qdata[1], to=1), op.Constant(value_ints=[-1]))
         out = onnxscript.values.Op(contrib, "MatMulNBits")(
             x, codes, scales, zero_points, K=in_features, N=out_features, bits=4, block_size=group_size)
+    elif fmt == "nf4" and in_features % group_size:
+        out = op.MatMul(x, op.Transpose(_nf4_weight(op, qdata, out_features, in_features, group_size), perm=[1, 0]))
     elif fmt == "nf4":
-        if in_features % group_size:
-            raise NotImplementedError(f"nf4 ONNX export needs in_features ({in_features}) to be a multiple of "
-                                      f"the group size ({group_size})")
         low, high = op.BitwiseAnd(qdata[0], op.Constant(value=_u8(15))), op.BitShift(
             qdata[0], op.Constant(value=_u8(4)), direction="RIGHT")
         swapped = op.BitwiseOr(op.BitShift(low, op.Constant(value=_u8(4)), direction="LEFT"), high)
@@ -56,6 +56,22 @@ def quantized_linear(x, qdata, bias, fmt, out_features, in_features, group_size,
     else:
         raise NotImplementedError(f"no ONNX lowering for quantized format {fmt!r}")
     return out if bias is None else op.Add(out, bias)
+
+
+def _nf4_weight(op, qdata, out_features: int, in_features: int, group_size: int):
+    """A ragged last group does not fit MatMulBnb4's flat blocks: dequantize in the graph instead
+    (the file still holds the 4-bit codes; ONNX Runtime builds the f32 weight when it runs)."""
+    blocks = -(-in_features // group_size)
+    low = op.BitwiseAnd(qdata[0], op.Constant(value=_u8(15)))
+    high = op.BitShift(qdata[0], op.Constant(value=_u8(4)), direction="RIGHT")
+    codes = op.Reshape(op.Concat(op.Unsqueeze(low, op.Constant(value_ints=[2])),
+                                 op.Unsqueeze(high, op.Constant(value_ints=[2])), axis=2),
+                       op.Constant(value_ints=[out_features, blocks, group_size]))
+    values = op.Gather(op.Constant(value_floats=list(quant.NF4_CODE)), op.Cast(codes, to=7))
+    absmax = op.Reshape(_scales(op, qdata[1:], out_features * blocks), op.Constant(value_ints=[out_features, blocks, 1]))
+    weight = op.Reshape(op.Mul(values, absmax), op.Constant(value_ints=[out_features, blocks * group_size]))
+    return op.Slice(weight, op.Constant(value_ints=[0]), op.Constant(value_ints=[in_features]),
+                    op.Constant(value_ints=[1]))
 
 
 def _scales(op, tensors, count: int):
@@ -102,6 +118,9 @@ def _register_contrib_schemas() -> None:
 
 def export(gm: torch.fx.GraphModule, args: tuple, path: str, kwargs: dict | None = None):
     """Export a graph with quantized sites to ONNX, weights still packed."""
-    program = torch.onnx.export(gm, args, kwargs=kwargs, dynamo=True, custom_translation_table=translation_table())
+    # optimize=False: the exporter's constant folding would turn in-graph dequantization back into
+    # f32 initializers (ONNX Runtime folds at session start, in memory; the file stays packed).
+    program = torch.onnx.export(gm, args, kwargs=kwargs, dynamo=True, custom_translation_table=translation_table(),
+                                optimize=False)
     program.save(path)
     return program
