@@ -42,4 +42,4 @@ def site_inserter(gm: GraphModule, node: Node, site: Site, ctx: PassContext, pas
     """An Inserter after `node` whose nodes are tagged with this pass, method, site, slot and entry."""
     tag = {"pass": pass_name, "method": ctx.entry.method, "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
-    return Inserter(gm, node, tag, meta_cache=ctx.state.setdefault("meta_cache", {}))
+    return Inserter(gm, node, tag, meta_cache=ctx.graph_cache.setdefault("meta_cache", {}))

@@ -33,29 +33,45 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     args, kwargs = example_call(model, example_inputs, example_kwargs)
     saved = _user_state(model)
     adapter_root = nn.Module()
+    shared: dict = {}  # what passes hand to the same pass on other graphs (quantize_base's packed weights)
     try:
         gm, records, sites = build_graph(model, spec, adapter_root, args, kwargs, dynamic_shapes,
                                          dump_dir=Path(dump_dir) if dump_dir is not None else None,
-                                         backend=backend)
+                                         backend=backend, state=shared)
     except BaseException:
         _restore(model, saved)
         raise
+    source = _recapture_source(model, gm, shared)
 
     def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
-        return build_graph(model, spec, adapter_root, call_args, call_kwargs, backend=backend)[0]
+        return build_graph(source, spec, adapter_root, call_args, call_kwargs, backend=backend, state=shared)[0]
 
-    def merge_build() -> GraphDispatch:
-        state: dict = {}
+    def merge_build(**options) -> GraphDispatch:
+        state: dict = {**shared, "merge_options": options}
 
         def build_merged(call_args: tuple, call_kwargs: dict) -> GraphModule:
-            return build_graph(model, spec, adapter_root, call_args, call_kwargs, merge=True, state=state)[0]
+            return build_graph(source, spec, adapter_root, call_args, call_kwargs, merge=True, state=state)[0]
 
-        return GraphDispatch(model, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged,
-                             training=cm.training)
+        merged = GraphDispatch(source, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged,
+                               training=cm.training)
+        if "requantization" in state:
+            merged.requantization = state["requantization"]
+        return merged
 
-    cm = CompiledModel(model, gm, CallSignature.of(args, kwargs), build, training=saved["training"], spec=spec,
+    cm = CompiledModel(source, gm, CallSignature.of(args, kwargs), build, training=saved["training"], spec=spec,
                        records=records, sites=sites, adapter_root=adapter_root, merge_build=merge_build)
     return cm
+
+
+def _recapture_source(model: nn.Module, gm: GraphModule, shared: dict) -> nn.Module:
+    """The model later graphs are captured from: the user's, minus the weights quantize_base packed away."""
+    from peftc.passes.quantize_base import STATE_KEY
+    from .quantized import quantized_weights, without_quantized_weights
+
+    if STATE_KEY not in shared:
+        return model
+    kept = dict(gm.named_parameters(remove_duplicate=False))
+    return without_quantized_weights(model, [p for p in quantized_weights(shared[STATE_KEY]) if p not in kept])
 
 
 def as_spec(spec: Any) -> Spec:
@@ -85,8 +101,13 @@ def plan(spec: Spec, merge: bool, backend: str = "torch") -> list[Step]:
     from peftc.passes.freeze_params import freeze_params
     from peftc.passes.merge_adapters import merge_adapters
 
-    steps = [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
-             for i, entry in enumerate(spec.adapters)]
+    steps = []
+    if spec.quantize is not None:  # first: adapters then see the quantized base
+        from peftc.passes.quantize_base import quantize_base
+
+        steps.append(Step("quantize_base", quantize_base))
+    steps += [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
+              for i, entry in enumerate(spec.adapters)]
     steps.append(Step("freeze_params", freeze_params))
     if merge:
         steps.append(Step("merge_adapters", merge_adapters))

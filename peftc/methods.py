@@ -17,6 +17,7 @@ from peftc.passes.insert_lokr import LokrConfig, fold_lokr, insert_lokr
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
 from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
 from peftc.passes.insert_vera import VeraConfig, fold_vera, insert_vera
+from peftc.passes.quantize_base import QuantizeConfig
 
 
 @dataclass(frozen=True)
@@ -55,4 +56,4 @@ METHODS: dict[str, Method] = {
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.
-QUANTIZE_CONFIG: Any = None
+QUANTIZE_CONFIG: Any = QuantizeConfig
