@@ -7,7 +7,6 @@ the quantized files are made from the fp32 export with quantize_onnx.
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 
 import numpy as np
