@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from peftc import adapters
-from peftc.fields import optional_pattern_list, pattern_list, positive_int, positive_number, probability
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
 from ._conflicts import check_one_rewrite_per_weight
+from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._weight_ops import add_delta_op, flip_layout, maybe_dropout, out_in_shape
@@ -23,19 +23,10 @@ aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
-class LohaConfig:
+class LohaConfig(LowRankConfig):
     """LoHa (FedPara, Hyeon-Woo et al., 2022) as HF PEFT's LoHa; `dropout` drops the op's input."""
 
     method = "loha"
-    targets: tuple = field(metadata={"check": pattern_list})
-    r: int = field(default=8, metadata={"check": positive_int})
-    alpha: float = field(default=8, metadata={"check": positive_number})
-    dropout: float = field(default=0.0, metadata={"check": probability})
-    exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
 
 class LohaWeights(nn.Module):
