@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from peftc.passes.insert_adapter import AdapterConfig, insert_adapter
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
 
 
@@ -30,6 +31,8 @@ def fold_lora(module: LoraWeights, site, weight):
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "reparameterized", LoraConfig, insert_lora, fold_lora,
                    "W x + s·B(A x) on linear, conv and embedding ops"),
+    "adapter": Method("adapter", "additive", AdapterConfig, insert_adapter, None,
+                      "y + s·up(act(down(h))) on linear ops; h = y (serial) or x (parallel)"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.

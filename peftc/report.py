@@ -16,6 +16,7 @@ class Report:
     passes: list[dict] = field(default_factory=list)
     sites: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
+    methods: list[dict] = field(default_factory=list)  # one row per spec entry: sites, params, merge
 
     @classmethod
     def build(cls, cm) -> "Report":
@@ -32,19 +33,16 @@ class Report:
             if record.method is None:
                 continue
             for path in record.sites:
-                site = sites_by_path[path]
-                row = per_site.setdefault(path, {
-                    "path": path, "op": site.op, "kind": site.kind, "in_features": site.in_features,
-                    "out_features": site.out_features, "methods": [], "adapter_params": 0})
+                row = per_site.setdefault(path, _site_row(path, sites_by_path.get(path)))
                 row["methods"].append(record.method)
             for name, numel in record.params_added.items():
                 path = _site_of(name, per_site)
                 if path is not None:
                     per_site[path]["adapter_params"] += numel
-        return cls(passes=passes, sites=list(per_site.values()), totals=_totals(cm))
+        return cls(passes=passes, sites=list(per_site.values()), totals=_totals(cm), methods=_method_rows(cm))
 
     def to_dict(self) -> dict:
-        return {"passes": self.passes, "sites": self.sites, "totals": self.totals}
+        return {"passes": self.passes, "sites": self.sites, "totals": self.totals, "methods": self.methods}
 
     def __str__(self) -> str:
         t = self.totals
@@ -60,12 +58,44 @@ class Report:
             "",
             _table(["sites", "op", "in -> out", "methods", "params each"], _grouped_site_rows(self.sites)),
         ]
+        if self.methods:
+            lines += ["", _table(["entry", "method", "family", "sites", "params", "on merge"],
+                                 [[m["entry"], m["method"], m["family"], _site_labels(m["sites"]), f"{m['params']:,}",
+                                   m["merge"]] for m in self.methods])]
         notes = [n for p in self.passes for n in p["notes"]]
         if notes:
             lines += [""] + [f"note: {n}" for n in notes]
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _site_row(path: str, site) -> dict:
+    """A site row; attention-level methods (prefix) touch paths that are not weight sites."""
+    if site is None:
+        return {"path": path, "op": "attention", "kind": "attention", "in_features": None,
+                "out_features": None, "methods": [], "adapter_params": 0}
+    return {"path": path, "op": site.op, "kind": site.kind, "in_features": site.in_features,
+            "out_features": site.out_features, "methods": [], "adapter_params": 0}
+
+
+def _site_labels(paths: list[str]) -> str:
+    return ", ".join(label for label, _ in group_paths(paths)) or "-"
+
+
+def _method_rows(cm) -> list[dict]:
+    """Per spec entry: every site it touched, the parameters it added, and what merged() does with it."""
+    from .methods import METHODS
+
+    rows = []
+    for record in cm.records:
+        if record.method is None or record.entry_index is None:
+            continue
+        method = METHODS[record.method]
+        rows.append({"entry": record.entry_index, "method": record.method, "family": method.family,
+                     "sites": list(record.sites), "params": sum(record.params_added.values()),
+                     "merge": "folded into weights" if method.fold is not None else "kept as graph ops"})
+    return rows
 
 
 def _site_of(param_name: str, per_site: dict) -> str | None:
@@ -135,7 +165,8 @@ def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:
     for sig, paths in signature_groups.items():
         for label, members in group_paths(paths):
             s = by_path[members[0]]
-            rows.append([label, s["op"], f"{s['in_features']} -> {s['out_features']}", "+".join(s["methods"]),
+            shape = "-" if s["in_features"] is None else f"{s['in_features']} -> {s['out_features']}"
+            rows.append([label, s["op"], shape, "+".join(s["methods"]),
                          f"{s['adapter_params']:,}"])
     return rows
 
