@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from peftc.passes.insert_adapter import AdapterConfig, insert_adapter
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
+from peftc.passes.insert_prompt import PromptConfig, insert_prompt
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ METHODS: dict[str, Method] = {
                    "W x + s·B(A x) on linear, conv and embedding ops"),
     "adapter": Method("adapter", "additive", AdapterConfig, insert_adapter, None,
                       "y + s·up(act(down(h))) on linear ops; h = y (serial) or x (parallel)"),
+    "prompt": Method("prompt", "additive", PromptConfig, insert_prompt, None,
+                     "N learned virtual tokens prepended at the token embedding output"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.
