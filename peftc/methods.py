@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from peftc.passes.insert_adapter import AdapterConfig, insert_adapter
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
+from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
 
 
@@ -36,6 +37,8 @@ METHODS: dict[str, Method] = {
                       "y + s·up(act(down(h))) on linear ops; h = y (serial) or x (parallel)"),
     "prompt": Method("prompt", "additive", PromptConfig, insert_prompt, None,
                      "N learned virtual tokens prepended at the token embedding output"),
+    "prefix": Method("prefix", "additive", PrefixConfig, insert_prefix, None,
+                     "N learned keys/values prepended at every scaled_dot_product_attention"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.
