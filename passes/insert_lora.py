@@ -32,6 +32,7 @@ class LoraConfig:
     rslora: bool = field(default=False, metadata={"check": boolean})
     init: str = field(default="default", metadata={"check": one_of("default", "gaussian")})
     exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
+    gate: bool = field(default=False, metadata={"check": boolean})  # UniPELT: update * sigmoid(w·x + b)
 
     @property
     def scale(self) -> float:
@@ -56,6 +57,10 @@ class LoraWeights(nn.Module):
         self.B = nn.Parameter(torch.empty(b_shape, **factory))
         self.scale = config.scale
         self.kind = site.kind
+        if config.gate:  # input-dependent, so a gated update cannot be folded into W
+            self.gate = nn.Parameter(torch.zeros(1, site.in_features, **factory))
+            self.gate_bias = nn.Parameter(torch.zeros(1, **factory))
+            self.foldable = False
         self.reset_parameters(config.init)
 
     @torch.no_grad()
@@ -86,7 +91,7 @@ class LoraWeights(nn.Module):
 def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add s * B(A(dropout(x))) to the output of every targeted linear, conv or embedding op."""
     config: LoraConfig = ctx.entry
-    sites = select_sites(ctx, config, kinds=("linear", "conv", "embedding"))
+    sites = select_sites(ctx, config, kinds=("linear",) if config.gate else ("linear", "conv", "embedding"))
     nodes = {n.name: n for n in gm.graph.nodes}
     result = PassResult(modified=False)
     for site in sites:
@@ -123,6 +128,10 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
         else:
             delta = ins.call(aten.linear.default, ins.call(aten.linear.default, x, a), b)
     scaled = ins.call(aten.mul.Tensor, delta, config.scale)
+    if config.gate:
+        w, bias = (ins.get_attr(adapters.target(site.path, ctx.slot, n)) for n in ("gate", "gate_bias"))
+        gate = ins.call(aten.linear.default, node.args[site.input_index], w, bias)
+        scaled = ins.call(aten.mul.Tensor, scaled, ins.call(aten.sigmoid.default, gate))
     out = ins.call(aten.add.Tensor, node, scaled)
     out.meta["peftc"]["role"] = "output"
     redirect_users(users, node, out)

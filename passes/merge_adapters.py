@@ -28,13 +28,13 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     for group in _adapter_groups(gm):
         tag = provenance(group[0])
         method = METHODS[tag["method"]]
-        if method.fold is None:
+        module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
+        if method.fold is None or not getattr(module, "foldable", True):
             kept.append(f"{tag['method']} at {tag['site']}")
             continue
         site = sites[tag["site"]]
         _refuse_shared_weight(gm, site)
         if precomputed is None:
-            module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
             base = merged.get(site.param, gm.get_parameter(site.param))
             with torch.no_grad():
                 merged[site.param] = method.fold(module, site, base).detach()

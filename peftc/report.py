@@ -92,9 +92,10 @@ def _method_rows(cm) -> list[dict]:
         if record.method is None or record.entry_index is None:
             continue
         method = METHODS[record.method]
+        folds = method.fold is not None and not getattr(cm.spec.adapters[record.entry_index], "gate", False)
         rows.append({"entry": record.entry_index, "method": record.method, "family": method.family,
                      "sites": list(record.sites), "params": sum(record.params_added.values()),
-                     "merge": "folded into weights" if method.fold is not None else "kept as graph ops"})
+                     "merge": "folded into weights" if folds else "kept as graph ops"})
     return rows
 
 
