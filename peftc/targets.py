@@ -45,7 +45,9 @@ def nearest_hint(pattern: str, paths: list[str]) -> str:
     if not paths:
         return "the model has none that this entry can act on"
     key = pattern[3:] if pattern.startswith("re:") else pattern
-    by_leaf = {p.rsplit(".", 1)[-1]: p for p in paths}
+    by_leaf: dict[str, str] = {}
+    for p in paths:
+        by_leaf.setdefault(p.rsplit(".", 1)[-1], p)  # the first layer's path stands for its leaf
     near = difflib.get_close_matches(key, list(by_leaf), n=3, cutoff=0.5)
     near_paths = [by_leaf[n] for n in near]
     near_paths += [p for p in difflib.get_close_matches(key, paths, n=3, cutoff=0.3) if p not in near_paths]
