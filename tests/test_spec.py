@@ -15,7 +15,7 @@ def test_round_trip_is_exact():
     d = spec.to_dict()
     assert Spec.from_dict(d) == spec
     assert Spec.from_dict(d).to_dict() == d
-    assert d["adapters"][0] == {**LORA, "rslora": False, "init": "default", "exclude": []}
+    assert d["adapters"][0] == {**LORA, "rslora": False, "init": "default", "exclude": [], "gate": False}
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
