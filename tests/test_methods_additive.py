@@ -113,25 +113,36 @@ def test_adapter_matches_eager_reference(family_name, serial, parallel):
 
 
 # -- prompt tuning: parity with HF PEFT --------------------------------------------------------
-@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+PROMPT_SITE = {"llama": "model.embed_tokens", "gpt2": "transformer.wte", "bert": "bert.embeddings.word_embeddings"}
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2", "bert"])
 def test_prompt_matches_peft(family_name):
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     family = FAMILIES[family_name]
-    model, cm = compile_family(family, {"adapters": [{"method": "prompt", "num_tokens": N}]})
+    x = padded_inputs(family)
+    if family_name == "bert":  # classification: [b] labels stay as they are; token types gain N zeros
+        task, x["labels"] = TaskType.SEQ_CLS, torch.tensor([0, 2])
+        x["token_type_ids"] = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
+    else:  # causal LM: [b, S] labels gain N ignored (-100) positions
+        task, x["labels"] = TaskType.CAUSAL_LM, x["input_ids"].clone()
+    model, cm = compile_family(family, {"adapters": [{"method": "prompt", "num_tokens": N}]}, example_kwargs=x)
     randomize_adapters(cm)
     (prompt,) = cm.adapter_state_dict().values()
-    ref = get_peft_model(family.build(), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N))
+    ref = get_peft_model(family.build(), PromptTuningConfig(task_type=task, num_virtual_tokens=N))
     with torch.no_grad():
         ref.prompt_encoder.default.embedding.weight.copy_(prompt)
     ref.eval()
-    x = padded_inputs(family)
     with torch.no_grad():
-        got, expected = logits(cm(**x)), logits(ref(**x))
-    assert got.shape == (2, 5 + N, 128)  # the virtual positions are in the output, as in HF PEFT
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert prompt.numel() == sum(p.numel() for p in ref.parameters() if p.requires_grad)
-    assert cm.records[0].sites == ({"llama": "model.embed_tokens", "gpt2": "transformer.wte"}[family_name],)
+        got, expected = cm(**x), ref(**x)
+    if family_name != "bert":
+        assert got.logits.shape == (2, 5 + N, 128)  # the virtual positions are in the output, as in HF PEFT
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    # peft also trains BERT's classifier head (modules_to_save); the prompt counts are the same
+    assert prompt.numel() == sum(p.numel() for p in ref.prompt_encoder.parameters() if p.requires_grad)
+    assert cm.records[0].sites == (PROMPT_SITE[family_name],)
 
 
 # -- prefix tuning: parity with HF PEFT --------------------------------------------------------
