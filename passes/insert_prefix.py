@@ -18,6 +18,7 @@ from peftc.sites import module_path_of
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False}
 POSITION_OPS = (aten.cos.default, aten.sin.default, aten.embedding.default)
 
 
@@ -184,7 +185,7 @@ def _set_arg(node: Node, index: int, value) -> None:
         node.kwargs = {**node.kwargs, name: value}
         return
     args = list(node.args)
-    while len(args) <= index:
-        args.append((None, 0.0, False)[len(args) - 3])
+    while len(args) <= index:  # fill the positional gap with sdpa's defaults
+        args.append(SDPA_DEFAULTS[SDPA_ARGS[len(args)]])
     args[index] = value
     node.args = tuple(args)

@@ -85,8 +85,10 @@ def prefixed_sdpa(prefixes):
     ("gpt2", "c_proj", "c_fc"),  # Conv1D sites: addmm with an [in, out] weight
 ])
 def test_adapter_matches_eager_reference(family_name, serial, parallel):
+    """LoRA then a serial adapter on one site (the adapter sees the LoRA-updated output), a parallel one elsewhere."""
     family = FAMILIES[family_name]
     spec = {"adapters": [
+        {"method": "lora", "targets": [serial], "exclude": ["*.mlp.c_proj"], "r": 2, "alpha": 4},
         {"method": "adapter", "targets": [serial], "exclude": ["*.mlp.c_proj"], "bottleneck": 4,
          "activation": "gelu", "scale": 0.5},
         {"method": "adapter", "targets": [parallel], "placement": "parallel", "bottleneck": 5,
@@ -95,21 +97,34 @@ def test_adapter_matches_eager_reference(family_name, serial, parallel):
     model, cm = compile_family(family, spec)
     x = padded_inputs(family)
     with torch.no_grad():
-        torch.testing.assert_close(logits(cm(**x)), logits(model(**x)), rtol=0, atol=0)  # up = 0: identity
+        torch.testing.assert_close(logits(cm(**x)), logits(model(**x)), rtol=0, atol=0)  # B = up = 0: identity
     randomize_adapters(cm)
-    serial_sites = cm.records[0].sites
-    parallel_sites = cm.records[1].sites
-    updates = {p: (lambda h, y, w=weights_of(cm, p, "adapter0"): y + adapter_update(y, w, "gelu", 0.5))
-               for p in serial_sites}
-    updates.update({p: (lambda h, y, w=weights_of(cm, p, "adapter1"): y + adapter_update(h, w, "silu", 2.0))
+    lora_sites, serial_sites, parallel_sites = (r.sites for r in cm.records[:3])
+    assert lora_sites == serial_sites
+
+    def lora_then_adapter(x, y, site):
+        lora = weights_of(cm, site, "lora")
+        if family_name == "gpt2":  # Conv1D: peftc's A/B are [r, in] / [out, r] as for nn.Linear
+            x = x.reshape(-1, x.shape[-1])
+        y = y + lora_update(x, lora, 2.0).view_as(y)
+        return y + adapter_update(y, weights_of(cm, site, "adapter1"), "gelu", 0.5)
+
+    updates = {p: (lambda x, y, p=p: lora_then_adapter(x, y, p)) for p in serial_sites}
+    updates.update({p: (lambda h, y, w=weights_of(cm, p, "adapter2"): y + adapter_update(h, w, "silu", 2.0))
                     for p in parallel_sites})
     with torch.no_grad(), hooks(model, updates):
         expected = logits(model(**x))
+    with torch.no_grad():
         got = logits(cm(**x))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # two linears per adapter (down, up), one add into the site's output
     linears = [n for n in adapter_nodes(cm.graph_module, "adapter") if n.target == torch.ops.aten.linear.default]
     assert len(linears) == 2 * (len(serial_sites) + len(parallel_sites))
+    if family_name == "llama":  # merged(): LoRA folds under the adapter, which stays as graph ops
+        merged = cm.merged()
+        assert not adapter_nodes(merged.graph_module, "lora")
+        with torch.no_grad():
+            torch.testing.assert_close(logits(merged(**x)), got, rtol=1e-5, atol=1e-5)
 
 
 # -- prompt tuning: parity with HF PEFT --------------------------------------------------------
