@@ -10,10 +10,12 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc import adapters
-from peftc.fields import boolean, one_of, optional_pattern_list, pattern_list, positive_int, positive_number, probability
+from peftc.fields import (boolean, one_of, optional_pattern_list, pattern_list, pattern_map, positive_int,
+                          positive_number, probability)
 from peftc.graph_edit import Inserter, redirect_users
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
+from peftc.targets import matches
 
 from ._site_selection import select_sites
 
@@ -33,10 +35,31 @@ class LoraConfig:
     init: str = field(default="default", metadata={"check": one_of("default", "gaussian")})
     exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
     gate: bool = field(default=False, metadata={"check": boolean})  # UniPELT: update * sigmoid(w·x + b)
+    # Per-site overrides, {target pattern: value}; the first pattern matching a site wins.
+    rank_pattern: dict = field(default_factory=dict, metadata={"check": pattern_map(positive_int)})
+    alpha_pattern: dict = field(default_factory=dict, metadata={"check": pattern_map(positive_number)})
+
+    def __hash__(self) -> int:  # the pattern dicts would make the generated hash fail; specs stay hashable
+        return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v for v in vars(self).values()))
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def r_at(self, path: str) -> int:
+        return _first_match(self.rank_pattern, path, self.r)
+
+    def alpha_at(self, path: str) -> float:
+        return _first_match(self.alpha_pattern, path, self.alpha)
+
+    def scale_at(self, path: str) -> float:
+        """The scale at one site, after rank_pattern / alpha_pattern."""
+        r = self.r_at(path)
+        return self.alpha_at(path) / (math.sqrt(r) if self.rslora else r)
+
+
+def _first_match(patterns: dict, path: str, default):
+    return next((value for pattern, value in patterns.items() if matches(pattern, path)), default)
 
 
 class LoraWeights(nn.Module):
@@ -44,7 +67,7 @@ class LoraWeights(nn.Module):
 
     def __init__(self, site: Site, weight: torch.Tensor, config: LoraConfig):
         super().__init__()
-        r = config.r
+        r = config.r_at(site.path)
         factory = dict(device=weight.device, dtype=weight.dtype)
         if site.kind == "conv":
             kernel = tuple(weight.shape[2:])
@@ -55,7 +78,7 @@ class LoraWeights(nn.Module):
             a_shape, b_shape = (r, site.in_features), (site.out_features, r)
         self.A = nn.Parameter(torch.empty(a_shape, **factory))
         self.B = nn.Parameter(torch.empty(b_shape, **factory))
-        self.scale = config.scale
+        self.scale = config.scale_at(site.path)
         self.kind = site.kind
         if config.gate:  # input-dependent, so a gated update cannot be folded into W
             self.gate = nn.Parameter(torch.zeros(1, site.in_features, **factory))
@@ -111,7 +134,7 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
     users = list(node.users)
     tag = {"pass": "insert_lora", "method": "lora", "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
-    ins = Inserter(gm, node, tag)
+    ins = Inserter(gm, node, tag, meta_cache=ctx.state.setdefault("meta_cache", {}))
     a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))
     b = ins.get_attr(adapters.target(site.path, ctx.slot, "B"))
     x = node.args[site.input_index]
@@ -127,12 +150,13 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
             delta = ins.call(aten.convolution.default, hidden, b, None, [1], [0], [1], False, [0], 1)
         else:
             delta = ins.call(aten.linear.default, ins.call(aten.linear.default, x, a), b)
-    scaled = ins.call(aten.mul.Tensor, delta, config.scale)
     if config.gate:
         w, bias = (ins.get_attr(adapters.target(site.path, ctx.slot, n)) for n in ("gate", "gate_bias"))
         gate = ins.call(aten.linear.default, node.args[site.input_index], w, bias)
-        scaled = ins.call(aten.mul.Tensor, scaled, ins.call(aten.sigmoid.default, gate))
-    out = ins.call(aten.add.Tensor, node, scaled)
+        delta = ins.call(aten.mul.Tensor, delta, ins.call(aten.sigmoid.default, gate))
+    # add(y, delta, alpha=s) scales and adds in one pass over the output, where
+    # HF PEFT's y + delta * s makes two; the numbers agree to float rounding.
+    out = ins.call(aten.add.Tensor, node, delta, alpha=config.scale_at(site.path))
     out.meta["peftc"]["role"] = "output"
     redirect_users(users, node, out)
 

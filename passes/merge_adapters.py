@@ -28,13 +28,13 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     for group in _adapter_groups(gm):
         tag = provenance(group[0])
         method = METHODS[tag["method"]]
-        module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
-        if method.fold is None or not getattr(module, "foldable", True):
+        if method.fold is None or not _foldable(gm, tag):
             kept.append(f"{tag['method']} at {tag['site']}")
             continue
         site = sites[tag["site"]]
         _refuse_shared_weight(gm, site)
         if precomputed is None:
+            module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
             base = merged.get(site.param, gm.get_parameter(site.param))
             with torch.no_grad():
                 merged[site.param] = method.fold(module, site, base).detach()
@@ -50,6 +50,12 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     _drop_adapter_tree_if_unused(gm)
     result.notes = [f"kept as graph ops (not mergeable): {k}" for k in kept]
     return result
+
+
+def _foldable(gm: GraphModule, tag: dict) -> bool:
+    """False for an adapter whose update depends on the input (a gated LoRA), though its method folds."""
+    module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
+    return getattr(module, "foldable", True)
 
 
 def _adapter_groups(gm: GraphModule) -> list[list[Node]]:

@@ -23,8 +23,12 @@ FORMAT_VERSION = "1"
 
 
 def save_adapter(cm, directory, format: str = "peftc") -> Path:
+    if format == "peft":
+        from .interop.save_peft import save_peft
+
+        return save_peft(cm, directory)
     if format != "peftc":
-        raise ValueError(f"save_adapter: format expected 'peftc', got {format!r}")
+        raise ValueError(f"save_adapter: format expected 'peftc' or 'peft', got {format!r}")
     from safetensors.torch import save_file
 
     directory = Path(directory)

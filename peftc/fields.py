@@ -146,3 +146,22 @@ def dataclass_to_dict(obj: Any) -> dict:
         value = getattr(obj, field.name)
         out[field.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def pattern_map(value_check: Check) -> Check:
+    """A mapping from target patterns to values (per-site overrides such as LoRA's rank_pattern)."""
+
+    def check(value: Any, path: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise fail(path, "a mapping from module patterns to values", value)
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not key.strip():
+                raise fail(f"{path} key", "a non-empty string", key)
+            _check_regex(key, f"{path}[{key!r}]")
+            out[key] = value_check(item, f"{path}[{key!r}]")
+        return out
+
+    return check

@@ -27,8 +27,12 @@ def fake_mode_of(gm: GraphModule):
 class Inserter:
     """Inserts nodes one after another, starting after `anchor`, tagged with `provenance`."""
 
-    def __init__(self, gm: GraphModule, anchor: Node, provenance: dict, fake_mode=None):
+    def __init__(self, gm: GraphModule, anchor: Node, provenance: dict, fake_mode=None,
+                 meta_cache: dict | None = None):
         self.gm = gm
+        # Fake-tensor results keyed by (op, argument shapes): layers repeat the same shapes,
+        # so one symbolic computation serves them all. Pass one dict for a whole pass.
+        self.meta_cache = meta_cache if meta_cache is not None else {}
         self.cursor = anchor
         self.provenance = dict(provenance)
         self.module_stack = anchor.meta.get("nn_module_stack")
@@ -67,10 +71,47 @@ class Inserter:
             return None
         try:
             fake_args, fake_kwargs = map_arg((args, kwargs), lambda n: n.meta.get("val"))
-            with self.fake_mode:
-                return op(*fake_args, **fake_kwargs)
+            key = (op, _meta_key(fake_args), _meta_key(tuple(fake_kwargs.items())))
+            if key not in self.meta_cache:
+                with self.fake_mode:
+                    rule = _SHAPE_RULES.get(op)
+                    self.meta_cache[key] = (rule(*fake_args, **fake_kwargs) if rule is not None
+                                            else op(*fake_args, **fake_kwargs))
+            return self.meta_cache[key]
         except Exception:  # shape metadata is a convenience; a failure here must not block the rewrite
             return None
+
+
+def _meta_key(values) -> tuple:
+    return tuple(
+        (str(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor)
+        else _meta_key(v) if isinstance(v, (list, tuple)) else repr(v)
+        for v in values
+    )
+
+
+# Running aten.linear & co. on symbolic fake tensors costs tens of ms per node (it decomposes
+# and guards); these rules build the same result metadata with one allocation.
+def _linear_meta(x, w, *_, **__):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _same_as_first(x, *_, **__):
+    return x.new_empty(x.shape)
+
+
+def _broadcast_meta(x, y, *_, **__):
+    if isinstance(y, torch.Tensor) and tuple(y.shape) != tuple(x.shape):
+        return torch.empty(torch.broadcast_shapes(x.shape, y.shape), dtype=x.dtype, device=x.device)
+    return x.new_empty(x.shape)
+
+
+_SHAPE_RULES = {
+    torch.ops.aten.linear.default: _linear_meta,
+    torch.ops.aten.dropout.default: _same_as_first,
+    torch.ops.aten.mul.Tensor: _broadcast_meta,
+    torch.ops.aten.add.Tensor: _broadcast_meta,
+}
 
 
 def _is_param(gm: GraphModule, target: str) -> bool:

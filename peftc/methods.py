@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from peftc.passes.copy_params import CopyConfig, copy_params
 from peftc.passes.insert_adapter import AdapterConfig, insert_adapter
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
 from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
@@ -39,6 +40,8 @@ METHODS: dict[str, Method] = {
                      "N learned virtual tokens prepended at the token embedding output"),
     "prefix": Method("prefix", "additive", PrefixConfig, insert_prefix, None,
                      "N learned keys/values prepended at every scaled_dot_product_attention"),
+    "copy": Method("copy", "selective", CopyConfig, copy_params, None,
+                   "trainable copies of selected base parameters (HF PEFT's modules_to_save)"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.

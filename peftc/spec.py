@@ -53,6 +53,19 @@ class Spec:
             )
         return spec
 
+    @classmethod
+    def from_peft_config(cls, config: Any) -> "Spec":
+        """The spec for an HF PEFT config (a PeftConfig, a dict, or an adapter_config.json path)."""
+        from .interop.peft_config import spec_dict_from_peft
+
+        return cls.from_dict(spec_dict_from_peft(config))
+
+    def to_peft_config(self) -> dict:
+        """This spec as an HF PEFT adapter_config.json dict; SpecError names what PEFT cannot express."""
+        from .interop.peft_config import peft_config_from_spec
+
+        return peft_config_from_spec(self)
+
     def to_dict(self) -> dict:
         return {
             "version": self.version,

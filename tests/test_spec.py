@@ -15,7 +15,8 @@ def test_round_trip_is_exact():
     d = spec.to_dict()
     assert Spec.from_dict(d) == spec
     assert Spec.from_dict(d).to_dict() == d
-    assert d["adapters"][0] == {**LORA, "rslora": False, "init": "default", "exclude": [], "gate": False}
+    assert d["adapters"][0] == {**LORA, "rslora": False, "init": "default", "exclude": [], "rank_pattern": {},
+                                "alpha_pattern": {}, "gate": False}
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])

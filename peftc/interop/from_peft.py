@@ -1,0 +1,172 @@
+"""peftc.from_peft: compile a model with an HF PEFT adapter directory (or config) and its weights."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.errors import CheckpointError, SpecError
+from peftc.spec import Spec
+
+from .peft_config import as_config_dict, spec_dict_from_peft
+from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+
+def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **compile_kwargs):
+    """A CompiledModel computing what `PeftModel.from_pretrained(model, source)` computes.
+
+    `source` is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or its
+    adapter_config.json, or a config alone (a PeftConfig, a dict, another .json file), which
+    gives fresh adapters.
+    The model itself is never written: weights PEFT would load into it (modules_to_save, biases)
+    become trainable copies. `compile_kwargs` go to peftc.compile.
+    """
+    import peftc
+
+    directory = _adapter_dir(source)
+    config = as_config_dict(directory / CONFIG_FILE if directory else source)
+    config = resolve_all_linear(config, model)
+    spec_dict = spec_dict_from_peft(config)
+    if directory is None:
+        return peftc.compile(model, spec_dict, **compile_kwargs)
+    tensors = read_peft_weights(directory, allow_pickle)
+    spec_dict["adapters"] += overriding_copies(spec_dict, tensors, model)
+    cm = peftc.compile(model, spec_dict, **compile_kwargs)
+    load_peft_tensors(cm, tensors, directory)
+    return cm
+
+
+def _adapter_dir(source: Any) -> Path | None:
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source)
+    if path.is_file() and path.name == CONFIG_FILE:
+        return path.parent
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{str(path)!r} has no {CONFIG_FILE}; expected a PEFT adapter directory")
+        return path
+    if path.suffix == ".json" and path.is_file():
+        return None  # a bare config file: compile with fresh adapters
+    raise CheckpointError(f"{str(path)!r} does not exist; expected a PEFT adapter directory")
+
+
+def read_peft_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = directory / SAFETENSORS_FILE
+    if weights.is_file():
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{weights}: cannot be read ({err}); the file is truncated or not "
+                                  "safetensors") from err
+    pickled = directory / PICKLE_FILE
+    if not pickled.is_file():
+        raise CheckpointError(f"{str(directory)!r} has no {SAFETENSORS_FILE} (nor {PICKLE_FILE})")
+    if not allow_pickle:
+        raise CheckpointError(f"{pickled} is a pickle, which can run code when loaded; convert it to "
+                              f"{SAFETENSORS_FILE}, or pass allow_pickle=True if you trust its source")
+    try:
+        return torch.load(pickled, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged or non-tensor pickles
+        raise CheckpointError(f"{pickled}: cannot be read ({err})") from err
+
+
+def resolve_all_linear(config: dict, model: nn.Module) -> dict:
+    """PEFT's 'all-linear': every nn.Linear / Conv1D module except the output layer, by full name."""
+    target = config.get("target_modules")
+    if not (isinstance(target, str) and target.lower() == "all-linear"):
+        return config
+    linear = (nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+        linear = (nn.Linear, Conv1D)
+    except ImportError:
+        pass
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and config.get("task_type") == "SEQ_CLS":  # PEFT also spares a classifier head
+        head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    names = [n for n, m in model.named_modules() if isinstance(m, linear) and m is not head]
+    if not names:
+        raise SpecError("target_modules: 'all-linear' found no linear layer in the model")
+    return {**config, "target_modules": names}
+
+
+def overriding_copies(spec_dict: dict, tensors: dict, model: nn.Module) -> list[dict]:
+    """Copy entries for base weights the checkpoint changes that no entry copies yet (e.g. a resized
+    embedding PEFT saved with save_embedding_layers); unchanged ones are skipped at load."""
+    from peftc.passes.copy_params import copied_names
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    spec = Spec.from_dict(spec_dict)
+    covered = {n for i, e in enumerate(spec.adapters) if e.method == "copy"
+               for n in copied_names(e, params, f"adapters[{i}]")}
+    extra = []
+    for key, value in tensors.items():
+        fqn = normalize(key)[len(PREFIX):] if key.startswith(PREFIX) and not is_unused_original(key) else None
+        if fqn in params and fqn not in covered and not _same(params[fqn], value):
+            owner, _, leaf = fqn.rpartition(".")
+            extra.append({"method": "copy", "targets": ["re:" + re.escape(owner)], "params": [leaf]})
+    return extra
+
+
+def _same(param: torch.Tensor, value: torch.Tensor) -> bool:
+    return tuple(param.shape) == tuple(value.shape) and torch.equal(param.detach().cpu(), value.to(param.dtype))
+
+
+def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
+    """Copy PEFT tensors into the compiled model's adapters, checking names and shapes first."""
+    ours_by_key = {normalize(key): name for name, key in peft_names(cm).items()}
+    own = cm.adapter_state_dict()
+    params = dict(cm._model.named_parameters(remove_duplicate=False))
+    plan, unexpected = [], []
+    for key, value in tensors.items():
+        name = ours_by_key.get(normalize(key))
+        if is_unused_original(key):
+            continue
+        if name is None:
+            fqn = normalize(key)[len(PREFIX):]
+            if not (fqn in params and _same(params[fqn], value)):  # PEFT also saves untouched base weights
+                unexpected.append(key)
+            continue
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise CheckpointError(f"tensor {key!r}: checkpoint shape {tuple(value.shape)} != model shape "
+                                  f"{tuple(own[name].shape)} (peftc tensor {name!r})")
+        plan.append((name, value))
+    missing = sorted(set(ours_by_key) - {normalize(k) for k in tensors})
+    if missing or unexpected:
+        raise CheckpointError(
+            f"PEFT adapter {str(source)!r} does not fit this model: "
+            + (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}")
+            + f" ({len(missing)} missing, {len(unexpected)} unexpected); was it saved for another model?")
+    with torch.no_grad():
+        for name, value in plan:
+            own[name].copy_(value.to(own[name].dtype))
+
+
+def load_adapter_dir(model: nn.Module, path, *, allow_pickle: bool = False, **compile_kwargs):
+    """A CompiledModel from a peftc checkpoint (spec.json + adapter.safetensors) or a PEFT adapter
+    directory (adapter_config.json), whichever `path` is: the CLI's --adapter."""
+    import peftc
+    from peftc.checkpoint import SPEC_FILE, WEIGHTS_FILE, read_adapter
+
+    path = Path(path)
+    if (path / SPEC_FILE).is_file():
+        spec, _ = read_adapter(path)
+        cm = peftc.compile(model, spec, **compile_kwargs)
+        return cm.load_adapter(path)
+    if (path / CONFIG_FILE).is_file():
+        return from_peft(model, path, allow_pickle=allow_pickle, **compile_kwargs)
+    raise CheckpointError(f"{str(path)!r} is neither a peftc checkpoint ({SPEC_FILE} + {WEIGHTS_FILE}) nor a "
+                          f"PEFT adapter directory ({CONFIG_FILE})")
+

@@ -1,0 +1,82 @@
+"""Tensor names, both ways: peftc's adapter_state_dict() names and HF PEFT's state-dict keys.
+
+peftc: `<site path>.<slot>.<tensor>` (e.g. `model.layers.0.self_attn.q_proj.lora.A`), copies at
+`<owner>.<slot>.<leaf>`, base parameters the spec trains in place under their own FQN.
+PEFT (adapter name already stripped, as in adapter_model.safetensors):
+`base_model.model.<module path>.<peft tensor>` (e.g. `...q_proj.lora_A.weight`); trained base
+parameters under their FQN, with `base_layer.` inserted when PEFT wrapped that module.
+"""
+
+from __future__ import annotations
+
+from peftc import adapters
+
+PREFIX = "base_model.model."
+
+# peftc tensor name -> PEFT key suffix, per method, per site kind ("*": any kind).
+TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
+    "lora": {
+        "embedding": {"A": "lora_embedding_A", "B": "lora_embedding_B"},
+        "*": {"A": "lora_A.weight", "B": "lora_B.weight"},
+    },
+    # The rows below follow the methods issue's names; verify once those methods are merged.
+    "dora": {"*": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}},
+    "ia3": {"*": {"scale": "ia3_l"}},
+    "loha": {"*": {"w1_a": "hada_w1_a", "w1_b": "hada_w1_b", "w2_a": "hada_w2_a", "w2_b": "hada_w2_b",
+                   "t1": "hada_t1", "t2": "hada_t2"}},
+    "lokr": {"*": {"w1": "lokr_w1", "w2": "lokr_w2", "w1_a": "lokr_w1_a", "w1_b": "lokr_w1_b",
+                   "w2_a": "lokr_w2_a", "w2_b": "lokr_w2_b", "t2": "lokr_t2"}},
+    "vera": {"*": {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d"}},
+}
+
+
+def normalize(key: str) -> str:
+    """A PEFT key without the wrapper infixes PEFT may or may not write (`base_layer.`, `modules_to_save.`)."""
+    return key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+
+
+def is_unused_original(key: str) -> bool:
+    """The original module PEFT keeps beside a modules_to_save copy; the forward pass never reads it."""
+    return ".original_module." in key
+
+
+def base_key(fqn: str, wrapped: set[str]) -> str:
+    """PEFT's key for a base parameter (a copy or an in-place trained one)."""
+    owner, _, leaf = fqn.rpartition(".")
+    return PREFIX + (f"{owner}.base_layer.{leaf}" if owner in wrapped else fqn)
+
+
+def method_key(method: str, kind: str | None, site_path: str, tensor: str, name: str) -> str:
+    table = TENSOR_NAMES.get(method)
+    if table is None:
+        raise NotImplementedError(f"{name!r}: no PEFT tensor names for method {method!r}; "
+                                  f"known: {sorted(TENSOR_NAMES)}")
+    names = table.get(kind or "*", table["*"])
+    if tensor not in names:
+        raise NotImplementedError(f"{name!r}: PEFT has no tensor for {method} {tensor!r}; known: {sorted(names)}")
+    return f"{PREFIX}{site_path}.{names[tensor]}"
+
+
+def peft_names(cm) -> dict[str, str]:
+    """adapter_state_dict() name -> PEFT key, for every tensor the compiled model trains."""
+    spec = cm.spec
+    entry_of_slot = dict(zip(spec.entry_names(), spec.adapters))
+    kinds = {site.path: site.kind for site in cm.sites}
+    modules = list(adapters.adapter_modules(cm._adapter_root))
+    wrapped = {q.rpartition(".")[0] for q, _ in modules if entry_of_slot[q.rpartition(".")[2]].method != "copy"}
+    out: dict[str, str] = {}
+    for qualname, module in modules:
+        site_path, _, slot = qualname.rpartition(".")
+        method = entry_of_slot[slot].method
+        for tensor in list(module._parameters) + list(module._buffers):
+            name = f"{qualname}.{tensor}"
+            if method == "copy":
+                out[name] = base_key(f"{site_path}.{tensor}".strip("."), wrapped)
+            else:
+                out[name] = method_key(method, kinds.get(site_path), site_path, tensor, name)
+    copied = set(out.values())
+    for name in cm.adapter_state_dict():
+        # A base parameter the spec's `trainable` unfreezes; where a copy replaces it, the copy is saved.
+        if name not in out and base_key(name, wrapped) not in copied:
+            out[name] = base_key(name, wrapped)
+    return out

@@ -1,0 +1,185 @@
+"""The PEFT config rows: one per peft_type, reading a config into peftc spec entries.
+
+Each row names the peftc method it needs (it lights up once that method is registered), the
+config fields it maps, and a reader. LoRA (and DoRA) also have a writer, the inverse.
+Adding a method is one row here plus its tensor names in peft_keys.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from peftc.errors import SpecError
+
+from . import peft_targets as pt
+
+@dataclass(frozen=True)
+class PeftRow:
+    peft_type: str
+    method: str  # the peftc method that must exist for this row to work
+    read: Callable[[dict], list[dict]]  # config -> spec entries (the method's, then copies)
+    mapped: frozenset  # the config fields `read` consumes
+
+
+def supported_types() -> list[str]:
+    from peftc.methods import METHODS
+
+    return [name for name, row in PEFT_TYPES.items() if row.method in METHODS]
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+
+def _targets(cfg: dict, field: str = "target_modules") -> list[str]:
+    value = cfg.get(field)
+    if value is None:
+        raise SpecError(f"{field}: the config names no target modules; PEFT fills these in per model type, "
+                        "so set them explicitly")
+    if isinstance(value, str) and value.lower() == "all-linear":
+        raise SpecError(f"{field}: 'all-linear' depends on the model; use peftc.from_peft(model, ...), which "
+                        "resolves it, or list the module names")
+    return pt.targets_from_peft(value, field, cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
+
+
+def _exclude(cfg: dict) -> list[str]:
+    out = pt.targets_from_peft(cfg["exclude_modules"], "exclude_modules") if cfg.get("exclude_modules") else []
+    return out + [pt.save_exclusion(name) for name in cfg.get("modules_to_save") or []]
+
+
+def _copies(cfg: dict, entry: dict) -> list[dict]:
+    """`copy` entries for modules_to_save and for bias ('all' / 'lora_only' style)."""
+    out = []
+    if cfg.get("modules_to_save"):
+        out.append({"method": "copy", "targets": [pt.save_target(n) for n in cfg["modules_to_save"]]})
+    bias = cfg.get("bias") or "none"
+    if bias == "all":
+        out.append({"method": "copy", "targets": ["re:.*"], "params": ["bias"]})
+    elif bias.endswith("_only"):  # "lora_only", "vera_only", ...: the biases of the adapted modules
+        copy = {"method": "copy", "targets": entry["targets"], "params": ["bias"]}
+        if entry.get("exclude"):
+            copy["exclude"] = entry["exclude"]
+        out.append(copy)
+    elif bias != "none":
+        raise SpecError(f"bias: expected 'none', 'all' or '<method>_only', got {bias!r}")
+    return out
+
+
+COMMON = frozenset({"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                    "modules_to_save", "bias"})
+
+
+# -- LoRA ------------------------------------------------------------------------------------
+
+LORA_INITS = {True: "default", False: "default", "gaussian": "gaussian"}  # False: random B, for tests
+
+
+def read_lora(cfg: dict) -> list[dict]:
+    init = cfg.get("init_lora_weights", True)
+    if init not in LORA_INITS:
+        raise SpecError(f"init_lora_weights: {init!r} rewrites the base weights at load time, which peftc "
+                        "never does; convert the adapter to plain LoRA first (PEFT's "
+                        "path_initial_model_for_weight_conversion)")
+    entry = {"method": _lora_or_dora(cfg), "targets": _targets(cfg), "r": cfg.get("r", 8),
+             "alpha": cfg.get("lora_alpha", 8), "dropout": cfg.get("lora_dropout", 0.0),
+             "rslora": bool(cfg.get("use_rslora", False)), "init": LORA_INITS[init]}
+    exclude = _exclude(cfg)
+    if exclude:
+        entry["exclude"] = exclude
+    for field in ("rank_pattern", "alpha_pattern"):  # same names in peftc's LoraConfig
+        if cfg.get(field):
+            entry[field] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
+    return [entry] + _copies(cfg, entry)
+
+
+def _lora_or_dora(cfg: dict) -> str:
+    """use_dora=True is peftc's separate 'dora' method (same fields as LoRA, plus a magnitude vector)."""
+    if not cfg.get("use_dora"):
+        return "lora"
+    from peftc.methods import METHODS
+
+    if "dora" not in METHODS:
+        raise SpecError(f"use_dora: DoRA adapters need peftc's 'dora' method, which this build lacks; "
+                        f"supported: {supported_types()} without use_dora")
+    return "dora"
+
+
+def write_lora(entry, field: str) -> dict:
+    init = {"default": True, "gaussian": "gaussian"}[getattr(entry, "init", "default")]
+    rank_pattern = getattr(entry, "rank_pattern", {})
+    alpha_pattern = getattr(entry, "alpha_pattern", {})
+    return {
+        "peft_type": "LORA", "r": entry.r, "lora_alpha": _number(entry.alpha),
+        "lora_dropout": getattr(entry, "dropout", 0.0), "use_rslora": getattr(entry, "rslora", False),
+        "init_lora_weights": init, "use_dora": False, "fan_in_fan_out": False,
+        "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
+        "exclude_modules": pt.targets_to_peft(getattr(entry, "exclude", ()), f"{field}.exclude"),
+        "rank_pattern": {pt.pattern_key_to_peft(k): v for k, v in rank_pattern.items()},
+        "alpha_pattern": {pt.pattern_key_to_peft(k): _number(v) for k, v in alpha_pattern.items()},
+        "layers_to_transform": None, "layers_pattern": None, "bias": "none", "modules_to_save": None,
+    }
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+# -- methods being written on other branches: each lights up once its peftc method exists ----
+# Their peftc field names follow the methods issue; verify them (and the tensor names in
+# peft_keys.py) against the merged methods with an equality test before relying on them.
+
+def read_ia3(cfg: dict) -> list[dict]:
+    entry = {"method": "ia3", "targets": _targets(cfg)}
+    if cfg.get("feedforward_modules"):
+        entry["feedforward"] = pt.targets_from_peft(cfg["feedforward_modules"], "feedforward_modules")
+    return [entry] + _copies(cfg, entry)
+
+
+def read_loha(cfg: dict) -> list[dict]:
+    entry = {"method": "loha", "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
+    return [entry] + _copies(cfg, entry)
+
+
+def read_lokr(cfg: dict) -> list[dict]:
+    entry = {"method": "lokr", "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
+    return [entry] + _copies(cfg, entry)
+
+
+def read_vera(cfg: dict) -> list[dict]:
+    entry = {"method": "vera", "targets": _targets(cfg), "r": cfg.get("r", 256)}
+    return [entry] + _copies(cfg, entry)
+
+
+def read_prompt(cfg: dict) -> list[dict]:
+    return [{"method": "prompt", "tokens": cfg["num_virtual_tokens"]}]
+
+
+def read_prefix(cfg: dict) -> list[dict]:
+    if cfg.get("prefix_projection"):
+        raise SpecError("prefix_projection: peftc prefix tuning loads the projected prefix only; save the "
+                        "adapter without the projection MLP")
+    return [{"method": "prefix", "tokens": cfg["num_virtual_tokens"]}]
+
+
+PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                           "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                           "tokenizer_kwargs", "encoder_hidden_size", "prefix_projection", "init_weights"})
+
+PEFT_TYPES: dict[str, PeftRow] = {
+    "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
+        "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+        "use_dora"}),
+    "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
+    "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights"}),
+    "LOKR": PeftRow("LOKR", "lokr", read_lokr, COMMON | {"r", "alpha", "init_weights"}),
+    "VERA": PeftRow("VERA", "vera", read_vera, COMMON | {"r", "init_weights", "projection_prng_key",
+                                                         "save_projection", "vera_dropout", "d_initial"}),
+    "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
+    "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS),
+}
+
+
+def write_dora(entry, field: str) -> dict:
+    return {**write_lora(entry, field), "use_dora": True}
+
+
+WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora}

@@ -1,0 +1,42 @@
+"""cm.save_adapter(dir, format="peft"): a directory `PeftModel.from_pretrained` loads, written atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .from_peft import CONFIG_FILE, SAFETENSORS_FILE
+from .peft_config import peft_config_from_spec
+from .peft_keys import peft_names
+
+
+def save_peft(cm, directory) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors with PEFT's tensor keys."""
+    from safetensors.torch import save_file
+
+    from peftc.checkpoint import _replace_dir
+
+    config = peft_config_from_spec(cm.spec)
+    config["fan_in_fan_out"] = any(site.layout == "in_out" for site in cm.sites
+                                   if site.path in _adapted_paths(cm))  # GPT-2's Conv1D
+    config["base_model_name_or_path"] = getattr(getattr(cm._model, "config", None), "_name_or_path", None) or None
+    names = peft_names(cm)
+    tensors = {names[n]: t.detach().to("cpu").contiguous().clone() for n, t in cm.adapter_state_dict().items()
+               if n in names}
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _adapted_paths(cm) -> set[str]:
+    return {path for record in cm.records if record.method not in (None, "copy") for path in record.sites}
