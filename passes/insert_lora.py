@@ -17,6 +17,7 @@ from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 from peftc.targets import matches
 
+from ._conflicts import check_one_rewrite_per_weight
 from ._site_selection import select_sites
 
 aten = torch.ops.aten
@@ -115,6 +116,7 @@ def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add s * B(A(dropout(x))) to the output of every targeted linear, conv or embedding op."""
     config: LoraConfig = ctx.entry
     sites = select_sites(ctx, config, kinds=("linear",) if config.gate else ("linear", "conv", "embedding"))
+    check_one_rewrite_per_weight(gm, ctx, sites)
     nodes = {n.name: n for n in gm.graph.nodes}
     result = PassResult(modified=False)
     for site in sites:

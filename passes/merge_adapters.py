@@ -10,6 +10,8 @@ from peftc import adapters
 from peftc.graph_edit import erase_nodes, provenance
 from peftc.pipeline import PassContext, PassResult
 
+from ._weight_ops import bias_param
+
 
 def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Replace W by fold(W) for every adapter whose method can fold, and erase that adapter's nodes.
@@ -38,6 +40,8 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
             base = merged.get(site.param, gm.get_parameter(site.param))
             with torch.no_grad():
                 merged[site.param] = method.fold(module, site, base).detach()
+                if method.fold_bias is not None:
+                    _fold_bias(gm, site, method, module, merged)
         output = next(n for n in group if provenance(n).get("role") == "output")
         output.replace_all_uses_with(output.args[0])
         erase_nodes(gm, group)
@@ -56,6 +60,13 @@ def _foldable(gm: GraphModule, tag: dict) -> bool:
     """False for an adapter whose update depends on the input (a gated LoRA), though its method folds."""
     module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
     return getattr(module, "foldable", True)
+
+
+def _fold_bias(gm: GraphModule, site, method, module, merged: dict) -> None:
+    """Output-scaling methods (IA3) rescale the op's bias as well as its weight."""
+    name = bias_param(gm, site)
+    if name is not None:
+        merged[name] = method.fold_bias(module, site, merged.get(name, gm.get_parameter(name))).detach()
 
 
 def _adapter_groups(gm: GraphModule) -> list[list[Node]]:

@@ -101,10 +101,37 @@ class CompiledModel(GraphDispatch):
         """A plain module with every mergeable adapter folded into its weight; this model is untouched."""
         return self._merge_build()
 
-    def report(self):
+    def report(self, scope: str | None = None):
+        """What the passes did (from their records); `scope` keeps the site rows under one module path."""
         from .report import Report
 
-        return Report.build(self)
+        return Report.build(self, scope)
+
+    # -- inspection (peftc.inspect_graph, peftc.dot) ------------------------------------
+    def diff(self, scope: str | None = None) -> str:
+        """The graph before vs after as text, grouped by site; `scope` limits it to one module path."""
+        from .inspect_graph import diff_text
+
+        return diff_text(self.graph_module, self.sites, self.records, scope)
+
+    def to_dot(self, scope: str | None = None) -> str:
+        """DOT text of the graph (or of `scope`), inserted nodes coloured by method."""
+        from .dot import to_dot
+
+        return to_dot(self.graph_module, scope)
+
+    def render(self, path, scope: str | None = None, format: str | None = None) -> Path:
+        """Write the graph as SVG/PNG/PDF (from the suffix) with the graphviz `dot` program."""
+        from .dot import render
+
+        return render(self.to_dot(scope), path, format)
+
+    def to_networkx(self, scope: str | None = None):
+        """A networkx.DiGraph, one node per graph node (attrs: op, target, module_path, shape, dtype,
+        inserted_by)."""
+        from .inspect_graph import to_networkx
+
+        return to_networkx(self.graph_module, scope)
 
     def extra_repr(self) -> str:
         methods = ", ".join(e.method for e in self.spec.adapters) or "none"

@@ -11,9 +11,15 @@ from typing import Any, Callable
 
 from peftc.passes.copy_params import CopyConfig, copy_params
 from peftc.passes.insert_adapter import AdapterConfig, insert_adapter
+from peftc.passes.insert_dora import DoraConfig, fold_dora, insert_dora
+from peftc.passes.insert_ia3 import Ia3Config, fold_ia3, fold_ia3_bias, insert_ia3
+from peftc.passes.insert_loha import LohaConfig, fold_loha, insert_loha
+from peftc.passes.insert_lokr import LokrConfig, fold_lokr, insert_lokr
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
+from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
 from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
+from peftc.passes.insert_vera import VeraConfig, fold_vera, insert_vera
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,7 @@ class Method:
     insert: Callable  # the pass: (gm, ctx) -> PassResult, reading ctx.entry
     fold: Callable | None  # (adapter module, site, weight) -> merged weight; None: not mergeable
     summary: str
+    fold_bias: Callable | None = None  # (adapter module, site, bias) -> merged bias, for output-scaling methods
 
 
 def fold_lora(module: LoraWeights, site, weight):
@@ -42,6 +49,18 @@ METHODS: dict[str, Method] = {
                      "N learned keys/values prepended at every scaled_dot_product_attention"),
     "copy": Method("copy", "selective", CopyConfig, copy_params, None,
                    "trainable copies of selected base parameters (HF PEFT's modules_to_save)"),
+    "dora": Method("dora", "reparameterized", DoraConfig, insert_dora, fold_dora,
+                   "(m/||W + s·BA||)·(W x + s·B A x) on linear ops, the norm detached"),
+    "loha": Method("loha", "reparameterized", LohaConfig, insert_loha, fold_loha,
+                   "W x + op(x, s·(W1a W1b) ⊙ (W2a W2b)) on linear and conv ops"),
+    "lokr": Method("lokr", "reparameterized", LokrConfig, insert_lokr, fold_lokr,
+                   "W x + op(x, s·kron(W1, W2a W2b)) on linear and conv ops"),
+    "vera": Method("vera", "reparameterized", VeraConfig, insert_vera, fold_vera,
+                   "W x + λb ⊙ B(λd ⊙ A x), A and B shared, frozen, seeded, on linear ops"),
+    "ia3": Method("ia3", "additive", Ia3Config, insert_ia3, fold_ia3,
+                  "l ⊙ (W x + b), or W (l ⊙ x) on feedforward sites, on linear ops", fold_bias=fold_ia3_bias),
+    "mask": Method("mask", "selective", MaskConfig, insert_mask, fold_mask,
+                   "W x + op(x, ΔW), ΔW sparse: a fixed `density` of entries (by magnitude or seeded random) train"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from . import adapters
+from .inspect_graph import in_scope, node_shape, select_nodes
 
 
 @dataclass
@@ -19,49 +20,55 @@ class Report:
     methods: list[dict] = field(default_factory=list)  # one row per spec entry: sites, params, merge
 
     @classmethod
-    def build(cls, cm) -> "Report":
+    def build(cls, cm, scope: str | None = None) -> "Report":
+        """From the pipeline's records; `scope` keeps the site rows under one module path."""
+        if scope:
+            select_nodes(cm.graph_module, scope)  # a scope that names nothing is an error, not an empty table
         sites_by_path = {s.path: s for s in cm.sites}
+        nodes = {n.name: n for n in cm.graph_module.graph.nodes}
         per_site: dict[str, dict] = {}
-        passes = []
         for record in cm.records:
-            passes.append({
-                "index": record.index, "name": record.name, "method": record.method,
-                "entry": record.entry_index, "seconds": round(record.seconds, 6), "modified": record.modified,
-                "sites": len(record.sites), "params_added": sum(record.params_added.values()),
-                "notes": list(record.notes),
-            })
             if record.method is None:
                 continue
             for path in record.sites:
-                row = per_site.setdefault(path, _site_row(path, sites_by_path.get(path)))
+                row = per_site.get(path) or per_site.setdefault(path, _site_row(sites_by_path.get(path), nodes, path))
                 row["methods"].append(record.method)
             for name, numel in record.params_added.items():
                 path = _site_of(name, per_site)
                 if path is not None:
                     per_site[path]["adapter_params"] += numel
-        return cls(passes=passes, sites=list(per_site.values()), totals=_totals(cm), methods=_method_rows(cm))
+        rows = [row for path, row in per_site.items() if in_scope(path, scope)]
+        return cls(passes=[_pass_row(r) for r in cm.records], sites=rows, totals=_totals(cm),
+                   methods=_method_rows(cm))
 
     def to_dict(self) -> dict:
         return {"passes": self.passes, "sites": self.sites, "totals": self.totals, "methods": self.methods}
 
     def __str__(self) -> str:
         t = self.totals
+        by_method = ", ".join(f"{m} {n:,}" for m, n in t["adapter_params_by_method"].items())
         lines = [
-            f"trainable params: {t['trainable_params']:,} / {t['total_params']:,} "
-            f"({100 * t['trainable_fraction']:.4f}%)   adapter bytes: {t['adapter_bytes']:,}   "
-            f"base bytes: " + ", ".join(f"{k} {v:,}" for k, v in t["base_bytes_by_dtype"].items()),
+            f"trainable params  {t['trainable_params']:,} / {t['total_params']:,} "
+            f"({100 * t['trainable_fraction']:.4f}%)",
+            f"adapter params    {t['adapter_params']:,}" + (f" ({by_method})" if by_method else "")
+            + f", {t['adapter_bytes']:,} bytes",
+            "base bytes        " + ", ".join(f"{k} {v:,}" for k, v in t["base_bytes_by_dtype"].items()),
+            f"graph nodes       {t['graph_nodes_captured']:,} captured -> {t['graph_nodes']:,}",
             "",
-            _table(["#", "pass", "time ms", "changed", "sites", "params added"],
+            _table(["#", "pass", "time ms", "changed", "sites", "params added", "nodes"],
                    [[p["index"], p["name"] + (f"[{p['entry']}]" if p["entry"] is not None else ""),
                      f"{1000 * p['seconds']:.1f}", "yes" if p["modified"] else "no", p["sites"],
-                     f"{p['params_added']:,}"] for p in self.passes]),
+                     f"{p['params_added']:,}", f"{p['nodes_added']:+d}"] for p in self.passes]),
             "",
-            _table(["sites", "op", "in -> out", "methods", "params each"], _grouped_site_rows(self.sites)),
+            _table(["module path", "op", "shape in -> out", "methods", "adapter params"],
+                   _grouped_site_rows(self.sites)) if self.sites else "no sites rewritten",
         ]
         if self.methods:
             lines += ["", _table(["entry", "method", "family", "sites", "params", "on merge"],
                                  [[m["entry"], m["method"], m["family"], _site_labels(m["sites"]), f"{m['params']:,}",
                                    m["merge"]] for m in self.methods])]
+        lines += [f"{p['name']} touched: " + ", ".join(label for label, _ in group_paths(p["touched"]))
+                  for p in self.passes if p["method"] is None and p["touched"]]
         notes = [n for p in self.passes for n in p["notes"]]
         if notes:
             lines += [""] + [f"note: {n}" for n in notes]
@@ -70,13 +77,31 @@ class Report:
     __repr__ = __str__
 
 
-def _site_row(path: str, site) -> dict:
-    """A site row; attention-level methods (prefix) touch paths that are not weight sites."""
+def _pass_row(record) -> dict:
+    return {
+        "index": record.index, "name": record.name, "method": record.method, "entry": record.entry_index,
+        "seconds": round(record.seconds, 6), "modified": record.modified, "sites": len(record.sites),
+        "touched": list(record.sites),
+        "params_added": sum(record.params_added.values()), "nodes_added": record.nodes_after - record.nodes_before,
+        "notes": list(record.notes),
+    }
+
+
+def _site_row(site, nodes: dict, path: str) -> dict:
+    """A site's facts; shapes come from the site op's own metadata (None if it was erased).
+
+    Attention-level methods (prefix) touch module paths that are not weight sites: an "attention" row.
+    """
     if site is None:
-        return {"path": path, "op": "attention", "kind": "attention", "in_features": None,
-                "out_features": None, "methods": [], "adapter_params": 0}
-    return {"path": path, "op": site.op, "kind": site.kind, "in_features": site.in_features,
-            "out_features": site.out_features, "methods": [], "adapter_params": 0}
+        return {"path": path, "module_path": path, "op": "attention", "kind": "attention", "in_features": None,
+                "out_features": None, "in_shape": None, "out_shape": None, "methods": [], "adapter_params": 0}
+    node = nodes.get(site.node)
+    x = node.args[site.input_index] if node is not None and len(node.args) > site.input_index else None
+    return {"path": site.path, "module_path": site.module_path, "op": site.op, "kind": site.kind,
+            "in_features": site.in_features, "out_features": site.out_features,
+            "in_shape": _json_shape(node_shape(x) if hasattr(x, "meta") else None),
+            "out_shape": _json_shape(node_shape(node) if node is not None else None),
+            "methods": [], "adapter_params": 0}
 
 
 def _site_labels(paths: list[str]) -> str:
@@ -99,6 +124,10 @@ def _method_rows(cm) -> list[dict]:
     return rows
 
 
+def _json_shape(shape: tuple | None) -> list | None:
+    return None if shape is None else list(shape)
+
+
 def _site_of(param_name: str, per_site: dict) -> str | None:
     best = None
     for path in per_site:
@@ -112,7 +141,7 @@ def _totals(cm) -> dict:
     total = trainable = 0
     base_bytes: dict[str, int] = {}
     adapter_ids = {id(p) for p in getattr(cm.graph_module, adapters.ROOT).parameters()}
-    adapter_bytes = 0
+    adapter_bytes = adapter_params = 0
     for _, tensor in list(cm.graph_module.named_parameters()) + list(cm.graph_module.named_buffers()):
         if id(tensor) in seen:
             continue
@@ -120,15 +149,23 @@ def _totals(cm) -> dict:
         nbytes = tensor.numel() * tensor.element_size()
         if id(tensor) in adapter_ids:
             adapter_bytes += nbytes
+            adapter_params += tensor.numel()
         else:
             key = str(tensor.dtype).replace("torch.", "")
             base_bytes[key] = base_bytes.get(key, 0) + nbytes
         if isinstance(tensor, torch.nn.Parameter):
             total += tensor.numel()
             trainable += tensor.numel() if tensor.requires_grad else 0
+    by_method: dict[str, int] = {}
+    for record in cm.records:
+        if record.method is not None:
+            by_method[record.method] = by_method.get(record.method, 0) + sum(record.params_added.values())
     return {"trainable_params": trainable, "total_params": total,
             "trainable_fraction": trainable / total if total else 0.0,
-            "adapter_bytes": adapter_bytes, "base_bytes_by_dtype": base_bytes}
+            "adapter_params": adapter_params, "adapter_params_by_method": by_method,
+            "adapter_bytes": adapter_bytes, "base_bytes_by_dtype": base_bytes,
+            "graph_nodes_captured": cm.records[0].nodes_before if cm.records else len(cm.graph_module.graph.nodes),
+            "graph_nodes": len(cm.graph_module.graph.nodes)}
 
 
 def group_paths(paths: list[str]) -> list[tuple[str, list[str]]]:
@@ -157,19 +194,27 @@ def group_paths(paths: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:
+    """One row per set of sites that differ only in their layer number."""
     by_path = {s["path"]: s for s in sites}
     rows = []
     signature_groups: dict[tuple, list[str]] = {}
     for s in sites:
-        sig = (s["op"], s["in_features"], s["out_features"], tuple(s["methods"]), s["adapter_params"])
+        sig = (s["op"], _shape_text(s["in_shape"]), _shape_text(s["out_shape"]), s["in_features"],
+               s["out_features"], tuple(s["methods"]), s["adapter_params"])
         signature_groups.setdefault(sig, []).append(s["path"])
     for sig, paths in signature_groups.items():
         for label, members in group_paths(paths):
             s = by_path[members[0]]
-            shape = "-" if s["in_features"] is None else f"{s['in_features']} -> {s['out_features']}"
-            rows.append([label, s["op"], shape, "+".join(s["methods"]),
-                         f"{s['adapter_params']:,}"])
+            shapes = (f"{_shape_text(s['in_shape'])} -> {_shape_text(s['out_shape'])}" if s["out_shape"] is not None
+                      else "-" if s["in_features"] is None
+                      else f"{s['in_features']} -> {s['out_features']} features")
+            each = f"{s['adapter_params']:,}" + (" each" if len(members) > 1 else "")
+            rows.append([label, s["op"], shapes, "+".join(s["methods"]), each])
     return rows
+
+
+def _shape_text(shape: list | None) -> str:
+    return "-" if shape is None else "[" + ",".join(map(str, shape)) + "]"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

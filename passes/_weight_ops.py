@@ -1,0 +1,68 @@
+"""Graph helpers for weight-delta methods: a site's weight as [out, in], its bias, its op on another weight."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from peftc.graph_edit import Inserter, redirect_users
+from peftc.sites import Site, _conv_groups
+
+from .insert_lora import _conv_geometry
+
+aten = torch.ops.aten
+
+
+def weight_out_in(ins: Inserter, site: Site) -> Node:
+    """The site's weight as an [out, in] (or [out, in, *kernel]) node; GPT-2 Conv1D weights are transposed."""
+    weight = ins.get_attr(site.param)
+    return ins.call(aten.t.default, weight) if site.layout == "in_out" else weight
+
+
+def flip_layout(tensor: torch.Tensor, site) -> torch.Tensor:
+    """[out, in] <-> the parameter's own layout (GPT-2 Conv1D stores [in, out]); its own inverse."""
+    return tensor.T if site.layout == "in_out" else tensor
+
+
+def bias_node(node: Node, site: Site) -> Node | None:
+    """The bias argument of a linear or conv site op, or None."""
+    if site.kind == "embedding" or node.target in (aten.mm.default, aten.matmul.default):
+        return None
+    if node.target == aten.addmm.default:
+        return node.args[0]
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
+def bias_param(gm: GraphModule, site: Site) -> str | None:
+    """FQN of the parameter the site op adds as its bias, or None."""
+    node = next((n for n in gm.graph.nodes if n.name == site.node), None)
+    bias = None if node is None else bias_node(node, site)
+    return bias.target if isinstance(bias, Node) and bias.op == "get_attr" else None
+
+
+def apply_site_op(ins: Inserter, node: Node, site: Site, x: Node, weight: Node) -> Node:
+    """The site's own op (no bias) with `weight` ([out, in...]; embeddings: [num, dim]) in place of its weight."""
+    if site.kind == "linear":
+        return ins.call(aten.linear.default, x, weight)
+    if site.kind == "embedding":
+        return ins.call(aten.embedding.default, weight, x)
+    stride, padding, dilation = _conv_geometry(node)
+    return ins.call(aten.convolution.default, x, weight, None, stride, padding, dilation, False,
+                    [0] * len(stride), _conv_groups(node))
+
+
+def maybe_dropout(ins: Inserter, x: Node, p: float) -> Node:
+    return ins.call(aten.dropout.default, x, p, True) if p > 0 else x
+
+
+def out_in_shape(weight: torch.Tensor, site: Site) -> tuple[int, ...]:
+    """The weight's shape as [out, in, *kernel] (GPT-2 Conv1D's [in, out] reversed)."""
+    return tuple(weight.shape[::-1]) if site.layout == "in_out" else tuple(weight.shape)
+
+
+def add_delta_op(ins: Inserter, node: Node, site: Site, x: Node, delta_weight: Node, users: list[Node]) -> Node:
+    """y + op(x, ΔW): the site's op on ΔW added to its output, tagged as the adapter's output node."""
+    out = ins.call(aten.add.Tensor, node, apply_site_op(ins, node, site, x, delta_weight))
+    out.meta["peftc"]["role"] = "output"
+    redirect_users(users, node, out)
+    return out

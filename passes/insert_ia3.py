@@ -1,0 +1,103 @@
+"""insert_ia3: scale a site's output (or, for `feedforward` sites, its input) by a learned vector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc import adapters
+from peftc.errors import SpecError
+from peftc.fields import optional_pattern_list, pattern_list
+from peftc.graph_edit import Inserter, redirect_users
+from peftc.pipeline import PassContext, PassResult
+from peftc.sites import Site
+from peftc.targets import matches_any
+
+from ._conflicts import check_one_rewrite_per_weight
+from ._site_selection import select_sites
+from ._weight_ops import flip_layout
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Ia3Config:
+    """(IA)^3 (Liu et al., 2022) as HF PEFT's IA3: `feedforward` is the subset of targets whose input is scaled."""
+
+    method = "ia3"
+    targets: tuple = field(metadata={"check": pattern_list})
+    feedforward: tuple = field(default=(), metadata={"check": optional_pattern_list})
+    exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
+
+
+class Ia3Weights(nn.Module):
+    """l: one factor per output feature, or per input feature on a feedforward site (HF PEFT's ia3_l, flattened)."""
+
+    def __init__(self, site: Site, weight: torch.Tensor, feedforward: bool):
+        super().__init__()
+        size = site.in_features if feedforward else site.out_features
+        self.l = nn.Parameter(torch.ones(size, device=weight.device, dtype=weight.dtype))
+        self.feedforward = feedforward
+
+
+def fold_ia3(module: Ia3Weights, site: Site, weight: torch.Tensor) -> torch.Tensor:
+    """W·diag(l) on a feedforward site, diag(l)·W elsewhere (in [out, in] terms)."""
+    factor = module.l[None, :] if module.feedforward else module.l[:, None]
+    return flip_layout(flip_layout(weight, site) * factor, site).to(weight.dtype)
+
+
+def fold_ia3_bias(module: Ia3Weights, site: Site, bias: torch.Tensor) -> torch.Tensor:
+    """The output scaling scales the bias too; an input scaling leaves it alone."""
+    return bias if module.feedforward else (bias * module.l).to(bias.dtype)
+
+
+def insert_ia3(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Multiply every targeted linear op's output by l, or its input for the `feedforward` subset."""
+    config: Ia3Config = ctx.entry
+    sites = select_sites(ctx, config, kinds=("linear",))
+    check_one_rewrite_per_weight(gm, ctx, sites)
+    feedforward = _feedforward_paths(ctx, config, sites)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    result = PassResult(modified=False)
+    for site in sites:
+        weight = ctx.base_params[site.param]
+        module, created = adapters.get_or_create(
+            ctx.adapter_root, site.path, ctx.slot, lambda: Ia3Weights(site, weight, site.path in feedforward))
+        _rewrite_site(gm, nodes[site.node], site, ctx, module.feedforward)
+        result.modified = True
+        result.sites.append(site.path)
+        if created:
+            result.params_added[adapters.target(site.path, ctx.slot, "l")[len(adapters.ROOT) + 1:]] = module.l.numel()
+    return result
+
+
+def _feedforward_paths(ctx: PassContext, config: Ia3Config, sites: list[Site]) -> set[str]:
+    """Paths of the targeted sites that `feedforward` names; each of its patterns must name one."""
+    for i, pattern in enumerate(config.feedforward):
+        if not any(matches_any([pattern], s.path) for s in sites):
+            raise SpecError(
+                f"adapters[{ctx.entry_index}].feedforward[{i}]: {pattern!r} matches none of the sites this entry's "
+                f"targets select ({', '.join(repr(s.path) for s in sites[:3])}, ...); feedforward must be a subset "
+                "of targets")
+    return {s.path for s in sites if matches_any(config.feedforward, s.path)}
+
+
+def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, feedforward: bool) -> None:
+    tag = {"pass": "insert_ia3", "method": "ia3", "site": site.path, "slot": ctx.slot, "entry": ctx.entry_index}
+    l_target = adapters.target(site.path, ctx.slot, "l")
+    if feedforward:  # scale the input just before the op
+        x = node.args[site.input_index]
+        ins = Inserter(gm, node.prev, tag)
+        ins.module_stack = node.meta.get("nn_module_stack")
+        scaled = ins.call(aten.mul.Tensor, x, ins.get_attr(l_target))
+        scaled.meta["peftc"]["role"] = "output"
+        node.update_arg(site.input_index, scaled)
+        return
+    users = list(node.users)
+    ins = Inserter(gm, node, tag)
+    out = ins.call(aten.mul.Tensor, node, ins.get_attr(l_target))
+    out.meta["peftc"]["role"] = "output"
+    redirect_users(users, node, out)

@@ -1,0 +1,106 @@
+"""insert_loha: add a Hadamard product of two low-rank pairs: y = W x + op(x, s·(W1a W1b) ⊙ (W2a W2b))."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc import adapters
+from peftc.fields import optional_pattern_list, pattern_list, positive_int, positive_number, probability
+from peftc.graph_edit import Inserter
+from peftc.pipeline import PassContext, PassResult
+from peftc.sites import Site
+
+from ._conflicts import check_one_rewrite_per_weight
+from ._site_selection import select_sites
+from ._weight_ops import add_delta_op, flip_layout, maybe_dropout, out_in_shape
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LohaConfig:
+    """LoHa (FedPara, Hyeon-Woo et al., 2022) as HF PEFT's LoHa; `dropout` drops the op's input."""
+
+    method = "loha"
+    targets: tuple = field(metadata={"check": pattern_list})
+    r: int = field(default=8, metadata={"check": positive_int})
+    alpha: float = field(default=8, metadata={"check": positive_number})
+    dropout: float = field(default=0.0, metadata={"check": probability})
+    exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+class LohaWeights(nn.Module):
+    """hada_w1_a, hada_w2_a (out x r) and hada_w1_b, hada_w2_b (r x in·kernel), named and shaped as HF PEFT's."""
+
+    def __init__(self, site: Site, weight: torch.Tensor, config: LohaConfig):
+        super().__init__()
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.shape = out_in_shape(weight, site)
+        out_dim, in_dim, r = self.shape[0], math.prod(self.shape[1:]), config.r
+        self.hada_w1_a = nn.Parameter(torch.empty(out_dim, r, **factory))
+        self.hada_w1_b = nn.Parameter(torch.empty(r, in_dim, **factory))
+        self.hada_w2_a = nn.Parameter(torch.empty(out_dim, r, **factory))
+        self.hada_w2_b = nn.Parameter(torch.empty(r, in_dim, **factory))
+        self.scale = config.scale
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.hada_w1_a.is_meta:
+            return
+        for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a):  # as HF PEFT: the update starts at zero
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        nn.init.zeros_(self.hada_w2_b)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·(W1a W1b) ⊙ (W2a W2b), shaped [out, in, *kernel]."""
+        hadamard = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
+        return (hadamard * self.scale).reshape(self.shape)
+
+
+def fold_loha(module: LohaWeights, site: Site, weight: torch.Tensor) -> torch.Tensor:
+    return weight + flip_layout(module.delta_weight(), site).to(weight.dtype)
+
+
+def insert_loha(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Add op(x, s·(W1a W1b) ⊙ (W2a W2b)) to the output of every targeted linear or conv op."""
+    config: LohaConfig = ctx.entry
+    sites = select_sites(ctx, config, kinds=("linear", "conv"))
+    check_one_rewrite_per_weight(gm, ctx, sites)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    result = PassResult(modified=False)
+    for site in sites:
+        weight = ctx.base_params[site.param]
+        module, created = adapters.get_or_create(
+            ctx.adapter_root, site.path, ctx.slot, lambda: LohaWeights(site, weight, config))
+        _rewrite_site(gm, nodes[site.node], site, ctx, module, config)
+        result.modified = True
+        result.sites.append(site.path)
+        if created:
+            for name, p in module.named_parameters():
+                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
+    return result
+
+
+def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: LohaWeights,
+                  config: LohaConfig) -> None:
+    users = list(node.users)
+    tag = {"pass": "insert_loha", "method": "loha", "site": site.path, "slot": ctx.slot, "entry": ctx.entry_index}
+    ins = Inserter(gm, node, tag)
+    w = {name: ins.get_attr(adapters.target(site.path, ctx.slot, name))
+         for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+    first = ins.call(aten.mm.default, w["hada_w1_a"], w["hada_w1_b"])
+    second = ins.call(aten.mm.default, w["hada_w2_a"], w["hada_w2_b"])
+    delta = ins.call(aten.mul.Tensor, ins.call(aten.mul.Tensor, first, second), config.scale)
+    delta = ins.call(aten.view.default, delta, list(module.shape))
+    x = maybe_dropout(ins, node.args[site.input_index], config.dropout)
+    add_delta_op(ins, node, site, x, delta, users)

@@ -1,0 +1,141 @@
+"""insert_lokr: add a Kronecker-product update: y = W x + op(x, s·kron(W1, W2a W2b))."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc import adapters
+from peftc.fields import optional_pattern_list, pattern_list, positive_int, positive_number, probability
+from peftc.graph_edit import Inserter
+from peftc.pipeline import PassContext, PassResult
+from peftc.sites import Site
+
+from ._conflicts import check_one_rewrite_per_weight
+from ._site_selection import select_sites
+from ._weight_ops import add_delta_op, flip_layout, maybe_dropout, out_in_shape
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LokrConfig:
+    """LoKr (Edalati et al., 2022; LyCORIS) as HF PEFT's LoKr; `dropout` drops the op's input."""
+
+    method = "lokr"
+    targets: tuple = field(metadata={"check": pattern_list})
+    r: int = field(default=8, metadata={"check": positive_int})
+    alpha: float = field(default=8, metadata={"check": positive_number})
+    dropout: float = field(default=0.0, metadata={"check": probability})
+    exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+def factorization(dimension: int) -> tuple[int, int]:
+    """(m, n), m <= n, m·n = dimension, n as close to sqrt(dimension) as divisors allow (HF PEFT / LyCORIS rule)."""
+    m, n = 1, dimension
+    length = m + n  # LyCORIS compares with the first pair's sum; kept for identical shapes
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+class LokrWeights(nn.Module):
+    """lokr_w1 (out_l x in_m) and lokr_w2 (out_k x in_n·kernel), the latter as lokr_w2_a @ lokr_w2_b when
+    r < max(out_k, in_n) / 2, exactly as HF PEFT decides (with decompose_both off)."""
+
+    def __init__(self, site: Site, weight: torch.Tensor, config: LokrConfig):
+        super().__init__()
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.shape = out_in_shape(weight, site)
+        (out_l, out_k), (in_m, in_n) = factorization(self.shape[0]), factorization(self.shape[1])
+        kernel = self.shape[2:]
+        self.lokr_w1 = nn.Parameter(torch.empty(out_l, in_m, **factory))
+        if config.r < max(out_k, in_n) / 2:
+            self.lokr_w2_a = nn.Parameter(torch.empty(out_k, config.r, **factory))
+            self.lokr_w2_b = nn.Parameter(torch.empty(config.r, in_n * math.prod(kernel), **factory))
+        else:
+            self.lokr_w2 = nn.Parameter(torch.empty(out_k, in_n, *kernel, **factory))
+        self.scale = config.scale
+        self.reset_parameters()
+
+    @property
+    def low_rank(self) -> bool:
+        return "lokr_w2_a" in self._parameters
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.lokr_w1.is_meta:
+            return
+        nn.init.zeros_(self.lokr_w1)  # as HF PEFT: the update starts at zero
+        for name, p in self.named_parameters():
+            if name != "lokr_w1":
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·kron(W1, W2), shaped [out, in, *kernel]."""
+        w2 = self.lokr_w2_a @ self.lokr_w2_b if self.low_rank else self.lokr_w2.flatten(1)
+        return (torch.kron(self.lokr_w1, w2) * self.scale).reshape(self.shape)
+
+
+def fold_lokr(module: LokrWeights, site: Site, weight: torch.Tensor) -> torch.Tensor:
+    return weight + flip_layout(module.delta_weight(), site).to(weight.dtype)
+
+
+def insert_lokr(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Add op(x, s·kron(W1, W2)) to the output of every targeted linear or conv op."""
+    config: LokrConfig = ctx.entry
+    sites = select_sites(ctx, config, kinds=("linear", "conv"))
+    check_one_rewrite_per_weight(gm, ctx, sites)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    result = PassResult(modified=False)
+    for site in sites:
+        weight = ctx.base_params[site.param]
+        module, created = adapters.get_or_create(
+            ctx.adapter_root, site.path, ctx.slot, lambda: LokrWeights(site, weight, config))
+        _rewrite_site(gm, nodes[site.node], site, ctx, module, config)
+        result.modified = True
+        result.sites.append(site.path)
+        if created:
+            for name, p in module.named_parameters():
+                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
+    return result
+
+
+def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: LokrWeights,
+                  config: LokrConfig) -> None:
+    users = list(node.users)
+    tag = {"pass": "insert_lokr", "method": "lokr", "site": site.path, "slot": ctx.slot, "entry": ctx.entry_index}
+    ins = Inserter(gm, node, tag)
+    attr = lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name))  # noqa: E731
+    w1 = attr("lokr_w1")
+    if module.low_rank:
+        w2 = ins.call(aten.mm.default, attr("lokr_w2_a"), attr("lokr_w2_b"))
+    else:
+        w2 = ins.call(aten.view.default, attr("lokr_w2"), [module.lokr_w2.shape[0], -1])
+    delta = ins.call(aten.mul.Tensor, _kron(ins, w1, w2, module), config.scale)
+    delta = ins.call(aten.view.default, delta, list(module.shape))
+    x = maybe_dropout(ins, node.args[site.input_index], config.dropout)
+    add_delta_op(ins, node, site, x, delta, users)
+
+
+def _kron(ins: Inserter, w1, w2, module: LokrWeights):
+    """kron(W1 [a, c], W2 [b, d]) = (W1[:, None, :, None] · W2[None, :, None, :]).view(a·b, c·d), in plain ops."""
+    (a, c), b = module.lokr_w1.shape, (module.lokr_w2_a if module.low_rank else module.lokr_w2).shape[0]
+    d = math.prod(module.shape[1:]) // c
+    outer = ins.call(aten.mul.Tensor, ins.call(aten.view.default, w1, [a, 1, c, 1]),
+                     ins.call(aten.view.default, w2, [1, b, 1, d]))
+    return ins.call(aten.view.default, outer, [a * b, c * d])
