@@ -3,8 +3,8 @@
     python examples/finetune_lora.py [--out out/adapter]
 
 1. A tiny LLaMA-style model learns task A (copy a digit string) from generated data.
-2. peftc compiles it with a LoRA spec; only the adapters train, on task B (reverse the
-   string). The held-out exact-match accuracy on task B is printed before and after.
+2. peftc compiles it with a LoRA spec; only the adapters train, on task B (copy the
+   string with every digit plus one, mod 10). The held-out exact-match accuracy on task B is printed before and after.
 3. The report, the trainable fraction, the adapter checkpoint, and a check that the
    merged model gives the same answers.
 """
@@ -21,14 +21,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import peftc
 
 DIGITS, LENGTH = 10, 6
-COPY, REVERSE = DIGITS, DIGITS + 1  # task tokens placed between question and answer
+COPY, SHIFT = DIGITS, DIGITS + 1  # task tokens placed between question and answer
 VOCAB = DIGITS + 2
 
 
 def make_batch(task: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """[question digits] [task token] [answer digits]: the answer is the copy or the reverse."""
+    """[question digits] [task token] [answer digits]: the answer is the copy, or the copy plus one."""
     question = torch.randint(0, DIGITS, (batch, LENGTH), generator=generator)
-    answer = question if task == COPY else question.flip(1)
+    answer = question if task == COPY else (question + 1) % DIGITS
     return torch.cat([question, torch.full((batch, 1), task), answer], dim=1)
 
 
@@ -84,24 +84,24 @@ def main() -> None:
                          num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=32)
     base = LlamaForCausalLM(config)
     train(base, COPY, args.base_steps, lr=3e-3, seed=0, desc="base model, task A (copy)")
-    print(f"base model: task A accuracy {exact_match(base, COPY):.1%}, task B accuracy {exact_match(base, REVERSE):.1%}")
+    print(f"base model: task A accuracy {exact_match(base, COPY):.1%}, task B accuracy {exact_match(base, SHIFT):.1%}")
 
     spec = peftc.Spec.from_dict({"adapters": [{
         "method": "lora", "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "r": 8, "alpha": 16}]})
     cm = peftc.compile(base, spec)
-    before = exact_match(cm, REVERSE)
-    train(cm, REVERSE, args.lora_steps, lr=1e-2, seed=1, desc="LoRA, task B (reverse)")
-    after = exact_match(cm, REVERSE)
+    before = exact_match(cm, SHIFT)
+    train(cm, SHIFT, args.lora_steps, lr=1e-2, seed=1, desc="LoRA, task B (plus one)")
+    after = exact_match(cm, SHIFT)
 
     report = cm.report()
     print(report)
     print(f"\ntrainable parameters: {report.totals['trainable_params']:,} of {report.totals['total_params']:,} "
           f"({report.totals['trainable_fraction']:.2%})")
-    print(f"held-out task B (reverse) exact match: before LoRA {before:.1%}, after LoRA {after:.1%}")
+    print(f"held-out task B (plus one) exact match: before LoRA {before:.1%}, after LoRA {after:.1%}")
     path = cm.save_adapter(args.out)
     merged = cm.merged()
-    print(f"merged model task B accuracy: {exact_match(merged, REVERSE):.1%} (adapters folded into the weights)")
+    print(f"merged model task B accuracy: {exact_match(merged, SHIFT):.1%} (adapters folded into the weights)")
     print(f"adapter saved to {path}/ ({sum(f.stat().st_size for f in path.iterdir()):,} bytes); "
           f"total time {time.perf_counter() - start:.0f} s")
 

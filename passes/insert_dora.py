@@ -16,6 +16,7 @@ from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
 from ._conflicts import check_one_rewrite_per_weight
+from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._weight_ops import bias_node, maybe_dropout, flip_layout, weight_out_in
 
@@ -76,25 +77,13 @@ def insert_dora(gm: GraphModule, ctx: PassContext) -> PassResult:
     config: DoraConfig = ctx.entry
     sites = select_sites(ctx, config, kinds=("linear",))
     check_one_rewrite_per_weight(gm, ctx, sites)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    result = PassResult(modified=False)
-    for site in sites:
-        weight = ctx.base_params[site.param]
-        module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: DoraWeights(site, weight, config))
-        _rewrite_site(gm, nodes[site.node], site, ctx, config)
-        result.modified = True
-        result.sites.append(site.path)
-        if created:
-            for name, p in module.named_parameters():
-                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
-    return result
+    return rewrite_sites(gm, ctx, sites, lambda site, weight: DoraWeights(site, weight, config),
+                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
 
 
 def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: DoraConfig) -> None:
     users = list(node.users)
-    tag = {"pass": "insert_dora", "method": "dora", "site": site.path, "slot": ctx.slot, "entry": ctx.entry_index}
-    ins = Inserter(gm, node, tag)
+    ins = site_inserter(gm, node, site, ctx, "insert_dora")
     a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))
     b = ins.get_attr(adapters.target(site.path, ctx.slot, "B"))
     magnitude = ins.get_attr(adapters.target(site.path, ctx.slot, "magnitude"))

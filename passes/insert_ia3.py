@@ -17,6 +17,7 @@ from peftc.sites import Site
 from peftc.targets import matches_any
 
 from ._conflicts import check_one_rewrite_per_weight
+from ._per_site import rewrite_sites
 from ._site_selection import select_sites
 from ._weight_ops import flip_layout
 
@@ -60,18 +61,8 @@ def insert_ia3(gm: GraphModule, ctx: PassContext) -> PassResult:
     sites = select_sites(ctx, config, kinds=("linear",))
     check_one_rewrite_per_weight(gm, ctx, sites)
     feedforward = _feedforward_paths(ctx, config, sites)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    result = PassResult(modified=False)
-    for site in sites:
-        weight = ctx.base_params[site.param]
-        module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: Ia3Weights(site, weight, site.path in feedforward))
-        _rewrite_site(gm, nodes[site.node], site, ctx, module.feedforward)
-        result.modified = True
-        result.sites.append(site.path)
-        if created:
-            result.params_added[adapters.target(site.path, ctx.slot, "l")[len(adapters.ROOT) + 1:]] = module.l.numel()
-    return result
+    return rewrite_sites(gm, ctx, sites, lambda site, weight: Ia3Weights(site, weight, site.path in feedforward),
+                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, module.feedforward))
 
 
 def _feedforward_paths(ctx: PassContext, config: Ia3Config, sites: list[Site]) -> set[str]:

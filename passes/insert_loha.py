@@ -11,11 +11,11 @@ from torch.fx import GraphModule
 
 from peftc import adapters
 from peftc.fields import optional_pattern_list, pattern_list, positive_int, positive_number, probability
-from peftc.graph_edit import Inserter
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
 from ._conflicts import check_one_rewrite_per_weight
+from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._weight_ops import add_delta_op, flip_layout, maybe_dropout, out_in_shape
 
@@ -76,26 +76,14 @@ def insert_loha(gm: GraphModule, ctx: PassContext) -> PassResult:
     config: LohaConfig = ctx.entry
     sites = select_sites(ctx, config, kinds=("linear", "conv"))
     check_one_rewrite_per_weight(gm, ctx, sites)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    result = PassResult(modified=False)
-    for site in sites:
-        weight = ctx.base_params[site.param]
-        module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: LohaWeights(site, weight, config))
-        _rewrite_site(gm, nodes[site.node], site, ctx, module, config)
-        result.modified = True
-        result.sites.append(site.path)
-        if created:
-            for name, p in module.named_parameters():
-                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
-    return result
+    return rewrite_sites(gm, ctx, sites, lambda site, weight: LohaWeights(site, weight, config),
+                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, module, config))
 
 
 def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: LohaWeights,
                   config: LohaConfig) -> None:
     users = list(node.users)
-    tag = {"pass": "insert_loha", "method": "loha", "site": site.path, "slot": ctx.slot, "entry": ctx.entry_index}
-    ins = Inserter(gm, node, tag)
+    ins = site_inserter(gm, node, site, ctx, "insert_loha")
     w = {name: ins.get_attr(adapters.target(site.path, ctx.slot, name))
          for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
     first = ins.call(aten.mm.default, w["hada_w1_a"], w["hada_w1_b"])

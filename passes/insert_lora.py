@@ -12,12 +12,13 @@ from torch.fx import GraphModule
 from peftc import adapters
 from peftc.fields import (boolean, one_of, optional_pattern_list, pattern_list, pattern_map, positive_int,
                           positive_number, probability)
-from peftc.graph_edit import Inserter, redirect_users
+from peftc.graph_edit import redirect_users
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 from peftc.targets import matches
 
 from ._conflicts import check_one_rewrite_per_weight
+from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 
 aten = torch.ops.aten
@@ -117,26 +118,13 @@ def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     config: LoraConfig = ctx.entry
     sites = select_sites(ctx, config, kinds=("linear",) if config.gate else ("linear", "conv", "embedding"))
     check_one_rewrite_per_weight(gm, ctx, sites)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    result = PassResult(modified=False)
-    for site in sites:
-        weight = ctx.base_params[site.param]
-        module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: LoraWeights(site, weight, config))
-        _rewrite_site(gm, nodes[site.node], site, ctx, config)
-        result.modified = True
-        result.sites.append(site.path)
-        if created:
-            for name, p in module.named_parameters():
-                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
-    return result
+    return rewrite_sites(gm, ctx, sites, lambda site, weight: LoraWeights(site, weight, config),
+                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
 
 
 def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: LoraConfig) -> None:
     users = list(node.users)
-    tag = {"pass": "insert_lora", "method": "lora", "site": site.path, "slot": ctx.slot,
-           "entry": ctx.entry_index}
-    ins = Inserter(gm, node, tag, meta_cache=ctx.state.setdefault("meta_cache", {}))
+    ins = site_inserter(gm, node, site, ctx, "insert_lora")
     a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))
     b = ins.get_attr(adapters.target(site.path, ctx.slot, "B"))
     x = node.args[site.input_index]

@@ -10,11 +10,11 @@ from torch.fx import GraphModule
 
 from peftc import adapters
 from peftc.fields import fraction, non_negative_int, one_of, optional_pattern_list, pattern_list
-from peftc.graph_edit import Inserter
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
 from ._conflicts import check_one_rewrite_per_weight
+from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._weight_ops import add_delta_op
 
@@ -71,25 +71,13 @@ def insert_mask(gm: GraphModule, ctx: PassContext) -> PassResult:
     config: MaskConfig = ctx.entry
     sites = select_sites(ctx, config, kinds=("linear", "conv", "embedding"))
     check_one_rewrite_per_weight(gm, ctx, sites)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    result = PassResult(modified=False)
-    for site in sites:
-        weight = ctx.base_params[site.param]
-        module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: MaskWeights(site, weight, config))
-        _rewrite_site(gm, nodes[site.node], site, ctx, module)
-        result.modified = True
-        result.sites.append(site.path)
-        if created:
-            result.params_added[adapters.target(site.path, ctx.slot, "values")[len(adapters.ROOT) + 1:]] = (
-                module.values.numel())
-    return result
+    return rewrite_sites(gm, ctx, sites, lambda site, weight: MaskWeights(site, weight, config),
+                         _rewrite_site)
 
 
 def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: MaskWeights) -> None:
     users = list(node.users)
-    tag = {"pass": "insert_mask", "method": "mask", "site": site.path, "slot": ctx.slot, "entry": ctx.entry_index}
-    ins = Inserter(gm, node, tag)
+    ins = site_inserter(gm, node, site, ctx, "insert_mask")
     values = ins.get_attr(adapters.target(site.path, ctx.slot, "values"))
     indices = ins.get_attr(adapters.target(site.path, ctx.slot, "indices"))
     flat = ins.call(aten.new_zeros.default, values, [_numel(module)])

@@ -11,11 +11,12 @@ from torch.fx import GraphModule
 
 from peftc import adapters
 from peftc.fields import finite_number, non_negative_int, optional_pattern_list, pattern_list, positive_int, probability
-from peftc.graph_edit import Inserter, redirect_users
+from peftc.graph_edit import redirect_users
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
 from ._conflicts import check_one_rewrite_per_weight
+from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._weight_ops import flip_layout, maybe_dropout
 
@@ -86,25 +87,13 @@ def insert_vera(gm: GraphModule, ctx: PassContext) -> PassResult:
     first_weight = ctx.base_params[sites[0].param]
     projections, _ = adapters.get_or_create(ctx.adapter_root, "", ctx.slot, lambda: VeraProjections(
         config.r, max(s.in_features for s in sites), max(s.out_features for s in sites), config.seed, first_weight))
-    nodes = {n.name: n for n in gm.graph.nodes}
-    result = PassResult(modified=False)
-    for site in sites:
-        weight = ctx.base_params[site.param]
-        module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: VeraWeights(site, weight, config, projections))
-        _rewrite_site(gm, nodes[site.node], site, ctx, config)
-        result.modified = True
-        result.sites.append(site.path)
-        if created:
-            for name, p in module.named_parameters():
-                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
-    return result
+    return rewrite_sites(gm, ctx, sites, lambda site, weight: VeraWeights(site, weight, config, projections),
+                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
 
 
 def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: VeraConfig) -> None:
     users = list(node.users)
-    tag = {"pass": "insert_vera", "method": "vera", "site": site.path, "slot": ctx.slot, "entry": ctx.entry_index}
-    ins = Inserter(gm, node, tag)
+    ins = site_inserter(gm, node, site, ctx, "insert_vera")
     a = ins.call(aten.slice.Tensor, ins.get_attr(adapters.target("", ctx.slot, "A")), 1, 0, site.in_features)
     b = ins.call(aten.slice.Tensor, ins.get_attr(adapters.target("", ctx.slot, "B")), 0, 0, site.out_features)
     lambda_d = ins.get_attr(adapters.target(site.path, ctx.slot, "lambda_d"))

@@ -10,6 +10,7 @@ from peftc import adapters
 from peftc.graph_edit import erase_nodes, provenance
 from peftc.pipeline import PassContext, PassResult
 
+from . import _merge_quantized
 from ._weight_ops import bias_param
 
 
@@ -37,22 +38,28 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
         _refuse_shared_weight(gm, site)
         if precomputed is None:
             module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
-            base = merged.get(site.param, gm.get_parameter(site.param))
+            base = merged.get(site.param)
+            if base is None:
+                base = (_merge_quantized.base_weight(ctx, site) if _merge_quantized.is_quantized(ctx, site.param)
+                        else gm.get_parameter(site.param))
             with torch.no_grad():
                 merged[site.param] = method.fold(module, site, base).detach()
                 if method.fold_bias is not None:
                     _fold_bias(gm, site, method, module, merged)
-        output = next(n for n in group if provenance(n).get("role") == "output")
-        output.replace_all_uses_with(output.args[0])
+        # One output per op reading the weight: a layer called twice has two.
+        for output in [n for n in group if provenance(n).get("role") == "output"]:
+            output.replace_all_uses_with(output.args[0])
         erase_nodes(gm, group)
         result.modified = True
         result.sites.append(site.path)
     final = merged if precomputed is None else precomputed
+    final, quantized_notes = _merge_quantized.settle(gm, ctx, final)  # no-op without a quantized base
     for name, value in final.items():
         _set_parameter(gm, name, value)
     ctx.state["merged"] = final
     _drop_adapter_tree_if_unused(gm)
-    result.notes = [f"kept as graph ops (not mergeable): {k}" for k in kept]
+    result.notes = [f"kept as graph ops (not mergeable): {k}" for k in kept] + quantized_notes
+    result.modified = result.modified or bool(quantized_notes)
     return result
 
 

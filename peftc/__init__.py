@@ -5,11 +5,30 @@
 
 from .compiled import CompiledModel, GraphDispatch
 from .compiler import compile
-from .errors import CaptureError, CheckpointError, SpecError
+from .errors import CaptureError, CheckpointError, ExportError, SpecError
 from .interop import from_peft
 from .spec import Spec
 
 __version__ = "0.1.0"
 
+
+def export_onnx(cm, path, *, merge=True, quantize=None, example_inputs=None, opset=None, block_size=32):
+    """Export a CompiledModel to ONNX: merged, quantized ("int8" | "int4"), or with LoRA inputs (merge=False).
+
+    Imported lazily: the ONNX tooling is heavy and only export needs it.
+    """
+    from peftc.codegen.onnx import export_onnx as export
+
+    return export(cm, path, merge=merge, quantize=quantize, example_inputs=example_inputs, opset=opset,
+                  block_size=block_size)
+
+
+def export_adapter(cm_or_adapter_dir, path):
+    """Write a LoRA adapter in ONNX Runtime's adapter format (see peftc.codegen.onnx.export_adapter)."""
+    from peftc.codegen.onnx import export_adapter as export
+
+    return export(cm_or_adapter_dir, path)
+
+
 __all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CheckpointError",
-           "from_peft"]
+           "ExportError", "from_peft", "export_onnx", "export_adapter"]

@@ -18,6 +18,7 @@ EXIT_USAGE = 2
 
 SUBCOMMANDS = {
     "inspect": "peftc.cli_inspect",
+    "export": "peftc.cli_export",
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .dot import GraphvizNotFoundError
-from .errors import CaptureError, CheckpointError, SpecError
+from .errors import CaptureError, CheckpointError, ExportError, SpecError
 from .inspect_graph import ScopeError
 
 FACTORY_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -28,8 +28,8 @@ class UsageError(ValueError):
     """Command-line input peftc cannot use; the message says what to pass instead."""
 
 
-EXPECTED_ERRORS = (SpecError, CaptureError, CheckpointError, ScopeError, GraphvizNotFoundError, UsageError,
-                   FileNotFoundError)
+EXPECTED_ERRORS = (SpecError, CaptureError, CheckpointError, ExportError, ScopeError, GraphvizNotFoundError,
+                   UsageError, FileNotFoundError)
 
 
 @dataclass

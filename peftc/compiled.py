@@ -9,7 +9,7 @@ the same base weights and the same adapter parameters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -97,9 +97,22 @@ class CompiledModel(GraphDispatch):
         return self
 
     # -- derived modules and views -----------------------------------------------------
-    def merged(self) -> GraphDispatch:
-        """A plain module with every mergeable adapter folded into its weight; this model is untouched."""
-        return self._merge_build()
+    def merged(self, *, dtype: torch.dtype | None = None, requantize: bool = False,
+               base_state_dict: dict | None = None) -> GraphDispatch:
+        """A plain module with every mergeable adapter folded into its weight; this model is untouched.
+
+        On a quantized base (spec `quantize`): quantized weights come back in full precision,
+        dequantized W + ΔW, stored in `dtype` (default: the model's weight dtype);
+        `requantize=True` packs W + ΔW again and sets `.requantization` on the result (how much
+        of the adapters' effect survived); `base_state_dict` (the original model's state_dict())
+        folds into the original W instead of the dequantized one.
+        """
+        options = {k: v for k, v in (("dtype", dtype), ("requantize", requantize),
+                                     ("base_state_dict", base_state_dict)) if v not in (None, False)}
+        if options and self.spec.quantize is None:
+            raise ValueError(f"merged({', '.join(options)}=...) applies to a quantized base; "
+                             "this model's spec has no 'quantize' section")
+        return self._merge_build(**options)
 
     def report(self, scope: str | None = None):
         """What the passes did (from their records); `scope` keeps the site rows under one module path."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
@@ -19,7 +18,7 @@ from .pipeline import PassContext, PassRecord, Step, run_pipeline
 from .sites import Site, find_sites
 from .spec import Spec
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
 def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_kwargs: dict | None = None,
@@ -34,28 +33,45 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     args, kwargs = example_call(model, example_inputs, example_kwargs)
     saved = _user_state(model)
     adapter_root = nn.Module()
+    shared: dict = {}  # what passes hand to the same pass on other graphs (quantize_base's packed weights)
     try:
         gm, records, sites = build_graph(model, spec, adapter_root, args, kwargs, dynamic_shapes,
-                                         dump_dir=Path(dump_dir) if dump_dir is not None else None)
+                                         dump_dir=Path(dump_dir) if dump_dir is not None else None,
+                                         backend=backend, state=shared)
     except BaseException:
         _restore(model, saved)
         raise
+    source = _recapture_source(model, gm, shared)
 
     def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
-        return build_graph(model, spec, adapter_root, call_args, call_kwargs)[0]
+        return build_graph(source, spec, adapter_root, call_args, call_kwargs, backend=backend, state=shared)[0]
 
-    def merge_build() -> GraphDispatch:
-        state: dict = {}
+    def merge_build(**options) -> GraphDispatch:
+        state: dict = {**shared, "merge_options": options}
 
         def build_merged(call_args: tuple, call_kwargs: dict) -> GraphModule:
-            return build_graph(model, spec, adapter_root, call_args, call_kwargs, merge=True, state=state)[0]
+            return build_graph(source, spec, adapter_root, call_args, call_kwargs, merge=True, state=state)[0]
 
-        return GraphDispatch(model, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged,
-                             training=cm.training)
+        merged = GraphDispatch(source, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged,
+                               training=cm.training)
+        if "requantization" in state:
+            merged.requantization = state["requantization"]
+        return merged
 
-    cm = CompiledModel(model, gm, CallSignature.of(args, kwargs), build, training=saved["training"], spec=spec,
+    cm = CompiledModel(source, gm, CallSignature.of(args, kwargs), build, training=saved["training"], spec=spec,
                        records=records, sites=sites, adapter_root=adapter_root, merge_build=merge_build)
     return cm
+
+
+def _recapture_source(model: nn.Module, gm: GraphModule, shared: dict) -> nn.Module:
+    """The model later graphs are captured from: the user's, minus the weights quantize_base packed away."""
+    from peftc.passes.quantize_base import STATE_KEY
+    from .quantized import quantized_weights, without_quantized_weights
+
+    if STATE_KEY not in shared:
+        return model
+    kept = dict(gm.named_parameters(remove_duplicate=False))
+    return without_quantized_weights(model, [p for p in quantized_weights(shared[STATE_KEY]) if p not in kept])
 
 
 def as_spec(spec: Any) -> Spec:
@@ -80,22 +96,31 @@ def example_call(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
     return normalize_call(model, example_inputs, dict(example_kwargs or {}))
 
 
-def plan(spec: Spec, merge: bool) -> list[Step]:
+def plan(spec: Spec, merge: bool, backend: str = "torch") -> list[Step]:
     """The spec as an ordered list of passes."""
     from peftc.passes.freeze_params import freeze_params
     from peftc.passes.merge_adapters import merge_adapters
 
-    steps = [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
-             for i, entry in enumerate(spec.adapters)]
+    steps = []
+    if spec.quantize is not None:  # first: adapters then see the quantized base
+        from peftc.passes.quantize_base import quantize_base
+
+        steps.append(Step("quantize_base", quantize_base))
+    steps += [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
+              for i, entry in enumerate(spec.adapters)]
     steps.append(Step("freeze_params", freeze_params))
     if merge:
         steps.append(Step("merge_adapters", merge_adapters))
+    elif backend == "triton":  # a merged graph has no LoRA branch left to fuse
+        from peftc.passes.lower_lora_triton import lower_lora_triton
+
+        steps.append(Step("lower_lora_triton", lower_lora_triton))
     return steps
 
 
 def build_graph(model: nn.Module, spec: Spec, adapter_root: nn.Module, args: tuple, kwargs: dict,
                 dynamic_shapes: Any = None, *, merge: bool = False, state: dict | None = None,
-                dump_dir: Path | None = None) -> tuple[GraphModule, list[PassRecord], list[Site]]:
+                dump_dir: Path | None = None, backend: str = "torch") -> tuple[GraphModule, list[PassRecord], list[Site]]:
     """Capture one call signature and run the spec's passes on it."""
     gm = capture(model, args, kwargs, dynamic_shapes)
     record_modes(gm)
@@ -104,7 +129,7 @@ def build_graph(model: nn.Module, spec: Spec, adapter_root: nn.Module, args: tup
     adapters.mount(gm, adapter_root)
     ctx = PassContext(spec=spec, sites=sites, adapter_root=adapter_root, base_params=base_params,
                       state=state if state is not None else {})
-    records = run_pipeline(gm, plan(spec, merge), ctx, dump_dir)
+    records = run_pipeline(gm, plan(spec, merge, backend), ctx, dump_dir)
     return gm, records, sites
 
 

@@ -15,3 +15,7 @@ class CaptureError(ValueError):
 
 class CheckpointError(ValueError):
     """An adapter checkpoint is missing, truncated, or does not fit the compiled model."""
+
+
+class ExportError(ValueError):
+    """A model or option that ONNX export cannot handle; nothing is left at the target path."""

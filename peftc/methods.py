@@ -20,6 +20,7 @@ from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
 from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
 from peftc.passes.insert_vera import VeraConfig, fold_vera, insert_vera
+from peftc.passes.quantize_base import QuantizeConfig
 
 
 @dataclass(frozen=True)
@@ -64,4 +65,4 @@ METHODS: dict[str, Method] = {
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.
-QUANTIZE_CONFIG: Any = None
+QUANTIZE_CONFIG: Any = QuantizeConfig

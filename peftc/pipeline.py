@@ -55,7 +55,8 @@ class PassContext:
     entry_index: int | None = None
     slot: str | None = None
     frozen: bool = False  # set once freeze_params has run
-    state: dict = field(default_factory=dict)  # per-compile data passes hand to later passes
+    state: dict = field(default_factory=dict)  # per-compile data passes hand to later passes and graphs
+    graph_cache: dict = field(default_factory=dict)  # per-graph scratch (fake-tensor metadata of this capture)
 
     def sites_by_path(self) -> dict[str, list[Site]]:
         out: dict[str, list[Site]] = {}

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import adapters
+from . import adapters, quantized
 from .inspect_graph import in_scope, node_shape, select_nodes
 
 
@@ -54,6 +54,7 @@ class Report:
             + f", {t['adapter_bytes']:,} bytes",
             "base bytes        " + ", ".join(f"{k} {v:,}" for k, v in t["base_bytes_by_dtype"].items()),
             f"graph nodes       {t['graph_nodes_captured']:,} captured -> {t['graph_nodes']:,}",
+            *_quantized_line(t.get("quantized_base")),
             "",
             _table(["#", "pass", "time ms", "changed", "sites", "params added", "nodes"],
                    [[p["index"], p["name"] + (f"[{p['entry']}]" if p["entry"] is not None else ""),
@@ -128,6 +129,13 @@ def _json_shape(shape: tuple | None) -> list | None:
     return None if shape is None else list(shape)
 
 
+def _quantized_line(q: dict | None) -> list[str]:
+    if not q:
+        return []
+    return [f"quantized base: {'+'.join(q['formats'])}, {q['weights']} weights, {q['params']:,} params in "
+            f"{q['bytes']:,} bytes ({q['ratio_vs_fp32']:.3f}x fp32, scales included)"]
+
+
 def _site_of(param_name: str, per_site: dict) -> str | None:
     best = None
     for path in per_site:
@@ -160,7 +168,9 @@ def _totals(cm) -> dict:
     for record in cm.records:
         if record.method is not None:
             by_method[record.method] = by_method.get(record.method, 0) + sum(record.params_added.values())
-    return {"trainable_params": trainable, "total_params": total,
+    quantized_base = quantized.summary(cm.graph_module)  # packed weights are buffers: count them here
+    total += quantized_base["params"] if quantized_base else 0
+    return {"trainable_params": trainable, "total_params": total, "quantized_base": quantized_base,
             "trainable_fraction": trainable / total if total else 0.0,
             "adapter_params": adapter_params, "adapter_params_by_method": by_method,
             "adapter_bytes": adapter_bytes, "base_bytes_by_dtype": base_bytes,

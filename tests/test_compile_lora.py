@@ -133,3 +133,23 @@ def test_model_output_structure_and_loss_are_kept():
     out, ref = cm(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids, use_cache=False)
     assert type(out) is type(ref)
     torch.testing.assert_close(out.loss, ref.loss)  # B starts at zero: same function as the base
+
+
+def test_layer_called_twice_shares_one_adapter_and_merges():
+    from torch import nn
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    model = Twice().eval()
+    cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["fc"], "r": 2}]},
+                       example_inputs=(torch.randn(3, 8),))
+    randomize_adapters(cm)
+    assert set(cm.adapter_state_dict()) == {"fc.lora.A", "fc.lora.B"}
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(cm.merged()(x), cm(x), rtol=0, atol=1e-5)

@@ -1,0 +1,45 @@
+"""The loop every per-site method shares: make (or reuse) a site's adapter weights, rewrite its op, record."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from peftc import adapters
+from peftc.graph_edit import Inserter
+from peftc.pipeline import PassContext, PassResult
+from peftc.sites import Site
+
+MakeWeights = Callable[[Site, torch.Tensor], nn.Module]  # (site, base weight) -> adapter module
+Rewrite = Callable[[GraphModule, Node, Site, PassContext, nn.Module], None]
+
+
+def rewrite_sites(gm: GraphModule, ctx: PassContext, sites: list[Site], make_weights: MakeWeights,
+                  rewrite: Rewrite) -> PassResult:
+    """Apply `rewrite` at every site, with the adapter module for (site, ctx.slot); record new parameters.
+
+    Adapter modules are shared by every graph built for the same compile (one per call
+    signature), so a module that already exists is reused and not counted again.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    result = PassResult(modified=False)
+    for site in sites:
+        module, created = adapters.get_or_create(
+            ctx.adapter_root, site.path, ctx.slot, lambda: make_weights(site, ctx.base_params[site.param]))
+        rewrite(gm, nodes[site.node], site, ctx, module)
+        result.modified = True
+        result.sites.append(site.path)
+        if created:
+            for name, param in module.named_parameters():
+                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = param.numel()
+    return result
+
+
+def site_inserter(gm: GraphModule, node: Node, site: Site, ctx: PassContext, pass_name: str) -> Inserter:
+    """An Inserter after `node` whose nodes are tagged with this pass, method, site, slot and entry."""
+    tag = {"pass": pass_name, "method": ctx.entry.method, "site": site.path, "slot": ctx.slot,
+           "entry": ctx.entry_index}
+    return Inserter(gm, node, tag, meta_cache=ctx.graph_cache.setdefault("meta_cache", {}))

@@ -1,0 +1,78 @@
+"""lower_lora_triton: replace each base matmul + LoRA branch by one fused peftc::lora_linear op."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.fx import GraphModule, Node
+
+from peftc.graph_edit import Inserter, erase_nodes
+from peftc.pipeline import PassContext, PassResult
+
+from ._lora_subgraph import LoraMatch, lora_groups, match_lora
+
+aten = torch.ops.aten
+FALLBACK_WARNING = ("peftc: backend='triton' found no CUDA device with Triton; the fused LoRA ops run "
+                    "their torch implementation (the Triton kernels run once inputs are on CUDA)")
+
+
+def lower_lora_triton(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Fuse x W^T + s (x A^T) B^T (W float or packed int8/int4/nf4) into one custom op per linear site."""
+    from peftc.codegen.triton import ops  # registers torch.ops.peftc.*
+
+    sites = {s.path: s for s in ctx.sites}
+    result = PassResult(modified=False)
+    lowered: dict[str, list[str]] = {}
+    kept: list[str] = []
+    for group in lora_groups(gm):
+        tag = group[0].meta["peftc"]
+        match = match_lora(gm, group, sites[tag["site"]], ctx.trainable)
+        if isinstance(match, str):
+            kept.append(f"{tag['site']} ({match})")
+            continue
+        op_name = _replace(gm, match)
+        backend = "triton" if ops.triton_ready(ctx.base_params[match.site.param].device) else "torch"
+        lowered.setdefault(f"{op_name}, backend {backend}", []).append(match.site.path)
+        result.modified = True
+        result.sites.append(match.site.path)
+    if any(key.endswith("backend torch") for key in lowered):
+        warnings.warn(FALLBACK_WARNING, stacklevel=2)
+    result.notes = _notes(lowered, kept)
+    return result
+
+
+def _replace(gm: GraphModule, match: LoraMatch) -> str:
+    tag = {key: match.tag[key] for key in ("method", "site", "slot", "entry")}
+    ins = Inserter(gm, match.output, {"pass": "lower_lora_triton", **tag, "role": "output"})
+    common = (match.bias, match.a, match.b, match.scale, match.x_lora)
+    packed = _packed_weight(match.weight)
+    if packed is not None and not match.transpose_weight:
+        qweight, scales, fmt, group_size, in_features = packed
+        fused = ins.call(torch.ops.peftc.lora_linear_q.default, match.x, qweight, scales, fmt, group_size,
+                         in_features, *common)
+        if len(match.weight.users) == 1:
+            match.erase.append(match.weight)
+    else:
+        weight = ins.call(aten.t.default, match.weight) if match.transpose_weight else match.weight
+        fused = ins.call(torch.ops.peftc.lora_linear.default, match.x, weight, *common)
+    match.output.replace_all_uses_with(fused)
+    erase_nodes(gm, match.erase)
+    return str(fused.target).replace(".default", "")
+
+
+def _packed_weight(weight: Node) -> tuple | None:
+    """(qweight, scales, format, group_size, in_features) if the weight is a peftc::dequantize_packed."""
+    if weight.op == "call_function" and weight.target == torch.ops.peftc.dequantize_packed.default:
+        return tuple(weight.args[:5])
+    return None
+
+
+def _notes(lowered: dict[str, list[str]], kept: list[str]) -> list[str]:
+    from peftc.report import group_paths
+
+    notes = [f"lowered to {key}: " + ", ".join(label for label, _ in group_paths(paths))
+             for key, paths in lowered.items()]
+    if kept:
+        notes.append("left as graph ops: " + ", ".join(kept))
+    return notes

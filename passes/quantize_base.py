@@ -1,0 +1,152 @@
+"""quantize_base: store targeted base linear weights packed (int8, int4, NF4) and dequantize in the graph."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from peftc import quantized
+from peftc.errors import SpecError
+from peftc.fields import boolean, one_of, optional_pattern_list, parse_dataclass, positive_int
+from peftc.graph_edit import Inserter, redirect_users
+from peftc.pipeline import PassContext, PassResult
+from peftc.sites import Site
+from peftc.targets import matches_any, select
+
+aten = torch.ops.aten
+DEFAULT_GROUP = 64
+STATE_KEY = "quantize_base"  # ctx.state[STATE_KEY]: the QuantizedWeight tree, shared by every graph
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """The spec's `quantize` section: how the frozen base's linear weights are stored."""
+
+    bits: int = field(default=4, metadata={"check": one_of(8, 4)})
+    format: str = field(default="int", metadata={"check": one_of("int", "nf4")})
+    group_size: int = field(default=DEFAULT_GROUP, metadata={"check": positive_int})
+    double_quant: bool = field(default=False, metadata={"check": boolean})
+    targets: tuple = field(default=(), metadata={"check": optional_pattern_list})  # () = every linear but the head
+    exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
+    compute_dtype: str = field(default="float32", metadata={"check": one_of(*quantized.DTYPES)})
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str) -> "QuantizeConfig":
+        config = parse_dataclass(cls, value, path)
+        if config.format == "nf4" and config.bits != 4:
+            raise SpecError(f"{path}.bits: format 'nf4' is a 4-bit code book; expected 4, got {config.bits}")
+        if config.bits == 8 and config.group_size != DEFAULT_GROUP:  # to_dict writes the default back: allowed
+            raise SpecError(f"{path}.group_size: int8 uses one scale per output channel; "
+                            "remove group_size or set bits to 4")
+        if config.bits == 8 and config.double_quant:
+            raise SpecError(f"{path}.double_quant: only 4-bit formats have per-group scales to quantize; "
+                            "set bits to 4 or double_quant to false")
+        if config.bits == 4 and config.group_size % 2:
+            raise SpecError(f"{path}.group_size: two 4-bit codes share a byte; expected an even number, "
+                            f"got {config.group_size}")
+        return config
+
+    def to_dict(self) -> dict:
+        return {f.name: list(getattr(self, f.name)) if isinstance(getattr(self, f.name), tuple)
+                else getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def format_name(self) -> str:
+        return "int8" if self.bits == 8 else ("nf4" if self.format == "nf4" else "int4")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return quantized.DTYPES[self.compute_dtype]
+
+
+def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Replace each targeted linear site by peftc.quantized_linear over packed buffers; drop the weight."""
+    config: QuantizeConfig = ctx.spec.quantize
+    root = ctx.state.setdefault(STATE_KEY, nn.Module())
+    if gm._modules.get(quantized.ROOT, root) is not root:
+        raise RuntimeError(f"the captured model already has a submodule named {quantized.ROOT!r}")
+    gm.add_module(quantized.ROOT, root)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    result = PassResult(modified=False)
+    for site in select_quantize_sites(ctx.sites, config):
+        module = quantized.weight_module(root, site.param)
+        if module is None:
+            module = quantized.QuantizedWeight.from_weight(_out_in(ctx.base_params[site.param], site), config)
+            quantized.put_weight(root, site.param, module)
+        new = _rewrite_site(gm, nodes[site.node], site, module, config)
+        ctx.sites[ctx.sites.index(site)] = dataclasses.replace(
+            site, node=new.name, op="peftc.quantized_linear", input_index=0)
+        _drop_weight_if_unread(gm, site.param)
+        result.modified = True
+        result.sites.append(site.path)
+    packed = quantized.summary(gm)
+    if packed:
+        result.notes.append(f"{config.format_name} base: {packed['weights']} weights packed in {packed['bytes']:,} "
+                            f"bytes, {packed['ratio_vs_fp32']:.3f}x their fp32 size")
+    return result
+
+
+def select_quantize_sites(sites: list[Site], config: QuantizeConfig) -> list[Site]:
+    """The linear sites `quantize.targets` selects (default: all but the last, the output head)."""
+    paths = list(dict.fromkeys(s.path for s in sites))
+    if config.targets:
+        chosen = set(select(config.targets, paths, "quantize.targets"))
+        wrong = [s for s in sites if s.path in chosen and s.kind != "linear"]
+        if wrong:
+            raise SpecError(f"quantize.targets: {wrong[0].path!r} is a {wrong[0].kind} site; quantize acts on "
+                            "linear sites only. Narrow the pattern or add it to quantize.exclude")
+        chosen_sites = [s for s in sites if s.path in chosen]
+    else:
+        linear = [s for s in sites if s.kind == "linear"]
+        chosen_sites = linear[:-1]  # the last linear op is the output head (LM head, classifier)
+    chosen_sites = [s for s in chosen_sites if not matches_any(config.exclude, s.path)]
+    if config.exclude:
+        select(config.exclude, paths, "quantize.exclude")  # an exclude that matches nothing is a typo
+    return chosen_sites
+
+
+def _out_in(weight: torch.Tensor, site: Site) -> torch.Tensor:
+    return weight.detach().T if site.layout == "in_out" else weight.detach()
+
+
+def _bias_of(node: Node) -> Node | None:
+    if node.target == aten.linear.default:
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if node.target == aten.addmm.default:
+        return node.args[0]
+    return None
+
+
+def _rewrite_site(gm: GraphModule, node: Node, site: Site, module, config: QuantizeConfig) -> Node:
+    """linear/addmm/mm/matmul(x, W) -> peftc.quantized_linear(x, [codes, scales...], bias, ...)."""
+    if node.target == aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+        raise NotImplementedError(f"quantize: addmm with beta/alpha at {site.path!r}; exclude the site")
+    tag = {"pass": "quantize_base", "method": None, "site": site.path, "slot": None, "entry": None}
+    ins = Inserter(gm, node, tag)
+    qdata = [ins.get_attr(f"{quantized.ROOT}.{site.param}.{name}") for name in module.names()]
+    new = ins.call(quantized.OP, node.args[site.input_index], qdata, _bias_of(node), module.fmt,
+                   module.out_features, module.in_features, module.group_size, config.dtype)
+    new.meta["peftc"]["role"] = "quantized_linear"
+    redirect_users(list(node.users), node, new)
+    weight_reader = node.args[site.input_index + 1]
+    gm.graph.erase_node(node)
+    if isinstance(weight_reader, Node) and weight_reader.op != "get_attr" and not weight_reader.users:
+        gm.graph.erase_node(weight_reader)  # the transpose in front of an mm
+    return new
+
+
+def _drop_weight_if_unread(gm: GraphModule, param: str) -> None:
+    """Delete the full-precision weight from the graph module once no node reads it."""
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == param]
+    if any(n.users for n in readers):
+        return  # still read elsewhere (a tied weight): it stays, and so does its memory
+    for node in readers:
+        gm.graph.erase_node(node)
+    owner_path, _, leaf = param.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner._parameters.pop(leaf, None)
