@@ -36,6 +36,7 @@ class LoraConfig:
     rslora: bool = field(default=False, metadata={"check": boolean})
     init: str = field(default="default", metadata={"check": one_of("default", "gaussian")})
     exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
+    gate: bool = field(default=False, metadata={"check": boolean})  # UniPELT: update * sigmoid(w·x + b)
     # Per-site overrides, {target pattern: value}; the first pattern matching a site wins.
     rank_pattern: dict = field(default_factory=dict, metadata={"check": pattern_map(positive_int)})
     alpha_pattern: dict = field(default_factory=dict, metadata={"check": pattern_map(positive_number)})
@@ -81,6 +82,10 @@ class LoraWeights(nn.Module):
         self.B = nn.Parameter(torch.empty(b_shape, **factory))
         self.scale = config.scale_at(site.path)
         self.kind = site.kind
+        if config.gate:  # input-dependent, so a gated update cannot be folded into W
+            self.gate = nn.Parameter(torch.zeros(1, site.in_features, **factory))
+            self.gate_bias = nn.Parameter(torch.zeros(1, **factory))
+            self.foldable = False
         self.reset_parameters(config.init)
 
     @torch.no_grad()
@@ -111,7 +116,7 @@ class LoraWeights(nn.Module):
 def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add s * B(A(dropout(x))) to the output of every targeted linear, conv or embedding op."""
     config: LoraConfig = ctx.entry
-    sites = select_sites(ctx, config, kinds=("linear", "conv", "embedding"))
+    sites = select_sites(ctx, config, kinds=("linear",) if config.gate else ("linear", "conv", "embedding"))
     check_one_rewrite_per_weight(gm, ctx, sites)
     return rewrite_sites(gm, ctx, sites, lambda site, weight: LoraWeights(site, weight, config),
                          lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
@@ -135,6 +140,10 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
             delta = ins.call(aten.convolution.default, hidden, b, None, [1], [0], [1], False, [0], 1)
         else:
             delta = ins.call(aten.linear.default, ins.call(aten.linear.default, x, a), b)
+    if config.gate:
+        w, bias = (ins.get_attr(adapters.target(site.path, ctx.slot, n)) for n in ("gate", "gate_bias"))
+        gate = ins.call(aten.linear.default, node.args[site.input_index], w, bias)
+        delta = ins.call(aten.mul.Tensor, delta, ins.call(aten.sigmoid.default, gate))
     # add(y, delta, alpha=s) scales and adds in one pass over the output, where
     # HF PEFT's y + delta * s makes two; the numbers agree to float rounding.
     out = ins.call(aten.add.Tensor, node, delta, alpha=config.scale_at(site.path))

@@ -31,7 +31,7 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     for group in _adapter_groups(gm):
         tag = provenance(group[0])
         method = METHODS[tag["method"]]
-        if method.fold is None:
+        if method.fold is None or not _foldable(gm, tag):
             kept.append(f"{tag['method']} at {tag['site']}")
             continue
         site = sites[tag["site"]]
@@ -61,6 +61,12 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     result.notes = [f"kept as graph ops (not mergeable): {k}" for k in kept] + quantized_notes
     result.modified = result.modified or bool(quantized_notes)
     return result
+
+
+def _foldable(gm: GraphModule, tag: dict) -> bool:
+    """False for an adapter whose update depends on the input (a gated LoRA), though its method folds."""
+    module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
+    return getattr(module, "foldable", True)
 
 
 def _fold_bias(gm: GraphModule, site, method, module, merged: dict) -> None:

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from peftc.passes.copy_params import CopyConfig, copy_params
+from peftc.passes.insert_adapter import AdapterConfig, insert_adapter
 from peftc.passes.insert_dora import DoraConfig, fold_dora, insert_dora
 from peftc.passes.insert_ia3 import Ia3Config, fold_ia3, fold_ia3_bias, insert_ia3
 from peftc.passes.insert_loha import LohaConfig, fold_loha, insert_loha
 from peftc.passes.insert_lokr import LokrConfig, fold_lokr, insert_lokr
 from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
 from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
+from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
+from peftc.passes.insert_prompt import PromptConfig, insert_prompt
 from peftc.passes.insert_vera import VeraConfig, fold_vera, insert_vera
 from peftc.passes.quantize_base import QuantizeConfig
 
@@ -39,6 +42,12 @@ def fold_lora(module: LoraWeights, site, weight):
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "reparameterized", LoraConfig, insert_lora, fold_lora,
                    "W x + s·B(A x) on linear, conv and embedding ops"),
+    "adapter": Method("adapter", "additive", AdapterConfig, insert_adapter, None,
+                      "y + s·up(act(down(h))) on linear ops; h = y (serial) or x (parallel)"),
+    "prompt": Method("prompt", "additive", PromptConfig, insert_prompt, None,
+                     "N learned virtual tokens prepended at the token embedding output"),
+    "prefix": Method("prefix", "additive", PrefixConfig, insert_prefix, None,
+                     "N learned keys/values prepended at every scaled_dot_product_attention"),
     "copy": Method("copy", "selective", CopyConfig, copy_params, None,
                    "trainable copies of selected base parameters (HF PEFT's modules_to_save)"),
     "dora": Method("dora", "reparameterized", DoraConfig, insert_dora, fold_dora,

@@ -17,6 +17,7 @@ class Report:
     passes: list[dict] = field(default_factory=list)
     sites: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
+    methods: list[dict] = field(default_factory=list)  # one row per spec entry: sites, params, merge
 
     @classmethod
     def build(cls, cm, scope: str | None = None) -> "Report":
@@ -30,17 +31,18 @@ class Report:
             if record.method is None:
                 continue
             for path in record.sites:
-                row = per_site.get(path) or per_site.setdefault(path, _site_row(sites_by_path[path], nodes))
+                row = per_site.get(path) or per_site.setdefault(path, _site_row(sites_by_path.get(path), nodes, path))
                 row["methods"].append(record.method)
             for name, numel in record.params_added.items():
                 path = _site_of(name, per_site)
                 if path is not None:
                     per_site[path]["adapter_params"] += numel
         rows = [row for path, row in per_site.items() if in_scope(path, scope)]
-        return cls(passes=[_pass_row(r) for r in cm.records], sites=rows, totals=_totals(cm))
+        return cls(passes=[_pass_row(r) for r in cm.records], sites=rows, totals=_totals(cm),
+                   methods=_method_rows(cm))
 
     def to_dict(self) -> dict:
-        return {"passes": self.passes, "sites": self.sites, "totals": self.totals}
+        return {"passes": self.passes, "sites": self.sites, "totals": self.totals, "methods": self.methods}
 
     def __str__(self) -> str:
         t = self.totals
@@ -62,6 +64,10 @@ class Report:
             _table(["module path", "op", "shape in -> out", "methods", "adapter params"],
                    _grouped_site_rows(self.sites)) if self.sites else "no sites rewritten",
         ]
+        if self.methods:
+            lines += ["", _table(["entry", "method", "family", "sites", "params", "on merge"],
+                                 [[m["entry"], m["method"], m["family"], _site_labels(m["sites"]), f"{m['params']:,}",
+                                   m["merge"]] for m in self.methods])]
         lines += [f"{p['name']} touched: " + ", ".join(label for label, _ in group_paths(p["touched"]))
                   for p in self.passes if p["method"] is None and p["touched"]]
         notes = [n for p in self.passes for n in p["notes"]]
@@ -82,8 +88,14 @@ def _pass_row(record) -> dict:
     }
 
 
-def _site_row(site, nodes: dict) -> dict:
-    """A site's facts; shapes come from the site op's own metadata (None if it was erased)."""
+def _site_row(site, nodes: dict, path: str) -> dict:
+    """A site's facts; shapes come from the site op's own metadata (None if it was erased).
+
+    Attention-level methods (prefix) touch module paths that are not weight sites: an "attention" row.
+    """
+    if site is None:
+        return {"path": path, "module_path": path, "op": "attention", "kind": "attention", "in_features": None,
+                "out_features": None, "in_shape": None, "out_shape": None, "methods": [], "adapter_params": 0}
     node = nodes.get(site.node)
     x = node.args[site.input_index] if node is not None and len(node.args) > site.input_index else None
     return {"path": site.path, "module_path": site.module_path, "op": site.op, "kind": site.kind,
@@ -91,6 +103,26 @@ def _site_row(site, nodes: dict) -> dict:
             "in_shape": _json_shape(node_shape(x) if hasattr(x, "meta") else None),
             "out_shape": _json_shape(node_shape(node) if node is not None else None),
             "methods": [], "adapter_params": 0}
+
+
+def _site_labels(paths: list[str]) -> str:
+    return ", ".join(label for label, _ in group_paths(paths)) or "-"
+
+
+def _method_rows(cm) -> list[dict]:
+    """Per spec entry: every site it touched, the parameters it added, and what merged() does with it."""
+    from .methods import METHODS
+
+    rows = []
+    for record in cm.records:
+        if record.method is None or record.entry_index is None:
+            continue
+        method = METHODS[record.method]
+        folds = method.fold is not None and not getattr(cm.spec.adapters[record.entry_index], "gate", False)
+        rows.append({"entry": record.entry_index, "method": record.method, "family": method.family,
+                     "sites": list(record.sites), "params": sum(record.params_added.values()),
+                     "merge": "folded into weights" if folds else "kept as graph ops"})
+    return rows
 
 
 def _json_shape(shape: tuple | None) -> list | None:
@@ -184,6 +216,7 @@ def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:
         for label, members in group_paths(paths):
             s = by_path[members[0]]
             shapes = (f"{_shape_text(s['in_shape'])} -> {_shape_text(s['out_shape'])}" if s["out_shape"] is not None
+                      else "-" if s["in_features"] is None
                       else f"{s['in_features']} -> {s['out_features']} features")
             each = f"{s['adapter_params']:,}" + (" each" if len(members) > 1 else "")
             rows.append([label, s["op"], shapes, "+".join(s["methods"]), each])

@@ -88,7 +88,7 @@ def test_report_of_32_layers_stays_one_row_per_projection(compiled):
     base = cm.report()
     template = {s["path"].split(".")[-1]: s for s in base.sites if ".layers.0." in s["path"]}
     sites = [{**template[t], "path": f"model.layers.{i}.self_attn.{t}"} for i in range(32) for t in TARGETS]
-    text = str(Report(passes=base.passes, sites=sites, totals=base.totals))
+    text = str(Report(passes=base.passes, sites=sites, totals=base.totals, methods=base.methods))
     assert "model.layers.{0..31}.self_attn.q_proj" in text and "model.layers.{0..31}.self_attn.v_proj" in text
     assert len(text.splitlines()) == len(str(base).splitlines())
 

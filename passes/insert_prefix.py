@@ -1,0 +1,191 @@
+"""insert_prefix: learned key/value prefixes at every attention op (prefix tuning, Li & Liang 2021)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from peftc import adapters
+from peftc.errors import SpecError
+from peftc.fields import boolean, positive_int
+from peftc.graph_edit import Inserter
+from peftc.pipeline import PassContext, PassResult
+from peftc.sites import module_path_of
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False}
+POSITION_OPS = (aten.cos.default, aten.sin.default, aten.embedding.default)
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """`num_tokens` trained key and value vectors per attention op, seen by every query.
+
+    The real tokens' positions move to N..N+S-1, as with HF PEFT's KV-cache prefix; prefix keys
+    are not rotated. `gate: true` scales the prefix values by a learned sigmoid gate computed
+    from the queries (UniPELT).
+    """
+
+    method = "prefix"
+    num_tokens: int = field(default=8, metadata={"check": positive_int})
+    gate: bool = field(default=False, metadata={"check": boolean})
+
+
+class PrefixWeights(nn.Module):
+    """key, value [kv_heads, num_tokens, head_dim]: one attention layer's slice of HF PEFT's prefix table."""
+
+    def __init__(self, kv_heads: int, head_dim: int, heads: int, like: torch.Tensor, config: PrefixConfig):
+        super().__init__()
+        factory = dict(device=like.device, dtype=like.dtype)
+        self.key = nn.Parameter(torch.empty(kv_heads, config.num_tokens, head_dim, **factory))
+        self.value = nn.Parameter(torch.empty(kv_heads, config.num_tokens, head_dim, **factory))
+        if config.gate:
+            self.gate = nn.Parameter(torch.zeros(heads, head_dim, 1, **factory))
+            self.gate_bias = nn.Parameter(torch.zeros(heads, 1, 1, **factory))
+        if not self.key.is_meta:
+            nn.init.normal_(self.key)
+            nn.init.normal_(self.value)
+
+
+def insert_prefix(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Concatenate prefix keys/values before each attention op's keys/values; widen its mask; shift positions."""
+    config: PrefixConfig = ctx.entry
+    attention = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
+    if not attention:
+        raise SpecError(
+            f"adapters[{ctx.entry_index}].method: 'prefix' adds keys/values at attention ops "
+            "(aten.scaled_dot_product_attention), and this model has none; use 'prompt' or 'adapter' instead")
+    like = next(iter(ctx.base_params.values()))
+    result = PassResult(modified=True)
+    for index, node in enumerate(attention):
+        path = module_path_of(node) or f"attention{index}"
+        path = path if path not in result.sites else f"{path}.attention{index}"
+        heads, kv_heads, groups, head_dim = _head_layout(node)
+        module, created = adapters.get_or_create(
+            ctx.adapter_root, path, ctx.slot, lambda: PrefixWeights(kv_heads, head_dim, heads, like, config))
+        _rewrite_attention(gm, node, path, groups, ctx, config)
+        result.sites.append(path)
+        if created:
+            for name, p in module.named_parameters():
+                result.params_added[adapters.target(path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
+    shifted = _shift_positions(gm, attention, config.num_tokens)
+    if not shifted:
+        result.notes.append("prefix: no past-length position offset found; positions not shifted")
+    return result
+
+
+def _head_layout(node: Node) -> tuple[int, int, int, int]:
+    """(query heads, kv heads, repeats, head dim); repeats > 1 when keys were repeated for GQA (repeat_kv)."""
+    key_val = _arg(node, 1).meta["val"]
+    heads, head_dim = int(key_val.shape[1]), int(key_val.shape[3])
+    key = _arg(node, 1)
+    if key.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        source = key.args[0]
+        val = source.meta.get("val") if isinstance(source, Node) else None
+        if source.target == aten.expand.default and val is not None and val.dim() == 5:
+            return heads, int(val.shape[1]), int(val.shape[2]), head_dim
+    return heads, heads, 1, head_dim
+
+
+def _rewrite_attention(gm: GraphModule, node: Node, path: str, groups: int, ctx: PassContext,
+                       config: PrefixConfig) -> None:
+    tag = {"pass": "insert_prefix", "method": "prefix", "site": path, "slot": ctx.slot, "entry": ctx.entry_index}
+    query, key, value = _arg(node, 0), _arg(node, 1), _arg(node, 2)
+    ins = Inserter(gm, node.prev, tag)
+    batch = ins.call(aten.sym_size.int, query, 0)
+    prefix_k = _batched(ins, ins.get_attr(adapters.target(path, ctx.slot, "key")), groups, batch)
+    prefix_v = _batched(ins, ins.get_attr(adapters.target(path, ctx.slot, "value")), groups, batch)
+    if config.gate:
+        prefix_v = ins.call(aten.mul.Tensor, prefix_v, _gate(ins, query, path, ctx))
+    _set_arg(node, 1, ins.call(aten.cat.default, [prefix_k, key], 2))
+    _set_arg(node, 2, ins.call(aten.cat.default, [prefix_v, value], 2))
+    mask = _widened_mask(ins, node, query, key, config.num_tokens)
+    if mask is not None:
+        _set_arg(node, 3, mask)
+    if _arg(node, 5, False):
+        _set_arg(node, 5, False)  # the widened mask now says what is_causal said, prefix columns included
+
+
+def _batched(ins: Inserter, prefix: Node, groups: int, batch: Node) -> Node:
+    """[kv, N, d] -> [batch, kv * groups, N, d], repeating each kv head as repeat_kv does."""
+    kv, n, d = prefix.meta["val"].shape
+    if groups > 1:
+        prefix = ins.call(aten.expand.default, ins.call(aten.unsqueeze.default, prefix, 1), [kv, groups, n, d])
+        prefix = ins.call(aten.reshape.default, prefix, [kv * groups, n, d])
+    return ins.call(aten.expand.default, ins.call(aten.unsqueeze.default, prefix, 0), [batch, -1, -1, -1])
+
+
+def _gate(ins: Inserter, query: Node, path: str, ctx: PassContext) -> Node:
+    """sigmoid(mean over queries of q·w + b): one gate per batch row and head, shape [b, h, 1, 1]."""
+    weight = ins.get_attr(adapters.target(path, ctx.slot, "gate"))
+    bias = ins.get_attr(adapters.target(path, ctx.slot, "gate_bias"))
+    logits = ins.call(aten.mean.dim, ins.call(aten.matmul.default, query, weight), [2], True)
+    return ins.call(aten.sigmoid.default, ins.call(aten.add.Tensor, logits, bias))
+
+
+def _widened_mask(ins: Inserter, node: Node, query: Node, key: Node, num_tokens: int) -> Node:
+    """The attention mask with N leading key columns every query may attend to."""
+    mask = _arg(node, 3)
+    if mask is None:
+        if not _arg(node, 5, False):
+            return None  # every key visible already, the prefix too
+        q_len = ins.call(aten.sym_size.int, query, 2)
+        k_len = ins.call(aten.sym_size.int, key, 2)
+        causal = ins.call(aten.tril.default, ins.call(aten.new_ones.default, query, [q_len, k_len], dtype=torch.bool))
+        open_cols = ins.call(aten.new_ones.default, query, [q_len, num_tokens], dtype=torch.bool)
+        return ins.call(aten.cat.default, [open_cols, causal], 1)
+    dims = [ins.call(aten.sym_size.int, mask, d) for d in range(mask.meta["val"].dim() - 1)]
+    attend = aten.new_ones.default if mask.meta["val"].dtype == torch.bool else aten.new_zeros.default
+    return ins.call(aten.cat.default, [ins.call(attend, mask, [*dims, num_tokens]), mask], -1)
+
+
+def _shift_positions(gm: GraphModule, attention: list[Node], num_tokens: int) -> int:
+    """Offset the real tokens' positions by N: HF models build them as arange(S) + past_length, with
+    past_length the constant 0 here; the offset nodes are those feeding rotary (cos/sin) or
+    position-embedding lookups rather than masks."""
+    shifted = 0
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target == aten.add.Tensor and len(node.args) == 2
+                and isinstance(node.args[0], Node) and node.args[0].target == aten.arange.default
+                and node.args[1] == 0 and _feeds_positions(node, set(attention))):
+            node.args = (node.args[0], num_tokens)
+            shifted += 1
+    return shifted
+
+
+def _feeds_positions(start: Node, stops: set[Node]) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user in seen or user in stops:
+                continue
+            if user.target in POSITION_OPS:
+                return True
+            seen.add(user)
+            todo.append(user)
+    return False
+
+
+def _arg(node: Node, index: int, default=None):
+    name = SDPA_ARGS[index]
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if index < len(node.args) else default
+
+
+def _set_arg(node: Node, index: int, value) -> None:
+    name = SDPA_ARGS[index]
+    if name in node.kwargs:
+        node.kwargs = {**node.kwargs, name: value}
+        return
+    args = list(node.args)
+    while len(args) <= index:  # fill the positional gap with sdpa's defaults
+        args.append(SDPA_DEFAULTS[SDPA_ARGS[len(args)]])
+    args[index] = value
+    node.args = tuple(args)

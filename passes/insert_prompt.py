@@ -1,0 +1,117 @@
+"""insert_prompt: prepend N learned virtual tokens to the token embeddings (prompt tuning, Lester et al.)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from peftc import adapters
+from peftc.errors import SpecError
+from peftc.fields import positive_int
+from peftc.graph_edit import Inserter, redirect_users
+from peftc.pipeline import PassContext, PassResult
+from peftc.sites import Site
+
+from ._site_output import current_output
+
+aten = torch.ops.aten
+
+# Inputs aligned with the token sequence, and what their N prepended positions hold (as HF PEFT does:
+# the virtual tokens are attended to, have token type 0, and are ignored by the loss).
+SEQUENCE_INPUTS = {"attention_mask": 1, "token_type_ids": 0, "labels": -100}
+INDEX_PASSTHROUGH = (aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.alias.default,
+                     aten.clone.default, aten._unsafe_view.default)
+SEQ_END = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompt tuning: `num_tokens` trained embeddings before the input tokens; outputs gain N positions."""
+
+    method = "prompt"
+    num_tokens: int = field(default=8, metadata={"check": positive_int})
+
+
+class PromptWeights(nn.Module):
+    """embedding [num_tokens, dim], laid out as HF PEFT's prompt_encoder embedding weight."""
+
+    def __init__(self, weight: torch.Tensor, config: PromptConfig):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(config.num_tokens, weight.shape[1], device=weight.device,
+                                                  dtype=weight.dtype))
+        if not self.embedding.is_meta:
+            nn.init.normal_(self.embedding)
+
+
+def insert_prompt(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Prepend the prompt at the token embedding's output and lengthen the sequence-aligned inputs by N."""
+    config: PromptConfig = ctx.entry
+    site, ids = _token_embedding(gm, ctx)
+    weight = ctx.base_params[site.param]
+    module, created = adapters.get_or_create(ctx.adapter_root, site.path, ctx.slot,
+                                             lambda: PromptWeights(weight, config))
+    tag = {"pass": "insert_prompt", "method": "prompt", "site": site.path, "slot": ctx.slot,
+           "entry": ctx.entry_index}
+    _lengthen_inputs(gm, ids, config.num_tokens, tag)
+    _prepend_prompt(gm, next(n for n in gm.graph.nodes if n.name == site.node), site, ctx, config, tag)
+    result = PassResult(modified=True, sites=[site.path])
+    if created:
+        name = adapters.target(site.path, ctx.slot, "embedding")[len(adapters.ROOT) + 1:]
+        result.params_added[name] = module.embedding.numel()
+    return result
+
+
+def _token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
+    """The first embedding site whose indices are a graph input (through views): the token embedding."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site in ctx.sites:
+        if site.kind != "embedding":
+            continue
+        source = nodes[site.node].args[site.input_index]
+        while isinstance(source, Node) and source.target in INDEX_PASSTHROUGH:
+            source = source.args[0]
+        if isinstance(source, Node) and source.op == "placeholder":
+            return site, source
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    raise SpecError(
+        f"adapters[{ctx.entry_index}].method: 'prompt' prepends virtual tokens at the token embedding, but this "
+        f"model has no embedding lookup fed by an input (its inputs: {inputs}); use 'prefix' or 'adapter' instead")
+
+
+def _lengthen_inputs(gm: GraphModule, ids: Node, num_tokens: int, tag: dict) -> None:
+    """Give the token ids and the sequence-aligned inputs N leading positions, so every length the
+    graph derives from them (masks, positions, token types, loss) covers the virtual tokens."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if "position_ids" in [p.name for p in placeholders]:
+        raise NotImplementedError(
+            "prompt tuning with explicit position_ids: call the model without position_ids "
+            "(HF PEFT ignores them for prompt tuning too)")
+    fills = {ids: 0}
+    for p in placeholders:
+        val = p.meta.get("val")
+        if p.name in SEQUENCE_INPUTS and isinstance(val, torch.Tensor) and val.dim() == 2:
+            fills[p] = SEQUENCE_INPUTS[p.name]
+    ins = Inserter(gm, placeholders[-1], tag)
+    for placeholder, fill in fills.items():
+        users = [u for u in placeholder.users if u.op == "call_function"]
+        batch = ins.call(aten.sym_size.int, placeholder, 0)
+        pad = ins.call(aten.new_full.default, placeholder, [batch, num_tokens], fill)
+        longer = ins.call(aten.cat.default, [pad, placeholder], 1)
+        redirect_users(users, placeholder, longer)
+
+
+def _prepend_prompt(gm: GraphModule, node: Node, site: Site, ctx: PassContext, config: PromptConfig,
+                    tag: dict) -> None:
+    """Replace the first N (padding) positions of the embedding output by the prompt."""
+    y = current_output(node)
+    users = list(y.users)
+    ins = Inserter(gm, y, tag)
+    prompt = ins.get_attr(adapters.target(site.path, ctx.slot, "embedding"))
+    batch = ins.call(aten.sym_size.int, y, 0)
+    prompt = ins.call(aten.expand.default, ins.call(aten.unsqueeze.default, prompt, 0), [batch, -1, -1])
+    tokens = ins.call(aten.slice.Tensor, y, 1, config.num_tokens, SEQ_END)
+    out = ins.call(aten.cat.default, [prompt, tokens], 1)
+    redirect_users(users, y, out)
