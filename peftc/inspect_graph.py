@@ -213,7 +213,7 @@ def _inserted_by_label(tag: dict) -> str:
 
 
 def _site_block(label: str, change: SiteChange, count: int) -> list[str]:
-    passes = ", ".join(sorted(set(_inserted_by_label(provenance(n)) for n in change.inserted)))
+    passes = ", ".join(dict.fromkeys(_inserted_by_label(provenance(n)) for n in change.inserted))  # graph order
     head = f"{label}    by {passes}"
     if count > 1:
         head += f"    [{count} sites, same rewrite; shown: {change.site}]"

@@ -238,12 +238,12 @@ def test_report_and_diff_of_a_spec_that_only_unfreezes():
 
 def test_diff_names_each_entry_at_a_site_with_two_adapters():
     spec = {"adapters": [{"method": "lora", "targets": ["fc1"], "r": 2},
-                         {"method": "lora", "targets": ["fc1", "fc2"], "r": 3}]}
+                         {"method": "adapter", "targets": ["fc1", "fc2"], "bottleneck": 3}]}
     _, cm = compile_family(FAMILIES["mlp"], spec)
     text = cm.diff(scope="fc1")
-    assert "by insert_lora[0] (lora0), insert_lora[1] (lora1)" in text
-    assert "+ param peftc.fc1.lora0.A" in text and "+ param peftc.fc1.lora1.A" in text
-    assert {s["path"]: s["methods"] for s in cm.report().sites} == {"fc1": ["lora", "lora"], "fc2": ["lora"]}
+    assert "by insert_lora[0] (lora), insert_adapter[1] (adapter)" in text
+    assert "+ param peftc.fc1.lora.A" in text and "+ param peftc.fc1.adapter." in text
+    assert {s["path"]: s["methods"] for s in cm.report().sites} == {"fc1": ["lora", "adapter"], "fc2": ["adapter"]}
 
 
 def test_report_scope_that_names_nothing_is_an_error(compiled):
