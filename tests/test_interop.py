@@ -156,11 +156,11 @@ def test_unsupported_configs_name_the_field(config, match):
 
 
 def test_methods_not_yet_built_name_type_and_supported_list():
+    from peftc.interop.peft_rows import PEFT_TYPES
     from peftc.methods import METHODS
 
-    for peft_type, method in (("IA3", "ia3"), ("LOHA", "loha"), ("LOKR", "lokr"), ("VERA", "vera"),
-                              ("PROMPT_TUNING", "prompt"), ("PREFIX_TUNING", "prefix")):
-        if method in METHODS:
+    for peft_type, row in PEFT_TYPES.items():
+        if row.method in METHODS and row.verified:
             continue
         with pytest.raises(SpecError, match=rf"{peft_type} is not yet supported.*supported: \['LORA'"):
             peftc.Spec.from_peft_config({"peft_type": peft_type, "target_modules": ["q"], "num_virtual_tokens": 4})
@@ -281,3 +281,31 @@ def test_copy_pass_node_counts_and_no_op():
     noop = peftc.compile(family.build(), {"adapters": [{"method": "copy", "targets": ["fc2"], "params": ["scale"]}]},
                          example_inputs=(x,))
     assert not noop.records[0].modified and noop.adapter_state_dict() == {}
+
+
+# -- non-LoRA PEFT types on LLaMA: adapters saved by `peft`, loaded by peftc ------------------
+
+def _peft_types():
+    from peft import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+
+    return {
+        "ia3": lambda: IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        "lokr": lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+        "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+        "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "k_proj"], projection_prng_key=3),
+    }
+
+
+@pytest.mark.parametrize("kind", ["ia3", "loha", "lokr", "dora", "vera"])
+def test_from_peft_matches_peft_for_non_lora_types(kind, tmp_path):
+    family = FAMILIES["llama"]
+    inputs = family.inputs(2, 6)
+    model = get_peft_model(family.build(), _peft_types()[kind]())
+    randomize_trainable(model, seed=1)
+    model.eval().save_pretrained(tmp_path / "peft")
+    expected = logits(PeftModel.from_pretrained(family.build(), tmp_path / "peft").eval()(**inputs))
+    assert not torch.allclose(expected, logits(family.build()(**inputs)), **TOL)  # the adapter does something
+
+    cm = peftc.from_peft(family.build(), tmp_path / "peft", example_kwargs=inputs).eval()
+    torch.testing.assert_close(logits(call(cm, family, inputs)), expected, **TOL)
