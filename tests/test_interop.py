@@ -309,3 +309,7 @@ def test_from_peft_matches_peft_for_non_lora_types(kind, tmp_path):
 
     cm = peftc.from_peft(family.build(), tmp_path / "peft", example_kwargs=inputs).eval()
     torch.testing.assert_close(logits(call(cm, family, inputs)), expected, **TOL)
+
+    cm.save_adapter(tmp_path / "out", format="peft")
+    reloaded = PeftModel.from_pretrained(family.build(), tmp_path / "out").eval()
+    torch.testing.assert_close(logits(reloaded(**inputs)), expected, **TOL)

@@ -116,7 +116,7 @@ def _bias_mode(copy, entry, field: str) -> str:
     if tuple(copy.targets) == ("re:.*",):
         return "all"
     if tuple(copy.targets) == tuple(entry.targets):
-        return f"{entry.method}_only"
+        return "lora_only" if entry.method == "dora" else f"{entry.method}_only"
     raise SpecError(f"{field}.targets: PEFT trains the biases of all modules or of the adapted ones only; "
                     f"use ['re:.*'] or the adapter's own targets {list(entry.targets)}")
 

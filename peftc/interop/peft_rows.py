@@ -220,4 +220,47 @@ def write_dora(entry, field: str) -> dict:
     return {**write_lora(entry, field), "use_dora": True}
 
 
-WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora}
+def _write_targets(entry, field: str, layers: bool = True) -> dict:
+    out = {"target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
+           "exclude_modules": pt.targets_to_peft(getattr(entry, "exclude", ()), f"{field}.exclude"),
+           "modules_to_save": None}
+    return {**out, "layers_to_transform": None, "layers_pattern": None} if layers else out
+
+
+def write_ia3(entry, field: str) -> dict:
+    feedforward = pt.targets_to_peft(entry.feedforward, f"{field}.feedforward") if entry.feedforward else None
+    return {"peft_type": "IA3", **_write_targets(entry, field, layers=False), "feedforward_modules": feedforward,
+            "init_ia3_weights": True, "fan_in_fan_out": False}
+
+
+def write_loha(entry, field: str) -> dict:
+    return _write_low_rank("LOHA", entry, field)
+
+
+def write_lokr(entry, field: str) -> dict:
+    return {**_write_low_rank("LOKR", entry, field), "decompose_both": False, "decompose_factor": -1,
+            "rank_dropout_scale": False}
+
+
+def _write_low_rank(peft_type: str, entry, field: str) -> dict:
+    if entry.dropout:
+        raise SpecError(f"{field}.dropout: PEFT's {peft_type} has no input dropout (only rank and module "
+                        f"dropout); set dropout to 0 to save it for PEFT")
+    return {"peft_type": peft_type, "r": entry.r, "alpha": _number(entry.alpha), "rank_dropout": 0.0,
+            "module_dropout": 0.0, "init_weights": True, "use_effective_conv2d": False,
+            "rank_pattern": {}, "alpha_pattern": {}, **_write_targets(entry, field)}
+
+
+def write_vera(entry, field: str) -> dict:
+    """The projections are saved too (save_projection), so PEFT need not redraw them."""
+    if getattr(entry, "exclude", ()):
+        raise SpecError(f"{field}.exclude: PEFT's VeRA has no exclude_modules; list the targets instead")
+    targets = _write_targets(entry, field)
+    del targets["exclude_modules"]
+    return {"peft_type": "VERA", "r": entry.r, "projection_prng_key": entry.seed, "save_projection": True,
+            "vera_dropout": entry.dropout, "d_initial": entry.d_initial, "init_weights": True,
+            "fan_in_fan_out": False, "bias": "none", **targets}
+
+
+WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora, "ia3": write_ia3,
+                                                  "loha": write_loha, "lokr": write_lokr, "vera": write_vera}

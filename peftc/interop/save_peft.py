@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .from_peft import CONFIG_FILE, SAFETENSORS_FILE
 from .peft_config import peft_config_from_spec
-from .peft_keys import peft_names
+from .peft_keys import peft_names, to_peft_shape
 
 
 def save_peft(cm, directory) -> Path:
@@ -19,12 +19,13 @@ def save_peft(cm, directory) -> Path:
     from peftc.checkpoint import _replace_dir
 
     config = peft_config_from_spec(cm.spec)
-    config["fan_in_fan_out"] = any(site.layout == "in_out" for site in cm.sites
-                                   if site.path in _adapted_paths(cm))  # GPT-2's Conv1D
+    if "fan_in_fan_out" in config:
+        config["fan_in_fan_out"] = any(site.layout == "in_out" for site in cm.sites
+                                       if site.path in _adapted_paths(cm))  # GPT-2's Conv1D
     config["base_model_name_or_path"] = getattr(getattr(cm._model, "config", None), "_name_or_path", None) or None
     names = peft_names(cm)
-    tensors = {names[n]: t.detach().to("cpu").contiguous().clone() for n, t in cm.adapter_state_dict().items()
-               if n in names}
+    own = cm.adapter_state_dict()
+    tensors = {key: _peft_tensor(cm, n, own.get(n)) for n, key in names.items()}
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
@@ -36,6 +37,18 @@ def save_peft(cm, directory) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _peft_tensor(cm, name: str, value):
+    """The tensor in PEFT's shape; `value` None: a non-persistent buffer (VeRA's projections), read directly."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = cm._adapter_root.get_submodule(owner)
+    except AttributeError:  # a base parameter trained in place
+        module = None
+    value = getattr(module, leaf) if value is None else value
+    value = to_peft_shape(module, leaf, value.detach())
+    return value.to("cpu").contiguous().clone()
 
 
 def _adapted_paths(cm) -> set[str]:
