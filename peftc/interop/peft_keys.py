@@ -26,8 +26,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # A and B: the shared projections, regenerated from the seed; PEFT saves them (save_projection) at
     # base_model.vera_A / vera_B, peftc checks them against its own when present.
     "vera": {"*": {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d", "A": "vera_A", "B": "vera_B"}},
+    "prompt": {"*": {"embedding": "prompt_embeddings"}},
 }
-SHARED_KEYS = {"base_model.vera_A", "base_model.vera_B"}  # PEFT writes these outside base_model.model
+WHOLE_KEYS = {"prompt"}  # methods whose PEFT keys stand alone, without the base_model.model. path
 
 
 def to_peft_shape(module, tensor: str, value):
@@ -61,6 +62,8 @@ def method_key(method: str, kind: str | None, site_path: str, tensor: str, name:
     names = table.get(kind or "*", table["*"])
     if tensor not in names:
         raise NotImplementedError(f"{name!r}: PEFT has no tensor for {method} {tensor!r}; known: {sorted(names)}")
+    if method in WHOLE_KEYS:
+        return names[tensor]
     if not site_path:  # an entry-wide tensor (VeRA's projections)
         return f"base_model.{names[tensor]}"
     return f"{PREFIX}{site_path}.{names[tensor]}"

@@ -182,7 +182,10 @@ def read_vera(cfg: dict) -> list[dict]:
 
 
 def read_prompt(cfg: dict) -> list[dict]:
-    return [{"method": "prompt", "tokens": cfg["num_virtual_tokens"]}]
+    if (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise SpecError(f"num_transformer_submodules: peftc prompt tuning prepends at one token embedding; "
+                        f"{cfg['num_transformer_submodules']} (an encoder-decoder) is not supported")
+    return [{"method": "prompt", "num_tokens": cfg["num_virtual_tokens"]}]
 
 
 def read_prefix(cfg: dict) -> list[dict]:
@@ -211,7 +214,7 @@ PEFT_TYPES: dict[str, PeftRow] = {
     "VERA": PeftRow("VERA", "vera", read_vera, COMMON | {"r", "init_weights", "projection_prng_key",
                                                          "save_projection", "vera_dropout", "d_initial"}),
     # Not yet checked against PEFT's outputs: refused (with the supported list) until an equality test passes.
-    "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS, verified=False),
+    "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
     "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS, verified=False),
 }
 
@@ -262,5 +265,12 @@ def write_vera(entry, field: str) -> dict:
             "fan_in_fan_out": False, "bias": "none", **targets}
 
 
+def write_prompt(entry, field: str) -> dict:
+    """token_dim and task_type depend on the model: save_peft fills them in; PEFT fills layers and heads."""
+    return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": entry.num_tokens, "num_transformer_submodules": 1,
+            "prompt_tuning_init": "RANDOM", "modules_to_save": None}
+
+
 WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora, "ia3": write_ia3,
-                                                  "loha": write_loha, "lokr": write_lokr, "vera": write_vera}
+                                                  "loha": write_loha, "lokr": write_lokr, "vera": write_vera,
+                                                  "prompt": write_prompt}

@@ -26,6 +26,8 @@ def save_peft(cm, directory) -> Path:
     names = peft_names(cm)
     own = cm.adapter_state_dict()
     tensors = {key: _peft_tensor(cm, n, own.get(n)) for n, key in names.items()}
+    if config["peft_type"] == "PROMPT_TUNING":
+        _fill_prompt_config(config, cm, tensors)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
@@ -37,6 +39,21 @@ def save_peft(cm, directory) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+# PEFT picks the model wrapper that prepends the prompt from task_type; peftc infers it from the class name.
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def _fill_prompt_config(config: dict, cm, tensors: dict) -> None:
+    config["token_dim"] = int(tensors["prompt_embeddings"].shape[1])
+    name = type(cm._model).__name__
+    task = next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
+    if task is None:
+        raise NotImplementedError(f"save_adapter(format='peft'): PEFT needs a task_type for prompt tuning and "
+                                  f"peftc cannot tell it for {name}; known: {sorted(set(TASK_TYPES.values()))}")
+    config["task_type"] = task
 
 
 def _peft_tensor(cm, name: str, value):
