@@ -155,15 +155,12 @@ def test_unsupported_configs_name_the_field(config, match):
         peftc.Spec.from_peft_config(config)
 
 
-def test_methods_not_yet_built_name_type_and_supported_list():
-    from peftc.interop.peft_rows import PEFT_TYPES
-    from peftc.methods import METHODS
+def test_unsupported_types_name_type_and_supported_list():
+    from peftc.interop.peft_rows import supported_types
 
-    for peft_type, row in PEFT_TYPES.items():
-        if row.method in METHODS and row.verified:
-            continue
-        with pytest.raises(SpecError, match=rf"{peft_type} is not yet supported.*supported: \['LORA'"):
-            peftc.Spec.from_peft_config({"peft_type": peft_type, "target_modules": ["q"], "num_virtual_tokens": 4})
+    assert supported_types() == ["LORA", "IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"]
+    with pytest.raises(SpecError, match=r"'BOFT' is not supported; supported: \['LORA', 'IA3'"):
+        peftc.Spec.from_peft_config({"peft_type": "BOFT", "target_modules": ["q"]})
 
 
 # -- files and errors (small models, so they stay fast) -----------------------------------
@@ -286,7 +283,7 @@ def test_copy_pass_node_counts_and_no_op():
 # -- non-LoRA PEFT types on LLaMA: adapters saved by `peft`, loaded by peftc ------------------
 
 def _peft_types():
-    from peft import IA3Config, LoHaConfig, LoKrConfig, PromptTuningConfig, VeraConfig
+    from peft import IA3Config, LoHaConfig, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
 
     return {
         "ia3": lambda: IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
@@ -295,10 +292,11 @@ def _peft_types():
         "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
         "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "k_proj"], projection_prng_key=3),
         "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
     }
 
 
-@pytest.mark.parametrize("kind", ["ia3", "loha", "lokr", "dora", "vera", "prompt"])
+@pytest.mark.parametrize("kind", ["ia3", "loha", "lokr", "dora", "vera", "prompt", "prefix"])
 def test_from_peft_matches_peft_for_non_lora_types(kind, tmp_path):
     family = FAMILIES["llama"]
     inputs = family.inputs(2, 6)

@@ -14,6 +14,7 @@ from peftc.spec import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft
 from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
+from .peft_prefix import split_table
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -126,8 +127,10 @@ def _same(param: torch.Tensor, value: torch.Tensor) -> bool:
 
 def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
     """Copy PEFT tensors into the compiled model's adapters, checking names and shapes first."""
-    ours_by_key = {normalize(key): name for name, key in peft_names(cm).items()}
+    names = peft_names(cm)
+    ours_by_key = {normalize(key): name for name, key in names.items()}
     own = cm.adapter_state_dict()
+    tensors = split_table(names, {k: tuple(own[n].shape) for n, k in names.items() if n in own}, tensors)
     params = dict(cm._model.named_parameters(remove_duplicate=False))
     plan, unexpected = [], []
     for key, value in tensors.items():

@@ -27,6 +27,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # base_model.vera_A / vera_B, peftc checks them against its own when present.
     "vera": {"*": {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d", "A": "vera_A", "B": "vera_B"}},
     "prompt": {"*": {"embedding": "prompt_embeddings"}},
+    # one table in PEFT; peft_prefix.py splits and joins it through these per-op names
+    "prefix": {"*": {"key": "prefix_key", "value": "prefix_value"}},
 }
 WHOLE_KEYS = {"prompt"}  # methods whose PEFT keys stand alone, without the base_model.model. path
 

@@ -192,7 +192,10 @@ def read_prefix(cfg: dict) -> list[dict]:
     if cfg.get("prefix_projection"):
         raise SpecError("prefix_projection: peftc prefix tuning loads the projected prefix only; save the "
                         "adapter without the projection MLP")
-    return [{"method": "prefix", "tokens": cfg["num_virtual_tokens"]}]
+    if (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise SpecError(f"num_transformer_submodules: peftc prefix tuning of an encoder-decoder "
+                        f"({cfg['num_transformer_submodules']}) is not supported")
+    return [{"method": "prefix", "num_tokens": cfg["num_virtual_tokens"]}]
 
 
 LOW_RANK_FIXED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
@@ -213,9 +216,8 @@ PEFT_TYPES: dict[str, PeftRow] = {
                     LOW_RANK_FIXED + (("decompose_factor", -1), ("rank_dropout_scale", False))),
     "VERA": PeftRow("VERA", "vera", read_vera, COMMON | {"r", "init_weights", "projection_prng_key",
                                                          "save_projection", "vera_dropout", "d_initial"}),
-    # Not yet checked against PEFT's outputs: refused (with the supported list) until an equality test passes.
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
-    "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS, verified=False),
+    "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS),
 }
 
 
@@ -271,6 +273,14 @@ def write_prompt(entry, field: str) -> dict:
             "prompt_tuning_init": "RANDOM", "modules_to_save": None}
 
 
+def write_prefix(entry, field: str) -> dict:
+    """token_dim and task_type are filled in by save_peft (the table's width); PEFT fills layers and heads."""
+    if entry.gate:
+        raise SpecError(f"{field}.gate: PEFT's prefix tuning has no gate; set gate to false to save it for PEFT")
+    return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": entry.num_tokens, "num_transformer_submodules": 1,
+            "prefix_projection": False, "modules_to_save": None}
+
+
 WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora, "ia3": write_ia3,
                                                   "loha": write_loha, "lokr": write_lokr, "vera": write_vera,
-                                                  "prompt": write_prompt}
+                                                  "prompt": write_prompt, "prefix": write_prefix}

@@ -10,6 +10,7 @@ from pathlib import Path
 from .from_peft import CONFIG_FILE, SAFETENSORS_FILE
 from .peft_config import peft_config_from_spec
 from .peft_keys import peft_names, to_peft_shape
+from .peft_prefix import join_table
 
 
 def save_peft(cm, directory) -> Path:
@@ -25,9 +26,9 @@ def save_peft(cm, directory) -> Path:
     config["base_model_name_or_path"] = getattr(getattr(cm._model, "config", None), "_name_or_path", None) or None
     names = peft_names(cm)
     own = cm.adapter_state_dict()
-    tensors = {key: _peft_tensor(cm, n, own.get(n)) for n, key in names.items()}
-    if config["peft_type"] == "PROMPT_TUNING":
-        _fill_prompt_config(config, cm, tensors)
+    tensors = join_table(names, {key: _peft_tensor(cm, n, own.get(n)) for n, key in names.items()})
+    if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        _fill_prompt_config(config, cm, tensors, own)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
@@ -46,8 +47,12 @@ TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequen
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
 
-def _fill_prompt_config(config: dict, cm, tensors: dict) -> None:
+def _fill_prompt_config(config: dict, cm, tensors: dict, own: dict) -> None:
     config["token_dim"] = int(tensors["prompt_embeddings"].shape[1])
+    keys = [t for n, t in own.items() if n.endswith(".prefix.key")]
+    if keys:  # prefix: the table is [N, layers·2·kv·d]; PEFT wants the per-layer kv width and heads
+        kv, _, d = keys[0].shape
+        config.update(token_dim=int(kv * d), num_attention_heads=int(kv), num_layers=len(keys))
     name = type(cm._model).__name__
     task = next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
     if task is None:
