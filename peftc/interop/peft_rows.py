@@ -1,7 +1,7 @@
 """The PEFT config rows: one per peft_type, reading a config into peftc spec entries.
 
 Each row names the peftc method it needs (it lights up once that method is registered), the
-config fields it maps, and a reader. LoRA (and DoRA) also have a writer, the inverse.
+config fields it maps, and a reader; WRITERS holds the inverses, per peftc method.
 Adding a method is one row here plus its tensor names in peft_keys.py.
 """
 
@@ -136,9 +136,7 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-# -- methods being written on other branches: each lights up once its peftc method exists ----
-# Their peftc field names follow the methods issue; verify them (and the tensor names in
-# peft_keys.py) against the merged methods with an equality test before relying on them.
+# -- the other types: each checked against PeftModel (test_from_peft_matches_peft_for_non_lora_types) --
 
 def read_ia3(cfg: dict) -> list[dict]:
     entry = {"method": "ia3", "targets": _targets(cfg)}
