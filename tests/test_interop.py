@@ -155,15 +155,12 @@ def test_unsupported_configs_name_the_field(config, match):
         peftc.Spec.from_peft_config(config)
 
 
-def test_methods_not_yet_built_name_type_and_supported_list():
-    from peftc.methods import METHODS
+def test_unsupported_types_name_type_and_supported_list():
+    from peftc.interop.peft_rows import supported_types
 
-    for peft_type, method in (("IA3", "ia3"), ("LOHA", "loha"), ("LOKR", "lokr"), ("VERA", "vera"),
-                              ("PROMPT_TUNING", "prompt"), ("PREFIX_TUNING", "prefix")):
-        if method in METHODS:
-            continue
-        with pytest.raises(SpecError, match=rf"{peft_type} is not yet supported.*supported: \['LORA'"):
-            peftc.Spec.from_peft_config({"peft_type": peft_type, "target_modules": ["q"], "num_virtual_tokens": 4})
+    assert supported_types() == ["LORA", "IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"]
+    with pytest.raises(SpecError, match=r"'BOFT' is not supported; supported: \['LORA', 'IA3'"):
+        peftc.Spec.from_peft_config({"peft_type": "BOFT", "target_modules": ["q"]})
 
 
 # -- files and errors (small models, so they stay fast) -----------------------------------
@@ -281,3 +278,38 @@ def test_copy_pass_node_counts_and_no_op():
     noop = peftc.compile(family.build(), {"adapters": [{"method": "copy", "targets": ["fc2"], "params": ["scale"]}]},
                          example_inputs=(x,))
     assert not noop.records[0].modified and noop.adapter_state_dict() == {}
+
+
+# -- non-LoRA PEFT types on LLaMA: adapters saved by `peft`, loaded by peftc ------------------
+
+def _peft_types():
+    from peft import IA3Config, LoHaConfig, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
+
+    return {
+        "ia3": lambda: IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        "lokr": lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+        "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+        "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "k_proj"], projection_prng_key=3),
+        "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    }
+
+
+@pytest.mark.parametrize("kind", ["ia3", "loha", "lokr", "dora", "vera", "prompt", "prefix"])
+def test_from_peft_matches_peft_for_non_lora_types(kind, tmp_path):
+    family = FAMILIES["llama"]
+    inputs = family.inputs(2, 6)
+    model = get_peft_model(family.build(), _peft_types()[kind]())
+    randomize_trainable(model, seed=1)
+    model.eval().save_pretrained(tmp_path / "peft")
+    expected = logits(PeftModel.from_pretrained(family.build(), tmp_path / "peft").eval()(**inputs))
+    plain = logits(family.build()(**inputs))
+    assert not torch.allclose(expected[:, -plain.shape[1]:], plain, **TOL)  # the adapter does something
+
+    cm = peftc.from_peft(family.build(), tmp_path / "peft", example_kwargs=inputs).eval()
+    torch.testing.assert_close(logits(call(cm, family, inputs)), expected, **TOL)
+
+    cm.save_adapter(tmp_path / "out", format="peft")
+    reloaded = PeftModel.from_pretrained(family.build(), tmp_path / "out").eval()
+    torch.testing.assert_close(logits(reloaded(**inputs)), expected, **TOL)

@@ -14,6 +14,7 @@ from peftc.spec import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft
 from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
+from .peft_prefix import split_table
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -126,8 +127,10 @@ def _same(param: torch.Tensor, value: torch.Tensor) -> bool:
 
 def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
     """Copy PEFT tensors into the compiled model's adapters, checking names and shapes first."""
-    ours_by_key = {normalize(key): name for name, key in peft_names(cm).items()}
+    names = peft_names(cm)
+    ours_by_key = {normalize(key): name for name, key in names.items()}
     own = cm.adapter_state_dict()
+    tensors = split_table(names, {k: tuple(own[n].shape) for n, k in names.items() if n in own}, tensors)
     params = dict(cm._model.named_parameters(remove_duplicate=False))
     plan, unexpected = [], []
     for key, value in tensors.items():
@@ -139,11 +142,19 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
             if not (fqn in params and _same(params[fqn], value)):  # PEFT also saves untouched base weights
                 unexpected.append(key)
             continue
-        if tuple(value.shape) != tuple(own[name].shape):
+        target = own[name] if name in own else _adapter_tensor(cm, name)
+        value = _as_peftc_shape(value, target)
+        if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"tensor {key!r}: checkpoint shape {tuple(value.shape)} != model shape "
-                                  f"{tuple(own[name].shape)} (peftc tensor {name!r})")
+                                  f"{tuple(target.shape)} (peftc tensor {name!r})")
+        if name not in own:  # a tensor peftc regenerates (VeRA's seeded projections): it must agree
+            if not torch.allclose(value.to(target.dtype), target.detach(), atol=1e-6, rtol=1e-5):
+                raise CheckpointError(f"tensor {key!r}: differs from the projection peftc draws from the config's "
+                                      "seed (projection_prng_key); the adapter was saved by an incompatible PEFT")
+            continue
         plan.append((name, value))
-    missing = sorted(set(ours_by_key) - {normalize(k) for k in tensors})
+    regenerated = {normalize(k) for k, n in ours_by_key.items() if n not in own}
+    missing = sorted(set(ours_by_key) - regenerated - {normalize(k) for k in tensors})
     if missing or unexpected:
         raise CheckpointError(
             f"PEFT adapter {str(source)!r} does not fit this model: "
@@ -152,6 +163,18 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
     with torch.no_grad():
         for name, value in plan:
             own[name].copy_(value.to(own[name].dtype))
+
+
+def _adapter_tensor(cm, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(cm._adapter_root.get_submodule(owner), leaf)
+
+
+def _as_peftc_shape(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PEFT's IA3 vectors are [out, 1] or [1, in]; peftc's are flat."""
+    if target.dim() == 1 and value.dim() == 2 and 1 in value.shape and value.numel() == target.numel():
+        return value.reshape(-1)
+    return value
 
 
 def load_adapter_dir(model: nn.Module, path, *, allow_pickle: bool = False, **compile_kwargs):

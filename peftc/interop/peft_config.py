@@ -51,7 +51,7 @@ def spec_dict_from_peft(config: Any) -> dict:
         raise SpecError(f"peft_type: {cfg.get('peft_type')!r} is not supported; supported: {supported_types()}")
     from peftc.methods import METHODS
 
-    if row.method not in METHODS:
+    if row.method not in METHODS or not row.verified:
         raise SpecError(f"peft_type: {peft_type} is not yet supported by this peftc build (it needs the "
                         f"{row.method!r} method); supported: {supported_types()}")
     _refuse_unmapped(cfg, row)
@@ -60,10 +60,14 @@ def spec_dict_from_peft(config: Any) -> dict:
 
 def _refuse_unmapped(cfg: dict, row: PeftRow) -> None:
     for name, value in cfg.items():
+        fixed = dict(row.fixed)
+        if name in fixed and value == fixed[name]:
+            continue
         if name in row.mapped or name in METADATA_FIELDS or _is_default(value):
             continue
-        raise SpecError(f"{name}: peftc cannot express {row.peft_type} {name}={value!r}; "
-                        f"fields it maps: {sorted(row.mapped)}")
+        raise SpecError(f"{name}: peftc cannot express {row.peft_type} {name}={value!r}"
+                        + (f" (only {fixed[name]!r})" if name in fixed else "")
+                        + f"; fields it maps: {sorted(row.mapped)}")
 
 
 def _is_default(value: Any) -> bool:
@@ -112,7 +116,7 @@ def _bias_mode(copy, entry, field: str) -> str:
     if tuple(copy.targets) == ("re:.*",):
         return "all"
     if tuple(copy.targets) == tuple(entry.targets):
-        return f"{entry.method}_only"
+        return "lora_only" if entry.method == "dora" else f"{entry.method}_only"
     raise SpecError(f"{field}.targets: PEFT trains the biases of all modules or of the adapted ones only; "
                     f"use ['re:.*'] or the adapter's own targets {list(entry.targets)}")
 

@@ -19,15 +19,25 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
         "embedding": {"A": "lora_embedding_A", "B": "lora_embedding_B"},
         "*": {"A": "lora_A.weight", "B": "lora_B.weight"},
     },
-    # The rows below follow the methods issue's names; verify once those methods are merged.
     "dora": {"*": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}},
-    "ia3": {"*": {"scale": "ia3_l"}},
-    "loha": {"*": {"w1_a": "hada_w1_a", "w1_b": "hada_w1_b", "w2_a": "hada_w2_a", "w2_b": "hada_w2_b",
-                   "t1": "hada_t1", "t2": "hada_t2"}},
-    "lokr": {"*": {"w1": "lokr_w1", "w2": "lokr_w2", "w1_a": "lokr_w1_a", "w1_b": "lokr_w1_b",
-                   "w2_a": "lokr_w2_a", "w2_b": "lokr_w2_b", "t2": "lokr_t2"}},
-    "vera": {"*": {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d"}},
+    "ia3": {"*": {"l": "ia3_l"}},  # PEFT's is [out, 1], or [1, in] on a feedforward site; peftc's is flat
+    "loha": {"*": {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}},
+    "lokr": {"*": {n: n for n in ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}},
+    # A and B: the shared projections, regenerated from the seed; PEFT saves them (save_projection) at
+    # base_model.vera_A / vera_B, peftc checks them against its own when present.
+    "vera": {"*": {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d", "A": "vera_A", "B": "vera_B"}},
+    "prompt": {"*": {"embedding": "prompt_embeddings"}},
+    # one table in PEFT; peft_prefix.py splits and joins it through these per-op names
+    "prefix": {"*": {"key": "prefix_key", "value": "prefix_value"}},
 }
+WHOLE_KEYS = {"prompt"}  # methods whose PEFT keys stand alone, without the base_model.model. path
+
+
+def to_peft_shape(module, tensor: str, value):
+    """The tensor as PEFT shapes it (only IA3's vector differs: a column, or a row on feedforward sites)."""
+    if tensor == "l" and hasattr(module, "feedforward"):
+        return value.reshape(1, -1) if module.feedforward else value.reshape(-1, 1)
+    return value
 
 
 def normalize(key: str) -> str:
@@ -54,6 +64,10 @@ def method_key(method: str, kind: str | None, site_path: str, tensor: str, name:
     names = table.get(kind or "*", table["*"])
     if tensor not in names:
         raise NotImplementedError(f"{name!r}: PEFT has no tensor for {method} {tensor!r}; known: {sorted(names)}")
+    if method in WHOLE_KEYS:
+        return names[tensor]
+    if not site_path:  # an entry-wide tensor (VeRA's projections)
+        return f"base_model.{names[tensor]}"
     return f"{PREFIX}{site_path}.{names[tensor]}"
 
 

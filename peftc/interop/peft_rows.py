@@ -1,7 +1,7 @@
 """The PEFT config rows: one per peft_type, reading a config into peftc spec entries.
 
 Each row names the peftc method it needs (it lights up once that method is registered), the
-config fields it maps, and a reader. LoRA (and DoRA) also have a writer, the inverse.
+config fields it maps, and a reader; WRITERS holds the inverses, per peftc method.
 Adding a method is one row here plus its tensor names in peft_keys.py.
 """
 
@@ -20,12 +20,14 @@ class PeftRow:
     method: str  # the peftc method that must exist for this row to work
     read: Callable[[dict], list[dict]]  # config -> spec entries (the method's, then copies)
     mapped: frozenset  # the config fields `read` consumes
+    fixed: tuple = ()  # (field, value) pairs peftc accepts at that value only (PEFT's defaults)
+    verified: bool = True  # False: mapping not yet checked against PEFT's outputs, so refused
 
 
 def supported_types() -> list[str]:
     from peftc.methods import METHODS
 
-    return [name for name, row in PEFT_TYPES.items() if row.method in METHODS]
+    return [name for name, row in PEFT_TYPES.items() if row.method in METHODS and row.verified]
 
 
 # -- shared pieces ---------------------------------------------------------------------------
@@ -80,14 +82,25 @@ def read_lora(cfg: dict) -> list[dict]:
                         "never does; convert the adapter to plain LoRA first (PEFT's "
                         "path_initial_model_for_weight_conversion)")
     entry = {"method": _lora_or_dora(cfg), "targets": _targets(cfg), "r": cfg.get("r", 8),
-             "alpha": cfg.get("lora_alpha", 8), "dropout": cfg.get("lora_dropout", 0.0),
-             "rslora": bool(cfg.get("use_rslora", False)), "init": LORA_INITS[init]}
+             "alpha": cfg.get("lora_alpha", 8), "dropout": cfg.get("lora_dropout", 0.0)}
     exclude = _exclude(cfg)
     if exclude:
         entry["exclude"] = exclude
+    if entry["method"] == "dora":
+        return _dora_entry(cfg, entry)
+    entry.update(rslora=bool(cfg.get("use_rslora", False)), init=LORA_INITS[init])
     for field in ("rank_pattern", "alpha_pattern"):  # same names in peftc's LoraConfig
         if cfg.get(field):
             entry[field] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
+    return [entry] + _copies(cfg, entry)
+
+
+def _dora_entry(cfg: dict, entry: dict) -> list[dict]:
+    """peftc's dora has LoRA's r, alpha, dropout but no rslora or per-module patterns."""
+    for field in ("use_rslora", "rank_pattern", "alpha_pattern"):
+        if cfg.get(field):
+            raise SpecError(f"{field}: peftc's dora method cannot express {field}={cfg[field]!r}; "
+                            "save the DoRA adapter without it")
     return [entry] + _copies(cfg, entry)
 
 
@@ -123,42 +136,67 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-# -- methods being written on other branches: each lights up once its peftc method exists ----
-# Their peftc field names follow the methods issue; verify them (and the tensor names in
-# peft_keys.py) against the merged methods with an equality test before relying on them.
+# -- the other types: each checked against PeftModel (test_from_peft_matches_peft_for_non_lora_types) --
 
 def read_ia3(cfg: dict) -> list[dict]:
     entry = {"method": "ia3", "targets": _targets(cfg)}
+    exclude = _exclude(cfg)
+    if exclude:
+        entry["exclude"] = exclude
     if cfg.get("feedforward_modules"):
         entry["feedforward"] = pt.targets_from_peft(cfg["feedforward_modules"], "feedforward_modules")
     return [entry] + _copies(cfg, entry)
 
 
 def read_loha(cfg: dict) -> list[dict]:
-    entry = {"method": "loha", "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
-    return [entry] + _copies(cfg, entry)
+    return _low_rank("loha", cfg)
 
 
 def read_lokr(cfg: dict) -> list[dict]:
-    entry = {"method": "lokr", "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
+    return _low_rank("lokr", cfg)
+
+
+def _low_rank(method: str, cfg: dict) -> list[dict]:
+    """LoHa / LoKr: r, alpha (scale alpha/r); their rank and module dropouts must be off (checked as fixed)."""
+    entry = {"method": method, "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
+    exclude = _exclude(cfg)
+    if exclude:
+        entry["exclude"] = exclude
+    for field in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(field):
+            raise SpecError(f"{field}: peftc's {method} has one r and alpha per entry; PEFT's {field} is not "
+                            "supported for it")
     return [entry] + _copies(cfg, entry)
 
 
 def read_vera(cfg: dict) -> list[dict]:
-    entry = {"method": "vera", "targets": _targets(cfg), "r": cfg.get("r", 256)}
+    entry = {"method": "vera", "targets": _targets(cfg), "r": cfg.get("r", 256),
+             "seed": cfg.get("projection_prng_key", 0), "dropout": cfg.get("vera_dropout", 0.0),
+             "d_initial": cfg.get("d_initial", 0.1)}
+    exclude = _exclude(cfg)
+    if exclude:
+        entry["exclude"] = exclude
     return [entry] + _copies(cfg, entry)
 
 
 def read_prompt(cfg: dict) -> list[dict]:
-    return [{"method": "prompt", "tokens": cfg["num_virtual_tokens"]}]
+    if (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise SpecError(f"num_transformer_submodules: peftc prompt tuning prepends at one token embedding; "
+                        f"{cfg['num_transformer_submodules']} (an encoder-decoder) is not supported")
+    return [{"method": "prompt", "num_tokens": cfg["num_virtual_tokens"]}]
 
 
 def read_prefix(cfg: dict) -> list[dict]:
     if cfg.get("prefix_projection"):
         raise SpecError("prefix_projection: peftc prefix tuning loads the projected prefix only; save the "
                         "adapter without the projection MLP")
-    return [{"method": "prefix", "tokens": cfg["num_virtual_tokens"]}]
+    if (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise SpecError(f"num_transformer_submodules: peftc prefix tuning of an encoder-decoder "
+                        f"({cfg['num_transformer_submodules']}) is not supported")
+    return [{"method": "prefix", "num_tokens": cfg["num_virtual_tokens"]}]
 
+
+LOW_RANK_FIXED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
 
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                            "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
@@ -169,8 +207,11 @@ PEFT_TYPES: dict[str, PeftRow] = {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
         "use_dora"}),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
-    "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights"}),
-    "LOKR": PeftRow("LOKR", "lokr", read_lokr, COMMON | {"r", "alpha", "init_weights"}),
+    "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
+                                                         "alpha_pattern"}, LOW_RANK_FIXED),
+    "LOKR": PeftRow("LOKR", "lokr", read_lokr, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
+                                                         "alpha_pattern"},
+                    LOW_RANK_FIXED + (("decompose_factor", -1), ("rank_dropout_scale", False))),
     "VERA": PeftRow("VERA", "vera", read_vera, COMMON | {"r", "init_weights", "projection_prng_key",
                                                          "save_projection", "vera_dropout", "d_initial"}),
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
@@ -182,4 +223,62 @@ def write_dora(entry, field: str) -> dict:
     return {**write_lora(entry, field), "use_dora": True}
 
 
-WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora}
+def _write_targets(entry, field: str, layers: bool = True) -> dict:
+    out = {"target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
+           "exclude_modules": pt.targets_to_peft(getattr(entry, "exclude", ()), f"{field}.exclude"),
+           "modules_to_save": None}
+    return {**out, "layers_to_transform": None, "layers_pattern": None} if layers else out
+
+
+def write_ia3(entry, field: str) -> dict:
+    feedforward = pt.targets_to_peft(entry.feedforward, f"{field}.feedforward") if entry.feedforward else None
+    return {"peft_type": "IA3", **_write_targets(entry, field, layers=False), "feedforward_modules": feedforward,
+            "init_ia3_weights": True, "fan_in_fan_out": False}
+
+
+def write_loha(entry, field: str) -> dict:
+    return _write_low_rank("LOHA", entry, field)
+
+
+def write_lokr(entry, field: str) -> dict:
+    return {**_write_low_rank("LOKR", entry, field), "decompose_both": False, "decompose_factor": -1,
+            "rank_dropout_scale": False}
+
+
+def _write_low_rank(peft_type: str, entry, field: str) -> dict:
+    if entry.dropout:
+        raise SpecError(f"{field}.dropout: PEFT's {peft_type} has no input dropout (only rank and module "
+                        f"dropout); set dropout to 0 to save it for PEFT")
+    return {"peft_type": peft_type, "r": entry.r, "alpha": _number(entry.alpha), "rank_dropout": 0.0,
+            "module_dropout": 0.0, "init_weights": True, "use_effective_conv2d": False,
+            "rank_pattern": {}, "alpha_pattern": {}, **_write_targets(entry, field)}
+
+
+def write_vera(entry, field: str) -> dict:
+    """The projections are saved too (save_projection), so PEFT need not redraw them."""
+    if getattr(entry, "exclude", ()):
+        raise SpecError(f"{field}.exclude: PEFT's VeRA has no exclude_modules; list the targets instead")
+    targets = _write_targets(entry, field)
+    del targets["exclude_modules"]
+    return {"peft_type": "VERA", "r": entry.r, "projection_prng_key": entry.seed, "save_projection": True,
+            "vera_dropout": entry.dropout, "d_initial": entry.d_initial, "init_weights": True,
+            "fan_in_fan_out": False, "bias": "none", **targets}
+
+
+def write_prompt(entry, field: str) -> dict:
+    """token_dim and task_type depend on the model: save_peft fills them in; PEFT fills layers and heads."""
+    return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": entry.num_tokens, "num_transformer_submodules": 1,
+            "prompt_tuning_init": "RANDOM", "modules_to_save": None}
+
+
+def write_prefix(entry, field: str) -> dict:
+    """token_dim and task_type are filled in by save_peft (the table's width); PEFT fills layers and heads."""
+    if entry.gate:
+        raise SpecError(f"{field}.gate: PEFT's prefix tuning has no gate; set gate to false to save it for PEFT")
+    return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": entry.num_tokens, "num_transformer_submodules": 1,
+            "prefix_projection": False, "modules_to_save": None}
+
+
+WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora, "ia3": write_ia3,
+                                                  "loha": write_loha, "lokr": write_lokr, "vera": write_vera,
+                                                  "prompt": write_prompt, "prefix": write_prefix}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .from_peft import CONFIG_FILE, SAFETENSORS_FILE
 from .peft_config import peft_config_from_spec
-from .peft_keys import peft_names
+from .peft_keys import peft_names, to_peft_shape
+from .peft_prefix import join_table
 
 
 def save_peft(cm, directory) -> Path:
@@ -19,12 +20,15 @@ def save_peft(cm, directory) -> Path:
     from peftc.checkpoint import _replace_dir
 
     config = peft_config_from_spec(cm.spec)
-    config["fan_in_fan_out"] = any(site.layout == "in_out" for site in cm.sites
-                                   if site.path in _adapted_paths(cm))  # GPT-2's Conv1D
+    if "fan_in_fan_out" in config:
+        config["fan_in_fan_out"] = any(site.layout == "in_out" for site in cm.sites
+                                       if site.path in _adapted_paths(cm))  # GPT-2's Conv1D
     config["base_model_name_or_path"] = getattr(getattr(cm._model, "config", None), "_name_or_path", None) or None
     names = peft_names(cm)
-    tensors = {names[n]: t.detach().to("cpu").contiguous().clone() for n, t in cm.adapter_state_dict().items()
-               if n in names}
+    own = cm.adapter_state_dict()
+    tensors = join_table(names, {key: _peft_tensor(cm, n, own.get(n)) for n, key in names.items()})
+    if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        _fill_prompt_config(config, cm, tensors, own)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
@@ -36,6 +40,37 @@ def save_peft(cm, directory) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+# PEFT picks the model wrapper that prepends the prompt from task_type; peftc infers it from the class name.
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def _fill_prompt_config(config: dict, cm, tensors: dict, own: dict) -> None:
+    config["token_dim"] = int(tensors["prompt_embeddings"].shape[1])
+    keys = [t for n, t in own.items() if n.endswith(".prefix.key")]
+    if keys:  # prefix: the table is [N, layers·2·kv·d]; PEFT wants the per-layer kv width and heads
+        kv, _, d = keys[0].shape
+        config.update(token_dim=int(kv * d), num_attention_heads=int(kv), num_layers=len(keys))
+    name = type(cm._model).__name__
+    task = next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
+    if task is None:
+        raise NotImplementedError(f"save_adapter(format='peft'): PEFT needs a task_type for prompt tuning and "
+                                  f"peftc cannot tell it for {name}; known: {sorted(set(TASK_TYPES.values()))}")
+    config["task_type"] = task
+
+
+def _peft_tensor(cm, name: str, value):
+    """The tensor in PEFT's shape; `value` None: a non-persistent buffer (VeRA's projections), read directly."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = cm._adapter_root.get_submodule(owner)
+    except AttributeError:  # a base parameter trained in place
+        module = None
+    value = getattr(module, leaf) if value is None else value
+    value = to_peft_shape(module, leaf, value.detach())
+    return value.to("cpu").contiguous().clone()
 
 
 def _adapted_paths(cm) -> set[str]:
