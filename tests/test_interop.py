@@ -140,17 +140,12 @@ def test_to_peft_config_names_what_peft_cannot_express(spec, field):
 
 @pytest.mark.parametrize("config, match", [
     ({"peft_type": "OFT", "target_modules": ["q"]}, r"peft_type: 'OFT' is not supported; supported: \['LORA'"),
-    ({"peft_type": "LORA", "target_modules": ["q"], "use_dora": True}, "use_dora.*dora"),
     ({"peft_type": "LORA", "target_modules": ["q"], "lora_bias": True}, "lora_bias"),
     ({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "pissa"}, "init_lora_weights"),
     ({"peft_type": "LORA", "target_modules": "all-linear"}, "all-linear"),
     ({"peft_type": "LORA"}, "target_modules"),
 ])
 def test_unsupported_configs_name_the_field(config, match):
-    from peftc.methods import METHODS
-
-    if config.get("use_dora") and "dora" in METHODS:
-        pytest.skip("DoRA is supported in this build")
     with pytest.raises(SpecError, match=match):
         peftc.Spec.from_peft_config(config)
 
