@@ -10,11 +10,12 @@ from torch.fx import GraphModule
 
 from peftc import adapters
 from peftc.fields import boolean, finite_number, one_of, optional_pattern_list, pattern_list, positive_int
-from peftc.graph_edit import Inserter, redirect_users
+from peftc.graph_edit import redirect_users
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
 from ._site_output import current_output
+from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 
 aten = torch.ops.aten
@@ -62,27 +63,14 @@ def insert_adapter(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add scale * up(act(down(h))) [* sigmoid gate] to the output of every targeted linear op."""
     config: AdapterConfig = ctx.entry
     sites = select_sites(ctx, config, kinds=("linear",))
-    nodes = {n.name: n for n in gm.graph.nodes}
-    result = PassResult(modified=False)
-    for site in sites:
-        weight = ctx.base_params[site.param]
-        module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: AdapterWeights(site, weight, config))
-        _rewrite_site(gm, nodes[site.node], site, ctx, config)
-        result.modified = True
-        result.sites.append(site.path)
-        if created:
-            for name, p in module.named_parameters():
-                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
-    return result
+    return rewrite_sites(gm, ctx, sites, lambda site, weight: AdapterWeights(site, weight, config),
+                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
 
 
 def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: AdapterConfig) -> None:
     y = current_output(node)
     users = list(y.users)
-    tag = {"pass": "insert_adapter", "method": "adapter", "site": site.path, "slot": ctx.slot,
-           "entry": ctx.entry_index}
-    ins = Inserter(gm, y, tag)
+    ins = site_inserter(gm, y, site, ctx, "insert_adapter")
     param = lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name))  # noqa: E731
     h = y if config.placement == "serial" else node.args[site.input_index]
     hidden = ins.call(ACTIVATIONS[config.activation], ins.call(aten.linear.default, h, param("down"), param("down_bias")))
