@@ -275,32 +275,53 @@ def test_copy_pass_node_counts_and_no_op():
     assert not noop.records[0].modified and noop.adapter_state_dict() == {}
 
 
-# -- non-LoRA PEFT types on LLaMA: adapters saved by `peft`, loaded by peftc ------------------
+# -- non-LoRA PEFT types on every HF family: adapters saved by `peft`, loaded by peftc -------
 
-def _peft_types():
+# Per family: attention targets, one feed-forward module (IA3 scales its input), the task type.
+TYPE_TARGETS = {
+    "llama": (["q_proj", "v_proj"], "down_proj", "CAUSAL_LM"),
+    "gpt2": (["c_attn"], "mlp.c_proj", "CAUSAL_LM"),  # Conv1D layers (fan_in_fan_out)
+    "bert": (["query", "value"], "output.dense", "SEQ_CLS"),
+    "vit": (["q_proj", "v_proj"], "fc2", None),
+}
+TYPES = ["ia3", "loha", "lokr", "dora", "vera", "prompt", "prefix"]
+# Cases PEFT itself does not support are not generated:
+#  - BERT prefix tuning: BERT takes no past_key_values in this transformers, so PEFT cannot inject a prefix.
+#  - ViT prompt/prefix tuning: ViT has no token embedding input (pixel_values), PEFT's virtual tokens do not apply.
+NOT_IN_PEFT = {("bert", "prefix"), ("vit", "prompt"), ("vit", "prefix")}
+TYPE_CASES = [(f, k) for f in TYPE_TARGETS for k in TYPES if (f, k) not in NOT_IN_PEFT]
+
+
+def _peft_type_config(family: str, kind: str):
     from peft import IA3Config, LoHaConfig, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
 
+    attention, feedforward, task = TYPE_TARGETS[family]
+    # PEFT's LoHa/LoKr take Linear and Conv layers only, not GPT-2's Conv1D: on GPT-2 they adapt the
+    # (Linear, tied) lm_head instead.
+    loha = ["lm_head"] if family == "gpt2" else attention
+    lokr = ["lm_head"] if family == "gpt2" else attention + [feedforward]
     return {
-        "ia3": lambda: IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-        "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-        "lokr": lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
-        "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
-        "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "k_proj"], projection_prng_key=3),
-        "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-        "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-    }
+        "ia3": lambda: IA3Config(target_modules=attention + [feedforward], feedforward_modules=[feedforward]),
+        "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=loha),
+        "lokr": lambda: LoKrConfig(r=4, alpha=8, target_modules=lokr),
+        "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=attention, use_dora=True),
+        "vera": lambda: VeraConfig(r=8, target_modules=attention, projection_prng_key=3),
+        "prompt": lambda: PromptTuningConfig(task_type=task, num_virtual_tokens=3),
+        "prefix": lambda: PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
+    }[kind]()
 
 
-@pytest.mark.parametrize("kind", ["ia3", "loha", "lokr", "dora", "vera", "prompt", "prefix"])
-def test_from_peft_matches_peft_for_non_lora_types(kind, tmp_path):
-    family = FAMILIES["llama"]
+@pytest.mark.parametrize("name, kind", TYPE_CASES)
+def test_from_peft_matches_peft_for_non_lora_types(name, kind, tmp_path):
+    family = FAMILIES[name]
     inputs = family.inputs(2, 6)
-    model = get_peft_model(family.build(), _peft_types()[kind]())
+    model = get_peft_model(family.build(), _peft_type_config(name, kind))
     randomize_trainable(model, seed=1)
     model.eval().save_pretrained(tmp_path / "peft")
     expected = logits(PeftModel.from_pretrained(family.build(), tmp_path / "peft").eval()(**inputs))
     plain = logits(family.build()(**inputs))
-    assert not torch.allclose(expected[:, -plain.shape[1]:], plain, **TOL)  # the adapter does something
+    tail = expected[:, -plain.shape[1]:] if expected.dim() == 3 else expected
+    assert not torch.allclose(tail, plain, **TOL)  # the adapter does something
 
     cm = peftc.from_peft(family.build(), tmp_path / "peft", example_kwargs=inputs).eval()
     torch.testing.assert_close(logits(call(cm, family, inputs)), expected, **TOL)

@@ -35,6 +35,7 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     directory = _adapter_dir(source)
     config = as_config_dict(directory / CONFIG_FILE if directory else source)
     config = resolve_all_linear(config, model)
+    config = present_modules_to_save(config, model)
     spec_dict = spec_dict_from_peft(config)
     if directory is None:
         return peftc.compile(model, spec_dict, **compile_kwargs)
@@ -101,6 +102,17 @@ def resolve_all_linear(config: dict, model: nn.Module) -> dict:
     if not names:
         raise SpecError("target_modules: 'all-linear' found no linear layer in the model")
     return {**config, "target_modules": names}
+
+
+def present_modules_to_save(config: dict, model: nn.Module) -> dict:
+    """PEFT's task types add head names (SEQ_CLS: classifier and score) whether the model has them or
+    not; keep those some module name ends with, once each, as PEFT's wrapping does."""
+    saved = config.get("modules_to_save")
+    if not saved:
+        return config
+    names = [n for n, _ in model.named_modules()]
+    kept = [s for s in dict.fromkeys(saved) if any(n == s or n.endswith("." + s) for n in names)]
+    return {**config, "modules_to_save": kept or None}
 
 
 def overriding_copies(spec_dict: dict, tensors: dict, model: nn.Module) -> list[dict]:

@@ -107,6 +107,8 @@ def _write_copies(spec, entry, cfg: dict) -> None:
                             f"not {list(copy.params)}")
     if saved:
         cfg["modules_to_save"] = saved
+        if not hasattr(entry, "targets"):  # prompt / prefix: no target modules to exclude from
+            return
         exclusions = {pt.save_exclusion(n) for n in saved}
         kept = [p for p in getattr(entry, "exclude", ()) if p not in exclusions]
         cfg["exclude_modules"] = pt.targets_to_peft(tuple(kept), "exclude")

@@ -31,6 +31,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "prefix": {"*": {"key": "prefix_key", "value": "prefix_value"}},
 }
 WHOLE_KEYS = {"prompt"}  # methods whose PEFT keys stand alone, without the base_model.model. path
+PROMPT_PREFIX = "base_model."  # prompt-style PEFT models wrap the model directly: their copies' keys
+PROMPT_STYLE = {"prompt", "prefix"}
 
 
 def to_peft_shape(module, tensor: str, value):
@@ -50,10 +52,10 @@ def is_unused_original(key: str) -> bool:
     return ".original_module." in key
 
 
-def base_key(fqn: str, wrapped: set[str]) -> str:
+def base_key(fqn: str, wrapped: set[str], prefix: str = PREFIX) -> str:
     """PEFT's key for a base parameter (a copy or an in-place trained one)."""
     owner, _, leaf = fqn.rpartition(".")
-    return PREFIX + (f"{owner}.base_layer.{leaf}" if owner in wrapped else fqn)
+    return prefix + (f"{owner}.base_layer.{leaf}" if owner in wrapped else fqn)
 
 
 def method_key(method: str, kind: str | None, site_path: str, tensor: str, name: str) -> str:
@@ -78,6 +80,7 @@ def peft_names(cm) -> dict[str, str]:
     kinds = {site.path: site.kind for site in cm.sites}
     modules = list(adapters.adapter_modules(cm._adapter_root))
     wrapped = {q.rpartition(".")[0] for q, _ in modules if entry_of_slot[q.rpartition(".")[2]].method != "copy"}
+    prefix = PROMPT_PREFIX if any(e.method in PROMPT_STYLE for e in spec.adapters) else PREFIX
     out: dict[str, str] = {}
     for qualname, module in modules:
         site_path, _, slot = qualname.rpartition(".")
@@ -85,12 +88,12 @@ def peft_names(cm) -> dict[str, str]:
         for tensor in list(module._parameters) + list(module._buffers):
             name = f"{qualname}.{tensor}"
             if method == "copy":
-                out[name] = base_key(f"{site_path}.{tensor}".strip("."), wrapped)
+                out[name] = base_key(f"{site_path}.{tensor}".strip("."), wrapped, prefix)
             else:
                 out[name] = method_key(method, kinds.get(site_path), site_path, tensor, name)
     copied = set(out.values())
     for name in cm.adapter_state_dict():
         # A base parameter the spec's `trainable` unfreezes; where a copy replaces it, the copy is saved.
-        if name not in out and base_key(name, wrapped) not in copied:
-            out[name] = base_key(name, wrapped)
+        if name not in out and base_key(name, wrapped, prefix) not in copied:
+            out[name] = base_key(name, wrapped, prefix)
     return out

@@ -183,7 +183,7 @@ def read_prompt(cfg: dict) -> list[dict]:
     if (cfg.get("num_transformer_submodules") or 1) != 1:
         raise SpecError(f"num_transformer_submodules: peftc prompt tuning prepends at one token embedding; "
                         f"{cfg['num_transformer_submodules']} (an encoder-decoder) is not supported")
-    return [{"method": "prompt", "num_tokens": cfg["num_virtual_tokens"]}]
+    return [{"method": "prompt", "num_tokens": cfg["num_virtual_tokens"]}] + _saved_copies(cfg)
 
 
 def read_prefix(cfg: dict) -> list[dict]:
@@ -193,14 +193,21 @@ def read_prefix(cfg: dict) -> list[dict]:
     if (cfg.get("num_transformer_submodules") or 1) != 1:
         raise SpecError(f"num_transformer_submodules: peftc prefix tuning of an encoder-decoder "
                         f"({cfg['num_transformer_submodules']}) is not supported")
-    return [{"method": "prefix", "num_tokens": cfg["num_virtual_tokens"]}]
+    return [{"method": "prefix", "num_tokens": cfg["num_virtual_tokens"]}] + _saved_copies(cfg)
+
+
+def _saved_copies(cfg: dict) -> list[dict]:
+    """Prompt-style types train only modules_to_save besides the prompt (PEFT adds the head for SEQ_CLS)."""
+    names = list(dict.fromkeys(cfg.get("modules_to_save") or []))
+    return [{"method": "copy", "targets": [pt.save_target(n) for n in names]}] if names else []
 
 
 LOW_RANK_FIXED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
 
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                            "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-                           "tokenizer_kwargs", "encoder_hidden_size", "prefix_projection", "init_weights"})
+                           "tokenizer_kwargs", "encoder_hidden_size", "prefix_projection", "init_weights",
+                           "modules_to_save"})
 
 PEFT_TYPES: dict[str, PeftRow] = {
     "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
