@@ -106,12 +106,12 @@ def resolve_all_linear(config: dict, model: nn.Module) -> dict:
 
 def present_modules_to_save(config: dict, model: nn.Module) -> dict:
     """PEFT's task types add head names (SEQ_CLS: classifier and score) whether the model has them or
-    not; keep those some module name ends with, once each, as PEFT's wrapping does."""
+    not; keep those some module name ends with (PEFT's plain endswith), once each."""
     saved = config.get("modules_to_save")
     if not saved:
         return config
     names = [n for n, _ in model.named_modules()]
-    kept = [s for s in dict.fromkeys(saved) if any(n == s or n.endswith("." + s) for n in names)]
+    kept = [s for s in dict.fromkeys(saved) if any(n.endswith(s) for n in names)]  # save_target's rule
     return {**config, "modules_to_save": kept or None}
 
 
