@@ -24,6 +24,11 @@ def flip_layout(tensor: torch.Tensor, site) -> torch.Tensor:
     return tensor.T if site.layout == "in_out" else tensor
 
 
+def fold_delta(module, site, weight: torch.Tensor) -> torch.Tensor:
+    """W + ΔW, for methods whose adapter module gives `delta_weight()` in the [out, in, ...] layout."""
+    return weight + flip_layout(module.delta_weight(), site).to(weight.dtype)
+
+
 def bias_node(node: Node, site: Site) -> Node | None:
     """The bias argument of a linear or conv site op, or None."""
     if site.kind == "embedding" or node.target in (aten.mm.default, aten.matmul.default):

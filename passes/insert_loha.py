@@ -17,7 +17,7 @@ from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_delta_op, flip_layout, maybe_dropout, out_in_shape
+from ._weight_ops import add_delta_op, maybe_dropout, out_in_shape
 
 aten = torch.ops.aten
 
@@ -56,10 +56,6 @@ class LohaWeights(nn.Module):
         """s·(W1a W1b) ⊙ (W2a W2b), shaped [out, in, *kernel]."""
         hadamard = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
         return (hadamard * self.scale).reshape(self.shape)
-
-
-def fold_loha(module: LohaWeights, site: Site, weight: torch.Tensor) -> torch.Tensor:
-    return weight + flip_layout(module.delta_weight(), site).to(weight.dtype)
 
 
 def insert_loha(gm: GraphModule, ctx: PassContext) -> PassResult:

@@ -18,7 +18,7 @@ from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_delta_op, flip_layout, maybe_dropout, out_in_shape
+from ._weight_ops import add_delta_op, maybe_dropout, out_in_shape
 
 aten = torch.ops.aten
 
@@ -81,10 +81,6 @@ class LokrWeights(nn.Module):
         """s·kron(W1, W2), shaped [out, in, *kernel]."""
         w2 = self.lokr_w2_a @ self.lokr_w2_b if self.low_rank else self.lokr_w2.flatten(1)
         return (torch.kron(self.lokr_w1, w2) * self.scale).reshape(self.shape)
-
-
-def fold_lokr(module: LokrWeights, site: Site, weight: torch.Tensor) -> torch.Tensor:
-    return weight + flip_layout(module.delta_weight(), site).to(weight.dtype)
 
 
 def insert_lokr(gm: GraphModule, ctx: PassContext) -> PassResult:

@@ -18,7 +18,7 @@ from peftc.sites import Site
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import flip_layout, maybe_dropout
+from ._weight_ops import maybe_dropout
 
 aten = torch.ops.aten
 
@@ -73,10 +73,6 @@ class VeraWeights(nn.Module):
         a = self.projections.A[:, : self.in_features]
         b = self.projections.B[: self.out_features, :]
         return (self.lambda_b[:, None] * b) @ (self.lambda_d[:, None] * a)
-
-
-def fold_vera(module: VeraWeights, site: Site, weight: torch.Tensor) -> torch.Tensor:
-    return weight + flip_layout(module.delta_weight(), site).to(weight.dtype)
 
 
 def insert_vera(gm: GraphModule, ctx: PassContext) -> PassResult:

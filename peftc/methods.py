@@ -9,17 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from peftc.passes._weight_ops import fold_delta
 from peftc.passes.copy_params import CopyConfig, copy_params
 from peftc.passes.insert_adapter import AdapterConfig, insert_adapter
 from peftc.passes.insert_dora import DoraConfig, fold_dora, insert_dora
 from peftc.passes.insert_ia3 import Ia3Config, fold_ia3, fold_ia3_bias, insert_ia3
-from peftc.passes.insert_loha import LohaConfig, fold_loha, insert_loha
-from peftc.passes.insert_lokr import LokrConfig, fold_lokr, insert_lokr
-from peftc.passes.insert_lora import LoraConfig, LoraWeights, insert_lora
+from peftc.passes.insert_loha import LohaConfig, insert_loha
+from peftc.passes.insert_lokr import LokrConfig, insert_lokr
+from peftc.passes.insert_lora import LoraConfig, insert_lora
 from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
 from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
-from peftc.passes.insert_vera import VeraConfig, fold_vera, insert_vera
+from peftc.passes.insert_vera import VeraConfig, insert_vera
 from peftc.passes.quantize_base import QuantizeConfig
 
 
@@ -34,13 +35,8 @@ class Method:
     fold_bias: Callable | None = None  # (adapter module, site, bias) -> merged bias, for output-scaling methods
 
 
-def fold_lora(module: LoraWeights, site, weight):
-    delta = module.delta_weight().to(weight.dtype)
-    return weight + (delta.T if site.layout == "in_out" else delta)
-
-
 METHODS: dict[str, Method] = {
-    "lora": Method("lora", "reparameterized", LoraConfig, insert_lora, fold_lora,
+    "lora": Method("lora", "reparameterized", LoraConfig, insert_lora, fold_delta,
                    "W x + s·B(A x) on linear, conv and embedding ops"),
     "adapter": Method("adapter", "additive", AdapterConfig, insert_adapter, None,
                       "y + s·up(act(down(h))) on linear ops; h = y (serial) or x (parallel)"),
@@ -52,11 +48,11 @@ METHODS: dict[str, Method] = {
                    "trainable copies of selected base parameters (HF PEFT's modules_to_save)"),
     "dora": Method("dora", "reparameterized", DoraConfig, insert_dora, fold_dora,
                    "(m/||W + s·BA||)·(W x + s·B A x) on linear ops, the norm detached"),
-    "loha": Method("loha", "reparameterized", LohaConfig, insert_loha, fold_loha,
+    "loha": Method("loha", "reparameterized", LohaConfig, insert_loha, fold_delta,
                    "W x + op(x, s·(W1a W1b) ⊙ (W2a W2b)) on linear and conv ops"),
-    "lokr": Method("lokr", "reparameterized", LokrConfig, insert_lokr, fold_lokr,
+    "lokr": Method("lokr", "reparameterized", LokrConfig, insert_lokr, fold_delta,
                    "W x + op(x, s·kron(W1, W2a W2b)) on linear and conv ops"),
-    "vera": Method("vera", "reparameterized", VeraConfig, insert_vera, fold_vera,
+    "vera": Method("vera", "reparameterized", VeraConfig, insert_vera, fold_delta,
                    "W x + λb ⊙ B(λd ⊙ A x), A and B shared, frozen, seeded, on linear ops"),
     "ia3": Method("ia3", "additive", Ia3Config, insert_ia3, fold_ia3,
                   "l ⊙ (W x + b), or W (l ⊙ x) on feedforward sites, on linear ops", fold_bias=fold_ia3_bias),
