@@ -3,13 +3,12 @@
     peftc::lora_linear(x, weight, bias, A, B, scale, x_lora)            y = x W^T + b + s (x_lora A^T) B^T
     peftc::lora_linear_q(x, qweight, scales, format, group_size, in_features, bias, A, B, scale, x_lora)
                                                                         the same with W packed (formats.py)
-    peftc::lora_bgmv(x, weight, bias, A_bank, B_bank, scales, idx)      multi-adapter decode (forward only)
-    peftc::lora_sgmv(x, weight, bias, A_bank, B_bank, scales, seg_starts, seg_adapters)   prefill (forward only)
 
 x_lora is None unless the adapter branch has its own input (LoRA dropout). The fused ops
 have a fake (meta) implementation and autograd giving gradients for x, x_lora, bias, A and B;
 the base weight is frozen and gets none. The backward is itself an op
 (peftc::lora_linear_backward / lora_linear_q_backward), so it also runs Triton on CUDA.
+The multi-adapter ops (BGMV / SGMV) are in multi_ops.py, registered when this module loads.
 """
 
 from __future__ import annotations
@@ -213,62 +212,6 @@ def _backward_quant(ctx, dy):
 torch.library.register_autograd("peftc::lora_linear_q", _backward_quant, setup_context=_setup_quant)
 
 
-# -- multi-adapter (serving: forward only) -------------------------------------------------------
-
-@torch.library.custom_op("peftc::lora_bgmv", mutates_args=())
-def lora_bgmv(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_bank: Tensor, b_bank: Tensor, scales: Tensor,
-              idx: Tensor) -> Tensor:
-    return reference.lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx)
-
-
-@lora_bgmv.register_kernel("cuda")
-def _lora_bgmv_cuda(x, weight, bias, a_bank, b_bank, scales, idx):
-    if not triton_ready(x.device):
-        return reference.lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx)
-    return lora_bgmv_triton(x, weight, bias, a_bank, b_bank, scales, idx)
-
-
-def lora_bgmv_triton(x, weight, bias, a_bank, b_bank, scales, idx):
-    from .multi import bgmv_add_
-
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y2 = torch.nn.functional.linear(x2, weight, bias)
-    bgmv_add_(y2, x2, a_bank.contiguous(), b_bank.contiguous(), scales, idx)
-    return y2.view(*x.shape[:-1], weight.shape[0])
-
-
-@lora_bgmv.register_fake
-def _lora_bgmv_fake(x, weight, bias, a_bank, b_bank, scales, idx):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("peftc::lora_sgmv", mutates_args=())
-def lora_sgmv(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_bank: Tensor, b_bank: Tensor, scales: Tensor,
-              seg_starts: Tensor, seg_adapters: Tensor) -> Tensor:
-    return reference.lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters)
-
-
-@lora_sgmv.register_kernel("cuda")
-def _lora_sgmv_cuda(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
-    if not triton_ready(x.device):
-        return reference.lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters)
-    return lora_sgmv_triton(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters)
-
-
-def lora_sgmv_triton(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
-    from .multi import sgmv_add_
-
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y2 = torch.nn.functional.linear(x2, weight, bias)
-    sgmv_add_(y2, x2, a_bank.contiguous(), b_bank.contiguous(), scales, seg_starts, seg_adapters)
-    return y2.view(*x.shape[:-1], weight.shape[0])
-
-
-@lora_sgmv.register_fake
-def _lora_sgmv_fake(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
 # -- the dequantize the lowering pass folds into lora_linear_q -----------------------------------
 
 @torch.library.custom_op("peftc::dequantize_packed", mutates_args=())
@@ -282,3 +225,6 @@ def dequantize_packed(qweight: Tensor, scales: Tensor, fmt: str, group_size: int
 @dequantize_packed.register_fake
 def _dequantize_packed_fake(qweight, scales, fmt, group_size, in_features, dtype):
     return qweight.new_empty(qweight.shape[0], in_features, dtype=dtype)
+
+
+from . import multi_ops  # noqa: E402,F401  (registers peftc::lora_bgmv / lora_sgmv)
