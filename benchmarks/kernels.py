@@ -69,7 +69,8 @@ def cases(smoke: bool):
     """(name, run, reference) triples for every kernel at one small shape (used by --smoke and --check)."""
     import torch
 
-    from peftc.codegen.triton import formats, fused, ops, reference
+    from peftc import quant
+    from peftc.codegen.triton import fused, multi_ops, reference
     from peftc.codegen.triton.kernels import Weight
 
     def build(dtype, device):
@@ -77,8 +78,9 @@ def cases(smoke: bool):
         x, w, a, b = make(m, k, n, r, dtype, device)
         dy = torch.randn(m, n, device=device).to(dtype)
         f32 = lambda *t: [v.float() for v in t]  # noqa: E731
-        q, s = formats.to_packed("nf4", w.float(), group_size=16)
-        dense = formats.dequantize("nf4", q, s, 16, k)
+        qdata = quant.quantize(w.float(), "nf4", 16)
+        dense = quant.dequantize(qdata, "nf4", n, k, 16)
+        q4 = quant.quantize(w.float(), "int4", 16, double_quant=True)  # zero points, double-quantized scales
         banks = (torch.randn(4, r, k, device=device) * k ** -0.5).to(dtype), \
             (torch.randn(4, n, r, device=device) * r ** -0.5).to(dtype)
         scales = torch.tensor([0.5, 1.0, 1.5, 2.0], device=device)
@@ -96,11 +98,14 @@ def cases(smoke: bool):
              lambda: torch.cat([t.flatten() for t in reference.lora_linear_backward(
                  *f32(dy, x, w, a, b), 2.0) if t is not None])),
             ("nf4 dequant + LoRA forward", lambda: fused.lora_linear_forward(
-                x, Weight(q, "nf4", s, 16, k), None, a, b, 2.0),
+                x, Weight.packed(qdata, "nf4", n, k, 16), None, a, b, 2.0),
              lambda: reference.lora_linear(x.float(), dense, None, *f32(a, b), 2.0)),
-            ("BGMV (4 adapters, -1 rows)", lambda: ops.lora_bgmv_triton(x, w, None, *banks, scales, idx),
+            ("int4 dequant + LoRA forward", lambda: fused.lora_linear_forward(
+                x, Weight.packed(q4, "int4", n, k, 16), None, a, b, 2.0),
+             lambda: reference.lora_linear(x.float(), quant.dequantize(q4, "int4", n, k, 16), None, *f32(a, b), 2.0)),
+            ("BGMV (4 adapters, -1 rows)", lambda: multi_ops.lora_bgmv_triton(x, w, None, *banks, scales, idx),
              lambda: reference.lora_bgmv(*f32(x, w), None, *f32(*banks), scales, idx)),
-            ("SGMV (2 segments)", lambda: ops.lora_sgmv_triton(x, w, None, *banks, scales, starts, adapters),
+            ("SGMV (2 segments)", lambda: multi_ops.lora_sgmv_triton(x, w, None, *banks, scales, starts, adapters),
              lambda: reference.lora_sgmv(*f32(x, w), None, *f32(*banks), scales, starts, adapters)),
         ]
     return build
@@ -179,7 +184,7 @@ def compile_only() -> None:
                       BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, BLOCK_R=64)
         w_type = {0: "*" + dt, 1: "*i8", 2: "*u8", 3: "*u8"}[quant]
         shared = build(kernels.lora_matmul_kernel, consts,
-                          {"w_ptr": w_type, "s_ptr": "*fp32", "code_ptr": "*fp32"}, dt, 8)
+                          {"w_ptr": w_type, "s_ptr": "*fp32", "z_ptr": "*u8", "code_ptr": "*fp32"}, dt, 8)
         print(f"| lora_matmul_kernel | {what} | {dt} | 128x128x64, r<=64 | {shared} |", flush=True)
     for fn, consts in ((multi.bgmv_shrink_kernel, dict(BLOCK_K=64, BLOCK_R=64)),
                        (multi.bgmv_expand_kernel, dict(BLOCK_N=64, BLOCK_R=64)),
@@ -202,7 +207,8 @@ def run_gpu(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from peftc.codegen.triton import formats, fused, ops, reference
+    from peftc import quant
+    from peftc.codegen.triton import fused, multi_ops, reference
     from peftc.codegen.triton.kernels import Weight
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -243,10 +249,11 @@ def run_gpu(args) -> None:
         for m in (1, 16, 1024):
             x, w, a, b = make(m, k, n, 16, dtype, dev)
             for fmt in ("int8", "int4", "nf4"):
-                q, s = formats.to_packed(fmt, w.float(), group_size=64)
+                qdata = quant.quantize(w.float(), fmt, 64)
                 t_torch = bench(lambda: reference.lora_linear(
-                    x, formats.dequantize(fmt, q, s, 64, k, dtype), None, a, b, 2.0))
-                t_fused = bench(lambda: fused.lora_linear_forward(x, Weight(q, fmt, s, 64, k), None, a, b, 2.0))
+                    x, quant.dequantize(qdata, fmt, n, k, 64, dtype), None, a, b, 2.0))
+                t_fused = bench(lambda: fused.lora_linear_forward(x, Weight.packed(qdata, fmt, n, k, 64), None, a, b,
+                                                                  2.0))
                 print(f"| {k}x{n} | {m} | {fmt} | {1e3 * t_torch:.3f} | {1e3 * t_fused:.3f} |")
     print("\n| K x N | decode batch | r | 1 adapter ms | 16 adapters ms | ratio | base ms |")
     print("|---|---|---|---|---|---|---|")
@@ -259,8 +266,8 @@ def run_gpu(args) -> None:
                 scales = torch.ones(16, device=dev)
                 one = torch.zeros(m, dtype=torch.long, device=dev)
                 many = torch.arange(m, device=dev) % 16
-                t_one = bench(lambda: ops.lora_bgmv_triton(x, w, None, a_bank, b_bank, scales, one))
-                t_many = bench(lambda: ops.lora_bgmv_triton(x, w, None, a_bank, b_bank, scales, many))
+                t_one = bench(lambda: multi_ops.lora_bgmv_triton(x, w, None, a_bank, b_bank, scales, one))
+                t_many = bench(lambda: multi_ops.lora_bgmv_triton(x, w, None, a_bank, b_bank, scales, many))
                 t_base = bench(lambda: F.linear(x, w))
                 print(f"| {k}x{n} | {m} | {r} | {1e3 * t_one:.3f} | {1e3 * t_many:.3f} | {t_many / t_one:.3f} | "
                       f"{1e3 * t_base:.3f} |")

@@ -1,4 +1,8 @@
-"""Match the subgraph insert_lora leaves at a linear site: base matmul + s * B(A(dropout?(x)))."""
+"""Match the subgraph insert_lora leaves at a linear site: base matmul + s * B(A(dropout?(x))).
+
+The base matmul is an aten linear/addmm/mm/matmul against a float weight, or quantize_base's
+peftc::quantized_linear over a packed one.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from peftc import quantized
 from peftc.graph_edit import provenance
 from peftc.modes import DROPOUT_OPS
 from peftc.sites import Site
@@ -25,13 +30,14 @@ class LoraMatch:
     base: Node  # the site's matmul
     x: Node
     x_lora: Node | None  # the dropout node feeding the adapter, if any
-    weight: Node  # [N, K] float weight (a get_attr), or the dequantize node of a packed one
+    weight: Node | None  # [N, K] float weight (a get_attr); None for a packed one (see `packed`)
     transpose_weight: bool  # weight is [K, N] (GPT-2 Conv1D): the fused op reads its transpose
     bias: Node | None
     a: Node
     b: Node
     scale: float
     erase: list[Node]  # nodes the fused op makes dead
+    packed: tuple | None = None  # quantized_linear's (qdata, format, out, in, group_size, compute_dtype)
 
 
 def lora_groups(gm: GraphModule) -> list[list[Node]]:
@@ -53,7 +59,7 @@ def match_lora(gm: GraphModule, group: list[Node], site: Site, trainable: set[st
         return "unexpected LoRA output node"
     base, delta = output.args
     scale = output.kwargs.get("alpha", 1)
-    if not isinstance(base, Node) or base.name != site.node or base.target not in BASE_OPS:
+    if not isinstance(base, Node) or base.name != site.node or base.target not in (*BASE_OPS, quantized.OP):
         return "base op is not the site's matmul (another adapter is stacked on it)"
     if len(base.users) != 1 or base.kwargs:
         return "base matmul has other users or beta/alpha"
@@ -69,11 +75,15 @@ def match_lora(gm: GraphModule, group: list[Node], site: Site, trainable: set[st
         if hidden_in.target not in DROPOUT_OPS or hidden_in.args[0] is not x:
             return "adapter input is neither the site input nor its dropout"
         x_lora = hidden_in
+    common = dict(site=site, tag=provenance(output), output=output, base=base, x=x, x_lora=x_lora, a=a, b=b,
+                  scale=scale)
+    if base.target == quantized.OP:  # (x, qdata, bias, fmt, out, in, group, compute_dtype)
+        return LoraMatch(**common, weight=None, transpose_weight=False, bias=base.args[2],
+                         erase=[output, *branch_nodes, base], packed=(base.args[1], *base.args[3:8]))
     weight, transpose, extra = _weight(base, site)
     bias = base.args[0] if base.target == aten.addmm.default else (
         base.args[2] if base.target == aten.linear.default and len(base.args) > 2 else None)
-    return LoraMatch(site=site, tag=provenance(output), output=output, base=base, x=x, x_lora=x_lora,
-                     weight=weight, transpose_weight=transpose, bias=bias, a=a, b=b, scale=scale,
+    return LoraMatch(**common, weight=weight, transpose_weight=transpose, bias=bias,
                      erase=[output, *branch_nodes, base, *extra])
 
 

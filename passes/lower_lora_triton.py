@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from peftc.graph_edit import Inserter, erase_nodes
 from peftc.pipeline import PassContext, PassResult
@@ -45,27 +45,16 @@ def lower_lora_triton(gm: GraphModule, ctx: PassContext) -> PassResult:
 def _replace(gm: GraphModule, match: LoraMatch) -> str:
     tag = {key: match.tag[key] for key in ("method", "site", "slot", "entry")}
     ins = Inserter(gm, match.output, {"pass": "lower_lora_triton", **tag, "role": "output"})
-    common = (match.bias, match.a, match.b, match.scale, match.x_lora)
-    packed = _packed_weight(match.weight)
-    if packed is not None and not match.transpose_weight:
-        qweight, scales, fmt, group_size, in_features = packed
-        fused = ins.call(torch.ops.peftc.lora_linear_q.default, match.x, qweight, scales, fmt, group_size,
-                         in_features, *common)
-        if len(match.weight.users) == 1:
-            match.erase.append(match.weight)
+    lora = (match.a, match.b, match.scale, match.x_lora)
+    if match.packed is not None:  # quantized_linear + LoRA: dequantize inside the fused matmul
+        qdata, *layout = match.packed
+        fused = ins.call(torch.ops.peftc.lora_linear_q.default, match.x, qdata, match.bias, *layout, *lora)
     else:
         weight = ins.call(aten.t.default, match.weight) if match.transpose_weight else match.weight
-        fused = ins.call(torch.ops.peftc.lora_linear.default, match.x, weight, *common)
+        fused = ins.call(torch.ops.peftc.lora_linear.default, match.x, weight, match.bias, *lora)
     match.output.replace_all_uses_with(fused)
     erase_nodes(gm, match.erase)
     return str(fused.target).replace(".default", "")
-
-
-def _packed_weight(weight: Node) -> tuple | None:
-    """(qweight, scales, format, group_size, in_features) if the weight is a peftc::dequantize_packed."""
-    if weight.op == "call_function" and weight.target == torch.ops.peftc.dequantize_packed.default:
-        return tuple(weight.args[:5])
-    return None
 
 
 def _notes(lowered: dict[str, list[str]], kept: list[str]) -> list[str]:

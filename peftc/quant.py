@@ -65,7 +65,7 @@ def double_dequantize(codes: torch.Tensor, block_scale: torch.Tensor, mean: torc
     return values.flatten()[:count] + mean
 
 
-def _scales_of(tensors: list[torch.Tensor], out_features: int, groups: int) -> torch.Tensor:
+def group_scales(tensors: list[torch.Tensor], out_features: int, groups: int) -> torch.Tensor:
     """The f32 scales from the tail of a quantized list: one tensor, or three if double-quantized."""
     if len(tensors) == 1:
         return tensors[0].float()
@@ -111,10 +111,10 @@ def dequantize(tensors: list[torch.Tensor], fmt: str, out_features: int, in_feat
     codes = unpack_nibbles(tensors[0]).view(out_features, groups, group_size)
     if fmt == "int4":
         values = codes.float() - tensors[1].float()[..., None]
-        scales = _scales_of(tensors[2:], out_features, groups)
+        scales = group_scales(tensors[2:], out_features, groups)
     else:
         values = nf4_code(codes.device)[codes.long()]
-        scales = _scales_of(tensors[1:], out_features, groups)
+        scales = group_scales(tensors[1:], out_features, groups)
     return (values * scales[..., None]).view(out_features, groups * group_size)[:, :in_features].to(dtype)
 
 

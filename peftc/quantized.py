@@ -96,9 +96,20 @@ def quantized_linear(x: torch.Tensor, qdata: list[torch.Tensor], bias: torch.Ten
                      out_features: int, in_features: int, group_size: int,
                      compute_dtype: torch.dtype) -> torch.Tensor:
     """linear(x, dequantize(qdata), bias), computed in `compute_dtype`, returned in x's dtype."""
+    return linear(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype)
+
+
+def linear(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype) -> torch.Tensor:
+    """The op's math, callable from other ops (the fused dequant + LoRA op's torch path)."""
     weight = quant.dequantize(qdata, fmt, out_features, in_features, group_size, compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
     return torch.nn.functional.linear(x.to(compute_dtype), weight, b).to(x.dtype)
+
+
+def linear_grad_x(grad, qdata, fmt, out_features, in_features, group_size, compute_dtype, x_dtype) -> torch.Tensor:
+    """d linear / dx: the weight dequantized again (never saved in full precision)."""
+    weight = quant.dequantize(qdata, fmt, out_features, in_features, group_size, compute_dtype)
+    return (grad.to(compute_dtype) @ weight).to(x_dtype)
 
 
 @quantized_linear.register_fake
@@ -118,9 +129,7 @@ def _backward(ctx, grad):
     fmt, out_features, in_features, group_size, compute_dtype = ctx.args
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = quant.dequantize(list(ctx.saved_tensors), fmt, out_features, in_features, group_size,
-                                  compute_dtype)
-        grad_x = (grad.to(compute_dtype) @ weight).to(ctx.x_dtype)
+        grad_x = linear_grad_x(grad, list(ctx.saved_tensors), *ctx.args, ctx.x_dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
     return grad_x, [None] * len(ctx.saved_tensors), grad_bias, None, None, None, None, None

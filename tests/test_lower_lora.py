@@ -8,7 +8,7 @@ import torch
 
 import peftc
 from families import FAMILIES, call, compile_family, logits, randomize_adapters
-from peftc.codegen.triton import formats, ops  # noqa: F401  (registers torch.ops.peftc.*)
+from peftc.codegen.triton import ops  # noqa: F401  (registers torch.ops.peftc.*)
 from peftc.graph_edit import provenance
 from peftc.passes.lower_lora_triton import FALLBACK_WARNING, lower_lora_triton
 from peftc.pipeline import PassContext
@@ -163,31 +163,44 @@ def test_merged_model_of_a_triton_compile_has_no_fused_ops():
     torch.testing.assert_close(merged(x), cm(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", formats.FORMATS)
-def test_dequantized_base_weight_is_fused_into_the_op(fmt):
-    """A base read through peftc::dequantize_packed becomes one lora_linear_q op (the quantized weight's contract)."""
+QUANTIZE = {"int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 16},
+            "nf4-double": {"bits": 4, "format": "nf4", "group_size": 16, "double_quant": True}}
+
+
+@pytest.mark.parametrize("name", QUANTIZE)
+def test_quantized_base_and_lora_become_one_fused_op(name):
+    """quantize_base's peftc::quantized_linear + the LoRA branch -> one lora_linear_q per site, same outputs."""
     family = FAMILIES["mlp"]
-    cm = _compile(family, _spec(["fc1"]), "torch")
-    gm = cm.graph_module
-    site = next(s for s in cm.sites if s.path == "fc1")
-    node = next(n for n in gm.graph.nodes if n.name == site.node)
-    qweight, scales = formats.to_packed(fmt, gm.get_parameter(site.param), group_size=8)
-    gm.register_buffer("fc1_qweight", qweight)
-    gm.register_buffer("fc1_scales", scales)
-    with gm.graph.inserting_before(node):
-        q, s = gm.graph.get_attr("fc1_qweight"), gm.graph.get_attr("fc1_scales")
-        dequant = gm.graph.call_function(torch.ops.peftc.dequantize_packed.default,
-                                         (q, s, fmt, 8, site.in_features, torch.float32))
-    node.replace_input_with(node.args[1], dequant)
-    gm.recompile()
+    spec = dict(_spec(["fc1", "fc2"]), quantize=dict(QUANTIZE[name], targets=["fc1", "fc2"]))
+    ref, cm = _compile(family, spec, "torch"), _compile(family, spec, "triton")
+    fused = _fused_nodes(cm.graph_module)
+    assert [n.target for n in fused] == [torch.ops.peftc.lora_linear_q.default] * 2
+    assert not any(n.target == torch.ops.peftc.quantized_linear.default for n in cm.graph_module.graph.nodes)
+    assert "fc1.weight" not in dict(cm.graph_module.named_parameters())  # still no fp32 copy of the base
     x = torch.randn(5, 16)
-    want = cm(x)
-    result = _lower_in_place(cm)
-    assert result.sites == ["fc1"] and "peftc.lora_linear_q" in result.notes[0]
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert torch.ops.peftc.lora_linear_q.default in targets
-    assert torch.ops.peftc.dequantize_packed.default not in targets
-    torch.testing.assert_close(cm(x), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cm(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_llama_trains_the_same_through_the_fused_op():
+    family = FAMILIES["llama"]
+    spec = dict(_spec(family.all_linear, dropout=0.1), quantize=QUANTIZE["nf4-double"])
+    kwargs = {"example_kwargs": _inputs(family)}
+    pair = [_compile(family, spec, backend, **kwargs) for backend in ("torch", "triton")]
+    record = next(r for r in pair[1].records if r.name == "lower_lora_triton")
+    assert "lowered to peftc.lora_linear_q, backend torch" in " ".join(record.notes)
+    assert len(record.sites) == 14
+    losses, grads = [], []
+    for cm in pair:
+        cm.train()
+        torch.manual_seed(0)
+        loss = call(cm, family, _inputs(family)).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad for n, p in cm.graph_module.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-5)
 
 
 def test_trainable_bias_gets_its_gradient_through_the_fused_op():
@@ -206,3 +219,31 @@ def test_trainable_bias_gets_its_gradient_through_the_fused_op():
     assert grads[0].keys() == grads[1].keys() and "fc1.bias" in grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_export_of_a_triton_compile_unfuses_the_ops(tmp_path):
+    """ONNX has no fused LoRA op: export rewrites it back to matmuls, merged or with LoRA inputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    family = FAMILIES["mlp"]
+    cm = _compile(family, dict(_spec(["fc1", "fc2"]), quantize={"targets": ["fc1"], "bits": 8}), "triton")
+    assert len(_fused_nodes(cm.graph_module)) == 2  # one over the int8 base, one over the float one
+    x = torch.randn(4, 16)
+    cm.eval()
+    with torch.no_grad():
+        want = cm(x).numpy()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # LoRA defaults are initializers that are also inputs: ORT warns
+    for merge in (True, False):
+        path = peftc.export_onnx(cm, tmp_path / f"merge_{merge}.onnx", merge=merge)
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        run_options = None
+        if not merge:  # the adapter is fed at run time from an ONNX Runtime adapter file
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(peftc.export_adapter(cm, tmp_path / "a.onnx_adapter")))
+            run_options = ort.RunOptions()
+            run_options.add_active_adapter(adapter)
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()}, run_options)[0]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert _fused_nodes(cm.graph_module)  # the export worked on a copy

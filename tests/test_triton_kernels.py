@@ -13,7 +13,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs: b
 import pytest
 import torch
 
-from peftc.codegen.triton import formats, ops, reference
+from peftc import quant
+from peftc.codegen.triton import ops, reference
 
 
 def _kernel_modules():
@@ -88,15 +89,21 @@ def test_fused_forward_3d_input_and_transposed_weight():
     _close(y, reference.lora_linear(x3, w, bias, a, b, 2.0), torch.float32)
 
 
-@pytest.mark.parametrize("fmt", formats.FORMATS)
+def _packed(fmt, w, group, double_quant=False):
+    """(qdata, dense) as the quantize_base pass stores a [N, K] weight, and what it stands for."""
+    qdata = quant.quantize(w.float(), fmt, group, double_quant)
+    return qdata, quant.dequantize(qdata, fmt, w.shape[0], w.shape[1], group)
+
+
+@pytest.mark.parametrize("fmt, double_quant", [("int8", False), ("int4", False), ("int4", True), ("nf4", False),
+                                               ("nf4", True)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dequant_lora_forward_backward(fmt, dtype):
+def test_dequant_lora_forward_backward(fmt, double_quant, dtype):
     m, k, n, r, group = 19, 70, 41, 8, 16  # K neither a multiple of the block nor of the group
     x, w, bias, a, b = _tensors(m, k, n, r, dtype)
-    qweight, scales = formats.to_packed(fmt, w.float(), group_size=group)
-    dense = formats.dequantize(fmt, qweight, scales, group, k)
-    assert (dense - w.float()).abs().max() < 0.2  # the reference packer is sane
-    weight = kernels.Weight(qweight, fmt, scales, group, k)
+    qdata, dense = _packed(fmt, w, group, double_quant)
+    assert (dense - w.float()).abs().max() < 0.2  # the packing is sane
+    weight = kernels.Weight.packed(qdata, fmt, n, k, group)
     y = fused.lora_linear_forward(x, weight, bias, a, b, 0.5)
     _close(y, reference.lora_linear(x.float(), dense, bias.float(), a.float(), b.float(), 0.5), dtype)
     dy = torch.randn(m, n, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -105,6 +112,17 @@ def test_dequant_lora_forward_backward(fmt, dtype):
     for g_, w_ in zip(got, want):
         if g_ is not None:
             _close(g_, w_, dtype)
+
+
+def test_int4_zero_points_are_read_per_group():
+    """Asymmetric int4: a group whose values are all positive has a zero point of 0, a mixed one not."""
+    w = torch.cat([torch.rand(3, 16) + 0.1, torch.randn(3, 16)], dim=1)  # two groups of 16
+    qdata, dense = _packed("int4", w, 16)
+    assert qdata[1][:, 0].eq(0).all() and qdata[1][:, 1].gt(0).all()
+    x = torch.randn(5, 32)
+    y = fused.lora_linear_forward(x, kernels.Weight.packed(qdata, "int4", 3, 32, 16), None, torch.zeros(1, 32),
+                                  torch.zeros(3, 1), 1.0)
+    _close(y, x @ dense.t(), torch.float32)
 
 
 @pytest.mark.skip(reason="bf16 arithmetic is wrong in the Triton interpreter (numpy has no bf16); "
@@ -124,15 +142,26 @@ def test_custom_op_registration_and_autograd():
                              leaves)
 
 
-@pytest.mark.parametrize("fmt", formats.FORMATS)
+@pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quantized_custom_op_autograd(fmt):
-    k, group = 20, 8
-    x, w, bias, a, b = _tensors(5, k, 6, 2, torch.float64)
-    qweight, scales = formats.to_packed(fmt, w, group_size=group)
-    torch.library.opcheck(ops.lora_linear_q, (x, qweight, scales, fmt, group, k, bias, a, b, 0.5, None))
-    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
-    torch.autograd.gradcheck(lambda x_, a_, b_: ops.lora_linear_q(x_, qweight, scales, fmt, group, k, None,
-                                                                  a_, b_, 0.5, None), leaves)
+    k, n, group = 20, 6, 8
+    x, w, bias, a, b = _tensors(5, k, n, 2, torch.float64)
+    qdata, _ = _packed(fmt, w, group)
+    layout = (fmt, n, k, group, torch.float64)
+    torch.library.opcheck(ops.lora_linear_q, (x, qdata, bias, *layout, a, b, 0.5, None))
+    leaves = [t.clone().requires_grad_() for t in (x, bias, a, b, x)]
+    torch.autograd.gradcheck(lambda x_, bias_, a_, b_, xl_: ops.lora_linear_q(x_, qdata, bias_, *layout, a_, b_, 0.5,
+                                                                             xl_), leaves)
+
+
+def test_quantized_op_equals_quantized_linear_plus_lora():
+    """The fused op's torch path is quantize_base's op followed by insert_lora's add, exactly."""
+    x, w, bias, a, b = _tensors(7, 24, 10, 3, torch.float32)
+    qdata, _ = _packed("nf4", w, 8, double_quant=True)
+    layout = ("nf4", 10, 24, 8, torch.float32)
+    base = torch.ops.peftc.quantized_linear(x, qdata, bias, *layout)
+    want = torch.add(base, torch.nn.functional.linear(torch.nn.functional.linear(x, a), b), alpha=0.5)
+    assert torch.equal(ops.lora_linear_q(x, qdata, bias, *layout, a, b, 0.5, None), want)
 
 
 def test_triton_impls_match_the_ops_cpu_impls():
@@ -143,9 +172,13 @@ def test_triton_impls_match_the_ops_cpu_impls():
     for got, want in zip(ops.lora_linear_backward_triton(dy, x, w, a, b, 1.5),
                          ops.lora_linear_backward(dy, x, w, a, b, 1.5, None)):
         _close(got, want, torch.float32)
-    qweight, scales = formats.to_packed("nf4", w, group_size=16)
-    _close(ops.lora_linear_q_triton(x, qweight, scales, "nf4", 16, 30, bias, a, b, 1.5),
-           ops.lora_linear_q(x, qweight, scales, "nf4", 16, 30, bias, a, b, 1.5, None), torch.float32)
+    qdata, _ = _packed("nf4", w, 16)
+    layout = ("nf4", 17, 30, 16, torch.float32)
+    _close(ops.lora_linear_q_triton(x, qdata, bias, *layout, a, b, 1.5),
+           ops.lora_linear_q(x, qdata, bias, *layout, a, b, 1.5, None), torch.float32)
+    for got, want in zip(ops.lora_linear_q_backward_triton(dy, x, qdata, *layout, a, b, 1.5),
+                         ops.lora_linear_q_backward(dy, x, qdata, *layout, a, b, 1.5, None)):
+        _close(got, want, torch.float32)
 
 
 def test_meta_shapes():
@@ -159,23 +192,24 @@ def test_cuda_kernels_fall_back_to_torch_without_a_gpu():
     """The ops' CUDA kernels check for Triton + CUDA first; on CPU tensors they must take the torch path."""
     x, w, bias, a, b = _tensors(4, 12, 6, 2, torch.float32)
     dy = torch.randn(4, 6)
-    qweight, scales = formats.to_packed("int4", w, group_size=4)
+    qdata, _ = _packed("int4", w, 4)
     _close(ops._lora_linear_cuda(x, w, bias, a, b, 0.5, None), reference.lora_linear(x, w, bias, a, b, 0.5),
            torch.float32)
     for got, want in zip(ops._lora_linear_backward_cuda(dy, x, w, a, b, 0.5, x),
                          ops.lora_linear_backward(dy, x, w, a, b, 0.5, x)):
         _close(got, want, torch.float32)
-    q_args = (qweight, scales, "int4", 4, 12)
-    _close(ops._lora_linear_q_cuda(x, *q_args, bias, a, b, 0.5, None),
-           ops.lora_linear_q(x, *q_args, bias, a, b, 0.5, None), torch.float32)
-    for got, want in zip(ops._lora_linear_q_backward_cuda(dy, x, *q_args, a, b, 0.5, None),
-                         ops.lora_linear_q_backward(dy, x, *q_args, a, b, 0.5, None)):
+    layout = ("int4", 6, 12, 4, torch.float32)
+    _close(ops._lora_linear_q_cuda(x, qdata, bias, *layout, a, b, 0.5, None),
+           ops.lora_linear_q(x, qdata, bias, *layout, a, b, 0.5, None), torch.float32)
+    for got, want in zip(ops._lora_linear_q_backward_cuda(dy, x, qdata, *layout, a, b, 0.5, None),
+                         ops.lora_linear_q_backward(dy, x, qdata, *layout, a, b, 0.5, None)):
         _close(got, want, torch.float32)
 
 
-def test_opcheck_backward_and_dequant_ops():
+def test_opcheck_backward_ops():
     x, w, bias, a, b = _tensors(6, 10, 7, 3, torch.float32)
     dy = torch.randn(6, 7)
     torch.library.opcheck(ops.lora_linear_backward, (dy, x, w, a, b, 0.5, x.clone()))
-    qweight, qscales = formats.to_packed("nf4", w, group_size=4)
-    torch.library.opcheck(ops.dequantize_packed, (qweight, qscales, "nf4", 4, 10, torch.float32))
+    qdata, _ = _packed("nf4", w, 4, double_quant=True)
+    torch.library.opcheck(ops.lora_linear_q_backward, (dy, x, qdata, "nf4", 7, 10, 4, torch.float32, a, b, 0.5,
+                                                       x.clone()))

@@ -21,13 +21,14 @@ from peftc.compiled import GraphDispatch
 from peftc.compiler import example_call
 from peftc.errors import ExportError
 
-from . import signature
+from . import quantized_linear, signature
 from .files import atomic_output
 from .graph_copy import eval_copy, strip_lora_scales
 from .logs import quiet
 from .lora_inputs import promote_lora_inputs
 from .names import fold_weight_transposes, keep_shared_transposes, name_outputs
 from .quantize import BITS, check_block_size, quantize_weights
+from .unfuse import unfuse_lora
 
 QUANTIZE_CHOICES = tuple(BITS)
 
@@ -71,6 +72,7 @@ def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
                 dispatch(*args, **kwargs)
             gm = dispatch.graphs[CallSignature.of(args, kwargs)]
     copy = eval_copy(gm)
+    unfuse_lora(copy)  # a backend="triton" graph: fused LoRA ops back to matmuls ONNX has
     if not merge:
         strip_lora_scales(copy)
     return copy
@@ -107,7 +109,8 @@ def to_onnx(gm: GraphModule, example: tuple[tuple, dict], opset: int | None) -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, kwargs=kwargs, dynamic_shapes=signature.dynamic_shapes(args, kwargs, gm),
-                                        dynamo=True, optimize=False, opset_version=opset, verbose=False)
+                                        dynamo=True, optimize=False, opset_version=opset, verbose=False,
+                                        custom_translation_table=quantized_linear.translation_table())
     except Exception as err:  # the exporter raises many types; keep the root cause's message
         raise ExportError(f"torch.onnx could not export the compiled graph: {_root_cause(err)}\n"
                           "Try: pass example_inputs= matching a real call, or opset= another version; "

@@ -5,7 +5,8 @@ One strided kernel computes
     out[M, P] = alpha * X[M, Q] @ op(W)[Q, P]  +  scale * H[M, R] @ op(B)[R, P]  (+ bias[P])
 
 where op(W) reads the base weight W[N, K] either as W^T (forward: P = N, Q = K) or as W
-(dx: P = K, Q = N), dequantizing int8 / int4 / nf4 in the tile loader (see formats.py). H is
+(dx: P = K, Q = N), dequantizing int8 / int4 / nf4 in the tile loader (peftc.quant's
+layouts, as the quantize_base pass stores them). H is
 either computed inside the K loop from the same X tiles (H = X @ A^T, one launch: the
 activations are read once) or read precomputed (a separate shrink launch, then the expand is
 fused into the base matmul's epilogue). Every other matmul of the backward (the shrinks
@@ -25,14 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import QUANT_CODE, nf4_code
+from peftc import quant
+
+QUANT_CODE = {"int8": 1, "int4": 2, "nf4": 3}  # the kernel's QUANT constexpr (0: a float weight)
 
 
 @triton.jit
-def _load_weight(w_ptr, s_ptr, code_ptr, n, k, mask, stride_wn, stride_wk, stride_sn, stride_sg, group,
+def _load_weight(w_ptr, s_ptr, z_ptr, code_ptr, n, k, mask, stride_wn, stride_wk, stride_sn, stride_sg, group,
                  QUANT: tl.constexpr):
     """W[n, k] for broadcastable index tensors n, k (any tile orientation): a float weight in its own
-    dtype (no round trip through fp32), a packed one dequantized to float32."""
+    dtype (no round trip through fp32), a packed one (peftc.quant's layouts) dequantized to float32.
+    Zero points share the scales' [N, groups] strides."""
     if QUANT == 0:
         w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
     elif QUANT == 1:
@@ -41,9 +45,11 @@ def _load_weight(w_ptr, s_ptr, code_ptr, n, k, mask, stride_wn, stride_wk, strid
     else:
         byte = tl.load(w_ptr + n * stride_wn + (k // 2) * stride_wk, mask=mask, other=0).to(tl.int32)
         nibble = (byte >> ((k % 2) * 4)) & 0xF
-        s = tl.load(s_ptr + n * stride_sn + (k // group) * stride_sg, mask=mask, other=0.0).to(tl.float32)
+        group_offset = n * stride_sn + (k // group) * stride_sg
+        s = tl.load(s_ptr + group_offset, mask=mask, other=0.0).to(tl.float32)
         if QUANT == 2:
-            w = (nibble - 8).to(tl.float32) * s
+            zero = tl.load(z_ptr + group_offset, mask=mask, other=0).to(tl.int32)
+            w = (nibble - zero).to(tl.float32) * s
         else:
             w = tl.load(code_ptr + nibble, mask=mask, other=0.0).to(tl.float32) * s
     return w
@@ -51,7 +57,7 @@ def _load_weight(w_ptr, s_ptr, code_ptr, n, k, mask, stride_wn, stride_wk, strid
 
 @triton.jit
 def lora_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, code_ptr, a_ptr, h_ptr, b_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, a_ptr, h_ptr, b_ptr, bias_ptr, out_ptr,
     M, P, Q, R,
     stride_xm, stride_xq, stride_wn, stride_wk, stride_sn, stride_sg,
     stride_ar, stride_aq, stride_hm, stride_hr, stride_bp, stride_br, stride_om, stride_op, stride_os,
@@ -81,10 +87,10 @@ def lora_matmul_kernel(
                     mask=mask_m[:, None] & mask_q[None, :], other=0.0)
         w_mask = mask_q[:, None] & mask_p[None, :]
         if TRANS_W:  # tile[q, p] = W[n = q, k = p]
-            w = _load_weight(w_ptr, s_ptr, code_ptr, offs_q[:, None], offs_p[None, :], w_mask,
+            w = _load_weight(w_ptr, s_ptr, z_ptr, code_ptr, offs_q[:, None], offs_p[None, :], w_mask,
                              stride_wn, stride_wk, stride_sn, stride_sg, group, QUANT)
         else:  # tile[q, p] = W[n = p, k = q]
-            w = _load_weight(w_ptr, s_ptr, code_ptr, offs_p[None, :], offs_q[:, None], w_mask,
+            w = _load_weight(w_ptr, s_ptr, z_ptr, code_ptr, offs_p[None, :], offs_q[:, None], w_mask,
                              stride_wn, stride_wk, stride_sn, stride_sg, group, QUANT)
         acc = tl.dot(x, w.to(dot_dtype), acc, input_precision=PRECISION)
         if LORA and SHRINK_IN_LOOP:
@@ -134,25 +140,46 @@ def _kernel_and_blocks() -> tuple:
 
 
 class Weight:
-    """A base weight W[N, K] for the kernel: a float tensor, or a packed quantized one (formats.py)."""
+    """A base weight W[N, K] for the kernel: a float tensor, or a packed one in peftc.quant's layout.
+
+    Packed: `tensor` holds the codes (int8 [N, K], or two 4-bit codes per byte [N, K_padded / 2]),
+    `scales` f32 ([N] for int8, [N, groups] otherwise), `zero_points` uint8 [N, groups] for int4.
+    """
 
     def __init__(self, tensor: torch.Tensor, fmt: str | None = None, scales: torch.Tensor | None = None,
-                 group_size: int = 0, in_features: int | None = None):
+                 group_size: int = 0, in_features: int | None = None, zero_points: torch.Tensor | None = None):
         self.tensor, self.fmt, self.scales, self.group_size = tensor, fmt, scales, group_size
+        self.zero_points = zero_points
         self.out_features = tensor.shape[0]
         self.in_features = tensor.shape[1] if in_features is None else in_features
+
+    @classmethod
+    def packed(cls, qdata: list[torch.Tensor], fmt: str, out_features: int, in_features: int,
+               group_size: int) -> "Weight":
+        """From a quantized tensor list as peftc.quant.quantize returns it (and quantize_base stores it).
+        Double-quantized scales are expanded first: [N, groups] floats, a small tensor next to W."""
+        if fmt not in QUANT_CODE:
+            raise ValueError(f"quantized weight format: expected one of {list(QUANT_CODE)}, got {fmt!r}")
+        if fmt == "int8":
+            return cls(qdata[0], fmt, qdata[1].float())
+        groups = -(-in_features // group_size)
+        zero_points, scale_data = (qdata[1], qdata[2:]) if fmt == "int4" else (None, qdata[1:])
+        scales = quant.group_scales(list(scale_data), out_features, groups).contiguous()
+        return cls(qdata[0], fmt, scales, group_size, in_features, zero_points)
 
     def kernel_args(self) -> dict:
         t = self.tensor
         if self.fmt is None:
-            return dict(w_ptr=t, s_ptr=t, code_ptr=t, stride_wn=t.stride(0), stride_wk=t.stride(1),
+            return dict(w_ptr=t, s_ptr=t, z_ptr=t, code_ptr=t, stride_wn=t.stride(0), stride_wk=t.stride(1),
                         stride_sn=0, stride_sg=0, group=1, QUANT=0)
         s = self.scales
-        code = nf4_code(t.device) if self.fmt == "nf4" else s
+        if self.zero_points is not None and self.zero_points.stride() != s.stride():
+            raise ValueError("int4 zero points and scales must share a layout ([N, groups], same strides)")
+        code = quant.nf4_code(t.device) if self.fmt == "nf4" else s
         stride_sg = s.stride(1) if s.dim() == 2 else 0
-        return dict(w_ptr=t, s_ptr=s, code_ptr=code, stride_wn=t.stride(0), stride_wk=t.stride(1),
-                    stride_sn=s.stride(0), stride_sg=stride_sg, group=max(1, self.group_size),
-                    QUANT=QUANT_CODE[self.fmt])
+        return dict(w_ptr=t, s_ptr=s, z_ptr=self.zero_points if self.zero_points is not None else s, code_ptr=code,
+                    stride_wn=t.stride(0), stride_wk=t.stride(1), stride_sn=s.stride(0), stride_sg=stride_sg,
+                    group=max(1, self.group_size), QUANT=QUANT_CODE[self.fmt])
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -1,8 +1,8 @@
 """Custom ops (torch.library): Triton kernels on CUDA, the torch reference on every other device.
 
     peftc::lora_linear(x, weight, bias, A, B, scale, x_lora)            y = x W^T + b + s (x_lora A^T) B^T
-    peftc::lora_linear_q(x, qweight, scales, format, group_size, in_features, bias, A, B, scale, x_lora)
-                                                                        the same with W packed (formats.py)
+    peftc::lora_linear_q(x, qdata, bias, format, out, in, group_size, compute_dtype, A, B, scale, x_lora)
+                         the same over a packed base: quantize_base's peftc::quantized_linear + LoRA
 
 x_lora is None unless the adapter branch has its own input (LoRA dropout). The fused ops
 have a fake (meta) implementation and autograd giving gradients for x, x_lora, bias, A and B;
@@ -18,7 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import formats, reference
+from peftc import quantized
+
+from . import reference
 
 
 def triton_ready(device: torch.device | str) -> bool:
@@ -34,12 +36,6 @@ def triton_ready(device: torch.device | str) -> bool:
 
 def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
-
-
-def _weight(qweight, scales, fmt, group_size, in_features):
-    from .kernels import Weight
-
-    return Weight(qweight, fmt, scales, group_size, in_features)
 
 
 # -- float base weight ---------------------------------------------------------------------------
@@ -121,110 +117,118 @@ def _backward_float(ctx, dy):
 torch.library.register_autograd("peftc::lora_linear", _backward_float, setup_context=_setup_float)
 
 
-# -- packed quantized base weight ----------------------------------------------------------------
-
-def _dequant_reference(x, qweight, scales, fmt, group_size, in_features):
-    return formats.dequantize(fmt, qweight, scales, group_size, in_features, dtype=x.dtype)
-
+# -- packed quantized base weight (quantize_base's peftc::quantized_linear + LoRA) -----------------
+# The arguments after x mirror peftc::quantized_linear's: qdata is the packed tensor list of
+# peftc.quant (codes, [zero points,] scales or double-quantized scales), compute_dtype the dtype
+# the base matmul runs in. The torch path is that op's math plus the LoRA branch, op for op.
 
 @torch.library.custom_op("peftc::lora_linear_q", mutates_args=())
-def lora_linear_q(x: Tensor, qweight: Tensor, scales: Tensor, fmt: str, group_size: int, in_features: int,
-                  bias: Optional[Tensor], a: Tensor, b: Tensor, scale: float, x_lora: Optional[Tensor]) -> Tensor:
-    return _quant_forward_torch(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora)
+def lora_linear_q(x: Tensor, qdata: list[Tensor], bias: Optional[Tensor], fmt: str, out_features: int,
+                  in_features: int, group_size: int, compute_dtype: torch.dtype, a: Tensor, b: Tensor, scale: float,
+                  x_lora: Optional[Tensor]) -> Tensor:
+    return _quant_forward_torch(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype,
+                                a, b, scale, x_lora)
 
 
-def _quant_forward_torch(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora):
-    weight = _dequant_reference(x, qweight, scales, fmt, group_size, in_features)
-    return reference.lora_linear(x, weight, bias, a, b, scale, x_lora)
+def _quant_forward_torch(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale,
+                         x_lora):
+    base = quantized.linear(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype)
+    return reference.with_adapter(base, x, a, b, scale, x_lora)
 
 
 @lora_linear_q.register_kernel("cuda")
-def _lora_linear_q_cuda(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora):
+def _lora_linear_q_cuda(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale,
+                        x_lora):
+    args = (x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale, x_lora)
     if not triton_ready(x.device):
-        return _quant_forward_torch(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora)
-    return lora_linear_q_triton(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora)
+        return _quant_forward_torch(*args)
+    return lora_linear_q_triton(*args)
 
 
-def lora_linear_q_triton(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora=None):
-    """The Triton dequant + LoRA forward: W is dequantized tile by tile inside the matmul."""
+def lora_linear_q_triton(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale,
+                         x_lora=None):
+    """The Triton dequant + LoRA forward: W is dequantized tile by tile inside the matmul.
+
+    The kernel runs in compute_dtype (the adapter branch too, unlike the torch path, which adds it
+    in x's dtype) and returns x's dtype; with compute_dtype == x.dtype, the usual case, both agree.
+    """
     from .fused import lora_linear_forward
+    from .kernels import Weight
 
-    weight = _weight(qweight, scales, fmt, group_size, in_features)
-    return lora_linear_forward(x.contiguous(), weight, bias, a, b, scale,
-                               None if x_lora is None else x_lora.contiguous())
+    weight = Weight.packed(qdata, fmt, out_features, in_features, group_size)
+    cast = lambda t: None if t is None else t.to(compute_dtype).contiguous()  # noqa: E731
+    y = lora_linear_forward(cast(x), weight, cast(bias), cast(a), cast(b), scale, cast(x_lora))
+    return y.to(x.dtype)
 
 
 @lora_linear_q.register_fake
-def _lora_linear_q_fake(x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora):
-    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+def _lora_linear_q_fake(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale,
+                        x_lora):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("peftc::lora_linear_q_backward", mutates_args=())
-def lora_linear_q_backward(dy: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, fmt: str, group_size: int,
-                           in_features: int, a: Tensor, b: Tensor, scale: float,
-                           x_lora: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _quant_backward_torch(dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora)
+def lora_linear_q_backward(dy: Tensor, x: Tensor, qdata: list[Tensor], fmt: str, out_features: int,
+                           in_features: int, group_size: int, compute_dtype: torch.dtype, a: Tensor, b: Tensor,
+                           scale: float, x_lora: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dx_lora — empty when x_lora is None —, dA, dB); the base weight is dequantized again."""
+    return _quant_backward_torch(dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b,
+                                 scale, x_lora)
 
 
-def _quant_backward_torch(dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora):
-    weight = _dequant_reference(x, qweight, scales, fmt, group_size, in_features)
-    return _backward_torch(dy, x, weight, a, b, scale, x_lora)
+def _quant_backward_torch(dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale,
+                          x_lora):
+    dx_base = quantized.linear_grad_x(dy, qdata, fmt, out_features, in_features, group_size, compute_dtype,
+                                      x.dtype)
+    dx, dx_lora, da, db = reference.with_adapter_grads(dx_base, dy, x, a, b, scale, x_lora)
+    return dx, _empty(x) if dx_lora is None else dx_lora, da, db
 
 
 @lora_linear_q_backward.register_kernel("cuda")
-def _lora_linear_q_backward_cuda(dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora):
-    args = (dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora)
+def _lora_linear_q_backward_cuda(dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b,
+                                 scale, x_lora):
+    args = (dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale, x_lora)
     if not triton_ready(x.device):
         return _quant_backward_torch(*args)
     return lora_linear_q_backward_triton(*args)
 
 
-def lora_linear_q_backward_triton(dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora=None):
+def lora_linear_q_backward_triton(dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b,
+                                  scale, x_lora=None):
     from .fused import lora_linear_backward as launch_backward
+    from .kernels import Weight
 
-    weight = _weight(qweight, scales, fmt, group_size, in_features)
-    dx, dx_lora, da, db = launch_backward(dy.contiguous(), x.contiguous(), weight, a, b, scale,
-                                          None if x_lora is None else x_lora.contiguous())
-    return dx, _empty(x) if dx_lora is None else dx_lora, da, db
+    weight = Weight.packed(qdata, fmt, out_features, in_features, group_size)
+    cast = lambda t: None if t is None else t.to(compute_dtype).contiguous()  # noqa: E731
+    dx, dx_lora, da, db = launch_backward(cast(dy), cast(x), weight, cast(a), cast(b), scale, cast(x_lora))
+    return (dx.to(x.dtype), _empty(x) if dx_lora is None else dx_lora.to(x.dtype), da.to(a.dtype),
+            db.to(b.dtype))
 
 
 @lora_linear_q_backward.register_fake
-def _lora_linear_q_backward_fake(dy, x, qweight, scales, fmt, group_size, in_features, a, b, scale, x_lora):
+def _lora_linear_q_backward_fake(dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b,
+                                 scale, x_lora):
     return (torch.empty_like(x), _empty(x) if x_lora is None else torch.empty_like(x_lora),
             torch.empty_like(a), torch.empty_like(b))
 
 
 def _setup_quant(ctx, inputs, output):
-    x, qweight, scales, fmt, group_size, in_features, bias, a, b, scale, x_lora = inputs
-    ctx.save_for_backward(x, qweight, scales, a, b, x_lora)
-    ctx.args = (fmt, group_size, in_features)
+    x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale, x_lora = inputs
+    ctx.save_for_backward(x, a, b, x_lora, *qdata)  # the packed buffers: no full-precision weight is kept
+    ctx.args = (fmt, out_features, in_features, group_size, compute_dtype)
     ctx.scale, ctx.has_x_lora = scale, x_lora is not None
 
 
 def _backward_quant(ctx, dy):
-    x, qweight, scales, a, b, x_lora = ctx.saved_tensors
-    dx, dx_lora, da, db = lora_linear_q_backward(dy, x, qweight, scales, *ctx.args, a, b, ctx.scale,
+    x, a, b, x_lora, *qdata = ctx.saved_tensors
+    dx, dx_lora, da, db = lora_linear_q_backward(dy, x, qdata, *ctx.args, a, b, ctx.scale,
                                                  x_lora if ctx.has_x_lora else None)
-    dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[6] else None
-    return dx, None, None, None, None, None, dbias, da, db, None, dx_lora if ctx.has_x_lora else None
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+    return (dx, [None] * len(qdata), dbias, None, None, None, None, None, da, db, None,
+            dx_lora if ctx.has_x_lora else None)
 
 
 torch.library.register_autograd("peftc::lora_linear_q", _backward_quant, setup_context=_setup_quant)
-
-
-# -- the dequantize the lowering pass folds into lora_linear_q -----------------------------------
-
-@torch.library.custom_op("peftc::dequantize_packed", mutates_args=())
-def dequantize_packed(qweight: Tensor, scales: Tensor, fmt: str, group_size: int, in_features: int,
-                      dtype: torch.dtype) -> Tensor:
-    """W [N, K] from a packed weight (formats.py). A quantized base that reads its weight through
-    this op has its dequantize fused into the LoRA matmul by lower_lora_triton."""
-    return formats.dequantize(fmt, qweight, scales, group_size, in_features, dtype=dtype)
-
-
-@dequantize_packed.register_fake
-def _dequantize_packed_fake(qweight, scales, fmt, group_size, in_features, dtype):
-    return qweight.new_empty(qweight.shape[0], in_features, dtype=dtype)
 
 
 from . import multi_ops  # noqa: E402,F401  (registers peftc::lora_bgmv / lora_sgmv)

@@ -8,16 +8,26 @@ import torch.nn.functional as F
 
 def lora_linear(x, weight, bias, a, b, scale, x_lora=None):
     """x W^T + bias + s (x_lora A^T) B^T, computed as the unfused graph would."""
-    h = F.linear(x if x_lora is None else x_lora, a)
-    return F.linear(x, weight, bias) + F.linear(h, b) * scale
+    return with_adapter(F.linear(x, weight, bias), x, a, b, scale, x_lora)
+
+
+def with_adapter(base, x, a, b, scale, x_lora=None):
+    """base + s B(A(x_lora or x)): insert_lora's add(y, linear(linear(h, A), B), alpha=s), op for op."""
+    return torch.add(base, F.linear(F.linear(x if x_lora is None else x_lora, a), b), alpha=scale)
 
 
 def lora_linear_backward(dy, x, weight, a, b, scale, x_lora=None):
     """(dx, dx_lora or None, dA, dB) for y = lora_linear(x, W, bias, A, B, s, x_lora), W frozen."""
+    dx_base = (dy.reshape(-1, dy.shape[-1]) @ weight).view(x.shape)
+    return with_adapter_grads(dx_base, dy, x, a, b, scale, x_lora)
+
+
+def with_adapter_grads(dx_base, dy, x, a, b, scale, x_lora=None):
+    """(dx, dx_lora or None, dA, dB) given the base path's dx: adds the adapter branch's gradients.
+    Without x_lora the adapter's input is x, and its gradient is folded into dx."""
     hx = x if x_lora is None else x_lora
     dy2, hx2 = dy.reshape(-1, dy.shape[-1]), hx.reshape(-1, hx.shape[-1])
     u = dy2 @ b
-    dx_base = (dy2 @ weight).view(x.shape)
     dx_lora = ((u @ a) * scale).view(hx.shape)
     da = (u.t() @ hx2) * scale
     db = (dy2.t() @ (hx2 @ a.t())) * scale
