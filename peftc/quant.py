@@ -18,6 +18,8 @@ share a byte, the first (even column) in the low nibble, as in MatMulNBits.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # QLoRA's NormalFloat4 code book (Dettmers et al., 2023, appendix E; bitsandbytes' values):
@@ -46,6 +48,25 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_nibbles: [out, in/2] bytes -> [out, in] uint8 codes."""
     return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_table(fmt: str, device: torch.device) -> torch.Tensor:
+    """[256, 2] f32: the values of a byte's (low, high) codes, as the format reads them."""
+    byte = torch.arange(256, device=device)
+    values = (torch.stack((byte & 15, byte >> 4), dim=-1)).float()
+    return nf4_code(device)[values.long()] if fmt == "nf4" else values
+
+
+def code_values(packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """[out, in/2] bytes -> [out, in] f32 code values (nibbles for int4, the code book's for nf4).
+
+    One table row per byte (an embedding lookup): 2-3x faster on CPU than unpacking the
+    nibbles and then indexing the code book, which matters because training dequantizes twice
+    per step (forward and backward).
+    """
+    table = _byte_table(fmt, packed.device)
+    return torch.nn.functional.embedding(packed.long(), table).flatten(-2)
 
 
 # -- scales ----------------------------------------------------------------------------------
@@ -108,12 +129,11 @@ def dequantize(tensors: list[torch.Tensor], fmt: str, out_features: int, in_feat
     if fmt == "int8":
         return (tensors[0].float() * tensors[1].float()[:, None]).to(dtype)
     groups = -(-in_features // group_size)
-    codes = unpack_nibbles(tensors[0]).view(out_features, groups, group_size)
+    values = code_values(tensors[0], fmt).view(out_features, groups, group_size)
     if fmt == "int4":
-        values = codes.float() - tensors[1].float()[..., None]
+        values = values - tensors[1].float()[..., None]
         scales = group_scales(tensors[2:], out_features, groups)
     else:
-        values = nf4_code(codes.device)[codes.long()]
         scales = group_scales(tensors[1:], out_features, groups)
     return (values * scales[..., None]).view(out_features, groups * group_size)[:, :in_features].to(dtype)
 
