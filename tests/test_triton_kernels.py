@@ -154,6 +154,21 @@ def test_quantized_custom_op_autograd(fmt):
                                                                              xl_), leaves)
 
 
+def test_quantized_kernel_runs_in_the_compute_dtype():
+    """fp16 activations over a base whose compute_dtype is float32: the kernel computes in fp32."""
+    x, w, bias, a, b = _tensors(9, 40, 12, 4, torch.float16)
+    qdata, _ = _packed("int4", w, 8)
+    args = (x, qdata, bias, "int4", 12, 40, 8, torch.float32, a, b, 0.5)
+    y = ops.lora_linear_q_triton(*args)
+    assert y.dtype == torch.float16
+    _close(y, ops.lora_linear_q(*args, None), torch.float16)
+    dy = torch.randn(9, 12).half()
+    for got, want in zip(ops.lora_linear_q_backward_triton(dy, *args[:2], *args[3:]),
+                         ops.lora_linear_q_backward(dy, *args[:2], *args[3:], None)):
+        assert got.dtype == want.dtype
+        _close(got, want, torch.float16)
+
+
 def test_quantized_op_equals_quantized_linear_plus_lora():
     """The fused op's torch path is quantize_base's op followed by insert_lora's add, exactly."""
     x, w, bias, a, b = _tensors(7, 24, 10, 3, torch.float32)
