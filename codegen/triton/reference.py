@@ -26,12 +26,36 @@ def lora_linear_backward(dy, x, weight, a, b, scale, x_lora=None):
     return dx_base, dx_lora, da, db
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types (as the kernels accumulate), the input's own dtype if wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def adapter_groups(idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(adapter, row indices) per adapter some row of `idx` uses; -1 rows belong to none (one host sync)."""
+    return [(a, (idx == a).nonzero().squeeze(1)) for a in idx[idx >= 0].unique().tolist()]
+
+
+def segment_groups(seg_starts: torch.Tensor, seg_adapters: torch.Tensor) -> list[tuple[int, slice]]:
+    """(adapter, row slice) per non-empty, non-base segment of an SGMV segment table (one host sync)."""
+    starts, adapters = seg_starts.tolist(), seg_adapters.tolist()
+    return [(a, slice(starts[j], starts[j + 1])) for j, a in enumerate(adapters)
+            if a >= 0 and starts[j + 1] > starts[j]]
+
+
+def lora_delta_grouped(x2, a_bank, b_bank, scales, groups):
+    """Rows of each group: s[a] (x A[a]^T) B[a]^T, one pair of matmuls per group; other rows zero."""
+    ct = _compute_dtype(x2.dtype)
+    delta = torch.zeros(x2.shape[0], b_bank.shape[1], dtype=ct, device=x2.device)
+    for adapter, rows in groups:
+        h = x2[rows].to(ct) @ a_bank[adapter].to(ct).t()
+        delta[rows] = (h @ b_bank[adapter].to(ct).t()) * scales[adapter].to(ct)
+    return delta.to(x2.dtype)
+
+
 def lora_delta_bgmv(x2, a_bank, b_bank, scales, idx):
     """Per row i: s[idx_i] (x_i A[idx_i]^T) B[idx_i]^T, zero where idx_i < 0. x2: [M, K]."""
-    safe = idx.clamp_min(0).long()
-    h = torch.einsum("mk,mrk->mr", x2.float(), a_bank[safe].float()).to(x2.dtype)
-    delta = torch.einsum("mr,mnr->mn", h.float(), b_bank[safe].float()) * scales[safe].float()[:, None]
-    return torch.where((idx >= 0)[:, None], delta, torch.zeros_like(delta)).to(x2.dtype)
+    return lora_delta_grouped(x2, a_bank, b_bank, scales, adapter_groups(idx))
 
 
 def segment_indices(seg_starts: torch.Tensor, seg_adapters: torch.Tensor, rows: int) -> torch.Tensor:
@@ -50,5 +74,41 @@ def lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx):
 
 def lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
     x2 = x.reshape(-1, x.shape[-1])
-    idx = segment_indices(seg_starts, seg_adapters, x2.shape[0])
-    return lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx)
+    delta = lora_delta_grouped(x2, a_bank, b_bank, scales, segment_groups(seg_starts, seg_adapters))
+    return (F.linear(x2, weight, bias) + delta).view(*x.shape[:-1], weight.shape[0])
+
+
+def bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups):
+    """dA[a] = s_a sum u_i^T x_i and dB[a] = s_a sum dy_i^T h_i over the rows of adapter a's groups,
+    with u = dy B[a] and h = x A[a]^T per row; adapters no row uses get zeros. Grouped matmuls."""
+    ct = _compute_dtype(x2.dtype)
+    da = torch.zeros(a_bank.shape, dtype=ct, device=a_bank.device)
+    db = torch.zeros(b_bank.shape, dtype=ct, device=b_bank.device)
+    for adapter, rows in groups:
+        s = scales[adapter].to(ct)
+        da[adapter] += (u[rows].to(ct).t() @ x2[rows].to(ct)) * s
+        db[adapter] += (dy2[rows].to(ct).t() @ h[rows].to(ct)) * s
+    return da.to(a_bank.dtype), db.to(b_bank.dtype)
+
+
+def lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, groups):
+    """(dx, dA_bank, dB_bank) of y = x W^T + b + per-group LoRA deltas; W frozen, scales constant."""
+    ct = _compute_dtype(x.dtype)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = (dy2.to(ct) @ weight.to(ct))
+    u = torch.zeros(x2.shape[0], a_bank.shape[1], dtype=ct, device=x.device)
+    h = torch.zeros_like(u)
+    for adapter, rows in groups:
+        u[rows] = dy2[rows].to(ct) @ b_bank[adapter].to(ct)
+        h[rows] = x2[rows].to(ct) @ a_bank[adapter].to(ct).t()
+        dx[rows] += (u[rows] @ a_bank[adapter].to(ct)) * scales[adapter].to(ct)
+    da, db = bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups)
+    return dx.to(x.dtype).view(x.shape), da, db
+
+
+def lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx):
+    return lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, adapter_groups(idx))
+
+
+def lora_sgmv_backward(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters):
+    return lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, segment_groups(seg_starts, seg_adapters))
