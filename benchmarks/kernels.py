@@ -69,7 +69,7 @@ def cases(smoke: bool):
     """(name, run, reference) triples for every kernel at one small shape (used by --smoke and --check)."""
     import torch
 
-    from peftc.codegen.triton import formats, fused, ops, reference
+    from peftc.codegen.triton import formats, fused, multi_ops, ops, reference
     from peftc.codegen.triton.kernels import Weight
 
     def build(dtype, device):
@@ -98,12 +98,23 @@ def cases(smoke: bool):
             ("nf4 dequant + LoRA forward", lambda: fused.lora_linear_forward(
                 x, Weight(q, "nf4", s, 16, k), None, a, b, 2.0),
              lambda: reference.lora_linear(x.float(), dense, None, *f32(a, b), 2.0)),
-            ("BGMV (4 adapters, -1 rows)", lambda: ops.lora_bgmv_triton(x, w, None, *banks, scales, idx),
+            ("BGMV (4 adapters, -1 rows)", lambda: multi_ops.lora_bgmv_triton(x, w, None, *banks, scales, idx),
              lambda: reference.lora_bgmv(*f32(x, w), None, *f32(*banks), scales, idx)),
-            ("SGMV (2 segments)", lambda: ops.lora_sgmv_triton(x, w, None, *banks, scales, starts, adapters),
+            ("SGMV (2 segments)", lambda: multi_ops.lora_sgmv_triton(x, w, None, *banks, scales, starts, adapters),
              lambda: reference.lora_sgmv(*f32(x, w), None, *f32(*banks), scales, starts, adapters)),
+            ("BGMV backward dx,dA,dB", lambda: _flat(multi_ops.lora_bgmv_backward_triton(dy, x, w, *banks, scales, idx)),
+             lambda: _flat(reference.lora_bgmv_backward(*f32(dy, x, w), *f32(*banks), scales, idx))),
+            ("SGMV backward dx,dA,dB", lambda: _flat(multi_ops.lora_sgmv_backward_triton(
+                dy, x, w, *banks, scales, starts, adapters)),
+             lambda: _flat(reference.lora_sgmv_backward(*f32(dy, x, w), *f32(*banks), scales, starts, adapters))),
         ]
     return build
+
+
+def _flat(tensors) -> "torch.Tensor":
+    import torch
+
+    return torch.cat([t.flatten() for t in tensors])
 
 
 def run_smoke() -> None:
@@ -202,7 +213,7 @@ def run_gpu(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from peftc.codegen.triton import formats, fused, ops, reference
+    from peftc.codegen.triton import formats, fused, multi_ops, ops, reference
     from peftc.codegen.triton.kernels import Weight
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -259,8 +270,8 @@ def run_gpu(args) -> None:
                 scales = torch.ones(16, device=dev)
                 one = torch.zeros(m, dtype=torch.long, device=dev)
                 many = torch.arange(m, device=dev) % 16
-                t_one = bench(lambda: ops.lora_bgmv_triton(x, w, None, a_bank, b_bank, scales, one))
-                t_many = bench(lambda: ops.lora_bgmv_triton(x, w, None, a_bank, b_bank, scales, many))
+                t_one = bench(lambda: multi_ops.lora_bgmv_triton(x, w, None, a_bank, b_bank, scales, one))
+                t_many = bench(lambda: multi_ops.lora_bgmv_triton(x, w, None, a_bank, b_bank, scales, many))
                 t_base = bench(lambda: F.linear(x, w))
                 print(f"| {k}x{n} | {m} | {r} | {1e3 * t_one:.3f} | {1e3 * t_many:.3f} | {t_many / t_one:.3f} | "
                       f"{1e3 * t_base:.3f} |")
