@@ -179,3 +179,13 @@ def test_lora_multi_refuses_ids_that_do_not_split_the_rows():
     with pytest.raises(ValueError, match="one adapter id per sequence"):
         torch.ops.peftc.lora_multi(torch.randn(5, 4), torch.randn(3, 4), None, torch.randn(1, 2, 4),
                                    torch.randn(1, 3, 2), torch.ones(1), torch.tensor([0, 0]))
+
+
+@pytest.mark.parametrize("idx", [torch.arange(8) % 8, torch.zeros(8, dtype=torch.long), torch.tensor([1] * 7 + [-1])],
+                         ids=["gathered_rows", "one_group", "one_group_and_base"])
+def test_bgmv_torch_paths_equal_per_row_oracle(idx):
+    """The torch BGMV gathers per row (many adapters, few rows each) or groups (few adapters): same result."""
+    x, w, bias, _, _ = _tensors(8, 13, 9, 3, torch.float64)
+    a_bank, b_bank, scales = _banks(8, 13, 9, 3, torch.float64)
+    torch.testing.assert_close(reference.lora_bgmv(x, w, bias, a_bank, b_bank, scales, idx),
+                               _per_row(x, w, bias, a_bank, b_bank, scales.double(), idx))

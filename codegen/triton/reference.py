@@ -43,19 +43,31 @@ def segment_groups(seg_starts: torch.Tensor, seg_adapters: torch.Tensor) -> list
             if a >= 0 and starts[j + 1] > starts[j]]
 
 
-def lora_delta_grouped(x2, a_bank, b_bank, scales, groups):
-    """Rows of each group: s[a] (x A[a]^T) B[a]^T, one pair of matmuls per group; other rows zero."""
+def add_grouped_(y2, x2, a_bank, b_bank, scales, groups):
+    """y2[rows] += s[a] (x A[a]^T) B[a]^T for each (adapter a, rows) group: one matmul pair per group,
+    the torch analogue of SGMV (and how PEFT runs mixed batches)."""
     ct = _compute_dtype(x2.dtype)
-    delta = torch.zeros(x2.shape[0], b_bank.shape[1], dtype=ct, device=x2.device)
     for adapter, rows in groups:
         h = x2[rows].to(ct) @ a_bank[adapter].to(ct).t()
-        delta[rows] = (h @ b_bank[adapter].to(ct).t()) * scales[adapter].to(ct)
-    return delta.to(x2.dtype)
+        y2[rows] += ((h @ b_bank[adapter].to(ct).t()) * scales[adapter].to(ct)).to(y2.dtype)
+    return y2
 
 
 def lora_delta_bgmv(x2, a_bank, b_bank, scales, idx):
-    """Per row i: s[idx_i] (x_i A[idx_i]^T) B[idx_i]^T, zero where idx_i < 0. x2: [M, K]."""
-    return lora_delta_grouped(x2, a_bank, b_bank, scales, adapter_groups(idx))
+    """Per row i: s[idx_i] (x_i A[idx_i]^T) B[idx_i]^T, zero where idx_i < 0. x2: [M, K].
+
+    The torch analogue of BGMV: each row gathers its adapter's A and B and two batched matvecs
+    follow, a fixed handful of ops however many adapters the batch mixes (decode batches are small,
+    so the gathered [M, r, K] / [M, N, r] copies are too).
+    """
+    ct = _compute_dtype(x2.dtype)
+    safe = idx.clamp_min(0).long()
+    # [M, 1, K] @ [M, K, r] then [M, 1, r] @ [M, r, N]: row-vector bmm, which CPU BLAS runs far
+    # faster than the matrix-times-column form on these shapes
+    h = torch.bmm(x2.to(ct)[:, None, :], a_bank.index_select(0, safe).to(ct).transpose(1, 2))
+    delta = torch.bmm(h, b_bank.index_select(0, safe).to(ct).transpose(1, 2)).squeeze(1)
+    live_scale = torch.where(idx >= 0, scales[safe].to(ct), torch.zeros((), dtype=ct, device=x2.device))
+    return (delta * live_scale[:, None]).to(x2.dtype)
 
 
 def segment_indices(seg_starts: torch.Tensor, seg_adapters: torch.Tensor, rows: int) -> torch.Tensor:
@@ -66,16 +78,24 @@ def segment_indices(seg_starts: torch.Tensor, seg_adapters: torch.Tensor, rows: 
     return idx
 
 
+ROWS_PER_GROUP = 4  # gathering copies each row's A and B: worth it only when adapters have few rows each
+
+
 def lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx):
     x2 = x.reshape(-1, x.shape[-1])
-    y = F.linear(x2, weight, bias) + lora_delta_bgmv(x2, a_bank, b_bank, scales, idx)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    y2 = F.linear(x2, weight, bias)
+    groups = adapter_groups(idx)
+    if x2.shape[0] >= ROWS_PER_GROUP * len(groups):  # e.g. one adapter for the whole batch
+        y2 = add_grouped_(y2, x2, a_bank, b_bank, scales, groups)
+    else:
+        y2 = y2 + lora_delta_bgmv(x2, a_bank, b_bank, scales, idx)
+    return y2.view(*x.shape[:-1], weight.shape[0])
 
 
 def lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
     x2 = x.reshape(-1, x.shape[-1])
-    delta = lora_delta_grouped(x2, a_bank, b_bank, scales, segment_groups(seg_starts, seg_adapters))
-    return (F.linear(x2, weight, bias) + delta).view(*x.shape[:-1], weight.shape[0])
+    y2 = add_grouped_(F.linear(x2, weight, bias), x2, a_bank, b_bank, scales, segment_groups(seg_starts, seg_adapters))
+    return y2.view(*x.shape[:-1], weight.shape[0])
 
 
 def bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups):
