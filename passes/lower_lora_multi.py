@@ -8,6 +8,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from peftc import adapters
+from peftc.errors import SpecError
 from peftc.graph_edit import Inserter, erase_nodes
 from peftc.lora_bank import LoraAdapter, LoraBank
 from peftc.pipeline import PassContext, PassResult
@@ -35,28 +36,28 @@ def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     plan: ServingPlan = ctx.state[STATE_KEY]
     wanted = plan.site_paths
     sites = [site for site in ctx.sites if site.path in wanted]
-    _check_sites(plan, ctx.sites, sites)
+    _check_sites(plan, sites)
     nodes = {n.name: n for n in gm.graph.nodes}
     result = PassResult(modified=False)
+    ranks = set()
     for site in sites:
         bank, created = adapters.get_or_create(ctx.adapter_root, site.path, SLOT,
                                                lambda: LoraBank(site, list(plan.adapters), ctx.base_params[site.param]))
         _replace(gm, nodes[site.node], site)
         result.modified = True
         result.sites.append(site.path)
+        ranks.add(bank.A_bank.shape[1])
         if created:
             for name, tensor in (("A_bank", bank.A_bank), ("B_bank", bank.B_bank)):
                 result.params_added[f"{site.path}.{SLOT}.{name}"] = tensor.numel()
     if sites:
-        ranks = sorted({getattr(ctx.adapter_root.get_submodule(f"{s.path}.{SLOT}"), "A_bank").shape[1] for s in sites})
         result.notes.append(f"{len(plan.adapters)} adapters ({', '.join(a.name for a in plan.adapters)}) stacked "
-                            f"on {len(sites)} sites, bank ranks {ranks}; BGMV for 1 row per sequence, SGMV else")
+                            f"on {len(sites)} sites, bank ranks {sorted(ranks)}; BGMV for 1 row per sequence, "
+                            "SGMV else")
     return result
 
 
-def _check_sites(plan: ServingPlan, all_sites: list[Site], chosen: list[Site]) -> None:
-    from peftc.errors import SpecError
-
+def _check_sites(plan: ServingPlan, chosen: list[Site]) -> None:
     found = {s.path for s in chosen}
     for adapter in plan.adapters:
         missing = sorted(set(adapter.sites) - found)

@@ -163,3 +163,46 @@ def test_training_gradients_equal_single_adapter_models(tmp_path):
         for slot, rank in enumerate(bank.ranks):
             assert bank.A_bank.grad[slot, rank:].abs().sum() == 0 and bank.B_bank.grad[slot, :, rank:].abs().sum() == 0
 
+
+
+def _mlp_graph():
+    from peftc.capture import capture
+    from peftc.sites import find_sites
+
+    family = FAMILIES["mlp"]
+    model = family.build()
+    gm = capture(model, family.example_inputs(), {})
+    return model, gm, find_sites(gm)
+
+
+def test_pass_without_adapters_changes_nothing():
+    from torch import nn
+
+    from peftc.passes.lower_lora_multi import ServingPlan, lower_lora_multi
+    from peftc.pipeline import PassContext
+
+    _, gm, sites = _mlp_graph()
+    before = gm.code
+    ctx = PassContext(spec=None, sites=sites, adapter_root=nn.Module(), base_params=dict(gm.named_parameters()),
+                      state={"serving": ServingPlan(())})
+    result = lower_lora_multi(gm, ctx)
+    gm.recompile()
+    assert not result.modified and result.sites == [] and gm.code == before
+
+
+def test_plain_torch_model_rows_and_adapter_on_a_missing_layer(tmp_path):
+    from safetensors.torch import save_file
+
+    family = FAMILIES["mlp"]
+    model, cm = compile_family(family, {"adapters": [{"method": "lora", "targets": ["fc2"], "r": 3}]})
+    randomize_adapters(cm)
+    mm = peftc.serve_adapters(model, {"fc2": cm}, example_inputs=family.example_inputs())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        got = mm(x, adapter_ids=[0, -1, "fc2", None])
+        torch.testing.assert_close(got[[0, 2]], cm(x)[[0, 2]], **TOL)
+        torch.testing.assert_close(got[[1, 3]], model(x)[[1, 3]], **TOL)
+    cm.spec.save(tmp_path / "spec.json")  # a checkpoint for a layer the model does not have
+    save_file({"head.lora.A": torch.ones(3, 16), "head.lora.B": torch.ones(4, 3)}, str(tmp_path / "adapter.safetensors"))
+    with pytest.raises(SpecError, match="adapter 'ghost': site 'head' is not a layer of this model"):
+        peftc.serve_adapters(model, {"ghost": tmp_path}, example_inputs=family.example_inputs())
