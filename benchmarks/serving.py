@@ -51,7 +51,8 @@ def build(device: str, dtype: torch.dtype):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(config(device)).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialise on the device: a 7B-layer-shaped model is slow to init on CPU
+        return LlamaForCausalLM(config(device)).to(dtype=dtype).eval()
 
 
 def names() -> list[str]:

@@ -41,8 +41,9 @@ def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(modified=False)
     ranks = set()
     for site in sites:
-        bank, created = adapters.get_or_create(ctx.adapter_root, site.path, SLOT,
-                                               lambda: LoraBank(site, list(plan.adapters), ctx.base_params[site.param]))
+        bank, created = adapters.get_or_create(
+            ctx.adapter_root, site.path, SLOT,
+            lambda site=site: LoraBank(site, list(plan.adapters), ctx.base_params[site.param]))
         _replace(gm, nodes[site.node], site)
         result.modified = True
         result.sites.append(site.path)

@@ -30,7 +30,7 @@ from .capture import CallSignature, capture
 from .compiled import GraphDispatch
 from .compiler import example_call
 from .errors import SpecError
-from .lora_bank import LoraAdapter, LoraBank, load_adapter
+from .lora_bank import LoraBank, load_adapter
 from .modes import record_modes
 from .pipeline import PassContext, PassRecord, Step, run_pipeline
 from .sites import find_sites
