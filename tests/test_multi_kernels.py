@@ -189,3 +189,15 @@ def test_bgmv_torch_paths_equal_per_row_oracle(idx):
     a_bank, b_bank, scales = _banks(8, 13, 9, 3, torch.float64)
     torch.testing.assert_close(reference.lora_bgmv(x, w, bias, a_bank, b_bank, scales, idx),
                                _per_row(x, w, bias, a_bank, b_bank, scales.double(), idx))
+
+
+def test_sequence_segments_drive_the_sgmv_kernel():
+    """lora_multi's prefill routing (runs of equal per-sequence ids, no sort) through the Triton SGMV."""
+    batch, seq, k, n = 5, 3, 20, 18
+    x, w, bias, _, _ = _tensors(batch * seq, k, n, 4, torch.float32)
+    a_bank, b_bank, scales = _banks(3, k, n, 4, torch.float32)
+    seq_ids = torch.tensor([2, 2, -1, 0, 2])
+    starts, adapters = multi_ops.sequence_segments(seq_ids, seq)
+    assert starts.tolist() == [0, 6, 9, 12, 15] and adapters.tolist() == [2, -1, 0, 2]
+    got = multi_ops.lora_sgmv_triton(x, w, bias, a_bank, b_bank, scales, starts, adapters)
+    _close(got, _per_row(x, w, bias, a_bank, b_bank, scales, seq_ids.repeat_interleave(seq)), torch.float32)
