@@ -107,8 +107,19 @@ def cases(smoke: bool):
              lambda: reference.lora_bgmv(*f32(x, w), None, *f32(*banks), scales, idx)),
             ("SGMV (2 segments)", lambda: multi_ops.lora_sgmv_triton(x, w, None, *banks, scales, starts, adapters),
              lambda: reference.lora_sgmv(*f32(x, w), None, *f32(*banks), scales, starts, adapters)),
+            ("BGMV backward dx,dA,dB", lambda: _flat(multi_ops.lora_bgmv_backward_triton(dy, x, w, *banks, scales, idx)),
+             lambda: _flat(reference.lora_bgmv_backward(*f32(dy, x, w), *f32(*banks), scales, idx))),
+            ("SGMV backward dx,dA,dB", lambda: _flat(multi_ops.lora_sgmv_backward_triton(
+                dy, x, w, *banks, scales, starts, adapters)),
+             lambda: _flat(reference.lora_sgmv_backward(*f32(dy, x, w), *f32(*banks), scales, starts, adapters))),
         ]
     return build
+
+
+def _flat(tensors) -> "torch.Tensor":
+    import torch
+
+    return torch.cat([t.flatten() for t in tensors])
 
 
 def run_smoke() -> None:

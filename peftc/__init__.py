@@ -7,6 +7,7 @@ from .compiled import CompiledModel, GraphDispatch
 from .compiler import compile
 from .errors import CaptureError, CheckpointError, ExportError, SpecError
 from .interop import from_peft
+from .serving import ServedModel, serve_adapters
 from .spec import Spec
 
 __version__ = "0.1.0"
@@ -31,4 +32,4 @@ def export_adapter(cm_or_adapter_dir, path):
 
 
 __all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CheckpointError",
-           "ExportError", "from_peft", "export_onnx", "export_adapter"]
+           "ExportError", "from_peft", "export_onnx", "export_adapter", "serve_adapters", "ServedModel"]

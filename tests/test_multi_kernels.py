@@ -59,3 +59,145 @@ def test_opcheck_multi_adapter_ops():
                                                 torch.tensor([0, 1, -1, 1, 0, 0])))
     torch.library.opcheck(multi_ops.lora_sgmv, (x, w, None, a_bank, b_bank, scales, torch.tensor([0, 2, 6]),
                                                 torch.tensor([1, -1])))
+
+
+# -- backward, routing ----------------------------------------------------------------------------
+
+def _per_row(x, w, bias, a_bank, b_bank, scales, idx):
+    """The oracle: each row through plain linear ops with its own adapter (autograd gives every gradient)."""
+    rows = []
+    for i, adapter in enumerate(idx.tolist()):
+        y = torch.nn.functional.linear(x[i], w, bias)
+        if adapter >= 0:
+            y = y + (x[i] @ a_bank[adapter].t() @ b_bank[adapter].t()) * scales[adapter]
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def _oracle_grads(dy, x, w, bias, a_bank, b_bank, scales, idx):
+    leaves = [t.detach().double().requires_grad_() for t in (x, bias, a_bank, b_bank)]
+    _per_row(leaves[0], w.double(), leaves[1], leaves[2], leaves[3], scales.double(), idx).backward(dy.double())
+    return [t.grad for t in leaves]
+
+
+IDX = torch.tensor([0, 3, -1, 1, 1, 2, -1, 3, 0, 3, 3])  # every adapter, repeats, two base rows
+
+
+def test_forward_reference_equals_per_row_oracle():
+    x, w, bias, _, _ = _tensors(11, 13, 9, 3, torch.float64)
+    a_bank, b_bank, scales = _banks(4, 13, 9, 3, torch.float64)
+    torch.testing.assert_close(reference.lora_bgmv(x, w, bias, a_bank, b_bank, scales, IDX),
+                               _per_row(x, w, bias, a_bank, b_bank, scales.double(), IDX))
+
+
+@pytest.mark.parametrize("op", ["bgmv", "sgmv"])
+def test_gradcheck_float64_torch_path(op):
+    x, w, bias, _, _ = _tensors(7, 6, 5, 2, torch.float64)
+    a_bank, b_bank, scales = _banks(3, 6, 5, 2, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, bias, a_bank, b_bank)]
+    if op == "bgmv":
+        idx = torch.tensor([2, -1, 0, 0, 1, 2, -1])
+        fn = lambda x_, b_, a_, bb_: multi_ops.lora_bgmv(x_, w, b_, a_, bb_, scales.double(), idx)  # noqa: E731
+    else:
+        starts, adapters = torch.tensor([0, 2, 2, 5, 7]), torch.tensor([1, 0, -1, 2])
+        fn = lambda x_, b_, a_, bb_: multi_ops.lora_sgmv(x_, w, b_, a_, bb_, scales.double(), starts,  # noqa: E731
+                                                         adapters)
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 64])
+def test_bgmv_backward_triton(rank):
+    m, k, n = 11, 37, 29
+    x, w, bias, _, _ = _tensors(m, k, n, rank, torch.float32)
+    a_bank, b_bank, scales = _banks(4, k, n, rank, torch.float32)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(5))
+    dx, da, db = multi_ops.lora_bgmv_backward_triton(dy, x, w, a_bank, b_bank, scales, IDX)
+    want_dx, _, want_da, want_db = _oracle_grads(dy, x, w, bias, a_bank, b_bank, scales, IDX)
+    for got, want in ((dx, want_dx), (da, want_da), (db, want_db)):
+        _close(got, want, torch.float32)
+    ref = reference.lora_bgmv_backward(dy, x, w, a_bank, b_bank, scales, IDX)
+    for got, want in zip((dx, da, db), ref):
+        _close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype, r", [(torch.float32, 1), (torch.float32, 8), (torch.float32, 64), (torch.float16, 8)])
+def test_sgmv_backward_triton(dtype, r):
+    m, k, n = 40, 37, 50
+    x, w, bias, _, _ = _tensors(m, k, n, r, dtype)
+    a_bank, b_bank, scales = _banks(3, k, n, r, dtype)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(5)).to(dtype)
+    starts = torch.tensor([0, 3, 3, 21, 22, 40])  # an empty segment, a 1-row one, one over a block
+    adapters = torch.tensor([2, 0, 1, -1, 0])
+    got = multi_ops.lora_sgmv_backward_triton(dy, x, w, a_bank, b_bank, scales, starts, adapters)
+    idx = reference.segment_indices(starts, adapters, m)
+    want_dx, _, want_da, want_db = _oracle_grads(dy, x, w, bias, a_bank, b_bank, scales, idx)
+    for g_, w_ in zip(got, (want_dx, want_da, want_db)):
+        assert g_.dtype == dtype
+        _close(g_, w_, dtype)
+
+
+def test_base_rows_give_no_adapter_gradient():
+    x, w, _, _, _ = _tensors(4, 10, 6, 4, torch.float32)
+    a_bank, b_bank, scales = _banks(2, 10, 6, 4, torch.float32)
+    idx = torch.tensor([-1, 1, -1, 1])
+    dy = torch.ones(4, 6)
+    for backward in (reference.lora_bgmv_backward, multi_ops.lora_bgmv_backward_triton):
+        dx, da, db = backward(dy, x, w, a_bank, b_bank, scales, idx)
+        assert da[0].abs().sum() == 0 and db[0].abs().sum() == 0  # adapter 0: only -1 rows
+        torch.testing.assert_close(dx[idx < 0], (dy @ w)[idx < 0])
+
+
+def test_opcheck_backward_ops_and_autograd():
+    x, w, bias, _, _ = _tensors(6, 10, 7, 3, torch.float32)
+    a_bank, b_bank, scales = _banks(2, 10, 7, 3, torch.float32)
+    dy = torch.randn(6, 7)
+    idx, starts, adapters = torch.tensor([0, 1, -1, 1, 0, 0]), torch.tensor([0, 2, 6]), torch.tensor([1, -1])
+    torch.library.opcheck(multi_ops.lora_bgmv_backward, (dy, x, w, a_bank, b_bank, scales, idx))
+    torch.library.opcheck(multi_ops.lora_sgmv_backward, (dy, x, w, a_bank, b_bank, scales, starts, adapters))
+    grads = [t.clone().requires_grad_() for t in (x, bias, a_bank, b_bank)]
+    torch.library.opcheck(multi_ops.lora_bgmv, (grads[0], w, grads[1], grads[2], grads[3], scales, idx))
+    torch.library.opcheck(multi_ops.lora_sgmv, (grads[0], w, grads[1], grads[2], grads[3], scales, starts, adapters))
+
+
+@pytest.mark.parametrize("seq", [1, 5], ids=["decode_bgmv", "prefill_sgmv"])
+def test_lora_multi_routes_per_sequence(seq):
+    batch, k, n = 6, 12, 10
+    x = torch.randn(batch, seq, k, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n, k, dtype=torch.float64)
+    a_bank, b_bank, scales = _banks(3, k, n, 4, torch.float64)
+    a_bank.requires_grad_()
+    seq_ids = torch.tensor([2, 2, -1, 0, 0, 1])
+    y = torch.ops.peftc.lora_multi(x, w, None, a_bank, b_bank, scales, seq_ids)
+    idx = seq_ids.repeat_interleave(seq)
+    want = _per_row(x.reshape(-1, k), w, None, a_bank, b_bank, scales.double(), idx).view(batch, seq, n)
+    torch.testing.assert_close(y, want)
+    assert torch.autograd.gradcheck(lambda a_: torch.ops.peftc.lora_multi(x, w, None, a_, b_bank, scales, seq_ids),
+                                    (a_bank,))
+
+
+def test_lora_multi_refuses_ids_that_do_not_split_the_rows():
+    with pytest.raises(ValueError, match="one adapter id per sequence"):
+        torch.ops.peftc.lora_multi(torch.randn(5, 4), torch.randn(3, 4), None, torch.randn(1, 2, 4),
+                                   torch.randn(1, 3, 2), torch.ones(1), torch.tensor([0, 0]))
+
+
+@pytest.mark.parametrize("idx", [torch.arange(8) % 8, torch.zeros(8, dtype=torch.long), torch.tensor([1] * 7 + [-1])],
+                         ids=["gathered_rows", "one_group", "one_group_and_base"])
+def test_bgmv_torch_paths_equal_per_row_oracle(idx):
+    """The torch BGMV gathers per row (many adapters, few rows each) or groups (few adapters): same result."""
+    x, w, bias, _, _ = _tensors(8, 13, 9, 3, torch.float64)
+    a_bank, b_bank, scales = _banks(8, 13, 9, 3, torch.float64)
+    torch.testing.assert_close(reference.lora_bgmv(x, w, bias, a_bank, b_bank, scales, idx),
+                               _per_row(x, w, bias, a_bank, b_bank, scales.double(), idx))
+
+
+def test_sequence_segments_drive_the_sgmv_kernel():
+    """lora_multi's prefill routing (runs of equal per-sequence ids, no sort) through the Triton SGMV."""
+    batch, seq, k, n = 5, 3, 20, 18
+    x, w, bias, _, _ = _tensors(batch * seq, k, n, 4, torch.float32)
+    a_bank, b_bank, scales = _banks(3, k, n, 4, torch.float32)
+    seq_ids = torch.tensor([2, 2, -1, 0, 2])
+    starts, adapters = multi_ops.sequence_segments(seq_ids, seq)
+    assert starts.tolist() == [0, 6, 9, 12, 15] and adapters.tolist() == [2, -1, 0, 2]
+    got = multi_ops.lora_sgmv_triton(x, w, bias, a_bank, b_bank, scales, starts, adapters)
+    _close(got, _per_row(x, w, bias, a_bank, b_bank, scales, seq_ids.repeat_interleave(seq)), torch.float32)

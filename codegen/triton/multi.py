@@ -115,39 +115,119 @@ def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+# A bank is read through (adapter, rank, feature) strides, so the backward reuses the forward
+# kernels on transposed views: dy B[a] is a shrink over B's [N, r] read as [r, N], and
+# s (dy B[a]) A[a] is an expand over A's [r, K] read as [K, r]. No bank is copied.
+
+def a_strides(a_bank: torch.Tensor) -> tuple[int, int, int]:
+    """A[n, r, K] as the shrink reads it: (adapter, rank, input feature)."""
+    return a_bank.stride(0), a_bank.stride(1), a_bank.stride(2)
+
+
+def b_strides(b_bank: torch.Tensor) -> tuple[int, int, int]:
+    """B[n, N, r] as the expand reads it: (adapter, output feature, rank)."""
+    return b_bank.stride(0), b_bank.stride(1), b_bank.stride(2)
+
+
+def b_as_shrink(b_bank: torch.Tensor) -> tuple[int, int, int]:
+    """B[n, N, r] read as a shrink bank [n, r, N]: u = dy B[a]."""
+    return b_bank.stride(0), b_bank.stride(2), b_bank.stride(1)
+
+
+def a_as_expand(a_bank: torch.Tensor) -> tuple[int, int, int]:
+    """A[n, r, K] read as an expand bank [n, K, r]: dx += s u A[a]."""
+    return a_bank.stride(0), a_bank.stride(2), a_bank.stride(1)
+
+
+def bgmv_shrink(x2, bank, strides, rank: int, idx32) -> torch.Tensor:
+    """h[i] = x2_i bank[idx_i]^T ([M, rank]; zeros on -1 rows). x2 row-contiguous."""
+    m, k = x2.shape
+    h = x2.new_empty(m, rank)
+    bgmv_shrink_kernel[(m,)](x2, bank, idx32, h, k, rank, x2.stride(0), *strides, h.stride(0),
+                             BLOCK_K=BGMV_BLOCK_K, BLOCK_R=_block_r(rank))
+    return h
+
+
+def bgmv_expand_(y2, h, bank, strides, scales, idx32) -> torch.Tensor:
+    """y2[i] += s[idx_i] h_i bank[idx_i]^T, for idx_i >= 0."""
+    m, n = y2.shape
+    rank = h.shape[1]
+    grid = (m, triton.cdiv(n, BGMV_BLOCK_N))
+    bgmv_expand_kernel[grid](h, bank, scales, idx32, y2, n, rank, h.stride(0), *strides, y2.stride(0),
+                             BLOCK_N=BGMV_BLOCK_N, BLOCK_R=_block_r(rank))
+    return y2
+
+
 def bgmv_add_(y2: torch.Tensor, x2: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor,
               scales: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """y2[i] += s[idx_i] (x2_i A[idx_i]^T) B[idx_i]^T for idx_i >= 0; y2, x2 row-contiguous [M, *]."""
+    idx32 = idx.to(torch.int32)
+    h = bgmv_shrink(x2, a_bank, a_strides(a_bank), a_bank.shape[1], idx32)
+    return bgmv_expand_(y2, h, b_bank, b_strides(b_bank), scales, idx32)
+
+
+def bgmv_backward(dy2, x2, dx2, a_bank, b_bank, scales, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx2 += s (dy2 B[idx]) A[idx] in place; returns (u = dy2 B[idx], h = x2 A[idx]^T) for dA / dB."""
+    idx32 = idx.to(torch.int32)
+    rank = a_bank.shape[1]
+    u = bgmv_shrink(dy2, b_bank, b_as_shrink(b_bank), rank, idx32)
+    bgmv_expand_(dx2, u, a_bank, a_as_expand(a_bank), scales, idx32)
+    return u, bgmv_shrink(x2, a_bank, a_strides(a_bank), rank, idx32)
+
+
+class Segments:
+    """An SGMV segment table on the device, with the grid size its launches need (one host sync)."""
+
+    def __init__(self, seg_starts: torch.Tensor, seg_adapters: torch.Tensor):
+        self.starts, self.adapters = seg_starts.to(torch.int32), seg_adapters.to(torch.int32)
+        self.count = seg_adapters.numel()
+        self.longest = int((seg_starts[1:] - seg_starts[:-1]).max()) if self.count else 0
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0 or self.longest <= 0
+
+    def grid(self, *more: int) -> tuple[int, ...]:
+        return (self.count, triton.cdiv(self.longest, SGMV_BLOCKS["BLOCK_M"]), *more)
+
+
+def sgmv_shrink(x2, bank, strides, rank: int, seg: Segments) -> torch.Tensor:
+    """h[rows of segment j] = x2 bank[adapter_j]^T ([M, rank]; zeros outside live segments)."""
     m, k = x2.shape
-    n, rank = b_bank.shape[1], b_bank.shape[2]
-    h = x2.new_empty(m, rank)
-    idx = idx.to(torch.int32)
-    bgmv_shrink_kernel[(m,)](x2, a_bank, idx, h, k, rank, x2.stride(0), *a_bank.stride(), h.stride(0),
-                             BLOCK_K=BGMV_BLOCK_K, BLOCK_R=_block_r(rank))
-    grid = (m, triton.cdiv(n, BGMV_BLOCK_N))
-    bgmv_expand_kernel[grid](h, b_bank, scales, idx, y2, n, rank, h.stride(0), *b_bank.stride(), y2.stride(0),
-                             BLOCK_N=BGMV_BLOCK_N, BLOCK_R=_block_r(rank))
+    h = x2.new_zeros(m, rank)
+    bm, bk = SGMV_BLOCKS["BLOCK_M"], SGMV_BLOCKS["BLOCK_K"]
+    sgmv_shrink_kernel[seg.grid()](x2, bank, seg.starts, seg.adapters, h, k, rank, x2.stride(0), *strides,
+                                   h.stride(0), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(rank))
+    return h
+
+
+def sgmv_expand_(y2, h, bank, strides, scales, seg: Segments) -> torch.Tensor:
+    """y2[rows of segment j] += s h bank[adapter_j]^T, for adapter_j >= 0."""
+    n, rank = y2.shape[1], h.shape[1]
+    bm, bn = SGMV_BLOCKS["BLOCK_M"], SGMV_BLOCKS["BLOCK_N"]
+    sgmv_expand_kernel[seg.grid(triton.cdiv(n, bn))](
+        h, bank, scales, seg.starts, seg.adapters, y2, n, rank, h.stride(0), *strides, y2.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_block_r(rank))
     return y2
 
 
 def sgmv_add_(y2: torch.Tensor, x2: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor,
               scales: torch.Tensor, seg_starts: torch.Tensor, seg_adapters: torch.Tensor) -> torch.Tensor:
     """SGMV: y2[rows of segment j] += s (x A^T) B^T with adapter seg_adapters[j] (-1: nothing)."""
-    m, k = x2.shape
-    n, rank = b_bank.shape[1], b_bank.shape[2]
-    segments = seg_adapters.numel()
-    if segments == 0:
+    seg = Segments(seg_starts, seg_adapters)
+    if seg.empty:
         return y2
-    starts, adapters = seg_starts.to(torch.int32), seg_adapters.to(torch.int32)
-    longest = int((seg_starts[1:] - seg_starts[:-1]).max())  # one host sync, to size the grid
-    if longest <= 0:
-        return y2
-    bm, bk, bn = SGMV_BLOCKS["BLOCK_M"], SGMV_BLOCKS["BLOCK_K"], SGMV_BLOCKS["BLOCK_N"]
-    h = x2.new_zeros(m, rank)
-    rows = triton.cdiv(longest, bm)
-    sgmv_shrink_kernel[(segments, rows)](x2, a_bank, starts, adapters, h, k, rank, x2.stride(0), *a_bank.stride(),
-                                         h.stride(0), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(rank))
-    sgmv_expand_kernel[(segments, rows, triton.cdiv(n, bn))](
-        h, b_bank, scales, starts, adapters, y2, n, rank, h.stride(0), *b_bank.stride(), y2.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_block_r(rank))
-    return y2
+    h = sgmv_shrink(x2, a_bank, a_strides(a_bank), a_bank.shape[1], seg)
+    return sgmv_expand_(y2, h, b_bank, b_strides(b_bank), scales, seg)
+
+
+def sgmv_backward(dy2, x2, dx2, a_bank, b_bank, scales, seg_starts, seg_adapters):
+    """dx2 += s (dy2 B[a]) A[a] per segment, in place; returns (u, h) as bgmv_backward does."""
+    seg = Segments(seg_starts, seg_adapters)
+    rank = a_bank.shape[1]
+    if seg.empty:
+        zeros = x2.new_zeros(x2.shape[0], rank)
+        return zeros, zeros
+    u = sgmv_shrink(dy2, b_bank, b_as_shrink(b_bank), rank, seg)
+    sgmv_expand_(dx2, u, a_bank, a_as_expand(a_bank), scales, seg)
+    return u, sgmv_shrink(x2, a_bank, a_strides(a_bank), rank, seg)

@@ -2,8 +2,16 @@
 
     peftc::lora_bgmv(x, weight, bias, A_bank, B_bank, scales, idx)      row i uses adapter idx[i] (decode)
     peftc::lora_sgmv(x, weight, bias, A_bank, B_bank, scales, seg_starts, seg_adapters)   segments (prefill)
+    peftc::lora_multi(x, weight, bias, A_bank, B_bank, scales, seq_ids)  x[b] uses adapter seq_ids[b]:
+        BGMV when each sequence has one row here (decode), else SGMV over runs of equal ids (prefill)
 
-Triton kernels (multi.py) on CUDA, the torch reference elsewhere; -1 means the base alone.
+Banks: A [n, r, K], B [n, N, r], scales [n]; -1 means the base alone. Triton kernels (multi.py)
+on CUDA, the torch reference elsewhere. Autograd gives x, bias, A_bank and B_bank gradients (the
+base weight is frozen; scales and indices get none); the backward is itself an op
+(peftc::lora_bgmv_backward / lora_sgmv_backward) whose CUDA kernel reuses the shrink/expand
+kernels on transposed banks for dx, and reduces dA / dB per adapter with grouped torch matmuls
+(one matmul pair per adapter present: cuBLAS, not a Triton kernel). lora_multi is a
+CompositeImplicitAutograd op: it only routes, so autograd runs through the op it picks.
 """
 
 from __future__ import annotations
@@ -16,6 +24,16 @@ from torch import Tensor
 from . import reference
 from .ops import triton_ready
 
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _dbias(ctx, dy: Tensor, bias_index: int) -> Tensor | None:
+    return dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[bias_index] else None
+
+
+# -- BGMV ----------------------------------------------------------------------------------------
 
 @torch.library.custom_op("peftc::lora_bgmv", mutates_args=())
 def lora_bgmv(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_bank: Tensor, b_bank: Tensor, scales: Tensor,
@@ -33,7 +51,7 @@ def _lora_bgmv_cuda(x, weight, bias, a_bank, b_bank, scales, idx):
 def lora_bgmv_triton(x, weight, bias, a_bank, b_bank, scales, idx):
     from .multi import bgmv_add_
 
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = _rows(x)
     y2 = torch.nn.functional.linear(x2, weight, bias)
     bgmv_add_(y2, x2, a_bank.contiguous(), b_bank.contiguous(), scales, idx)
     return y2.view(*x.shape[:-1], weight.shape[0])
@@ -43,6 +61,52 @@ def lora_bgmv_triton(x, weight, bias, a_bank, b_bank, scales, idx):
 def _lora_bgmv_fake(x, weight, bias, a_bank, b_bank, scales, idx):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
+
+@torch.library.custom_op("peftc::lora_bgmv_backward", mutates_args=())
+def lora_bgmv_backward(dy: Tensor, x: Tensor, weight: Tensor, a_bank: Tensor, b_bank: Tensor, scales: Tensor,
+                       idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA_bank, dB_bank); rows with idx -1 give no adapter gradient."""
+    return reference.lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx)
+
+
+@lora_bgmv_backward.register_kernel("cuda")
+def _lora_bgmv_backward_cuda(dy, x, weight, a_bank, b_bank, scales, idx):
+    if not triton_ready(x.device):
+        return reference.lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx)
+    return lora_bgmv_backward_triton(dy, x, weight, a_bank, b_bank, scales, idx)
+
+
+def lora_bgmv_backward_triton(dy, x, weight, a_bank, b_bank, scales, idx):
+    """dx: cuBLAS dy W plus the BGMV kernels on transposed banks; dA / dB: grouped torch matmuls."""
+    from .multi import bgmv_backward
+
+    dy2, x2 = _rows(dy), _rows(x)
+    dx2 = dy2 @ weight
+    u, h = bgmv_backward(dy2, x2, dx2, a_bank.contiguous(), b_bank.contiguous(), scales, idx)
+    da, db = reference.bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, reference.adapter_groups(idx))
+    return dx2.view(x.shape), da, db
+
+
+@lora_bgmv_backward.register_fake
+def _lora_bgmv_backward_fake(dy, x, weight, a_bank, b_bank, scales, idx):
+    return torch.empty_like(x), torch.empty_like(a_bank), torch.empty_like(b_bank)
+
+
+def _setup_bgmv(ctx, inputs, output):
+    x, weight, bias, a_bank, b_bank, scales, idx = inputs
+    ctx.save_for_backward(x, weight, a_bank, b_bank, scales, idx)
+
+
+def _backward_bgmv(ctx, dy):
+    x, weight, a_bank, b_bank, scales, idx = ctx.saved_tensors
+    dx, da, db = lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx)
+    return dx, None, _dbias(ctx, dy, 2), da, db, None, None
+
+
+torch.library.register_autograd("peftc::lora_bgmv", _backward_bgmv, setup_context=_setup_bgmv)
+
+
+# -- SGMV ----------------------------------------------------------------------------------------
 
 @torch.library.custom_op("peftc::lora_sgmv", mutates_args=())
 def lora_sgmv(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_bank: Tensor, b_bank: Tensor, scales: Tensor,
@@ -60,7 +124,7 @@ def _lora_sgmv_cuda(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_ada
 def lora_sgmv_triton(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
     from .multi import sgmv_add_
 
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = _rows(x)
     y2 = torch.nn.functional.linear(x2, weight, bias)
     sgmv_add_(y2, x2, a_bank.contiguous(), b_bank.contiguous(), scales, seg_starts, seg_adapters)
     return y2.view(*x.shape[:-1], weight.shape[0])
@@ -69,3 +133,79 @@ def lora_sgmv_triton(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_ad
 @lora_sgmv.register_fake
 def _lora_sgmv_fake(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("peftc::lora_sgmv_backward", mutates_args=())
+def lora_sgmv_backward(dy: Tensor, x: Tensor, weight: Tensor, a_bank: Tensor, b_bank: Tensor, scales: Tensor,
+                       seg_starts: Tensor, seg_adapters: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA_bank, dB_bank); -1 segments give no adapter gradient."""
+    return reference.lora_sgmv_backward(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters)
+
+
+@lora_sgmv_backward.register_kernel("cuda")
+def _lora_sgmv_backward_cuda(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters):
+    args = (dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters)
+    if not triton_ready(x.device):
+        return reference.lora_sgmv_backward(*args)
+    return lora_sgmv_backward_triton(*args)
+
+
+def lora_sgmv_backward_triton(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters):
+    """dx: cuBLAS dy W plus the SGMV kernels on transposed banks; dA / dB: one matmul pair per segment."""
+    from .multi import sgmv_backward
+
+    dy2, x2 = _rows(dy), _rows(x)
+    dx2 = dy2 @ weight
+    u, h = sgmv_backward(dy2, x2, dx2, a_bank.contiguous(), b_bank.contiguous(), scales, seg_starts, seg_adapters)
+    groups = reference.segment_groups(seg_starts, seg_adapters)
+    da, db = reference.bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups)
+    return dx2.view(x.shape), da, db
+
+
+@lora_sgmv_backward.register_fake
+def _lora_sgmv_backward_fake(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters):
+    return torch.empty_like(x), torch.empty_like(a_bank), torch.empty_like(b_bank)
+
+
+def _setup_sgmv(ctx, inputs, output):
+    x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters = inputs
+    ctx.save_for_backward(x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters)
+
+
+def _backward_sgmv(ctx, dy):
+    x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters = ctx.saved_tensors
+    dx, da, db = lora_sgmv_backward(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters)
+    return dx, None, _dbias(ctx, dy, 2), da, db, None, None, None
+
+
+torch.library.register_autograd("peftc::lora_sgmv", _backward_sgmv, setup_context=_setup_sgmv)
+
+
+# -- routing: per-sequence adapter ids -> BGMV or SGMV -------------------------------------------
+
+torch.library.define(
+    "peftc::lora_multi",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor a_bank, Tensor b_bank, Tensor scales, Tensor seq_ids) -> Tensor")
+
+
+def sequence_segments(seq_ids: Tensor, rows_per_seq: int) -> tuple[Tensor, Tensor]:
+    """SGMV segments over the flattened rows: one per run of equal ids (sequence-major rows, no sort)."""
+    adapters, counts = torch.unique_consecutive(seq_ids, return_counts=True)
+    starts = torch.zeros(counts.numel() + 1, dtype=torch.long, device=seq_ids.device)
+    starts[1:] = torch.cumsum(counts, 0) * rows_per_seq
+    return starts, adapters
+
+
+@torch.library.impl("peftc::lora_multi", "CompositeImplicitAutograd")
+def lora_multi(x, weight, bias, a_bank, b_bank, scales, seq_ids):
+    """x's rows, sequence-major, split evenly among seq_ids.numel() sequences ([B, S, K] or [B*S, K])."""
+    rows = x.numel() // x.shape[-1]
+    sequences = seq_ids.numel()
+    if sequences == 0 or rows % sequences:
+        raise ValueError(f"peftc::lora_multi: {rows} rows cannot be split among {sequences} adapter ids; "
+                         "pass one adapter id per sequence (batch row) of the input")
+    per_seq = rows // sequences
+    if per_seq == 1:
+        return torch.ops.peftc.lora_bgmv(x, weight, bias, a_bank, b_bank, scales, seq_ids)
+    starts, adapters = sequence_segments(seq_ids, per_seq)
+    return torch.ops.peftc.lora_sgmv(x, weight, bias, a_bank, b_bank, scales, starts, adapters)

@@ -36,12 +36,48 @@ def with_adapter_grads(dx_base, dy, x, a, b, scale, x_lora=None):
     return dx_base, dx_lora, da, db
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types (as the kernels accumulate), the input's own dtype if wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def adapter_groups(idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(adapter, row indices) per adapter some row of `idx` uses; -1 rows belong to none (one host sync)."""
+    return [(a, (idx == a).nonzero().squeeze(1)) for a in idx[idx >= 0].unique().tolist()]
+
+
+def segment_groups(seg_starts: torch.Tensor, seg_adapters: torch.Tensor) -> list[tuple[int, slice]]:
+    """(adapter, row slice) per non-empty, non-base segment of an SGMV segment table (one host sync)."""
+    starts, adapters = seg_starts.tolist(), seg_adapters.tolist()
+    return [(a, slice(starts[j], starts[j + 1])) for j, a in enumerate(adapters)
+            if a >= 0 and starts[j + 1] > starts[j]]
+
+
+def add_grouped_(y2, x2, a_bank, b_bank, scales, groups):
+    """y2[rows] += s[a] (x A[a]^T) B[a]^T for each (adapter a, rows) group: one matmul pair per group,
+    the torch analogue of SGMV (and how PEFT runs mixed batches)."""
+    ct = _compute_dtype(x2.dtype)
+    for adapter, rows in groups:
+        h = x2[rows].to(ct) @ a_bank[adapter].to(ct).t()
+        y2[rows] += ((h @ b_bank[adapter].to(ct).t()) * scales[adapter].to(ct)).to(y2.dtype)
+    return y2
+
+
 def lora_delta_bgmv(x2, a_bank, b_bank, scales, idx):
-    """Per row i: s[idx_i] (x_i A[idx_i]^T) B[idx_i]^T, zero where idx_i < 0. x2: [M, K]."""
+    """Per row i: s[idx_i] (x_i A[idx_i]^T) B[idx_i]^T, zero where idx_i < 0. x2: [M, K].
+
+    The torch analogue of BGMV: each row gathers its adapter's A and B and two batched matvecs
+    follow, a fixed handful of ops however many adapters the batch mixes (decode batches are small,
+    so the gathered [M, r, K] / [M, N, r] copies are too).
+    """
+    ct = _compute_dtype(x2.dtype)
     safe = idx.clamp_min(0).long()
-    h = torch.einsum("mk,mrk->mr", x2.float(), a_bank[safe].float()).to(x2.dtype)
-    delta = torch.einsum("mr,mnr->mn", h.float(), b_bank[safe].float()) * scales[safe].float()[:, None]
-    return torch.where((idx >= 0)[:, None], delta, torch.zeros_like(delta)).to(x2.dtype)
+    # [M, 1, K] @ [M, K, r] then [M, 1, r] @ [M, r, N]: row-vector bmm, which CPU BLAS runs far
+    # faster than the matrix-times-column form on these shapes
+    h = torch.bmm(x2.to(ct)[:, None, :], a_bank.index_select(0, safe).to(ct).transpose(1, 2))
+    delta = torch.bmm(h, b_bank.index_select(0, safe).to(ct).transpose(1, 2)).squeeze(1)
+    live_scale = torch.where(idx >= 0, scales[safe].to(ct), torch.zeros((), dtype=ct, device=x2.device))
+    return (delta * live_scale[:, None]).to(x2.dtype)
 
 
 def segment_indices(seg_starts: torch.Tensor, seg_adapters: torch.Tensor, rows: int) -> torch.Tensor:
@@ -52,13 +88,57 @@ def segment_indices(seg_starts: torch.Tensor, seg_adapters: torch.Tensor, rows: 
     return idx
 
 
+ROWS_PER_GROUP = 4  # gathering copies each row's A and B: worth it only when adapters have few rows each
+
+
 def lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx):
     x2 = x.reshape(-1, x.shape[-1])
-    y = F.linear(x2, weight, bias) + lora_delta_bgmv(x2, a_bank, b_bank, scales, idx)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    y2 = F.linear(x2, weight, bias)
+    groups = adapter_groups(idx)
+    if x2.shape[0] >= ROWS_PER_GROUP * len(groups):  # e.g. one adapter for the whole batch
+        y2 = add_grouped_(y2, x2, a_bank, b_bank, scales, groups)
+    else:
+        y2 = y2 + lora_delta_bgmv(x2, a_bank, b_bank, scales, idx)
+    return y2.view(*x.shape[:-1], weight.shape[0])
 
 
 def lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
     x2 = x.reshape(-1, x.shape[-1])
-    idx = segment_indices(seg_starts, seg_adapters, x2.shape[0])
-    return lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx)
+    y2 = add_grouped_(F.linear(x2, weight, bias), x2, a_bank, b_bank, scales, segment_groups(seg_starts, seg_adapters))
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+def bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups):
+    """dA[a] = s_a sum u_i^T x_i and dB[a] = s_a sum dy_i^T h_i over the rows of adapter a's groups,
+    with u = dy B[a] and h = x A[a]^T per row; adapters no row uses get zeros. Grouped matmuls."""
+    ct = _compute_dtype(x2.dtype)
+    da = torch.zeros(a_bank.shape, dtype=ct, device=a_bank.device)
+    db = torch.zeros(b_bank.shape, dtype=ct, device=b_bank.device)
+    for adapter, rows in groups:
+        s = scales[adapter].to(ct)
+        da[adapter] += (u[rows].to(ct).t() @ x2[rows].to(ct)) * s
+        db[adapter] += (dy2[rows].to(ct).t() @ h[rows].to(ct)) * s
+    return da.to(a_bank.dtype), db.to(b_bank.dtype)
+
+
+def lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, groups):
+    """(dx, dA_bank, dB_bank) of y = x W^T + b + per-group LoRA deltas; W frozen, scales constant."""
+    ct = _compute_dtype(x.dtype)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = (dy2.to(ct) @ weight.to(ct))
+    u = torch.zeros(x2.shape[0], a_bank.shape[1], dtype=ct, device=x.device)
+    h = torch.zeros_like(u)
+    for adapter, rows in groups:
+        u[rows] = dy2[rows].to(ct) @ b_bank[adapter].to(ct)
+        h[rows] = x2[rows].to(ct) @ a_bank[adapter].to(ct).t()
+        dx[rows] += (u[rows] @ a_bank[adapter].to(ct)) * scales[adapter].to(ct)
+    da, db = bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups)
+    return dx.to(x.dtype).view(x.shape), da, db
+
+
+def lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx):
+    return lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, adapter_groups(idx))
+
+
+def lora_sgmv_backward(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters):
+    return lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, segment_groups(seg_starts, seg_adapters))
