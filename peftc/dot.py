@@ -14,7 +14,8 @@ from pathlib import Path
 from torch.fx import GraphModule, Node
 
 from .graph_edit import provenance
-from .inspect_graph import format_shape, node_dtype, node_module_path, node_shape, op_name, select_nodes
+from .inspect_graph import format_shape, node_dtype, node_module_path, op_name, select_nodes
+from .shapes import LEGEND, has_dynamic, node_shape
 
 # graphviz colour names, so the legend reads as words
 METHOD_COLOURS = {"lora": "sandybrown", "dora": "salmon", "adapter": "mediumaquamarine", "ia3": "khaki",
@@ -44,8 +45,9 @@ def to_dot(gm: GraphModule, scope: str | None = None) -> str:
     nodes = select_nodes(gm, scope)
     names = {n.name for n in nodes}
     methods = sorted({provenance(n)["method"] for n in nodes if provenance(n) and provenance(n).get("method")})
+    legend = _legend(scope, methods) + (f"\n{LEGEND}" if has_dynamic(node_shape(n) for n in nodes) else "")
     lines = ["digraph peftc {", "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
-             f"  label={_quote(_legend(scope, methods))}; labelloc=t; fontname=Helvetica;"]
+             f"  label={_quote(legend)}; labelloc=t; fontname=Helvetica;"]
     lines += _clusters(nodes, scope)
     for node in nodes:
         for source in node.all_input_nodes:
