@@ -22,7 +22,7 @@ class NodeText:
     """A node as it read before a pass: enough for a diff line, and no reference to the graph."""
 
     name: str
-    op: str  # op_name(): `aten.linear.default`, `get_attr`, ...
+    op: str  # `aten.linear.default`, `placeholder`, ...; `get_attr` for any parameter read
     line: str  # format_node() with the arguments it had before the pass
     module_path: str
     site: str | None  # the site it served, for a node a pass had inserted
@@ -54,7 +54,8 @@ class ChangeWatch:
     def _text(self, node: Node) -> NodeText:
         args, kwargs = self._inputs[node]
         tag = provenance(node)
-        return NodeText(name=node.name, op=op_name(node), line=format_node(node, args, kwargs),
+        op = "get_attr" if node.op == "get_attr" else op_name(node)  # the target names a layer: not the op
+        return NodeText(name=node.name, op=op, line=format_node(node, args, kwargs),
                         module_path=node_module_path(node), site=None if tag is None else tag.get("site"),
                         inserted_by=None if tag is None else dict(tag), shape=node_shape(node))
 

@@ -108,7 +108,7 @@ def diff_text(gm: GraphModule, sites, records, scope: str | None = None) -> str:
     by_signature: dict[tuple, list[SiteChange]] = {}
     for change in changes:
         by_signature.setdefault(change.signature(), []).append(change)
-    order = {(r.name, r.entry_index): r.index for r in records}
+    order = {**{r.name: r.index for r in reversed(records)}, **{(r.name, r.entry_index): r.index for r in records}}
     for group in by_signature.values():
         by_site = {c.site: c for c in group}
         for label, members in group_paths([c.site for c in group]):
@@ -149,17 +149,19 @@ def _record_label(record) -> str:
 
 
 def _block_passes(change: SiteChange, order: dict) -> list[str]:
-    """The passes that inserted or removed nodes of this block, in pipeline order."""
-    found: dict[str, int] = {}
+    """The passes that inserted or removed nodes of this block, once each, in pipeline order."""
+    found: dict[str, tuple[int, str]] = {}  # pass name -> (its place in the pipeline, its label)
     for node in change.inserted:
         tag = provenance(node)
-        found.setdefault(_tag_label(tag), order.get((tag.get("pass"), tag.get("entry")), len(order)))
-    for text, by in change.erased:
-        found.setdefault(by, min((i for (name, entry), i in order.items() if _pass_label(name, entry) == by),
-                                 default=len(order)))
-    # A pass that both removed and inserted here is named once, with its slot when it has one.
-    labels = sorted(found, key=lambda label: found[label])
-    return [label for label in labels if not any(other.startswith(label + " (") for other in labels)]
+        name = tag.get("pass")
+        found.setdefault(name, (order.get((name, tag.get("entry")), order.get(name, len(order))), _tag_label(tag)))
+    for text, (name, label) in ((t, _split_label(by)) for t, by in change.erased):
+        found.setdefault(name, (order.get(name, len(order)), label))  # a pass's own nodes name its slot
+    return [label for _, label in sorted(found.values())]
+
+
+def _split_label(label: str) -> tuple[str, str]:
+    return label.split("[")[0], label
 
 
 def _erased_note(text: "NodeText", by: str) -> str:

@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 
 from . import adapters
 from .graph_edit import provenance
-from .shapes import Shape, node_shape
+from .shapes import DYNAMIC_MARK, Shape, example_size, node_shape
 from .sites import module_path_of
 from .targets import nearest_hint
 
@@ -60,6 +60,15 @@ def format_shape(shape: Shape | None, dtype: str | None = None) -> str:
     return f"{SHORT_DTYPES.get(dtype, dtype or '')}{shape}"
 
 
+def _value_text(node: Node) -> str:
+    """What a node computes: `f32[2*,8*,64]` for a tensor, `2*` for a size read from a dynamic dim."""
+    val = node.meta.get("val")
+    if isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool):
+        size, dynamic = example_size(val)
+        return f"{size}{DYNAMIC_MARK if dynamic else ''}"
+    return format_shape(node_shape(node), node_dtype(node))
+
+
 def op_name(node: Node) -> str:
     if node.op == "call_function":
         return str(node.target).replace("torch.ops.", "")
@@ -74,7 +83,7 @@ def format_node(node: Node, args: tuple | None = None, kwargs: dict | None = Non
     args = node.args if args is None else args
     kwargs = node.kwargs if kwargs is None else kwargs
     args = ", ".join([_format_arg(a) for a in args] + [f"{k}={_format_arg(v)}" for k, v in kwargs.items()])
-    shape = format_shape(node_shape(node), node_dtype(node))
+    shape = _value_text(node)
     if node.op == "get_attr":  # read by target in the lines that use it, so its node name adds nothing
         return f"param {node.target}  {shape}"
     return f"{node.name} = {op_name(node)}({args})  {shape}"
