@@ -19,6 +19,7 @@ from .shapes import LEGEND, has_dynamic, node_shape
 
 if TYPE_CHECKING:
     from .graph_changes import NodeText
+    from .pipeline import PassRecord
 
 
 @dataclass
@@ -28,7 +29,7 @@ class SiteChange:
     site: str
     original: Node | None  # the site's op, a node of the captured graph still in it
     before: "NodeText | None"  # `original` as it read before a pass changed its inputs
-    erased: list[tuple["NodeText", str]]  # (a removed node as it read, the pass that removed it)
+    erased: list[tuple["NodeText", "PassRecord"]]  # (a removed node as it read, the pass that removed it)
     inserted: list[Node]
     readers: list[Node]  # original nodes that now read an inserted node (they read `original` before)
 
@@ -37,7 +38,8 @@ class SiteChange:
         return (op_name(self.original) if self.original is not None else None,
                 node_shape(self.original) if self.original is not None else None,
                 self.before is not None,
-                tuple((text.op, text.shape, by, _tag_label(text.inserted_by)) for text, by in self.erased),
+                tuple((text.op, text.shape, _record_label(by), _tag_label(text.inserted_by))
+                      for text, by in self.erased),
                 tuple((_tag_label(provenance(n)), op_name(n) if n.op != "get_attr" else "get_attr", node_shape(n))
                       for n in self.inserted))
 
@@ -78,11 +80,11 @@ def _inserted_by_key(gm: GraphModule) -> dict[str, list[Node]]:
     return groups
 
 
-def _erased_by_key(records) -> dict[str, list[tuple["NodeText", str]]]:
+def _erased_by_key(records) -> dict[str, list[tuple["NodeText", "PassRecord"]]]:
     groups: dict[str, list] = {}
     for record in records:
         for text in record.erased:
-            groups.setdefault(text.key or f"({record.name})", []).append((text, _record_label(record)))
+            groups.setdefault(text.key or f"({record.name})", []).append((text, record))
     return groups
 
 
@@ -108,7 +110,7 @@ def diff_text(gm: GraphModule, sites, records, scope: str | None = None) -> str:
     by_signature: dict[tuple, list[SiteChange]] = {}
     for change in changes:
         by_signature.setdefault(change.signature(), []).append(change)
-    order = {**{r.name: r.index for r in reversed(records)}, **{(r.name, r.entry_index): r.index for r in records}}
+    order = {(r.name, r.entry_index): r.index for r in records}
     for group in by_signature.values():
         by_site = {c.site: c for c in group}
         for label, members in group_paths([c.site for c in group]):
@@ -150,23 +152,26 @@ def _record_label(record) -> str:
 
 def _block_passes(change: SiteChange, order: dict) -> list[str]:
     """The passes that inserted or removed nodes of this block, once each, in pipeline order."""
-    found: dict[str, tuple[int, str]] = {}  # pass name -> (its place in the pipeline, its label)
+    found: dict[tuple, tuple[int, str]] = {}  # (pass, entry) -> (its place in the pipeline, its label)
+    for _, record in change.erased:
+        found[(record.name, record.entry_index)] = (record.index, _record_label(record))
     for node in change.inserted:
         tag = provenance(node)
-        name = tag.get("pass")
-        found.setdefault(name, (order.get((name, tag.get("entry")), order.get(name, len(order))), _tag_label(tag)))
-    for text, (name, label) in ((t, _split_label(by)) for t, by in change.erased):
-        found.setdefault(name, (order.get(name, len(order)), label))  # a pass's own nodes name its slot
+        key = (tag.get("pass"), tag.get("entry"))
+        index = order.get(key, len(order))
+        if key not in order and (key[0], None) in order:
+            # A pass run once for the whole spec that tags its nodes with the entry they serve
+            # (lower_lora_triton: the LoRA entry it fused): one pass, named by its tag.
+            found.pop((key[0], None), None)
+            index = order[(key[0], None)]
+        found[key] = (index, _tag_label(tag))
     return [label for _, label in sorted(found.values())]
 
 
-def _split_label(label: str) -> tuple[str, str]:
-    return label.split("[")[0], label
-
-
-def _erased_note(text: "NodeText", by: str) -> str:
+def _erased_note(text: "NodeText", by: "PassRecord") -> str:
     inserted = _tag_label(text.inserted_by)
-    return f"removed by {by}" if inserted is None else f"inserted by {inserted}, removed by {by}"
+    removed = f"removed by {_record_label(by)}"
+    return removed if inserted is None else f"inserted by {inserted}, {removed}"
 
 
 def _site_block(label: str, change: SiteChange, count: int, order: dict) -> list[str]:
