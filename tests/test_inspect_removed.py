@@ -68,7 +68,11 @@ def test_passes_that_remove_nothing_record_nothing(quantized_llama):
     freeze = next(r for r in quantized_llama.records if r.name == "freeze_params")
     assert freeze.erased == () and freeze.rewired == ()
     lora = next(r for r in quantized_llama.records if r.name == "insert_lora")
-    assert lora.erased == () and {t.name for t in lora.rewired} <= {n.name for n in quantized_llama.graph_module.graph.nodes}
+    names_now = {n.name for n in quantized_llama.graph_module.graph.nodes}
+    assert lora.erased == () and {t.name for t in lora.rewired} <= names_now
+    # what the q_proj reader read before LoRA redirected it: quantize_base's op, not the LoRA sum
+    view = next(t for t in lora.rewired if t.name == "view")
+    assert view.line.startswith("view = aten.view.default(quantized_linear_default, ")
 
 
 def test_merged_graph_shows_the_adapter_nodes_merge_removed():
@@ -92,7 +96,8 @@ def test_triton_lowering_shows_the_lora_subgraph_it_replaced():
     text = cm.diff("fc1")
     assert "fc1    by insert_lora[0] (lora), lower_lora_triton[0] (lora)" in text
     removed = block_lines(text, "- ")
-    assert removed[0] == "- linear = aten.linear.default(x, fc1.weight, fc1.bias)  f32[3*,32]    removed by lower_lora_triton"
+    assert removed[0] == ("- linear = aten.linear.default(x, fc1.weight, fc1.bias)  f32[3*,32]    "
+                          "removed by lower_lora_triton")
     assert sum("inserted by insert_lora[0] (lora), removed by lower_lora_triton" in line for line in removed) == 3
     assert any(line.startswith("+ lora_linear_default = peftc.lora_linear.default(x, fc1.weight") for line in
                block_lines(text, "+ "))
