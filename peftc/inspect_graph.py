@@ -60,7 +60,7 @@ def format_shape(shape: Shape | None, dtype: str | None = None) -> str:
     return f"{SHORT_DTYPES.get(dtype, dtype or '')}{shape}"
 
 
-def _value_text(node: Node) -> str:
+def value_text(node: Node) -> str:
     """What a node computes: `f32[2*,8*,64]` for a tensor, `2*` for a size read from a dynamic dim."""
     val = node.meta.get("val")
     if isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool):
@@ -83,7 +83,7 @@ def format_node(node: Node, args: tuple | None = None, kwargs: dict | None = Non
     args = node.args if args is None else args
     kwargs = node.kwargs if kwargs is None else kwargs
     args = ", ".join([_format_arg(a) for a in args] + [f"{k}={_format_arg(v)}" for k, v in kwargs.items()])
-    shape = _value_text(node)
+    shape = value_text(node)
     if node.op == "get_attr":  # read by target in the lines that use it, so its node name adds nothing
         return f"param {node.target}  {shape}"
     return f"{node.name} = {op_name(node)}({args})  {shape}"

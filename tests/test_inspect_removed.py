@@ -101,3 +101,13 @@ def test_triton_lowering_shows_the_lora_subgraph_it_replaced():
     assert sum("inserted by insert_lora[0] (lora), removed by lower_lora_triton" in line for line in removed) == 3
     assert any(line.startswith("+ lora_linear_default = peftc.lora_linear.default(x, fc1.weight") for line in
                block_lines(text, "+ "))
+
+
+def test_dot_colours_nodes_of_a_pass_without_a_method_by_the_pass(quantized_llama):
+    dot = quantized_llama.to_dot(Q_PROJ)
+    assert "lora = sandybrown, quantize_base = powderblue" in dot
+    quantized_nodes = [n.name for n in quantized_llama.graph_module.graph.nodes
+                       if (provenance(n) or {}).get("pass") == "quantize_base" and n.meta["peftc"]["site"] == Q_PROJ]
+    assert len(quantized_nodes) == 3  # codes, scales, the quantized linear
+    for name in quantized_nodes:
+        assert f'"{name}" [label=' in dot and 'fillcolor="powderblue"' in dot.split(f'"{name}" [label=')[1].split("\n")[0]
