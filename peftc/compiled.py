@@ -123,7 +123,7 @@ class CompiledModel(GraphDispatch):
     # -- inspection (peftc.inspect_graph, peftc.dot) ------------------------------------
     def diff(self, scope: str | None = None) -> str:
         """The graph before vs after as text, grouped by site; `scope` limits it to one module path."""
-        from .inspect_graph import diff_text
+        from .graph_diff import diff_text
 
         return diff_text(self.graph_module, self.sites, self.records, scope)
 

@@ -1,4 +1,5 @@
-"""DOT text for a compiled graph (inserted nodes coloured by method) and rendering via graphviz.
+"""DOT text for a compiled graph (inserted nodes coloured by method, or by pass for a pass with no
+method such as quantize_base) and rendering via graphviz.
 
 Nodes are nested in clusters that follow the module tree below the scope, so one layer of a
 32-layer model reads as attention / MLP boxes with the adapters visibly beside their sites.
@@ -14,12 +15,13 @@ from pathlib import Path
 from torch.fx import GraphModule, Node
 
 from .graph_edit import provenance
-from .inspect_graph import format_shape, node_dtype, node_module_path, node_shape, op_name, select_nodes
+from .inspect_graph import node_module_path, op_name, select_nodes, value_text
+from .shapes import LEGEND, has_dynamic, node_shape
 
 # graphviz colour names, so the legend reads as words
 METHOD_COLOURS = {"lora": "sandybrown", "dora": "salmon", "adapter": "mediumaquamarine", "ia3": "khaki",
                   "prompt": "darkseagreen", "prefix": "lightblue", "loha": "plum", "lokr": "thistle",
-                  "vera": "pink", "mask": "lightsteelblue"}
+                  "vera": "pink", "mask": "lightsteelblue", "quantize_base": "powderblue"}
 SPARE_COLOURS = ("palegreen", "gold", "lightskyblue", "orange", "aquamarine", "orchid")
 SHAPES = {"placeholder": "invhouse", "output": "house", "get_attr": "cylinder"}
 RENDER_FORMATS = ("svg", "png", "pdf")
@@ -43,9 +45,10 @@ def to_dot(gm: GraphModule, scope: str | None = None) -> str:
     """DOT text: one node per graph node in `scope`, edges between them, clusters per module."""
     nodes = select_nodes(gm, scope)
     names = {n.name for n in nodes}
-    methods = sorted({provenance(n)["method"] for n in nodes if provenance(n) and provenance(n).get("method")})
+    methods = sorted({_colour_key(provenance(n)) for n in nodes if provenance(n) is not None})
+    legend = _legend(scope, methods) + (f"\n{LEGEND}" if has_dynamic(node_shape(n) for n in nodes) else "")
     lines = ["digraph peftc {", "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
-             f"  label={_quote(_legend(scope, methods))}; labelloc=t; fontname=Helvetica;"]
+             f"  label={_quote(legend)}; labelloc=t; fontname=Helvetica;"]
     lines += _clusters(nodes, scope)
     for node in nodes:
         for source in node.all_input_nodes:
@@ -53,6 +56,11 @@ def to_dot(gm: GraphModule, scope: str | None = None) -> str:
                 lines.append(f"  {_quote(source.name)} -> {_quote(node.name)};")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _colour_key(tag: dict) -> str:
+    """What an inserted node is coloured by: its method, else the pass that inserted it."""
+    return tag.get("method") or tag.get("pass") or "inserted"
 
 
 def _legend(scope: str | None, methods: list[str]) -> str:
@@ -97,10 +105,10 @@ def _emit(branch: dict, prefix: str, depth: int) -> list[str]:
 
 def _node_statement(node: Node) -> str:
     tag = provenance(node)
-    label = f"{_title(node)}\n{format_shape(node_shape(node), node_dtype(node))}"
+    label = f"{_title(node)}\n{value_text(node)}"
     attrs = {"label": label, "shape": SHAPES.get(node.op, "box"), "style": "rounded,filled"}
-    if tag is not None and tag.get("method"):
-        attrs["fillcolor"] = method_colour(tag["method"])
+    if tag is not None:
+        attrs["fillcolor"] = method_colour(_colour_key(tag))
         attrs["tooltip"] = f"inserted by {tag.get('pass')} for {tag.get('site')}"
     else:
         attrs["fillcolor"] = "gray93"

@@ -2,7 +2,8 @@
 
 A pass is `verb_noun(gm, ctx) -> PassResult`. After each pass the pipeline runs
 `graph.lint()` and peftc's invariants, regenerates the code, optionally dumps it, and keeps
-a `PassRecord` (time, sites touched, parameters added) from which `report()` is built.
+a `PassRecord` (time, sites touched, parameters added, the nodes it erased or rewired, as
+text) from which `report()` and `diff()` are built.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from . import invariants
+from .graph_changes import ChangeWatch
 from .sites import Site
 
 
@@ -40,6 +42,8 @@ class PassRecord:
     notes: tuple[str, ...]
     nodes_before: int
     nodes_after: int
+    erased: tuple = ()  # graph_changes.NodeText of each node the pass removed, as it read before
+    rewired: tuple = ()  # NodeText of each node whose inputs the pass changed, as it read before
 
 
 @dataclass
@@ -80,6 +84,7 @@ def run_pipeline(gm: GraphModule, steps: list[Step], ctx: PassContext, dump_dir:
     for index, step in enumerate(steps, start=1):
         _enter_entry(ctx, step)
         nodes_before = len(gm.graph.nodes)
+        watch = ChangeWatch(gm)  # outside the timing: a pass is timed alone
         start = time.perf_counter()
         result = step.run(gm, ctx)
         gm.graph.lint()
@@ -91,6 +96,7 @@ def run_pipeline(gm: GraphModule, steps: list[Step], ctx: PassContext, dump_dir:
             method=None if ctx.entry is None else ctx.entry.method, seconds=seconds,
             modified=result.modified, sites=tuple(result.sites), params_added=dict(result.params_added),
             notes=tuple(result.notes), nodes_before=nodes_before, nodes_after=len(gm.graph.nodes),
+            erased=watch.erased(gm), rewired=watch.rewired(gm),
         ))
         if dump_dir is not None:
             _dump(gm, dump_dir, index, step.name)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from . import adapters, quantized
-from .inspect_graph import in_scope, node_shape, select_nodes
+from .inspect_graph import in_scope, select_nodes
+from .shapes import LEGEND, Shape, node_shape
 
 
 @dataclass
@@ -56,13 +57,15 @@ class Report:
             f"graph nodes       {t['graph_nodes_captured']:,} captured -> {t['graph_nodes']:,}",
             *_quantized_line(t.get("quantized_base")),
             "",
-            _table(["#", "pass", "time ms", "changed", "sites", "params added", "nodes"],
+            _table(["#", "pass", "time ms", "changed", "sites", "params added", "nodes +/-"],
                    [[p["index"], p["name"] + (f"[{p['entry']}]" if p["entry"] is not None else ""),
                      f"{1000 * p['seconds']:.1f}", "yes" if p["modified"] else "no", p["sites"],
-                     f"{p['params_added']:,}", f"{p['nodes_added']:+d}"] for p in self.passes]),
+                     f"{p['params_added']:,}", f"+{p['nodes_inserted']} -{p['nodes_removed']}"]
+                    for p in self.passes]),
             "",
             _table(["module path", "op", "shape in -> out", "methods", "adapter params"],
                    _grouped_site_rows(self.sites)) if self.sites else "no sites rewritten",
+            *_shape_legend(self.sites),
         ]
         if self.methods:
             lines += ["", _table(["entry", "method", "family", "sites", "params", "on merge"],
@@ -83,7 +86,10 @@ def _pass_row(record) -> dict:
         "index": record.index, "name": record.name, "method": record.method, "entry": record.entry_index,
         "seconds": round(record.seconds, 6), "modified": record.modified, "sites": len(record.sites),
         "touched": list(record.sites),
-        "params_added": sum(record.params_added.values()), "nodes_added": record.nodes_after - record.nodes_before,
+        "params_added": sum(record.params_added.values()),
+        "nodes_added": record.nodes_after - record.nodes_before,  # net: inserted - removed
+        "nodes_inserted": record.nodes_after - record.nodes_before + len(record.erased),
+        "nodes_removed": len(record.erased),
         "notes": list(record.notes),
     }
 
@@ -95,14 +101,20 @@ def _site_row(site, nodes: dict, path: str) -> dict:
     """
     if site is None:
         return {"path": path, "module_path": path, "op": "attention", "kind": "attention", "in_features": None,
-                "out_features": None, "in_shape": None, "out_shape": None, "methods": [], "adapter_params": 0}
+                "out_features": None, **_json_shape("in", None), **_json_shape("out", None), "methods": [],
+                "adapter_params": 0}
     node = nodes.get(site.node)
     x = node.args[site.input_index] if node is not None and len(node.args) > site.input_index else None
     return {"path": site.path, "module_path": site.module_path, "op": site.op, "kind": site.kind,
             "in_features": site.in_features, "out_features": site.out_features,
-            "in_shape": _json_shape(node_shape(x) if hasattr(x, "meta") else None),
-            "out_shape": _json_shape(node_shape(node) if node is not None else None),
+            **_json_shape("in", node_shape(x) if hasattr(x, "meta") else None),
+            **_json_shape("out", node_shape(node) if node is not None else None),
             "methods": [], "adapter_params": 0}
+
+
+def _shape_legend(sites: list[dict]) -> list[str]:
+    """The line that says what `*` means, where a shape in the table has one."""
+    return [f"shapes: {LEGEND}"] if any(s["in_dynamic"] or s["out_dynamic"] for s in sites) else []
 
 
 def _site_labels(paths: list[str]) -> str:
@@ -125,8 +137,11 @@ def _method_rows(cm) -> list[dict]:
     return rows
 
 
-def _json_shape(shape: tuple | None) -> list | None:
-    return None if shape is None else list(shape)
+def _json_shape(side: str, shape: Shape | None) -> dict:
+    """`in_shape` (ints: the example inputs' sizes) and `in_dynamic` (which of those dims vary)."""
+    if shape is None:
+        return {f"{side}_shape": None, f"{side}_dynamic": None}
+    return {f"{side}_shape": list(shape.sizes), f"{side}_dynamic": list(shape.dynamic)}
 
 
 def _quantized_line(q: dict | None) -> list[str]:
@@ -209,13 +224,15 @@ def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:
     rows = []
     signature_groups: dict[tuple, list[str]] = {}
     for s in sites:
-        sig = (s["op"], _shape_text(s["in_shape"]), _shape_text(s["out_shape"]), s["in_features"],
+        sig = (s["op"], _shape_text(s["in_shape"], s["in_dynamic"]), _shape_text(s["out_shape"], s["out_dynamic"]),
+               s["in_features"],
                s["out_features"], tuple(s["methods"]), s["adapter_params"])
         signature_groups.setdefault(sig, []).append(s["path"])
     for sig, paths in signature_groups.items():
         for label, members in group_paths(paths):
             s = by_path[members[0]]
-            shapes = (f"{_shape_text(s['in_shape'])} -> {_shape_text(s['out_shape'])}" if s["out_shape"] is not None
+            shapes = (f"{_shape_text(s['in_shape'], s['in_dynamic'])} -> "
+                      f"{_shape_text(s['out_shape'], s['out_dynamic'])}" if s["out_shape"] is not None
                       else "-" if s["in_features"] is None
                       else f"{s['in_features']} -> {s['out_features']} features")
             each = f"{s['adapter_params']:,}" + (" each" if len(members) > 1 else "")
@@ -223,8 +240,8 @@ def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:
     return rows
 
 
-def _shape_text(shape: list | None) -> str:
-    return "-" if shape is None else "[" + ",".join(map(str, shape)) + "]"
+def _shape_text(shape: list | None, dynamic: list | None) -> str:
+    return "-" if shape is None else str(Shape(tuple(shape), tuple(dynamic or ())))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

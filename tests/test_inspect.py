@@ -24,10 +24,17 @@ SPEC = {"adapters": [{"method": "lora", "targets": list(TARGETS), "r": R, "dropo
         "trainable": ["model.norm.weight"]}
 
 
+BATCH, SEQ = 2, 8  # the example inputs' sizes: the shapes the report and the diff show
+
+
+def llama_inputs() -> dict:
+    return FAMILIES["llama"].inputs(BATCH, SEQ)
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     dump = tmp_path_factory.mktemp("dump")
-    model, cm = compile_family(FAMILIES["llama"], SPEC, dump_dir=dump)
+    model, cm = compile_family(FAMILIES["llama"], SPEC, dump_dir=dump, example_kwargs=llama_inputs())
     return model, cm, dump
 
 
@@ -123,7 +130,7 @@ def test_diff_scope_lists_each_inserted_node_of_that_layer(compiled):
 
 def test_diff_of_a_scope_without_changes_and_a_wrong_scope(compiled):
     _, cm, _ = compiled
-    assert "no nodes inserted under 'model.layers.0.mlp'" in cm.diff(scope="model.layers.0.mlp")
+    assert "no nodes inserted or removed under 'model.layers.0.mlp'" in cm.diff(scope="model.layers.0.mlp")
     with pytest.raises(ScopeError, match="nearest: .*model.layers.0"):
         cm.diff(scope="model.layer.0")
 
@@ -233,7 +240,7 @@ def test_report_and_diff_of_a_spec_that_only_unfreezes():
     text = str(cm.report())
     assert "no sites rewritten" in text and "freeze_params touched: fc1.bias, fc2.bias" in text
     assert cm.report().totals["trainable_params"] == 32 + 4
-    assert cm.diff().endswith("no nodes inserted")
+    assert cm.diff().endswith("no nodes inserted or removed")
 
 
 def test_diff_names_each_entry_at_a_site_with_two_adapters():
@@ -252,11 +259,68 @@ def test_report_scope_that_names_nothing_is_an_error(compiled):
         cm.report(scope="model.layers.7")
 
 
-def test_diff_of_a_pass_that_rewires_an_op_makes_up_no_before_line():
+def test_diff_of_a_pass_that_rewires_an_op_shows_what_it_read_before():
     spec = {"adapters": [{"method": "copy", "targets": ["fc2"]}]}
     _, cm = compile_family(FAMILIES["mlp"], spec)
     text = cm.diff()
     assert "(2 original removed)" in text  # the base get_attr nodes the copies replaced
-    assert "now reads inserted peftc.fc2.copy.weight, peftc.fc2.copy.bias in place of its original inputs" in text
-    assert "before" not in text
+    lines = text.splitlines()
+    before = next(line for line in lines if line.startswith("  before  "))
+    after = next(line for line in lines if line.startswith("  after   "))
+    assert "aten.linear.default(" in before and "fc2.weight, fc2.bias)" in before and "copy" not in before
+    assert "peftc.fc2.copy.weight, peftc.fc2.copy.bias)" in after
+    assert "        - param fc2.weight  f32[4,32]    removed by copy_params[0]" in lines
+    assert "        - param fc2.bias  f32[4]    removed by copy_params[0]" in lines
     assert cm.report().totals["adapter_params_by_method"] == {"copy": 4 * 32 + 4}
+
+
+# -- shapes: example sizes, dynamic dims marked ------------------------------------------------
+def test_report_shapes_are_the_example_sizes_with_dynamic_dims_marked(compiled):
+    _, cm, _ = compiled
+    report = cm.report()
+    text = str(report)
+    assert f"[{BATCH}*,{SEQ}*,64] -> [{BATCH}*,{SEQ}*,64]" in text  # q_proj: 64 -> 64
+    assert f"[{BATCH}*,{SEQ}*,64] -> [{BATCH}*,{SEQ}*,32]" in text  # v_proj: 2 kv heads of 16
+    assert "shapes: * = dynamic dim" in text
+    assert re.search(r"\bs\d+\b", text) is None  # no symbol names left
+    for row in report.to_dict()["sites"]:
+        assert row["in_shape"][:2] == [BATCH, SEQ] and row["in_dynamic"] == [0, 1] and row["out_dynamic"] == [0, 1]
+        assert all(type(size) is int for size in row["in_shape"] + row["out_shape"])
+
+
+def test_diff_networkx_and_dot_show_the_same_sizes(compiled):
+    _, cm, _ = compiled
+    scope = "model.layers.0.self_attn.q_proj"
+    diff = cm.diff(scope)
+    assert "  before  linear = aten.linear.default(" in diff and f"f32[{BATCH}*,{SEQ}*,64]" in diff
+    assert f"f32[{BATCH}*,{SEQ}*,{R}]" in diff and f"f32[{R},64]" in diff and "shapes: * = dynamic dim" in diff
+    assert re.search(r"\bs\d+\b", diff) is None
+    graph = cm.to_networkx(scope)
+    assert (graph.nodes["linear"]["shape"], graph.nodes["linear"]["dynamic_dims"]) == ((BATCH, SEQ, 64), (0, 1))
+    a = graph.nodes["peftc_model_layers_0_self_attn_q_proj_lora_a"]
+    assert (a["shape"], a["dynamic_dims"]) == ((R, 64), ())
+    dot = cm.to_dot(scope)
+    assert f"f32[{BATCH}*,{SEQ}*,64]" in dot and "* = dynamic dim" in dot
+
+
+def test_shapes_without_an_example_size_show_their_symbol():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from peftc.inspect_graph import format_node
+    from peftc.shapes import Shape
+
+    shape_env = ShapeEnv()
+    with FakeTensorMode(shape_env=shape_env):
+        unbacked = torch.empty(shape_env.create_unbacked_symint(), 4)  # data-dependent: no example size
+    shape = Shape.of(unbacked)
+    assert shape == Shape((str(unbacked.shape[0]), 4), (0,)) and str(shape) == f"[{unbacked.shape[0]}*,4]"
+    assert Shape.of(3) is None and str(Shape((2, 3))) == "[2,3]"
+    traced = torch.fx.symbolic_trace(FAMILIES["mlp"].build())  # no meta["val"] anywhere
+    node = next(n for n in traced.graph.nodes if n.op == "call_module")
+    node.meta["val"] = unbacked
+    assert format_node(node).endswith(f"f32[{unbacked.shape[0]}*,4]")
+    from peftc.dot import to_dot
+    from peftc.inspect_graph import to_networkx
+
+    assert to_networkx(traced).nodes["x"]["shape"] is None and "digraph" in to_dot(traced)
