@@ -26,6 +26,7 @@ from peftc.report import group_paths
 
 aten = torch.ops.aten
 PASS = "fuse_lora_shrinks"
+UNFUSED_KEY = "peftc_unfused_shrink"
 
 
 def fuse_lora_shrinks(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -82,8 +83,34 @@ def _fuse(gm: GraphModule, shrinks: list[Node], sites: list[str], ranks: list[in
     for index, shrink in enumerate(shrinks):
         part = ins.call(operator.getitem, parts, index)
         part.meta["peftc"]["site"] = provenance(shrink)["site"]
+        part.meta[UNFUSED_KEY] = dict(provenance(shrink))  # what unfuse_lora_shrinks restores
         shrink.replace_all_uses_with(part)
         gm.graph.erase_node(shrink)
+
+
+def unfuse_lora_shrinks(gm: GraphModule) -> int:
+    """Undo the fusion (each site's own linear(h, A) again); returns how many groups were split.
+
+    For exports whose LoRA weights become inputs of any rank (ONNX with merge=False): a
+    split by fixed ranks would pin the ranks the model was compiled with.
+    """
+    splits = [n for n in gm.graph.nodes if n.target == aten.split_with_sizes.default
+              and (provenance(n) or {}).get("pass") == PASS]
+    for split in splits:
+        hidden = split.args[0]
+        h, packed = hidden.args
+        for part in list(split.users):
+            with gm.graph.inserting_before(part):
+                shrink = gm.graph.call_function(aten.linear.default, (h, packed.args[0][part.args[1]]))
+            shrink.meta.update({k: v for k, v in part.meta.items() if k != UNFUSED_KEY})
+            shrink.meta["peftc"] = part.meta[UNFUSED_KEY]
+            part.replace_all_uses_with(shrink)
+            gm.graph.erase_node(part)
+        for node in (split, hidden, packed):
+            gm.graph.erase_node(node)
+    if splits:
+        gm.recompile()
+    return len(splits)
 
 
 def _fused_notes(fused: list[tuple[list[str], list[int]]]) -> list[str]:

@@ -20,6 +20,7 @@ from peftc.capture import CallSignature, capture, normalize_call
 from peftc.compiled import GraphDispatch
 from peftc.compiler import example_call
 from peftc.errors import ExportError
+from peftc.passes.fuse_lora_shrinks import unfuse_lora_shrinks
 
 from . import signature
 from .files import atomic_output
@@ -72,6 +73,7 @@ def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
             gm = dispatch.graphs[CallSignature.of(args, kwargs)]
     copy = eval_copy(gm)
     if not merge:
+        unfuse_lora_shrinks(copy)  # one shrink per site: the LoRA inputs then take any rank
         strip_lora_scales(copy)
     return copy
 
