@@ -46,6 +46,11 @@ def fuse_lora_shrinks(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
+def may_fuse(spec) -> bool:
+    """Whether any LoRA entry can share a shrink: one without dropout (each dropout is its own node)."""
+    return any(entry.method == "lora" and entry.dropout == 0 for entry in spec.adapters)
+
+
 def _shrinks_by_input(gm: GraphModule) -> dict[tuple, list[Node]]:
     """LoRA shrink nodes keyed by (input node, A dtype), in graph order."""
     groups: dict[tuple, list[Node]] = {}
@@ -129,13 +134,22 @@ def _fused_notes(fused: list[tuple[list[str], list[int]]]) -> list[str]:
 
 
 def _unfused_dropout_notes(by_input: dict[tuple, list[Node]]) -> list[str]:
-    """Say where sites share an input but each applies its own dropout (so they stay unfused)."""
+    """Name the sites left unfused because they read a shared input through their own dropout."""
+    readers: dict[Node, int] = {}  # shared input -> how many shrinks read it, directly or via a dropout
     behind_dropout: dict[Node, list[str]] = {}
     for (h, _), shrinks in by_input.items():
-        if h.op == "call_function" and h.target in DROPOUT_OPS and isinstance(h.args[0], Node):
-            behind_dropout.setdefault(h.args[0], []).extend(provenance(s)["site"] for s in shrinks)
-    return [f"not fused (each applies its own LoRA dropout mask): {_label(sites)}"
-            for sites in behind_dropout.values() if len(sites) > 1]
+        root = h.args[0] if _is_lora_dropout(h) else h
+        readers[root] = readers.get(root, 0) + len(shrinks)
+        if _is_lora_dropout(h):
+            behind_dropout.setdefault(root, []).extend(provenance(s)["site"] for s in shrinks)
+    unfused = [site for root, sites in behind_dropout.items() if readers[root] > 1 for site in sites]
+    return [f"not fused (each applies its own LoRA dropout mask): {_label(unfused)}"] if unfused else []
+
+
+def _is_lora_dropout(node: Node) -> bool:
+    """A dropout insert_lora added for one branch (the model's own dropouts are shared inputs like any node)."""
+    return (node.op == "call_function" and node.target in DROPOUT_OPS and isinstance(node.args[0], Node)
+            and (provenance(node) or {}).get("pass") == "insert_lora")
 
 
 def _label(sites: list[str]) -> str:

@@ -109,9 +109,10 @@ def plan(spec: Spec, merge: bool, backend: str = "torch") -> list[Step]:
     steps += [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
               for i, entry in enumerate(spec.adapters)]
     if not merge and backend == "torch":  # merging drops the shrinks; lowering fuses each site's on its own
-        from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks
+        from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
 
-        steps.append(Step("fuse_lora_shrinks", fuse_lora_shrinks))
+        if may_fuse(spec):
+            steps.append(Step("fuse_lora_shrinks", fuse_lora_shrinks))
     steps.append(Step("freeze_params", freeze_params))
     if merge:
         steps.append(Step("merge_adapters", merge_adapters))
