@@ -58,7 +58,7 @@ def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 def micro(tokens: int, hidden: int, ranks: list[int], repeats: int) -> dict[str, float]:
     """The LoRA branches of q/k/v alone: three shrinks vs one shrink on cat(A) + split (eval and fwd+bwd)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    x = torch.randn(4, tokens, hidden, generator=g, requires_grad=True)  # batch 4, as lora_llama.py
     a = [torch.randn(r, hidden, generator=g, requires_grad=True) for r in ranks]
     b = [torch.randn(hidden, r, generator=g, requires_grad=True) for r in ranks]
     lin = torch.ops.aten.linear.default
@@ -99,9 +99,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.micro:
         print(f"machine: {machine()}")
-        for tokens in (1, 8, 64, 512, 2048):
+        for tokens in (1, 8, 32, 128, 512):
             r = micro(tokens, 512, [R, R, R], args.repeats)
-            print(f"q/k/v LoRA branches, {tokens} tokens x 512, r {R}: fused/unfused eval {r['eval']:.3f} "
+            print(f"q/k/v LoRA branches, 4 x {tokens} tokens x 512, r {R}: fused/unfused eval {r['eval']:.3f} "
                   f"train {r['train']:.3f}  (unfused eval {1e6 * r['eval_unfused']:.0f} us, "
                   f"train {1e6 * r['train_unfused']:.0f} us)")
         return

@@ -1,8 +1,9 @@
-"""fuse_lora_shrinks: equal outputs and gradients to the unfused compile, op counts, no-op, dropout, merge, checkpoints."""
+"""fuse_lora_shrinks: outputs and gradients equal the unfused compile; op counts, no-op, dropout, merge, saving."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from peftc.passes.fuse_lora_shrinks import PASS, unfuse_lora_shrinks
 aten = torch.ops.aten
 ATOL = 1e-6
 LLAMA_ALL = list(FAMILIES["llama"].all_linear)  # q, k, v, o, gate, up, down
+LAYERS = 2  # families.py's llama and bert
 
 
 @contextlib.contextmanager
@@ -64,8 +66,8 @@ def shrinks(gm) -> list:
         is_a(n.args[1]) or (n.args[1].target == aten.cat.default and all(map(is_a, n.args[1].args[0]))))]
 
 
-def per_layer(nodes, layers: int) -> list[int]:
-    count = [0] * layers
+def per_layer(nodes) -> list[int]:
+    count = [0] * LAYERS
     for node in nodes:
         site = provenance(node)["site"]
         count[int(site.split(".layers.")[1].split(".")[0])] += 1
@@ -109,19 +111,18 @@ def llama_pair():
 # -- LLaMA, all seven projections -------------------------------------------------------------
 def test_llama_shrinks_drop_from_seven_to_four_per_layer(llama_pair):
     fused, plain = llama_pair
-    layers = 2
-    assert per_layer(shrinks(plain.graph_module), layers) == [7] * layers
-    assert per_layer(shrinks(fused.graph_module), layers) == [4] * layers  # q,k,v | o | gate,up | down: 4 groups (the issue said 3)
+    assert per_layer(shrinks(plain.graph_module)) == [7] * LAYERS
+    # q,k,v | o | gate,up | down: four shrinks (the issue counted three groups; o and down read their own inputs)
+    assert per_layer(shrinks(fused.graph_module)) == [4] * LAYERS
     cats = [n for n in fused.graph_module.graph.nodes if n.target == aten.cat.default
             and (provenance(n) or {}).get("pass") == PASS]
-    assert [len(c.args[0]) for c in cats] == [3, 2] * layers
+    assert [len(c.args[0]) for c in cats] == [3, 2] * LAYERS
     split = next(n for n in fused.graph_module.graph.nodes if n.target == aten.split_with_sizes.default
                  and provenance(n)["pass"] == PASS)
     assert split.args[1] == [4, 2, 4]
 
 
 def test_llama_outputs_and_gradients_equal_unfused(llama_pair):
-    """Eval, and a training step under one seed: the dropout masks are drawn alike on both sides."""
     assert_same_training(*llama_pair, FAMILIES["llama"])
 
 
@@ -161,12 +162,9 @@ def test_merged_is_unchanged(llama_pair):
 
 def test_unfuse_restores_one_shrink_per_site(llama_pair):
     fused, plain = llama_pair
-    family = FAMILIES["llama"]
-    import copy
-
     gm = copy.deepcopy(fused.graph_module)
     assert unfuse_lora_shrinks(gm) == 4
-    assert len(shrinks(gm)) == len(shrinks(plain.graph_module)) == 2 * 7
+    assert len(shrinks(gm)) == len(shrinks(plain.graph_module)) == LAYERS * 7
     assert len(gm.graph.nodes) == len(plain.graph_module.graph.nodes)
     assert not any((provenance(n) or {}).get("pass") == PASS for n in gm.graph.nodes)
     gm.graph.lint()
@@ -176,8 +174,8 @@ def test_unfuse_restores_one_shrink_per_site(llama_pair):
 # -- BERT (query/key/value), GPT-2 (nothing to fuse) ------------------------------------------
 def test_bert_query_key_value_fused_and_equal():
     fused, plain = compile_pair("bert", lora_spec(["query", "key", "value", "dense"]))
-    assert len(shrinks(plain.graph_module)) == 2 * 6 + 1  # query, key, value, 3 denses per layer; the pooler
-    assert len(shrinks(fused.graph_module)) == 2 * 4 + 1  # one for query/key/value
+    assert len(shrinks(plain.graph_module)) == LAYERS * 6 + 1  # query, key, value, 3 denses per layer; the pooler
+    assert len(shrinks(fused.graph_module)) == LAYERS * 4 + 1  # one for query/key/value
     assert_same_training(fused, plain, FAMILIES["bert"])  # BERT's own dropout: one seed, the same masks
 
 
@@ -199,7 +197,7 @@ def test_branches_with_dropout_stay_unfused():
         {"method": "lora", "targets": ["value"], "r": 3, "dropout": 0.2},
     ]}
     fused, plain = compile_pair("bert", spec)
-    assert len(shrinks(plain.graph_module)) == 2 * 3 and len(shrinks(fused.graph_module)) == 2 * 2
+    assert len(shrinks(plain.graph_module)) == LAYERS * 3 and len(shrinks(fused.graph_module)) == LAYERS * 2
     # (layer 0's query/key/value all read BERT's own embedding dropout: one node, one mask, fused)
     own_dropout = [n for n in shrinks(fused.graph_module)
                    if n.args[0].target in DROPOUT_OPS and (provenance(n.args[0]) or {}).get("pass") == "insert_lora"]
