@@ -108,6 +108,11 @@ def plan(spec: Spec, merge: bool, backend: str = "torch") -> list[Step]:
         steps.append(Step("quantize_base", quantize_base))
     steps += [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
               for i, entry in enumerate(spec.adapters)]
+    if not merge and backend == "torch":  # merging drops the shrinks; lowering fuses each site's on its own
+        from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
+
+        if may_fuse(spec):
+            steps.append(Step("fuse_lora_shrinks", fuse_lora_shrinks))
     steps.append(Step("freeze_params", freeze_params))
     if merge:
         steps.append(Step("merge_adapters", merge_adapters))

@@ -106,7 +106,13 @@ def _broadcast_meta(x, y, *_, **__):
     return x.new_empty(x.shape)
 
 
+def _split_meta(x, sizes, dim=0, *_, **__):
+    dim = dim % x.dim()
+    return [x.new_empty((*x.shape[:dim], size, *x.shape[dim + 1:])) for size in sizes]
+
+
 _SHAPE_RULES = {
+    torch.ops.aten.split_with_sizes.default: _split_meta,
     torch.ops.aten.linear.default: _linear_meta,
     torch.ops.aten.dropout.default: _same_as_first,
     torch.ops.aten.mul.Tensor: _broadcast_meta,

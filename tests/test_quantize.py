@@ -156,7 +156,7 @@ def test_pass_rewrites_every_linear_but_the_head(formats):
     gm = compiled["nf4"].graph_module
     ops = [n for n in gm.graph.nodes if n.target == quantized.OP]
     linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default
-               and (n.meta.get("peftc") or {}).get("pass") != "insert_lora"]
+               and (n.meta.get("peftc") or {}).get("method") != "lora"]
     assert len(ops) == 7 and len(linears) == 1  # 7 projections; lm_head stays fp32
     quantized_sites = [s.path for s in compiled["nf4"].sites if s.op == "peftc.quantized_linear"]
     assert len(quantized_sites) == 7 and quantized_sites[-1] == "model.layers.0.mlp.down_proj"

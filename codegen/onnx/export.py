@@ -20,6 +20,7 @@ from peftc.capture import CallSignature, capture, normalize_call
 from peftc.compiled import GraphDispatch
 from peftc.compiler import example_call
 from peftc.errors import ExportError
+from peftc.passes.fuse_lora_shrinks import unfuse_lora_shrinks
 
 from . import quantized_linear, signature
 from .files import atomic_output
@@ -74,6 +75,7 @@ def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
     copy = eval_copy(gm)
     unfuse_lora(copy)  # a backend="triton" graph: fused LoRA ops back to matmuls ONNX has
     if not merge:
+        unfuse_lora_shrinks(copy)  # one shrink per site: the LoRA inputs then take any rank
         strip_lora_scales(copy)
     return copy
 
