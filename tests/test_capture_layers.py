@@ -16,7 +16,7 @@ from peft_reference import peft_lora
 
 
 def deep(family: str) -> tuple[nn.Module, dict]:
-    """A 4-layer member of the family and inputs of a batch/sequence the capture never saw."""
+    """A 3- or 4-layer member of the family (llama: 4, so a copy also reads a copy) and new inputs."""
     torch.manual_seed(0)
     ids = {"input_ids": torch.randint(0, 128, (3, 11))}
     if family == "llama":
@@ -26,16 +26,16 @@ def deep(family: str) -> tuple[nn.Module, dict]:
         return LlamaForCausalLM(cfg).eval(), ids
     if family == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
-        cfg = GPT2Config(n_embd=48, n_layer=4, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0,
+        cfg = GPT2Config(n_embd=48, n_layer=3, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0,
                          eos_token_id=0)
         return GPT2LMHeadModel(cfg).eval(), ids
     if family == "bert":
         from transformers import BertConfig, BertForSequenceClassification
-        cfg = BertConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=96,
+        cfg = BertConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=2, intermediate_size=96,
                          vocab_size=128, max_position_embeddings=64, num_labels=3)
         return BertForSequenceClassification(cfg).eval(), ids
     from transformers import ViTConfig, ViTForImageClassification
-    cfg = ViTConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=96,
+    cfg = ViTConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=2, intermediate_size=96,
                     image_size=16, patch_size=4, num_labels=5)
     return ViTForImageClassification(cfg).eval(), {"pixel_values": torch.randn(5, 3, 16, 16)}
 
@@ -115,6 +115,9 @@ def test_lora_on_copied_layers_matches_peft_and_trains():
     cm.eval(), reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(outputs(cm, inputs), outputs(reference, inputs), rtol=1e-5, atol=1e-5)
+        labelled = {**inputs, "labels": inputs["input_ids"]}  # another call signature: captured again
+        torch.testing.assert_close(cm(**labelled).loss, reference(**labelled).loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outputs(cm.merged(), inputs), outputs(reference, inputs), rtol=1e-4, atol=1e-4)
     cm.train()
     outputs(cm, inputs).sum().backward()
     grads = {n: p.grad for n, p in cm.named_parameters() if p.requires_grad}
