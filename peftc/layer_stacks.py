@@ -130,6 +130,7 @@ def copy_layers(gm: GraphModule, stacks: list[Stack]) -> None:
 
 def _copy_stack(gm: GraphModule, stack: Stack) -> None:
     graph = gm.graph
+    _check_cut(graph, stack)
     first, second = _segment(graph, stack, 0), _segment(graph, stack, 1)
     _check_contiguous(graph, stack, first, second)
     attrs = _layer_attrs(graph, stack)
@@ -155,6 +156,12 @@ def _segment(graph: Graph, stack: Stack, index: int) -> list[Node]:
     if not nodes:
         raise NotCopyable(f"no ops of {stack.layer_path(index)} in the graph")
     return nodes
+
+
+def _check_cut(graph: Graph, stack: Stack) -> None:
+    """Only layers 0 and 1 may have run (the model could reach the others another way)."""
+    if any((_layer_of(n, stack) or 0) >= 2 for n in graph.nodes):
+        raise NotCopyable(f"layers after {stack.layer_path(1)} ran although the stack was cut")
 
 
 def _check_contiguous(graph: Graph, stack: Stack, first: list[Node], second: list[Node]) -> None:

@@ -117,7 +117,6 @@ def test_lora_on_copied_layers_matches_peft_and_trains():
         torch.testing.assert_close(outputs(cm, inputs), outputs(reference, inputs), rtol=1e-5, atol=1e-5)
         labelled = {**inputs, "labels": inputs["input_ids"]}  # another call signature: captured again
         torch.testing.assert_close(cm(**labelled).loss, reference(**labelled).loss, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(outputs(cm.merged(), inputs), outputs(reference, inputs), rtol=1e-4, atol=1e-4)
     cm.train()
     outputs(cm, inputs).sum().backward()
     grads = {n: p.grad for n, p in cm.named_parameters() if p.requires_grad}
