@@ -182,3 +182,25 @@ def test_plain_stack_is_copied_and_flips_to_eval():
     peftc.modes.set_mode(gm, training=False)
     x = torch.randn(5, 8)
     torch.testing.assert_close(gm(x), model.eval()(x))
+
+
+class Aliased(Stacked):
+    """Runs its stack through a second name, which cutting `layers` does not reach."""
+
+    def __init__(self):
+        super().__init__(lambda i: nn.Linear(8, 8))
+        self.blocks = self.layers
+
+    def forward(self, x):
+        for layer in self.blocks:
+            x = layer(x)
+        return x
+
+
+def test_stack_reached_another_way_is_exported_in_full():
+    model = Aliased()
+    x = torch.randn(3, 8)
+    gm = capture(model, (x,), {})
+    linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert len(linears) == 4
+    torch.testing.assert_close(gm(x), model(x))
