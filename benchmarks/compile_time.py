@@ -1,6 +1,7 @@
 """Where peftc.compile spends its time on a LLaMA-7B-shaped model built on the meta device.
 
     OMP_NUM_THREADS=1 python benchmarks/compile_time.py [--layers 32] [--full-export] [--profile]
+    OMP_NUM_THREADS=1 python benchmarks/compile_time.py --per-layer [--static]
 
 LoRA r=16 on the 7 projections of every layer (hidden 4096, intermediate 11008, vocab 32000).
 Prints wall and CPU seconds (the CPU time of this process: on a shared machine it moves less
@@ -8,6 +9,8 @@ than wall time) for the whole compile and its parts: torch.export, unlifting the
 (`ExportedProgram.module()`), copying layers (peftc.layer_stacks), the pass pipeline, and the
 rest. `--full-export` exports every layer (compile(copy_layers=False)), the way peftc did
 before layer copying. `--profile` also prints cProfile's top functions by cumulative time.
+`--per-layer` instead times torch.export of every layer alone (dynamic dims, or `--static`),
+to show what exporting a layer costs.
 """
 
 from __future__ import annotations
@@ -95,13 +98,54 @@ def compile_once(layers: int, copy_layers: bool, profile: bool) -> tuple[float, 
     return wall, cpu, clock
 
 
+def export_per_layer(layers: int, static: bool) -> None:
+    """CPU seconds of each decoder layer and of the causal mask during one full torch.export."""
+    from transformers.models.llama import modeling_llama
+
+    from peftc.capture import capture, hf_example_inputs, normalize_call
+
+    model = llama_7b_on_meta(layers)
+    clock = Clock()
+    layer_times: list[float] = []
+    original = modeling_llama.LlamaDecoderLayer.forward
+
+    def timed_layer(self, *args, **kwargs):
+        start = time.process_time()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            layer_times.append(time.process_time() - start)
+
+    _, kwargs = normalize_call(model, (), hf_example_inputs(model))
+    modeling_llama.LlamaDecoderLayer.forward = timed_layer
+    try:
+        with clock.timing(modeling_llama, "create_causal_mask", "mask"):
+            start = time.process_time()
+            if static:
+                torch.export.export(model.train(), (), kwargs, strict=False)
+            else:
+                capture(model, (), kwargs, copy_layers=False)
+            total = time.process_time() - start
+    finally:
+        modeling_llama.LlamaDecoderLayer.forward = original
+    rest = layer_times[1:]
+    print(f"torch.export of {layers} layers, {'static' if static else 'dynamic batch/seq'}: {total:.2f} s CPU; "
+          f"causal mask {clock.cpu['mask']:.2f} s; layer 0 {layer_times[0]:.2f} s, layer 1 {layer_times[1]:.2f} s, "
+          f"mean of layers 1.. {sum(rest) / len(rest):.3f} s; all layers {sum(layer_times):.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--full-export", action="store_true", help="export every layer (copy_layers=False)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions")
+    parser.add_argument("--per-layer", action="store_true", help="time torch.export per layer instead")
+    parser.add_argument("--static", action="store_true", help="with --per-layer: static shapes")
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    if args.per_layer:
+        export_per_layer(args.layers, args.static)
+        return
     wall, cpu, clock = compile_once(args.layers, not args.full_export, args.profile)
     how = "every layer exported" if args.full_export else "layers copied"
     print(f"compile LLaMA-7B shape on meta, {args.layers} layers, {how}: {wall:.2f} s wall, {cpu:.2f} s CPU")
