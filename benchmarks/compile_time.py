@@ -20,12 +20,12 @@ import contextlib
 import cProfile
 import pstats
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
+from common import llama_config, machine
 
 import peftc
-from common import llama_config, machine
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -16,8 +16,9 @@ whose last outputs are what follows reads. `peftc.compile(..., copy_layers=False
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,7 +104,7 @@ def _same(a: Any, b: Any) -> bool:
         return False  # unregistered tensors only match when shared
     try:
         return bool(a == b)
-    except Exception:  # values without a usable == (arrays, odd objects) count as different
+    except Exception:  # noqa: BLE001  any attribute's == may raise anything; then they differ
         return False
 
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import randomize_adapters
+from peft_reference import peft_lora
 from torch import nn
 
 import peftc
 from peftc import layer_stacks
 from peftc.capture import capture
 from peftc.sites import module_path_of
-
-from families import randomize_adapters
-from peft_reference import peft_lora
 
 
 def deep(family: str) -> tuple[nn.Module, dict]:
