@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from . import layer_stacks
 from .errors import CaptureError
 
 EXAMPLE_BATCH = 2
@@ -136,13 +137,31 @@ def auto_dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(spec_for(a) for a in args), {k: spec_for(v) for k, v in kwargs.items()}
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> torch.fx.GraphModule:
-    """Export `model` in train mode and return the unlifted GraphModule (params by FQN)."""
+def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None,
+            copy_layers: bool = True) -> torch.fx.GraphModule:
+    """Export `model` in train mode and return the unlifted GraphModule (params by FQN).
+
+    With `copy_layers`, stacks of identical layers are exported as two layers and copied
+    (`peftc.layer_stacks`); if that cannot be done exactly, every layer is exported.
+    """
     if dynamic_shapes is None:
         args = tuple(widen(a) for a in args)
         kwargs = {k: widen(v) for k, v in kwargs.items()}
         dyn_args, dyn_kwargs = auto_dynamic_shapes(args, kwargs)
         dynamic_shapes = _as_export_dynamic_shapes(model, dyn_args, dyn_kwargs)
+    stacks = layer_stacks.find_stacks(model) if copy_layers else []
+    if stacks:
+        try:
+            with layer_stacks.cut_to_two(model, stacks):
+                gm = _export(model, args, kwargs, dynamic_shapes)
+            layer_stacks.copy_layers(gm, stacks)
+            return gm
+        except (layer_stacks.NotCopyable, CaptureError):
+            pass  # export every layer; its errors, if any, are the ones to report
+    return _export(model, args, kwargs, dynamic_shapes)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.fx.GraphModule:
     was_training = model.training
     model.train()
     try:

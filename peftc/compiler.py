@@ -22,10 +22,13 @@ BACKENDS = ("torch", "triton")
 
 
 def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_kwargs: dict | None = None,
-            dynamic_shapes: Any = None, dump_dir: str | Path | None = None, backend: str = "torch") -> CompiledModel:
+            dynamic_shapes: Any = None, dump_dir: str | Path | None = None, backend: str = "torch",
+            copy_layers: bool = True) -> CompiledModel:
     """Compile `model` with the PEFT `spec` (a Spec, a dict, or a path to a spec file).
 
     On failure the model is left exactly as it was (parameters, requires_grad flags, mode).
+    `copy_layers=False` exports every layer of identical layer stacks instead of copying
+    the second one (see peftc.layer_stacks).
     """
     spec = as_spec(spec)
     if backend not in BACKENDS:
@@ -37,20 +40,22 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     try:
         gm, records, sites = build_graph(model, spec, adapter_root, args, kwargs, dynamic_shapes,
                                          dump_dir=Path(dump_dir) if dump_dir is not None else None,
-                                         backend=backend, state=shared)
+                                         backend=backend, state=shared, copy_layers=copy_layers)
     except BaseException:
         _restore(model, saved)
         raise
     source = _recapture_source(model, gm, shared)
 
     def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
-        return build_graph(source, spec, adapter_root, call_args, call_kwargs, backend=backend, state=shared)[0]
+        return build_graph(source, spec, adapter_root, call_args, call_kwargs, backend=backend, state=shared,
+                           copy_layers=copy_layers)[0]
 
     def merge_build(**options) -> GraphDispatch:
         state: dict = {**shared, "merge_options": options}
 
         def build_merged(call_args: tuple, call_kwargs: dict) -> GraphModule:
-            return build_graph(source, spec, adapter_root, call_args, call_kwargs, merge=True, state=state)[0]
+            return build_graph(source, spec, adapter_root, call_args, call_kwargs, merge=True, state=state,
+                               copy_layers=copy_layers)[0]
 
         merged = GraphDispatch(source, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged,
                                training=cm.training)
@@ -125,9 +130,10 @@ def plan(spec: Spec, merge: bool, backend: str = "torch") -> list[Step]:
 
 def build_graph(model: nn.Module, spec: Spec, adapter_root: nn.Module, args: tuple, kwargs: dict,
                 dynamic_shapes: Any = None, *, merge: bool = False, state: dict | None = None,
-                dump_dir: Path | None = None, backend: str = "torch") -> tuple[GraphModule, list[PassRecord], list[Site]]:
+                dump_dir: Path | None = None, backend: str = "torch",
+                copy_layers: bool = True) -> tuple[GraphModule, list[PassRecord], list[Site]]:
     """Capture one call signature and run the spec's passes on it."""
-    gm = capture(model, args, kwargs, dynamic_shapes)
+    gm = capture(model, args, kwargs, dynamic_shapes, copy_layers=copy_layers)
     record_modes(gm)
     base_params = dict(gm.named_parameters(remove_duplicate=False))
     sites = find_sites(gm)

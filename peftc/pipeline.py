@@ -1,9 +1,10 @@
 """The pass pipeline: run rewrite passes in order, check the graph after each, keep records.
 
 A pass is `verb_noun(gm, ctx) -> PassResult`. After each pass the pipeline runs
-`graph.lint()` and peftc's invariants, regenerates the code, optionally dumps it, and keeps
-a `PassRecord` (time, sites touched, parameters added, the nodes it erased or rewired, as
-text) from which `report()` and `diff()` are built.
+`graph.lint()` and peftc's invariants, optionally dumps the code, and keeps a `PassRecord`
+(time, sites touched, parameters added, the nodes it erased or rewired, as text) from which
+`report()` and `diff()` are built. The graph's code is regenerated once, after the last pass
+(after each pass when dumping).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def run_pipeline(gm: GraphModule, steps: list[Step], ctx: PassContext, dump_dir:
         start = time.perf_counter()
         result = step.run(gm, ctx)
         gm.graph.lint()
-        gm.recompile()
+        if dump_dir is not None:  # the dump shows each pass's code; otherwise regenerate once, below
+            gm.recompile()
         seconds = time.perf_counter() - start
         invariants.check_all(gm, ctx, snapshot, step.name)
         records.append(PassRecord(
@@ -101,6 +103,7 @@ def run_pipeline(gm: GraphModule, steps: list[Step], ctx: PassContext, dump_dir:
         if dump_dir is not None:
             _dump(gm, dump_dir, index, step.name)
     _enter_entry(ctx, Step("done", lambda gm, ctx: None))
+    gm.recompile()
     return records
 
 
