@@ -18,6 +18,7 @@ from torch.export import Dim
 from . import layer_stacks
 from .errors import CaptureError
 
+COPIED_LAYERS = "peftc_copied_layers"  # gm.meta key: which layers capture copied instead of tracing
 EXAMPLE_BATCH = 2
 EXAMPLE_SEQ = 7  # distinct from the batch size, so export does not unify the two dims
 
@@ -155,6 +156,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = N
             with layer_stacks.cut_to_two(model, stacks):
                 gm = _export(model, args, kwargs, dynamic_shapes)
             layer_stacks.copy_layers(gm, stacks)
+            gm.meta[COPIED_LAYERS] = [f"{s.path}.{{2..{len(s.layers) - 1}}} copied from {s.path}.1" for s in stacks]
             return gm
         except (layer_stacks.NotCopyable, CaptureError):
             pass  # export every layer; its errors, if any, are the ones to report

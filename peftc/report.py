@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from . import adapters, quantized
+from .capture import COPIED_LAYERS
 from .inspect_graph import in_scope, select_nodes
 from .shapes import LEGEND, Shape, node_shape
 
@@ -55,6 +56,8 @@ class Report:
             + f", {t['adapter_bytes']:,} bytes",
             "base bytes        " + ", ".join(f"{k} {v:,}" for k, v in t["base_bytes_by_dtype"].items()),
             f"graph nodes       {t['graph_nodes_captured']:,} captured -> {t['graph_nodes']:,}",
+            *[f"capture           {copied} (compile(..., copy_layers=False) traces every layer)"
+              for copied in t.get("copied_layers", [])],
             *_quantized_line(t.get("quantized_base")),
             "",
             _table(["#", "pass", "time ms", "changed", "sites", "params added", "nodes +/-"],
@@ -190,7 +193,8 @@ def _totals(cm) -> dict:
             "adapter_params": adapter_params, "adapter_params_by_method": by_method,
             "adapter_bytes": adapter_bytes, "base_bytes_by_dtype": base_bytes,
             "graph_nodes_captured": cm.records[0].nodes_before if cm.records else len(cm.graph_module.graph.nodes),
-            "graph_nodes": len(cm.graph_module.graph.nodes)}
+            "graph_nodes": len(cm.graph_module.graph.nodes),
+            "copied_layers": list(cm.graph_module.meta.get(COPIED_LAYERS, []))}
 
 
 def group_paths(paths: list[str]) -> list[tuple[str, list[str]]]:

@@ -10,7 +10,7 @@ from torch import nn
 
 import peftc
 from peftc import layer_stacks
-from peftc.capture import capture
+from peftc.capture import COPIED_LAYERS, capture
 from peftc.sites import module_path_of
 
 
@@ -109,6 +109,7 @@ def test_lora_on_copied_layers_matches_peft_and_trains():
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": targets, "r": 4, "alpha": 8}]})
     assert len(cm.report().sites) == 4 * 7
+    assert "capture           model.layers.{2..3} copied from model.layers.1" in str(cm.report())
     randomize_adapters(cm)
     reference = peft_lora(model, cm, targets, 4, 8)
     cm.eval(), reference.eval()
@@ -165,6 +166,7 @@ def test_layers_that_trace_differently_are_exported_in_full():
     x = torch.randn(3, 8)
     gm = capture(model, (x,), {})
     torch.testing.assert_close(gm(x), model(x))
+    assert COPIED_LAYERS not in gm.meta  # the report then says nothing was copied
 
 
 def test_layers_with_different_settings_are_not_a_stack():

@@ -29,16 +29,19 @@ def block_lines(text: str, marker: str) -> list[str]:
 
 def test_quantized_site_shows_the_removed_linear_and_the_inserted_quantized_linear(quantized_llama):
     text = quantized_llama.diff(Q_PROJ)
-    assert f"{Q_PROJ}    by quantize_base, insert_lora[0] (lora)" in text
+    assert f"{Q_PROJ}    by quantize_base, insert_lora[0] (lora), fuse_lora_shrinks (lora)" in text
     removed = block_lines(text, "- ")
     assert removed == [
         f"- param {Q_PROJ}.weight  f32[64,64]    removed by quantize_base",
         f"- linear = aten.linear.default(mul_4, {Q_PROJ}.weight)  f32[2*,8*,64]    removed by quantize_base",
+        # q_proj's own shrink x A^T: fused with v_proj's (same input) into one matmul
+        f"- linear_default = aten.linear.default(mul_4, peftc.{Q_PROJ}.lora.A)  f32[2*,8*,4]    "
+        "inserted by insert_lora[0] (lora), removed by fuse_lora_shrinks",
     ]
     added = block_lines(text, "+ ")
     assert any(line.startswith("+ quantized_linear_default = peftc.quantized_linear.default(mul_4, ") for line in added)
     assert any(line.startswith("+ add_tensor = aten.add.Tensor(quantized_linear_default, ") for line in added)
-    assert "8 inserted, 2 removed at 1 site" in text
+    assert "8 inserted, 3 removed at 1 site" in text
     assert "before" not in text  # the site's op was replaced, not kept: no before/after pair for it
 
 
@@ -60,8 +63,9 @@ def test_removed_counts_agree_with_the_graph(quantized_llama):
 def test_whole_model_diff_folds_removed_lines_across_layers(quantized_llama):
     text = quantized_llama.diff()
     assert "model.layers.{0..1}.mlp.down_proj    by quantize_base    [2 sites, same rewrite" in text
-    assert len(block_lines(text, "- ")) == 2 * 7  # one block per projection, each shows its two
-    assert "28 removed at 14 sites" in text
+    # one block per projection, each shows its two; q and v also show their fused shrink
+    assert len(block_lines(text, "- ")) == 2 * 7 + 2
+    assert "32 removed at 16 sites" in text  # 14 projections + the fused shrink of each layer's self_attn
 
 
 def test_passes_that_remove_nothing_record_nothing(quantized_llama):
