@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import triton_ready
+from .ops import on_cuda
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -41,13 +41,6 @@ def lora_bgmv(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_bank: Tensor,
     return reference.lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx)
 
 
-@lora_bgmv.register_kernel("cuda")
-def _lora_bgmv_cuda(x, weight, bias, a_bank, b_bank, scales, idx):
-    if not triton_ready(x.device):
-        return reference.lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx)
-    return lora_bgmv_triton(x, weight, bias, a_bank, b_bank, scales, idx)
-
-
 def lora_bgmv_triton(x, weight, bias, a_bank, b_bank, scales, idx):
     from .multi import bgmv_add_
 
@@ -55,6 +48,9 @@ def lora_bgmv_triton(x, weight, bias, a_bank, b_bank, scales, idx):
     y2 = torch.nn.functional.linear(x2, weight, bias)
     bgmv_add_(y2, x2, a_bank.contiguous(), b_bank.contiguous(), scales, idx)
     return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+on_cuda(lora_bgmv, lora_bgmv_triton, reference.lora_bgmv)
 
 
 @lora_bgmv.register_fake
@@ -69,13 +65,6 @@ def lora_bgmv_backward(dy: Tensor, x: Tensor, weight: Tensor, a_bank: Tensor, b_
     return reference.lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx)
 
 
-@lora_bgmv_backward.register_kernel("cuda")
-def _lora_bgmv_backward_cuda(dy, x, weight, a_bank, b_bank, scales, idx):
-    if not triton_ready(x.device):
-        return reference.lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx)
-    return lora_bgmv_backward_triton(dy, x, weight, a_bank, b_bank, scales, idx)
-
-
 def lora_bgmv_backward_triton(dy, x, weight, a_bank, b_bank, scales, idx):
     """dx: cuBLAS dy W plus the BGMV kernels on transposed banks; dA / dB: grouped torch matmuls."""
     from .multi import bgmv_backward
@@ -85,6 +74,9 @@ def lora_bgmv_backward_triton(dy, x, weight, a_bank, b_bank, scales, idx):
     u, h = bgmv_backward(dy2, x2, dx2, a_bank.contiguous(), b_bank.contiguous(), scales, idx)
     da, db = reference.bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, reference.adapter_groups(idx))
     return dx2.view(x.shape), da, db
+
+
+on_cuda(lora_bgmv_backward, lora_bgmv_backward_triton, reference.lora_bgmv_backward)
 
 
 @lora_bgmv_backward.register_fake
@@ -114,13 +106,6 @@ def lora_sgmv(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_bank: Tensor,
     return reference.lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters)
 
 
-@lora_sgmv.register_kernel("cuda")
-def _lora_sgmv_cuda(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
-    if not triton_ready(x.device):
-        return reference.lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters)
-    return lora_sgmv_triton(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters)
-
-
 def lora_sgmv_triton(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
     from .multi import sgmv_add_
 
@@ -128,6 +113,9 @@ def lora_sgmv_triton(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_ad
     y2 = torch.nn.functional.linear(x2, weight, bias)
     sgmv_add_(y2, x2, a_bank.contiguous(), b_bank.contiguous(), scales, seg_starts, seg_adapters)
     return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+on_cuda(lora_sgmv, lora_sgmv_triton, reference.lora_sgmv)
 
 
 @lora_sgmv.register_fake
@@ -142,14 +130,6 @@ def lora_sgmv_backward(dy: Tensor, x: Tensor, weight: Tensor, a_bank: Tensor, b_
     return reference.lora_sgmv_backward(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters)
 
 
-@lora_sgmv_backward.register_kernel("cuda")
-def _lora_sgmv_backward_cuda(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters):
-    args = (dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters)
-    if not triton_ready(x.device):
-        return reference.lora_sgmv_backward(*args)
-    return lora_sgmv_backward_triton(*args)
-
-
 def lora_sgmv_backward_triton(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters):
     """dx: cuBLAS dy W plus the SGMV kernels on transposed banks; dA / dB: one matmul pair per segment."""
     from .multi import sgmv_backward
@@ -160,6 +140,9 @@ def lora_sgmv_backward_triton(dy, x, weight, a_bank, b_bank, scales, seg_starts,
     groups = reference.segment_groups(seg_starts, seg_adapters)
     da, db = reference.bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups)
     return dx2.view(x.shape), da, db
+
+
+on_cuda(lora_sgmv_backward, lora_sgmv_backward_triton, reference.lora_sgmv_backward)
 
 
 @lora_sgmv_backward.register_fake

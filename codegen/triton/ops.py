@@ -13,7 +13,7 @@ The multi-adapter ops (BGMV / SGMV) are in multi_ops.py, registered when this mo
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -34,6 +34,18 @@ def triton_ready(device: torch.device | str) -> bool:
     return True
 
 
+def on_cuda(op, triton_impl: Callable, torch_impl: Callable) -> Callable:
+    """Register `op`'s CUDA kernel: `triton_impl` where Triton can run, `torch_impl` otherwise
+    (no triton installed, or a CUDA build on a machine without a GPU). Returns the dispatcher."""
+
+    def dispatch(*args):
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        return (triton_impl if triton_ready(device) else torch_impl)(*args)
+
+    op.register_kernel("cuda")(dispatch)
+    return dispatch
+
+
 def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
@@ -46,13 +58,6 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b:
     return reference.lora_linear(x, weight, bias, a, b, scale, x_lora)
 
 
-@lora_linear.register_kernel("cuda")
-def _lora_linear_cuda(x, weight, bias, a, b, scale, x_lora):
-    if not triton_ready(x.device):
-        return reference.lora_linear(x, weight, bias, a, b, scale, x_lora)
-    return lora_linear_triton(x, weight, bias, a, b, scale, x_lora)
-
-
 def lora_linear_triton(x, weight, bias, a, b, scale, x_lora=None):
     """The Triton forward (the CUDA kernel of peftc::lora_linear; callable under the interpreter)."""
     from .fused import lora_linear_forward
@@ -60,6 +65,9 @@ def lora_linear_triton(x, weight, bias, a, b, scale, x_lora=None):
 
     return lora_linear_forward(x.contiguous(), Weight(weight), bias, a, b, scale,
                                None if x_lora is None else x_lora.contiguous())
+
+
+_lora_linear_cuda = on_cuda(lora_linear, lora_linear_triton, reference.lora_linear)
 
 
 @lora_linear.register_fake
@@ -79,13 +87,6 @@ def _backward_torch(dy, x, weight, a, b, scale, x_lora):
     return dx, _empty(x) if dx_lora is None else dx_lora, da, db
 
 
-@lora_linear_backward.register_kernel("cuda")
-def _lora_linear_backward_cuda(dy, x, weight, a, b, scale, x_lora):
-    if not triton_ready(x.device):
-        return _backward_torch(dy, x, weight, a, b, scale, x_lora)
-    return lora_linear_backward_triton(dy, x, weight, a, b, scale, x_lora)
-
-
 def lora_linear_backward_triton(dy, x, weight, a, b, scale, x_lora=None):
     from .fused import lora_linear_backward as launch_backward
     from .kernels import Weight
@@ -93,6 +94,9 @@ def lora_linear_backward_triton(dy, x, weight, a, b, scale, x_lora=None):
     dx, dx_lora, da, db = launch_backward(dy.contiguous(), x.contiguous(), Weight(weight), a, b, scale,
                                           None if x_lora is None else x_lora.contiguous())
     return dx, _empty(x) if dx_lora is None else dx_lora, da, db
+
+
+_lora_linear_backward_cuda = on_cuda(lora_linear_backward, lora_linear_backward_triton, _backward_torch)
 
 
 @lora_linear_backward.register_fake
@@ -136,15 +140,6 @@ def _quant_forward_torch(x, qdata, bias, fmt, out_features, in_features, group_s
     return reference.with_adapter(base, x, a, b, scale, x_lora)
 
 
-@lora_linear_q.register_kernel("cuda")
-def _lora_linear_q_cuda(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale,
-                        x_lora):
-    args = (x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale, x_lora)
-    if not triton_ready(x.device):
-        return _quant_forward_torch(*args)
-    return lora_linear_q_triton(*args)
-
-
 def lora_linear_q_triton(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale,
                          x_lora=None):
     """The Triton dequant + LoRA forward: W is dequantized tile by tile inside the matmul.
@@ -159,6 +154,9 @@ def lora_linear_q_triton(x, qdata, bias, fmt, out_features, in_features, group_s
     cast = lambda t: None if t is None else t.to(compute_dtype).contiguous()  # noqa: E731
     y = lora_linear_forward(cast(x), weight, cast(bias), cast(a), cast(b), scale, cast(x_lora))
     return y.to(x.dtype)
+
+
+_lora_linear_q_cuda = on_cuda(lora_linear_q, lora_linear_q_triton, _quant_forward_torch)
 
 
 @lora_linear_q.register_fake
@@ -184,15 +182,6 @@ def _quant_backward_torch(dy, x, qdata, fmt, out_features, in_features, group_si
     return dx, _empty(x) if dx_lora is None else dx_lora, da, db
 
 
-@lora_linear_q_backward.register_kernel("cuda")
-def _lora_linear_q_backward_cuda(dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b,
-                                 scale, x_lora):
-    args = (dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b, scale, x_lora)
-    if not triton_ready(x.device):
-        return _quant_backward_torch(*args)
-    return lora_linear_q_backward_triton(*args)
-
-
 def lora_linear_q_backward_triton(dy, x, qdata, fmt, out_features, in_features, group_size, compute_dtype, a, b,
                                   scale, x_lora=None):
     from .fused import lora_linear_backward as launch_backward
@@ -203,6 +192,10 @@ def lora_linear_q_backward_triton(dy, x, qdata, fmt, out_features, in_features, 
     dx, dx_lora, da, db = launch_backward(cast(dy), cast(x), weight, cast(a), cast(b), scale, cast(x_lora))
     return (dx.to(x.dtype), _empty(x) if dx_lora is None else dx_lora.to(x.dtype), da.to(a.dtype),
             db.to(b.dtype))
+
+
+_lora_linear_q_backward_cuda = on_cuda(lora_linear_q_backward, lora_linear_q_backward_triton,
+                                       _quant_backward_torch)
 
 
 @lora_linear_q_backward.register_fake
