@@ -8,8 +8,6 @@ from torch.fx import GraphModule, Node
 from peftc.graph_edit import Inserter, redirect_users
 from peftc.sites import Site, _conv_groups
 
-from .insert_lora import _conv_geometry
-
 aten = torch.ops.aten
 
 
@@ -45,13 +43,27 @@ def bias_param(gm: GraphModule, site: Site) -> str | None:
     return bias.target if isinstance(bias, Node) and bias.op == "get_attr" else None
 
 
+def conv_geometry(node) -> tuple[list, list, list]:
+    """stride, padding, dilation of a conv node, as lists (aten.convolution's form)."""
+    if node.target == aten.convolution.default:
+        return list(node.args[3]), list(node.args[4]), list(node.args[5])
+    dims = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}[node.target]
+    args = list(node.args) + [None] * (7 - len(node.args))
+    stride = args[3] if args[3] is not None else [1] * dims
+    padding = args[4] if args[4] is not None else [0] * dims
+    dilation = args[5] if args[5] is not None else [1] * dims
+    if isinstance(padding, str):
+        raise NotImplementedError("string padding ('same'/'valid') on a LoRA conv site")
+    return list(stride), list(padding), list(dilation)
+
+
 def apply_site_op(ins: Inserter, node: Node, site: Site, x: Node, weight: Node) -> Node:
     """The site's own op (no bias) with `weight` ([out, in...]; embeddings: [num, dim]) in place of its weight."""
     if site.kind == "linear":
         return ins.call(aten.linear.default, x, weight)
     if site.kind == "embedding":
         return ins.call(aten.embedding.default, weight, x)
-    stride, padding, dilation = _conv_geometry(node)
+    stride, padding, dilation = conv_geometry(node)
     return ins.call(aten.convolution.default, x, weight, None, stride, padding, dilation, False,
                     [0] * len(stride), _conv_groups(node))
 
@@ -65,9 +77,15 @@ def out_in_shape(weight: torch.Tensor, site: Site) -> tuple[int, ...]:
     return tuple(weight.shape[::-1]) if site.layout == "in_out" else tuple(weight.shape)
 
 
+def add_output(ins: Inserter, y: Node, delta: Node, users: list[Node], **add_kwargs) -> Node:
+    """add(y, delta) tagged as the adapter's output node (what merge and the lowerings look for),
+    read by `users` (y's readers before the rewrite) instead of y."""
+    out = ins.call(aten.add.Tensor, y, delta, **add_kwargs)
+    out.meta["peftc"]["role"] = "output"
+    redirect_users(users, y, out)
+    return out
+
+
 def add_delta_op(ins: Inserter, node: Node, site: Site, x: Node, delta_weight: Node, users: list[Node]) -> Node:
     """y + op(x, ΔW): the site's op on ΔW added to its output, tagged as the adapter's output node."""
-    out = ins.call(aten.add.Tensor, node, apply_site_op(ins, node, site, x, delta_weight))
-    out.meta["peftc"]["role"] = "output"
-    redirect_users(users, node, out)
-    return out
+    return add_output(ins, node, apply_site_op(ins, node, site, x, delta_weight), users)

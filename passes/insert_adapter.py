@@ -10,13 +10,13 @@ from torch.fx import GraphModule
 
 from peftc import adapters
 from peftc.fields import boolean, finite_number, one_of, optional_pattern_list, pattern_list, positive_int
-from peftc.graph_edit import redirect_users
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
 from ._site_output import current_output
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
+from ._weight_ops import add_output
 
 aten = torch.ops.aten
 
@@ -78,6 +78,4 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: A
     if config.gate:
         gate = ins.call(aten.sigmoid.default, ins.call(aten.linear.default, h, param("gate"), param("gate_bias")))
         delta = ins.call(aten.mul.Tensor, delta, gate)
-    out = ins.call(aten.add.Tensor, y, delta)
-    out.meta["peftc"]["role"] = "output"
-    redirect_users(users, y, out)
+    add_output(ins, y, delta, users)

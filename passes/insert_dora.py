@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc import adapters
-from peftc.graph_edit import Inserter, redirect_users
+from peftc.graph_edit import Inserter
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
@@ -18,7 +18,7 @@ from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import bias_node, maybe_dropout, flip_layout, weight_out_in
+from ._weight_ops import add_output, bias_node, flip_layout, maybe_dropout, weight_out_in
 
 aten = torch.ops.aten
 
@@ -89,9 +89,7 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: D
     delta = ins.call(aten.add.Tensor,
                      ins.call(aten.mul.Tensor, ins.call(aten.sub.Tensor, factor, 1), base),
                      ins.call(aten.mul.Tensor, ins.call(aten.mul.Tensor, factor, lora), config.scale))
-    out = ins.call(aten.add.Tensor, node, delta)
-    out.meta["peftc"]["role"] = "output"
-    redirect_users(users, node, out)
+    add_output(ins, node, delta, users)
 
 
 def _base_without_bias(ins: Inserter, node, site: Site, x, weight, config: DoraConfig):

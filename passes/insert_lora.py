@@ -12,7 +12,6 @@ from torch.fx import GraphModule
 from peftc import adapters
 from peftc.fields import (boolean, one_of, optional_pattern_list, pattern_list, pattern_map, positive_int,
                           positive_number, probability)
-from peftc.graph_edit import redirect_users
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 from peftc.targets import matches
@@ -20,6 +19,7 @@ from peftc.targets import matches
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
+from ._weight_ops import add_output, conv_geometry, maybe_dropout
 
 aten = torch.ops.aten
 
@@ -132,10 +132,9 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
         delta = ins.call(aten.matmul.default, ins.call(aten.embedding.default, ins.call(aten.t.default, a), x),
                          ins.call(aten.t.default, b))
     else:
-        if config.dropout > 0:
-            x = ins.call(aten.dropout.default, x, config.dropout, True)
+        x = maybe_dropout(ins, x, config.dropout)
         if site.kind == "conv":
-            stride, padding, dilation = _conv_geometry(node)
+            stride, padding, dilation = conv_geometry(node)
             hidden = ins.call(aten.convolution.default, x, a, None, stride, padding, dilation, False, [0], 1)
             delta = ins.call(aten.convolution.default, hidden, b, None, [1], [0], [1], False, [0], 1)
         else:
@@ -146,20 +145,4 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
         delta = ins.call(aten.mul.Tensor, delta, ins.call(aten.sigmoid.default, gate))
     # add(y, delta, alpha=s) scales and adds in one pass over the output, where
     # HF PEFT's y + delta * s makes two; the numbers agree to float rounding.
-    out = ins.call(aten.add.Tensor, node, delta, alpha=config.scale_at(site.path))
-    out.meta["peftc"]["role"] = "output"
-    redirect_users(users, node, out)
-
-
-def _conv_geometry(node) -> tuple[list, list, list]:
-    """stride, padding, dilation of a conv node, as lists (aten.convolution's form)."""
-    if node.target == aten.convolution.default:
-        return list(node.args[3]), list(node.args[4]), list(node.args[5])
-    dims = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}[node.target]
-    args = list(node.args) + [None] * (7 - len(node.args))
-    stride = args[3] if args[3] is not None else [1] * dims
-    padding = args[4] if args[4] is not None else [0] * dims
-    dilation = args[5] if args[5] is not None else [1] * dims
-    if isinstance(padding, str):
-        raise NotImplementedError("string padding ('same'/'valid') on a LoRA conv site")
-    return list(stride), list(padding), list(dilation)
+    add_output(ins, node, delta, users, alpha=config.scale_at(site.path))

@@ -11,14 +11,13 @@ from torch.fx import GraphModule
 
 from peftc import adapters
 from peftc.fields import finite_number, non_negative_int, optional_pattern_list, pattern_list, positive_int, probability
-from peftc.graph_edit import redirect_users
 from peftc.pipeline import PassContext, PassResult
 from peftc.sites import Site
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import maybe_dropout
+from ._weight_ops import add_output, maybe_dropout
 
 aten = torch.ops.aten
 
@@ -97,6 +96,4 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: V
     x = maybe_dropout(ins, node.args[site.input_index], config.dropout)
     hidden = ins.call(aten.mul.Tensor, lambda_d, ins.call(aten.linear.default, x, a))
     delta = ins.call(aten.mul.Tensor, lambda_b, ins.call(aten.linear.default, hidden, b))
-    out = ins.call(aten.add.Tensor, node, delta)
-    out.meta["peftc"]["role"] = "output"
-    redirect_users(users, node, out)
+    add_output(ins, node, delta, users)
