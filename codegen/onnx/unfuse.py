@@ -49,9 +49,9 @@ def unfuse_lora(gm: GraphModule) -> int:
 
 
 def _tag(fused: Node, base: Node, hidden: Node, delta: Node, output: Node) -> None:
+    """The LoRA nodes get insert_lora's tags (output role on the add); the base op stays untagged, as captured."""
     tag = {**provenance(fused), "pass": "insert_lora"}
     for node in (base, hidden, delta, output):
         node.meta["nn_module_stack"] = fused.meta.get("nn_module_stack", {})
-    base.meta["peftc"] = {**tag, "method": None, "role": None}
     hidden.meta["peftc"] = delta.meta["peftc"] = {**tag, "role": None}
     output.meta["peftc"] = {**tag, "role": "output"}

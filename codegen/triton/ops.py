@@ -46,6 +46,11 @@ def on_cuda(op, triton_impl: Callable, torch_impl: Callable) -> Callable:
     return dispatch
 
 
+def _in_dtype(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    """The tensors as contiguous `dtype` (the dequant kernel runs in the base's compute dtype); None stays."""
+    return [None if t is None else t.to(dtype).contiguous() for t in tensors]
+
+
 def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
@@ -151,8 +156,8 @@ def lora_linear_q_triton(x, qdata, bias, fmt, out_features, in_features, group_s
     from .kernels import Weight
 
     weight = Weight.packed(qdata, fmt, out_features, in_features, group_size)
-    cast = lambda t: None if t is None else t.to(compute_dtype).contiguous()  # noqa: E731
-    y = lora_linear_forward(cast(x), weight, cast(bias), cast(a), cast(b), scale, cast(x_lora))
+    x_, bias_, a_, b_, x_lora_ = _in_dtype(compute_dtype, x, bias, a, b, x_lora)
+    y = lora_linear_forward(x_, weight, bias_, a_, b_, scale, x_lora_)
     return y.to(x.dtype)
 
 
@@ -188,8 +193,8 @@ def lora_linear_q_backward_triton(dy, x, qdata, fmt, out_features, in_features, 
     from .kernels import Weight
 
     weight = Weight.packed(qdata, fmt, out_features, in_features, group_size)
-    cast = lambda t: None if t is None else t.to(compute_dtype).contiguous()  # noqa: E731
-    dx, dx_lora, da, db = launch_backward(cast(dy), cast(x), weight, cast(a), cast(b), scale, cast(x_lora))
+    dy_, x_, a_, b_, x_lora_ = _in_dtype(compute_dtype, dy, x, a, b, x_lora)
+    dx, dx_lora, da, db = launch_backward(dy_, x_, weight, a_, b_, scale, x_lora_)
     return (dx.to(x.dtype), _empty(x) if dx_lora is None else dx_lora.to(x.dtype), da.to(a.dtype),
             db.to(b.dtype))
 
