@@ -6,7 +6,7 @@
 LoRA r=16 on the 7 projections of every layer (hidden 4096, intermediate 11008, vocab 32000).
 Prints wall and CPU seconds (the CPU time of this process: on a shared machine it moves less
 than wall time) for the whole compile and its parts: torch.export, unlifting the program
-(`ExportedProgram.module()`), copying layers (peftc.layer_stacks), the pass pipeline, and the
+(`ExportedProgram.module()`), copying layers (peftc.capture.layer_stacks), the pass pipeline, and the
 rest. `--full-export` exports every layer (compile(copy_layers=False)), the way peftc did
 before layer copying. `--profile` also prints cProfile's top functions by cumulative time.
 `--per-layer` instead times torch.export of every layer alone (dynamic dims, or `--static`),
@@ -69,7 +69,8 @@ def timed_parts(clock: Clock) -> contextlib.ExitStack:
     """Wrap the functions whose time the breakdown shows (for this benchmark run only)."""
     from torch.export.exported_program import ExportedProgram
 
-    from peftc import compiler, layer_stacks
+    from peftc.compiler import compile as compiler
+    from peftc.capture import layer_stacks
 
     stack = contextlib.ExitStack()
     stack.enter_context(clock.timing(torch.export, "export", "torch.export"))
@@ -102,7 +103,7 @@ def export_per_layer(layers: int, static: bool) -> None:
     """CPU seconds of each decoder layer and of the causal mask during one full torch.export."""
     from transformers.models.llama import modeling_llama
 
-    from peftc.capture import capture, hf_example_inputs, normalize_call
+    from peftc.capture.export import capture, hf_example_inputs, normalize_call
 
     model = llama_7b_on_meta(layers)
     clock = Clock()

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftc
-from peftc import graph_changes
+from peftc.pipeline import changes as graph_changes
 
 SPENT = {"watch": 0.0}
 

@@ -69,7 +69,7 @@ def cases(smoke: bool):
     """(name, run, reference) triples for every kernel at one small shape (used by --smoke and --check)."""
     import torch
 
-    from peftc import quant
+    from peftc.ir import weight_codec
     from peftc.codegen.triton import fused, multi_ops, reference
     from peftc.codegen.triton.kernels import Weight
 
@@ -78,9 +78,9 @@ def cases(smoke: bool):
         x, w, a, b = make(m, k, n, r, dtype, device)
         dy = torch.randn(m, n, device=device).to(dtype)
         f32 = lambda *t: [v.float() for v in t]  # noqa: E731
-        qdata = quant.quantize(w.float(), "nf4", 16)
-        dense = quant.dequantize(qdata, "nf4", n, k, 16)
-        q4 = quant.quantize(w.float(), "int4", 16, double_quant=True)  # zero points, double-quantized scales
+        qdata = weight_codec.quantize(w.float(), "nf4", 16)
+        dense = weight_codec.dequantize(qdata, "nf4", n, k, 16)
+        q4 = weight_codec.quantize(w.float(), "int4", 16, double_quant=True)  # zero points, double-quantized scales
         banks = (torch.randn(4, r, k, device=device) * k ** -0.5).to(dtype), \
             (torch.randn(4, n, r, device=device) * r ** -0.5).to(dtype)
         scales = torch.tensor([0.5, 1.0, 1.5, 2.0], device=device)
@@ -102,7 +102,7 @@ def cases(smoke: bool):
              lambda: reference.lora_linear(x.float(), dense, None, *f32(a, b), 2.0)),
             ("int4 dequant + LoRA forward", lambda: fused.lora_linear_forward(
                 x, Weight.packed(q4, "int4", n, k, 16), None, a, b, 2.0),
-             lambda: reference.lora_linear(x.float(), quant.dequantize(q4, "int4", n, k, 16), None, *f32(a, b), 2.0)),
+             lambda: reference.lora_linear(x.float(), weight_codec.dequantize(q4, "int4", n, k, 16), None, *f32(a, b), 2.0)),
             ("BGMV (4 adapters, -1 rows)", lambda: multi_ops.lora_bgmv_triton(x, w, None, *banks, scales, idx),
              lambda: reference.lora_bgmv(*f32(x, w), None, *f32(*banks), scales, idx)),
             ("SGMV (2 segments)", lambda: multi_ops.lora_sgmv_triton(x, w, None, *banks, scales, starts, adapters),
@@ -218,7 +218,7 @@ def run_gpu(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from peftc import quant
+    from peftc.ir import weight_codec
     from peftc.codegen.triton import fused, multi_ops, reference
     from peftc.codegen.triton.kernels import Weight
 
@@ -260,9 +260,9 @@ def run_gpu(args) -> None:
         for m in (1, 16, 1024):
             x, w, a, b = make(m, k, n, 16, dtype, dev)
             for fmt in ("int8", "int4", "nf4"):
-                qdata = quant.quantize(w.float(), fmt, 64)
+                qdata = weight_codec.quantize(w.float(), fmt, 64)
                 t_torch = bench(lambda: reference.lora_linear(
-                    x, quant.dequantize(qdata, fmt, n, k, 64, dtype), None, a, b, 2.0))
+                    x, weight_codec.dequantize(qdata, fmt, n, k, 64, dtype), None, a, b, 2.0))
                 t_fused = bench(lambda: fused.lora_linear_forward(x, Weight.packed(qdata, fmt, n, k, 64), None, a, b,
                                                                   2.0))
                 print(f"| {k}x{n} | {m} | {fmt} | {1e3 * t_torch:.3f} | {1e3 * t_fused:.3f} |")

@@ -10,14 +10,14 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from peftc.errors import SpecError
-from peftc.graph_edit import provenance
-from peftc.pipeline import PassContext
-from peftc.sites import Site
+from peftc.ir.graph_edit import provenance
+from peftc.pipeline.runner import PassContext
+from peftc.ir.sites import Site
 
 
 def check_one_rewrite_per_weight(gm: GraphModule, ctx: PassContext, sites: list[Site]) -> None:
     """SpecError naming both entries if an earlier folding entry already rewrote one of `sites`' weights."""
-    from peftc.methods import METHODS
+    from peftc.spec.methods import METHODS
 
     param_of = {s.path: s.param for s in ctx.sites}
     mine = {s.param: s.path for s in sites}

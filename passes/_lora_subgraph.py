@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc import quantized
-from peftc.graph_edit import provenance
-from peftc.modes import DROPOUT_OPS
-from peftc.sites import Site
+from peftc.ir import quantized
+from peftc.ir.graph_edit import provenance
+from peftc.ir.modes import DROPOUT_OPS
+from peftc.ir.sites import Site
 
 aten = torch.ops.aten
 BASE_OPS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default)

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc import quant, quantized
+from peftc.ir import quantized, weight_codec
 from peftc.errors import SpecError
-from peftc.graph_edit import provenance
-from peftc.sites import Site
+from peftc.ir.graph_edit import provenance
+from peftc.ir.sites import Site
 
 from .quantize_base import STATE_KEY
 
@@ -164,5 +164,5 @@ def _codes_changed(old, new) -> float:
     """The fraction of weight codes that differ between two packings of one weight."""
     a, b = old.tensors()[0], new.tensors()[0]
     if old.fmt != "int8":
-        a, b = quant.unpack_nibbles(a), quant.unpack_nibbles(b)
+        a, b = weight_codec.unpack_nibbles(a), weight_codec.unpack_nibbles(b)
     return float((a != b).float().mean())

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc import adapters
-from peftc.graph_edit import Inserter
-from peftc.pipeline import PassContext, PassResult
-from peftc.sites import Site
+from peftc.ir import adapters
+from peftc.ir.graph_edit import Inserter
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.ir.sites import Site
 
 MakeWeights = Callable[[Site, torch.Tensor], nn.Module]  # (site, base weight) -> adapter module
 Rewrite = Callable[[GraphModule, Node, Site, PassContext, nn.Module], None]

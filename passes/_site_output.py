@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from peftc.graph_edit import provenance
+from peftc.ir.graph_edit import provenance
 
 
 def current_output(node: Node) -> Node:

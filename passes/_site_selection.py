@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from peftc.errors import SpecError
-from peftc.pipeline import PassContext
-from peftc.sites import Site
-from peftc.targets import matches_any, select
+from peftc.pipeline.runner import PassContext
+from peftc.ir.sites import Site
+from peftc.core.targets import matches_any, select
 
 
 def select_sites(ctx: PassContext, config, kinds: tuple[str, ...]) -> list[Site]:

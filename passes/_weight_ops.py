@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc.graph_edit import Inserter, redirect_users
-from peftc.sites import Site, _conv_groups
+from peftc.ir.graph_edit import Inserter, redirect_users
+from peftc.ir.sites import Site, _conv_groups
 
 aten = torch.ops.aten
 

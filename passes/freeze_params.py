@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from peftc import adapters
-from peftc.pipeline import PassContext, PassResult
-from peftc.targets import select
+from peftc.ir import adapters
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.core.targets import select
 
 
 def freeze_params(gm: GraphModule, ctx: PassContext) -> PassResult:

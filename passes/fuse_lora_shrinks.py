@@ -18,11 +18,11 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc import adapters
-from peftc.graph_edit import Inserter, provenance
-from peftc.modes import DROPOUT_OPS
-from peftc.pipeline import PassContext, PassResult
-from peftc.report import group_paths
+from peftc.ir import adapters
+from peftc.ir.graph_edit import Inserter, provenance
+from peftc.ir.modes import DROPOUT_OPS
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.inspect.report import group_paths
 
 aten = torch.ops.aten
 PASS = "fuse_lora_shrinks"

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc import adapters
+from peftc.ir import adapters
 from peftc.errors import SpecError
-from peftc.fields import optional_pattern_list, pattern_list
-from peftc.graph_edit import Inserter, redirect_users
-from peftc.pipeline import PassContext, PassResult
-from peftc.sites import Site
-from peftc.targets import matches_any
+from peftc.core.fields import optional_pattern_list, pattern_list
+from peftc.ir.graph_edit import Inserter, redirect_users
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.ir.sites import Site
+from peftc.core.targets import matches_any
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites

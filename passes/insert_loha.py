@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc import adapters
-from peftc.pipeline import PassContext, PassResult
-from peftc.sites import Site
+from peftc.ir import adapters
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.ir.sites import Site
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig

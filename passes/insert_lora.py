@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc import adapters
-from peftc.fields import (boolean, one_of, optional_pattern_list, pattern_list, pattern_map, positive_int,
+from peftc.ir import adapters
+from peftc.core.fields import (boolean, one_of, optional_pattern_list, pattern_list, pattern_map, positive_int,
                           positive_number, probability)
-from peftc.pipeline import PassContext, PassResult
-from peftc.sites import Site
-from peftc.targets import matches
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.ir.sites import Site
+from peftc.core.targets import matches
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc import adapters
+from peftc.ir import adapters
 from peftc.errors import SpecError
-from peftc.fields import positive_int
-from peftc.graph_edit import Inserter, redirect_users
-from peftc.pipeline import PassContext, PassResult
-from peftc.sites import Site
+from peftc.core.fields import positive_int
+from peftc.ir.graph_edit import Inserter, redirect_users
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.ir.sites import Site
 
 from ._site_output import current_output
 

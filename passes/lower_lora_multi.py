@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc import adapters
+from peftc.ir import adapters
 from peftc.errors import SpecError
-from peftc.graph_edit import Inserter, erase_nodes
-from peftc.lora_bank import LoraAdapter, LoraBank
-from peftc.pipeline import PassContext, PassResult
-from peftc.sites import Site
+from peftc.ir.graph_edit import Inserter, erase_nodes
+from peftc.serving.lora_bank import LoraAdapter, LoraBank
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.ir.sites import Site
 
 aten = torch.ops.aten
 STATE_KEY = "serving"  # ctx.state[STATE_KEY]: the ServingPlan serve_adapters hands to the pass

@@ -7,8 +7,8 @@ import warnings
 import torch
 from torch.fx import GraphModule
 
-from peftc.graph_edit import Inserter, erase_nodes
-from peftc.pipeline import PassContext, PassResult
+from peftc.ir.graph_edit import Inserter, erase_nodes
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._lora_subgraph import LoraMatch, lora_groups, match_lora
 
@@ -58,7 +58,7 @@ def _replace(gm: GraphModule, match: LoraMatch) -> str:
 
 
 def _notes(lowered: dict[str, list[str]], kept: list[str]) -> list[str]:
-    from peftc.report import group_paths
+    from peftc.inspect.report import group_paths
 
     notes = [f"lowered to {key}: " + ", ".join(label for label, _ in group_paths(paths))
              for key, paths in lowered.items()]

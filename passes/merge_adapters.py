@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc import adapters
-from peftc.graph_edit import erase_nodes, provenance
-from peftc.pipeline import PassContext, PassResult
+from peftc.ir import adapters
+from peftc.ir.graph_edit import erase_nodes, provenance
+from peftc.pipeline.runner import PassContext, PassResult
 
 from . import _merge_quantized
 from ._weight_ops import bias_param
@@ -21,7 +21,7 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     with the user's model and the compiled model, are never written. The first graph merged
     leaves them in `ctx.state["merged"]`, so graphs for other call signatures reuse one copy.
     """
-    from peftc.methods import METHODS
+    from peftc.spec.methods import METHODS
 
     precomputed = ctx.state.get("merged")
     merged: dict[str, torch.Tensor] = {}

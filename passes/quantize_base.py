@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc import quantized
+from peftc.ir import quantized
 from peftc.errors import SpecError
-from peftc.fields import boolean, one_of, optional_pattern_list, parse_dataclass, positive_int
-from peftc.graph_edit import Inserter, redirect_users
-from peftc.pipeline import PassContext, PassResult
-from peftc.sites import Site
-from peftc.targets import matches_any, select
+from peftc.core.fields import boolean, one_of, optional_pattern_list, parse_dataclass, positive_int
+from peftc.ir.graph_edit import Inserter, redirect_users
+from peftc.pipeline.runner import PassContext, PassResult
+from peftc.ir.sites import Site
+from peftc.core.targets import matches_any, select
 
 aten = torch.ops.aten
 DEFAULT_GROUP = 64

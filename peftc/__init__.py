@@ -3,12 +3,12 @@
     cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"]}]})
 """
 
-from .compiled import CompiledModel, GraphDispatch
-from .compiler import compile
-from .errors import CaptureError, CheckpointError, ExportError, SpecError
-from .interop import from_peft
-from .serving import ServedModel, serve_adapters
-from .spec import Spec
+from peftc.runtime.compiled import CompiledModel, GraphDispatch
+from peftc.compiler.compile import compile
+from peftc.errors import CaptureError, CheckpointError, ExportError, SpecError
+from peftc.interop import from_peft
+from peftc.serving.served import ServedModel, serve_adapters
+from peftc.spec.parse import Spec
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """`python -m peftc ...`: the same as the `peftc` console script."""
 
-from peftc.cli import main
+from peftc.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,9 +9,9 @@ from peft_reference import peft_lora
 from torch import nn
 
 import peftc
-from peftc import layer_stacks
-from peftc.capture import COPIED_LAYERS, capture
-from peftc.sites import module_path_of
+from peftc.capture import layer_stacks
+from peftc.capture.export import COPIED_LAYERS, capture
+from peftc.ir.sites import module_path_of
 
 
 def deep(family: str) -> tuple[nn.Module, dict]:
@@ -40,7 +40,7 @@ def deep(family: str) -> tuple[nn.Module, dict]:
 
 
 def example(model: nn.Module) -> dict:
-    from peftc.capture import hf_example_inputs, normalize_call
+    from peftc.capture.export import hf_example_inputs, normalize_call
     return normalize_call(model, (), hf_example_inputs(model))[1]
 
 
@@ -180,7 +180,7 @@ def test_plain_stack_is_copied_and_flips_to_eval():
     assert layers == {"0", "1", "2", "3"}
     dropouts = [n for n in gm.graph.nodes if n.target == torch.ops.aten.dropout.default]
     assert len(dropouts) == 4
-    peftc.modes.set_mode(gm, training=False)
+    peftc.ir.modes.set_mode(gm, training=False)
     x = torch.randn(5, 8)
     torch.testing.assert_close(gm(x), model.eval()(x))
 

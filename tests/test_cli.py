@@ -13,9 +13,9 @@ from pathlib import Path
 import pydot
 import pytest
 
-from peftc import cli
-from peftc.cli import main
-from peftc.cli_common import load_model
+from peftc.cli import main as cli
+from peftc.cli.main import main
+from peftc.cli.common import load_model
 
 TESTS = Path(__file__).parent
 MLP = "cli_factories:tiny_mlp"

@@ -10,9 +10,10 @@ import torch
 
 import peftc
 from families import FAMILIES, compile_family, logits, randomize_adapters
-from peftc import adapters, compiler
-from peftc.graph_edit import provenance
-from peftc.modes import DROPOUT_OPS
+from peftc.ir import adapters
+from peftc.compiler import compile as compiler
+from peftc.ir.graph_edit import provenance
+from peftc.ir.modes import DROPOUT_OPS
 from peftc.passes.fuse_lora_shrinks import PASS, unfuse_lora_shrinks
 
 aten = torch.ops.aten

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from families import FAMILIES, compile_family
-from peftc.dot import GraphvizNotFoundError
-from peftc.graph_edit import provenance
-from peftc.inspect_graph import ScopeError, node_module_path
-from peftc.report import Report, group_paths
+from peftc.inspect.dot import GraphvizNotFoundError
+from peftc.ir.graph_edit import provenance
+from peftc.inspect.graph_view import ScopeError, node_module_path
+from peftc.inspect.report import Report, group_paths
 
 R = 4
 TARGETS = ("q_proj", "v_proj")
@@ -307,8 +307,8 @@ def test_shapes_without_an_example_size_show_their_symbol():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from peftc.inspect_graph import format_node
-    from peftc.shapes import Shape
+    from peftc.inspect.graph_view import format_node
+    from peftc.ir.shapes import Shape
 
     shape_env = ShapeEnv()
     with FakeTensorMode(shape_env=shape_env):
@@ -320,7 +320,7 @@ def test_shapes_without_an_example_size_show_their_symbol():
     node = next(n for n in traced.graph.nodes if n.op == "call_module")
     node.meta["val"] = unbacked
     assert format_node(node).endswith(f"f32[{unbacked.shape[0]}*,4]")
-    from peftc.dot import to_dot
-    from peftc.inspect_graph import to_networkx
+    from peftc.inspect.dot import to_dot
+    from peftc.inspect.graph_view import to_networkx
 
     assert to_networkx(traced).nodes["x"]["shape"] is None and "digraph" in to_dot(traced)

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from families import FAMILIES, compile_family
-from peftc import quantized
-from peftc.compiler import as_spec, build_graph
-from peftc.graph_diff import diff_text
-from peftc.graph_edit import provenance
+from peftc.ir import quantized
+from peftc.compiler.compile import as_spec, build_graph
+from peftc.inspect.diff import diff_text
+from peftc.ir.graph_edit import provenance
 
 LORA_QV = {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4}
 Q_PROJ = "model.layers.0.self_attn.q_proj"

@@ -117,7 +117,7 @@ def test_spec_from_and_to_peft_config():
 def test_layers_to_transform_follows_peft_matching():
     spec = peftc.Spec.from_peft_config({"peft_type": "LORA", "target_modules": ["q_proj"], "layers_to_transform": [1],
                                         "layers_pattern": "layers"})
-    from peftc.targets import matches
+    from peftc.core.targets import matches
 
     (pattern,) = spec.adapters[0].targets
     assert matches(pattern, "model.layers.1.self_attn.q_proj")

@@ -9,9 +9,9 @@ import torch
 import peftc
 from families import FAMILIES, call, compile_family, logits, randomize_adapters
 from peftc.codegen.triton import ops  # noqa: F401  (registers torch.ops.peftc.*)
-from peftc.graph_edit import provenance
+from peftc.ir.graph_edit import provenance
 from peftc.passes.lower_lora_triton import FALLBACK_WARNING, lower_lora_triton
-from peftc.pipeline import PassContext
+from peftc.pipeline.runner import PassContext
 
 LORA_OPS = (torch.ops.peftc.lora_linear.default, torch.ops.peftc.lora_linear_q.default)
 

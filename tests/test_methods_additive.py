@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from families import FAMILIES, compile_family, logits, randomize_adapters
 
 import peftc
-from peftc import presets
-from peftc.graph_edit import provenance
+from peftc.spec import presets
+from peftc.ir.graph_edit import provenance
 
 N = 3  # virtual tokens
 ACT = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}

@@ -237,7 +237,7 @@ def test_unexportable_model_leaves_no_file(tmp_path):
 
 # -- CLI ---------------------------------------------------------------------------------
 def cli(*argv: str) -> int:
-    from peftc.cli import main
+    from peftc.cli.main import main
 
     return main(["export", *argv])
 

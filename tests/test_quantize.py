@@ -12,7 +12,7 @@ import torch
 from families import FAMILIES, call, compile_family, logits, randomize_adapters
 
 import peftc
-from peftc import quant, quantized
+from peftc.ir import quantized, weight_codec
 from peftc.errors import SpecError
 
 LORA_QV = {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4}
@@ -87,9 +87,9 @@ def test_errors_at_compile_name_field_and_site():
 # -- the math --------------------------------------------------------------------------------
 def test_nibbles_round_trip():
     codes = torch.randint(0, 16, (6, 10), dtype=torch.uint8)
-    packed = quant.pack_nibbles(codes)
+    packed = weight_codec.pack_nibbles(codes)
     assert packed.shape == (6, 5) and packed.dtype == torch.uint8
-    assert torch.equal(quant.unpack_nibbles(packed), codes)
+    assert torch.equal(weight_codec.unpack_nibbles(packed), codes)
     assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)  # MatMulNBits order
 
 
@@ -97,11 +97,11 @@ def test_nibbles_round_trip():
                                          ("int4", True)])
 def test_quantize_round_trip(fmt, double):
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
-    tensors = quant.quantize(w, fmt, 64, double)
-    back = quant.dequantize(tensors, fmt, 64, 512, 64)
+    tensors = weight_codec.quantize(w, fmt, 64, double)
+    back = weight_codec.dequantize(tensors, fmt, 64, 512, 64)
     rel = float((back - w).norm() / w.norm())
     assert rel < {"int8": 0.01, "int4": 0.15, "nf4": 0.12}[fmt]
-    bits = 8 * quant.nbytes(tensors) / w.numel()
+    bits = 8 * weight_codec.nbytes(tensors) / w.numel()
     assert bits <= {"int8": 8.2, "int4": 4.65, "nf4": 4.5}[fmt] - (0.3 if double else 0)
 
 
@@ -109,17 +109,17 @@ def test_quantize_round_trip(fmt, double):
 def test_ragged_last_group_is_padded(fmt):
     """1376 (the LLaMA benchmark's intermediate size) is not a multiple of 64: the last group is zero-padded."""
     w = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
-    tensors = quant.quantize(w, fmt, 64)
+    tensors = weight_codec.quantize(w, fmt, 64)
     assert tensors[0].shape == (8, 64) and tensors[1].shape == (8, 2)
-    back = quant.dequantize(tensors, fmt, 8, 100, 64)
+    back = weight_codec.dequantize(tensors, fmt, 8, 100, 64)
     assert back.shape == w.shape and float((back - w).norm() / w.norm()) < 0.15
 
 
 def test_zero_rows_and_groups_stay_zero():
     w = torch.zeros(4, 128)
     w[1, :64] = 1.0
-    for fmt in quant.FORMATS:
-        back = quant.dequantize(quant.quantize(w, fmt, 64), fmt, 4, 128, 64)
+    for fmt in weight_codec.FORMATS:
+        back = weight_codec.dequantize(weight_codec.quantize(w, fmt, 64), fmt, 4, 128, 64)
         assert torch.allclose(back, w, atol=1e-6), fmt
 
 
@@ -135,7 +135,7 @@ def test_nf4_beats_int4_on_normal_weights():
     with evenly spaced absmax int4. peftc's int4 is asymmetric (min/max + zero point), which
     closes that gap: it is within a few percent of NF4."""
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
-    mse = {fmt: float((quant.dequantize(quant.quantize(w, fmt, 64), fmt, 256, 512, 64) - w).pow(2).mean())
+    mse = {fmt: float((weight_codec.dequantize(weight_codec.quantize(w, fmt, 64), fmt, 256, 512, 64) - w).pow(2).mean())
            for fmt in ("int4", "nf4")}
     plain = float((absmax_int4(w, 64) - w).pow(2).mean())
     assert mse["nf4"] < 0.8 * plain, (mse, plain)

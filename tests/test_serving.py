@@ -166,8 +166,8 @@ def test_training_gradients_equal_single_adapter_models(tmp_path):
 
 
 def _mlp_graph():
-    from peftc.capture import capture
-    from peftc.sites import find_sites
+    from peftc.capture.export import capture
+    from peftc.ir.sites import find_sites
 
     family = FAMILIES["mlp"]
     model = family.build()
@@ -179,7 +179,7 @@ def test_pass_without_adapters_changes_nothing():
     from torch import nn
 
     from peftc.passes.lower_lora_multi import ServingPlan, lower_lora_multi
-    from peftc.pipeline import PassContext
+    from peftc.pipeline.runner import PassContext
 
     _, gm, sites = _mlp_graph()
     before = gm.code

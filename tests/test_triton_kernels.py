@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs: b
 import pytest
 import torch
 
-from peftc import quant
+from peftc.ir import weight_codec
 from peftc.codegen.triton import ops, reference
 
 
@@ -91,8 +91,8 @@ def test_fused_forward_3d_input_and_transposed_weight():
 
 def _packed(fmt, w, group, double_quant=False):
     """(qdata, dense) as the quantize_base pass stores a [N, K] weight, and what it stands for."""
-    qdata = quant.quantize(w.float(), fmt, group, double_quant)
-    return qdata, quant.dequantize(qdata, fmt, w.shape[0], w.shape[1], group)
+    qdata = weight_codec.quantize(w.float(), fmt, group, double_quant)
+    return qdata, weight_codec.dequantize(qdata, fmt, w.shape[0], w.shape[1], group)
 
 
 @pytest.mark.parametrize("fmt, double_quant", [("int8", False), ("int4", False), ("int4", True), ("nf4", False),
@@ -142,7 +142,7 @@ def test_custom_op_registration_and_autograd():
                              leaves)
 
 
-@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("fmt", weight_codec.FORMATS)
 def test_quantized_custom_op_autograd(fmt):
     k, n, group = 20, 6, 8
     x, w, bias, a, b = _tensors(5, k, n, 2, torch.float64)

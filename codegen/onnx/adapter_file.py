@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftc import adapters
+from peftc.ir import adapters
 from peftc.errors import ExportError
 
 from .files import atomic_output
@@ -35,7 +35,7 @@ def export_adapter(cm_or_adapter_dir, path) -> Path:
 
 def _source(cm_or_adapter_dir):
     if isinstance(cm_or_adapter_dir, (str, Path)):
-        from peftc.checkpoint import read_adapter
+        from peftc.runtime.checkpoint import read_adapter
 
         return read_adapter(cm_or_adapter_dir)
     if hasattr(cm_or_adapter_dir, "adapter_state_dict") and hasattr(cm_or_adapter_dir, "spec"):

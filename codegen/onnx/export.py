@@ -16,9 +16,9 @@ import onnx_ir as ir
 import torch
 from torch.fx import GraphModule
 
-from peftc.capture import CallSignature, capture, normalize_call
-from peftc.compiled import GraphDispatch
-from peftc.compiler import example_call
+from peftc.capture.export import CallSignature, capture, normalize_call
+from peftc.runtime.compiled import GraphDispatch
+from peftc.compiler.compile import example_call
 from peftc.errors import ExportError
 from peftc.passes.fuse_lora_shrinks import unfuse_lora_shrinks
 

@@ -12,8 +12,8 @@ import numbers
 import torch
 from torch.fx import GraphModule
 
-from peftc.graph_edit import provenance
-from peftc.modes import set_mode
+from peftc.ir.graph_edit import provenance
+from peftc.ir.modes import set_mode
 
 aten = torch.ops.aten
 

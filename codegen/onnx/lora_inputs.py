@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from peftc import adapters
+from peftc.ir import adapters
 
 def lora_names(graph: ir.Graph) -> list[str]:
     """Initializer names of LoRA factors in the exported graph."""

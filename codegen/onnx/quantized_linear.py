@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from peftc import quant, quantized
+from peftc.ir import quantized, weight_codec
 
 CONTRIB = "com.microsoft"
 
@@ -67,7 +67,7 @@ def _nf4_weight(op, qdata, out_features: int, in_features: int, group_size: int)
     codes = op.Reshape(op.Concat(op.Unsqueeze(low, op.Constant(value_ints=[2])),
                                  op.Unsqueeze(high, op.Constant(value_ints=[2])), axis=2),
                        op.Constant(value_ints=[out_features, blocks, group_size]))
-    values = op.Gather(op.Constant(value_floats=list(quant.NF4_CODE)), op.Cast(codes, to=7))
+    values = op.Gather(op.Constant(value_floats=list(weight_codec.NF4_CODE)), op.Cast(codes, to=7))
     absmax = op.Reshape(_scales(op, qdata[1:], out_features * blocks), op.Constant(value_ints=[out_features, blocks, 1]))
     weight = op.Reshape(op.Mul(values, absmax), op.Constant(value_ints=[out_features, blocks * group_size]))
     return op.Slice(weight, op.Constant(value_ints=[0]), op.Constant(value_ints=[in_features]),
@@ -79,7 +79,7 @@ def _scales(op, tensors, count: int):
     if len(tensors) == 1:
         return op.Reshape(tensors[0], op.Constant(value_ints=[-1]))
     codes, block_scale, mean = tensors
-    blocks = op.Reshape(op.Cast(codes, to=1), op.Constant(value_ints=[-1, quant.SCALE_BLOCK]))
+    blocks = op.Reshape(op.Cast(codes, to=1), op.Constant(value_ints=[-1, weight_codec.SCALE_BLOCK]))
     values = op.Reshape(op.Mul(blocks, op.Unsqueeze(block_scale, op.Constant(value_ints=[1]))),
                         op.Constant(value_ints=[-1]))
     return op.Add(op.Slice(values, op.Constant(value_ints=[0]), op.Constant(value_ints=[count])), mean)

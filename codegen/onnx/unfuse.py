@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc import quantized
-from peftc.graph_edit import provenance
+from peftc.ir import quantized
+from peftc.ir.graph_edit import provenance
 
 aten = torch.ops.aten
 

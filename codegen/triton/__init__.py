@@ -11,7 +11,7 @@ uses the kernels once moved to a CUDA device.
 
 Modules: reference (torch oracles), kernels (the one strided fused matmul kernel), fused
 (forward/backward launchers), multi (BGMV/SGMV kernels), ops and multi_ops (torch.library
-custom ops: CUDA/other kernels, fake, autograd). Packed weights use peftc.quant's layouts, as quantize_base stores them.
+custom ops: CUDA/other kernels, fake, autograd). Packed weights use peftc.ir.weight_codec's layouts, as quantize_base stores them.
 Kernel modules import triton lazily from the ops, so importing peftc never needs triton.
 Tests run the kernels on CPU with TRITON_INTERPRET=1 (set before the kernel modules load).
 """

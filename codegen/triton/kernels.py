@@ -5,7 +5,7 @@ One strided kernel computes
     out[M, P] = alpha * X[M, Q] @ op(W)[Q, P]  +  scale * H[M, R] @ op(B)[R, P]  (+ bias[P])
 
 where op(W) reads the base weight W[N, K] either as W^T (forward: P = N, Q = K) or as W
-(dx: P = K, Q = N), dequantizing int8 / int4 / nf4 in the tile loader (peftc.quant's
+(dx: P = K, Q = N), dequantizing int8 / int4 / nf4 in the tile loader (peftc.ir.weight_codec's
 layouts, as the quantize_base pass stores them). H is
 either computed inside the K loop from the same X tiles (H = X @ A^T, one launch: the
 activations are read once) or read precomputed (a separate shrink launch, then the expand is
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from peftc import quant
+from peftc.ir import weight_codec
 
 QUANT_CODE = {"int8": 1, "int4": 2, "nf4": 3}  # the kernel's QUANT constexpr (0: a float weight)
 
@@ -35,7 +35,7 @@ QUANT_CODE = {"int8": 1, "int4": 2, "nf4": 3}  # the kernel's QUANT constexpr (0
 def _load_weight(w_ptr, s_ptr, z_ptr, code_ptr, n, k, mask, stride_wn, stride_wk, stride_sn, stride_sg, group,
                  QUANT: tl.constexpr):
     """W[n, k] for broadcastable index tensors n, k (any tile orientation): a float weight in its own
-    dtype (no round trip through fp32), a packed one (peftc.quant's layouts) dequantized to float32.
+    dtype (no round trip through fp32), a packed one (peftc.ir.weight_codec's layouts) dequantized to float32.
     Zero points share the scales' [N, groups] strides."""
     if QUANT == 0:
         w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
@@ -140,7 +140,7 @@ def _kernel_and_blocks() -> tuple:
 
 
 class Weight:
-    """A base weight W[N, K] for the kernel: a float tensor, or a packed one in peftc.quant's layout.
+    """A base weight W[N, K] for the kernel: a float tensor, or a packed one in peftc.ir.weight_codec's layout.
 
     Packed: `tensor` holds the codes (int8 [N, K], or two 4-bit codes per byte [N, K_padded / 2]),
     `scales` f32 ([N] for int8, [N, groups] otherwise), `zero_points` uint8 [N, groups] for int4.
@@ -156,7 +156,7 @@ class Weight:
     @classmethod
     def packed(cls, qdata: list[torch.Tensor], fmt: str, out_features: int, in_features: int,
                group_size: int) -> "Weight":
-        """From a quantized tensor list as peftc.quant.quantize returns it (and quantize_base stores it).
+        """From a quantized tensor list as peftc.ir.weight_codec.quantize returns it (and quantize_base stores it).
         Double-quantized scales are expanded first: [N, groups] floats, a small tensor next to W."""
         if fmt not in QUANT_CODE:
             raise ValueError(f"quantized weight format: expected one of {list(QUANT_CODE)}, got {fmt!r}")
@@ -164,7 +164,7 @@ class Weight:
             return cls(qdata[0], fmt, qdata[1].float())
         groups = -(-in_features // group_size)
         zero_points, scale_data = (qdata[1], qdata[2:]) if fmt == "int4" else (None, qdata[1:])
-        scales = quant.group_scales(list(scale_data), out_features, groups).contiguous()
+        scales = weight_codec.group_scales(list(scale_data), out_features, groups).contiguous()
         return cls(qdata[0], fmt, scales, group_size, in_features, zero_points)
 
     def kernel_args(self) -> dict:
@@ -175,7 +175,7 @@ class Weight:
         s = self.scales
         if self.zero_points is not None and self.zero_points.stride() != s.stride():
             raise ValueError("int4 zero points and scales must share a layout ([N, groups], same strides)")
-        code = quant.nf4_code(t.device) if self.fmt == "nf4" else s
+        code = weight_codec.nf4_code(t.device) if self.fmt == "nf4" else s
         stride_sg = s.stride(1) if s.dim() == 2 else 0
         return dict(w_ptr=t, s_ptr=s, z_ptr=self.zero_points if self.zero_points is not None else s, code_ptr=code,
                     stride_wn=t.stride(0), stride_wk=t.stride(1), stride_sn=s.stride(0), stride_sg=stride_sg,

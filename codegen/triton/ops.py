@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from peftc import quantized
+from peftc.ir import quantized
 
 from . import reference
 
@@ -128,7 +128,7 @@ torch.library.register_autograd("peftc::lora_linear", _backward_float, setup_con
 
 # -- packed quantized base weight (quantize_base's peftc::quantized_linear + LoRA) -----------------
 # The arguments after x mirror peftc::quantized_linear's: qdata is the packed tensor list of
-# peftc.quant (codes, [zero points,] scales or double-quantized scales), compute_dtype the dtype
+# peftc.ir.weight_codec (codes, [zero points,] scales or double-quantized scales), compute_dtype the dtype
 # the base matmul runs in. The torch path is that op's math plus the LoRA branch, op for op.
 
 @torch.library.custom_op("peftc::lora_linear_q", mutates_args=())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from peftc.errors import CheckpointError, SpecError
-from peftc.spec import Spec
+from peftc.spec.parse import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft
 from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
@@ -193,7 +193,7 @@ def load_adapter_dir(model: nn.Module, path, *, allow_pickle: bool = False, **co
     """A CompiledModel from a peftc checkpoint (spec.json + adapter.safetensors) or a PEFT adapter
     directory (adapter_config.json), whichever `path` is: the CLI's --adapter."""
     import peftc
-    from peftc.checkpoint import SPEC_FILE, WEIGHTS_FILE, read_adapter
+    from peftc.runtime.checkpoint import SPEC_FILE, WEIGHTS_FILE, read_adapter
 
     path = Path(path)
     if (path / SPEC_FILE).is_file():

@@ -49,7 +49,7 @@ def spec_dict_from_peft(config: Any) -> dict:
     row = PEFT_TYPES.get(peft_type)
     if row is None:
         raise SpecError(f"peft_type: {cfg.get('peft_type')!r} is not supported; supported: {supported_types()}")
-    from peftc.methods import METHODS
+    from peftc.spec.methods import METHODS
 
     if row.method not in METHODS or not row.verified:
         raise SpecError(f"peft_type: {peft_type} is not yet supported by this peftc build (it needs the "

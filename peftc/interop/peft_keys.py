@@ -9,7 +9,7 @@ parameters under their FQN, with `base_layer.` inserted when PEFT wrapped that m
 
 from __future__ import annotations
 
-from peftc import adapters
+from peftc.ir import adapters
 
 PREFIX = "base_model.model."
 

@@ -25,7 +25,7 @@ class PeftRow:
 
 
 def supported_types() -> list[str]:
-    from peftc.methods import METHODS
+    from peftc.spec.methods import METHODS
 
     return [name for name, row in PEFT_TYPES.items() if row.method in METHODS and row.verified]
 
@@ -108,7 +108,7 @@ def _lora_or_dora(cfg: dict) -> str:
     """use_dora=True is peftc's separate 'dora' method (same fields as LoRA, plus a magnitude vector)."""
     if not cfg.get("use_dora"):
         return "lora"
-    from peftc.methods import METHODS
+    from peftc.spec.methods import METHODS
 
     if "dora" not in METHODS:
         raise SpecError(f"use_dora: DoRA adapters need peftc's 'dora' method, which this build lacks; "

@@ -1,5 +1,5 @@
 """Module-name patterns, both ways: HF PEFT's target_modules / exclude_modules / rank_pattern keys
-and peftc's targets (bare name, glob, or "re:" regex; see peftc.targets).
+and peftc's targets (bare name, glob, or "re:" regex; see peftc.core.targets).
 
 PEFT's rules (peft/tuners/tuners_utils.py, check_target_module_exists):
 - a list entry `t` matches a module named `t` or ending in `.t` (t is literal);
@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from peftc.errors import SpecError
-from peftc.targets import GLOB_CHARS
+from peftc.core.targets import GLOB_CHARS
 
 ANY_PREFIX = r"(?:.*\.)?"  # "", or any module path followed by a dot
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-]+")

@@ -17,7 +17,7 @@ def save_peft(cm, directory) -> Path:
     """Write adapter_config.json + adapter_model.safetensors with PEFT's tensor keys."""
     from safetensors.torch import save_file
 
-    from peftc.checkpoint import _replace_dir
+    from peftc.runtime.checkpoint import _replace_dir
 
     config = peft_config_from_spec(cm.spec)
     if "fan_in_fan_out" in config:

@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from . import adapters, quant
+from peftc.ir import adapters, weight_codec
 
 ROOT = "quantized"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,7 +43,7 @@ class QuantizedWeight(nn.Module):
     def from_weight(cls, weight: torch.Tensor, config) -> "QuantizedWeight":
         """Quantize a [out, in] weight as `config` (a QuantizeConfig) says."""
         fmt = config.format_name
-        tensors = quant.quantize(weight, fmt, config.group_size, config.double_quant)
+        tensors = weight_codec.quantize(weight, fmt, config.group_size, config.double_quant)
         return cls(tensors, fmt, weight.shape[0], weight.shape[1], config.group_size)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -53,11 +53,11 @@ class QuantizedWeight(nn.Module):
         return list(self._buffers)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return quant.dequantize(self.tensors(), self.fmt, self.out_features, self.in_features, self.group_size,
+        return weight_codec.dequantize(self.tensors(), self.fmt, self.out_features, self.in_features, self.group_size,
                                 dtype)
 
     def nbytes(self) -> int:
-        return quant.nbytes(self.tensors())
+        return weight_codec.nbytes(self.tensors())
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, {self.out_features}x{self.in_features}, group={self.group_size}"
@@ -101,14 +101,14 @@ def quantized_linear(x: torch.Tensor, qdata: list[torch.Tensor], bias: torch.Ten
 
 def linear(x, qdata, bias, fmt, out_features, in_features, group_size, compute_dtype) -> torch.Tensor:
     """The op's math, callable from other ops (the fused dequant + LoRA op's torch path)."""
-    weight = quant.dequantize(qdata, fmt, out_features, in_features, group_size, compute_dtype)
+    weight = weight_codec.dequantize(qdata, fmt, out_features, in_features, group_size, compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
     return torch.nn.functional.linear(x.to(compute_dtype), weight, b).to(x.dtype)
 
 
 def linear_grad_x(grad, qdata, fmt, out_features, in_features, group_size, compute_dtype, x_dtype) -> torch.Tensor:
     """d linear / dx: the weight dequantized again (never saved in full precision)."""
-    weight = quant.dequantize(qdata, fmt, out_features, in_features, group_size, compute_dtype)
+    weight = weight_codec.dequantize(qdata, fmt, out_features, in_features, group_size, compute_dtype)
     return (grad.to(compute_dtype) @ weight).to(x_dtype)
 
 

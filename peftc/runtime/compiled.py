@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from . import adapters
-from .capture import CallSignature, normalize_call
-from .modes import set_mode
+from peftc.ir import adapters
+from peftc.capture.export import CallSignature, normalize_call
+from peftc.ir.modes import set_mode
 
 
 class GraphDispatch(nn.Module):
@@ -86,12 +86,12 @@ class CompiledModel(GraphDispatch):
         return out
 
     def save_adapter(self, directory, format: str = "peftc") -> Path:
-        from .checkpoint import save_adapter
+        from peftc.runtime.checkpoint import save_adapter
 
         return save_adapter(self, directory, format=format)
 
     def load_adapter(self, directory) -> "CompiledModel":
-        from .checkpoint import load_adapter
+        from peftc.runtime.checkpoint import load_adapter
 
         load_adapter(self, directory)
         return self
@@ -116,33 +116,33 @@ class CompiledModel(GraphDispatch):
 
     def report(self, scope: str | None = None):
         """What the passes did (from their records); `scope` keeps the site rows under one module path."""
-        from .report import Report
+        from peftc.inspect.report import Report
 
         return Report.build(self, scope)
 
-    # -- inspection (peftc.inspect_graph, peftc.dot) ------------------------------------
+    # -- inspection (peftc.inspect.graph_view, peftc.inspect.dot) ------------------------------------
     def diff(self, scope: str | None = None) -> str:
         """The graph before vs after as text, grouped by site; `scope` limits it to one module path."""
-        from .graph_diff import diff_text
+        from peftc.inspect.diff import diff_text
 
         return diff_text(self.graph_module, self.sites, self.records, scope)
 
     def to_dot(self, scope: str | None = None) -> str:
         """DOT text of the graph (or of `scope`), inserted nodes coloured by method."""
-        from .dot import to_dot
+        from peftc.inspect.dot import to_dot
 
         return to_dot(self.graph_module, scope)
 
     def render(self, path, scope: str | None = None, format: str | None = None) -> Path:
         """Write the graph as SVG/PNG/PDF (from the suffix) with the graphviz `dot` program."""
-        from .dot import render
+        from peftc.inspect.dot import render
 
         return render(self.to_dot(scope), path, format)
 
     def to_networkx(self, scope: str | None = None):
         """A networkx.DiGraph, one node per graph node (attrs: op, target, module_path, shape, dtype,
         inserted_by)."""
-        from .inspect_graph import to_networkx
+        from peftc.inspect.graph_view import to_networkx
 
         return to_networkx(self.graph_module, scope)
 

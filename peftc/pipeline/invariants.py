@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 from torch.fx import GraphModule
 
-from . import adapters
+from peftc.ir import adapters
 
 
 class InvariantError(RuntimeError):

@@ -17,9 +17,9 @@ from typing import Any, Callable
 from torch import nn
 from torch.fx import GraphModule
 
-from . import invariants
-from .graph_changes import ChangeWatch
-from .sites import Site
+from peftc.pipeline import invariants
+from peftc.pipeline.changes import ChangeWatch
+from peftc.ir.sites import Site
 
 
 @dataclass

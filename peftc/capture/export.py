@@ -1,7 +1,7 @@
 """Capture: nn.Module + example inputs -> an ATen training-IR GraphModule (torch.export, non-strict).
 
 Capture always runs the model in train mode, so dropout and batch-norm nodes appear with
-their training behaviour; `peftc.modes` flips them for eval. Batch and sequence dimensions
+their training behaviour; `peftc.ir.modes` flips them for eval. Batch and sequence dimensions
 are exported as `Dim.AUTO`: dynamic wherever the model allows it.
 """
 
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from . import layer_stacks
-from .errors import CaptureError
+from peftc.capture import layer_stacks
+from peftc.errors import CaptureError
 
 COPIED_LAYERS = "peftc_copied_layers"  # gm.meta key: which layers capture copied instead of tracing
 EXAMPLE_BATCH = 2
@@ -143,7 +143,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = N
     """Export `model` in train mode and return the unlifted GraphModule (params by FQN).
 
     With `copy_layers`, stacks of identical layers are exported as two layers and copied
-    (`peftc.layer_stacks`); if that cannot be done exactly, every layer is exported.
+    (`peftc.capture.layer_stacks`); if that cannot be done exactly, every layer is exported.
     """
     if dynamic_shapes is None:
         args = tuple(widen(a) for a in args)

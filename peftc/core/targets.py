@@ -12,7 +12,7 @@ import fnmatch
 import re
 from typing import Iterable
 
-from .errors import SpecError
+from peftc.errors import SpecError
 
 GLOB_CHARS = set("*?[.")
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .cli_common import UsageError, add_model_argument, compile_model, load_model
+from peftc.cli.common import UsageError, add_model_argument, compile_model, load_model
 
 HELP = "export a model (with an adapter) to ONNX: merged, quantized, or with swappable LoRA adapters"
 

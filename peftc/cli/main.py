@@ -1,7 +1,7 @@
 """The `peftc` command line (also `python -m peftc`).
 
 Each subcommand is a module with `HELP`, `add_arguments(parser)` and `run(args) -> exit code`;
-it is registered by one line in SUBCOMMANDS and shares its helpers from `peftc.cli_common`.
+it is registered by one line in SUBCOMMANDS and shares its helpers from `peftc.cli.common`.
 Errors a user can fix (bad spec, missing model, target that matches nothing, ...) print one
 line and exit 2; anything else is a bug and keeps its traceback.
 """
@@ -12,18 +12,18 @@ import argparse
 import importlib
 import sys
 
-from .cli_common import EXPECTED_ERRORS, one_line
+from peftc.cli.common import EXPECTED_ERRORS, one_line
 
 EXIT_USAGE = 2
 
 SUBCOMMANDS = {
-    "inspect": "peftc.cli_inspect",
-    "export": "peftc.cli_export",
+    "inspect": "peftc.cli.inspect",
+    "export": "peftc.cli.export",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from peftc import __version__
 
     parser = argparse.ArgumentParser(prog="peftc", description="peftc: a compiler for parameter-efficient fine-tuning")
     parser.add_argument("--version", action="version", version=f"peftc {__version__}")

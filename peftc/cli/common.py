@@ -3,7 +3,7 @@
 MODEL is either a local transformers model directory (config.json + weights, loaded offline
 with the class named in config.architectures) or `package.module:factory`, a callable that
 returns a model or a `(model, example_inputs)` pair. Errors a user can fix from the command
-line are in `EXPECTED_ERRORS`; `peftc.cli.main` prints them on one line and exits 2.
+line are in `EXPECTED_ERRORS`; `peftc.cli.main.main` prints them on one line and exits 2.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .dot import GraphvizNotFoundError
-from .errors import CaptureError, CheckpointError, ExportError, SpecError
-from .inspect_graph import ScopeError
+from peftc.inspect.dot import GraphvizNotFoundError
+from peftc.errors import CaptureError, CheckpointError, ExportError, SpecError
+from peftc.inspect.graph_view import ScopeError
 
 FACTORY_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -137,7 +137,7 @@ def _import_with_cwd(module_name: str, ref: str):
 # -- spec and adapter --------------------------------------------------------------------------
 def spec_from_args(args: argparse.Namespace):
     """The Spec from --spec (read before the model loads, so a bad spec fails fast); else None."""
-    from .spec import Spec
+    from peftc.spec.parse import Spec
 
     return Spec.load(args.spec) if getattr(args, "spec", None) is not None else None
 
@@ -146,7 +146,7 @@ def compile_model(loaded: LoadedModel, spec=None, adapter_dir: Path | None = Non
     """peftc.compile with `spec`, or with the adapter in `adapter_dir` (a peftc checkpoint or a PEFT
     adapter directory, spec and weights both from there), using the loaded model's example inputs."""
     import peftc
-    from .interop import load_adapter_dir
+    from peftc.interop import load_adapter_dir
 
     inputs = {"example_inputs": loaded.example_inputs, "example_kwargs": loaded.example_kwargs}
     if adapter_dir is not None:

@@ -1,6 +1,6 @@
 """Views of a compiled graph: node facts (one-line text, shapes), scopes and a networkx graph.
 
-The before/after diff built from these is in peftc.graph_diff.
+The before/after diff built from these is in peftc.inspect.diff.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import fnmatch
 import torch
 from torch.fx import GraphModule, Node
 
-from . import adapters
-from .graph_edit import provenance
-from .shapes import DYNAMIC_MARK, Shape, example_size, node_shape
-from .sites import module_path_of
-from .targets import nearest_hint
+from peftc.ir import adapters
+from peftc.ir.graph_edit import provenance
+from peftc.ir.shapes import DYNAMIC_MARK, Shape, example_size, node_shape
+from peftc.ir.sites import module_path_of
+from peftc.core.targets import nearest_hint
 
 GLOB_CHARS = set("*?[")
 # torch.export's placeholder for "no module": treat it as the top level.
@@ -122,7 +122,7 @@ def to_networkx(gm: GraphModule, scope: str | None = None):
     """A networkx.DiGraph: one node per graph node (by name), an edge per data dependency.
 
     `shape` is a tuple of the example inputs' sizes; `dynamic_dims` the indices of the dims
-    that vary with the input (see peftc.shapes).
+    that vary with the input (see peftc.ir.shapes).
     """
     import networkx as nx
 

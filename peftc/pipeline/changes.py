@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
 
-from .graph_edit import provenance
-from .inspect_graph import format_node, node_module_path, op_name
-from .shapes import Shape, node_shape
+from peftc.ir.graph_edit import provenance
+from peftc.inspect.graph_view import format_node, node_module_path, op_name
+from peftc.ir.shapes import Shape, node_shape
 
 
 @dataclass(frozen=True)

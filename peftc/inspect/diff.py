@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 from torch.fx import GraphModule, Node
 
-from .graph_edit import provenance
-from .inspect_graph import format_node, in_scope, node_module_path, op_name, select_nodes
-from .shapes import LEGEND, has_dynamic, node_shape
+from peftc.ir.graph_edit import provenance
+from peftc.inspect.graph_view import format_node, in_scope, node_module_path, op_name, select_nodes
+from peftc.ir.shapes import LEGEND, has_dynamic, node_shape
 
 if TYPE_CHECKING:
-    from .graph_changes import NodeText
-    from .pipeline import PassRecord
+    from peftc.pipeline.changes import NodeText
+    from peftc.pipeline.runner import PassRecord
 
 
 @dataclass
@@ -99,7 +99,7 @@ def _first_inputs(records) -> dict[str, "NodeText"]:
 
 def diff_text(gm: GraphModule, sites, records, scope: str | None = None) -> str:
     """The graph before vs after, grouped by site; repeated layers with the same rewrite are folded."""
-    from .report import group_paths
+    from peftc.inspect.report import group_paths
 
     if scope is not None and not any(in_scope(key, scope) for key in _erased_by_key(records)):
         select_nodes(gm, scope)  # a scope that names nothing is an error, not an empty diff

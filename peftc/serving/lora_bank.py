@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SpecError
-from .sites import Site
-from .spec import Spec
+from peftc.errors import CheckpointError, SpecError
+from peftc.ir.sites import Site
+from peftc.spec.parse import Spec
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class LoraAdapter:
 
 def load_adapter(name: str, source: Any, model: nn.Module) -> LoraAdapter:
     """Read one adapter: a CompiledModel, a peftc checkpoint folder, or a PEFT adapter folder."""
-    from .compiled import CompiledModel
+    from peftc.runtime.compiled import CompiledModel
 
     if isinstance(source, CompiledModel):
         return lora_adapter(name, source.spec, source.adapter_state_dict())
@@ -47,8 +47,8 @@ def load_adapter(name: str, source: Any, model: nn.Module) -> LoraAdapter:
         raise TypeError(f"adapter {name!r}: expected a CompiledModel or an adapter directory, "
                         f"got {type(source).__name__}")
     path = Path(source)
-    from .checkpoint import SPEC_FILE, read_adapter
-    from .interop.from_peft import CONFIG_FILE
+    from peftc.runtime.checkpoint import SPEC_FILE, read_adapter
+    from peftc.interop.from_peft import CONFIG_FILE
 
     if (path / SPEC_FILE).is_file():
         spec, tensors = read_adapter(path)
@@ -99,9 +99,9 @@ def _only_lora(name: str, spec: Spec):
 
 
 def _peft_adapter(name: str, path: Path, model: nn.Module) -> LoraAdapter:
-    from .interop.from_peft import read_peft_weights, resolve_all_linear
-    from .interop.peft_config import as_config_dict, spec_dict_from_peft
-    from .interop.peft_keys import PREFIX, normalize
+    from peftc.interop.from_peft import read_peft_weights, resolve_all_linear
+    from peftc.interop.peft_config import as_config_dict, spec_dict_from_peft
+    from peftc.interop.peft_keys import PREFIX, normalize
 
     config = resolve_all_linear(as_config_dict(path), model)
     if config.get("modules_to_save") or (config.get("bias") or "none") != "none":

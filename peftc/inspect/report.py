@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from . import adapters, quantized
-from .capture import COPIED_LAYERS
-from .inspect_graph import in_scope, select_nodes
-from .shapes import LEGEND, Shape, node_shape
+from peftc.ir import adapters, quantized
+from peftc.capture.export import COPIED_LAYERS
+from peftc.inspect.graph_view import in_scope, select_nodes
+from peftc.ir.shapes import LEGEND, Shape, node_shape
 
 
 @dataclass
@@ -126,7 +126,7 @@ def _site_labels(paths: list[str]) -> str:
 
 def _method_rows(cm) -> list[dict]:
     """Per spec entry: every site it touched, the parameters it added, and what merged() does with it."""
-    from .methods import METHODS
+    from peftc.spec.methods import METHODS
 
     rows = []
     for record in cm.records:

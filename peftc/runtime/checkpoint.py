@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .spec import Spec
+from peftc.errors import CheckpointError
+from peftc.spec.parse import Spec
 
 WEIGHTS_FILE = "adapter.safetensors"
 SPEC_FILE = "spec.json"
@@ -24,7 +24,7 @@ FORMAT_VERSION = "1"
 
 def save_adapter(cm, directory, format: str = "peftc") -> Path:
     if format == "peft":
-        from .interop.save_peft import save_peft
+        from peftc.interop.save_peft import save_peft
 
         return save_peft(cm, directory)
     if format != "peftc":

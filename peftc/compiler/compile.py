@@ -8,15 +8,15 @@ from typing import Any
 from torch import nn
 from torch.fx import GraphModule
 
-from . import adapters
-from .capture import CallSignature, capture, hf_example_inputs, is_hf_model, normalize_call
-from .compiled import CompiledModel, GraphDispatch
-from .errors import CaptureError, SpecError
-from .methods import METHODS
-from .modes import record_modes
-from .pipeline import PassContext, PassRecord, Step, run_pipeline
-from .sites import Site, find_sites
-from .spec import Spec
+from peftc.ir import adapters
+from peftc.capture.export import CallSignature, capture, hf_example_inputs, is_hf_model, normalize_call
+from peftc.runtime.compiled import CompiledModel, GraphDispatch
+from peftc.errors import CaptureError, SpecError
+from peftc.spec.methods import METHODS
+from peftc.ir.modes import record_modes
+from peftc.pipeline.runner import PassContext, PassRecord, Step, run_pipeline
+from peftc.ir.sites import Site, find_sites
+from peftc.spec.parse import Spec
 
 BACKENDS = ("torch", "triton")
 
@@ -28,7 +28,7 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
 
     On failure the model is left exactly as it was (parameters, requires_grad flags, mode).
     `copy_layers=False` exports every layer of identical layer stacks instead of copying
-    the second one (see peftc.layer_stacks).
+    the second one (see peftc.capture.layer_stacks).
     """
     spec = as_spec(spec)
     if backend not in BACKENDS:
@@ -71,7 +71,7 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
 def _recapture_source(model: nn.Module, gm: GraphModule, shared: dict) -> nn.Module:
     """The model later graphs are captured from: the user's, minus the weights quantize_base packed away."""
     from peftc.passes.quantize_base import STATE_KEY
-    from .quantized import quantized_weights, without_quantized_weights
+    from peftc.ir.quantized import quantized_weights, without_quantized_weights
 
     if STATE_KEY not in shared:
         return model

@@ -25,15 +25,15 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from . import adapters
-from .capture import CallSignature, capture
-from .compiled import GraphDispatch
-from .compiler import example_call
-from .errors import SpecError
-from .lora_bank import LoraBank, load_adapter
-from .modes import record_modes
-from .pipeline import PassContext, PassRecord, Step, run_pipeline
-from .sites import find_sites
+from peftc.ir import adapters
+from peftc.capture.export import CallSignature, capture
+from peftc.runtime.compiled import GraphDispatch
+from peftc.compiler.compile import example_call
+from peftc.errors import SpecError
+from peftc.serving.lora_bank import LoraBank, load_adapter
+from peftc.ir.modes import record_modes
+from peftc.pipeline.runner import PassContext, PassRecord, Step, run_pipeline
+from peftc.ir.sites import find_sites
 
 BACKENDS = ("triton",)
 BASE_NAMES = (None, "__base__")  # ids meaning the base alone (PEFT's mixed batches name it "__base__")

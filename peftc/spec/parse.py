@@ -1,7 +1,7 @@
 """The PEFT spec: which methods go where, which base parameters train, how the base is stored.
 
 A spec file is data, never code: entries are parsed through the method table in
-`peftc.methods` (an allow-list), each into its own frozen dataclass.
+`peftc.spec.methods` (an allow-list), each into its own frozen dataclass.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import SpecError
-from .fields import dataclass_to_dict, fail, optional_pattern_list, parse_dataclass
+from peftc.errors import SpecError
+from peftc.core.fields import dataclass_to_dict, fail, optional_pattern_list, parse_dataclass
 
 SPEC_VERSION = 1
 TOP_LEVEL_FIELDS = ("version", "adapters", "trainable", "quantize")
@@ -56,13 +56,13 @@ class Spec:
     @classmethod
     def from_peft_config(cls, config: Any) -> "Spec":
         """The spec for an HF PEFT config (a PeftConfig, a dict, or an adapter_config.json path)."""
-        from .interop.peft_config import spec_dict_from_peft
+        from peftc.interop.peft_config import spec_dict_from_peft
 
         return cls.from_dict(spec_dict_from_peft(config))
 
     def to_peft_config(self) -> dict:
         """This spec as an HF PEFT adapter_config.json dict; SpecError names what PEFT cannot express."""
-        from .interop.peft_config import peft_config_from_spec
+        from peftc.interop.peft_config import peft_config_from_spec
 
         return peft_config_from_spec(self)
 
@@ -111,7 +111,7 @@ def entry_to_dict(entry: Any) -> dict:
 
 
 def _parse_adapters(value: Any) -> tuple:
-    from .methods import METHODS
+    from peftc.spec.methods import METHODS
 
     if not isinstance(value, (list, tuple)):
         raise fail("spec.adapters", "a list of method entries", value)
@@ -130,7 +130,7 @@ def _parse_adapters(value: Any) -> tuple:
 def _parse_quantize(value: Any) -> Any:
     if value is None:
         return None
-    from .methods import QUANTIZE_CONFIG
+    from peftc.spec.methods import QUANTIZE_CONFIG
 
     if QUANTIZE_CONFIG is None:
         raise SpecError("spec.quantize: quantized bases are not available in this build; expected null")

@@ -11,7 +11,7 @@ import difflib
 import math
 from typing import Any, Callable, Mapping
 
-from .errors import SpecError
+from peftc.errors import SpecError
 
 Check = Callable[[Any, str], Any]  # (value, field path) -> normalized value, or raise SpecError
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from torch.fx import GraphModule, Node
 
-from .graph_edit import provenance
-from .inspect_graph import node_module_path, op_name, select_nodes, value_text
-from .shapes import LEGEND, has_dynamic, node_shape
+from peftc.ir.graph_edit import provenance
+from peftc.inspect.graph_view import node_module_path, op_name, select_nodes, value_text
+from peftc.ir.shapes import LEGEND, has_dynamic, node_shape
 
 # graphviz colour names, so the legend reads as words
 METHOD_COLOURS = {"lora": "sandybrown", "dora": "salmon", "adapter": "mediumaquamarine", "ia3": "khaki",

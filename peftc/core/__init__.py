@@ -1,0 +1,4 @@
+"""The vocabulary every stage shares: config field checks, target patterns, atomic file writes.
+
+Imports nothing of peftc but `peftc.errors`.
+"""

@@ -1,0 +1,1 @@
+"""The runtime: the compiled model users call, train and save."""

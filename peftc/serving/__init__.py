@@ -1,0 +1,1 @@
+"""Serving: one base model, many adapters, each batch row picks its own."""
