@@ -19,6 +19,7 @@ EXIT_USAGE = 2
 SUBCOMMANDS = {
     "inspect": "peftc.cli.inspect",
     "export": "peftc.cli.export",
+    "merge": "peftc.cli.merge",
 }
 
 

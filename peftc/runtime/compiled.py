@@ -114,6 +114,20 @@ class CompiledModel(GraphDispatch):
                              "this model's spec has no 'quantize' section")
         return self._merge_build(**options)
 
+    def merge_and_unload(self, inplace: bool = False, *, dtype: torch.dtype | None = None,
+                         base_state_dict: dict | None = None) -> nn.Module:
+        """A model of the original class with every adapter folded in (transformers: save_pretrained works).
+
+        A new model by default (the user's model untouched); `inplace=True` writes the merged
+        weights into the user's model (then this compiled model, which shares them, is spent).
+        Adapters that cannot fold (prefix, prompt, gated) raise a SpecError naming them. A
+        quantized base comes back in full precision (`dtype`, `base_state_dict`: see merged()).
+        """
+        from peftc.runtime.unload import merge_and_unload
+
+        merged = self.merged(dtype=dtype, base_state_dict=base_state_dict)
+        return merge_and_unload(self._model, merged.graph_module, inplace=inplace)
+
     def report(self, scope: str | None = None):
         """What the passes did (from their records); `scope` keeps the site rows under one module path."""
         from peftc.inspect.report import Report

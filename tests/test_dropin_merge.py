@@ -1,0 +1,108 @@
+"""merge_and_unload: the original class with adapters folded; save_pretrained round trip; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import peftc
+from families import FAMILIES, call, logits, randomize_adapters
+from peftc.cli.main import main
+
+LORA = {"method": "lora", "r": 4, "alpha": 8}
+
+
+def compiled(name, adapters=None, **options):
+    family = FAMILIES[name]
+    model = family.build()
+    spec = {"adapters": adapters or [{**LORA, "targets": list(family.targets)}], **options}
+    cm = peftc.compile(model, spec).eval()
+    randomize_adapters(cm)
+    return family, model, cm
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "vit"])
+def test_unloaded_model_is_the_original_class_with_the_compiled_logits(name, tmp_path):
+    family, model, cm = compiled(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = cm.merge_and_unload()
+    assert type(plain) is type(model) and plain is not model
+    assert plain.config.to_dict() == model.config.to_dict()
+    for key, value in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(value, before[key]), key
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        expected = logits(call(cm, family, x))
+        torch.testing.assert_close(logits(plain.eval()(**x)), expected, atol=1e-5, rtol=1e-5)
+        plain.save_pretrained(tmp_path)
+        loaded = type(model).from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(logits(loaded(**x)), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(logits(model(**x)), expected, atol=1e-4)  # the adapters did something
+
+
+def test_inplace_writes_into_the_users_model():
+    family, model, cm = compiled("llama")
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        expected = cm(**x).logits
+    result = cm.merge_and_unload(inplace=True)
+    assert result is model
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unloaded_causal_lm_generates():
+    family, model, cm = compiled("llama")
+    plain = cm.merge_and_unload().eval()
+    ids = family.inputs(1, 4)["input_ids"]
+    out = plain.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9) and torch.equal(out[:, :4], ids)
+
+
+@pytest.mark.parametrize("adapter, named", [
+    ({"method": "prefix", "num_tokens": 2}, "prefix"),
+    ({"method": "prompt", "num_tokens": 2}, "prompt"),
+])
+def test_methods_that_cannot_fold_are_named(adapter, named):
+    _, _, cm = compiled("llama", adapters=[adapter])
+    with pytest.raises(peftc.SpecError, match=f"cannot be folded.*{named}"):
+        cm.merge_and_unload()
+
+
+def test_quantized_base_unloads_in_full_precision():
+    family, model, cm = compiled("llama", quantize={"bits": 8})
+    plain = cm.merge_and_unload()
+    assert type(plain) is type(model)
+    assert all(p.dtype == torch.float32 and 0 not in p.stride() for p in plain.parameters())
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(**x).logits, cm(**x).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(peftc.SpecError, match="inplace=False"):
+        cm.merge_and_unload(inplace=True)
+
+
+def test_cli_merge_writes_a_transformers_folder(tmp_path, capsys):
+    family, model, cm = compiled("llama")
+    model.save_pretrained(tmp_path / "base")
+    cm.save_adapter(tmp_path / "adapter")
+    code = main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    loaded = type(model).from_pretrained(tmp_path / "merged").eval()
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, cm(**x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_merge_refuses_a_model_without_save_pretrained(tmp_path, capsys):
+    _, model, _ = compiled("llama")
+    mlp = peftc.compile(FAMILIES["mlp"].build(), {"adapters": [{**LORA, "targets": ["fc1"]}]},
+                        example_inputs=(torch.randn(3, 16),))
+    mlp.save_adapter(tmp_path / "adapter")
+    code = main(["merge", "cli_factories:tiny_mlp", "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert code == 2 and "save_pretrained" in err and not (tmp_path / "merged").exists()
