@@ -89,7 +89,15 @@ def record_modes(gm: GraphModule) -> None:
 
 
 def set_mode(gm: GraphModule, training: bool) -> bool:
-    """Put every mode-dependent node in train or eval form; returns whether anything changed."""
+    """Put every mode-dependent node in train or eval form, in `gm` and in the graphs outlined from it
+    (peftc.ir.outline); returns whether anything changed."""
+    changed = False
+    for graph_module in [m for m in gm.modules() if isinstance(m, GraphModule)]:
+        changed |= _set_graph_mode(graph_module, training)
+    return changed
+
+
+def _set_graph_mode(gm: GraphModule, training: bool) -> bool:
     record_modes(gm)
     changed = False
     for node in gm.graph.nodes:

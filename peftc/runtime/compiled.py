@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from peftc.ir import adapters
 from peftc.capture.export import CallSignature, normalize_call
 from peftc.ir.modes import set_mode
+from peftc.passes.checkpoint_layers import checkpoint_graph, set_checkpointing
 
 
 class GraphDispatch(nn.Module):
@@ -43,6 +44,8 @@ class GraphDispatch(nn.Module):
         gm = self._graphs.get(signature)
         if gm is None:
             gm = self._build(args, kwargs)
+            if getattr(self, "is_gradient_checkpointing", False):
+                checkpoint_graph(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
         return gm(*args, **kwargs)
@@ -73,6 +76,25 @@ class CompiledModel(GraphDispatch):
         self.sites = sites
         object.__setattr__(self, "_adapter_root", adapter_root)
         object.__setattr__(self, "_merge_build", merge_build)
+
+    # -- training ----------------------------------------------------------------------
+    supports_gradient_checkpointing = True
+    is_gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in backward (a graph rewrite: peftc.passes.checkpoint_layers).
+
+        `gradient_checkpointing_kwargs` is accepted as transformers passes it; peftc always uses
+        torch.utils.checkpoint's non-reentrant form, so `use_reentrant` has no effect.
+        """
+        self.is_gradient_checkpointing = True
+        for gm in self._graphs.values():
+            checkpoint_graph(gm)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.is_gradient_checkpointing = False
+        for gm in self._graphs.values():
+            set_checkpointing(gm, False)
 
     # -- adapter weights ---------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

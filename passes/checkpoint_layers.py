@@ -1,0 +1,90 @@
+"""checkpoint_layers: outline each layer into a submodule that recomputes its activations in backward."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.utils.checkpoint import checkpoint
+
+from peftc.ir.outline import Region, is_attribute, layer_regions, outline, region_inputs
+from peftc.pipeline.runner import PassContext, PassResult
+
+NAME_PREFIX = "peftc_checkpointed"
+
+
+class CheckpointedLayer(nn.Module):
+    """Runs one outlined layer through torch.utils.checkpoint while training with grad enabled.
+
+    Only the layer's inputs are saved for backward; its inner activations are recomputed
+    (with the RNG state of the first run, so dropout masks match). `enabled = False` runs
+    the layer plainly, which is what gradient_checkpointing_disable() sets.
+    """
+
+    def __init__(self, body: GraphModule, path: str, num_held: int):
+        super().__init__()
+        self.body = body
+        self.path = path
+        self.num_held = num_held  # trailing inputs the layer holds instead of saving (weights, shared masks)
+        self.enabled = True
+
+    def forward(self, *inputs):
+        if not (self.enabled and torch.is_grad_enabled()):
+            return self.body(*inputs)
+        split = len(inputs) - self.num_held
+        activations, held = inputs[:split], inputs[split:]
+        # Held values reach the body through the closure, not as checkpoint inputs: checkpoint
+        # saves its inputs for backward, and weights and shared masks stay alive anyway.
+        return checkpoint(lambda *xs: self.body(*xs, *held), *activations, use_reentrant=False)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, enabled={self.enabled}"
+
+
+def checkpoint_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Outline every layer of each layer stack and call it through torch.utils.checkpoint."""
+    result = PassResult(modified=False)
+    regions = layer_regions(gm)
+    shared = _read_by_several(regions)
+    for region in regions:
+        if _mutates(region):  # a recomputed in-place update (batch-norm statistics) would apply twice
+            result.notes.append(f"{region.path}: not checkpointed, it updates a tensor in place")
+            continue
+        name = f"{NAME_PREFIX}_{region.path.replace('.', '_')}"
+        outline(gm, region, name, lambda body, held, path=region.path: CheckpointedLayer(body, path, held),
+                trailing=lambda node: is_attribute(node) or node in shared)
+        result.modified = True
+        result.sites.append(region.path)
+    return result
+
+
+def checkpoint_graph(gm: GraphModule) -> None:
+    """Checkpoint `gm`'s layers: outline them the first time, switch recomputation back on after."""
+    if not set_checkpointing(gm, True):
+        checkpoint_layers(gm, None)
+        gm.recompile()
+
+
+def set_checkpointing(gm: GraphModule, enabled: bool) -> bool:
+    """Turn recomputation on or off in every layer checkpoint_layers outlined; False if there are none."""
+    layers = [m for m in gm.modules() if isinstance(m, CheckpointedLayer)]
+    for layer in layers:
+        layer.enabled = enabled
+    return bool(layers)
+
+
+def _read_by_several(regions: list[Region]) -> set[Node]:
+    """Values more than one layer reads (attention mask, rotary cos/sin): alive until the last layer
+    anyway, so each layer holds a reference instead of saving its own copy for backward."""
+    counts = Counter(node for region in regions for node in region_inputs(region))
+    return {node for node, count in counts.items() if count > 1}
+
+
+def _mutates(region: Region) -> bool:
+    for node in region.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return True
+    return False
