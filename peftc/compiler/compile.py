@@ -50,6 +50,11 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
         return build_graph(source, spec, adapter_root, call_args, call_kwargs, backend=backend, state=shared,
                            copy_layers=copy_layers)[0]
 
+    def build_on(module: nn.Module, call_args: tuple, call_kwargs: dict, shapes: Any) -> GraphModule:
+        """A graph of `module` (the source, or a wrapper sharing its parameters: generation's cache)."""
+        return build_graph(module, spec, adapter_root, call_args, call_kwargs, shapes, backend=backend, state=shared,
+                           copy_layers=copy_layers)[0]
+
     def merge_build(**options) -> GraphDispatch:
         state: dict = {**shared, "merge_options": options}
 
@@ -57,14 +62,19 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
             return build_graph(source, spec, adapter_root, call_args, call_kwargs, merge=True, state=state,
                                copy_layers=copy_layers)[0]
 
+        def build_merged_on(module: nn.Module, call_args: tuple, call_kwargs: dict, shapes: Any) -> GraphModule:
+            return build_graph(module, spec, adapter_root, call_args, call_kwargs, shapes, merge=True, state=state,
+                               copy_layers=copy_layers)[0]
+
         merged = GraphDispatch(source, build_merged(args, kwargs), CallSignature.of(args, kwargs), build_merged,
-                               training=cm.training)
+                               training=cm.training, build_on=build_merged_on)
         if "requantization" in state:
             merged.requantization = state["requantization"]
         return merged
 
     cm = CompiledModel(source, gm, CallSignature.of(args, kwargs), build, training=saved["training"], spec=spec,
-                       records=records, sites=sites, adapter_root=adapter_root, merge_build=merge_build)
+                       records=records, sites=sites, adapter_root=adapter_root, merge_build=merge_build,
+                       build_on=build_on)
     return cm
 
 

@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from peftc.ir import adapters
 from peftc.capture.export import CallSignature, normalize_call
 from peftc.ir.modes import set_mode
+from peftc.runtime.generate import Generator, generate
 from peftc.passes.checkpoint_layers import checkpoint_graph, set_checkpointing
 
 
@@ -25,12 +26,13 @@ class GraphDispatch(nn.Module):
     """An nn.Module that runs the graph captured for each call's signature."""
 
     def __init__(self, model: nn.Module, first: GraphModule, signature: CallSignature,
-                 build: Callable[[tuple, dict], GraphModule], training: bool = False):
+                 build: Callable[[tuple, dict], GraphModule], training: bool = False, build_on=None):
         super().__init__()
         self.training = training
         self.graph_module = first
         object.__setattr__(self, "_model", model)  # the user's model, not a submodule of ours
         object.__setattr__(self, "_build", build)
+        object.__setattr__(self, "_generator", Generator(model, build_on) if build_on is not None else None)
         object.__setattr__(self, "_graphs", {signature: first})
         set_mode(first, self.training)
 
@@ -49,6 +51,26 @@ class GraphDispatch(nn.Module):
             set_mode(gm, self.training)
             self._graphs[signature] = gm
         return gm(*args, **kwargs)
+
+    def can_generate(self) -> bool:
+        can = getattr(self._model, "can_generate", None)
+        return self._generator is not None and callable(can) and bool(can())
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, **kwargs) -> torch.Tensor:
+        """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs.
+
+        Takes GenerationMixin's arguments (see peftc.runtime.generate for those implemented) and
+        returns the sequences, prompt included. Greedy unless `do_sample=True`.
+        """
+        if not self.can_generate():
+            raise TypeError(f"{type(self._model).__name__} cannot generate: generate() needs a transformers "
+                            "causal language model (one whose can_generate() is True)")
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if input_ids is None:
+            raise TypeError("generate() needs input_ids (the prompt token ids)")
+        return generate(self._generator, input_ids, attention_mask, generation_config, **kwargs)
 
     def train(self, mode: bool = True):
         # Exported graph modules refuse .train(); the mode lives in the graph's nodes instead.
@@ -69,8 +91,8 @@ class CompiledModel(GraphDispatch):
     """The result of `peftc.compile`: trains and evaluates like the original model."""
 
     def __init__(self, model, first, signature, build, *, training, spec, records, sites, adapter_root,
-                 merge_build):
-        super().__init__(model, first, signature, build, training=training)
+                 merge_build, build_on=None):
+        super().__init__(model, first, signature, build, training=training, build_on=build_on)
         self.spec = spec
         self.records = records
         self.sites = sites

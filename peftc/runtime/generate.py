@@ -1,0 +1,173 @@
+"""generate() for compiled causal LMs: a decoding loop over graphs that hold a StaticCache.
+
+Two graphs per (batch size, cache length): a prefill graph (prompt length dynamic) and a
+one-token decode graph, both captured from `WithStaticCache` through the compiled model's own
+pipeline (same passes, same adapter parameters), sharing one set of cache buffers. Cache
+lengths are rounded up to a power of two so that most calls reuse graphs already built.
+
+Arguments follow transformers' GenerationMixin: `generation_config` and keyword overrides of
+it (max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
+eos_token_id, pad_token_id); the result is the sequences tensor, prompt included, as
+`model.generate` returns by default. Prompts are left-padded, as transformers expects for
+decoder-only models; positions come from the attention mask as transformers computes them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import GraphModule
+
+from peftc.ir.modes import set_mode
+from peftc.runtime.kv_cache import WithStaticCache
+
+MIN_CACHE_LEN = 32
+# What this loop implements; other GenerationConfig fields passed to generate() are refused.
+SUPPORTED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+             "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "num_beams", "num_return_sequences",
+             "cache_implementation"}
+
+Build = Callable[[nn.Module, tuple, dict, dict], GraphModule]  # (source, args, kwargs, dynamic_shapes) -> graph
+
+
+@dataclass
+class DecoderGraphs:
+    source: WithStaticCache
+    prefill: GraphModule
+    decode: GraphModule
+
+
+class Generator:
+    """Builds and keeps the generation graphs of one compiled model."""
+
+    def __init__(self, model: nn.Module, build: Build):
+        self.model = model
+        self.build = build
+        self.graphs: dict[tuple[int, int], DecoderGraphs] = {}
+
+    def graphs_for(self, batch: int, cache_len: int) -> DecoderGraphs:
+        key = (batch, cache_len)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(batch, cache_len)
+        return self.graphs[key]
+
+    def _capture(self, batch: int, cache_len: int) -> DecoderGraphs:
+        source = WithStaticCache(self.model, batch, cache_len)
+        device = next(self.model.parameters()).device
+        mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
+
+        def call(seq: int) -> dict:
+            ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+            return {"input_ids": ids, "attention_mask": mask, "position_ids": ids.clone(),
+                    "cache_position": torch.arange(seq, device=device)}
+
+        seq_dim = Dim.AUTO
+        prefill = self.build(source, (), call(2), {"input_ids": {1: seq_dim}, "attention_mask": None,
+                                                     "position_ids": {1: seq_dim}, "cache_position": {0: seq_dim}})
+        decode = self.build(source, (), call(1), dict.fromkeys(call(1)))
+        for gm in (prefill, decode):
+            set_mode(gm, False)
+        return DecoderGraphs(source, prefill, decode)
+
+
+def cache_length(needed: int) -> int:
+    length = MIN_CACHE_LEN
+    while length < needed:
+        length *= 2
+    return length
+
+
+def resolve_config(model: nn.Module, generation_config, kwargs: dict):
+    """The GenerationConfig of this call: the model's (or the one given), updated by `kwargs`."""
+    from transformers import GenerationConfig
+
+    base = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
+    config = copy.deepcopy(base)
+    unused = config.update(**kwargs)
+    if unused:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unused)}; the compiled model "
+                        "accepts GenerationConfig fields and attention_mask")
+    changed = [k for k in kwargs if k not in SUPPORTED]
+    if changed:
+        raise NotImplementedError(f"generate(): peftc's compiled generate does not implement {sorted(changed)}; "
+                                  f"it supports {sorted(SUPPORTED - {'use_cache', 'cache_implementation'})}. "
+                                  "cm.merge_and_unload() gives the original model with every option")
+    if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
+        raise NotImplementedError("generate(): beam search (num_beams > 1) and num_return_sequences > 1 are not implemented; "
+                                  "use cm.merge_and_unload().generate(...)")
+    return config
+
+
+def logits_processors(config):
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if config.repetition_penalty not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.do_sample:
+        if config.temperature not in (None, 1.0):
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k not in (None, 0):
+            processors.append(TopKLogitsWarper(config.top_k))
+        if config.top_p not in (None, 1.0):
+            processors.append(TopPLogitsWarper(config.top_p))
+    return processors
+
+
+@torch.no_grad()
+def generate(generator: Generator, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             generation_config=None, **kwargs) -> torch.Tensor:
+    config = resolve_config(generator.model, generation_config, kwargs)
+    batch, prompt_len = input_ids.shape
+    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
+    if new_tokens <= 0:
+        return input_ids
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    graphs = generator.graphs_for(batch, cache_length(prompt_len + new_tokens))
+    cache_len = graphs.source.cache.layers[0].keys.shape[2]
+    mask = torch.ones(batch, cache_len, dtype=torch.long, device=input_ids.device)
+    mask[:, :prompt_len] = attention_mask
+    # transformers' positions for left-padded prompts: count of real tokens so far, padding at 1.
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    prefill = graphs.prefill if prompt_len > 1 else graphs.decode
+    logits = prefill(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                     cache_position=torch.arange(prompt_len, device=input_ids.device))[:, -1]
+    return _decode_loop(graphs.decode, config, input_ids, mask, positions[:, -1:], logits, new_tokens)
+
+
+def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, logits, new_tokens):
+    processors = logits_processors(config)
+    eos = _as_list(config.eos_token_id)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    sequences = input_ids
+    for step in range(new_tokens):
+        scores = processors(sequences, logits.float())
+        if config.do_sample:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(dim=-1)
+        token = torch.where(unfinished, token, torch.full_like(token, pad))
+        sequences = torch.cat([sequences, token[:, None]], dim=-1)
+        if eos:
+            unfinished &= ~torch.isin(token, torch.tensor(eos, device=token.device))
+        if not unfinished.any() or step == new_tokens - 1:
+            break
+        last_position = last_position + 1
+        position = sequences.shape[1] - 1
+        logits = decode(input_ids=token[:, None], attention_mask=mask, position_ids=last_position,
+                        cache_position=torch.tensor([position], device=token.device))[:, -1]
+    return sequences
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]

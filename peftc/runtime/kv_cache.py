@@ -1,0 +1,51 @@
+"""A causal LM with a transformers StaticCache as buffers: the module generation graphs are captured from.
+
+As in transformers' ExecuTorch integration (`TorchExportableModuleWithStaticCache`), the cache
+is allocated up front (batch size x max length) and its tensors registered as buffers, so
+torch.export sees in-place buffer updates instead of a Cache object in the inputs and outputs.
+Unlike that wrapper, this one registers the model's *children* as its own, so every parameter
+keeps its fully qualified name (`model.layers.0.self_attn.q_proj.weight`) and the spec's
+passes find the same sites and mount the same adapter parameters as on the training graph.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+CACHE_ROOT = "peftc_kv_cache"
+
+
+class WithStaticCache(nn.Module):
+    def __init__(self, model: nn.Module, batch_size: int, max_cache_len: int):
+        super().__init__()
+        from transformers import StaticCache
+
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_model", model)  # called, not registered: its children are ours
+        config = model.config.get_text_config()
+        self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        weight = next(model.parameters())
+        self.cache.early_initialization(batch_size, _kv_heads(config), _head_dim(config), weight.dtype,
+                                        weight.device)
+        buffers = nn.Module()
+        for i, layer in enumerate(self.cache.layers):
+            buffers.register_buffer(f"keys_{i}", layer.keys, persistent=False)
+            buffers.register_buffer(f"values_{i}", layer.values, persistent=False)
+            buffers.register_buffer(f"length_{i}", layer.cumulative_length, persistent=False)
+        self.add_module(CACHE_ROOT, buffers)
+
+    def forward(self, input_ids, attention_mask, position_ids, cache_position):
+        # The cache's fill level comes from the call, so one captured graph serves every step.
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(cache_position[0])
+        return self._model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           cache=self.cache, cache_position=cache_position, use_cache=True).logits
+
+
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
