@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 
 from peftc.ir import adapters
 from peftc.capture.export import CallSignature, capture, hf_example_inputs, is_hf_model, normalize_call
+from peftc.runtime.call_contract import bind_call
 from peftc.runtime.compiled import CompiledModel, GraphDispatch
 from peftc.errors import CaptureError, SpecError
 from peftc.spec.methods import METHODS
@@ -103,12 +104,12 @@ def example_call(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
             raise CaptureError(
                 f"{type(model).__name__} is not a transformers model, so peftc cannot build example inputs; "
                 "pass example_inputs=(tensor, ...) and/or example_kwargs={...} to peftc.compile")
-        return normalize_call(model, (), hf_example_inputs(model))
+        return normalize_call(model, *bind_call(model, (), hf_example_inputs(model)))
     if example_inputs is None:
         example_inputs = ()
     elif not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    return normalize_call(model, example_inputs, dict(example_kwargs or {}))
+    return normalize_call(model, *bind_call(model, example_inputs, dict(example_kwargs or {})))
 
 
 def plan(spec: Spec, merge: bool, backend: str = "torch") -> list[Step]:

@@ -17,12 +17,15 @@ from torch.fx import GraphModule
 
 from peftc.ir import adapters
 from peftc.capture.export import CallSignature, normalize_call
+from peftc.errors import CaptureError
 from peftc.ir.modes import set_mode
+from peftc.runtime.call_contract import apply_output_flags, bind_call, original_error, split_output_flags
+from peftc.runtime.facade import AdapterCheckpoint, ModelAttributes
 from peftc.runtime.generate import Generator, generate
 from peftc.passes.checkpoint_layers import checkpoint_graph, set_checkpointing
 
 
-class GraphDispatch(nn.Module):
+class GraphDispatch(ModelAttributes, nn.Module):
     """An nn.Module that runs the graph captured for each call's signature."""
 
     def __init__(self, model: nn.Module, first: GraphModule, signature: CallSignature,
@@ -35,22 +38,34 @@ class GraphDispatch(nn.Module):
         object.__setattr__(self, "_generator", Generator(model, build_on) if build_on is not None else None)
         object.__setattr__(self, "_graphs", {signature: first})
         set_mode(first, self.training)
+        self.sign_forward()
 
     @property
     def graphs(self) -> dict[CallSignature, GraphModule]:
         return dict(self._graphs)
 
     def forward(self, *args, **kwargs):
+        args, kwargs = bind_call(self._model, args, kwargs)
+        kwargs, output_flags = split_output_flags(kwargs)
         args, kwargs = normalize_call(self._model, args, kwargs)
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
         if gm is None:
-            gm = self._build(args, kwargs)
+            gm = self._build_for_call(args, kwargs)
             if getattr(self, "is_gradient_checkpointing", False):
                 checkpoint_graph(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
-        return gm(*args, **kwargs)
+        return apply_output_flags(gm(*args, **kwargs), output_flags)
+
+    def _build_for_call(self, args: tuple, kwargs: dict) -> GraphModule:
+        try:
+            return self._build(args, kwargs)
+        except CaptureError as err:
+            original = original_error(self._model, args, kwargs)
+            if original is not None:  # the original refuses this call too: its error is the one to see
+                raise original from err
+            raise
 
     def can_generate(self) -> bool:
         can = getattr(self._model, "can_generate", None)
@@ -87,7 +102,7 @@ class GraphDispatch(nn.Module):
         return self
 
 
-class CompiledModel(GraphDispatch):
+class CompiledModel(AdapterCheckpoint, GraphDispatch):
     """The result of `peftc.compile`: trains and evaluates like the original model."""
 
     def __init__(self, model, first, signature, build, *, training, spec, records, sites, adapter_root,

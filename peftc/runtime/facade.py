@@ -1,0 +1,81 @@
+"""What makes a compiled model pass for the original one: its attributes, its signature, its checkpoints.
+
+- Attributes the compiled module does not have itself (`config`, `generation_config`,
+  `get_input_embeddings`, `get_text_features`, `loss_type`, `main_input_name`, ...) are read
+  from the user's model. Private names (`_x`) are never forwarded: nn.Module, copy and pickle
+  probe those on half-built objects, and a forward there would recurse or lie.
+- `forward` carries the original's signature, so Trainer keeps the dataset columns the model
+  takes and decides `model_accepts_loss_kwargs` as it would for the original.
+- `state_dict()` / `load_state_dict()` hold what the spec trains (adapter_state_dict), as
+  a PEFT model's checkpoints do: a Trainer checkpoint of a compiled model is the adapter only,
+  and resuming loads it back. `save_pretrained(dir)` writes the adapter (save_adapter).
+"""
+
+from __future__ import annotations
+
+from torch.nn.modules.module import _IncompatibleKeys
+
+from peftc.runtime.call_contract import signed_forward
+
+
+class ModelAttributes:
+    """Mixin for modules that stand for the user's model, held as `_model` (GraphDispatch)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            if name.startswith("_") or model is None or not hasattr(model, name):
+                raise
+            return getattr(model, name)
+
+    def __dir__(self):
+        model = self.__dict__.get("_model")
+        extra = [n for n in dir(model) if not n.startswith("_")] if model is not None else []
+        return sorted(set(super().__dir__()) | set(extra))
+
+    def sign_forward(self) -> None:
+        """Give `self.forward` the original's signature (an instance attribute, so each model has its own)."""
+        self.__dict__["forward"] = signed_forward(self, self._model)
+
+    @property
+    def device(self):
+        return next(iter(self.graph_module.parameters())).device
+
+    @property
+    def dtype(self):
+        floats = [p.dtype for p in self.graph_module.parameters() if p.is_floating_point()]
+        return floats[0] if floats else None
+
+
+
+class AdapterCheckpoint:
+    """Mixin for CompiledModel: its state is what the spec trains, as Trainer saves and resumes it."""
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        tensors = self.adapter_state_dict()
+        out = destination if destination is not None else {}
+        for name, tensor in tensors.items():
+            out[prefix + name] = tensor if keep_vars else tensor.detach()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        import torch
+
+        own = self.adapter_state_dict()
+        unexpected = [k for k in state_dict if k not in own]
+        missing = [k for k in own if k not in state_dict]
+        if strict and (unexpected or missing):
+            raise RuntimeError(f"load_state_dict: the compiled model's state is its adapter; missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if name in own:
+                    own[name].copy_(value)
+        return _IncompatibleKeys(missing, unexpected)
+
+    def save_pretrained(self, save_directory, **_ignored) -> None:
+        """Write the adapter (what PeftModel.save_pretrained writes): spec.json + adapter.safetensors."""
+        self.save_adapter(save_directory)
+
