@@ -1,142 +1,78 @@
 """CompiledModel: the rewritten graph(s), used like the original nn.Module.
 
-torch.export specializes a graph on which arguments a call passes (labels or not, a mask
-or not). A CompiledModel keeps one graph per call signature: the one captured at compile
-time, and others captured on first use of a new signature by the same pipeline, sharing
-the same base weights and the same adapter parameters.
+It holds its Compilation (peftc.compiler.compilation) and the train plan; `merged()` is the
+same compilation under a merged plan. One graph per call signature (runtime.dispatch).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
 
+from peftc.inspect.diff import diff_text
+from peftc.inspect.dot import render, to_dot
+from peftc.inspect.graph_view import to_networkx
+from peftc.inspect.report import Report
 from peftc.ir import adapters
-from peftc.capture.export import CallSignature, normalize_call
-from peftc.errors import CaptureError
-from peftc.ir.modes import set_mode
-from peftc.runtime.call_contract import apply_output_flags, bind_call, original_error, split_output_flags
-from peftc.runtime.facade import AdapterCheckpoint, ModelAttributes
-from peftc.runtime.generate import Generator, generate
+from peftc.pipeline.state import MergeOptions
+from peftc.runtime.checkpoint import load_adapter, save_adapter
 from peftc.passes.checkpoint_layers import checkpoint_graph, set_checkpointing
-
-
-class GraphDispatch(ModelAttributes, nn.Module):
-    """An nn.Module that runs the graph captured for each call's signature."""
-
-    def __init__(self, model: nn.Module, first: GraphModule, signature: CallSignature,
-                 build: Callable[[tuple, dict], GraphModule], training: bool = False, build_on=None):
-        super().__init__()
-        self.training = training
-        self.graph_module = first
-        object.__setattr__(self, "_model", model)  # the user's model, not a submodule of ours
-        object.__setattr__(self, "_build", build)
-        object.__setattr__(self, "_generator", Generator(model, build_on) if build_on is not None else None)
-        object.__setattr__(self, "_graphs", {signature: first})
-        set_mode(first, self.training)
-        self.sign_forward()
-
-    @property
-    def graphs(self) -> dict[CallSignature, GraphModule]:
-        return dict(self._graphs)
-
-    def forward(self, *args, **kwargs):
-        args, kwargs = bind_call(self._model, args, kwargs)
-        kwargs, output_flags = split_output_flags(kwargs)
-        args, kwargs = normalize_call(self._model, args, kwargs)
-        signature = CallSignature.of(args, kwargs)
-        gm = self._graphs.get(signature)
-        if gm is None:
-            gm = self._build_for_call(args, kwargs)
-            if getattr(self, "is_gradient_checkpointing", False):
-                checkpoint_graph(gm)
-            set_mode(gm, self.training)
-            self._graphs[signature] = gm
-        return apply_output_flags(gm(*args, **kwargs), output_flags)
-
-    def _build_for_call(self, args: tuple, kwargs: dict) -> GraphModule:
-        try:
-            return self._build(args, kwargs)
-        except CaptureError as err:
-            original = original_error(self._model, args, kwargs)
-            if original is not None:  # the original refuses this call too: its error is the one to see
-                raise original from err
-            raise
-
-    def can_generate(self) -> bool:
-        can = getattr(self._model, "can_generate", None)
-        return self._generator is not None and callable(can) and bool(can())
-
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 generation_config=None, **kwargs) -> torch.Tensor:
-        """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs.
-
-        Takes GenerationMixin's arguments (see peftc.runtime.generate for those implemented) and
-        returns the sequences, prompt included. Greedy unless `do_sample=True`.
-        """
-        if not self.can_generate():
-            raise TypeError(f"{type(self._model).__name__} cannot generate: generate() needs a transformers "
-                            "causal language model (one whose can_generate() is True)")
-        if input_ids is None:
-            input_ids = kwargs.pop("inputs", None)
-        if input_ids is None:
-            raise TypeError("generate() needs input_ids (the prompt token ids)")
-        return generate(self._generator, input_ids, attention_mask, generation_config, **kwargs)
-
-    def train(self, mode: bool = True):
-        # Exported graph modules refuse .train(); the mode lives in the graph's nodes instead.
-        self.training = mode
-        for gm in self._graphs.values():
-            set_mode(gm, mode)
-        return self
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for gm in self._graphs.values():
-            if gm is not self.graph_module:
-                gm._apply(fn, recurse)
-        return self
+from peftc.runtime.dispatch import GraphDispatch
+from peftc.runtime.facade import AdapterCheckpoint
+from peftc.runtime.unload import merge_and_unload
 
 
 class CompiledModel(AdapterCheckpoint, GraphDispatch):
     """The result of `peftc.compile`: trains and evaluates like the original model."""
 
-    def __init__(self, model, first, signature, build, *, training, spec, records, sites, adapter_root,
-                 merge_build, build_on=None):
-        super().__init__(model, first, signature, build, training=training, build_on=build_on)
-        self.spec = spec
-        self.records = records
-        self.sites = sites
-        object.__setattr__(self, "_adapter_root", adapter_root)
-        object.__setattr__(self, "_merge_build", merge_build)
-
-    # -- training ----------------------------------------------------------------------
     supports_gradient_checkpointing = True
-    is_gradient_checkpointing = False
+
+    @property
+    def spec(self):
+        return self.compilation.spec
+
+    @property
+    def adapter_root(self) -> nn.Module:
+        """The module tree holding every adapter parameter (mounted at `peftc` on each graph)."""
+        return self.compilation.adapter_root
+
+    # -- activation checkpointing (peftc.passes.checkpoint_layers) ---------------------------------
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.plan.checkpoint_layers
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each layer's activations in backward (a graph rewrite: peftc.passes.checkpoint_layers).
+        """Recompute each layer's activations in backward: a graph rewrite, not a module wrapper.
 
+        Graphs already built are rewritten now, later ones are built with the rewrite in their plan.
         `gradient_checkpointing_kwargs` is accepted as transformers passes it; peftc always uses
         torch.utils.checkpoint's non-reentrant form, so `use_reentrant` has no effect.
         """
-        self.is_gradient_checkpointing = True
+        self.plan = replace(self.plan, checkpoint_layers=True)
         for gm in self._graphs.values():
             checkpoint_graph(gm)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.is_gradient_checkpointing = False
+        self.plan = replace(self.plan, checkpoint_layers=False)
         for gm in self._graphs.values():
             set_checkpointing(gm, False)
+
+    # transformers 5 names (Trainer calls these when they exist)
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
 
     # -- adapter weights ---------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what the spec trains: adapter tensors by adapter name, unfrozen base params by FQN."""
-        out = {name: t.detach() for name, t in self._adapter_root.state_dict(keep_vars=True).items()}
+        out = {name: t.detach() for name, t in self.adapter_root.state_dict(keep_vars=True).items()}
         for name, param in self.graph_module.named_parameters(remove_duplicate=False):
             if param.requires_grad and not name.startswith(adapters.ROOT + "."):
                 if name in out:
@@ -145,13 +81,9 @@ class CompiledModel(AdapterCheckpoint, GraphDispatch):
         return out
 
     def save_adapter(self, directory, format: str = "peftc") -> Path:
-        from peftc.runtime.checkpoint import save_adapter
-
         return save_adapter(self, directory, format=format)
 
     def load_adapter(self, directory) -> "CompiledModel":
-        from peftc.runtime.checkpoint import load_adapter
-
         load_adapter(self, directory)
         return self
 
@@ -166,12 +98,14 @@ class CompiledModel(AdapterCheckpoint, GraphDispatch):
         of the adapters' effect survived); `base_state_dict` (the original model's state_dict())
         folds into the original W instead of the dequantized one.
         """
-        options = {k: v for k, v in (("dtype", dtype), ("requantize", requantize),
-                                     ("base_state_dict", base_state_dict)) if v not in (None, False)}
-        if options and self.spec.quantize is None:
-            raise ValueError(f"merged({', '.join(options)}=...) applies to a quantized base; "
-                             "this model's spec has no 'quantize' section")
-        return self._merge_build(**options)
+        options = MergeOptions.of(dtype=dtype, requantize=requantize, base_state_dict=base_state_dict,
+                                  quantized_base=self.spec.quantize is not None)
+        plan = self.compilation.merged_plan(options)
+        merged = GraphDispatch(self.compilation, plan, self.compilation.build(*self.example_call, plan), self.example_call,
+                               training=self.training)
+        if plan.merge.requantization is not None:
+            merged.requantization = plan.merge.requantization
+        return merged
 
     def merge_and_unload(self, inplace: bool = False, *, dtype: torch.dtype | None = None,
                          base_state_dict: dict | None = None) -> nn.Module:
@@ -182,41 +116,29 @@ class CompiledModel(AdapterCheckpoint, GraphDispatch):
         Adapters that cannot fold (prefix, prompt, gated) raise a SpecError naming them. A
         quantized base comes back in full precision (`dtype`, `base_state_dict`: see merged()).
         """
-        from peftc.runtime.unload import merge_and_unload
-
         merged = self.merged(dtype=dtype, base_state_dict=base_state_dict)
-        return merge_and_unload(self._model, merged.graph_module, inplace=inplace)
+        return merge_and_unload(self.compilation.source, merged.graph_module, inplace=inplace)
 
     def report(self, scope: str | None = None):
         """What the passes did (from their records); `scope` keeps the site rows under one module path."""
-        from peftc.inspect.report import Report
-
         return Report.build(self, scope)
 
     # -- inspection (peftc.inspect.graph_view, peftc.inspect.dot) ------------------------------------
     def diff(self, scope: str | None = None) -> str:
         """The graph before vs after as text, grouped by site; `scope` limits it to one module path."""
-        from peftc.inspect.diff import diff_text
-
         return diff_text(self.graph_module, self.sites, self.records, scope)
 
     def to_dot(self, scope: str | None = None) -> str:
         """DOT text of the graph (or of `scope`), inserted nodes coloured by method."""
-        from peftc.inspect.dot import to_dot
-
         return to_dot(self.graph_module, scope)
 
     def render(self, path, scope: str | None = None, format: str | None = None) -> Path:
         """Write the graph as SVG/PNG/PDF (from the suffix) with the graphviz `dot` program."""
-        from peftc.inspect.dot import render
-
         return render(self.to_dot(scope), path, format)
 
     def to_networkx(self, scope: str | None = None):
         """A networkx.DiGraph, one node per graph node (attrs: op, target, module_path, shape, dtype,
         inserted_by)."""
-        from peftc.inspect.graph_view import to_networkx
-
         return to_networkx(self.graph_module, scope)
 
     def extra_repr(self) -> str:

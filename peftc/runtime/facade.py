@@ -19,25 +19,25 @@ from peftc.runtime.call_contract import signed_forward
 
 
 class ModelAttributes:
-    """Mixin for modules that stand for the user's model, held as `_model` (GraphDispatch)."""
+    """Mixin for modules that stand for the user's model, `compilation.source` (GraphDispatch)."""
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            model = self.__dict__.get("_model")
+            model = _user_model(self)
             if name.startswith("_") or model is None or not hasattr(model, name):
                 raise
             return getattr(model, name)
 
     def __dir__(self):
-        model = self.__dict__.get("_model")
+        model = _user_model(self)
         extra = [n for n in dir(model) if not n.startswith("_")] if model is not None else []
         return sorted(set(super().__dir__()) | set(extra))
 
     def sign_forward(self) -> None:
         """Give `self.forward` the original's signature (an instance attribute, so each model has its own)."""
-        self.__dict__["forward"] = signed_forward(self, self._model)
+        self.__dict__["forward"] = signed_forward(self, _user_model(self))
 
     @property
     def device(self):
@@ -79,3 +79,8 @@ class AdapterCheckpoint:
         """Write the adapter (what PeftModel.save_pretrained writes): spec.json + adapter.safetensors."""
         self.save_adapter(save_directory)
 
+
+def _user_model(module):
+    """The model a dispatch stands for; None while copy or pickle rebuilds the module."""
+    compilation = module.__dict__.get("compilation")
+    return compilation.source if compilation is not None else None

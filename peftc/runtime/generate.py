@@ -15,8 +15,7 @@ decoder-only models; positions come from the attention mask as transformers comp
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -32,7 +31,6 @@ SUPPORTED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k"
              "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "num_beams", "num_return_sequences",
              "cache_implementation"}
 
-Build = Callable[[nn.Module, tuple, dict, dict], GraphModule]  # (source, args, kwargs, dynamic_shapes) -> graph
 
 
 @dataclass
@@ -43,12 +41,22 @@ class DecoderGraphs:
 
 
 class Generator:
-    """Builds and keeps the generation graphs of one compiled model."""
+    """Builds and keeps the generation graphs of one compiled model (its compilation, under its plan)."""
 
-    def __init__(self, model: nn.Module, build: Build):
-        self.model = model
-        self.build = build
+    def __init__(self, compilation, plan):
+        self.compilation = compilation
+        self.plan = plan
         self.graphs: dict[tuple[int, int], DecoderGraphs] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        return self.compilation.source
+
+    def build(self, source: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: dict) -> GraphModule:
+        """The compilation's build with `source` (the model plus its cache) captured instead: same
+        passes, same adapter tree, same shared state."""
+        return replace(self.compilation, source=source).build(args, kwargs, self.plan,
+                                                              dynamic_shapes=dynamic_shapes).graph_module
 
     def graphs_for(self, batch: int, cache_len: int) -> DecoderGraphs:
         key = (batch, cache_len)

@@ -1,0 +1,107 @@
+"""GraphDispatch: an nn.Module that runs the graph built for each call's signature.
+
+torch.export specializes a graph on which arguments a call passes (labels or not, a mask or
+not). A dispatch keeps one graph per call signature: the first, built when it was made, and
+others built on first use of a new signature by the same Compilation and plan, so every graph
+shares the same base weights and the same adapter parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc.capture.binding import bind_call
+from peftc.capture.calls import CallSignature, normalize_call
+from peftc.errors import CaptureError
+from peftc.ir.modes import set_mode
+from peftc.runtime.call_contract import apply_output_flags, original_error, split_output_flags
+from peftc.runtime.facade import ModelAttributes
+from peftc.runtime.generate import Generator, generate
+
+
+class GraphDispatch(ModelAttributes, nn.Module):
+    """Runs `compilation.build(args, kwargs, plan)`'s graph for each call signature."""
+
+    def __init__(self, compilation, plan, first, example: tuple[tuple, dict], training: bool = False):
+        super().__init__()
+        self.training = training
+        self.compilation = compilation  # a dataclass, not a module: the user's model is not our submodule
+        self.plan = plan
+        self.graph_module = first.graph_module
+        self.records = first.records
+        self.sites = list(first.sites)
+        self._example = example  # the first graph's call: other plans build their first graph from it
+        self._graphs = {CallSignature.of(*example): first.graph_module}
+        self._generator = None  # built on the first generate()
+        set_mode(first.graph_module, self.training)
+        self.sign_forward()
+
+    @property
+    def example_call(self) -> tuple[tuple, dict]:
+        """The (args, kwargs) the first graph was captured from."""
+        return self._example
+
+    @property
+    def graphs(self) -> dict[CallSignature, GraphModule]:
+        return dict(self._graphs)
+
+    def forward(self, *args, **kwargs):
+        source = self.compilation.source
+        args, kwargs = bind_call(source, args, kwargs)
+        kwargs, output_flags = split_output_flags(kwargs)
+        args, kwargs = normalize_call(source, args, kwargs)
+        signature = CallSignature.of(args, kwargs)
+        gm = self._graphs.get(signature)
+        if gm is None:
+            gm = self._build_for_call(args, kwargs)
+            set_mode(gm, self.training)
+            self._graphs[signature] = gm
+        return apply_output_flags(gm(*args, **kwargs), output_flags)
+
+    def _build_for_call(self, args: tuple, kwargs: dict) -> GraphModule:
+        try:
+            return self.compilation.build(args, kwargs, self.plan).graph_module
+        except CaptureError as err:
+            original = original_error(self.compilation.source, args, kwargs)
+            if original is not None:  # the original refuses this call too: its error is the one to see
+                raise original from err
+            raise
+
+    # -- generation (peftc.runtime.generate) ------------------------------------------------------
+    def can_generate(self) -> bool:
+        can = getattr(self.compilation.source, "can_generate", None)
+        return callable(can) and bool(can()) and hasattr(self.compilation.source, "generation_config")
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, **kwargs) -> torch.Tensor:
+        """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs.
+
+        Takes GenerationMixin's arguments (see peftc.runtime.generate for those implemented) and
+        returns the sequences, prompt included. Greedy unless `do_sample=True`.
+        """
+        if not self.can_generate():
+            raise TypeError(f"{type(self.compilation.source).__name__} cannot generate: generate() needs a "
+                            "transformers causal language model (one whose can_generate() is True)")
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if input_ids is None:
+            raise TypeError("generate() needs input_ids (the prompt token ids)")
+        if self._generator is None:
+            self._generator = Generator(self.compilation, self.plan)
+        return generate(self._generator, input_ids, attention_mask, generation_config, **kwargs)
+
+    def train(self, mode: bool = True):
+        # Exported graph modules refuse .train(); the mode lives in the graph's nodes instead.
+        self.training = mode
+        for gm in self._graphs.values():
+            set_mode(gm, mode)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for gm in self._graphs.values():
+            if gm is not self.graph_module:
+                gm._apply(fn, recurse)
+        return self
