@@ -60,18 +60,22 @@ def checkpoint_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
-def checkpoint_graph(gm: GraphModule) -> None:
+def checkpoint_graph(gm: GraphModule, every_n_layers: int = 1) -> None:
     """Checkpoint `gm`'s layers: outline them the first time, switch recomputation back on after."""
-    if not set_checkpointing(gm, True):
+    if not set_checkpointing(gm, True, every_n_layers):
         checkpoint_layers(gm, None)
         gm.recompile()
+        set_checkpointing(gm, True, every_n_layers)
 
 
-def set_checkpointing(gm: GraphModule, enabled: bool) -> bool:
-    """Turn recomputation on or off in every layer checkpoint_layers outlined; False if there are none."""
+def set_checkpointing(gm: GraphModule, enabled: bool, every_n_layers: int = 1) -> bool:
+    """Turn recomputation on (in every `every_n_layers`-th layer, as transformers counts them: layers
+    0, n, 2n, ...) or off in the layers checkpoint_layers outlined; False if there are none."""
+    if every_n_layers < 1:
+        raise ValueError(f"every_n_layers: expected an integer >= 1, got {every_n_layers!r}")
     layers = [m for m in gm.modules() if isinstance(m, CheckpointedLayer)]
-    for layer in layers:
-        layer.enabled = enabled
+    for index, layer in enumerate(layers):
+        layer.enabled = enabled and index % every_n_layers == 0
     return bool(layers)
 
 

@@ -9,6 +9,7 @@ call signature and reach one graph.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -54,3 +55,37 @@ def _is_default(value: Any, default: Any) -> bool:
     if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
         return False
     return default is not inspect.Parameter.empty and type(value) is type(default) and value == default
+
+
+class NamedKeywords(nn.Module):
+    """`model` with the arguments a call passes through its `**kwargs` (Trainer's `num_items_in_batch`)
+    as named keyword parameters, which torch.export needs to key their dynamic shapes.
+
+    The model's children are registered as this module's own, so parameter names, module paths
+    and sites are those of the model itself.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        object.__setattr__(self, "_model", model)  # called, not registered: its children are ours
+        signature = forward_signature(model)
+        params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
+        forward = functools.partial(type(self).forward, self)
+        forward.__signature__ = signature.replace(parameters=params)
+        self.__dict__["forward"] = forward
+
+    def forward(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+
+def with_named_keywords(model: nn.Module, kwargs: dict) -> nn.Module:
+    """`model`, or a NamedKeywords view of it when `kwargs` holds names only its `**kwargs` takes."""
+    params = forward_signature(model).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    extra = [name for name in kwargs if name not in params]
+    return NamedKeywords(model, extra) if takes_any and extra else model

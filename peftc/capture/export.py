@@ -14,6 +14,7 @@ from torch import nn
 from torch.export import Dim
 
 from peftc.capture import layer_stacks
+from peftc.capture.binding import with_named_keywords
 from peftc.capture.calls import forward_parameters
 from peftc.errors import CaptureError
 
@@ -58,6 +59,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = N
     With `copy_layers`, stacks of identical layers are exported as two layers and copied
     (`peftc.capture.layer_stacks`); if that cannot be done exactly, every layer is exported.
     """
+    model = with_named_keywords(model, kwargs)  # export cannot key dynamic shapes inside **kwargs
     if dynamic_shapes is None:
         args = tuple(widen(a) for a in args)
         kwargs = {k: widen(v) for k, v in kwargs.items()}

@@ -44,27 +44,38 @@ class CompiledModel(AdapterCheckpoint, GraphDispatch):
     def is_gradient_checkpointing(self) -> bool:
         return self.plan.checkpoint_layers
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
         """Recompute each layer's activations in backward: a graph rewrite, not a module wrapper.
 
         Graphs already built are rewritten now, later ones are built with the rewrite in their plan.
-        `gradient_checkpointing_kwargs` is accepted as transformers passes it; peftc always uses
+        `every_n_layers` checkpoints layers 0, n, 2n, ... as transformers does. The keyword
+        arguments are accepted as transformers passes them; peftc always uses
         torch.utils.checkpoint's non-reentrant form, so `use_reentrant` has no effect.
         """
+        if offload:
+            raise NotImplementedError("gradient_checkpointing_enable(offload=True): peftc keeps the saved layer "
+                                      "inputs in memory; offloading them is not implemented")
+        self._checkpoint_every = every_n_layers
         self.plan = replace(self.plan, checkpoint_layers=True)
         for gm in self._graphs.values():
-            checkpoint_graph(gm)
+            checkpoint_graph(gm, every_n_layers)
 
     def gradient_checkpointing_disable(self) -> None:
         self.plan = replace(self.plan, checkpoint_layers=False)
         for gm in self._graphs.values():
             set_checkpointing(gm, False)
 
+    def graph_built(self, gm) -> None:
+        if self.plan.checkpoint_layers:  # built with the rewrite, all layers on: apply every_n_layers
+            set_checkpointing(gm, True, getattr(self, "_checkpoint_every", 1))
+
     # transformers 5 names (Trainer calls these when they exist)
     is_activation_checkpointing = is_gradient_checkpointing
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def activation_checkpointing_disable(self) -> None:
         self.gradient_checkpointing_disable()

@@ -56,6 +56,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         gm = self._graphs.get(signature)
         if gm is None:
             gm = self._build_for_call(args, kwargs)
+            self.graph_built(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
         return apply_output_flags(gm(*args, **kwargs), output_flags)
@@ -68,6 +69,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
             if original is not None:  # the original refuses this call too: its error is the one to see
                 raise original from err
             raise
+
+    def graph_built(self, gm: GraphModule) -> None:
+        """Hook for subclasses: a graph for a new call signature was just built."""
 
     # -- generation (peftc.runtime.generate) ------------------------------------------------------
     def can_generate(self) -> bool:
