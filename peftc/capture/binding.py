@@ -4,7 +4,7 @@ A call is bound to the model's `forward` signature first, so an argument the ori
 not accept raises the same TypeError before anything is captured. transformers models' calls
 are then put in canonical form — every argument by keyword, arguments equal to their default
 dropped — so `m(ids)`, `m(input_ids=ids)` and `m(input_ids=ids, attention_mask=None)` are one
-call signature and reach one graph.
+call signature and reach one graph; so do calls with and without an all-ones attention mask.
 """
 
 from __future__ import annotations
@@ -33,7 +33,17 @@ def bind_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
         raise TypeError(f"{type(model).__name__}.forward() {err}") from None
     if not is_hf_model(model):
         return args, kwargs
-    return (), _canonical_kwargs(signature, bound)
+    return (), _with_full_mask(signature, _canonical_kwargs(signature, bound))
+
+
+def _with_full_mask(signature: inspect.Signature, kwargs: dict) -> dict:
+    """transformers reads a missing attention_mask as all ones; passing those ones keeps calls with
+    and without a mask on one graph."""
+    ids = kwargs.get("input_ids")
+    if "attention_mask" in signature.parameters and "attention_mask" not in kwargs \
+            and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return {**kwargs, "attention_mask": torch.ones_like(ids)}
+    return kwargs
 
 
 def _canonical_kwargs(signature: inspect.Signature, bound: inspect.BoundArguments) -> dict:

@@ -8,6 +8,8 @@ shares the same base weights and the same adapter parameters.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch.fx import GraphModule
@@ -16,6 +18,7 @@ from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
 from peftc.errors import CaptureError
 from peftc.ir.modes import set_mode
+from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, original_error, split_output_flags
 from peftc.runtime.facade import ModelAttributes
 from peftc.runtime.generate import Generator, generate
@@ -49,23 +52,24 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     def forward(self, *args, **kwargs):
         source = self.compilation.source
+        user_call = (args, kwargs)
         args, kwargs = bind_call(source, args, kwargs)
         kwargs, output_flags = split_output_flags(kwargs)
         args, kwargs = normalize_call(source, args, kwargs)
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
         if gm is None:
-            gm = self._build_for_call(args, kwargs)
+            gm = self._build_for_call(args, kwargs, user_call)
             self.graph_built(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
         return apply_output_flags(gm(*args, **kwargs), output_flags)
 
-    def _build_for_call(self, args: tuple, kwargs: dict) -> GraphModule:
+    def _build_for_call(self, args: tuple, kwargs: dict, user_call: tuple[tuple, dict]) -> GraphModule:
         try:
             return self.compilation.build(args, kwargs, self.plan).graph_module
         except CaptureError as err:
-            original = original_error(self.compilation.source, args, kwargs)
+            original = original_error(self.compilation.source, *user_call)
             if original is not None:  # the original refuses this call too: its error is the one to see
                 raise original from err
             raise
@@ -104,8 +108,60 @@ class GraphDispatch(ModelAttributes, nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):
+        before = _placement(self.graph_module)
+        # The source and the adapter tree first: graphs are rebuilt from them, and a conversion
+        # that cannot happen in place (to "meta") gives them new tensors the graphs do not see.
+        self.compilation.source._apply(fn, recurse)
+        self.compilation.adapter_root._apply(fn, recurse)
         super()._apply(fn, recurse)
         for gm in self._graphs.values():
             if gm is not self.graph_module:
                 gm._apply(fn, recurse)
+        if _placement(self.graph_module) != before:
+            # Graphs bake in dtypes and devices (export's tensor-metadata checks, casts, factory
+            # devices): rebuild them for the new placement instead of running stale ones.
+            args, kwargs = self._example
+            self._example = (tuple(_convert(a, fn) for a in args), {k: _convert(v, fn) for k, v in kwargs.items()})
+            self._rebuild()
         return self
+
+    def _rebuild(self) -> None:
+        """Drop every graph and build the first one again from the example call (same plan, same
+        adapter parameters); other signatures and generation graphs are rebuilt on first use."""
+        if self.plan.merge is not None:  # folded weights were cached in the old placement
+            self.plan = replace(self.plan, merge=MergeState(self.plan.merge.options))
+        first = self.compilation.build(*self._example, self.plan)
+        self.graph_module = first.graph_module
+        self.records, self.sites = first.records, list(first.sites)
+        self._graphs = {CallSignature.of(*self._example): first.graph_module}
+        self._generator = None
+        self.graph_built(first.graph_module)
+        set_mode(first.graph_module, self.training)
+
+    # -- copy and pickle -----------------------------------------------------------------------------
+    def __getstate__(self):
+        """Pickle the compilation, the plan and the example call; graphs are rebuilt on load (exported
+        graph modules hold local functions pickle cannot store)."""
+        state = self.__dict__.copy()
+        state["_modules"] = {k: v for k, v in self._modules.items() if k != "graph_module"}
+        for transient in ("_graphs", "_generator", "forward", "records", "sites"):
+            state.pop(transient, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._rebuild()
+        self.sign_forward()
+
+
+def _placement(gm: GraphModule) -> set:
+    return {(p.device, p.dtype) for p in gm.parameters()}
+
+
+def _convert(value, fn):
+    """An example input after the conversion `.to()` applied to the parameters (floats cast, all moved)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_convert(v, fn) for v in value)
+    return value
