@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from peftc.ir import adapters
 from peftc.capture.export import CallSignature, normalize_call
 from peftc.ir.modes import set_mode
+from peftc.runtime import rank_allocation
 
 
 class GraphDispatch(nn.Module):
@@ -95,6 +96,12 @@ class CompiledModel(GraphDispatch):
 
         load_adapter(self, directory)
         return self
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: update importance scores and prune ranks to the step's budget (HF PEFT's name). Call it
+        once per optimizer step, after optimizer.step() and before zero_grad(); under a transformers
+        Trainer, pass peftc.runtime.adalora_callback.AdaloraCallback(cm) instead."""
+        rank_allocation.update_and_allocate(self, global_step)
 
     # -- derived modules and views -----------------------------------------------------
     def merged(self, *, dtype: torch.dtype | None = None, requantize: bool = False,
