@@ -404,16 +404,6 @@ def test_p_tuning_matches_peft(family_name, kind, tmp_path):
         assert [e.method for e in loaded.spec.adapters] == ["prompt"]  # the encoder is not in the file
 
 
-def test_p_tuning_does_not_merge():
-    family = FAMILIES["llama"]
-    cm = peftc.compile(family.build(), {"adapters": [{"method": "p_tuning", "num_virtual_tokens": 2,
-                                                      "encoder_hidden_size": 8}]})
-    (row,) = cm.report().to_dict()["methods"]
-    assert row["family"] == "additive" and "kept as graph ops" in row["merge"]
-    merged = cm.merged()
-    assert any(n.startswith("peftc.") for n, _ in merged.graph_module.named_parameters())
-
-
 # -- PEFT checkpoints and configs, both ways ------------------------------------------------------
 def _peft_configs():
     return {
@@ -480,7 +470,7 @@ def test_spec_from_and_to_peft_config(config):
 
 
 # -- ONNX export of the merged models -------------------------------------------------------------
-def test_merged_onnx_export(tmp_path):
+def test_merge_folds_all_but_p_tuning_and_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
 
@@ -488,6 +478,12 @@ def test_merged_onnx_export(tmp_path):
     cm = peftc.compile(family.build(), {"adapters": HYBRID["bert"] + [
         {"method": "p_tuning", "num_virtual_tokens": 2, "encoder_hidden_size": 8}]}).eval()
     randomize(cm)
+    rows = {row["method"]: row for row in cm.report().to_dict()["methods"]}
+    assert rows["p_tuning"]["family"] == "additive" and "kept as graph ops" in rows["p_tuning"]["merge"]
+    assert all(rows[m]["merge"] == "folded into weights" for m in ("adalora", "fourierft", "vblora"))
+    read = [str(n.target) for n in cm.merged().graph_module.graph.nodes if n.op == "get_attr"]
+    kept = {t.rsplit(".", 2)[-2] for t in read if t.startswith("peftc.")}
+    assert kept == {"p_tuning"}  # the merged graph reads the prompt encoder only
     path = peftc.export_onnx(cm, tmp_path / "model.onnx")
     x = family.inputs(3, 5)
     x["attention_mask"] = torch.ones_like(x["input_ids"])
