@@ -188,7 +188,7 @@ def _add_orthogonality_term(gm: GraphModule, ctx: PassContext, sites: list[Site]
     # model has no Q and P left to regularize) and puts the plain loss back.
     tag = {"pass": "insert_adalora", "method": "adalora", "site": sites[0].path, "slot": ctx.slot,
            "entry": ctx.entry_index}
-    ins = Inserter(gm, loss, tag, meta_cache=ctx.graph_cache.setdefault("meta_cache", {}))
+    ins = Inserter(gm, loss, tag, meta_cache=ctx.meta_cache)
     terms = []
     for site in sites:
         a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))

@@ -114,7 +114,7 @@ def allocators(cm) -> list[RankAllocator]:
     for entry, slot in zip(cm.spec.adapters, cm.spec.entry_names()):
         if entry.method != "adalora":
             continue
-        sites = [(name.rpartition(".")[0], module) for name, module in adapters.adapter_modules(cm._adapter_root)
+        sites = [(name.rpartition(".")[0], module) for name, module in adapters.adapter_modules(cm.adapter_root)
                  if name.rpartition(".")[2] == slot]
         made.append(RankAllocator(entry, sites))
     object.__setattr__(cm, "_rank_allocators", made)
