@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.core.fields import non_negative_int, one_of, positive_int, probability
-from peftc.errors import SpecError
+from peftc.core.fields import one_of, positive_int, probability
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
 from peftc.pipeline.runner import PassContext, PassResult

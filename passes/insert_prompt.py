@@ -79,8 +79,8 @@ def token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
             return site, source
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     raise SpecError(
-        f"adapters[{ctx.entry_index}].method: {ctx.entry.method!r} prepends virtual tokens at the token embedding, but this "
-        f"model has no embedding lookup fed by an input (its inputs: {inputs}); use 'prefix' or 'adapter' instead")
+        f"adapters[{ctx.entry_index}].method: {ctx.entry.method!r} prepends virtual tokens at the token embedding, "
+        f"but this model has no embedding lookup fed by an input (its inputs: {inputs}); use 'prefix' or 'adapter' instead")
 
 
 def lengthen_inputs(gm: GraphModule, ids: Node, num_tokens: int, tag: dict) -> None:

@@ -143,7 +143,7 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
     tensors = split_table(names, {k: tuple(own[n].shape) for n, k in names.items() if n in own}, tensors)
     if is_topk_file(tensors):  # VB-LoRA saved with save_only_topk_weights
         tensors = logits_from_topk(tensors)
-        params = dict(cm.compilation.source.named_parameters(remove_duplicate=False))
+    params = dict(cm.compilation.source.named_parameters(remove_duplicate=False))
     plan, unexpected = [], []
     for key, value in tensors.items():
         name = ours_by_key.get(normalize(key))

@@ -72,7 +72,8 @@ def _rank_pattern(cm) -> dict | None:
     """PEFT's rank_pattern ({module}.lora_E -> kept ranks of init_r) once any rank is pruned, else None:
     the tensors are then saved with the kept ranks only (AdaloraWeights.to_peft)."""
     pattern = {f"{qualname.rpartition('.')[0]}.lora_E": module.init_rank_pattern()
-               for qualname, module in adapters.adapter_modules(cm.adapter_root) if hasattr(module, "init_rank_pattern")}
+               for qualname, module in adapters.adapter_modules(cm.adapter_root)
+               if hasattr(module, "init_rank_pattern")}
     return pattern if any(not all(mask) for mask in pattern.values()) else None
 
 

@@ -79,7 +79,8 @@ class RankAllocator:
                     self.exp_avg_unc[key] = torch.zeros_like(p)
                 self.ipt[key] = (p * p.grad).abs()
                 self.exp_avg_ipt[key] = b1 * self.exp_avg_ipt[key] + (1 - b1) * self.ipt[key]
-                self.exp_avg_unc[key] = b2 * self.exp_avg_unc[key] + (1 - b2) * (self.ipt[key] - self.exp_avg_ipt[key]).abs()
+                uncertainty = (self.ipt[key] - self.exp_avg_ipt[key]).abs()
+                self.exp_avg_unc[key] = b2 * self.exp_avg_unc[key] + (1 - b2) * uncertainty
 
     def _score(self, path: str, name: str) -> torch.Tensor:
         return self.exp_avg_ipt[(path, name)] * self.exp_avg_unc[(path, name)]

@@ -476,7 +476,8 @@ def test_merge_folds_all_but_p_tuning_and_exports_to_onnx(tmp_path):
 
     family = FAMILIES["bert"]
     cm = peftc.compile(family.build(), {"adapters": HYBRID["bert"] + [
-        {"method": "p_tuning", "num_virtual_tokens": 2, "encoder_hidden_size": 8}]}).eval()
+        {"method": "p_tuning", "num_virtual_tokens": 2, "encoder_hidden_size": 8,
+         "encoder_reparameterization_type": "LSTM"}]}).eval()  # the LSTM exports as ONNX's LSTM
     randomize(cm)
     rows = {row["method"]: row for row in cm.report().to_dict()["methods"]}
     assert rows["p_tuning"]["family"] == "additive" and "kept as graph ops" in rows["p_tuning"]["merge"]
@@ -555,3 +556,17 @@ def test_bad_fields_name_the_field(entry, message):
 def test_sizes_the_model_cannot_take_name_the_field(entry, message):
     with pytest.raises(peftc.SpecError, match=message):
         peftc.compile(FAMILIES["mlp"].build(), {"adapters": [entry]}, example_inputs=(torch.randn(3, 16),))
+
+
+def test_native_checkpoint_keeps_the_allocation(allocated, tmp_path):
+    """peftc's own format saves the rank masks with the tensors; a spec with rank_pattern round-trips."""
+    cm, x = allocated.cm, _bert_batch(9)
+    cm.save_adapter(tmp_path / "native")
+    fresh = peftc.compile(FAMILIES["bert"].build(), cm.spec, example_kwargs=x).load_adapter(tmp_path / "native").eval()
+    torch.testing.assert_close(fresh(**x).logits, cm(**x).logits, **TOL)
+    path = entry_sites(cm, 0)[0]
+    assert torch.equal(adapter_module(fresh, path, "adalora").rank_mask, adapter_module(cm, path, "adalora").rank_mask)
+    spec = peftc.Spec.from_dict({"adapters": [{"method": "adalora", "targets": ["query"], "total_step": 5,
+                                               "init_r": 2, "rank_pattern": {path: [True, False]}}]})
+    spec.save(tmp_path / "spec.json")
+    assert peftc.Spec.load(tmp_path / "spec.json") == spec
