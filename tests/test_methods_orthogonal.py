@@ -334,16 +334,15 @@ def test_one_tagged_output_per_site_and_report_families(hybrid):
         assert row["merge"] == "folded into weights"
 
 
-@pytest.mark.parametrize("hybrid", ["llama"], indirect=True)
+@pytest.mark.parametrize("hybrid", ["conv3"], indirect=True)  # all four methods, linear and conv sites
 def test_merged_onnx_export_matches_onnxruntime(hybrid, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     path = peftc.export_onnx(hybrid.cm, tmp_path / "model.onnx")
-    inputs = inputs_like_capture(hybrid.family, 3, 5)
+    x = torch.randn(3, 3, 12, 12)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    got = session.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})[0]
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
-        expected = logits(call(hybrid.cm, hybrid.family, inputs)).numpy()
+        expected = hybrid.cm(x).numpy()
     assert abs(got - expected).max() < 1e-4
 
 
@@ -488,7 +487,18 @@ def test_oft_moves_a_size_that_does_not_divide_as_peft_and_says_so():
     assert any("block_size 5 does not divide 16" in n for n in cm.records[0].notes)
 
 
+class Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_sites_a_method_cannot_act_on_are_refused(method):
-    with pytest.raises(SpecError, match=r"adapters\[0\]\.targets"):
-        compile_family(FAMILIES["llama"], {"adapters": [{"method": method, "targets": ["embed_tokens"]}]})
+    with pytest.raises(SpecError, match=r"adapters\[0\]\.targets: .* acts on \['linear'"):
+        peftc.compile(Embedder(), {"adapters": [{"method": method, "targets": ["embed"]}]},
+                      example_inputs=(torch.tensor([[1, 2, 3]]),))
