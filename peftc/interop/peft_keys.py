@@ -83,7 +83,7 @@ def peft_names(cm) -> dict[str, str]:
     spec = cm.spec
     entry_of_slot = dict(zip(spec.entry_names(), spec.adapters))
     kinds = {site.path: site.kind for site in cm.sites}
-    modules = list(adapters.adapter_modules(cm._adapter_root))
+    modules = list(adapters.adapter_modules(cm.adapter_root))
     wrapped = {q.rpartition(".")[0] for q, _ in modules if entry_of_slot[q.rpartition(".")[2]].method != "copy"}
     prefix = PROMPT_PREFIX if any(e.method in PROMPT_STYLE for e in spec.adapters) else PREFIX
     out: dict[str, str] = {}

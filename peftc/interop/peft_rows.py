@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from peftc.errors import SpecError
+from peftc.spec.methods import METHODS
 
 from . import peft_targets as pt
+
 
 @dataclass(frozen=True)
 class PeftRow:
@@ -25,8 +27,6 @@ class PeftRow:
 
 
 def supported_types() -> list[str]:
-    from peftc.spec.methods import METHODS
-
     return [name for name, row in PEFT_TYPES.items() if row.method in METHODS and row.verified]
 
 
@@ -108,8 +108,6 @@ def _lora_or_dora(cfg: dict) -> str:
     """use_dora=True is peftc's separate 'dora' method (same fields as LoRA, plus a magnitude vector)."""
     if not cfg.get("use_dora"):
         return "lora"
-    from peftc.spec.methods import METHODS
-
     if "dora" not in METHODS:
         raise SpecError(f"use_dora: DoRA adapters need peftc's 'dora' method, which this build lacks; "
                         f"supported: {supported_types()} without use_dora")

@@ -11,7 +11,7 @@ from families import FAMILIES, call, logits
 
 import peftc
 from peftc import CheckpointError, SpecError
-from peftc.interop import load_adapter_dir
+from peftc.interop.from_peft import load_adapter_dir
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -293,7 +293,14 @@ TYPE_CASES = [(f, k) for f in TYPE_TARGETS for k in TYPES if (f, k) not in NOT_I
 
 
 def _peft_type_config(family: str, kind: str):
-    from peft import IA3Config, LoHaConfig, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
+    from peft import (
+        IA3Config,
+        LoHaConfig,
+        LoKrConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        VeraConfig,
+    )
 
     attention, feedforward, task = TYPE_TARGETS[family]
     # PEFT's LoHa/LoKr take Linear and Conv layers only, not GPT-2's Conv1D: on GPT-2 they adapt the
