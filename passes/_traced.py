@@ -35,7 +35,7 @@ def inline_module(ins: Inserter, ctx: PassContext, site: Site, module: nn.Module
     names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
     tensors = [t.detach() for t in list(module.parameters()) + list(module.buffers())]
     key = (type(module).__name__, ctx.entry, tuple((tuple(t.shape), t.dtype) for t in [*examples, *tensors]))
-    cache = ctx.graph_cache.setdefault("traced_modules", {})
+    cache = ctx.meta_cache.setdefault("traced modules", {})  # per graph, beside the Inserter's metadata
     if key not in cache:
         cache[key] = _trace(module, names, len(examples), [*examples, *tensors])
     attrs = [ins.get_attr(adapters.target(site.path, ctx.slot, name)) for name in names]
