@@ -53,8 +53,8 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
 
 
 def rotate_blocks(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """weight [out, n·b] times block-diag(blocks)ᵀ, blocks [n, b, b]: the weight of y = W (Rᵀ... x), i.e. each
-    input block x_i replaced by x_i·R_i, as HF PEFT's OFT rotates its input."""
+    """weight [out, n·b] · block-diag(blocks)ᵀ, blocks [n, b, b]: the weight that sees each input block x_i
+    (a row) as x_i·R_i, as HF PEFT's OFT rotates its input."""
     count, size = blocks.shape[0], blocks.shape[-1]
     split = weight.reshape(weight.shape[0], count, size)
     return torch.einsum("onk,nck->onc", split, blocks).reshape(weight.shape)

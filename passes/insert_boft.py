@@ -87,7 +87,8 @@ class BoftWeights(nn.Module):
         generators = self.boft_R.reshape(factors * num, size, size)
         blocks = rot.cayley(0.5 * (generators - generators.transpose(1, 2))).view(factors, num, size, size)
         if training is not None and self.dropout > 0:
-            chosen = rot.random_choice(factors, 1, blocks)[:, None] * rot.random_choice(num, int(self.dropout * num), blocks)
+            factor = rot.random_choice(factors, 1, blocks)  # one random factor, as PEFT
+            chosen = factor[:, None] * rot.random_choice(num, int(self.dropout * num), blocks)
             blocks = rot.blocks_to_identity(blocks, chosen * training)
         for factor in range(factors):  # W Mᵀ = W M_0ᵀ M_1ᵀ ⋯, M_fᵀ = P_f B_fᵀ P_fᵀ
             weight = self._butterfly(weight, factor, inverse=True)  # W P_f

@@ -60,11 +60,9 @@ def nearest_divisor(dimension: int, value: int) -> int:
 
 def block_layout(config: OftConfig, dimension: int) -> tuple[int, int]:
     """(blocks, block size) for a site whose rotated dimension is `dimension`."""
-    if config.r == 0:
-        size = config.block_size if dimension % config.block_size == 0 else nearest_divisor(dimension, config.block_size)
-        return dimension // size, size
-    blocks = config.r if dimension % config.r == 0 else nearest_divisor(dimension, config.r)
-    return blocks, dimension // blocks
+    asked = config.r or config.block_size
+    given = asked if dimension % asked == 0 else nearest_divisor(dimension, asked)
+    return (given, dimension // given) if config.r else (dimension // given, given)
 
 
 class OftWeights(nn.Module):

@@ -271,7 +271,8 @@ def test_gradients_and_one_step_match_peft(hybrid):
     """Same gradients for every adapter tensor, then the same outputs after one SGD step on both."""
     cm, ref = copy.deepcopy(hybrid.cm), copy.deepcopy(hybrid.ref)
     pairs = peft_pairs(cm, ref)
-    weights = torch.randn(logits(call(ref, hybrid.family, hybrid.inputs)).shape, generator=torch.Generator().manual_seed(2))
+    shape = logits(call(ref, hybrid.family, hybrid.inputs)).shape
+    weights = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     for module in (cm, ref):
         (logits(call(module, hybrid.family, hybrid.inputs)) * weights).sum().backward()
     for name, (ours, theirs) in pairs.items():
@@ -430,7 +431,8 @@ def test_peft_config_fields_map_to_peftc_names():
     boft = peftc.Spec.from_peft_config(peft.BOFTConfig(boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=2,
                                                        boft_dropout=0.1, target_modules=["q_proj"])).adapters[0]
     assert (boft.block_size, boft.block_num, boft.n_butterfly_factor, boft.dropout) == (0, 4, 2, 0.1)
-    assert peftc.Spec.from_peft_config(peft.HRAConfig(r=6, apply_GS=True, target_modules=["q"])).adapters[0].gram_schmidt
+    hra = peftc.Spec.from_peft_config(peft.HRAConfig(r=6, apply_GS=True, target_modules=["q"])).adapters[0]
+    assert (hra.r, hra.gram_schmidt) == (6, True)
     shira = peftc.Spec.from_peft_config(peft.ShiraConfig(target_modules=["q"])).adapters[0]
     assert (shira.r, shira.seed, shira.mask_type) == (32, None, "random")  # peft's defaults
 
@@ -470,7 +472,8 @@ def test_either_count_or_size_as_peft(entry, field):
     ({"method": "boft", "block_size": 5}, r"adapters\[0\]\.block_size: 5 does not divide"),
     ({"method": "boft", "block_size": 0, "block_num": 3}, r"adapters\[0\]\.block_num: 3 does not divide"),
     ({"method": "boft", "block_size": 8, "n_butterfly_factor": 3}, r"adapters\[0\]\.n_butterfly_factor"),
-    ({"method": "boft", "block_size": 0, "block_num": 2, "n_butterfly_factor": 3}, r"adapters\[0\]\.n_butterfly_factor"),
+    ({"method": "boft", "block_size": 0, "block_num": 2, "n_butterfly_factor": 3},
+     r"adapters\[0\]\.n_butterfly_factor"),
     ({"method": "shira", "r": 11}, r"adapters\[0\]\.r: 11·\(32 \+ 16\) = 528"),
     ({"method": "hra", "r": 17, "gram_schmidt": True}, r"adapters\[0\]\.r: Gram-Schmidt"),
 ])
