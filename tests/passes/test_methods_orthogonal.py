@@ -505,3 +505,49 @@ def test_sites_a_method_cannot_act_on_are_refused(method):
     with pytest.raises(SpecError, match=r"adapters\[0\]\.targets: .* acts on \['linear'"):
         peftc.compile(Embedder(), {"adapters": [{"method": method, "targets": ["embed"]}]},
                       example_inputs=(torch.tensor([[1, 2, 3]]),))
+
+
+class Conv1DNet(nn.Module):
+    """GPT-2's Conv1D ([in, out] weights, addmm), or its nn.Linear twin: the "in_out" layout path."""
+
+    def __init__(self, linear: bool):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([Conv1D(24, 16), Conv1D(32, 24), Conv1D(16, 32), Conv1D(8, 16)])
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=0.2)
+        if linear:
+            twins = []
+            for layer in self.layers:
+                twin = nn.Linear(*layer.weight.shape)
+                with torch.no_grad():
+                    twin.weight.copy_(layer.weight.T)
+                    twin.bias.copy_(layer.bias)
+                twins.append(twin)
+            self.layers = nn.ModuleList(twins)
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+def test_conv1d_layout_equals_its_linear_twin():
+    """On GPT-2's [in, out] Conv1D weights every method computes what it computes on the nn.Linear twin."""
+    spec = {"adapters": [{"method": "oft", "targets": ["layers.0"], "block_size": 4, "coft": True, "eps": 0.5},
+                         {"method": "boft", "targets": ["layers.1"], "block_size": 4, "n_butterfly_factor": 2},
+                         {"method": "hra", "targets": ["layers.2"], "r": 3},
+                         {"method": "shira", "targets": ["layers.3"], "r": 2}]}
+    x = torch.randn(2, 5, 16)
+    conv1d, linear = (peftc.compile(Conv1DNet(twin), spec, example_inputs=(x,)).eval() for twin in (False, True))
+    assert {s.layout for s in conv1d.sites} == {"in_out"} and {s.layout for s in linear.sites} != {"in_out"}
+    randomize(conv1d)
+    with torch.no_grad():
+        for name, tensor in linear.adapter_state_dict().items():
+            tensor.copy_(conv1d.adapter_state_dict()[name])
+        ours = conv1d(x)
+        assert (ours - Conv1DNet(False)(x)).abs().max() > 1e-2
+        torch.testing.assert_close(ours, linear(x), **TOL)
+        torch.testing.assert_close(conv1d.merged()(x), ours, **TOL)
