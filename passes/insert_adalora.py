@@ -73,13 +73,13 @@ class AdaloraConfig:
     rank_pattern: dict = field(default_factory=dict, metadata={"check": _rank_masks})
     exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
 
-    def __post_init__(self):
+    def validate(self, path: str) -> None:
         if self.tinit >= self.total_step - self.tfinal:
-            raise SpecError(f"tinit: {self.tinit} leaves no budgeting phase before total_step - tfinal = "
+            raise SpecError(f"{path}.tinit: {self.tinit} leaves no budgeting phase before total_step - tfinal = "
                             f"{self.total_step - self.tfinal}; lower tinit or tfinal, or raise total_step")
-        for path, mask in self.rank_pattern.items():
+        for site, mask in self.rank_pattern.items():
             if len(mask) != self.init_r:
-                raise SpecError(f"rank_pattern[{path!r}]: {len(mask)} entries, expected init_r={self.init_r}")
+                raise SpecError(f"{path}.rank_pattern[{site!r}]: {len(mask)} entries, expected init_r={self.init_r}")
 
     def __hash__(self) -> int:  # rank_pattern is a dict; specs stay hashable
         return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v for v in vars(self).values()))

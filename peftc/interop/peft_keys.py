@@ -29,6 +29,11 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "prompt": {"*": {"embedding": "prompt_embeddings"}},
     # one table in PEFT; peft_prefix.py splits and joins it through these per-op names
     "prefix": {"*": {"key": "prefix_key", "value": "prefix_value"}},
+    # orthogonal and sparse high-rank methods; shira_indices is regenerated from the seed and checked
+    "oft": {"*": {"oft_R": "oft_R.weight"}},
+    "boft": {"*": {"boft_R": "boft_R", "boft_s": "boft_s"}},
+    "hra": {"*": {"hra_u": "hra_u"}},
+    "shira": {"*": {"shira_weight": "shira_weight", "shira_indices": "shira_indices"}},
     # -- spectral / budgeted / encoder methods (issue 16). None: a tensor PEFT files do not hold ("*": any other).
     # AdaLoRA: PEFT saves only the kept ranks (its config's rank_pattern), via the module's to_peft.
     "adalora": {"*": {"A": "lora_A", "E": "lora_E", "B": "lora_B", "rank_mask": None}},
