@@ -162,6 +162,7 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: A
 def loss_leaf(gm: GraphModule) -> tuple[Node, int] | None:
     """The output node and the index of its `loss` leaf, when this graph returns a loss (labels were passed)."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    # torch.export's unlifted module keeps the output structure (a ModelOutput's keys) on its codegen
     info = getattr(gm.graph._codegen, "pytree_info", None)
     leaves = output.args[0] if isinstance(output.args[0], (tuple, list)) else None
     if info is None or info.out_spec is None or leaves is None:
