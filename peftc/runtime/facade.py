@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
 from peftc.runtime.call_contract import signed_forward
@@ -61,8 +62,6 @@ class AdapterCheckpoint:
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        import torch
-
         own = self.adapter_state_dict()
         unexpected = [k for k in state_dict if k not in own]
         missing = [k for k in own if k not in state_dict]

@@ -117,3 +117,13 @@ def test_a_model_without_layer_stacks_is_left_alone():
     code = cm.graph_module.code
     cm.gradient_checkpointing_enable()
     assert cm.graph_module.code == code
+
+
+def test_every_n_layers_checkpoints_layers_0_n_2n():
+    family, cm = compiled("llama")
+    cm.gradient_checkpointing_enable(every_n_layers=2)
+    cm(**family.inputs(2, 6))
+    layers = [m for m in cm.graph_module.modules() if isinstance(m, CheckpointedLayer)]
+    assert [layer.enabled for layer in layers] == [True, False]
+    with pytest.raises(NotImplementedError, match="offload"):
+        cm.gradient_checkpointing_enable(offload=True)
