@@ -11,29 +11,30 @@ from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, erase_nodes
 from peftc.ir.lora_bank import LoraBank, ServingPlan
 from peftc.ir.sites import Site
+from peftc.passes.add_routing_input import routing_input
 from peftc.pipeline.runner import PassContext, PassResult
 
 aten = torch.ops.aten
 SLOT = "multi"  # banks live at peftc.<site path>.multi.{A_bank, B_bank, scales}
-ROUTING = "routing"  # peftc.routing.seq_ids: the per-sequence adapter ids of the current call
 
 
 def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     """At every site some served adapter targets, y = x W^T + b + s[id] B[id] A[id] x, per sequence id."""
     plan: ServingPlan = ctx.serving
-    if any(s.path == ROUTING or s.path.startswith(ROUTING + ".") for s in ctx.sites):
-        raise SpecError(f"the model has a layer named {ROUTING!r}, which serving uses for its routing buffer")
     wanted = plan.site_paths
     sites = [site for site in ctx.sites if site.path in wanted]
     _check_sites(plan, sites)
     nodes = {n.name: n for n in gm.graph.nodes}
+    seq_ids = routing_input(gm)
+    if sites and seq_ids is None:
+        raise ValueError("lower_lora_multi: the graph has no adapter-ids input; run add_routing_input first")
     result = PassResult(modified=False)
     ranks = set()
     for site in sites:
         bank, created = adapters.get_or_create(
             ctx.adapter_root, site.path, SLOT,
             lambda site=site: LoraBank(site, list(plan.adapters), ctx.base_params[site.param]))
-        _replace(gm, nodes[site.node], site)
+        _replace(gm, nodes[site.node], site, seq_ids)
         result.modified = True
         result.sites.append(site.path)
         ranks.add(bank.A_bank.shape[1])
@@ -59,14 +60,15 @@ def _check_sites(plan: ServingPlan, chosen: list[Site]) -> None:
         raise SpecError(f"served adapters target {others[0]}; serving takes LoRA on linear sites only")
 
 
-def _replace(gm: GraphModule, base: Node, site: Site) -> None:
-    """base matmul -> lora_multi(x, W [out, in], bias, banks, seq_ids); the same output, so users are unchanged."""
+def _replace(gm: GraphModule, base: Node, site: Site, seq_ids: Node) -> None:
+    """base matmul -> lora_multi(x, W [out, in], bias, banks, seq_ids); the same output, so users are unchanged.
+
+    seq_ids is the graph's adapter-ids input (add_routing_input): per call, never state."""
     tag = {"pass": "lower_lora_multi", "method": "lora", "site": site.path, "slot": SLOT, "entry": None}
     ins = Inserter(gm, base, tag)
     x = base.args[site.input_index]
     weight, bias, dead = _weight_and_bias(ins, base, site)
     bank = [ins.get_attr(adapters.target(site.path, SLOT, name)) for name in ("A_bank", "B_bank", "scales")]
-    seq_ids = ins.get_attr(f"{adapters.ROOT}.{ROUTING}.seq_ids")
     out = ins.call(torch.ops.peftc.lora_multi.default, x, weight, bias, *bank, seq_ids)
     out.meta["peftc"]["role"] = "output"
     if "val" in base.meta:  # the routing op is data-dependent; its output has the matmul's shape

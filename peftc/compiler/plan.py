@@ -8,7 +8,8 @@ flag threaded through the pipeline:
 - `Plan.merged(options)`: every foldable adapter folded into its weight — `cm.merged()`;
 - `Plan.export(merge)`: what ONNX export reads: torch ops only, no shrink fusion, no lowering,
   merged or not, so export never has to undo a pass;
-- `Plan.serve(serving)`: the multi-adapter lowering of `serve_adapters`.
+- `Plan.serve(serving)`: the multi-adapter lowering of `serve_adapters`, with the per-row
+  adapter ids as one more graph input.
 
 A plan that caches results across the graphs it builds (a merged plan's folded weights)
 carries that state itself, so two `merged()` models never share it.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftc.ir.lora_bank import ServingPlan
+from peftc.passes.add_routing_input import add_routing_input
 from peftc.passes.freeze_params import freeze_params
 from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
 from peftc.passes.lower_lora_multi import lower_lora_multi
@@ -60,7 +62,7 @@ class Plan:
     def steps(self, spec: Spec | None) -> list[Step]:
         """The ordered passes of this plan for `spec` (serving plans run the multi-adapter lowering alone)."""
         if self.serving is not None:
-            return [Step("lower_lora_multi", lower_lora_multi)]
+            return [Step("add_routing_input", add_routing_input), Step("lower_lora_multi", lower_lora_multi)]
         steps = []
         if spec.quantize is not None:  # first: adapters then see the quantized base
             steps.append(Step("quantize_base", quantize_base))
