@@ -17,7 +17,7 @@ from peftc.cli import main as cli
 from peftc.cli.common import load_model
 from peftc.cli.main import main
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent  # tests/: cli_factories.py lives there
 MLP = "cli_factories:tiny_mlp"
 
 
