@@ -21,9 +21,9 @@ SLOT = "multi"  # banks live at peftc.<site path>.multi.{A_bank, B_bank, scales}
 def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     """At every site some served adapter targets, y = x W^T + b + s[id] B[id] A[id] x, per sequence id."""
     plan: ServingPlan = ctx.serving
-    wanted = plan.site_paths
-    sites = [site for site in ctx.sites if site.path in wanted]
-    _check_sites(plan, sites)
+    served = [site for site in ctx.sites if site.path in plan.site_paths]
+    _check_sites(plan, served)
+    sites = [site for site in served if site.path in plan.lora_paths]  # IA3-only sites: lower_scales_multi
     nodes = {n.name: n for n in gm.graph.nodes}
     seq_ids = routing_input(gm)
     if sites and seq_ids is None:
@@ -57,7 +57,7 @@ def _check_sites(plan: ServingPlan, chosen: list[Site]) -> None:
                             f"({len(missing)} missing); was it trained on another model?")
     others = sorted({f"{s.path} ({s.kind})" for s in chosen if s.kind != "linear"})
     if others:
-        raise SpecError(f"served adapters target {others[0]}; serving takes LoRA on linear sites only")
+        raise SpecError(f"served adapters target {others[0]}; serving takes adapters on linear sites only")
 
 
 def _replace(gm: GraphModule, base: Node, site: Site, seq_ids: Node) -> None:

@@ -4,6 +4,8 @@
     peftc::lora_sgmv(x, weight, bias, A_bank, B_bank, scales, seg_starts, seg_adapters)   segments (prefill)
     peftc::lora_multi(x, weight, bias, A_bank, B_bank, scales, seq_ids)  x[b] uses adapter seq_ids[b]:
         BGMV when each sequence has one row here (decode), else SGMV over runs of equal ids (prefill)
+    peftc::scale_rows(x, bank, seq_ids, bias, bias_bank)  x[b] ⊙ bank[seq_ids[b]] (+ bias ⊙ bias_bank[..]):
+        elementwise adapters (IA3, DoRA's magnitude) per row, a gather and a multiply
 
 Banks: A [n, r, K], B [n, N, r], scales [n]; -1 means the base alone. Triton kernels (multi.py)
 on CUDA, the torch reference elsewhere. Autograd gives x, bias, A_bank and B_bank gradients (the
@@ -192,3 +194,23 @@ def lora_multi(x, weight, bias, a_bank, b_bank, scales, seq_ids):
         return torch.ops.peftc.lora_bgmv(x, weight, bias, a_bank, b_bank, scales, seq_ids)
     starts, adapters = sequence_segments(seq_ids, per_seq)
     return torch.ops.peftc.lora_sgmv(x, weight, bias, a_bank, b_bank, scales, starts, adapters)
+
+
+# -- per-row vectors: elementwise adapters (IA3, DoRA's magnitude) gathered by adapter id --------
+
+torch.library.define(
+    "peftc::scale_rows",
+    "(Tensor x, Tensor bank, Tensor seq_ids, Tensor? bias, Tensor? bias_bank) -> Tensor")
+
+
+@torch.library.impl("peftc::scale_rows", "CompositeImplicitAutograd")
+def scale_rows(x, bank, seq_ids, bias, bias_bank):
+    """x ⊙ bank[id] (+ bias ⊙ bias_bank[id], or + bias) per sequence; bank [n+1, F], its last row the base's.
+
+    x's rows are sequence-major and split evenly among seq_ids.numel() sequences, as lora_multi's."""
+    sequences = seq_ids.numel()
+    features = x.shape[-1]
+    rows = x.reshape(sequences, -1, features) * bank[seq_ids].unsqueeze(1)
+    if bias is not None:
+        rows = rows + (bias if bias_bank is None else bias * bias_bank[seq_ids]).unsqueeze(-2)
+    return rows.reshape(x.shape)

@@ -25,6 +25,7 @@ from peftc.passes.freeze_params import freeze_params
 from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
 from peftc.passes.lower_lora_multi import lower_lora_multi
 from peftc.passes.lower_lora_triton import lower_lora_triton
+from peftc.passes.lower_scales_multi import lower_scales_multi
 from peftc.passes.merge_adapters import merge_adapters
 from peftc.passes.quantize_base import quantize_base
 from peftc.pipeline.runner import Step
@@ -62,7 +63,8 @@ class Plan:
     def steps(self, spec: Spec | None) -> list[Step]:
         """The ordered passes of this plan for `spec` (serving plans run the multi-adapter lowering alone)."""
         if self.serving is not None:
-            return [Step("add_routing_input", add_routing_input), Step("lower_lora_multi", lower_lora_multi)]
+            return [Step("add_routing_input", add_routing_input), Step("lower_lora_multi", lower_lora_multi),
+                    Step("lower_scales_multi", lower_scales_multi)]
         steps = []
         if spec.quantize is not None:  # first: adapters then see the quantized base
             steps.append(Step("quantize_base", quantize_base))

@@ -1,4 +1,4 @@
-"""peftc.serve_adapters: one base model, many LoRA adapters, each batch row picks its own.
+"""peftc.serve_adapters: one base model, many adapters of different PEFT types, each batch row its own (PetS).
 
     mm = peftc.serve_adapters(model, {"sql": "adapters/sql", "chat": cm_chat})
     out = mm(input_ids=ids, adapter_ids=["sql", "chat", None])   # None / -1: the base alone
@@ -6,7 +6,10 @@
 The model is captured once; the lower_lora_multi pass replaces every linear site some adapter
 targets by peftc::lora_multi over per-site banks of all adapters (S-LoRA / Punica style):
 BGMV kernels when each sequence has one token at the site (decode), SGMV over runs of equal ids
-when it has several (prefill). Triton on CUDA, the torch implementation elsewhere.
+when it has several (prefill). Triton on CUDA, the torch implementation elsewhere. LoRA, VeRA
+and DoRA's low-rank pair share those banks; lower_scales_multi then applies the elementwise
+methods (IA3's vectors, DoRA's magnitude factor) as per-row vectors gathered by id. The base ops
+run once for the whole batch; each adapter's ops only change its own rows.
 
 How the ids reach the graph: as data. add_routing_input gives each served graph one more
 keyword input, `adapter_ids` (int64 [batch], -1 for the base), and the multi-adapter ops read
@@ -38,7 +41,8 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     """A module running `model` with any of `adapters_by_name` per batch row.
 
     Values: a CompiledModel, a folder written by `cm.save_adapter(dir)`, or a PEFT adapter folder;
-    each must be LoRA alone on linear layers. Ranks, alphas and targets may differ per adapter.
+    each one entry of LoRA, DoRA, VeRA or IA3 on linear layers. Methods, ranks, alphas and targets
+    may differ per adapter.
     The model itself is not changed (its parameters keep their requires_grad flags).
     """
     if backend not in BACKENDS:
@@ -50,8 +54,8 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
         if not isinstance(name, str) or not name or name in BASE_NAMES:
             raise SpecError(f"serve_adapters: adapter name {name!r} is not usable; use a non-empty string "
                             f"other than {BASE_NAMES[1]!r}")
-    loaded = tuple(load_adapter(name, source, model) for name, source in adapters_by_name.items())
     example = example_call(model, example_inputs, example_kwargs)
+    loaded = tuple(load_adapter(name, source, model, example) for name, source in adapters_by_name.items())
     compilation = Compilation.start(model, None)
     plan = compilation.serve_plan(ServingPlan(loaded))
     built = compilation.build(*example, plan)
