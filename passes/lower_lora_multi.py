@@ -34,7 +34,7 @@ def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
         bank, created = adapters.get_or_create(
             ctx.adapter_root, site.path, SLOT,
             lambda site=site: LoraBank(site, list(plan.adapters), ctx.base_params[site.param]))
-        _replace(gm, nodes[site.node], site, seq_ids)
+        _replace(gm, nodes[site.node], site, seq_ids, bank, plan)
         result.modified = True
         result.sites.append(site.path)
         ranks.add(bank.A_bank.shape[1])
@@ -60,21 +60,44 @@ def _check_sites(plan: ServingPlan, chosen: list[Site]) -> None:
         raise SpecError(f"served adapters target {others[0]}; serving takes adapters on linear sites only")
 
 
-def _replace(gm: GraphModule, base: Node, site: Site, seq_ids: Node) -> None:
+def _replace(gm: GraphModule, base: Node, site: Site, seq_ids: Node, bank: LoraBank, plan: ServingPlan) -> None:
     """base matmul -> lora_multi(x, W [out, in], bias, banks, seq_ids); the same output, so users are unchanged.
 
-    seq_ids is the graph's adapter-ids input (add_routing_input): per call, never state."""
+    seq_ids is the graph's adapter-ids input (add_routing_input): per call, never state. With
+    trained adapters (plan.params) the A and B banks are stacked in the graph from each adapter's
+    own parameters, so each adapter's gradient lands on its own tensors."""
     tag = {"pass": "lower_lora_multi", "method": "lora", "site": site.path, "slot": SLOT, "entry": None}
     ins = Inserter(gm, base, tag)
     x = base.args[site.input_index]
     weight, bias, dead = _weight_and_bias(ins, base, site)
-    bank = [ins.get_attr(adapters.target(site.path, SLOT, name)) for name in ("A_bank", "B_bank", "scales")]
-    out = ins.call(torch.ops.peftc.lora_multi.default, x, weight, bias, *bank, seq_ids)
+    if plan.params is None:
+        pair = [ins.get_attr(adapters.target(site.path, SLOT, name)) for name in ("A_bank", "B_bank")]
+    else:
+        pair = _stacked_banks(ins, site, bank, plan)
+    scales = ins.get_attr(adapters.target(site.path, SLOT, "scales"))
+    out = ins.call(torch.ops.peftc.lora_multi.default, x, weight, bias, *pair, scales, seq_ids)
     out.meta["peftc"]["role"] = "output"
     if "val" in base.meta:  # the routing op is data-dependent; its output has the matmul's shape
         out.meta["val"] = base.meta["val"]
     base.replace_all_uses_with(out)
     erase_nodes(gm, [base, *[n for n in dead if len(n.users) == 1]])
+
+
+def _stacked_banks(ins: Inserter, site: Site, bank: LoraBank, plan: ServingPlan) -> list[Node]:
+    """[stack(A_0, ..., A_n-1), stack(B_0, ...)]: each adapter's own A [r, in] and B [out, r], zero-padded
+    to the bank's rank; an adapter without LoRA at the site reads its (zero, frozen) bank slot."""
+    rank = bank.A_bank.shape[1]
+    stacks = []
+    for name, pad in (("A", lambda r: [0, 0, 0, rank - r]), ("B", lambda r: [0, rank - r])):
+        slots = []
+        for k, (root, r) in enumerate(zip(plan.params, bank.ranks)):
+            if r == 0:
+                slots.append(ins.call(aten.select.int, ins.get_attr(adapters.target(site.path, SLOT, f"{name}_bank")), 0, k))
+                continue
+            own = ins.get_attr(adapters.target(f"{root}.{site.path}", plan.slot, name))
+            slots.append(own if r == rank else ins.call(aten.constant_pad_nd.default, own, pad(r), 0.0))
+        stacks.append(ins.call(aten.stack.default, slots, 0))
+    return stacks
 
 
 def _weight_and_bias(ins: Inserter, base: Node, site: Site) -> tuple[Node, Node | None, list[Node]]:

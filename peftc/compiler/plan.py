@@ -9,7 +9,9 @@ flag threaded through the pipeline:
 - `Plan.export(merge)`: what ONNX export reads: torch ops only, no shrink fusion, no lowering,
   merged or not, so export never has to undo a pass;
 - `Plan.serve(serving)`: the multi-adapter lowering of `serve_adapters`, with the per-row
-  adapter ids as one more graph input.
+  adapter ids as one more graph input;
+- `Plan.train_many(serving)`: the same lowering over each adapter's own trainable tensors,
+  stacked in the graph — `train_adapters` (mLoRA-style concurrent training).
 
 A plan that caches results across the graphs it builds (a merged plan's folded weights)
 carries that state itself, so two `merged()` models never share it.
@@ -38,7 +40,7 @@ BACKENDS = ("torch", "triton")
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    name: str  # "train" | "merged" | "export" | "serve"
+    name: str  # "train" | "merged" | "export" | "serve" | "train_many"
     backend: str = "torch"
     fuse_shrinks: bool = False
     merge: MergeState | None = None  # set: fold adapters (its weights are shared by this plan's graphs)
@@ -59,6 +61,12 @@ class Plan:
     @classmethod
     def serve(cls, serving: ServingPlan) -> "Plan":
         return cls("serve", serving=serving)
+
+    @classmethod
+    def train_many(cls, serving: ServingPlan) -> "Plan":
+        if serving.params is None:
+            raise ValueError("Plan.train_many: the ServingPlan names no trained adapter tensors (params)")
+        return cls("train_many", serving=serving)
 
     def steps(self, spec: Spec | None) -> list[Step]:
         """The ordered passes of this plan for `spec` (serving plans run the multi-adapter lowering alone)."""

@@ -75,7 +75,7 @@ class ServedModel(GraphDispatch):
         self.adapter_names = [a.name for a in plan.serving.adapters]
 
     def forward(self, *args, adapter_ids: Any = None, **kwargs):
-        ids = self.adapter_index(adapter_ids, _batch_size(args, kwargs))
+        ids = self.adapter_index(adapter_ids, batch_size(args, kwargs))
         gm, args, kwargs = self.graph_for(args, kwargs)
         return gm(*args, **kwargs, adapter_ids=ids.to(_device(self.compilation.source)))
 
@@ -95,7 +95,7 @@ class ServedModel(GraphDispatch):
                 f"sites={len(banks)}, bank ranks={ranks})")
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int:
+def batch_size(args: tuple, kwargs: dict) -> int:
     """The leading dim of the first tensor argument: the batch the ids index."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
