@@ -30,6 +30,7 @@ from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation
 from peftc.compiler.compile import compile
 from peftc.errors import SpecError
+from peftc.inspect.report import Report
 from peftc.interop.from_peft import load_adapter_dir
 from peftc.ir.lora_bank import ServingPlan
 from peftc.runtime.checkpoint import save_adapter
@@ -123,6 +124,10 @@ class MultiAdapterModel(GraphDispatch):
         if name not in self._own:
             raise SpecError(f"adapter {name!r} is not trained here; adapters are {self.adapter_names}")
         return self._own[name]
+
+    def report(self, scope: str | None = None) -> Report:
+        """What the passes did, with one row per adapter: its id, method and sites."""
+        return Report.build(self, scope)
 
     def __repr__(self) -> str:
         ranks = {name: sorted({p.shape[0] for key, p in self.adapter_parameters(name).items() if key.endswith(".A")})

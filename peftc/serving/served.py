@@ -27,6 +27,7 @@ from torch import nn
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation
 from peftc.errors import SpecError
+from peftc.inspect.report import Report
 from peftc.ir.lora_bank import LoraBank, ServingPlan
 from peftc.passes.lower_lora_multi import SLOT
 from peftc.runtime.dispatch import GraphDispatch
@@ -87,6 +88,10 @@ class ServedModel(GraphDispatch):
         """The LoRA bank of every served site, by site path."""
         return {name[: -len(SLOT) - 1]: m for name, m in self.compilation.adapter_root.named_modules()
                 if isinstance(m, LoraBank)}
+
+    def report(self, scope: str | None = None) -> Report:
+        """What the passes did, with one row per adapter: its id, method and sites."""
+        return Report.build(self, scope)
 
     def __repr__(self) -> str:  # the graph modules' own repr would list every layer
         banks = self.banks()

@@ -107,3 +107,17 @@ def test_peft_ia3_folder_serves_beside_lora(tmp_path):
             picked = [i for i, r in enumerate(rows) if r == name]
             torch.testing.assert_close(got[picked], want[picked], **TOL)
     assert [a.method for a in mm.plan.serving.adapters] == ["ia3", "lora"]
+
+
+def test_report_names_each_adapters_sites_and_type(served):
+    family, _, mm = served
+    report = mm.report()
+    rows = {row["name"]: row for row in report.to_dict()["adapters"]}
+    assert [rows[n]["method"] for n in ADAPTERS[family.name]] == list(ADAPTERS[family.name])
+    for name in ADAPTERS[family.name]:
+        assert rows[name]["sites"] == sorted(_sites(mm, name)) and rows[name]["params"] > 0
+    text = str(report)
+    assert "dora (dora)" in text and "ia3 (ia3)" in text and "lower_scales_multi" in text
+    by_site = {s["path"]: s["methods"] for s in report.sites}
+    for path in _sites(mm, "vera"):
+        assert "vera (vera)" in by_site[path]

@@ -101,3 +101,13 @@ def test_non_lora_and_bad_names_are_refused():
         peftc.train_adapters(FAMILY.build(), {"x": {"adapters": [{"method": "ia3", "targets": ["k_proj"]}]}})
     with pytest.raises(SpecError, match="adapter name '' is not usable"):
         peftc.train_adapters(FAMILY.build(), {"": SPECS["sql"]})
+
+
+def test_report_names_each_adapters_sites(trained):
+    mt, refs = trained
+    rows = {row["name"]: row for row in mt.report().to_dict()["adapters"]}
+    assert set(rows) == set(SPECS) and all(row["method"] == "lora" for row in rows.values())
+    for name, ref in refs.items():
+        assert rows[name]["sites"] == sorted(s.path for s in ref.sites if any(
+            r.method == "lora" and s.path in r.sites for r in ref.records))
+    assert "train_many" == mt.plan.name and "lower_lora_multi" in str(mt.report())
