@@ -24,6 +24,9 @@ class PeftRow:
     mapped: frozenset  # the config fields `read` consumes
     fixed: tuple = ()  # (field, value) pairs peftc accepts at that value only (PEFT's defaults)
     verified: bool = True  # False: mapping not yet checked against PEFT's outputs, so refused
+    # The reader for a config that comes with its saved weights, where those hold less than the method
+    # trains (P-tuning saves its encoder's output alone); None: `read`.
+    read_saved: Callable[[dict], list[dict]] | None = None
 
 
 def supported_types() -> list[str]:
@@ -200,6 +203,174 @@ def _saved_copies(cfg: dict) -> list[dict]:
     return [{"method": "copy", "targets": [pt.save_target(n) for n in names]}] if names else []
 
 
+# -- orthogonal and sparse high-rank types (OFT, BOFT, HRA, SHiRA) ------------------------------
+
+def read_oft(cfg: dict) -> list[dict]:
+    return _with_targets(cfg, {
+        "method": "oft", "r": cfg.get("r", 0), "block_size": cfg.get("oft_block_size", 32),
+        "module_dropout": cfg.get("module_dropout", 0.0), "coft": bool(cfg.get("coft", False)),
+        "eps": cfg.get("eps", 6e-5), "block_share": bool(cfg.get("block_share", False)),
+        "cayley_neumann": bool(cfg.get("use_cayley_neumann", True)),
+        "neumann_terms": cfg.get("num_cayley_neumann_terms", 5)})
+
+
+def read_boft(cfg: dict) -> list[dict]:
+    return _with_targets(cfg, {
+        "method": "boft", "block_size": cfg.get("boft_block_size", 4), "block_num": cfg.get("boft_block_num", 0),
+        "n_butterfly_factor": cfg.get("boft_n_butterfly_factor", 1), "dropout": cfg.get("boft_dropout", 0.0)})
+
+
+def read_hra(cfg: dict) -> list[dict]:
+    return _with_targets(cfg, {"method": "hra", "r": cfg.get("r", 8), "gram_schmidt": bool(cfg.get("apply_GS", False))})
+
+
+def read_shira(cfg: dict) -> list[dict]:
+    return _with_targets(cfg, {"method": "shira", "r": cfg.get("r", 32), "mask_type": cfg.get("mask_type", "random"),
+                               "seed": cfg.get("random_seed")})
+
+
+def _with_targets(cfg: dict, entry: dict) -> list[dict]:
+    entry["targets"] = _targets(cfg)
+    exclude = _exclude(cfg)
+    if exclude:
+        entry["exclude"] = exclude
+    return [entry] + _copies(cfg, entry)
+
+
+ORTHOGONAL_TYPES = {
+    "OFT": PeftRow("OFT", "oft", read_oft, COMMON | {"r", "oft_block_size", "module_dropout", "coft", "eps",
+                                                     "block_share", "use_cayley_neumann", "num_cayley_neumann_terms",
+                                                     "init_weights"}),
+    "BOFT": PeftRow("BOFT", "boft", read_boft, COMMON | {"boft_block_size", "boft_block_num", "boft_n_butterfly_factor",
+                                                         "boft_dropout", "init_weights"}),
+    "HRA": PeftRow("HRA", "hra", read_hra, COMMON | {"r", "apply_GS", "init_weights"}),
+    "SHIRA": PeftRow("SHIRA", "shira", read_shira, COMMON | {"r", "mask_type", "random_seed", "init_weights"}),
+}
+
+
+def write_oft(entry, field: str) -> dict:
+    return {"peft_type": "OFT", "r": entry.r, "oft_block_size": entry.block_size,
+            "module_dropout": entry.module_dropout, "coft": entry.coft, "eps": entry.eps,
+            "block_share": entry.block_share, "use_cayley_neumann": entry.cayley_neumann,
+            "num_cayley_neumann_terms": entry.neumann_terms, "init_weights": True, "bias": "none",
+            **_write_targets(entry, field)}
+
+
+def write_boft(entry, field: str) -> dict:
+    return {"peft_type": "BOFT", "boft_block_size": entry.block_size, "boft_block_num": entry.block_num,
+            "boft_n_butterfly_factor": entry.n_butterfly_factor, "boft_dropout": entry.dropout,
+            "init_weights": True, "bias": "none", **_write_targets(entry, field)}
+
+
+def write_hra(entry, field: str) -> dict:
+    return {"peft_type": "HRA", "r": entry.r, "apply_GS": entry.gram_schmidt, "init_weights": True, "bias": "none",
+            **_write_targets(entry, field)}
+
+
+def write_shira(entry, field: str) -> dict:
+    """PEFT's ShiraConfig has no exclude_modules or layer selection: the targets must say it all."""
+    if getattr(entry, "exclude", ()):
+        raise SpecError(f"{field}.exclude: PEFT's SHiRA has no exclude_modules; list the targets instead")
+    return {"peft_type": "SHIRA", "r": entry.r, "mask_type": entry.mask_type, "random_seed": entry.seed,
+            "init_weights": True, "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
+            "modules_to_save": None}
+
+
+ORTHOGONAL_WRITERS = {"oft": write_oft, "boft": write_boft, "hra": write_hra, "shira": write_shira}
+
+
+# -- spectral / budgeted / encoder methods (issue 16) ---------------------------------------
+
+ADALORA_FIELDS = ("total_step", "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                  "orth_reg_weight")
+
+
+def read_adalora(cfg: dict) -> list[dict]:
+    """PEFT's `r` is ignored by AdaLoRA (init_r is the rank); rank_pattern keys are `<module>.lora_E`."""
+    entry = {"method": "adalora", "alpha": cfg.get("lora_alpha", 8),
+             "dropout": cfg.get("lora_dropout", 0.0)}
+    entry.update({f: cfg[f] for f in ADALORA_FIELDS if cfg.get(f) is not None})
+    if cfg.get("rank_pattern"):
+        entry["rank_pattern"] = {_rank_pattern_site(k): v for k, v in cfg["rank_pattern"].items()}
+    return _with_targets(cfg, entry)
+
+
+def _rank_pattern_site(key: str) -> str:
+    path = key.removesuffix(".default")
+    return path.removesuffix(".lora_E")
+
+
+def write_adalora(entry, field: str) -> dict:
+    """rank_pattern is filled in by save_peft from the compiled model's allocation (a spec has none yet)."""
+    return {"peft_type": "ADALORA", "r": 8, "lora_alpha": _number(entry.alpha), "lora_dropout": entry.dropout,
+            **{f: getattr(entry, f) for f in ADALORA_FIELDS}, "init_lora_weights": True,
+            "rank_pattern": {f"{path}.lora_E": list(mask) for path, mask in entry.rank_pattern.items()} or None,
+            "bias": "none", "fan_in_fan_out": False, **_write_targets(entry, field)}
+
+
+def read_fourierft(cfg: dict) -> list[dict]:
+    if cfg.get("n_frequency_pattern"):
+        raise SpecError("n_frequency_pattern: peftc's fourierft has one n_frequency per entry; split the "
+                        "targets into entries instead")
+    return _with_targets(cfg, {
+        "method": "fourierft", "n_frequency": cfg.get("n_frequency", 1000), "scaling": cfg.get("scaling", 150.0),
+        "random_loc_seed": cfg.get("random_loc_seed", 777), "init": "zeros" if cfg.get("init_weights") else "random"})
+
+
+def write_fourierft(entry, field: str) -> dict:
+    return {"peft_type": "FOURIERFT", "n_frequency": entry.n_frequency, "scaling": _number(entry.scaling),
+            "random_loc_seed": entry.random_loc_seed, "init_weights": entry.init == "zeros",
+            "n_frequency_pattern": {}, "bias": "none", "fan_in_fan_out": False, **_write_targets(entry, field)}
+
+
+VBLORA_FIELDS = ("r", "num_vectors", "vector_length", "topk", "init_vector_bank_bound", "init_logits_std",
+                 "save_only_topk_weights")
+
+
+def read_vblora(cfg: dict) -> list[dict]:
+    entry = {"method": "vblora", "dropout": cfg.get("vblora_dropout", 0.0)}
+    entry.update({f: cfg[f] for f in VBLORA_FIELDS if cfg.get(f) is not None})
+    return _with_targets(cfg, entry)
+
+
+def write_vblora(entry, field: str) -> dict:
+    return {"peft_type": "VBLORA", **{f: getattr(entry, f) for f in VBLORA_FIELDS},
+            "vblora_dropout": entry.dropout, "bias": "none", "fan_in_fan_out": False,
+            **_write_targets(entry, field)}
+
+
+P_TUNING_FIELDS = ("encoder_hidden_size", "num_virtual_tokens", "encoder_reparameterization_type",
+                   "encoder_num_layers", "encoder_dropout")
+
+
+def read_p_tuning(cfg: dict) -> list[dict]:
+    """A fresh P-tuning entry (encoder and all), for a config alone."""
+    _one_submodule(cfg)
+    if not cfg.get("encoder_hidden_size"):
+        raise SpecError("encoder_hidden_size: the config sets none; PEFT's PromptEncoder needs it too")
+    return [{"method": "p_tuning", **{f: cfg[f] for f in P_TUNING_FIELDS if cfg.get(f) is not None}}] \
+        + _saved_copies(cfg)
+
+
+def read_saved_p_tuning(cfg: dict) -> list[dict]:
+    """A saved P-tuning adapter holds the encoder's output alone (prompt_embeddings), which is what
+    PeftModel.from_pretrained prepends: a prompt-tuning entry computes exactly that."""
+    _one_submodule(cfg)
+    return [{"method": "prompt", "num_tokens": cfg["num_virtual_tokens"]}] + _saved_copies(cfg)
+
+
+def _one_submodule(cfg: dict) -> None:
+    if (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise SpecError(f"num_transformer_submodules: peftc prepends virtual tokens at one token embedding; "
+                        f"{cfg['num_transformer_submodules']} (an encoder-decoder) is not supported")
+
+
+def write_p_tuning(entry, field: str) -> dict:
+    """token_dim and task_type depend on the model: save_peft fills them in."""
+    return {"peft_type": "P_TUNING", **{f: getattr(entry, f) for f in P_TUNING_FIELDS},
+            "num_transformer_submodules": 1, "modules_to_save": None}
+
+
 LOW_RANK_FIXED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
 
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
@@ -221,6 +392,15 @@ PEFT_TYPES: dict[str, PeftRow] = {
                                                          "save_projection", "vera_dropout", "d_initial"}),
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
     "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS),
+    **ORTHOGONAL_TYPES,
+    # -- spectral / budgeted / encoder methods (issue 16)
+    "ADALORA": PeftRow("ADALORA", "adalora", read_adalora, COMMON | set(ADALORA_FIELDS) | {
+        "r", "lora_alpha", "lora_dropout", "rank_pattern"}, (("init_lora_weights", True),)),
+    "FOURIERFT": PeftRow("FOURIERFT", "fourierft", read_fourierft, COMMON | {
+        "n_frequency", "scaling", "random_loc_seed", "init_weights", "n_frequency_pattern"}),
+    "VBLORA": PeftRow("VBLORA", "vblora", read_vblora, COMMON | set(VBLORA_FIELDS) | {"vblora_dropout"}),
+    "P_TUNING": PeftRow("P_TUNING", "p_tuning", read_p_tuning, PROMPT_FIELDS | set(P_TUNING_FIELDS),
+                        read_saved=read_saved_p_tuning),
 }
 
 
@@ -286,4 +466,8 @@ def write_prefix(entry, field: str) -> dict:
 
 WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora, "ia3": write_ia3,
                                                   "loha": write_loha, "lokr": write_lokr, "vera": write_vera,
-                                                  "prompt": write_prompt, "prefix": write_prefix}
+                                                  "prompt": write_prompt, "prefix": write_prefix,
+                                                  **ORTHOGONAL_WRITERS,
+                                                  # -- spectral / budgeted / encoder methods (issue 16)
+                                                  "adalora": write_adalora, "fourierft": write_fourierft,
+                                                  "vblora": write_vblora, "p_tuning": write_p_tuning}

@@ -22,6 +22,17 @@ from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
 from peftc.passes.insert_vera import VeraConfig, insert_vera
 from peftc.passes.quantize_base import QuantizeConfig
+# orthogonal and sparse high-rank methods (OFT, BOFT, HRA, SHiRA)
+from peftc.passes._weight_transform import fold_transform
+from peftc.passes.insert_boft import BoftConfig, insert_boft
+from peftc.passes.insert_hra import HraConfig, insert_hra
+from peftc.passes.insert_oft import OftConfig, insert_oft
+from peftc.passes.insert_shira import ShiraConfig, fold_shira, insert_shira
+# -- spectral / budgeted / encoder methods (issue 16)
+from peftc.passes.insert_adalora import AdaloraConfig, insert_adalora
+from peftc.passes.insert_fourierft import FourierftConfig, insert_fourierft
+from peftc.passes.insert_p_tuning import PTuningConfig, insert_p_tuning
+from peftc.passes.insert_vblora import VbloraConfig, insert_vblora
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,24 @@ METHODS: dict[str, Method] = {
                   "l ⊙ (W x + b), or W (l ⊙ x) on feedforward sites, on linear ops", fold_bias=fold_ia3_bias),
     "mask": Method("mask", "selective", MaskConfig, insert_mask, fold_mask,
                    "W x + op(x, ΔW), ΔW sparse: a fixed `density` of entries (by magnitude or seeded random) train"),
+    # -- orthogonal and sparse high-rank methods --
+    "oft": Method("oft", "reparameterized", OftConfig, insert_oft, fold_transform,
+                  "W·block-diag(R)ᵀ on linear and conv ops, R = Cayley(skew Q) per block"),
+    "boft": Method("boft", "reparameterized", BoftConfig, insert_boft, fold_transform,
+                   "s ⊙ (W·Mᵀ) on linear and conv ops, M a butterfly product of orthogonal block-diagonals"),
+    "hra": Method("hra", "reparameterized", HraConfig, insert_hra, fold_transform,
+                  "W·H₁⋯H_r on linear and conv ops, H_i = I − 2uᵢuᵢᵀ Householder reflections"),
+    "shira": Method("shira", "selective", ShiraConfig, insert_shira, fold_shira,
+                    "W x + op(x, ΔW) on linear ops, ΔW sparse: r·(out + in) seeded random entries train"),
+    # -- spectral / budgeted / encoder methods (issue 16)
+    "adalora": Method("adalora", "reparameterized", AdaloraConfig, insert_adalora, fold_delta,
+                      "W x + s/r0·P(Λ ⊙ Q x) on linear ops, ranks pruned by importance; orthogonality term on the loss"),
+    "fourierft": Method("fourierft", "reparameterized", FourierftConfig, insert_fourierft, fold_delta,
+                        "W x + op(x, s·Re(ifft2(S))), S trained at n seeded frequencies, on linear ops"),
+    "vblora": Method("vblora", "reparameterized", VbloraConfig, insert_vblora, fold_delta,
+                     "W x + B(A x) on linear ops, A and B sub-vectors top-k mixes of one shared vector bank"),
+    "p_tuning": Method("p_tuning", "additive", PTuningConfig, insert_p_tuning, None,
+                       "N virtual tokens from an MLP/LSTM prompt encoder, prepended at the token embedding output"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.

@@ -139,7 +139,7 @@ def test_to_peft_config_names_what_peft_cannot_express(spec, field):
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"peft_type": "OFT", "target_modules": ["q"]}, r"peft_type: 'OFT' is not supported; supported: \['LORA'"),
+    ({"peft_type": "POLY", "target_modules": ["q"]}, r"peft_type: 'POLY' is not supported; supported: \['LORA'"),
     ({"peft_type": "LORA", "target_modules": ["q"], "lora_bias": True}, "lora_bias"),
     ({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "pissa"}, "init_lora_weights"),
     ({"peft_type": "LORA", "target_modules": "all-linear"}, "all-linear"),
@@ -153,9 +153,11 @@ def test_unsupported_configs_name_the_field(config, match):
 def test_unsupported_types_name_type_and_supported_list():
     from peftc.interop.peft_rows import supported_types
 
-    assert supported_types() == ["LORA", "IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"]
-    with pytest.raises(SpecError, match=r"'BOFT' is not supported; supported: \['LORA', 'IA3'"):
-        peftc.Spec.from_peft_config({"peft_type": "BOFT", "target_modules": ["q"]})
+    assert supported_types()[:7] == ["LORA", "IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"]
+    assert {"OFT", "BOFT", "HRA", "SHIRA"} <= set(supported_types())
+    assert {"ADALORA", "FOURIERFT", "VBLORA", "P_TUNING"} <= set(supported_types())
+    with pytest.raises(SpecError, match=r"'POLY' is not supported; supported: \['LORA', 'IA3'"):
+        peftc.Spec.from_peft_config({"peft_type": "POLY", "target_modules": ["q"]})
 
 
 # -- files and errors (small models, so they stay fast) -----------------------------------
