@@ -90,11 +90,11 @@ def _stacked_banks(ins: Inserter, site: Site, bank: LoraBank, plan: ServingPlan)
     stacks = []
     for name, pad in (("A", lambda r: [0, 0, 0, rank - r]), ("B", lambda r: [0, rank - r])):
         slots = []
-        for k, (root, r) in enumerate(zip(plan.params, bank.ranks)):
+        for k, (root, slot, r) in enumerate(zip(plan.params, plan.slots, bank.ranks)):
             if r == 0:
                 slots.append(ins.call(aten.select.int, ins.get_attr(adapters.target(site.path, SLOT, f"{name}_bank")), 0, k))
                 continue
-            own = ins.get_attr(adapters.target(f"{root}.{site.path}", plan.slot, name))
+            own = ins.get_attr(adapters.target(f"{root}.{site.path}", slot, name))
             slots.append(own if r == rank else ins.call(aten.constant_pad_nd.default, own, pad(r), 0.0))
         stacks.append(ins.call(aten.stack.default, slots, 0))
     return stacks

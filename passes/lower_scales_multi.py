@@ -6,6 +6,7 @@ import peftc.codegen.triton  # noqa: F401  (registers torch.ops.peftc.*)
 import torch
 from torch.fx import GraphModule, Node
 
+from peftc.errors import SpecError
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, redirect_users
 from peftc.ir.lora_bank import ScaleBank, ServingPlan
@@ -15,6 +16,7 @@ from peftc.pipeline.runner import PassContext, PassResult
 
 from ._weight_ops import flip_layout
 
+aten = torch.ops.aten
 SLOT = "scales"  # banks live at peftc.<site path>.scales.{input, output, bias}
 MULTI = torch.ops.peftc.lora_multi.default
 SCALE_ROWS = torch.ops.peftc.scale_rows.default
@@ -24,6 +26,9 @@ def lower_scales_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     """y = out[id] ⊙ (W (in[id] ⊙ x) + low-rank) + bias[id] ⊙ b at every site a served adapter scales."""
     plan: ServingPlan = ctx.serving
     sites = [site for site in ctx.sites if site.path in plan.scaled_paths]
+    if plan.params is not None and any(a.method == "dora" for a in plan.adapters):
+        raise SpecError("training many adapters at once takes LoRA and IA3 adapters, not DoRA "
+                        "(its magnitude factor would need the weight norm in the graph); train DoRA with peftc.compile")
     result = PassResult(modified=False)
     if not sites:
         return result
@@ -35,7 +40,7 @@ def lower_scales_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
         weight = ctx.base_params[site.param]
         bank, created = adapters.get_or_create(ctx.adapter_root, site.path, SLOT, lambda site=site, weight=weight: (
             ScaleBank(site, list(plan.adapters), weight, flip_layout(weight, site).detach())))
-        _rewrite(gm, ops.get(site.path) or nodes[site.node], site, bank, seq_ids)
+        _rewrite(gm, ops.get(site.path) or nodes[site.node], site, bank, seq_ids, plan)
         result.modified = True
         result.sites.append(site.path)
         if created:
@@ -46,16 +51,31 @@ def lower_scales_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
-def _rewrite(gm: GraphModule, op: Node, site: Site, bank: ScaleBank, seq_ids: Node) -> None:
+def _bank(ins: Inserter, site: Site, part: str, plan: ServingPlan) -> Node:
+    """The [n+1, F] vectors of one part ("input", "output", "bias"): the frozen bank when serving;
+    when training, stacked in the graph from each IA3 adapter's own `l` (its bank row otherwise)."""
+    frozen = ins.get_attr(adapters.target(site.path, SLOT, part))
+    if plan.params is None:
+        return frozen
+    rows = []
+    for k, (adapter, root, slot) in enumerate(zip(plan.adapters, plan.params, plan.slots)):
+        mine = adapter.sites.get(site.path)
+        vector = None if mine is None else mine.input_scale if part == "input" else mine.output_scale
+        rows.append(ins.get_attr(adapters.target(f"{root}.{site.path}", slot, "l")) if vector is not None
+                    else ins.call(aten.select.int, frozen, 0, k))
+    rows.append(ins.call(aten.select.int, frozen, 0, len(plan.adapters)))  # the base's row of ones
+    return ins.call(aten.stack.default, rows, 0)
+
+
+def _rewrite(gm: GraphModule, op: Node, site: Site, bank: ScaleBank, seq_ids: Node, plan: ServingPlan) -> None:
     """Scale op's input and output rows; with a lora_multi op, its bias moves after the scaling
     (DoRA leaves the bias unscaled, IA3 scales it: the bias bank says which)."""
     tag = {"pass": "lower_scales_multi", "method": "serving", "site": site.path, "slot": SLOT, "entry": None}
-    target = lambda name: adapters.target(site.path, SLOT, name)  # noqa: E731
     if bank.input is not None:
         ins = Inserter(gm, op.prev, tag)
         ins.module_stack = op.meta.get("nn_module_stack")
         x = op.args[site.input_index] if op.target != MULTI else op.args[0]
-        scaled = ins.call(SCALE_ROWS, x, ins.get_attr(target("input")), seq_ids, None, None)
+        scaled = ins.call(SCALE_ROWS, x, _bank(ins, site, "input", plan), seq_ids, None, None)
         op.update_arg(site.input_index if op.target != MULTI else 0, scaled)
     if bank.output is None:
         return
@@ -65,8 +85,8 @@ def _rewrite(gm: GraphModule, op: Node, site: Site, bank: ScaleBank, seq_ids: No
     if op.target == MULTI and op.args[2] is not None:
         bias = op.args[2]
         op.update_arg(2, None)
-        bias_bank = ins.get_attr(target("bias")) if bank.bias is not None else None
-    out = ins.call(SCALE_ROWS, op, ins.get_attr(target("output")), seq_ids, bias, bias_bank)
+        bias_bank = _bank(ins, site, "bias", plan) if bank.bias is not None else None
+    out = ins.call(SCALE_ROWS, op, _bank(ins, site, "output", plan), seq_ids, bias, bias_bank)
     out.meta["peftc"]["role"] = "output"
     if "val" in op.meta:
         out.meta["val"] = op.meta["val"]

@@ -58,10 +58,10 @@ class ServingPlan:
     """The adapters one served model stacks at its sites, in id order."""
 
     adapters: tuple[ServedAdapter, ...]
-    # Training many adapters at once (train_adapters): adapter k's own LoRA tensors live at
-    # peftc.<params[k]>.<site>.<slot>.{A, B}; None when serving (the banks hold frozen copies).
+    # Training many adapters at once (train_adapters): adapter k's own tensors live at
+    # peftc.<params[k]>.<site>.<slots[k]>.{A, B, l}; None when serving (the banks hold frozen copies).
     params: tuple[str, ...] | None = None
-    slot: str = "lora"
+    slots: tuple[str, ...] | None = None
 
     @property
     def site_paths(self) -> set[str]:

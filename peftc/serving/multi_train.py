@@ -1,4 +1,4 @@
-"""peftc.train_adapters: K LoRA adapters trained at once on one frozen base, each batch row its own (mLoRA).
+"""peftc.train_adapters: K LoRA or IA3 adapters trained at once on one frozen base, each batch row its own (mLoRA).
 
     mt = peftc.train_adapters(model, {"sql": {"adapters": [{"method": "lora", "targets": ["q_proj"], "r": 8}]},
                                       "chat": "adapters/chat"})
@@ -10,7 +10,8 @@ Each adapter starts as its own compiled model (`peftc.compile` of its spec, or a
 compiled adapter), whose adapter tensors become this module's parameters. The graph is the
 serving graph (adapter ids as a graph input, peftc::lora_multi at every targeted site) with the
 banks stacked from those tensors in the graph, so autograd hands each adapter the gradient of
-its own rows: what training it alone on those rows would give. The base is captured and stored
+its own rows: what training it alone on those rows would give (IA3's vectors are stacked the same
+way into per-row scale banks). The base is captured and stored
 once. Adapters with no row in a call take no part in its autograd graph (their requires_grad is
 off for the forward), so their `.grad` stays None and optimizers leave them unchanged; that
 makes a call not re-entrant across threads, as any training step. LoRA dropout is not applied
@@ -38,7 +39,7 @@ from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.dispatch import GraphDispatch
 from peftc.serving.routing import BASE_NAMES, adapter_index
 from peftc.serving.served import batch_size
-from peftc.serving.sources import lora_adapter
+from peftc.serving.sources import compiled_adapter
 from peftc.spec.parse import as_spec
 
 
@@ -46,7 +47,7 @@ def train_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, exa
                    example_kwargs: dict | None = None) -> "MultiAdapterModel":
     """A module training every adapter of `adapters_by_name` at once, each on the rows that name it.
 
-    Values: a spec (Spec, dict or spec file path) of one LoRA entry, a CompiledModel (its adapter
+    Values: a spec (Spec, dict or spec file path) of one LoRA or IA3 entry, a CompiledModel (its adapter
     is copied, the model is not changed), or an adapter folder (peftc or PEFT). Ranks, alphas and
     targets may differ per adapter. The model itself is not changed.
     """
@@ -63,8 +64,9 @@ def train_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, exa
     for k, cm in enumerate(own.values()):
         roots.append(f"adapter{k}")
         compilation.adapter_root.add_module(roots[-1], cm.adapter_root)  # the parameters themselves, shared
-    loaded = tuple(lora_adapter(name, cm.spec, cm.adapter_state_dict()) for name, cm in own.items())
-    plan = compilation.train_many_plan(ServingPlan(loaded, params=tuple(roots)))
+    loaded = tuple(compiled_adapter(name, cm) for name, cm in own.items())
+    slots = tuple(cm.spec.entry_names()[0] for cm in own.values())
+    plan = compilation.train_many_plan(ServingPlan(loaded, params=tuple(roots), slots=slots))
     built = compilation.build(*example, plan)
     return MultiAdapterModel(compilation, plan, built, example, own)
 
@@ -80,9 +82,9 @@ def _own_model(name: str, value: Any, model: nn.Module, example: tuple[tuple, di
     else:
         cm = compile(model, as_spec(value), example_inputs=args, example_kwargs=kwargs)
     methods = [entry.method for entry in cm.spec.adapters]
-    if methods != ["lora"] or cm.spec.trainable or cm.spec.quantize is not None:
-        raise SpecError(f"adapter {name!r}: spec adapters are {methods}; train_adapters takes one 'lora' entry "
-                        "(no 'trainable', no 'quantize'); train other methods with peftc.compile")
+    if methods not in (["lora"], ["ia3"]) or cm.spec.trainable or cm.spec.quantize is not None:
+        raise SpecError(f"adapter {name!r}: spec adapters are {methods}; train_adapters takes one 'lora' or 'ia3' "
+                        "entry (no 'trainable', no 'quantize'); train other methods with peftc.compile")
     return cm
 
 

@@ -1,4 +1,4 @@
-"""train_adapters (mLoRA): K LoRA adapters of different ranks and targets trained in one batch; each
+"""train_adapters (mLoRA): LoRA adapters of different ranks and targets and an IA3 adapter trained in one batch; each
 adapter's gradient equals training it alone on its rows, and absent adapters are left unchanged."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ SPECS = {
     "sql": {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8}]},
     "chat": {"adapters": [{"method": "lora", "targets": ["v_proj", "down_proj", "o_proj"], "r": 2, "alpha": 3}]},
     "math": {"adapters": [{"method": "lora", "targets": ["up_proj", "q_proj"], "r": 6, "alpha": 6, "rslora": True}]},
+    "tone": {"adapters": [{"method": "ia3", "targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}]},
 }
-ROWS = ["sql", "chat", None, "sql", "math", "chat"]
+ROWS = ["sql", "chat", None, "tone", "sql", "math", "chat", "tone"]
 BATCH, SEQ = len(ROWS), 4
 
 
@@ -39,7 +40,8 @@ def trained(tmp_path_factory):
         _nonzero(refs[name], seed)
     folder = tmp_path_factory.mktemp("chat")
     refs["chat"].save_adapter(folder)
-    mt = peftc.train_adapters(FAMILY.build(), {"sql": SPECS["sql"], "chat": folder, "math": refs["math"]},
+    mt = peftc.train_adapters(FAMILY.build(), {"sql": SPECS["sql"], "chat": folder, "math": refs["math"],
+                                               "tone": refs["tone"]},
                               example_kwargs=inputs)
     with torch.no_grad():  # the spec-built adapter starts from the reference's weights
         for key, p in mt.adapter_parameters("sql").items():
@@ -73,13 +75,13 @@ def test_labels_loss_and_step_touch_only_present_adapters(trained):
     assert {id(p) for p in params} == {id(p) for n in mt.adapter_names for p in mt.adapter_parameters(n).values()}
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     before = {n: {k: p.detach().clone() for k, p in mt.adapter_parameters(n).items()} for n in mt.adapter_names}
-    out = mt(**inputs, labels=inputs["input_ids"], adapter_ids=["sql", None, "chat", "sql"])
+    out = mt(**inputs, labels=inputs["input_ids"], adapter_ids=["sql", None, "chat", "tone"])
     assert out.loss.ndim == 0
     out.loss.backward()
     opt.step()
     for name in mt.adapter_names:
         changed = [not torch.equal(p, before[name][k]) for k, p in mt.adapter_parameters(name).items()]
-        assert all(changed) if name in ("sql", "chat") else not any(changed), name
+        assert all(changed) if name in ("sql", "chat", "tone") else not any(changed), name
     assert all(p.grad is None for p in mt.adapter_parameters("math").values())
     assert all(p.requires_grad for p in params)  # restored after the call
 
@@ -97,8 +99,8 @@ def test_save_adapter_round_trips_through_compile(trained, tmp_path):
 
 
 def test_non_lora_and_bad_names_are_refused():
-    with pytest.raises(SpecError, match=r"spec adapters are \['ia3'\]; train_adapters takes one 'lora' entry"):
-        peftc.train_adapters(FAMILY.build(), {"x": {"adapters": [{"method": "ia3", "targets": ["k_proj"]}]}})
+    with pytest.raises(SpecError, match=r"spec adapters are \['dora'\]; train_adapters takes one 'lora' or 'ia3'"):
+        peftc.train_adapters(FAMILY.build(), {"x": {"adapters": [{"method": "dora", "targets": ["k_proj"]}]}})
     with pytest.raises(SpecError, match="adapter name '' is not usable"):
         peftc.train_adapters(FAMILY.build(), {"": SPECS["sql"]})
 
@@ -106,8 +108,9 @@ def test_non_lora_and_bad_names_are_refused():
 def test_report_names_each_adapters_sites(trained):
     mt, refs = trained
     rows = {row["name"]: row for row in mt.report().to_dict()["adapters"]}
-    assert set(rows) == set(SPECS) and all(row["method"] == "lora" for row in rows.values())
+    assert {name: row["method"] for name, row in rows.items()} == {
+        name: spec["adapters"][0]["method"] for name, spec in SPECS.items()}
     for name, ref in refs.items():
         assert rows[name]["sites"] == sorted(s.path for s in ref.sites if any(
-            r.method == "lora" and s.path in r.sites for r in ref.records))
+            r.method is not None and s.path in r.sites for r in ref.records))
     assert "train_many" == mt.plan.name and "lower_lora_multi" in str(mt.report())
