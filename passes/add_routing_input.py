@@ -10,7 +10,6 @@ last one and the keyword `adapter_ids` to that spec, so the graph is called as
 
 from __future__ import annotations
 
-import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
@@ -34,8 +33,7 @@ def add_routing_input(gm: GraphModule, ctx: PassContext) -> PassResult:
         ids = gm.graph.placeholder(ROUTING_INPUT)
     ids.meta["peftc"] = {"role": "routing_input"}
     args_spec, kwargs_spec = info.in_spec.children()
-    leaf = pytree.tree_structure(torch.empty(0))
-    kwargs_spec = pytree.TreeSpec(dict, [*kwargs_spec.context, ROUTING_INPUT], [*kwargs_spec.children(), leaf])
+    kwargs_spec = pytree.TreeSpec(dict, [*kwargs_spec.context, ROUTING_INPUT], [*kwargs_spec.children(), pytree.treespec_leaf()])
     in_spec = pytree.TreeSpec(tuple, None, [args_spec, kwargs_spec])
     codegen.pytree_info = info._replace(orig_args=[*info.orig_args, ROUTING_INPUT], in_spec=in_spec)
     gm._in_spec = in_spec  # torch.export's pre-hook checks calls against this spec

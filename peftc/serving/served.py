@@ -19,6 +19,7 @@ with the model's own inputs. Nothing is stored per call, so threads may share on
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 import torch
@@ -74,6 +75,22 @@ class ServedModel(GraphDispatch):
     def __init__(self, compilation, plan, first, example, *, training):
         super().__init__(compilation, plan, first, example, training=training)
         self.adapter_names = [a.name for a in plan.serving.adapters]
+        object.__setattr__(self, "_build_lock", threading.Lock())
+
+    def graph_for(self, args: tuple, kwargs: dict):
+        """As GraphDispatch's, one build at a time: threads meeting a new call signature together
+        build its graph once (torch.export is not safe to run concurrently on one model)."""
+        with self._build_lock:
+            return super().graph_for(args, kwargs)
+
+    def __getstate__(self):  # a lock does not pickle or deepcopy; each copy gets its own
+        state = self.__dict__.copy()
+        state.pop("_build_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        object.__setattr__(self, "_build_lock", threading.Lock())
 
     def forward(self, *args, adapter_ids: Any = None, **kwargs):
         ids = self.adapter_index(adapter_ids, batch_size(args, kwargs))

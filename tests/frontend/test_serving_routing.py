@@ -73,6 +73,48 @@ def test_eight_threads_give_the_sequential_outputs(served):
     assert not torch.equal(want[0], logits(mm(**inputs, adapter_ids=[-1] * BATCH)))  # the ids do matter
 
 
+def test_threads_meeting_a_new_signature_build_it_once(served):
+    """8 threads' first call with an attention mask (a new call signature): one graph, sequential outputs."""
+    mm, _ = served
+    inputs = {**FAMILY.inputs(BATCH, SEQ), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+    graphs_before = len(mm.graphs)
+    calls = [torch.tensor([k % 3 - 1, 0, 1, -1]) for k in range(8)]
+    got: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker(k: int) -> None:
+        start.wait(timeout=60)
+        try:
+            with torch.no_grad():
+                got[k] = logits(mm(**inputs, adapter_ids=calls[k]))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors[0]
+    assert len(mm.graphs) == graphs_before + 1
+    with torch.no_grad():
+        for k, ids in enumerate(calls):
+            assert torch.equal(got[k], logits(mm(**inputs, adapter_ids=ids)))
+
+
+def test_served_model_deep_copies(served):
+    import copy
+
+    mm, _ = served
+    twin = copy.deepcopy(mm)
+    inputs = FAMILY.inputs(BATCH, SEQ)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(twin(**inputs, adapter_ids=[0, 1, -1, 0])),
+                                   logits(mm(**inputs, adapter_ids=[0, 1, -1, 0])))
+    assert twin._build_lock is not mm._build_lock
+
+
 def test_rows_equal_each_adapter_alone(served):
     mm, cms = served
     inputs = FAMILY.inputs(BATCH, SEQ)
