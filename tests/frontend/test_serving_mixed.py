@@ -121,3 +121,48 @@ def test_report_names_each_adapters_sites_and_type(served):
     by_site = {s["path"]: s["methods"] for s in report.sites}
     for path in _sites(mm, "vera"):
         assert "vera (vera)" in by_site[path]
+
+
+def _mlp_context(plan):
+    from torch import nn
+
+    from peftc.ir.sites import find_sites
+    from peftc.pipeline.runner import PassContext
+    from peftc.spec.methods import METHODS
+
+    family = FAMILIES["mlp"]
+    gm = capture(family.build(), family.example_inputs(), {})
+    ctx = PassContext(spec=None, sites=tuple(find_sites(gm)), adapter_root=nn.Module(),
+                      base_params=dict(gm.named_parameters()), trainable=frozenset(), methods=METHODS, serving=plan)
+    return gm, ctx
+
+
+def test_scales_pass_without_elementwise_adapters_changes_nothing():
+    from peftc.ir.lora_bank import ServedAdapter, ServingPlan, SiteAdapter, SiteLora
+    from peftc.passes.lower_scales_multi import lower_scales_multi
+
+    lora = ServedAdapter("a", "lora", {"fc2": SiteAdapter(lora=SiteLora(torch.ones(2, 32), torch.ones(4, 2), 1.0))})
+    gm, ctx = _mlp_context(ServingPlan((lora,)))
+    before = gm.code
+    result = lower_scales_multi(gm, ctx)
+    gm.recompile()
+    assert not result.modified and result.sites == [] and gm.code == before
+
+
+def test_routing_input_is_added_once_and_is_the_last_placeholder():
+    from peftc.ir.lora_bank import ServingPlan
+    from peftc.passes.add_routing_input import ROUTING_INPUT, add_routing_input
+
+    gm, ctx = _mlp_context(ServingPlan(()))
+    first = add_routing_input(gm, ctx)
+    again = add_routing_input(gm, ctx)
+    gm.recompile()
+    placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    assert first.modified and not again.modified and placeholders.count(ROUTING_INPUT) == 1
+    assert placeholders[-1] == ROUTING_INPUT
+    from peftc.ir.modes import record_modes, set_mode
+
+    record_modes(gm)
+    set_mode(gm, False)  # the MLP has dropout: compare in eval
+    x = FAMILIES["mlp"].example_inputs()[0]
+    torch.testing.assert_close(gm(x, adapter_ids=torch.zeros(x.shape[0], dtype=torch.long)), FAMILIES["mlp"].build()(x))
