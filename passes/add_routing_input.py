@@ -10,6 +10,7 @@ last one and the keyword `adapter_ids` to that spec, so the graph is called as
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
@@ -32,6 +33,9 @@ def add_routing_input(gm: GraphModule, ctx: PassContext) -> PassResult:
     with gm.graph.inserting_after(placeholders[-1]):
         ids = gm.graph.placeholder(ROUTING_INPUT)
     ids.meta["peftc"] = {"role": "routing_input"}
+    batch = _batch_value(placeholders)
+    if batch is not None:  # int64 [batch], the batch dim shared with the model's inputs (export reads it)
+        ids.meta["val"] = batch
     args_spec, kwargs_spec = info.in_spec.children()
     kwargs_spec = pytree.TreeSpec(dict, [*kwargs_spec.context, ROUTING_INPUT], [*kwargs_spec.children(), pytree.treespec_leaf()])
     in_spec = pytree.TreeSpec(tuple, None, [args_spec, kwargs_spec])
@@ -52,3 +56,13 @@ def _is_args_kwargs(spec) -> bool:
     return (spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple
             and spec.child(1).type is dict)
 
+
+
+def _batch_value(placeholders: list[Node]):
+    """A fake int64 [batch] tensor whose dim is the first tensor input's batch dim (None if none)."""
+    for node in placeholders:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() > 0 and getattr(val, "fake_mode", None) is not None:
+            with val.fake_mode:
+                return torch.empty(val.shape[0], dtype=torch.long, device=val.device)
+    return None

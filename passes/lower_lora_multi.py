@@ -75,7 +75,8 @@ def _replace(gm: GraphModule, base: Node, site: Site, seq_ids: Node, bank: LoraB
     else:
         pair = _stacked_banks(ins, site, bank, plan)
     scales = ins.get_attr(adapters.target(site.path, SLOT, "scales"))
-    out = ins.call(torch.ops.peftc.lora_multi.default, x, weight, bias, *pair, scales, seq_ids)
+    op = torch.ops.peftc.lora_gather.default if plan.gathered else torch.ops.peftc.lora_multi.default
+    out = ins.call(op, x, weight, bias, *pair, scales, seq_ids)
     out.meta["peftc"]["role"] = "output"
     if "val" in base.meta:  # the routing op is data-dependent; its output has the matmul's shape
         out.meta["val"] = base.meta["val"]

@@ -18,7 +18,7 @@ from ._weight_ops import flip_layout
 
 aten = torch.ops.aten
 SLOT = "scales"  # banks live at peftc.<site path>.scales.{input, output, bias}
-MULTI = torch.ops.peftc.lora_multi.default
+MULTI_OPS = (torch.ops.peftc.lora_multi.default, torch.ops.peftc.lora_gather.default)
 SCALE_ROWS = torch.ops.peftc.scale_rows.default
 
 
@@ -34,7 +34,7 @@ def lower_scales_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
         return result
     seq_ids = routing_input(gm)
     ops = {n.meta["peftc"]["site"]: n for n in gm.graph.nodes
-           if n.target == MULTI and "peftc" in n.meta}
+           if n.target in MULTI_OPS and "peftc" in n.meta}
     nodes = {n.name: n for n in gm.graph.nodes}
     for site in sites:
         weight = ctx.base_params[site.param]
@@ -74,15 +74,15 @@ def _rewrite(gm: GraphModule, op: Node, site: Site, bank: ScaleBank, seq_ids: No
     if bank.input is not None:
         ins = Inserter(gm, op.prev, tag)
         ins.module_stack = op.meta.get("nn_module_stack")
-        x = op.args[site.input_index] if op.target != MULTI else op.args[0]
+        x = op.args[site.input_index] if op.target not in MULTI_OPS else op.args[0]
         scaled = ins.call(SCALE_ROWS, x, _bank(ins, site, "input", plan), seq_ids, None, None)
-        op.update_arg(site.input_index if op.target != MULTI else 0, scaled)
+        op.update_arg(site.input_index if op.target not in MULTI_OPS else 0, scaled)
     if bank.output is None:
         return
     users = list(op.users)
     ins = Inserter(gm, op, tag)
     bias = bias_bank = None
-    if op.target == MULTI and op.args[2] is not None:
+    if op.target in MULTI_OPS and op.args[2] is not None:
         bias = op.args[2]
         op.update_arg(2, None)
         bias_bank = _bank(ins, site, "bias", plan) if bank.bias is not None else None

@@ -4,6 +4,7 @@
     peftc::lora_sgmv(x, weight, bias, A_bank, B_bank, scales, seg_starts, seg_adapters)   segments (prefill)
     peftc::lora_multi(x, weight, bias, A_bank, B_bank, scales, seq_ids)  x[b] uses adapter seq_ids[b]:
         BGMV when each sequence has one row here (decode), else SGMV over runs of equal ids (prefill)
+    peftc::lora_gather(...)  lora_multi's arguments and result, as gathers and batched matmuls (export)
     peftc::scale_rows(x, bank, seq_ids, bias, bias_bank)  x[b] ⊙ bank[seq_ids[b]] (+ bias ⊙ bias_bank[..]):
         elementwise adapters (IA3, DoRA's magnitude) per row, a gather and a multiply
 
@@ -194,6 +195,27 @@ def lora_multi(x, weight, bias, a_bank, b_bank, scales, seq_ids):
         return torch.ops.peftc.lora_bgmv(x, weight, bias, a_bank, b_bank, scales, seq_ids)
     starts, adapters = sequence_segments(seq_ids, per_seq)
     return torch.ops.peftc.lora_sgmv(x, weight, bias, a_bank, b_bank, scales, starts, adapters)
+
+
+# -- gathered LoRA: the export form (plain gathers and batched matmuls, no data-dependent shapes) ----
+
+torch.library.define(
+    "peftc::lora_gather",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor a_bank, Tensor b_bank, Tensor scales, Tensor seq_ids) -> Tensor")
+
+
+@torch.library.impl("peftc::lora_gather", "CompositeImplicitAutograd")
+def lora_gather(x, weight, bias, a_bank, b_bank, scales, seq_ids):
+    """lora_multi's result with each sequence's A, B and scale gathered (id -1: scale 0). Exporters
+    decompose it into Gather and MatMul; it copies A and B per sequence, so it is for export only."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    sequences = seq_ids.numel()
+    rows = x.reshape(sequences, -1, x.shape[-1])
+    known = seq_ids.clamp(min=0)
+    scale = (scales[known] * (seq_ids >= 0).to(scales.dtype))[:, None, None]
+    h = torch.bmm(rows, a_bank[known].transpose(1, 2))
+    delta = torch.bmm(h, b_bank[known].transpose(1, 2)) * scale
+    return y + delta.reshape(y.shape)
 
 
 # -- per-row vectors: elementwise adapters (IA3, DoRA's magnitude) gathered by adapter id --------

@@ -78,6 +78,9 @@ class Compilation:
     def serve_plan(self, serving: ServingPlan) -> Plan:
         return Plan.serve(serving)
 
+    def serve_export_plan(self, serving: ServingPlan) -> Plan:
+        return Plan.serve_export(serving)
+
     def train_many_plan(self, serving: ServingPlan) -> Plan:
         return Plan.train_many(serving)
 

@@ -11,7 +11,8 @@ flag threaded through the pipeline:
 - `Plan.serve(serving)`: the multi-adapter lowering of `serve_adapters`, with the per-row
   adapter ids as one more graph input;
 - `Plan.train_many(serving)`: the same lowering over each adapter's own trainable tensors,
-  stacked in the graph — `train_adapters` (mLoRA-style concurrent training).
+  stacked in the graph — `train_adapters` (mLoRA-style concurrent training);
+- `Plan.serve_export(serving)`: the serving graph for ONNX export, adapter ids kept as an input.
 
 A plan that caches results across the graphs it builds (a merged plan's folded weights)
 carries that state itself, so two `merged()` models never share it.
@@ -19,7 +20,7 @@ carries that state itself, so two `merged()` models never share it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from peftc.ir.lora_bank import ServingPlan
 from peftc.passes.add_routing_input import add_routing_input
@@ -61,6 +62,11 @@ class Plan:
     @classmethod
     def serve(cls, serving: ServingPlan) -> "Plan":
         return cls("serve", serving=serving)
+
+    @classmethod
+    def serve_export(cls, serving: ServingPlan) -> "Plan":
+        """The serving graph as export reads it: the LoRA banks through gathers (peftc::lora_gather)."""
+        return cls("serve_export", serving=replace(serving, gathered=True))
 
     @classmethod
     def train_many(cls, serving: ServingPlan) -> "Plan":

@@ -62,6 +62,7 @@ class ServingPlan:
     # peftc.<params[k]>.<site>.<slots[k]>.{A, B, l}; None when serving (the banks hold frozen copies).
     params: tuple[str, ...] | None = None
     slots: tuple[str, ...] | None = None
+    gathered: bool = False  # export: peftc::lora_gather (gathers, batched matmuls) instead of lora_multi
 
     @property
     def site_paths(self) -> set[str]:

@@ -14,7 +14,8 @@ run once for the whole batch; each adapter's ops only change its own rows.
 How the ids reach the graph: as data. add_routing_input gives each served graph one more
 keyword input, `adapter_ids` (int64 [batch], -1 for the base), and the multi-adapter ops read
 that placeholder; the wrapper checks the caller's ids (peftc.serving.routing) and passes them
-with the model's own inputs. Nothing is stored per call, so threads may share one served model.
+with the model's own inputs. Nothing is stored per call, so threads may share one served model,
+and `export_onnx(mm, path)` keeps the ids as an ONNX input (Plan.serve_export).
 """
 
 from __future__ import annotations
