@@ -7,6 +7,8 @@
     peftc::lora_gather(...)  lora_multi's arguments and result, as gathers and batched matmuls (export)
     peftc::scale_rows(x, bank, seq_ids, bias, bias_bank)  x[b] ⊙ bank[seq_ids[b]] (+ bias ⊙ bias_bank[..]):
         elementwise adapters (IA3, DoRA's magnitude) per row, a gather and a multiply
+    peftc::bottleneck_rows(h, down, down_bias, up, up_bias, scales, seq_ids, activation)
+        bottleneck adapters per row: gathered banks, two batched matmuls
 
 Banks: A [n, r, K], B [n, N, r], scales [n]; -1 means the base alone. Triton kernels (multi.py)
 on CUDA, the torch reference elsewhere. Autograd gives x, bias, A_bank and B_bank gradients (the
@@ -236,3 +238,27 @@ def scale_rows(x, bank, seq_ids, bias, bias_bank):
     if bias is not None:
         rows = rows + (bias if bias_bank is None else bias * bias_bank[seq_ids]).unsqueeze(-2)
     return rows.reshape(x.shape)
+
+
+# -- per-row bottleneck adapters -----------------------------------------------------------------
+
+torch.library.define(
+    "peftc::bottleneck_rows",
+    "(Tensor h, Tensor down, Tensor down_bias, Tensor up, Tensor up_bias, Tensor scales, Tensor seq_ids, "
+    "str activation) -> Tensor")
+
+_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+                "tanh": torch.tanh}
+
+
+@torch.library.impl("peftc::bottleneck_rows", "CompositeImplicitAutograd")
+def bottleneck_rows(h, down, down_bias, up, up_bias, scales, seq_ids, activation):
+    """Per sequence b with adapter a = seq_ids[b]: s[a] (up[a] act(down[a] h + down_bias[a]) + up_bias[a]);
+    zero for id -1 (the base). Banks are gathered per sequence, so each row reads only its adapter."""
+    sequences = seq_ids.numel()
+    rows = h.reshape(sequences, -1, h.shape[-1])
+    known = seq_ids.clamp(min=0)
+    scale = (scales[known] * (seq_ids >= 0).to(scales.dtype))[:, None, None]
+    hidden = _ACTIVATIONS[activation](torch.bmm(rows, down[known].transpose(1, 2)) + down_bias[known][:, None])
+    delta = (torch.bmm(hidden, up[known].transpose(1, 2)) + up_bias[known][:, None]) * scale
+    return delta.reshape(*h.shape[:-1], up.shape[1])

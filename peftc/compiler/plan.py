@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 from peftc.ir.lora_bank import ServingPlan
 from peftc.passes.add_routing_input import add_routing_input
+from peftc.passes.lower_bottleneck_multi import lower_bottleneck_multi
 from peftc.passes.freeze_params import freeze_params
 from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
 from peftc.passes.lower_lora_multi import lower_lora_multi
@@ -78,7 +79,8 @@ class Plan:
         """The ordered passes of this plan for `spec` (serving plans run the multi-adapter lowering alone)."""
         if self.serving is not None:
             return [Step("add_routing_input", add_routing_input), Step("lower_lora_multi", lower_lora_multi),
-                    Step("lower_scales_multi", lower_scales_multi)]
+                    Step("lower_scales_multi", lower_scales_multi),
+                    Step("lower_bottleneck_multi", lower_bottleneck_multi)]
         steps = []
         if spec.quantize is not None:  # first: adapters then see the quantized base
             steps.append(Step("quantize_base", quantize_base))

@@ -171,6 +171,9 @@ def _site_tensors(site) -> list[torch.Tensor]:
     tensors = [site.input_scale, site.output_scale, site.magnitude]
     if site.lora is not None:
         tensors += [site.lora.a, site.lora.b]
+    if site.bottleneck is not None:
+        b = site.bottleneck
+        tensors += [b.down, b.down_bias, b.up, b.up_bias]
     return [t for t in tensors if t is not None]
 
 

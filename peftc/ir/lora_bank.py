@@ -32,6 +32,19 @@ class SiteLora:
 
 
 @dataclass(frozen=True)
+class SiteBottleneck:
+    """A bottleneck adapter at a site: y + scale * (up act(down h + down_bias) + up_bias), h = y or x."""
+
+    down: torch.Tensor  # [k, in_dim]
+    down_bias: torch.Tensor  # [k]
+    up: torch.Tensor  # [out, k]
+    up_bias: torch.Tensor  # [out]
+    scale: float
+    activation: str  # "relu" | "gelu" | "silu" | "tanh": all 0 at 0, so zero-padding k adds nothing
+    placement: str  # "serial" (h = the site's output) | "parallel" (h = its input)
+
+
+@dataclass(frozen=True)
 class SiteAdapter:
     """One adapter's change at one linear site (see the module docstring); None: that part is identity."""
 
@@ -39,6 +52,7 @@ class SiteAdapter:
     input_scale: torch.Tensor | None = None  # [in]: IA3 on a feedforward site
     output_scale: torch.Tensor | None = None  # [out]: IA3, scales the bias too
     magnitude: torch.Tensor | None = None  # [out]: DoRA's m; out = m / ||W + sBA||, the bias unscaled
+    bottleneck: SiteBottleneck | None = None  # added after the rest: lower_bottleneck_multi
 
 
 @dataclass(frozen=True)
@@ -75,8 +89,11 @@ class ServingPlan:
     @property
     def scaled_paths(self) -> set[str]:
         return {path for adapter in self.adapters for path, site in adapter.sites.items()
-                if site.lora is None or site.magnitude is not None or site.input_scale is not None
-                or site.output_scale is not None}
+                if site.magnitude is not None or site.input_scale is not None or site.output_scale is not None}
+
+    @property
+    def bottleneck_paths(self) -> set[str]:
+        return {path for adapter in self.adapters for path, site in adapter.sites.items() if site.bottleneck}
 
 
 class LoraBank(nn.Module):
@@ -148,3 +165,31 @@ def _dora_factor(part: SiteAdapter, weight_out_in: torch.Tensor) -> torch.Tensor
     lora = part.lora
     full = weight_out_in + lora.scale * (lora.b @ lora.a)
     return part.magnitude.reshape(-1) / torch.linalg.vector_norm(full, dim=1)
+
+
+class BottleneckBank(nn.Module):
+    """The bottleneck adapters of one (placement, activation) group at a site, stacked:
+    down [n, k, in_dim], down_bias [n, k], up [n, out, k], up_bias [n, out], scales [n]; k is the
+    group's largest bottleneck (smaller ones zero-padded), adapters outside the group get scale 0."""
+
+    def __init__(self, site: Site, adapters: list[ServedAdapter], placement: str, activation: str,
+                 weight: torch.Tensor):
+        super().__init__()
+        parts = [adapter.sites.get(site.path, SiteAdapter()).bottleneck for adapter in adapters]
+        mine = [p if p is not None and (p.placement, p.activation) == (placement, activation) else None
+                for p in parts]
+        k = max(p.down.shape[0] for p in mine if p is not None)
+        in_dim = next(p.down.shape[1] for p in mine if p is not None)
+        factory = dict(dtype=weight.dtype, device=weight.device)
+        n = len(adapters)
+        down, down_bias = torch.zeros(n, k, in_dim, **factory), torch.zeros(n, k, **factory)
+        up, up_bias = torch.zeros(n, site.out_features, k, **factory), torch.zeros(n, site.out_features, **factory)
+        scales = torch.zeros(n, **factory)
+        for i, p in enumerate(mine):
+            if p is not None:
+                r = p.down.shape[0]
+                down[i, :r], down_bias[i, :r], up[i, :, :r], up_bias[i], scales[i] = p.down, p.down_bias, p.up, p.up_bias, p.scale
+        for name, tensor in (("down", down), ("down_bias", down_bias), ("up", up), ("up_bias", up_bias),
+                             ("scales", scales)):
+            self.register_buffer(name, tensor)
+        self.placement, self.activation = placement, activation

@@ -8,8 +8,9 @@ targets by peftc::lora_multi over per-site banks of all adapters (S-LoRA / Punic
 BGMV kernels when each sequence has one token at the site (decode), SGMV over runs of equal ids
 when it has several (prefill). Triton on CUDA, the torch implementation elsewhere. LoRA, VeRA
 and DoRA's low-rank pair share those banks; lower_scales_multi then applies the elementwise
-methods (IA3's vectors, DoRA's magnitude factor) as per-row vectors gathered by id. The base ops
-run once for the whole batch; each adapter's ops only change its own rows.
+methods (IA3's vectors, DoRA's magnitude factor) as per-row vectors gathered by id, and
+lower_bottleneck_multi the bottleneck adapters from gathered banks. The base ops run once for the
+whole batch; each adapter's ops only change its own rows.
 
 How the ids reach the graph: as data. add_routing_input gives each served graph one more
 keyword input, `adapter_ids` (int64 [batch], -1 for the base), and the multi-adapter ops read
@@ -44,7 +45,7 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     """A module running `model` with any of `adapters_by_name` per batch row.
 
     Values: a CompiledModel, a folder written by `cm.save_adapter(dir)`, or a PEFT adapter folder;
-    each one entry of LoRA, DoRA, VeRA or IA3 on linear layers. Methods, ranks, alphas and targets
+    each one entry of LoRA, DoRA, VeRA, IA3 or a bottleneck adapter on linear layers. Methods, ranks, alphas and targets
     may differ per adapter.
     The model itself is not changed (its parameters keep their requires_grad flags).
     """

@@ -19,7 +19,8 @@ from peftc.errors import CheckpointError, SpecError
 from peftc.interop.from_peft import CONFIG_FILE, load_adapter_dir, read_peft_weights, resolve_all_linear
 from peftc.interop.peft_config import as_config_dict, spec_dict_from_peft
 from peftc.interop.peft_keys import PREFIX, normalize
-from peftc.ir.lora_bank import ServedAdapter, SiteAdapter, SiteLora
+from peftc.ir.lora_bank import ServedAdapter, SiteAdapter, SiteBottleneck, SiteLora
+from peftc.passes.insert_adapter import AdapterWeights
 from peftc.passes.insert_dora import DoraWeights
 from peftc.passes.insert_ia3 import Ia3Weights
 from peftc.passes.insert_vera import VeraWeights
@@ -28,7 +29,7 @@ from peftc.runtime.compiled import CompiledModel
 from peftc.spec.parse import Spec
 
 
-SERVED_METHODS = ("lora", "dora", "vera", "ia3")
+SERVED_METHODS = ("lora", "dora", "vera", "ia3", "adapter")
 
 
 def load_adapter(name: str, source: Any, model: nn.Module, example: tuple[tuple, dict]) -> ServedAdapter:
@@ -65,15 +66,18 @@ def compiled_adapter(name: str, cm: CompiledModel) -> ServedAdapter:
     sites = {}
     for path, module in cm.adapter_root.named_modules():
         site_path = path[: -len(slot) - 1] if path.endswith("." + slot) else None
-        if site_path is not None and isinstance(module, (DoraWeights, VeraWeights, Ia3Weights)):
-            sites[site_path] = _site_adapter(module)
+        if site_path is not None and isinstance(module, (DoraWeights, VeraWeights, Ia3Weights, AdapterWeights)):
+            sites[site_path] = _site_adapter(module, entry)
     if not sites:
         raise CheckpointError(f"adapter {name!r} has no {entry.method} tensors at any linear site")
     return ServedAdapter(name, entry.method, sites)
 
 
 @torch.no_grad()
-def _site_adapter(module: nn.Module) -> SiteAdapter:
+def _site_adapter(module: nn.Module, entry) -> SiteAdapter:
+    if isinstance(module, AdapterWeights):
+        copies = [t.detach().clone() for t in (module.down, module.down_bias, module.up, module.up_bias)]
+        return SiteAdapter(bottleneck=SiteBottleneck(*copies, float(entry.scale), entry.activation, entry.placement))
     if isinstance(module, DoraWeights):
         return SiteAdapter(lora=SiteLora(module.A.detach().clone(), module.B.detach().clone(), float(module.scale)),
                            magnitude=module.magnitude.detach().clone())
@@ -121,8 +125,8 @@ def _only_one(name: str, spec: Spec):
         raise SpecError(f"adapter {name!r}: spec.{field} is set; served adapters share one unchanged float "
                         f"base, so remove '{field}' from the adapter's spec")
     if getattr(entry, "gate", False):
-        raise SpecError(f"adapter {name!r}: adapters[0].gate is true; a gated LoRA update depends on the input "
-                        "and has no bank form. Serve ungated LoRA adapters")
+        raise SpecError(f"adapter {name!r}: adapters[0].gate is true; a gated update depends on the input "
+                        "and has no bank form. Serve ungated adapters")
     return entry
 
 

@@ -16,6 +16,7 @@ SPECS = {
     "dora": {"method": "dora", "targets": ["v_proj", "o_proj"], "r": 3},
     "vera": {"method": "vera", "targets": ["up_proj"], "r": 4},
     "ia3": {"method": "ia3", "targets": ["k_proj", "down_proj"], "feedforward": ["down_proj"]},
+    "adapter": {"method": "adapter", "targets": ["o_proj"], "bottleneck": 4, "activation": "silu"},
 }
 
 
@@ -31,7 +32,7 @@ def test_exported_served_model_takes_the_ids_as_an_input(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["input_ids", "adapter_ids"]
     x = family.inputs(5, 6)  # another batch and length than the export's example
     outputs = []
-    for ids in ([0, -1, 2, 1, 3], [3, 3, -1, 0, 1]):
+    for ids in ([0, -1, 2, 1, 3], [4, 3, -1, 0, 4]):
         with torch.no_grad():
             want = logits(mm(**x, adapter_ids=ids)).numpy()
         got = session.run(None, {"input_ids": x["input_ids"].numpy(), "adapter_ids": np.array(ids, dtype=np.int64)})[0]

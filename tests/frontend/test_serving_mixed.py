@@ -1,4 +1,4 @@
-"""Mixed PEFT types in one batch (PetS): LoRA, DoRA, VeRA and IA3 adapters on one base, each row its
+"""Mixed PEFT types in one batch (PetS): LoRA, DoRA, VeRA, IA3 and bottleneck adapters on one base, each row its
 own adapter (or the base), checked row by row against each adapter's own compiled model."""
 
 from __future__ import annotations
@@ -11,22 +11,25 @@ import peftc
 from peftc.capture.export import capture
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-BATCH, SEQ = 8, 5
+BATCH, SEQ = 10, 5
 ADAPTERS = {  # per family: one adapter of each served method, targets overlapping on purpose
     "llama": {
         "lora": {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8},
         "dora": {"method": "dora", "targets": ["q_proj", "k_proj", "down_proj"], "r": 3, "alpha": 5},
         "vera": {"method": "vera", "targets": ["v_proj", "up_proj"], "r": 8},
         "ia3": {"method": "ia3", "targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]},
+        "adapter": {"method": "adapter", "targets": ["o_proj", "down_proj"], "bottleneck": 6},  # serial, relu
     },
     "gpt2": {  # Conv1D weights ([in, out]) and biases: DoRA leaves the bias unscaled, IA3 scales it
         "lora": {"method": "lora", "targets": ["c_attn"], "r": 4, "alpha": 8},
         "dora": {"method": "dora", "targets": ["c_attn", "*.attn.c_proj"], "r": 2, "alpha": 3},
         "vera": {"method": "vera", "targets": ["c_fc"], "r": 6},
         "ia3": {"method": "ia3", "targets": ["c_attn", "*.mlp.c_proj"], "feedforward": ["*.mlp.c_proj"]},
+        "adapter": {"method": "adapter", "targets": ["c_fc", "*.attn.c_proj"], "placement": "parallel",
+                    "activation": "gelu", "bottleneck": 5, "scale": 0.5},
     },
 }
-ROWS = ["lora", "dora", None, "vera", "ia3", "dora", "ia3", "lora"]
+ROWS = ["lora", "dora", None, "vera", "ia3", "adapter", "dora", "ia3", "lora", "adapter"]
 
 
 @pytest.fixture(scope="module", params=list(ADAPTERS))
@@ -70,6 +73,9 @@ def test_base_ops_run_once_for_the_whole_batch(served):
     want_multi = {p for n in ("lora", "dora", "vera") for p in _sites(mm, n)}
     assert {n.meta["peftc"]["site"] for n in multi} == want_multi and len(multi) == len(want_multi)
     assert {n.meta["peftc"]["site"] for n in scaled} == set(_sites(mm, "dora")) | set(_sites(mm, "ia3"))
+    bottlenecks = [n for n in graph.nodes if n.target == torch.ops.peftc.bottleneck_rows.default]
+    assert {n.meta["peftc"]["site"] for n in bottlenecks} == set(_sites(mm, "adapter")) == {
+        n.meta["peftc"]["site"] for n in bottlenecks}
 
 
 def _weight_reads(graph) -> dict[str, int]:
