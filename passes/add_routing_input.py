@@ -37,7 +37,8 @@ def add_routing_input(gm: GraphModule, ctx: PassContext) -> PassResult:
     if batch is not None:  # int64 [batch], the batch dim shared with the model's inputs (export reads it)
         ids.meta["val"] = batch
     args_spec, kwargs_spec = info.in_spec.children()
-    kwargs_spec = pytree.TreeSpec(dict, [*kwargs_spec.context, ROUTING_INPUT], [*kwargs_spec.children(), pytree.treespec_leaf()])
+    kwargs_spec = pytree.TreeSpec(dict, [*kwargs_spec.context, ROUTING_INPUT],
+                                  [*kwargs_spec.children(), pytree.treespec_leaf()])
     in_spec = pytree.TreeSpec(tuple, None, [args_spec, kwargs_spec])
     codegen.pytree_info = info._replace(orig_args=[*info.orig_args, ROUTING_INPUT], in_spec=in_spec)
     gm._in_spec = in_spec  # torch.export's pre-hook checks calls against this spec

@@ -38,8 +38,9 @@ def lower_bottleneck_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
         x = op.args[0] if op.target in REPLACING_OPS else op.args[site.input_index]
         for placement, activation in _groups(plan, site.path):
             slot = f"bottleneck_{placement}_{activation}"
-            bank, created = adapters.get_or_create(ctx.adapter_root, site.path, slot, lambda site=site, p=placement, a=activation: (
-                BottleneckBank(site, list(plan.adapters), p, a, ctx.base_params[site.param])))
+            make = lambda site=site, p=placement, a=activation: BottleneckBank(  # noqa: E731
+                site, list(plan.adapters), p, a, ctx.base_params[site.param])
+            bank, created = adapters.get_or_create(ctx.adapter_root, site.path, slot, make)
             y = current_output(op)
             users = list(y.users)
             ins = Inserter(gm, y, {"pass": "lower_bottleneck_multi", "method": "serving", "site": site.path,

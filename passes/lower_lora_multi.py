@@ -93,7 +93,8 @@ def _stacked_banks(ins: Inserter, site: Site, bank: LoraBank, plan: ServingPlan)
         slots = []
         for k, (root, slot, r) in enumerate(zip(plan.params, plan.slots, bank.ranks)):
             if r == 0:
-                slots.append(ins.call(aten.select.int, ins.get_attr(adapters.target(site.path, SLOT, f"{name}_bank")), 0, k))
+                frozen = ins.get_attr(adapters.target(site.path, SLOT, f"{name}_bank"))
+                slots.append(ins.call(aten.select.int, frozen, 0, k))
                 continue
             own = ins.get_attr(adapters.target(f"{root}.{site.path}", slot, name))
             slots.append(own if r == rank else ins.call(aten.constant_pad_nd.default, own, pad(r), 0.0))

@@ -188,7 +188,8 @@ class BottleneckBank(nn.Module):
         for i, p in enumerate(mine):
             if p is not None:
                 r = p.down.shape[0]
-                down[i, :r], down_bias[i, :r], up[i, :, :r], up_bias[i], scales[i] = p.down, p.down_bias, p.up, p.up_bias, p.scale
+                down[i, :r], down_bias[i, :r], up[i, :, :r] = p.down, p.down_bias, p.up
+                up_bias[i], scales[i] = p.up_bias, p.scale
         for name, tensor in (("down", down), ("down_bias", down_bias), ("up", up), ("up_bias", up_bias),
                              ("scales", scales)):
             self.register_buffer(name, tensor)

@@ -115,7 +115,8 @@ class ServedModel(GraphDispatch):
     def __repr__(self) -> str:  # the graph modules' own repr would list every layer
         banks = self.banks()
         ranks = sorted({bank.A_bank.shape[1] for bank in banks.values()})
-        return (f"ServedModel({type(self.compilation.source).__name__}, adapters={len(self.adapter_names)} {self.adapter_names}, "
+        return (f"ServedModel({type(self.compilation.source).__name__}, "
+                f"adapters={len(self.adapter_names)} {self.adapter_names}, "
                 f"sites={len(banks)}, bank ranks={ranks})")
 
 

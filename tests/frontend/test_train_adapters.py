@@ -89,7 +89,8 @@ def test_labels_loss_and_step_touch_only_present_adapters(trained):
 def test_save_adapter_round_trips_through_compile(trained, tmp_path):
     mt, _ = trained
     mt.save_adapter("chat", tmp_path / "out")
-    loaded = peftc.compile(FAMILY.build(), SPECS["chat"], example_kwargs=FAMILY.inputs(2, 3)).load_adapter(tmp_path / "out")
+    loaded = peftc.compile(FAMILY.build(), SPECS["chat"], example_kwargs=FAMILY.inputs(2, 3))
+    loaded.load_adapter(tmp_path / "out")
     inputs = FAMILY.inputs(3, SEQ)
     with torch.no_grad():
         got = logits(mt(**inputs, adapter_ids=["chat"] * 3))
