@@ -51,19 +51,23 @@ class GraphDispatch(ModelAttributes, nn.Module):
         return dict(self._graphs)
 
     def forward(self, *args, **kwargs):
-        source = self.compilation.source
-        user_call = (args, kwargs)
-        args, kwargs = bind_call(source, args, kwargs)
+        args, kwargs = bind_call(self.compilation.source, args, kwargs)
         kwargs, output_flags = split_output_flags(kwargs)
-        args, kwargs = normalize_call(source, args, kwargs)
+        gm, args, kwargs = self.graph_for(args, kwargs)
+        return apply_output_flags(gm(*args, **kwargs), output_flags)
+
+    def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
+        """The graph for this call's signature (built on first use) and the call, normalized."""
+        call = (args, kwargs)
+        args, kwargs = normalize_call(self.compilation.source, args, kwargs)
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
         if gm is None:
-            gm = self._build_for_call(args, kwargs, user_call)
+            gm = self._build_for_call(args, kwargs, call)
             self.graph_built(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
-        return apply_output_flags(gm(*args, **kwargs), output_flags)
+        return gm, args, kwargs
 
     def _build_for_call(self, args: tuple, kwargs: dict, user_call: tuple[tuple, dict]) -> GraphModule:
         try:
