@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from peftc.errors import CheckpointError, SpecError
+from peftc.runtime.checkpoint import checked_tensor
 from peftc.spec.parse import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft
@@ -33,10 +34,10 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     import peftc
 
     directory = _adapter_dir(source)
-    config = as_config_dict(directory / CONFIG_FILE if directory else source)
-    config = resolve_all_linear(config, model)
-    config = present_modules_to_save(config, model)
-    spec_dict = spec_dict_from_peft(config)
+    if directory is None:
+        spec_dict = spec_dict_for(model, source)
+    else:
+        spec_dict = spec_dict_from_folder(model, directory / CONFIG_FILE)
     if directory is None:
         return peftc.compile(model, spec_dict, **compile_kwargs)
     tensors = read_peft_weights(directory, allow_pickle)
@@ -44,6 +45,26 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     cm = peftc.compile(model, spec_dict, **compile_kwargs)
     load_peft_tensors(cm, tensors, directory)
     return cm
+
+
+def spec_dict_for(model: nn.Module, config: Any) -> dict:
+    config = as_config_dict(config)
+    config = resolve_all_linear(config, model)
+    config = present_modules_to_save(config, model)
+    return spec_dict_from_peft(config)
+
+
+def spec_dict_from_folder(model: nn.Module, config_file: Path) -> dict:
+    """The spec for a PEFT folder's config; a config peftc cannot read is a CheckpointError naming the file."""
+    try:
+        return spec_dict_for(model, config_file)
+    except SpecError as err:
+        raise CheckpointError(f"{config_file}: {err}") from err
+    except (TypeError, KeyError, AttributeError, ValueError) as err:  # a field of the wrong type or shape
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{config_file}: a field has the wrong type or shape ({type(err).__name__}: "
+                              f"{str(err)[:200]}); the file is damaged or not written by PEFT") from err
 
 
 def _adapter_dir(source: Any) -> Path | None:
@@ -157,14 +178,14 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
         target = own[name] if name in own else _adapter_tensor(cm, name)
         value = _as_peftc_shape(value, target)
         if tuple(value.shape) != tuple(target.shape):
-            raise CheckpointError(f"tensor {key!r}: checkpoint shape {tuple(value.shape)} != model shape "
+            raise CheckpointError(f"{source}: tensor {key!r}: checkpoint shape {tuple(value.shape)} != model shape "
                                   f"{tuple(target.shape)} (peftc tensor {name!r})")
         if name not in own:  # a tensor peftc regenerates (VeRA's seeded projections): it must agree
             if not torch.allclose(value.to(target.dtype), target.detach(), atol=1e-6, rtol=1e-5):
-                raise CheckpointError(f"tensor {key!r}: differs from the projection peftc draws from the config's "
+                raise CheckpointError(f"{source}: tensor {key!r}: differs from the projection peftc draws from the config's "
                                       "seed (projection_prng_key); the adapter was saved by an incompatible PEFT")
             continue
-        plan.append((name, value))
+        plan.append((key, name, value))
     regenerated = {normalize(k) for k, n in ours_by_key.items() if n not in own}
     missing = sorted(set(ours_by_key) - regenerated - {normalize(k) for k in tensors})
     if missing or unexpected:
@@ -172,9 +193,10 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
             f"PEFT adapter {str(source)!r} does not fit this model: "
             + (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}")
             + f" ({len(missing)} missing, {len(unexpected)} unexpected); was it saved for another model?")
-    with torch.no_grad():
-        for name, value in plan:
-            own[name].copy_(value.to(own[name].dtype))
+    checked = [(name, checked_tensor(source, key, value, own[name])) for key, name, value in plan]
+    with torch.no_grad():  # every tensor checked first: a refused load changes nothing
+        for name, value in checked:
+            own[name].copy_(value)
 
 
 def _adapter_tensor(cm, name: str) -> torch.Tensor:

@@ -30,17 +30,26 @@ def as_config_dict(config: Any) -> dict:
         path = Path(config)
         if path.is_dir():
             path = path / "adapter_config.json"
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError as err:
-            raise CheckpointError(f"{str(path)!r} does not exist; expected a PEFT adapter_config.json") from err
-        except json.JSONDecodeError as err:
-            raise SpecError(f"{str(path)!r} is not valid JSON: {err}") from err
+        config = _read_config_file(path)
     if hasattr(config, "to_dict") and not isinstance(config, Mapping):
         config = config.to_dict()
     if not isinstance(config, Mapping):
         raise SpecError(f"peft config: expected a PeftConfig, a mapping or a path, got {type(config).__name__}")
     return {k: getattr(v, "value", v) for k, v in config.items()}  # enums (PeftType, TaskType) to str
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{str(path)!r} does not exist; expected a PEFT adapter_config.json") from err
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); the file is damaged") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, a 5000-digit integer, deep nesting
+        raise CheckpointError(f"{path}: not valid JSON ({str(err)[:200]}); the file is damaged") from err
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path}: expected a JSON object of PEFT config fields, got {type(data).__name__}")
+    return data
 
 
 def spec_dict_from_peft(config: Any) -> dict:
