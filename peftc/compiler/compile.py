@@ -11,6 +11,7 @@ from torch.fx import GraphModule
 from peftc.ir import adapters
 from peftc.capture.export import CallSignature, capture, hf_example_inputs, is_hf_model, normalize_call
 from peftc.runtime.compiled import CompiledModel, GraphDispatch
+from peftc.runtime.user_model import kept_unchanged, weight_view
 from peftc.errors import CaptureError, SpecError
 from peftc.spec.methods import METHODS
 from peftc.ir.modes import record_modes
@@ -26,7 +27,9 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
             copy_layers: bool = True) -> CompiledModel:
     """Compile `model` with the PEFT `spec` (a Spec, a dict, or a path to a spec file).
 
-    On failure the model is left exactly as it was (parameters, requires_grad flags, mode).
+    The model is never changed, on success or failure (parameters, requires_grad flags, every
+    submodule's mode, hooks, buffers): the compiled model captures a weight view of it
+    (peftc.runtime.user_model).
     `copy_layers=False` exports every layer of identical layer stacks instead of copying
     the second one (see peftc.capture.layer_stacks).
     """
@@ -34,17 +37,14 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     if backend not in BACKENDS:
         raise SpecError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     args, kwargs = example_call(model, example_inputs, example_kwargs)
-    saved = _user_state(model)
+    view = weight_view(model)  # the user's storage, our own Parameter objects, flags and modes
     adapter_root = nn.Module()
     shared: dict = {}  # what passes hand to the same pass on other graphs (quantize_base's packed weights)
-    try:
-        gm, records, sites = build_graph(model, spec, adapter_root, args, kwargs, dynamic_shapes,
+    with kept_unchanged(model):
+        gm, records, sites = build_graph(view, spec, adapter_root, args, kwargs, dynamic_shapes,
                                          dump_dir=Path(dump_dir) if dump_dir is not None else None,
                                          backend=backend, state=shared, copy_layers=copy_layers)
-    except BaseException:
-        _restore(model, saved)
-        raise
-    source = _recapture_source(model, gm, shared)
+    source = _recapture_source(view, gm, shared)
 
     def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
         return build_graph(source, spec, adapter_root, call_args, call_kwargs, backend=backend, state=shared,
@@ -63,7 +63,7 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
             merged.requantization = state["requantization"]
         return merged
 
-    cm = CompiledModel(source, gm, CallSignature.of(args, kwargs), build, training=saved["training"], spec=spec,
+    cm = CompiledModel(source, gm, CallSignature.of(args, kwargs), build, training=model.training, spec=spec,
                        records=records, sites=sites, adapter_root=adapter_root, merge_build=merge_build)
     return cm
 
@@ -142,14 +142,3 @@ def build_graph(model: nn.Module, spec: Spec, adapter_root: nn.Module, args: tup
                       state=state if state is not None else {})
     records = run_pipeline(gm, plan(spec, merge, backend), ctx, dump_dir)
     return gm, records, sites
-
-
-def _user_state(model: nn.Module) -> dict:
-    return {"training": model.training,
-            "requires_grad": {id(p): (p, p.requires_grad) for p in model.parameters()}}
-
-
-def _restore(model: nn.Module, saved: dict) -> None:
-    model.train(saved["training"])
-    for param, flag in saved["requires_grad"].values():
-        param.requires_grad_(flag)

@@ -28,6 +28,7 @@ from torch.fx import GraphModule
 from peftc.ir import adapters
 from peftc.capture.export import CallSignature, capture
 from peftc.runtime.compiled import GraphDispatch
+from peftc.runtime.user_model import weight_view
 from peftc.compiler.compile import example_call
 from peftc.errors import SpecError
 from peftc.serving.lora_bank import LoraBank, load_adapter
@@ -78,11 +79,13 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     root.add_module("routing", Routing(_device(model)))
     state = {"serving": ServingPlan(loaded)}
 
-    def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
-        return _build_graph(model, root, state, call_args, call_kwargs)[0]
+    view = weight_view(model)  # capture flips modes on the view, never on the user's modules
 
-    gm, records = _build_graph(model, root, state, args, kwargs)
-    return ServedModel(model, gm, CallSignature.of(args, kwargs), build, training=model.training,
+    def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
+        return _build_graph(view, root, state, call_args, call_kwargs)[0]
+
+    gm, records = _build_graph(view, root, state, args, kwargs)
+    return ServedModel(view, gm, CallSignature.of(args, kwargs), build, training=model.training,
                        adapters=loaded, adapter_root=root, records=records)
 
 
