@@ -5,7 +5,7 @@
 
 from peftc.runtime.compiled import CompiledModel, GraphDispatch
 from peftc.compiler.compile import compile
-from peftc.errors import CaptureError, CheckpointError, ExportError, SpecError
+from peftc.errors import CallError, CaptureError, CheckpointError, ExportError, SpecError
 from peftc.interop import from_peft
 from peftc.serving.served import ServedModel, serve_adapters
 from peftc.spec.parse import Spec
@@ -31,5 +31,5 @@ def export_adapter(cm_or_adapter_dir, path):
     return export(cm_or_adapter_dir, path)
 
 
-__all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CheckpointError",
+__all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CallError", "CheckpointError",
            "ExportError", "from_peft", "export_onnx", "export_adapter", "serve_adapters", "ServedModel"]

@@ -19,3 +19,7 @@ class CheckpointError(ValueError):
 
 class ExportError(ValueError):
     """A model or option that ONNX export cannot handle; nothing is left at the target path."""
+
+
+class CallError(ValueError):
+    """A call the compiled graph cannot run though the original model accepts it; names the argument."""

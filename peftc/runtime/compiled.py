@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from peftc.ir import adapters
 from peftc.capture.export import CallSignature, normalize_call
 from peftc.ir.modes import set_mode
+from peftc.runtime.call_errors import raise_call_error
 
 
 class GraphDispatch(nn.Module):
@@ -40,12 +41,18 @@ class GraphDispatch(nn.Module):
     def forward(self, *args, **kwargs):
         args, kwargs = normalize_call(self._model, args, kwargs)
         signature = CallSignature.of(args, kwargs)
+        try:
+            return self._graph_for(signature, args, kwargs)(*args, **kwargs)
+        except Exception as err:  # a guard or capture failure: raise what the original model raises
+            raise_call_error(self._model, args, kwargs, err)
+
+    def _graph_for(self, signature: CallSignature, args: tuple, kwargs: dict) -> GraphModule:
         gm = self._graphs.get(signature)
         if gm is None:
             gm = self._build(args, kwargs)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
-        return gm(*args, **kwargs)
+        return gm
 
     def train(self, mode: bool = True):
         # Exported graph modules refuse .train(); the mode lives in the graph's nodes instead.
