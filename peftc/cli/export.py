@@ -29,8 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import peftc
 
+    from peftc.codegen.onnx.export import check_opset
+
     if not args.merge and args.adapter is None:
         raise UsageError("--no-merge needs --adapter DIR: there are no adapter weights to keep as inputs")
+    check_opset(args.opset)  # before the slow steps: a bad option fails at once, with nothing written
+    if args.out.is_dir():
+        raise UsageError(f"--out {str(args.out)!r} is a directory; pass a file path such as "
+                         f"{str(args.out / 'model.onnx')!r}")
     with progress(f"loading {args.model}"):
         loaded = load_model(args.model)
     target = loaded.model.eval()
