@@ -151,4 +151,5 @@ def _read_spec_file(path: Path) -> Any:
     try:
         return json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     except (ValueError, RecursionError, yaml.YAMLError) as err:  # also a 5000-digit integer, deep nesting
-        raise SpecError(f"spec file {str(path)!r} is not valid {suffix[1:].upper()}: {str(err)[:300]}") from err
+        raise SpecError(f"spec file {str(path)!r} is not valid {suffix[1:].upper()}: "
+                        f"{' '.join(str(err).split())[:300]}") from err
