@@ -172,6 +172,17 @@ def write_output(text: str, out: Path | None) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+def check_output_path(out: Path) -> None:
+    """Refuse an --out that can never be written, before any slow step runs."""
+    if out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a directory; pass a file path inside it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a folder")
+            return
+
+
 def one_line(err: BaseException, limit: int = 600) -> str:
     """An error's message on one line (several-line messages are joined), at most `limit` characters."""
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from peftc.cli.common import UsageError, add_model_argument, compile_model, load_model
+from peftc.cli.common import UsageError, add_model_argument, check_output_path, compile_model, load_model
 
 HELP = "export a model (with an adapter) to ONNX: merged, quantized, or with swappable LoRA adapters"
 
@@ -34,9 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.merge and args.adapter is None:
         raise UsageError("--no-merge needs --adapter DIR: there are no adapter weights to keep as inputs")
     check_opset(args.opset)  # before the slow steps: a bad option fails at once, with nothing written
-    if args.out.is_dir():
-        raise UsageError(f"--out {str(args.out)!r} is a directory; pass a file path such as "
-                         f"{str(args.out / 'model.onnx')!r}")
+    check_output_path(args.out)
     with progress(f"loading {args.model}"):
         loaded = load_model(args.model)
     target = loaded.model.eval()
