@@ -9,12 +9,20 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc.ir import adapters
-from peftc.core.fields import (boolean, one_of, optional_pattern_list, pattern_list, pattern_map, positive_int,
-                          positive_number, probability)
-from peftc.pipeline.runner import PassContext, PassResult
-from peftc.ir.sites import Site
+from peftc.core.fields import (
+    boolean,
+    one_of,
+    optional_pattern_list,
+    pattern_list,
+    pattern_map,
+    positive_int,
+    positive_number,
+    probability,
+)
 from peftc.core.targets import matches
+from peftc.ir import adapters
+from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter

@@ -19,7 +19,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-# Property-based tests (tests/test_promises_*.py): "ci" (the default) keeps each to a few
+# Property-based tests (tests/frontend/test_promises_*.py): "ci" (the default) keeps each to a few
 # examples so the suite stays fast; HYPOTHESIS_PROFILE=long explores far more, for local runs.
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from peftc.cli.common import UsageError, add_model_argument, check_output_path, compile_model, load_model
+from peftc.codegen.onnx.export import check_opset
 
 HELP = "export a model (with an adapter) to ONNX: merged, quantized, or with swappable LoRA adapters"
 
@@ -27,9 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import peftc
-
-    from peftc.codegen.onnx.export import check_opset
+    import peftc  # export_onnx loads the ONNX tooling on first use; `peftc inspect` never needs it
 
     if not args.merge and args.adapter is None:
         raise UsageError("--no-merge needs --adapter DIR: there are no adapter weights to keep as inputs")

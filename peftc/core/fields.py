@@ -163,7 +163,11 @@ def parse_dataclass(cls: type, data: Any, path: str, skip: tuple[str, ...] = ())
             continue
         check = check_of(field)
         values[name] = check(data[name], field_path) if check else data[name]
-    return cls(**values)
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)  # constraints across fields: validate(path) raises SpecError
+    if validate is not None:
+        validate(path)
+    return obj
 
 
 def unknown_field(path: str, key: Any, known: list[str]) -> SpecError:

@@ -29,6 +29,11 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "prompt": {"*": {"embedding": "prompt_embeddings"}},
     # one table in PEFT; peft_prefix.py splits and joins it through these per-op names
     "prefix": {"*": {"key": "prefix_key", "value": "prefix_value"}},
+    # orthogonal and sparse high-rank methods; shira_indices is regenerated from the seed and checked
+    "oft": {"*": {"oft_R": "oft_R.weight"}},
+    "boft": {"*": {"boft_R": "boft_R", "boft_s": "boft_s"}},
+    "hra": {"*": {"hra_u": "hra_u"}},
+    "shira": {"*": {"shira_weight": "shira_weight", "shira_indices": "shira_indices"}},
 }
 WHOLE_KEYS = {"prompt"}  # methods whose PEFT keys stand alone, without the base_model.model. path
 PROMPT_PREFIX = "base_model."  # prompt-style PEFT models wrap the model directly: their copies' keys
@@ -78,7 +83,7 @@ def peft_names(cm) -> dict[str, str]:
     spec = cm.spec
     entry_of_slot = dict(zip(spec.entry_names(), spec.adapters))
     kinds = {site.path: site.kind for site in cm.sites}
-    modules = list(adapters.adapter_modules(cm._adapter_root))
+    modules = list(adapters.adapter_modules(cm.adapter_root))
     wrapped = {q.rpartition(".")[0] for q, _ in modules if entry_of_slot[q.rpartition(".")[2]].method != "copy"}
     prefix = PROMPT_PREFIX if any(e.method in PROMPT_STYLE for e in spec.adapters) else PREFIX
     out: dict[str, str] = {}

@@ -5,9 +5,9 @@ A save goes to a temporary folder beside the target and is swapped into place in
 checkpoint or the complete new one, and the next save cleans what an interrupted one left.
 
 A load refuses what it cannot use exactly, with a CheckpointError naming the file and the
-tensor: a spec.json that is not a valid spec, a tensor whose dtype would lose information in
-the model's dtype (only float widening, such as bfloat16 -> float32, is cast), and a tensor
-holding NaN or infinity — adapter weights that are not finite are a diverged run, never
+tensor: a spec.json that is not a valid spec, a tensor whose values would change in the
+model's dtype (a float tensor is cast only when every value survives, as bfloat16 -> float32
+always does; integer or bool tensors never), and a tensor holding NaN or infinity — adapter weights that are not finite are a diverged run, never
 something to train or serve from.
 """
 
@@ -20,6 +20,7 @@ import torch
 
 from peftc.core.files import atomic_dir
 from peftc.errors import CheckpointError, SpecError
+from peftc.interop.save_peft import save_peft
 from peftc.spec.parse import Spec
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -29,8 +30,6 @@ FORMAT_VERSION = "1"
 
 def save_adapter(cm, directory, format: str = "peftc") -> Path:
     if format == "peft":
-        from peftc.interop.save_peft import save_peft
-
         return save_peft(cm, directory)
     if format != "peftc":
         raise ValueError(f"save_adapter: format expected 'peftc' or 'peft', got {format!r}")
