@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import peftc
 from families import MLP
 from model_state import ModelState
-from peftc.interop import load_adapter_dir
+from peftc.interop.from_peft import load_adapter_dir
 
 SPEC = {"adapters": [{"method": "lora", "targets": ["fc1", "fc2"], "r": 2}], "trainable": ["fc2.bias"]}
 X = (torch.randn(3, 16),)
