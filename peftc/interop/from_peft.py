@@ -19,6 +19,7 @@ from .peft_config import as_config_dict, spec_dict_from_peft
 from .peft_files import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE
 from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
 from .peft_prefix import split_table
+from .peft_vblora import is_topk_file, logits_from_topk
 
 
 def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **compile_kwargs):
@@ -32,7 +33,7 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     """
     directory = _adapter_dir(source)
     if directory is None:
-        spec_dict = spec_dict_for(model, source)
+        spec_dict = spec_dict_for(model, source, saved=False)
     else:
         spec_dict = spec_dict_from_folder(model, directory / CONFIG_FILE)
     if directory is None:
@@ -44,17 +45,18 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     return cm
 
 
-def spec_dict_for(model: nn.Module, config: Any) -> dict:
+def spec_dict_for(model: nn.Module, config: Any, saved: bool) -> dict:
+    """`saved`: the config comes with its saved weights (an adapter directory)."""
     config = as_config_dict(config)
     config = resolve_all_linear(config, model)
     config = present_modules_to_save(config, model)
-    return spec_dict_from_peft(config)
+    return spec_dict_from_peft(config, saved=saved)
 
 
 def spec_dict_from_folder(model: nn.Module, config_file: Path) -> dict:
     """The spec for a PEFT folder's config; a config peftc cannot read is a CheckpointError naming the file."""
     try:
-        return spec_dict_for(model, config_file)
+        return spec_dict_for(model, config_file, saved=True)
     except SpecError as err:
         raise CheckpointError(f"{config_file}: {err}") from err
     except (TypeError, KeyError, AttributeError, ValueError) as err:  # a field of the wrong type or shape
@@ -160,6 +162,8 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
     ours_by_key = {normalize(key): name for name, key in names.items()}
     own = cm.adapter_state_dict()
     tensors = split_table(names, {k: tuple(own[n].shape) for n, k in names.items() if n in own}, tensors)
+    if is_topk_file(tensors):  # VB-LoRA saved with save_only_topk_weights
+        tensors = logits_from_topk(tensors)
     params = dict(cm.compilation.source.named_parameters(remove_duplicate=False))
     plan, unexpected = [], []
     for key, value in tensors.items():

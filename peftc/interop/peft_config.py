@@ -53,7 +53,8 @@ def _read_config_file(path: Path) -> dict:
     return data
 
 
-def spec_dict_from_peft(config: Any) -> dict:
+def spec_dict_from_peft(config: Any, saved: bool = False) -> dict:
+    """`saved`: the config comes with its saved weights (from_peft on an adapter directory)."""
     cfg = as_config_dict(config)
     peft_type = str(cfg.get("peft_type", "")).upper()
     row = PEFT_TYPES.get(peft_type)
@@ -63,7 +64,8 @@ def spec_dict_from_peft(config: Any) -> dict:
         raise SpecError(f"peft_type: {peft_type} is not yet supported by this peftc build (it needs the "
                         f"{row.method!r} method); supported: {supported_types()}")
     _refuse_unmapped(cfg, row)
-    return {"adapters": row.read(cfg)}
+    read = row.read_saved if saved and row.read_saved is not None else row.read
+    return {"adapters": read(cfg)}
 
 
 def _refuse_unmapped(cfg: dict, row: PeftRow) -> None:
