@@ -12,7 +12,7 @@ from torch import nn
 from peftc.compiler.compile import compile
 from peftc.errors import CheckpointError, SpecError
 from peftc.passes.copy_params import copied_names
-from peftc.runtime.checkpoint import SPEC_FILE, WEIGHTS_FILE, checked_tensor, read_adapter
+from peftc.runtime.checkpoint import SPEC_FILE, WEIGHTS_FILE, checked_tensor, read_adapter, refuse_non_finite
 from peftc.spec.parse import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft
@@ -39,6 +39,7 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     if directory is None:
         return compile(model, spec_dict, **compile_kwargs)
     tensors = read_peft_weights(directory, allow_pickle)
+    refuse_non_finite(directory / SAFETENSORS_FILE, tensors)  # as stored: VB-LoRA's rebuilt logits hold -inf
     spec_dict["adapters"] += overriding_copies(spec_dict, tensors, model)
     cm = compile(model, spec_dict, **compile_kwargs)
     load_peft_tensors(cm, tensors, directory)

@@ -47,12 +47,8 @@ def checked_tensor(file, name: str, value: torch.Tensor, target: torch.Tensor) -
 
     A float tensor is cast to the model's float dtype only when every value survives the round
     trip (bfloat16 -> float32 always does; float32 -> bfloat16 only for values bfloat16 holds);
-    integer or bool tensors for float parameters, and non-finite values, are refused.
+    integer or bool tensors for float parameters are refused.
     """
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        bad = int((~torch.isfinite(value)).sum())
-        raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN or infinite value(s); the run that "
-                              "saved it diverged; load an earlier checkpoint")
     if value.dtype == target.dtype:
         return value
     cast = value.to(target.dtype) if value.is_floating_point() == target.is_floating_point() else None
@@ -62,6 +58,15 @@ def checked_tensor(file, name: str, value: torch.Tensor, target: torch.Tensor) -
             f"casting would change its values, so peftc refuses (it casts only where every value survives, "
             f"such as bfloat16 -> float32); save the adapter from a model in {_dtype_name(target)}")
     return cast
+
+
+def refuse_non_finite(file, tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming `file` and the first tensor (as stored in the file) holding NaN or infinity."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN or infinite value(s); the run that "
+                                  "saved it diverged; load an earlier checkpoint")
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -116,6 +121,7 @@ def load_adapter(cm, directory) -> None:
             + (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}")
             + f" ({len(missing)} missing, {len(unexpected)} unexpected); was it saved from another model?")
     weights = Path(directory) / WEIGHTS_FILE
+    refuse_non_finite(weights, tensors)
     checked = {}
     for name, value in tensors.items():
         if tuple(value.shape) != tuple(own[name].shape):
