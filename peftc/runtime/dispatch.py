@@ -43,18 +43,21 @@ class GraphDispatch(nn.Module):
     def forward(self, *args, **kwargs):
         args, kwargs = normalize_call(self.compilation.source, args, kwargs)
         try:
-            return self._graph_for(args, kwargs)(*args, **kwargs)
+            gm, args, kwargs = self.graph_for(args, kwargs)
+            return gm(*args, **kwargs)
         except Exception as err:  # a guard or capture failure: raise what the original model raises
             raise_call_error(self.compilation.source, args, kwargs, err)
 
-    def _graph_for(self, args: tuple, kwargs: dict) -> GraphModule:
+    def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
+        """The graph for this call's signature (built on first use) and the call, normalized."""
+        args, kwargs = normalize_call(self.compilation.source, args, kwargs)
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
         if gm is None:
             gm = self.compilation.build(args, kwargs, self.plan).graph_module
             set_mode(gm, self.training)
             self._graphs[signature] = gm
-        return gm
+        return gm, args, kwargs
 
     def train(self, mode: bool = True):
         # Exported graph modules refuse .train(); the mode lives in the graph's nodes instead.
