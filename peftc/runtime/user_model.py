@@ -59,6 +59,14 @@ def weight_view(model: nn.Module) -> nn.Module:
     return view_module(model)
 
 
+def frozen_view(model: nn.Module) -> nn.Module:
+    """`weight_view(model)` with every parameter frozen: a base only adapters train on."""
+    view = weight_view(model)
+    for param in view.parameters():
+        param.requires_grad_(False)
+    return view
+
+
 def shares_storage(view: nn.Module, model: nn.Module) -> bool:
     """Whether every parameter of `view` lies in the same memory as `model`'s parameter of that name."""
     own = dict(model.named_parameters(remove_duplicate=False))
