@@ -18,8 +18,9 @@ def weight_out_in(ins: Inserter, site: Site) -> Node:
 
 
 def flip_layout(tensor: torch.Tensor, site) -> torch.Tensor:
-    """[out, in] <-> the parameter's own layout (GPT-2 Conv1D stores [in, out]); its own inverse."""
-    return tensor.T if site.layout == "in_out" else tensor
+    """[(E,) out, in] <-> the parameter's own layout (GPT-2 Conv1D stores [in, out], some MoE experts
+    [E, in, out]); its own inverse."""
+    return tensor.transpose(-1, -2) if site.layout == "in_out" else tensor
 
 
 def fold_delta(module, site, weight: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,24 @@ def apply_site_op(ins: Inserter, node: Node, site: Site, x: Node, weight: Node) 
     stride, padding, dilation = conv_geometry(node)
     return ins.call(aten.convolution.default, x, weight, None, stride, padding, dilation, False,
                     [0] * len(stride), _conv_groups(node))
+
+
+def add_to_parameter(gm: GraphModule, site: Site, make_inserter, build_delta) -> None:
+    """W + ΔW wherever the graph reads the site's parameter (for parameter sites: MoE experts).
+
+    `make_inserter(anchor)` gives an Inserter after `anchor`; `build_delta(ins)` inserts ΔW in the
+    parameter's own layout and returns (ΔW node, add kwargs). The add is the adapter's output
+    node, so merge folds it as it folds any other; the parameter itself is never written.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for weight in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == site.param]:
+        users = sorted(weight.users, key=order.__getitem__)
+        if not users:
+            continue
+        ins = make_inserter(users[0].prev)  # just before the first read, in that op's module
+        ins.module_stack = users[0].meta.get("nn_module_stack", ins.module_stack)
+        delta, add_kwargs = build_delta(ins)
+        add_output(ins, weight, delta, users, **add_kwargs)
 
 
 def maybe_dropout(ins: Inserter, x: Node, p: float) -> Node:

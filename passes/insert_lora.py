@@ -1,4 +1,9 @@
-"""insert_lora: add a low-rank update beside each targeted weight op: y = W x + s * B (A dropout(x))."""
+"""insert_lora: add a low-rank update beside each targeted weight op: y = W x + s * B (A dropout(x)).
+
+On a 3-D expert parameter [E, out, in] the update is to the weight, one (A, B) pair per expert,
+laid out as HF PEFT's ParamWrapper (A [r·E, in], B [out, r·E]): W_e + s · B_e A_e wherever W is read.
+On a grouped conv, B is grouped as PEFT's ([out, r/groups, 1...]), so the update cannot fold into W.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.ir import adapters
-from peftc.core.fields import (boolean, one_of, optional_pattern_list, pattern_list, pattern_map, positive_int,
-                          positive_number, probability)
+from peftc.core.fields import (boolean, one_of, optional_pattern_list, pattern_map, positive_int, positive_number,
+                               probability)
+from peftc.errors import SpecError
 from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import Site
 from peftc.core.targets import matches
@@ -19,7 +25,7 @@ from peftc.core.targets import matches
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_output, conv_geometry, maybe_dropout
+from ._weight_ops import add_output, add_to_parameter, conv_geometry, maybe_dropout
 
 aten = torch.ops.aten
 
@@ -29,7 +35,7 @@ class LoraConfig:
     """LoRA (Hu et al., 2021); `rslora` scales by alpha/sqrt(r) (Kalajdzievski, 2023)."""
 
     method = "lora"
-    targets: tuple = field(metadata={"check": pattern_list})
+    targets: tuple = field(default=(), metadata={"check": optional_pattern_list})
     r: int = field(default=8, metadata={"check": positive_int})
     alpha: float = field(default=8, metadata={"check": positive_number})
     dropout: float = field(default=0.0, metadata={"check": probability})
@@ -40,6 +46,14 @@ class LoraConfig:
     # Per-site overrides, {target pattern: value}; the first pattern matching a site wins.
     rank_pattern: dict = field(default_factory=dict, metadata={"check": pattern_map(positive_int)})
     alpha_pattern: dict = field(default_factory=dict, metadata={"check": pattern_map(positive_number)})
+    # Parameters selected by name (PEFT's target_parameters): "experts.gate_up_proj" matches a
+    # parameter FQN ending with those components. MoE experts are reached this way.
+    target_parameters: tuple = field(default=(), metadata={"check": optional_pattern_list})
+
+    def __post_init__(self) -> None:
+        if not self.targets and not self.target_parameters:
+            raise SpecError("targets: LoRA needs 'targets' (module names) or 'target_parameters' (parameter "
+                            "names, e.g. ['experts.gate_up_proj']); both are empty")
 
     def __hash__(self) -> int:  # the pattern dicts would make the generated hash fail; specs stay hashable
         return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v for v in vars(self).values()))
@@ -71,11 +85,16 @@ class LoraWeights(nn.Module):
         super().__init__()
         r = config.r_at(site.path)
         factory = dict(device=weight.device, dtype=weight.dtype)
+        self.groups = site.in_features // weight.shape[1] if site.kind == "conv" else 1
+        self.experts = site.experts
         if site.kind == "conv":
             kernel = tuple(weight.shape[2:])
-            a_shape, b_shape = (r, site.in_features, *kernel), (site.out_features, r, *([1] * len(kernel)))
-        elif site.kind == "embedding":
-            a_shape, b_shape = (r, site.in_features), (site.out_features, r)
+            a_shape = (r, site.in_features, *kernel)
+            b_shape = (site.out_features, r // self.groups, *([1] * len(kernel)))
+            if self.groups > 1:  # B is a grouped conv (as PEFT's): its update is not a weight of W's shape
+                self.foldable = False
+        elif site.kind == "experts":
+            a_shape, b_shape = (r * site.experts, site.in_features), (site.out_features, r * site.experts)
         else:
             a_shape, b_shape = (r, site.in_features), (site.out_features, r)
         self.A = nn.Parameter(torch.empty(a_shape, **factory))
@@ -102,8 +121,18 @@ class LoraWeights(nn.Module):
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             nn.init.zeros_(self.B)
 
+    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_e [E, out, r], A_e [E, r, in]): PEFT's ParamWrapper reads A's rows expert-major, B's columns rank-major."""
+        e = self.experts
+        a = self.A.reshape(e, -1, self.A.shape[-1])
+        b = self.B.reshape(self.B.shape[0], -1, e).permute(2, 0, 1)
+        return b, a
+
     def delta_weight(self) -> torch.Tensor:
-        """s * B A, in the base weight's [out, in, ...] layout."""
+        """s * B A, in the base weight's [(E,) out, in, ...] layout."""
+        if self.kind == "experts":
+            b, a = self.expert_factors()
+            return torch.bmm(b, a) * self.scale
         if self.kind == "conv":
             a = self.A.flatten(1)
             b = self.B.flatten(1)
@@ -116,13 +145,51 @@ class LoraWeights(nn.Module):
 def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add s * B(A(dropout(x))) to the output of every targeted linear, conv or embedding op."""
     config: LoraConfig = ctx.entry
-    sites = select_sites(ctx, config, kinds=("linear",) if config.gate else ("linear", "conv", "embedding"))
+    sites = select_sites(ctx, config, kinds=("linear",) if config.gate else ("linear", "conv", "embedding", "experts"))
+    _check_sites(ctx, config, sites)
     check_one_rewrite_per_weight(gm, ctx, sites)
     return rewrite_sites(gm, ctx, sites, lambda site, weight: LoraWeights(site, weight, config),
                          lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
 
 
+def _check_sites(ctx: PassContext, config: LoraConfig, sites: list[Site]) -> None:
+    field = f"adapters[{ctx.entry_index}]"
+    for site in sites:
+        if site.kind == "experts" and config.dropout:
+            raise SpecError(f"{field}.dropout: LoRA on the expert parameter {site.param!r} updates the weight, "
+                            "which has no input to drop (PEFT refuses it too); set dropout to 0")
+        groups = _conv_groups_of(ctx, site)
+        if config.r_at(site.path) % groups:
+            raise SpecError(f"{field}.r: {config.r_at(site.path)} is not divisible by the {groups} groups of the "
+                            f"conv at {site.path!r}; LoRA's B is grouped as the conv is (as PEFT), so pick a "
+                            "multiple of the groups (rank_pattern can set it for that site)")
+
+
+def _conv_groups_of(ctx: PassContext, site: Site) -> int:
+    """A conv site's groups (its weight holds in_features / groups input channels); 1 for other kinds."""
+    return site.in_features // ctx.base_params[site.param].shape[1] if site.kind == "conv" else 1
+
+
+def _rewrite_experts(gm: GraphModule, site: Site, ctx: PassContext, config: LoraConfig) -> None:
+    """W + s · bmm(B_e, A_e) where the expert parameter is read (see LoraWeights.expert_factors)."""
+    e, scale = site.experts, config.scale_at(site.path)
+
+    def build_delta(ins):
+        a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))
+        b = ins.get_attr(adapters.target(site.path, ctx.slot, "B"))
+        a = ins.call(aten.view.default, a, [e, -1, site.in_features])
+        b = ins.call(aten.permute.default, ins.call(aten.view.default, b, [site.out_features, -1, e]), [2, 0, 1])
+        delta = ins.call(aten.bmm.default, b, a)  # [E, out, in]
+        if site.layout == "in_out":
+            delta = ins.call(aten.transpose.int, delta, 1, 2)
+        return delta, {"alpha": scale}
+
+    add_to_parameter(gm, site, lambda anchor: site_inserter(gm, anchor, site, ctx, "insert_lora"), build_delta)
+
+
 def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: LoraConfig) -> None:
+    if site.kind == "experts":
+        return _rewrite_experts(gm, site, ctx, config)
     users = list(node.users)
     ins = site_inserter(gm, node, site, ctx, "insert_lora")
     a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))
@@ -135,8 +202,11 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
         x = maybe_dropout(ins, x, config.dropout)
         if site.kind == "conv":
             stride, padding, dilation = conv_geometry(node)
+            groups = _conv_groups_of(ctx, site)
             hidden = ins.call(aten.convolution.default, x, a, None, stride, padding, dilation, False, [0], 1)
-            delta = ins.call(aten.convolution.default, hidden, b, None, [1], [0], [1], False, [0], 1)
+            ones = [1] * len(stride)
+            delta = ins.call(aten.convolution.default, hidden, b, None, ones, [0] * len(stride), ones, False,
+                             [0] * len(stride), groups)
         else:
             delta = ins.call(aten.linear.default, ins.call(aten.linear.default, x, a), b)
     if config.gate:
