@@ -77,8 +77,17 @@ class LokrWeights(nn.Module):
             if name != "lokr_w1":
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
+    @property
+    def kron_3d(self) -> bool:
+        """A Conv1d's full lokr_w2 [b, d, k]: HF PEFT takes kron(W1, W2) of the 2-D W1 and the 3-D W2 as
+        torch.kron does (W1 as [1, a, c], giving [b, a·d, c·k]) and reshapes that to [out, in, k]. Other
+        layouts come out as kron(W1, W2 flattened to [b, d·k])."""
+        return not self.low_rank and self.lokr_w2.dim() == 3
+
     def delta_weight(self) -> torch.Tensor:
         """s·kron(W1, W2), shaped [out, in, *kernel]."""
+        if self.kron_3d:
+            return (torch.kron(self.lokr_w1, self.lokr_w2) * self.scale).reshape(self.shape)
         w2 = self.lokr_w2_a @ self.lokr_w2_b if self.low_rank else self.lokr_w2.flatten(1)
         return (torch.kron(self.lokr_w1, w2) * self.scale).reshape(self.shape)
 
@@ -98,7 +107,9 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: L
     ins = site_inserter(gm, node, site, ctx, "insert_lokr")
     attr = lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name))  # noqa: E731
     w1 = attr("lokr_w1")
-    if module.low_rank:
+    if module.kron_3d:
+        w2 = attr("lokr_w2")
+    elif module.low_rank:
         w2 = ins.call(aten.mm.default, attr("lokr_w2_a"), attr("lokr_w2_b"))
     else:
         w2 = ins.call(aten.view.default, attr("lokr_w2"), [module.lokr_w2.shape[0], -1])
@@ -111,6 +122,11 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: L
 def _kron(ins: Inserter, w1, w2, module: LokrWeights):
     """kron(W1 [a, c], W2 [b, d]) = (W1[:, None, :, None] · W2[None, :, None, :]).view(a·b, c·d), in plain ops."""
     (a, c), b = module.lokr_w1.shape, (module.lokr_w2_a if module.low_rank else module.lokr_w2).shape[0]
+    if module.kron_3d:  # W1 [1, a, c] (x) W2 [b, d, k] -> [b, a·d, c·k]
+        _, d, k = module.lokr_w2.shape
+        outer = ins.call(aten.mul.Tensor, ins.call(aten.view.default, w1, [1, a, 1, c, 1]),
+                         ins.call(aten.view.default, w2, [b, 1, d, 1, k]))
+        return ins.call(aten.view.default, outer, [b, a * d, c * k])
     d = math.prod(module.shape[1:]) // c
     outer = ins.call(aten.mul.Tensor, ins.call(aten.view.default, w1, [a, 1, c, 1]),
                      ins.call(aten.view.default, w2, [1, b, 1, d]))

@@ -9,6 +9,8 @@ parameters under their FQN, with `base_layer.` inserted when PEFT wrapped that m
 
 from __future__ import annotations
 
+import re
+
 from peftc.ir import adapters
 
 PREFIX = "base_model.model."
@@ -42,9 +44,40 @@ def to_peft_shape(module, tensor: str, value):
     return value
 
 
+# `.base_layer` not directly before a LoRA tensor: there it tells nested ParamWrappers apart (two
+# expert parameters of one module: `experts.base_layer.lora_A.weight` and `experts.lora_A.weight`).
+WRAPPER_INFIX = re.compile(r"\.base_layer(?=\.)(?!(?:\.base_layer)*\.lora_)")
+
+
 def normalize(key: str) -> str:
     """A PEFT key without the wrapper infixes PEFT may or may not write (`base_layer.`, `modules_to_save.`)."""
-    return key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+    return WRAPPER_INFIX.sub("", key).replace(".modules_to_save.", ".")
+
+
+def peft_module_paths(cm) -> dict[str, str]:
+    """Site path -> the module path PEFT's key uses, where the two differ:
+
+    - an expert parameter: the module owning it, with one `base_layer.` per ParamWrapper PEFT nests
+      around it (PEFT wraps a module's targeted parameters in registration order, the first innermost);
+    - nn.MultiheadAttention's out_proj: PEFT wraps it inside the attention's own wrapper.
+    """
+    sites = {s.path: s for s in cm.sites}
+    adapted = {(r.entry_index, p) for r in cm.records if r.method not in (None, "copy") for p in r.sites}
+    order = {name: i for i, (name, _) in enumerate(cm._model.named_parameters(remove_duplicate=False))}
+    out: dict[str, str] = {}
+    for entry, path in adapted:
+        site = sites.get(path)
+        if site is None:
+            continue
+        if site.kind == "experts":
+            owner = site.param.rpartition(".")[0]
+            wrapped = sorted((sites[p].param for e, p in adapted if e == entry and p in sites
+                              and sites[p].kind == "experts" and sites[p].param.rpartition(".")[0] == owner),
+                             key=lambda name: order.get(name, 0))
+            out[path] = owner + ".base_layer" * (len(wrapped) - 1 - wrapped.index(site.param))
+        elif site.param == f"{site.module_path}.out_proj.weight" and (entry, site.module_path) in adapted:
+            out[path] = f"{site.module_path}.base_layer.out_proj"
+    return out
 
 
 def is_unused_original(key: str) -> bool:
@@ -78,6 +111,7 @@ def peft_names(cm) -> dict[str, str]:
     spec = cm.spec
     entry_of_slot = dict(zip(spec.entry_names(), spec.adapters))
     kinds = {site.path: site.kind for site in cm.sites}
+    peft_paths = peft_module_paths(cm)
     modules = list(adapters.adapter_modules(cm._adapter_root))
     wrapped = {q.rpartition(".")[0] for q, _ in modules if entry_of_slot[q.rpartition(".")[2]].method != "copy"}
     prefix = PROMPT_PREFIX if any(e.method in PROMPT_STYLE for e in spec.adapters) else PREFIX
@@ -90,7 +124,8 @@ def peft_names(cm) -> dict[str, str]:
             if method == "copy":
                 out[name] = base_key(f"{site_path}.{tensor}".strip("."), wrapped, prefix)
             else:
-                out[name] = method_key(method, kinds.get(site_path), site_path, tensor, name)
+                out[name] = method_key(method, kinds.get(site_path), peft_paths.get(site_path, site_path), tensor,
+                                       name)
     copied = set(out.values())
     for name in cm.adapter_state_dict():
         # A base parameter the spec's `trainable` unfreezes; where a copy replaces it, the copy is saved.

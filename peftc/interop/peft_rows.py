@@ -81,8 +81,10 @@ def read_lora(cfg: dict) -> list[dict]:
         raise SpecError(f"init_lora_weights: {init!r} rewrites the base weights at load time, which peftc "
                         "never does; convert the adapter to plain LoRA first (PEFT's "
                         "path_initial_model_for_weight_conversion)")
-    entry = {"method": _lora_or_dora(cfg), "targets": _targets(cfg), "r": cfg.get("r", 8),
+    entry = {"method": _lora_or_dora(cfg), "targets": _lora_targets(cfg), "r": cfg.get("r", 8),
              "alpha": cfg.get("lora_alpha", 8), "dropout": cfg.get("lora_dropout", 0.0)}
+    if cfg.get("target_parameters"):  # PEFT's literal "name or .name suffix" rule on parameter FQNs
+        entry["target_parameters"] = [pt.suffix_target(name) for name in cfg["target_parameters"]]
     exclude = _exclude(cfg)
     if exclude:
         entry["exclude"] = exclude
@@ -93,6 +95,13 @@ def read_lora(cfg: dict) -> list[dict]:
         if cfg.get(field):
             entry[field] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
     return [entry] + _copies(cfg, entry)
+
+
+def _lora_targets(cfg: dict) -> list[str]:
+    """target_modules; with target_parameters (MoE experts) it may be empty or None."""
+    if cfg.get("target_parameters") and not cfg.get("target_modules"):
+        return []
+    return _targets(cfg)
 
 
 def _dora_entry(cfg: dict, entry: dict) -> list[dict]:
@@ -129,7 +138,20 @@ def write_lora(entry, field: str) -> dict:
         "rank_pattern": {pt.pattern_key_to_peft(k): v for k, v in rank_pattern.items()},
         "alpha_pattern": {pt.pattern_key_to_peft(k): _number(v) for k, v in alpha_pattern.items()},
         "layers_to_transform": None, "layers_pattern": None, "bias": "none", "modules_to_save": None,
+        **_write_target_parameters(entry, field),
     }
+
+
+def _write_target_parameters(entry, field: str) -> dict:
+    """PEFT fills in model-type defaults for target_modules=None; with parameters only, it must be []."""
+    params = getattr(entry, "target_parameters", ())
+    if not params:
+        return {}
+    if not all(pt.is_bare(p) for p in params):
+        raise SpecError(f"{field}.target_parameters: PEFT matches parameter names as literal suffixes; "
+                        f"{list(params)} has a glob or regex, list the names instead")
+    return {"target_parameters": list(params), "target_modules": list(entry.targets) and
+            pt.targets_to_peft(entry.targets, f"{field}.targets")}
 
 
 def _number(value: float) -> float | int:
@@ -212,7 +234,7 @@ PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_s
 PEFT_TYPES: dict[str, PeftRow] = {
     "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
-        "use_dora"}),
+        "use_dora", "target_parameters"}),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
                                                          "alpha_pattern"}, LOW_RANK_FIXED),
