@@ -19,7 +19,7 @@ from peftc.core.fields import (boolean, one_of, optional_pattern_list, pattern_m
                                probability)
 from peftc.errors import SpecError
 from peftc.pipeline.runner import PassContext, PassResult
-from peftc.ir.sites import Site
+from peftc.ir.sites import PARAMETER_KINDS, Site
 from peftc.core.targets import matches
 
 from ._conflicts import check_one_rewrite_per_weight
@@ -52,8 +52,8 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if not self.targets and not self.target_parameters:
-            raise SpecError("targets: LoRA needs 'targets' (module names) or 'target_parameters' (parameter "
-                            "names, e.g. ['experts.gate_up_proj']); both are empty")
+            raise SpecError("targets: expected a non-empty list of module names, or 'target_parameters' "
+                            "(parameter names, e.g. ['experts.gate_up_proj']); both are empty")
 
     def __hash__(self) -> int:  # the pattern dicts would make the generated hash fail; specs stay hashable
         return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v for v in vars(self).values()))
@@ -145,7 +145,8 @@ class LoraWeights(nn.Module):
 def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add s * B(A(dropout(x))) to the output of every targeted linear, conv or embedding op."""
     config: LoraConfig = ctx.entry
-    sites = select_sites(ctx, config, kinds=("linear",) if config.gate else ("linear", "conv", "embedding", "experts"))
+    kinds = ("linear",) if config.gate else ("linear", "conv", "embedding", *PARAMETER_KINDS)
+    sites = select_sites(ctx, config, kinds=kinds)
     _check_sites(ctx, config, sites)
     check_one_rewrite_per_weight(gm, ctx, sites)
     return rewrite_sites(gm, ctx, sites, lambda site, weight: LoraWeights(site, weight, config),
@@ -170,13 +171,17 @@ def _conv_groups_of(ctx: PassContext, site: Site) -> int:
     return site.in_features // ctx.base_params[site.param].shape[1] if site.kind == "conv" else 1
 
 
-def _rewrite_experts(gm: GraphModule, site: Site, ctx: PassContext, config: LoraConfig) -> None:
-    """W + s · bmm(B_e, A_e) where the expert parameter is read (see LoraWeights.expert_factors)."""
+def _rewrite_parameter(gm: GraphModule, site: Site, ctx: PassContext, config: LoraConfig) -> None:
+    """W + s · B A where the parameter is read: per expert (bmm(B_e, A_e), see LoraWeights.expert_factors),
+    or before a weight is split into rows (nn.MultiheadAttention's in_proj_weight; there is no input
+    to drop there, so dropout does not apply, as in PEFT, which merges that update into the weight)."""
     e, scale = site.experts, config.scale_at(site.path)
 
     def build_delta(ins):
         a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))
         b = ins.get_attr(adapters.target(site.path, ctx.slot, "B"))
+        if not e:
+            return ins.call(aten.mm.default, b, a), {"alpha": scale}
         a = ins.call(aten.view.default, a, [e, -1, site.in_features])
         b = ins.call(aten.permute.default, ins.call(aten.view.default, b, [site.out_features, -1, e]), [2, 0, 1])
         delta = ins.call(aten.bmm.default, b, a)  # [E, out, in]
@@ -188,8 +193,8 @@ def _rewrite_experts(gm: GraphModule, site: Site, ctx: PassContext, config: Lora
 
 
 def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: LoraConfig) -> None:
-    if site.kind == "experts":
-        return _rewrite_experts(gm, site, ctx, config)
+    if site.kind in PARAMETER_KINDS:
+        return _rewrite_parameter(gm, site, ctx, config)
     users = list(node.users)
     ins = site_inserter(gm, node, site, ctx, "insert_lora")
     a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))

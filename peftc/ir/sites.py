@@ -10,6 +10,7 @@ sites. An expert parameter is one site however many ops read it (its experts cou
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -25,13 +26,18 @@ TRANSPOSE_OPS = (aten.t.default, aten.numpy_T.default, aten.permute.default, ate
 # family reads [E, in, out] (a transpose of a stored [E, out, in]); a gather reads the stored one.
 EXPERT_MATMULS = {"transformers.grouped_mm_fallback.default": 1, "aten._grouped_mm.default": 1,
                   "aten.bmm.default": 1, "aten.matmul.default": 1, "aten.baddbmm.default": 2}
+ROW_SPLITS = (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, aten.unsafe_split.Tensor)
 EXPERT_GATHERS = {"aten.index.Tensor": 0, "aten.index_select.default": 0, "aten.embedding.default": 0}
+
+
+# Site kinds whose methods update the parameter where it is read (W + ΔW), not the op's output.
+PARAMETER_KINDS = ("experts", "rows")
 
 
 @dataclass(frozen=True)
 class Site:
     path: str  # readable name: the module path, or module path + parameter name
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: str  # "linear" | "conv" | "embedding" | "experts" | "rows" (a linear over row slices of a weight)
     node: str  # name of the op node in the graph it was found in
     op: str  # e.g. "aten.linear.default"
     param: str  # fully qualified name of the weight parameter
@@ -96,6 +102,23 @@ def _is_transpose(node, ndim: int = 2) -> bool:
     return dims == [ndim - 2, ndim - 1]
 
 
+def _sliced_weight(gm: GraphModule, weight_arg) -> tuple[str, nn.Parameter] | None:
+    """The 2-D parameter whose row block `weight_arg` is (getitem of a split along dim 0, or a dim-0 slice):
+    nn.MultiheadAttention splits in_proj_weight so when query and key differ."""
+    if not isinstance(weight_arg, Node):
+        return None
+    source = None
+    if weight_arg.target == operator.getitem and isinstance(weight_arg.args[0], Node) \
+            and weight_arg.args[0].target in ROW_SPLITS:
+        split = weight_arg.args[0]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        source = split.args[0] if dim == 0 else None
+    elif weight_arg.target == aten.slice.Tensor and (weight_arg.args[1] if len(weight_arg.args) > 1 else 0) == 0:
+        source = weight_arg.args[0]
+    found = parameter_of(gm, source)
+    return found if found is not None and found[1].dim() == 2 else None
+
+
 def _expert_weight(gm: GraphModule, node: Node) -> tuple[str, nn.Parameter, str] | None:
     """(FQN, parameter, layout) of the 3-D expert parameter an expert matmul or gather reads."""
     name = _op_name(node)
@@ -123,6 +146,11 @@ def classify(gm: GraphModule, node: Node) -> dict | None:
         if found and found[1].dim() == 2:
             fqn, w = found
             return dict(kind="linear", param=fqn, in_features=w.shape[1], out_features=w.shape[0],
+                        layout="out_in", input_index=0)
+        found = _sliced_weight(gm, node.args[1])
+        if found:  # one site for the whole weight: methods update the weight before it is split
+            fqn, w = found
+            return dict(kind="rows", param=fqn, in_features=w.shape[1], out_features=w.shape[0],
                         layout="out_in", input_index=0)
     elif target in (aten.addmm.default, aten.mm.default, aten.matmul.default):
         x_index = 1 if target == aten.addmm.default else 0
@@ -169,7 +197,7 @@ def find_sites(gm: GraphModule) -> list[Site]:
         fields = classify(gm, node)
         if fields is None:
             continue
-        if fields["kind"] == "experts":  # one site per expert parameter, at the first op reading it
+        if fields["kind"] in PARAMETER_KINDS:  # one site per parameter, at the first op reading it
             if fields["param"] in expert_params:
                 continue
             expert_params.add(fields["param"])
