@@ -25,7 +25,7 @@ from peftc.core.targets import matches
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_output, add_to_parameter, conv_geometry, maybe_dropout
+from ._weight_ops import add_output, add_to_parameter, bias_param, conv_geometry, maybe_dropout
 
 aten = torch.ops.aten
 
@@ -49,6 +49,8 @@ class LoraConfig:
     # Parameters selected by name (PEFT's target_parameters): "experts.gate_up_proj" matches a
     # parameter FQN ending with those components. MoE experts are reached this way.
     target_parameters: tuple = field(default=(), metadata={"check": optional_pattern_list})
+    # PEFT's lora_bias: B has a bias, so the update is s·(B A x + b); merged, s·b joins the op's bias.
+    lora_bias: bool = field(default=False, metadata={"check": boolean})
 
     def __post_init__(self) -> None:
         if not self.targets and not self.target_parameters:
@@ -72,6 +74,12 @@ class LoraConfig:
         """The scale at one site, after rank_pattern / alpha_pattern."""
         r = self.r_at(path)
         return self.alpha_at(path) / (math.sqrt(r) if self.rslora else r)
+
+
+def fold_lora_bias(module: "LoraWeights", site: Site, bias: torch.Tensor) -> torch.Tensor:
+    """lora_bias: the op's bias + s·b (no change without it)."""
+    b = getattr(module, "B_bias", None)
+    return bias if b is None else bias + (b * module.scale).to(bias.dtype)
 
 
 def _first_match(patterns: dict, path: str, default):
@@ -99,6 +107,8 @@ class LoraWeights(nn.Module):
             a_shape, b_shape = (r, site.in_features), (site.out_features, r)
         self.A = nn.Parameter(torch.empty(a_shape, **factory))
         self.B = nn.Parameter(torch.empty(b_shape, **factory))
+        if config.lora_bias:
+            self.B_bias = nn.Parameter(torch.zeros(site.out_features, **factory))
         self.scale = config.scale_at(site.path)
         self.kind = site.kind
         if config.gate:  # input-dependent, so a gated update cannot be folded into W
@@ -150,12 +160,15 @@ def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     _check_sites(ctx, config, sites)
     check_one_rewrite_per_weight(gm, ctx, sites)
     return rewrite_sites(gm, ctx, sites, lambda site, weight: LoraWeights(site, weight, config),
-                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
+                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config, module))
 
 
 def _check_sites(ctx: PassContext, config: LoraConfig, sites: list[Site]) -> None:
     field = f"adapters[{ctx.entry_index}]"
     for site in sites:
+        if config.lora_bias and site.kind not in ("linear", "conv"):
+            raise SpecError(f"{field}.lora_bias: a LoRA bias needs a linear or conv op (as PEFT); {site.path!r} "
+                            f"is a {site.kind} site")
         if site.kind == "experts" and config.dropout:
             raise SpecError(f"{field}.dropout: LoRA on the expert parameter {site.param!r} updates the weight, "
                             "which has no input to drop (PEFT refuses it too); set dropout to 0")
@@ -192,13 +205,17 @@ def _rewrite_parameter(gm: GraphModule, site: Site, ctx: PassContext, config: Lo
     add_to_parameter(gm, site, lambda anchor: site_inserter(gm, anchor, site, ctx, "insert_lora"), build_delta)
 
 
-def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: LoraConfig) -> None:
+def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: LoraConfig,
+                  module: LoraWeights) -> None:
     if site.kind in PARAMETER_KINDS:
         return _rewrite_parameter(gm, site, ctx, config)
     users = list(node.users)
     ins = site_inserter(gm, node, site, ctx, "insert_lora")
     a = ins.get_attr(adapters.target(site.path, ctx.slot, "A"))
     b = ins.get_attr(adapters.target(site.path, ctx.slot, "B"))
+    b_bias = ins.get_attr(adapters.target(site.path, ctx.slot, "B_bias")) if config.lora_bias else None
+    if config.lora_bias and bias_param(gm, site) is None:  # merged, s·b needs a bias to join
+        module.foldable = False
     x = node.args[site.input_index]
     if site.kind == "embedding":
         delta = ins.call(aten.matmul.default, ins.call(aten.embedding.default, ins.call(aten.t.default, a), x),
@@ -210,10 +227,11 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
             groups = _conv_groups_of(ctx, site)
             hidden = ins.call(aten.convolution.default, x, a, None, stride, padding, dilation, False, [0], 1)
             ones = [1] * len(stride)
-            delta = ins.call(aten.convolution.default, hidden, b, None, ones, [0] * len(stride), ones, False,
+            delta = ins.call(aten.convolution.default, hidden, b, b_bias, ones, [0] * len(stride), ones, False,
                              [0] * len(stride), groups)
         else:
-            delta = ins.call(aten.linear.default, ins.call(aten.linear.default, x, a), b)
+            delta = ins.call(aten.linear.default, ins.call(aten.linear.default, x, a), b,
+                             *([b_bias] if b_bias is not None else []))
     if config.gate:
         w, bias = (ins.get_attr(adapters.target(site.path, ctx.slot, n)) for n in ("gate", "gate_bias"))
         gate = ins.call(aten.linear.default, node.args[site.input_index], w, bias)

@@ -171,6 +171,7 @@ CASES = {
     "mlp-lora-patterns": ("mlp", lora(target_modules=["lin0", "lin1"], rank_pattern={"lin1": 2},
                                       alpha_pattern={"lin0": 3})),
     "mlp-lora-modules-to-save": ("mlp", lora(target_modules=["lin0"], modules_to_save=["lin1"])),
+    "mlp-lora-bias": ("mlp", lora(target_modules=["lin0", "lin1"], lora_bias=True)),
     "mlp-dora": ("mlp", lora(target_modules=["lin0", "lin1"], use_dora=True)),
     "mlp-ia3": ("mlp", lambda: IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"])),
     "mlp-loha": ("mlp", lambda: LoHaConfig(r=2, alpha=4, target_modules=["lin0", "lin1"])),
@@ -183,6 +184,7 @@ CASES = {
     "conv1d_grouped-lokr": ("conv1d_grouped", lambda: LoKrConfig(r=2, alpha=4, target_modules=["conv"])),
     "conv1d_grouped-lokr-low-rank": ("conv1d_grouped", lambda: LoKrConfig(r=1, alpha=4, target_modules=["conv"])),
     "conv2d-lora": ("conv2d", lora(target_modules=["conv"])),
+    "conv2d-lora-bias": ("conv2d", lora(target_modules=["conv"], lora_bias=True)),
     "conv2d-loha": ("conv2d", lambda: LoHaConfig(r=2, alpha=4, target_modules=["conv"])),
     "conv2d-lokr": ("conv2d", lambda: LoKrConfig(r=2, alpha=4, target_modules=["conv"])),
     "conv2d_grouped-lora": ("conv2d_grouped", lora(target_modules=["conv"])),
@@ -292,3 +294,32 @@ def test_attention_out_proj_is_added_once(tmp_path):
         for weight, layer in ((eager.mha.in_proj_weight, inner), (eager.mha.out_proj.weight, inner.base_layer.out_proj)):
             weight += layer.get_delta_weight("default")
         torch.testing.assert_close(cm(x), eager(x), **TOL)
+
+
+# Native spec entries (written for peftc, not read from PEFT): saved for PEFT, PEFT computes the same.
+NATIVE = {
+    "mlp-lora-bias": ("mlp", {"method": "lora", "targets": ["lin0", "lin1"], "r": 2, "alpha": 4, "lora_bias": True}),
+    "moe-target-parameters": ("moe", {"method": "lora", "targets": ["router"], "r": 2,
+                                      "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),
+    "mha_cross-lora": ("mha_cross", {"method": "lora", "targets": ["mha"], "r": 2}),
+    "conv1d_grouped-lokr": ("conv1d_grouped", {"method": "lokr", "targets": ["conv"], "r": 2}),
+}
+
+
+@pytest.mark.parametrize("case", list(NATIVE))
+def test_native_spec_saves_what_peft_computes(case, tmp_path):
+    name, entry = NATIVE[case]
+    x = MODELS[name][1]()
+    cm = peftc.compile(build(name), {"adapters": [entry]}, example_inputs=(x,)).eval()
+    randomize_trainable(cm)
+    with torch.no_grad():
+        for n, p in cm.named_parameters():
+            if "out_proj" in n and n.endswith(".B"):
+                p.zero_()  # PEFT 0.21 doubles nn.MultiheadAttention's out_proj update (see above)
+        expected = cm(x)
+        assert not torch.allclose(expected, build(name)(x), **TOL)
+    cm.save_adapter(tmp_path / "out", format="peft")
+    reloaded = PeftModel.from_pretrained(build(name), tmp_path / "out").eval()
+    assert trainable(PeftModel.from_pretrained(build(name), tmp_path / "out", is_trainable=True)) == trainable(cm)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), expected, **TOL)

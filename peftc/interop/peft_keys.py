@@ -19,7 +19,7 @@ PREFIX = "base_model.model."
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "lora": {
         "embedding": {"A": "lora_embedding_A", "B": "lora_embedding_B"},
-        "*": {"A": "lora_A.weight", "B": "lora_B.weight"},
+        "*": {"A": "lora_A.weight", "B": "lora_B.weight", "B_bias": "lora_B.bias"},
     },
     "dora": {"*": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}},
     "ia3": {"*": {"l": "ia3_l"}},  # PEFT's is [out, 1], or [1, in] on a feedforward site; peftc's is flat

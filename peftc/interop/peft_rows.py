@@ -91,6 +91,8 @@ def read_lora(cfg: dict) -> list[dict]:
     if entry["method"] == "dora":
         return _dora_entry(cfg, entry)
     entry.update(rslora=bool(cfg.get("use_rslora", False)), init=LORA_INITS[init])
+    if cfg.get("lora_bias"):
+        entry["lora_bias"] = True
     for field in ("rank_pattern", "alpha_pattern"):  # same names in peftc's LoraConfig
         if cfg.get(field):
             entry[field] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
@@ -106,7 +108,7 @@ def _lora_targets(cfg: dict) -> list[str]:
 
 def _dora_entry(cfg: dict, entry: dict) -> list[dict]:
     """peftc's dora has LoRA's r, alpha, dropout but no rslora or per-module patterns."""
-    for field in ("use_rslora", "rank_pattern", "alpha_pattern"):
+    for field in ("use_rslora", "rank_pattern", "alpha_pattern", "lora_bias"):
         if cfg.get(field):
             raise SpecError(f"{field}: peftc's dora method cannot express {field}={cfg[field]!r}; "
                             "save the DoRA adapter without it")
@@ -133,6 +135,7 @@ def write_lora(entry, field: str) -> dict:
         "peft_type": "LORA", "r": entry.r, "lora_alpha": _number(entry.alpha),
         "lora_dropout": getattr(entry, "dropout", 0.0), "use_rslora": getattr(entry, "rslora", False),
         "init_lora_weights": init, "use_dora": False, "fan_in_fan_out": False,
+        "lora_bias": getattr(entry, "lora_bias", False),
         "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
         "exclude_modules": pt.targets_to_peft(getattr(entry, "exclude", ()), f"{field}.exclude"),
         "rank_pattern": {pt.pattern_key_to_peft(k): v for k, v in rank_pattern.items()},
@@ -234,7 +237,7 @@ PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_s
 PEFT_TYPES: dict[str, PeftRow] = {
     "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
-        "use_dora", "target_parameters"}),
+        "use_dora", "target_parameters", "lora_bias"}),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
                                                          "alpha_pattern"}, LOW_RANK_FIXED),

@@ -16,7 +16,7 @@ from peftc.passes.insert_dora import DoraConfig, fold_dora, insert_dora
 from peftc.passes.insert_ia3 import Ia3Config, fold_ia3, fold_ia3_bias, insert_ia3
 from peftc.passes.insert_loha import LohaConfig, insert_loha
 from peftc.passes.insert_lokr import LokrConfig, insert_lokr
-from peftc.passes.insert_lora import LoraConfig, insert_lora
+from peftc.passes.insert_lora import LoraConfig, fold_lora_bias, insert_lora
 from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
 from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
@@ -37,7 +37,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "reparameterized", LoraConfig, insert_lora, fold_delta,
-                   "W x + s·B(A x) on linear, conv and embedding ops"),
+                   "W x + s·B(A x) on linear, conv and embedding ops", fold_bias=fold_lora_bias),
     "adapter": Method("adapter", "additive", AdapterConfig, insert_adapter, None,
                       "y + s·up(act(down(h))) on linear ops; h = y (serial) or x (parallel)"),
     "prompt": Method("prompt", "additive", PromptConfig, insert_prompt, None,
