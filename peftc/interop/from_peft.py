@@ -183,8 +183,8 @@ def _adapter_tensor(cm, name: str) -> torch.Tensor:
 
 
 def _as_peftc_shape(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PEFT's IA3 vectors are [out, 1] or [1, in]; peftc's are flat."""
-    if target.dim() == 1 and value.dim() == 2 and 1 in value.shape and value.numel() == target.numel():
+    """PEFT's IA3 vectors are [out, 1] or [1, in] ([1, C, 1, ...] on a conv); peftc's are flat."""
+    if target.dim() == 1 and value.dim() >= 2 and value.numel() == target.numel() == max(value.shape):
         return value.reshape(-1)
     return value
 
