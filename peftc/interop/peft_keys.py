@@ -39,8 +39,8 @@ PROMPT_STYLE = {"prompt", "prefix"}
 
 def to_peft_shape(module, tensor: str, value):
     """The tensor as PEFT shapes it (only IA3's vector differs: a column, or a row on feedforward sites;
-    [1, C, 1, ...] on a conv)."""
-    if tensor == "l" and getattr(module, "kernel_dims", 0):  # a conv's: [1, C, 1, ...]
+    [1, C, 1, ...] on a conv, as DoRA's magnitude there)."""
+    if tensor in ("l", "magnitude") and getattr(module, "kernel_dims", 0):  # a conv's: [1, C, 1, ...]
         return value.reshape(1, -1, *[1] * module.kernel_dims)
     if tensor == "l" and hasattr(module, "feedforward"):
         return value.reshape(1, -1) if module.feedforward else value.reshape(-1, 1)
