@@ -199,6 +199,7 @@ CASES = {
     "conv2d_grouped-lokr": ("conv2d_grouped", lambda: LoKrConfig(r=2, alpha=4, target_modules=["conv"])),
     "conv3d-lora": ("conv3d", lora(target_modules=["conv"])),
     "emb_conv1d-lora": ("emb_conv1d", lora(target_modules=["emb", "conv1d"])),
+    "emb_conv1d-dora": ("emb_conv1d", lora(target_modules=["emb", "conv1d"], use_dora=True)),
     "emb_conv1d-ia3": ("emb_conv1d", lambda: IA3Config(target_modules=["conv1d", "lin"],
                                                        feedforward_modules=["lin"])),
     "mha-lora": ("mha", lora(target_modules=["mha"])),

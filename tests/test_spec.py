@@ -47,7 +47,8 @@ BAD_SPECS = [
     ({"adapters": [{**LORA, "targets": ["re:(unclosed"]}]}, "adapters[0].targets[0]: invalid regular expression"),
     ({"adapters": [{"method": "lorra", "targets": ["q_proj"]}]}, "adapters[0].method: expected one of"),
     ({"adapters": [{"targets": ["q_proj"]}]}, "adapters[0].method: expected one of"),
-    ({"adapters": [{"method": "lora"}]}, "adapters[0].targets: required field is missing"),
+    ({"adapters": [{"method": "lora"}]}, "adapters[0].targets: expected a non-empty list"),  # or target_parameters
+    ({"adapters": [{"method": "adapter"}]}, "adapters[0].targets: required field is missing"),
     ({"adapters": {"method": "lora"}}, "spec.adapters: expected a list"),
     ({"adapters": [LORA], "trainable": "*.bias*"}, None),  # a single string is accepted as one pattern
     ({"adapters": [LORA], "trainable": [""]}, "spec.trainable[0]: expected a non-empty string"),

@@ -21,7 +21,10 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
         "embedding": {"A": "lora_embedding_A", "B": "lora_embedding_B"},
         "*": {"A": "lora_A.weight", "B": "lora_B.weight", "B_bias": "lora_B.bias"},
     },
-    "dora": {"*": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}},
+    "dora": {
+        "embedding": {"A": "lora_embedding_A", "B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"},
+        "*": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
+    },
     "ia3": {"*": {"l": "ia3_l"}},  # PEFT's is [out, 1], or [1, in] on a feedforward site; peftc's is flat
     "loha": {"*": {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}},
     "lokr": {"*": {n: n for n in ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}},
