@@ -16,7 +16,7 @@ def test_round_trip_is_exact():
     assert Spec.from_dict(d) == spec
     assert Spec.from_dict(d).to_dict() == d
     assert d["adapters"][0] == {**LORA, "rslora": False, "init": "default", "exclude": [], "rank_pattern": {},
-                                "alpha_pattern": {}, "gate": False, "target_parameters": []}
+                                "alpha_pattern": {}, "gate": False, "target_parameters": [], "lora_bias": False}
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
