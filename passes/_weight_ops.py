@@ -76,6 +76,16 @@ def add_to_parameter(gm: GraphModule, site: Site, make_inserter, build_delta) ->
     parameter's own layout and returns (ΔW node, add kwargs). The add is the adapter's output
     node, so merge folds it as it folds any other; the parameter itself is never written.
     """
+    def add(ins, weight):
+        delta, add_kwargs = build_delta(ins)
+        return ins.call(aten.add.Tensor, weight, delta, **add_kwargs)
+
+    rewrite_parameter(gm, site, make_inserter, add)
+
+
+def rewrite_parameter(gm: GraphModule, site: Site, make_inserter, build_weight) -> None:
+    """Every read of the site's parameter W reads `build_weight(ins, W)` instead: a node whose first
+    argument is W, tagged as the adapter's output (merge puts W back and folds the method)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for weight in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == site.param]:
         users = sorted(weight.users, key=order.__getitem__)
@@ -83,8 +93,9 @@ def add_to_parameter(gm: GraphModule, site: Site, make_inserter, build_delta) ->
             continue
         ins = make_inserter(users[0].prev)  # just before the first read, in that op's module
         ins.module_stack = users[0].meta.get("nn_module_stack", ins.module_stack)
-        delta, add_kwargs = build_delta(ins)
-        add_output(ins, weight, delta, users, **add_kwargs)
+        new = build_weight(ins, weight)
+        new.meta["peftc"]["role"] = "output"
+        redirect_users(users, weight, new)
 
 
 def maybe_dropout(ins: Inserter, x: Node, p: float) -> Node:

@@ -16,8 +16,8 @@ from torch import nn
 import peftc
 
 peft = pytest.importorskip("peft")
-from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, VeraConfig,  # noqa: E402
-                  get_peft_model)
+from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, TrainableTokensConfig,  # noqa: E402
+                  VeraConfig, get_peft_model)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -200,6 +200,10 @@ CASES = {
     "conv3d-lora": ("conv3d", lora(target_modules=["conv"])),
     "emb_conv1d-lora": ("emb_conv1d", lora(target_modules=["emb", "conv1d"])),
     "emb_conv1d-dora": ("emb_conv1d", lora(target_modules=["emb", "conv1d"], use_dora=True)),
+    "emb_conv1d-trainable-tokens": ("emb_conv1d", lambda: TrainableTokensConfig(target_modules=["emb"],
+                                                                                token_indices=[15, 21, 4])),
+    "emb_conv1d-lora-trainable-token-indices": ("emb_conv1d", lora(target_modules=["conv1d"],
+                                                                   trainable_token_indices={"emb": [15, 38]})),
     "emb_conv1d-ia3": ("emb_conv1d", lambda: IA3Config(target_modules=["conv1d", "lin"],
                                                        feedforward_modules=["lin"])),
     "mha-lora": ("mha", lora(target_modules=["mha"])),
@@ -312,6 +316,7 @@ NATIVE = {
                                       "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),
     "mha_cross-lora": ("mha_cross", {"method": "lora", "targets": ["mha"], "r": 2}),
     "conv1d_grouped-lokr": ("conv1d_grouped", {"method": "lokr", "targets": ["conv"], "r": 2}),
+    "emb_conv1d-trainable-tokens": ("emb_conv1d", {"method": "trainable_tokens", "targets": ["emb"], "indices": [42, 11]}),
 }
 
 

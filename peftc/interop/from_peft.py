@@ -35,6 +35,7 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     directory = _adapter_dir(source)
     config = as_config_dict(directory / CONFIG_FILE if directory else source)
     config = resolve_all_linear(config, model)
+    config = resolve_token_indices(config, model)
     config = present_modules_to_save(config, model)
     spec_dict = spec_dict_from_peft(config)
     if directory is None:
@@ -102,6 +103,19 @@ def resolve_all_linear(config: dict, model: nn.Module) -> dict:
     if not names:
         raise SpecError("target_modules: 'all-linear' found no linear layer in the model")
     return {**config, "target_modules": names}
+
+
+def resolve_token_indices(config: dict, model: nn.Module) -> dict:
+    """LoRA's trainable_token_indices as a bare list means the input embedding: name it."""
+    indices = config.get("trainable_token_indices")
+    if not isinstance(indices, list) or not indices:
+        return config
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    if name is None:
+        raise SpecError("trainable_token_indices: a list means the model's input embedding, and this model has "
+                        "no get_input_embeddings(); give {embedding module name: token ids}")
+    return {**config, "trainable_token_indices": {name: indices}}
 
 
 def present_modules_to_save(config: dict, model: nn.Module) -> dict:

@@ -32,6 +32,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # base_model.vera_A / vera_B, peftc checks them against its own when present.
     "vera": {"*": {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d", "A": "vera_A", "B": "vera_B"}},
     "prompt": {"*": {"embedding": "prompt_embeddings"}},
+    "trainable_tokens": {"*": {"delta": "trainable_tokens_delta"}},
     # one table in PEFT; peft_prefix.py splits and joins it through these per-op names
     "prefix": {"*": {"key": "prefix_key", "value": "prefix_value"}},
 }
@@ -55,9 +56,13 @@ def to_peft_shape(module, tensor: str, value):
 WRAPPER_INFIX = re.compile(r"\.base_layer(?=\.)(?!(?:\.base_layer)*\.lora_)")
 
 
+TOKEN_ADAPTER = "token_adapter"
+
+
 def normalize(key: str) -> str:
-    """A PEFT key without the wrapper infixes PEFT may or may not write (`base_layer.`, `modules_to_save.`)."""
-    return WRAPPER_INFIX.sub("", key).replace(".modules_to_save.", ".")
+    """A PEFT key without the wrapper infixes PEFT may or may not write (`base_layer.`, `modules_to_save.`,
+    `token_adapter.`)."""
+    return WRAPPER_INFIX.sub("", key).replace(".modules_to_save.", ".").replace(f".{TOKEN_ADAPTER}.", ".")
 
 
 def peft_module_paths(cm) -> dict[str, str]:
@@ -121,13 +126,19 @@ def peft_names(cm) -> dict[str, str]:
     modules = list(adapters.adapter_modules(cm._adapter_root))
     wrapped = {q.rpartition(".")[0] for q, _ in modules if entry_of_slot[q.rpartition(".")[2]].method != "copy"}
     prefix = PROMPT_PREFIX if any(e.method in PROMPT_STYLE for e in spec.adapters) else PREFIX
+    # Tokens trained beside another method (LoRA's trainable_token_indices) sit in PEFT's token_adapter.
+    beside = any(e.method not in ("copy", "trainable_tokens") for e in spec.adapters)
     out: dict[str, str] = {}
     for qualname, module in modules:
         site_path, _, slot = qualname.rpartition(".")
         method = entry_of_slot[slot].method
         for tensor in list(module._parameters) + list(module._buffers):
             name = f"{qualname}.{tensor}"
-            if method == "copy":
+            if tensor in getattr(module, "not_in_peft", ()):
+                continue
+            if method == "trainable_tokens" and beside:
+                out[name] = f"{PREFIX}{site_path}.{TOKEN_ADAPTER}.{TENSOR_NAMES[method]['*'][tensor]}"
+            elif method == "copy":
                 out[name] = base_key(f"{site_path}.{tensor}".strip("."), wrapped, prefix)
             else:
                 out[name] = method_key(method, kinds.get(site_path), peft_paths.get(site_path, site_path), tensor,

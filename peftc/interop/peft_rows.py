@@ -93,10 +93,32 @@ def read_lora(cfg: dict) -> list[dict]:
     entry.update(rslora=bool(cfg.get("use_rslora", False)), init=LORA_INITS[init])
     if cfg.get("lora_bias"):
         entry["lora_bias"] = True
+    tokens = _token_entries(cfg.get("trainable_token_indices"))
     for field in ("rank_pattern", "alpha_pattern"):  # same names in peftc's LoraConfig
         if cfg.get(field):
             entry[field] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
-    return [entry] + _copies(cfg, entry)
+    return [entry] + tokens + _copies(cfg, entry)
+
+
+def _token_entries(indices) -> list[dict]:
+    """LoRA's trainable_token_indices ({embedding module name: token ids}) as trainable_tokens entries."""
+    if not indices:
+        return []
+    if not isinstance(indices, dict):
+        raise SpecError("trainable_token_indices: a bare list means the model's input embedding; use "
+                        "peftc.from_peft(model, ...), which resolves it, or give {module name: ids}")
+    return [{"method": "trainable_tokens", "targets": [pt.suffix_target(name)], "indices": list(ids)}
+            for name, ids in indices.items()]
+
+
+def read_trainable_tokens(cfg: dict) -> list[dict]:
+    targets = _targets(cfg) if cfg.get("target_modules") else ["embed_tokens"]  # PEFT's default
+    return [{"method": "trainable_tokens", "targets": targets, "indices": list(cfg.get("token_indices") or [])}]
+
+
+def write_trainable_tokens(entry, field: str) -> dict:
+    return {"peft_type": "TRAINABLE_TOKENS", "token_indices": list(entry.indices), "init_weights": True,
+            "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets")}
 
 
 def _lora_targets(cfg: dict) -> list[str]:
@@ -237,7 +259,9 @@ PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_s
 PEFT_TYPES: dict[str, PeftRow] = {
     "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
-        "use_dora", "target_parameters", "lora_bias"}),
+        "use_dora", "target_parameters", "lora_bias", "trainable_token_indices"}),
+    "TRAINABLE_TOKENS": PeftRow("TRAINABLE_TOKENS", "trainable_tokens", read_trainable_tokens,
+                                frozenset({"target_modules", "token_indices", "init_weights"})),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
                                                          "alpha_pattern"}, LOW_RANK_FIXED),
@@ -313,4 +337,5 @@ def write_prefix(entry, field: str) -> dict:
 
 WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora, "ia3": write_ia3,
                                                   "loha": write_loha, "lokr": write_lokr, "vera": write_vera,
-                                                  "prompt": write_prompt, "prefix": write_prefix}
+                                                  "prompt": write_prompt, "prefix": write_prefix,
+                                                  "trainable_tokens": write_trainable_tokens}

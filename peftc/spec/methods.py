@@ -20,6 +20,8 @@ from peftc.passes.insert_lora import LoraConfig, fold_lora_bias, insert_lora
 from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
 from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
+from peftc.passes.insert_trainable_tokens import (TrainableTokensConfig, fold_trainable_tokens,
+                                                  insert_trainable_tokens)
 from peftc.passes.insert_vera import VeraConfig, insert_vera
 from peftc.passes.quantize_base import QuantizeConfig
 
@@ -58,6 +60,8 @@ METHODS: dict[str, Method] = {
                   "l ⊙ (W x + b), or W (l ⊙ x) on feedforward sites, on linear ops", fold_bias=fold_ia3_bias),
     "mask": Method("mask", "selective", MaskConfig, insert_mask, fold_mask,
                    "W x + op(x, ΔW), ΔW sparse: a fixed `density` of entries (by magnitude or seeded random) train"),
+    "trainable_tokens": Method("trainable_tokens", "selective", TrainableTokensConfig, insert_trainable_tokens,
+                               fold_trainable_tokens, "rows `indices` of an embedding train (wherever it is read)"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.
