@@ -69,8 +69,8 @@ def timed_parts(clock: Clock) -> contextlib.ExitStack:
     """Wrap the functions whose time the breakdown shows (for this benchmark run only)."""
     from torch.export.exported_program import ExportedProgram
 
-    from peftc.compiler import compile as compiler
     from peftc.capture import layer_stacks
+    from peftc.compiler import compile as compiler
 
     stack = contextlib.ExitStack()
     stack.enter_context(clock.timing(torch.export, "export", "torch.export"))
@@ -103,7 +103,9 @@ def export_per_layer(layers: int, static: bool) -> None:
     """CPU seconds of each decoder layer and of the causal mask during one full torch.export."""
     from transformers.models.llama import modeling_llama
 
-    from peftc.capture.export import capture, hf_example_inputs, normalize_call
+    from peftc.capture.calls import normalize_call
+    from peftc.capture.example_inputs import hf_example_inputs
+    from peftc.capture.export import capture
 
     model = llama_7b_on_meta(layers)
     clock = Clock()

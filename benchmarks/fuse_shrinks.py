@@ -16,11 +16,11 @@ import statistics
 import time
 
 import torch
+from common import machine
+from lora_llama import ALPHA, TARGETS, R, build, forward, training_step
+from peftc.passes.fuse_lora_shrinks import unfuse_lora_shrinks
 
 import peftc
-from common import machine
-from lora_llama import ALPHA, R, TARGETS, build, forward, training_step
-from peftc.passes.fuse_lora_shrinks import unfuse_lora_shrinks
 
 
 def alternate_rounds(contenders: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:

@@ -68,10 +68,10 @@ def flops(m, k, n, r=0) -> float:
 def cases(smoke: bool):
     """(name, run, reference) triples for every kernel at one small shape (used by --smoke and --check)."""
     import torch
-
-    from peftc.ir import weight_codec
     from peftc.codegen.triton import fused, multi_ops, reference
     from peftc.codegen.triton.kernels import Weight
+
+    from peftc.ir import weight_codec
 
     def build(dtype, device):
         m, k, n, r = (13, 40, 24, 8) if smoke else (100, 256, 320, 16)
@@ -124,7 +124,6 @@ def _flat(tensors) -> "torch.Tensor":
 
 def run_smoke() -> None:
     import torch
-
     import triton
 
     rows = []
@@ -175,10 +174,9 @@ def _signature(fn, pointer_types: dict, consts: dict, default_ptr: str) -> dict:
 
 def compile_only() -> None:
     import triton
+    from peftc.codegen.triton import kernels, multi
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from peftc.codegen.triton import kernels, multi
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -217,10 +215,10 @@ def bench(fn) -> float:
 def run_gpu(args) -> None:
     import torch
     import torch.nn.functional as F
-
-    from peftc.ir import weight_codec
     from peftc.codegen.triton import fused, multi_ops, reference
     from peftc.codegen.triton.kernels import Weight
+
+    from peftc.ir import weight_codec
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     dev = "cuda"

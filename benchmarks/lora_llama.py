@@ -15,9 +15,9 @@ import copy
 import time
 
 import torch
+from common import alternate, llama_config, machine
 
 import peftc
-from common import alternate, llama_config, machine
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 16, 32

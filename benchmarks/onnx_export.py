@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peftc.codegen.onnx import quantize_onnx
 
 import peftc
-from peftc.codegen.onnx import quantize_onnx
 
 ALPHABET = 256
 SEQ = 16

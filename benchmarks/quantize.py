@@ -121,8 +121,9 @@ def trained_accuracy(steps: int = 60) -> dict:
 def onnx_sizes(directory: str) -> dict:
     """ONNX file size with the base packed (MatMulNBits / MatMulBnb4 / DequantizeLinear) and ORT's error."""
     import onnxruntime as ort
-    import peftc
     from peftc.codegen.onnx.quantized_linear import export
+
+    import peftc
     model = build_model()
     x = batch()
     del x["labels"]
@@ -145,8 +146,9 @@ def onnx_sizes(directory: str) -> dict:
 def warm_imports() -> None:
     """Import (and run once) everything a child uses before its baseline RSS: then deltas are the model's."""
     import peft  # noqa: F401
-    import peftc  # noqa: F401
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftc  # noqa: F401
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=32))
     gc.collect()
@@ -216,8 +218,9 @@ def train(module, x: dict, steps: int, base_rss: float) -> dict:
 def step_timing(model_dir: str, rounds: int) -> dict:
     """Training-step time, all five set-ups in this one process, alternated round by round; medians."""
     import peft
-    import peftc
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import peftc
     x = batch()
     modules = {}
     for name in ("fp32", "int8", "nf4"):

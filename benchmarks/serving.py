@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import llama_config, machine
 
 import peftc
-from common import llama_config, machine
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = 16

@@ -11,21 +11,19 @@ from torch.fx import GraphModule
 
 from peftc.errors import SpecError
 from peftc.ir.graph_edit import provenance
-from peftc.pipeline.runner import PassContext
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext
 
 
 def check_one_rewrite_per_weight(gm: GraphModule, ctx: PassContext, sites: list[Site]) -> None:
     """SpecError naming both entries if an earlier folding entry already rewrote one of `sites`' weights."""
-    from peftc.spec.methods import METHODS
-
     param_of = {s.path: s.param for s in ctx.sites}
     mine = {s.param: s.path for s in sites}
     for node in gm.graph.nodes:
         tag = provenance(node)
         if not tag or tag.get("entry") in (None, ctx.entry_index) or tag.get("site") not in param_of:
             continue
-        method = METHODS.get(tag.get("method"))
+        method = ctx.methods.get(tag.get("method"))
         param = param_of[tag["site"]]
         if method is None or method.fold is None or param not in mine:
             continue

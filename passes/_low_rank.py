@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftc.core.fields import optional_pattern_list, pattern_list, positive_int, positive_number, probability
+from peftc.core.fields import (
+    optional_pattern_list,
+    pattern_list,
+    positive_int,
+    positive_number,
+    probability,
+)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ adapter folds), stored in `dtype` (default: the user's weight dtype). `requantiz
 W_q + ΔW again and records how much of the adapters' effect survived; with `base_state_dict`
 the original full-precision W replaces the dequantized one in both cases.
 
-Options come from `ctx.state["merge_options"]` (set by `CompiledModel.merged`).
+Options come from `ctx.merge.options`, validated where the user gave them (`CompiledModel.merged`).
 """
 
 from __future__ import annotations
@@ -17,50 +17,37 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.ir import quantized, weight_codec
 from peftc.errors import SpecError
+from peftc.ir import quantized, weight_codec
 from peftc.ir.graph_edit import provenance
 from peftc.ir.sites import Site
 
-from .quantize_base import STATE_KEY
-
 aten = torch.ops.aten
-MERGE_OPTIONS = ("dtype", "requantize", "base_state_dict")
-
-
-def options(ctx) -> dict:
-    opts = dict(ctx.state.get("merge_options") or {})
-    unknown = [k for k in opts if k not in MERGE_OPTIONS]
-    if unknown:
-        raise TypeError(f"merged(): unknown option {unknown[0]!r}; expected {list(MERGE_OPTIONS)}")
-    return opts
-
-
 def is_quantized(ctx, param: str) -> bool:
-    root = ctx.state.get(STATE_KEY)
+    root = ctx.shared.quantized
     return root is not None and quantized.weight_module(root, param) is not None
 
 
 def base_weight(ctx, site: Site) -> torch.Tensor:
     """The base weight an adapter folds into, in the site's layout: the original W if given, else W_q dequantized."""
-    source = options(ctx).get("base_state_dict")
+    source = ctx.merge.options.base_state_dict
     if source is not None:
         if site.param not in source:
             raise SpecError(f"merged(base_state_dict=...): no tensor named {site.param!r}; pass the "
                             "state_dict() of the model that was compiled")
         return source[site.param].detach().float()
-    weight = quantized.weight_module(ctx.state[STATE_KEY], site.param).dequantize(torch.float32)
+    weight = quantized.weight_module(ctx.shared.quantized, site.param).dequantize(torch.float32)
     return weight.T if site.layout == "in_out" else weight
 
 
 def settle(gm: GraphModule, ctx, merged: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Finish every quantized site of `gm`; return the full-precision weights still to set, and notes."""
-    if ctx.state.get(STATE_KEY) is None:
+    if ctx.shared.quantized is None:
         return merged, []
-    opts = options(ctx)
-    root = _own_root(gm, ctx.state[STATE_KEY])
+    opts = ctx.merge.options
+    root = _own_root(gm, ctx.shared.quantized)
     sites = {s.param: s for s in ctx.sites if is_quantized(ctx, s.param)}
-    if opts.get("requantize"):
+    if opts.requantize:
         notes = _requantize(gm, ctx, root, {p: w for p, w in merged.items() if p in sites}, sites)
         return {p: w for p, w in merged.items() if p not in sites}, notes
     out = dict(merged)
@@ -68,7 +55,7 @@ def settle(gm: GraphModule, ctx, merged: dict[str, torch.Tensor]) -> tuple[dict[
         weight = out.get(param)
         if weight is None:
             weight = base_weight(ctx, site)
-        dtype = opts.get("dtype") or ctx.base_params[param].dtype
+        dtype = opts.dtype or ctx.base_params[param].dtype
         out[param] = weight.to(dtype)
         _set_weight(gm, param, out[param])
         _unquantize_nodes(gm, site, out[param])
@@ -125,8 +112,10 @@ def _unquantize_nodes(gm: GraphModule, site: Site, weight: torch.Tensor) -> None
 def _requantize(gm, ctx, root, merged: dict[str, torch.Tensor], sites: dict[str, Site]) -> list[str]:
     """Pack W + ΔW again; record, per weight, the share of ΔW's effect the new codes keep."""
     config = ctx.spec.quantize
-    cache = ctx.state.setdefault("requantized", {})
-    report = ctx.state.setdefault("requantization", {"sites": {}})
+    cache = ctx.merge.requantized
+    if ctx.merge.requantization is None:
+        ctx.merge.requantization = {"sites": {}}
+    report = ctx.merge.requantization
     for param in [p for p in sites if p in merged or p in cache]:  # cached: made for another call signature
         site, weight = sites[param], merged.get(param)
         old = quantized.weight_module(root, param)
@@ -142,7 +131,7 @@ def _requantize(gm, ctx, root, merged: dict[str, torch.Tensor], sites: dict[str,
     lost_sq = sum((s["lost"] * s["delta_norm"]) ** 2 for s in report["sites"].values())
     report["lost"] = math.sqrt(lost_sq / delta_sq) if delta_sq else 0.0
     report["kept"] = 1.0 - report["lost"]
-    report["from"] = "base_state_dict" if options(ctx).get("base_state_dict") is not None else "dequantized base"
+    report["from"] = "base_state_dict" if ctx.merge.options.base_state_dict is not None else "dequantized base"
     return [f"requantized {len(report['sites'])} weights (from the {report['from']}): the adapters' output "
             f"change is {100 * report['kept']:.1f}% kept, {100 * report['lost']:.1f}% lost (relative error "
             "against the unmerged model, unit-variance inputs)"]

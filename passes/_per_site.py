@@ -10,8 +10,8 @@ from torch.fx import GraphModule, Node
 
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
-from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 MakeWeights = Callable[[Site, torch.Tensor], nn.Module]  # (site, base weight) -> adapter module
 Rewrite = Callable[[GraphModule, Node, Site, PassContext, nn.Module], None]
@@ -42,4 +42,4 @@ def site_inserter(gm: GraphModule, node: Node, site: Site, ctx: PassContext, pas
     """An Inserter after `node` whose nodes are tagged with this pass, method, site, slot and entry."""
     tag = {"pass": pass_name, "method": ctx.entry.method, "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
-    return Inserter(gm, node, tag, meta_cache=ctx.graph_cache.setdefault("meta_cache", {}))
+    return Inserter(gm, node, tag, meta_cache=ctx.meta_cache)

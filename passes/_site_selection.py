@@ -3,10 +3,10 @@ that name the entry."""
 
 from __future__ import annotations
 
-from peftc.errors import SpecError
-from peftc.pipeline.runner import PassContext
-from peftc.ir.sites import Site
 from peftc.core.targets import matches_any, select
+from peftc.errors import SpecError
+from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext
 
 
 def select_sites(ctx: PassContext, config, kinds: tuple[str, ...]) -> list[Site]:

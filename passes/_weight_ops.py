@@ -6,7 +6,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from peftc.ir.graph_edit import Inserter, redirect_users
-from peftc.ir.sites import Site, _conv_groups
+from peftc.ir.sites import Site, conv_groups
 
 aten = torch.ops.aten
 
@@ -66,7 +66,7 @@ def apply_site_op(ins: Inserter, node: Node, site: Site, x: Node, weight: Node) 
         return ins.call(aten.embedding.default, weight, x)
     stride, padding, dilation = conv_geometry(node)
     return ins.call(aten.convolution.default, x, weight, None, stride, padding, dilation, False,
-                    [0] * len(stride), _conv_groups(node))
+                    [0] * len(stride), conv_groups(node))
 
 
 def add_to_parameter(gm: GraphModule, site: Site, make_inserter, build_delta) -> None:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.ir import adapters
 from peftc.core.fields import optional_pattern_list, pattern_list
-from peftc.ir.graph_edit import Inserter
-from peftc.pipeline.runner import PassContext, PassResult
-from peftc.ir.sites import module_path_of
 from peftc.core.targets import matches_any, select
+from peftc.ir import adapters
+from peftc.ir.graph_edit import Inserter
+from peftc.ir.sites import module_path_of
+from peftc.pipeline.runner import PassContext, PassResult
 
 
 @dataclass(frozen=True)

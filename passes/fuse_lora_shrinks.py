@@ -18,15 +18,14 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from peftc.core.paths import group_paths
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, provenance
 from peftc.ir.modes import DROPOUT_OPS
 from peftc.pipeline.runner import PassContext, PassResult
-from peftc.inspect.report import group_paths
 
 aten = torch.ops.aten
 PASS = "fuse_lora_shrinks"
-UNFUSED_KEY = "peftc_unfused_shrink"
 
 
 def fuse_lora_shrinks(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -80,7 +79,7 @@ def _fuse(gm: GraphModule, shrinks: list[Node], sites: list[str], ranks: list[in
         first.prepend(a)
     tag = {"pass": PASS, "method": "lora", "site": _common_path(sites), "slot": None, "entry": None,
            "sites": sites}
-    ins = Inserter(gm, first.prev, tag, meta_cache=ctx.graph_cache.setdefault("meta_cache", {}))
+    ins = Inserter(gm, first.prev, tag, meta_cache=ctx.meta_cache)
     ins.module_stack = _common_stack([s.meta.get("nn_module_stack") for s in shrinks])
     packed = ins.call(aten.cat.default, weights, 0)
     hidden = ins.call(aten.linear.default, first.args[0], packed)
@@ -88,34 +87,8 @@ def _fuse(gm: GraphModule, shrinks: list[Node], sites: list[str], ranks: list[in
     for index, shrink in enumerate(shrinks):
         part = ins.call(operator.getitem, parts, index)
         part.meta["peftc"]["site"] = provenance(shrink)["site"]
-        part.meta[UNFUSED_KEY] = dict(provenance(shrink))  # what unfuse_lora_shrinks restores
         shrink.replace_all_uses_with(part)
         gm.graph.erase_node(shrink)
-
-
-def unfuse_lora_shrinks(gm: GraphModule) -> int:
-    """Undo the fusion (each site's own linear(h, A) again); returns how many groups were split.
-
-    For exports whose LoRA weights become inputs of any rank (ONNX with merge=False): a
-    split by fixed ranks would pin the ranks the model was compiled with.
-    """
-    splits = [n for n in gm.graph.nodes if n.target == aten.split_with_sizes.default
-              and (provenance(n) or {}).get("pass") == PASS]
-    for split in splits:
-        hidden = split.args[0]
-        h, packed = hidden.args
-        for part in list(split.users):
-            with gm.graph.inserting_before(part):
-                shrink = gm.graph.call_function(aten.linear.default, (h, packed.args[0][part.args[1]]))
-            shrink.meta.update({k: v for k, v in part.meta.items() if k != UNFUSED_KEY})
-            shrink.meta["peftc"] = part.meta[UNFUSED_KEY]
-            part.replace_all_uses_with(shrink)
-            gm.graph.erase_node(part)
-        for node in (split, hidden, packed):
-            gm.graph.erase_node(node)
-    if splits:
-        gm.recompile()
-    return len(splits)
 
 
 def _fused_notes(fused: list[tuple[list[str], list[int]]]) -> list[str]:

@@ -8,13 +8,20 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.core.fields import (
+    boolean,
+    finite_number,
+    one_of,
+    optional_pattern_list,
+    pattern_list,
+    positive_int,
+)
 from peftc.ir import adapters
-from peftc.core.fields import boolean, finite_number, one_of, optional_pattern_list, pattern_list, positive_int
-from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
-from ._site_output import current_output
 from ._per_site import rewrite_sites, site_inserter
+from ._site_output import current_output
 from ._site_selection import select_sites
 from ._weight_ops import add_output
 

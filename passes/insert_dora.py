@@ -13,18 +13,25 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.errors import SpecError
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
-from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from peftc.errors import SpecError
-
-from ._weight_ops import add_output, apply_site_op, bias_node, conv_geometry, flip_layout, maybe_dropout, weight_out_in
+from ._weight_ops import (
+    add_output,
+    apply_site_op,
+    bias_node,
+    conv_geometry,
+    flip_layout,
+    maybe_dropout,
+    weight_out_in,
+)
 
 aten = torch.ops.aten
 

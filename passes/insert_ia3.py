@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc.ir import adapters
-from peftc.errors import SpecError
 from peftc.core.fields import optional_pattern_list, pattern_list
-from peftc.ir.graph_edit import Inserter, redirect_users
-from peftc.pipeline.runner import PassContext, PassResult
-from peftc.ir.sites import Site
 from peftc.core.targets import matches_any
+from peftc.errors import SpecError
+from peftc.ir import adapters
+from peftc.ir.graph_edit import Inserter, redirect_users
+from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites

@@ -10,8 +10,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.ir import adapters
-from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig

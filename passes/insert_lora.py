@@ -14,13 +14,20 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc.ir import adapters
-from peftc.core.fields import (boolean, one_of, optional_pattern_list, pattern_map, positive_int, positive_number,
-                               probability)
-from peftc.errors import SpecError
-from peftc.pipeline.runner import PassContext, PassResult
-from peftc.ir.sites import PARAMETER_KINDS, Site
+from peftc.core.fields import (
+    boolean,
+    one_of,
+    optional_pattern_list,
+    pattern_map,
+    positive_int,
+    positive_number,
+    probability,
+)
 from peftc.core.targets import matches
+from peftc.errors import SpecError
+from peftc.ir import adapters
+from peftc.ir.sites import PARAMETER_KINDS, Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
@@ -52,9 +59,9 @@ class LoraConfig:
     # PEFT's lora_bias: B has a bias, so the update is s·(B A x + b); merged, s·b joins the op's bias.
     lora_bias: bool = field(default=False, metadata={"check": boolean})
 
-    def __post_init__(self) -> None:
+    def validate(self, path: str) -> None:
         if not self.targets and not self.target_parameters:
-            raise SpecError("targets: expected a non-empty list of module names, or 'target_parameters' "
+            raise SpecError(f"{path}.targets: expected a non-empty list of module names, or 'target_parameters' "
                             "(parameter names, e.g. ['experts.gate_up_proj']); both are empty")
 
     def __hash__(self) -> int:  # the pattern dicts would make the generated hash fail; specs stay hashable

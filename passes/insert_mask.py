@@ -8,10 +8,16 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.core.fields import (
+    fraction,
+    non_negative_int,
+    one_of,
+    optional_pattern_list,
+    pattern_list,
+)
 from peftc.ir import adapters
-from peftc.core.fields import fraction, non_negative_int, one_of, optional_pattern_list, pattern_list
-from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter

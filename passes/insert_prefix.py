@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.ir import adapters
-from peftc.errors import SpecError
 from peftc.core.fields import boolean, positive_int
+from peftc.errors import SpecError
+from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
-from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import module_path_of
+from peftc.pipeline.runner import PassContext, PassResult
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default

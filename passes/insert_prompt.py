@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.ir import adapters
-from peftc.errors import SpecError
 from peftc.core.fields import positive_int
+from peftc.errors import SpecError
+from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, redirect_users
-from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._site_output import current_output
 

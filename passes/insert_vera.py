@@ -9,10 +9,17 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.core.fields import (
+    finite_number,
+    non_negative_int,
+    optional_pattern_list,
+    pattern_list,
+    positive_int,
+    probability,
+)
 from peftc.ir import adapters
-from peftc.core.fields import finite_number, non_negative_int, optional_pattern_list, pattern_list, positive_int, probability
-from peftc.pipeline.runner import PassContext, PassResult
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter

@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import peftc.codegen.triton  # noqa: F401  (registers torch.ops.peftc.*)
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc.ir import adapters
 from peftc.errors import SpecError
+from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, erase_nodes
-from peftc.serving.lora_bank import LoraAdapter, LoraBank
-from peftc.pipeline.runner import PassContext, PassResult
+from peftc.ir.lora_bank import LoraBank, ServingPlan
 from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 aten = torch.ops.aten
-STATE_KEY = "serving"  # ctx.state[STATE_KEY]: the ServingPlan serve_adapters hands to the pass
 SLOT = "multi"  # banks live at peftc.<site path>.multi.{A_bank, B_bank, scales}
 ROUTING = "routing"  # peftc.routing.seq_ids: the per-sequence adapter ids of the current call
 
 
-@dataclass(frozen=True)
-class ServingPlan:
-    adapters: tuple[LoraAdapter, ...]
-
-    @property
-    def site_paths(self) -> set[str]:
-        return {path for adapter in self.adapters for path in adapter.sites}
-
-
 def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     """At every site some served adapter targets, y = x W^T + b + s[id] B[id] A[id] x, per sequence id."""
-    from peftc.codegen.triton import ops  # noqa: F401  (registers torch.ops.peftc.*)
-
-    plan: ServingPlan = ctx.state[STATE_KEY]
+    plan: ServingPlan = ctx.serving
+    if any(s.path == ROUTING or s.path.startswith(ROUTING + ".") for s in ctx.sites):
+        raise SpecError(f"the model has a layer named {ROUTING!r}, which serving uses for its routing buffer")
     wanted = plan.site_paths
     sites = [site for site in ctx.sites if site.path in wanted]
     _check_sites(plan, sites)

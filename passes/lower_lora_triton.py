@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import warnings
 
+import peftc.codegen.triton  # noqa: F401  (registers torch.ops.peftc.*)
 import torch
+from peftc.codegen.triton.dispatch import triton_ready
 from torch.fx import GraphModule
 
+from peftc.core.paths import group_paths
 from peftc.ir.graph_edit import Inserter, erase_nodes
 from peftc.pipeline.runner import PassContext, PassResult
 
@@ -19,8 +22,6 @@ FALLBACK_WARNING = ("peftc: backend='triton' found no CUDA device with Triton; t
 
 def lower_lora_triton(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Fuse x W^T + s (x A^T) B^T (W float or packed int8/int4/nf4) into one custom op per linear site."""
-    from peftc.codegen.triton import ops  # registers torch.ops.peftc.*
-
     sites = {s.path: s for s in ctx.sites}
     result = PassResult(modified=False)
     lowered: dict[str, list[str]] = {}
@@ -32,7 +33,7 @@ def lower_lora_triton(gm: GraphModule, ctx: PassContext) -> PassResult:
             kept.append(f"{tag['site']} ({match})")
             continue
         op_name = _replace(gm, match)
-        backend = "triton" if ops.triton_ready(ctx.base_params[match.site.param].device) else "torch"
+        backend = "triton" if triton_ready(ctx.base_params[match.site.param].device) else "torch"
         lowered.setdefault(f"{op_name}, backend {backend}", []).append(match.site.path)
         result.modified = True
         result.sites.append(match.site.path)
@@ -58,8 +59,6 @@ def _replace(gm: GraphModule, match: LoraMatch) -> str:
 
 
 def _notes(lowered: dict[str, list[str]], kept: list[str]) -> list[str]:
-    from peftc.inspect.report import group_paths
-
     notes = [f"lowered to {key}: " + ", ".join(label for label, _ in group_paths(paths))
              for key, paths in lowered.items()]
     if kept:

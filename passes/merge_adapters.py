@@ -19,18 +19,16 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
 
     Merged weights are new tensors set on this graph module only: the base weights, shared
     with the user's model and the compiled model, are never written. The first graph merged
-    leaves them in `ctx.state["merged"]`, so graphs for other call signatures reuse one copy.
+    leaves them in `ctx.merge.weights`, so graphs for other call signatures reuse one copy.
     """
-    from peftc.spec.methods import METHODS
-
-    precomputed = ctx.state.get("merged")
+    precomputed = ctx.merge.weights
     merged: dict[str, torch.Tensor] = {}
     kept: list[str] = []
     sites = {s.path: s for s in ctx.sites}
     result = PassResult(modified=False)
     for group in _adapter_groups(gm):
         tag = provenance(group[0])
-        method = METHODS[tag["method"]]
+        method = ctx.methods[tag["method"]]
         if method.fold is None or not _foldable(gm, tag):
             kept.append(f"{tag['method']} at {tag['site']}")
             continue
@@ -56,7 +54,7 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     final, quantized_notes = _merge_quantized.settle(gm, ctx, final)  # no-op without a quantized base
     for name, value in final.items():
         _set_parameter(gm, name, value)
-    ctx.state["merged"] = final
+    ctx.merge.weights = final
     _drop_adapter_tree_if_unused(gm)
     result.notes = [f"kept as graph ops (not mergeable): {k}" for k in kept] + quantized_notes
     result.modified = result.modified or bool(quantized_notes)

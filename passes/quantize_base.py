@@ -10,17 +10,22 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.ir import quantized
-from peftc.errors import SpecError
-from peftc.core.fields import boolean, one_of, optional_pattern_list, parse_dataclass, positive_int
-from peftc.ir.graph_edit import Inserter, redirect_users
-from peftc.pipeline.runner import PassContext, PassResult
-from peftc.ir.sites import Site
+from peftc.core.fields import (
+    boolean,
+    one_of,
+    optional_pattern_list,
+    parse_dataclass,
+    positive_int,
+)
 from peftc.core.targets import matches_any, select
+from peftc.errors import SpecError
+from peftc.ir import quantized
+from peftc.ir.graph_edit import Inserter, redirect_users
+from peftc.ir.sites import Site
+from peftc.pipeline.runner import PassContext, PassResult
 
 aten = torch.ops.aten
 DEFAULT_GROUP = 64
-STATE_KEY = "quantize_base"  # ctx.state[STATE_KEY]: the QuantizedWeight tree, shared by every graph
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,9 @@ class QuantizeConfig:
 def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Replace each targeted linear site by peftc.quantized_linear over packed buffers; drop the weight."""
     config: QuantizeConfig = ctx.spec.quantize
-    root = ctx.state.setdefault(STATE_KEY, nn.Module())
+    if ctx.shared.quantized is None:  # the first graph packs; every later graph mounts the same tree
+        ctx.shared.quantized = nn.Module()
+    root = ctx.shared.quantized
     if gm._modules.get(quantized.ROOT, root) is not root:
         raise RuntimeError(f"the captured model already has a submodule named {quantized.ROOT!r}")
     gm.add_module(quantized.ROOT, root)
@@ -79,7 +86,7 @@ def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
             module = quantized.QuantizedWeight.from_weight(_out_in(ctx.base_params[site.param], site), config)
             quantized.put_weight(root, site.param, module)
         new = _rewrite_site(gm, nodes[site.node], site, module, config)
-        ctx.sites[ctx.sites.index(site)] = dataclasses.replace(
+        result.replaced_sites[site.node] = dataclasses.replace(
             site, node=new.name, op="peftc.quantized_linear", input_index=0)
         _drop_weight_if_unread(gm, site.param)
         result.modified = True

@@ -3,10 +3,11 @@
     cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"]}]})
 """
 
-from peftc.runtime.compiled import CompiledModel, GraphDispatch
 from peftc.compiler.compile import compile
 from peftc.errors import CaptureError, CheckpointError, ExportError, SpecError
-from peftc.interop import from_peft
+from peftc.interop.from_peft import from_peft
+from peftc.runtime.compiled import CompiledModel
+from peftc.runtime.dispatch import GraphDispatch
 from peftc.serving.served import ServedModel, serve_adapters
 from peftc.spec.parse import Spec
 
@@ -16,17 +17,17 @@ __version__ = "0.1.0"
 def export_onnx(cm, path, *, merge=True, quantize=None, example_inputs=None, opset=None, block_size=32):
     """Export a CompiledModel to ONNX: merged, quantized ("int8" | "int4"), or with LoRA inputs (merge=False).
 
-    Imported lazily: the ONNX tooling is heavy and only export needs it.
+    Imported on first use: the ONNX tooling is heavy and only export needs it.
     """
-    from peftc.codegen.onnx import export_onnx as export
+    from peftc.codegen.onnx.export import export_onnx as export
 
     return export(cm, path, merge=merge, quantize=quantize, example_inputs=example_inputs, opset=opset,
                   block_size=block_size)
 
 
 def export_adapter(cm_or_adapter_dir, path):
-    """Write a LoRA adapter in ONNX Runtime's adapter format (see peftc.codegen.onnx.export_adapter)."""
-    from peftc.codegen.onnx import export_adapter as export
+    """Write a LoRA adapter in ONNX Runtime's adapter format (see peftc.codegen.onnx.adapter_file)."""
+    from peftc.codegen.onnx.adapter_file import export_adapter as export
 
     return export(cm_or_adapter_dir, path)
 

@@ -1,4 +1,4 @@
-"""The errors peftc raises. Each names the problem and the fix."""
+"""Every error peftc raises, in one place. Each message names the problem and the fix."""
 
 
 class SpecError(ValueError):
@@ -19,3 +19,19 @@ class CheckpointError(ValueError):
 
 class ExportError(ValueError):
     """A model or option that ONNX export cannot handle; nothing is left at the target path."""
+
+
+class ScopeError(ValueError):
+    """A `scope` (report, diff, dot, networkx) names no module path of the graph."""
+
+
+class UsageError(ValueError):
+    """Command-line input peftc cannot use; the message says what to pass instead."""
+
+
+class GraphvizNotFoundError(RuntimeError):
+    """The graphviz `dot` program is not on PATH."""
+
+
+class InvariantError(RuntimeError):
+    """A pass broke one of peftc's invariants: a bug in that pass, not in the user's input."""

@@ -1,7 +1,6 @@
 """Factories for `peftc inspect cli_factories:<name>` in the CLI tests (tests/ is on sys.path)."""
 
 import torch
-
 from families import FAMILIES
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftc.ir import adapters
 from peftc.errors import ExportError
+from peftc.ir import adapters
+from peftc.runtime.checkpoint import read_adapter
 
 from .files import atomic_output
 
@@ -35,8 +36,6 @@ def export_adapter(cm_or_adapter_dir, path) -> Path:
 
 def _source(cm_or_adapter_dir):
     if isinstance(cm_or_adapter_dir, (str, Path)):
-        from peftc.runtime.checkpoint import read_adapter
-
         return read_adapter(cm_or_adapter_dir)
     if hasattr(cm_or_adapter_dir, "adapter_state_dict") and hasattr(cm_or_adapter_dir, "spec"):
         return cm_or_adapter_dir.spec, cm_or_adapter_dir.adapter_state_dict()

@@ -16,11 +16,12 @@ import onnx_ir as ir
 import torch
 from torch.fx import GraphModule
 
-from peftc.capture.export import CallSignature, capture, normalize_call
-from peftc.runtime.compiled import GraphDispatch
-from peftc.compiler.compile import example_call
+from peftc.capture.calls import CallSignature, normalize_call
+from peftc.capture.example_inputs import example_call
+from peftc.capture.export import capture
 from peftc.errors import ExportError
-from peftc.passes.fuse_lora_shrinks import unfuse_lora_shrinks
+from peftc.runtime.compiled import CompiledModel
+from peftc.runtime.dispatch import GraphDispatch
 
 from . import quantized_linear, signature
 from .files import atomic_output
@@ -29,7 +30,6 @@ from .logs import quiet
 from .lora_inputs import promote_lora_inputs
 from .names import fold_weight_transposes, keep_shared_transposes, name_outputs
 from .quantize import BITS, check_block_size, quantize_weights
-from .unfuse import unfuse_lora
 
 QUANTIZE_CHOICES = tuple(BITS)
 
@@ -60,24 +60,33 @@ def export_onnx(cm, path, *, merge: bool = True, quantize: str | None = None, ex
 
 
 def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
-    """An eval-mode copy of the merged or unmerged graph for the example's call signature."""
+    """An eval-mode graph for the example's call signature, built for export.
+
+    A CompiledModel builds it through its Compilation under the export plan: torch ops only
+    (no fused shrinks: the LoRA inputs then take any rank; no Triton lowering: ONNX has the
+    matmuls, not the fused op), merged or not. Other dispatches (a merged() model) export the
+    graph they hold.
+    """
     if not isinstance(cm, GraphDispatch):
         return eval_copy(capture_plain(cm, example_inputs))
-    dispatch = cm.merged() if merge and hasattr(cm, "merged") else cm
-    gm = dispatch.graph_module
-    if example_inputs is not None:
-        args, kwargs = user_example(cm, example_inputs)
-        gm = dispatch.graphs.get(CallSignature.of(args, kwargs))
-        if gm is None:  # a call signature not seen yet: let the dispatcher capture it
-            with torch.no_grad():
-                dispatch(*args, **kwargs)
-            gm = dispatch.graphs[CallSignature.of(args, kwargs)]
+    args, kwargs = user_example(cm, example_inputs) if example_inputs is not None else cm.example_call
+    if isinstance(cm, CompiledModel):
+        gm = cm.compilation.build(args, kwargs, cm.compilation.export_plan(merge)).graph_module
+    else:
+        gm = _dispatched_graph(cm, args, kwargs)
     copy = eval_copy(gm)
-    unfuse_lora(copy)  # a backend="triton" graph: fused LoRA ops back to matmuls ONNX has
     if not merge:
-        unfuse_lora_shrinks(copy)  # one shrink per site: the LoRA inputs then take any rank
         strip_lora_scales(copy)
     return copy
+
+
+def _dispatched_graph(dispatch: GraphDispatch, args: tuple, kwargs: dict) -> GraphModule:
+    gm = dispatch.graphs.get(CallSignature.of(args, kwargs))
+    if gm is None:  # a call signature not seen yet: let the dispatcher capture it
+        with torch.no_grad():
+            dispatch(*args, **kwargs)
+        gm = dispatch.graphs[CallSignature.of(args, kwargs)]
+    return gm
 
 
 def capture_plain(model: torch.nn.Module, example_inputs: Any) -> GraphModule:
@@ -95,7 +104,7 @@ def user_example(cm, example_inputs: Any) -> tuple[tuple, dict]:
         args, kwargs = example_inputs, {}
     else:
         args, kwargs = (example_inputs,), {}
-    return normalize_call(getattr(cm, "_model", cm), args, kwargs)
+    return normalize_call(cm.compilation.source if isinstance(cm, GraphDispatch) else cm, args, kwargs)
 
 
 def example_inputs_for(cm, gm: GraphModule, example_inputs: Any) -> tuple[tuple, dict]:

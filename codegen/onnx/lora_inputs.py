@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from peftc.ir import adapters
 
+
 def lora_names(graph: ir.Graph) -> list[str]:
     """Initializer names of LoRA factors in the exported graph."""
     prefix = adapters.ROOT + "."

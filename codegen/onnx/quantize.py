@@ -24,7 +24,14 @@ from peftc.errors import ExportError
 
 from .files import atomic_output
 from .logs import quiet
-from .names import TRANSPOSED_SUFFIX, add_initializer, fold_weight_transposes, drop_if_unused, is_constant_initializer, unique_name
+from .names import (
+    TRANSPOSED_SUFFIX,
+    add_initializer,
+    drop_if_unused,
+    fold_weight_transposes,
+    is_constant_initializer,
+    unique_name,
+)
 
 BITS = {"int8": 8, "int4": 4}
 MS_DOMAIN = "com.microsoft"

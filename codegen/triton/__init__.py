@@ -14,4 +14,7 @@ Modules: reference (torch oracles), kernels (the one strided fused matmul kernel
 custom ops: CUDA/other kernels, fake, autograd). Packed weights use peftc.ir.weight_codec's layouts, as quantize_base stores them.
 Kernel modules import triton lazily from the ops, so importing peftc never needs triton.
 Tests run the kernels on CPU with TRITON_INTERPRET=1 (set before the kernel modules load).
+Importing this package registers every op (`torch.ops.peftc.*`).
 """
+
+from . import multi_ops, ops  # noqa: F401  (registering the ops is the import's effect)

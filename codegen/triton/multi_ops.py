@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import on_cuda
+from .dispatch import on_cuda
 
 
 def _rows(x: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ The multi-adapter ops (BGMV / SGMV) are in multi_ops.py, registered when this mo
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -21,29 +21,7 @@ from torch import Tensor
 from peftc.ir import quantized
 
 from . import reference
-
-
-def triton_ready(device: torch.device | str) -> bool:
-    """Whether the Triton kernels can run for tensors on `device` (CUDA and an importable triton)."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def on_cuda(op, triton_impl: Callable, torch_impl: Callable) -> Callable:
-    """Register `op`'s CUDA kernel: `triton_impl` where Triton can run, `torch_impl` otherwise
-    (no triton installed, or a CUDA build on a machine without a GPU). Returns the dispatcher."""
-
-    def dispatch(*args):
-        device = next(a.device for a in args if isinstance(a, Tensor))
-        return (triton_impl if triton_ready(device) else torch_impl)(*args)
-
-    op.register_kernel("cuda")(dispatch)
-    return dispatch
+from .dispatch import on_cuda
 
 
 def _in_dtype(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
@@ -227,6 +205,3 @@ def _backward_quant(ctx, dy):
 
 
 torch.library.register_autograd("peftc::lora_linear_q", _backward_quant, setup_context=_setup_quant)
-
-
-from . import multi_ops  # noqa: E402,F401  (registers peftc::lora_bgmv / lora_sgmv)

@@ -7,8 +7,6 @@ are exported as `Dim.AUTO`: dynamic wherever the model allows it.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,95 +14,10 @@ from torch import nn
 from torch.export import Dim
 
 from peftc.capture import layer_stacks
+from peftc.capture.calls import forward_parameters
 from peftc.errors import CaptureError
 
 COPIED_LAYERS = "peftc_copied_layers"  # gm.meta key: which layers capture copied instead of tracing
-EXAMPLE_BATCH = 2
-EXAMPLE_SEQ = 7  # distinct from the batch size, so export does not unify the two dims
-
-
-@dataclass(frozen=True)
-class CallSignature:
-    """What a graph is specialized on: argument positions and names, which are tensors, constants."""
-
-    args: tuple
-    kwargs: tuple
-
-    @classmethod
-    def of(cls, args: tuple, kwargs: dict) -> "CallSignature":
-        return cls(
-            args=tuple(_kind(a) for a in args),
-            kwargs=tuple(sorted((k, _kind(v)) for k, v in kwargs.items())),
-        )
-
-    def describe(self) -> str:
-        parts = [f"arg{i}:{k}" for i, k in enumerate(self.args)]
-        parts += [f"{name}={k}" for name, k in self.kwargs]
-        return "(" + ", ".join(parts) + ")"
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor[{value.dim()}d,{value.dtype}]".replace("torch.", "")
-    if isinstance(value, (list, tuple)):
-        return type(value).__name__ + "(" + ",".join(_kind(v) for v in value) + ")"
-    return repr(value)
-
-
-def is_hf_model(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model, "main_input_name")
-
-
-def forward_parameters(model: nn.Module) -> list[str]:
-    return list(inspect.signature(model.forward).parameters)
-
-
-def normalize_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """HF models: default `use_cache=False`, since a KV cache is not a training input or output."""
-    if is_hf_model(model) and "use_cache" in forward_parameters(model) and "use_cache" not in kwargs:
-        kwargs = {**kwargs, "use_cache": False}
-    return args, kwargs
-
-
-def hf_example_inputs(model: nn.Module) -> dict:
-    """Example inputs for a transformers model, built from `main_input_name` and the config.
-
-    `model.dummy_inputs` is not enough: for vision models such as ViT it returns input_ids.
-    """
-    config = model.config
-    name = model.main_input_name
-    params = forward_parameters(model)
-    device = _model_device(model)
-    if name == "input_ids":
-        vocab = getattr(config, "vocab_size", None) or 2
-        ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), device=device)
-        inputs = {"input_ids": ids}
-        if "attention_mask" in params:
-            inputs["attention_mask"] = torch.ones_like(ids)
-        return inputs
-    if name == "pixel_values":
-        size = _as_pair(getattr(config, "image_size", 224))
-        channels = getattr(config, "num_channels", 3)
-        dtype = _model_dtype(model)
-        return {"pixel_values": torch.randn(EXAMPLE_BATCH, channels, *size, device=device, dtype=dtype)}
-    raise CaptureError(
-        f"peftc cannot build example inputs for a model whose main input is {name!r}; "
-        "pass example_inputs=(...) or example_kwargs={...} to peftc.compile"
-    )
-
-
-def _as_pair(size: Any) -> tuple[int, int]:
-    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    return floats[0] if floats else torch.float32
 
 
 def widen(value: Any) -> Any:

@@ -17,15 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftc.inspect.dot import GraphvizNotFoundError
-from peftc.errors import CaptureError, CheckpointError, ExportError, SpecError
-from peftc.inspect.graph_view import ScopeError
+from peftc.compiler.compile import compile
+from peftc.errors import (
+    CaptureError,
+    CheckpointError,
+    ExportError,
+    GraphvizNotFoundError,
+    ScopeError,
+    SpecError,
+    UsageError,
+)
+from peftc.interop.from_peft import load_adapter_dir
+from peftc.spec.parse import Spec
 
 FACTORY_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
-
-class UsageError(ValueError):
-    """Command-line input peftc cannot use; the message says what to pass instead."""
 
 
 EXPECTED_ERRORS = (SpecError, CaptureError, CheckpointError, ExportError, ScopeError, GraphvizNotFoundError,
@@ -137,17 +142,12 @@ def _import_with_cwd(module_name: str, ref: str):
 # -- spec and adapter --------------------------------------------------------------------------
 def spec_from_args(args: argparse.Namespace):
     """The Spec from --spec (read before the model loads, so a bad spec fails fast); else None."""
-    from peftc.spec.parse import Spec
-
     return Spec.load(args.spec) if getattr(args, "spec", None) is not None else None
 
 
 def compile_model(loaded: LoadedModel, spec=None, adapter_dir: Path | None = None):
     """peftc.compile with `spec`, or with the adapter in `adapter_dir` (a peftc checkpoint or a PEFT
     adapter directory, spec and weights both from there), using the loaded model's example inputs."""
-    import peftc
-    from peftc.interop import load_adapter_dir
-
     inputs = {"example_inputs": loaded.example_inputs, "example_kwargs": loaded.example_kwargs}
     if adapter_dir is not None:
         if not Path(adapter_dir).is_dir():
@@ -155,7 +155,7 @@ def compile_model(loaded: LoadedModel, spec=None, adapter_dir: Path | None = Non
         return load_adapter_dir(loaded.model, adapter_dir, **inputs)
     if spec is None:
         raise UsageError("pass --spec SPEC or --adapter DIR")
-    return peftc.compile(loaded.model, spec, **inputs)
+    return compile(loaded.model, spec, **inputs)
 
 
 # -- output ----------------------------------------------------------------------------------

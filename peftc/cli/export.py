@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import peftc
+    import peftc  # export_onnx loads the ONNX tooling on first use; `peftc inspect` never needs it
 
     if not args.merge and args.adapter is None:
         raise UsageError("--no-merge needs --adapter DIR: there are no adapter weights to keep as inputs")

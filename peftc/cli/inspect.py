@@ -8,8 +8,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peftc.cli.common import (UsageError, add_model_argument, add_spec_arguments, compile_model, load_model,
-                         spec_from_args, write_output)
+from peftc.cli.common import (
+    UsageError,
+    add_model_argument,
+    add_spec_arguments,
+    compile_model,
+    load_model,
+    spec_from_args,
+    write_output,
+)
 
 HELP = "show what the compiler did: the report and graph diff, or the graph as DOT / SVG / PNG"
 FORMATS = ("text", "json", "dot", "svg", "png")

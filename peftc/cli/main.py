@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from peftc import __version__
 from peftc.cli.common import EXPECTED_ERRORS, one_line
 
 EXIT_USAGE = 2
@@ -23,8 +24,6 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from peftc import __version__
-
     parser = argparse.ArgumentParser(prog="peftc", description="peftc: a compiler for parameter-efficient fine-tuning")
     parser.add_argument("--version", action="version", version=f"peftc {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

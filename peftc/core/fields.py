@@ -136,10 +136,11 @@ def parse_dataclass(cls: type, data: Any, path: str, skip: tuple[str, ...] = ())
             continue
         check = check_of(field)
         values[name] = check(data[name], field_path) if check else data[name]
-    try:
-        return cls(**values)
-    except SpecError as err:  # a check across fields (__post_init__) names its field relative to the entry
-        raise SpecError(f"{path}.{err}") from err
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)  # constraints across fields: validate(path) raises SpecError
+    if validate is not None:
+        validate(path)
+    return obj
 
 
 def dataclass_to_dict(obj: Any) -> dict:

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 
 from torch.fx import GraphModule, Node
 
+from peftc.core.paths import group_paths
+from peftc.inspect.graph_view import in_scope, select_nodes
 from peftc.ir.graph_edit import provenance
-from peftc.inspect.graph_view import format_node, in_scope, node_module_path, op_name, select_nodes
+from peftc.ir.node_text import format_node, node_module_path, op_name
 from peftc.ir.shapes import LEGEND, has_dynamic, node_shape
 
 if TYPE_CHECKING:
@@ -99,8 +101,6 @@ def _first_inputs(records) -> dict[str, "NodeText"]:
 
 def diff_text(gm: GraphModule, sites, records, scope: str | None = None) -> str:
     """The graph before vs after, grouped by site; repeated layers with the same rewrite are folded."""
-    from peftc.inspect.report import group_paths
-
     if scope is not None and not any(in_scope(key, scope) for key in _erased_by_key(records)):
         select_nodes(gm, scope)  # a scope that names nothing is an error, not an empty diff
     changes = site_changes(gm, sites, records, scope)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from torch.fx import GraphModule, Node
 
+from peftc.errors import GraphvizNotFoundError
+from peftc.inspect.graph_view import select_nodes
 from peftc.ir.graph_edit import provenance
-from peftc.inspect.graph_view import node_module_path, op_name, select_nodes, value_text
+from peftc.ir.node_text import node_module_path, op_name, value_text
 from peftc.ir.shapes import LEGEND, has_dynamic, node_shape
 
 # graphviz colour names, so the legend reads as words
@@ -28,10 +30,6 @@ RENDER_FORMATS = ("svg", "png", "pdf")
 INSTALL_HINT = ("install graphviz: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS) "
                 "or `conda install -c conda-forge graphviz`; "
                 "or save cm.to_dot() to a .dot file and render it elsewhere")
-
-
-class GraphvizNotFoundError(RuntimeError):
-    """The graphviz `dot` program is not on PATH."""
 
 
 def method_colour(method: str) -> str:

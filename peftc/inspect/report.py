@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from peftc.ir import adapters, quantized
 from peftc.capture.export import COPIED_LAYERS
+from peftc.core.paths import group_paths
 from peftc.inspect.graph_view import in_scope, select_nodes
+from peftc.ir import adapters, quantized
 from peftc.ir.shapes import LEGEND, Shape, node_shape
+from peftc.spec.methods import METHODS
 
 
 @dataclass
@@ -126,8 +127,6 @@ def _site_labels(paths: list[str]) -> str:
 
 def _method_rows(cm) -> list[dict]:
     """Per spec entry: every site it touched, the parameters it added, and what merged() does with it."""
-    from peftc.spec.methods import METHODS
-
     rows = []
     for record in cm.records:
         if record.method is None or record.entry_index is None:
@@ -195,31 +194,6 @@ def _totals(cm) -> dict:
             "graph_nodes_captured": cm.records[0].nodes_before if cm.records else len(cm.graph_module.graph.nodes),
             "graph_nodes": len(cm.graph_module.graph.nodes),
             "copied_layers": list(cm.graph_module.meta.get(COPIED_LAYERS, []))}
-
-
-def group_paths(paths: list[str]) -> list[tuple[str, list[str]]]:
-    """Fold numbered layers: model.layers.{0..31}.self_attn.q_proj, in first-seen order."""
-    groups: dict[str, list[str]] = {}
-    numbers: dict[str, list[int]] = {}
-    for path in paths:
-        match = re.search(r"\.(\d+)\.", "." + path + ".")
-        if match is None:
-            groups.setdefault(path, []).append(path)
-            continue
-        padded = "." + path + "."
-        key = (padded[: match.start() + 1] + "{}" + padded[match.end() - 1:]).strip(".")
-        groups.setdefault(key, []).append(path)
-        numbers.setdefault(key, []).append(int(match.group(1)))
-    out = []
-    for key, members in groups.items():
-        if key in numbers:
-            nums = sorted(set(numbers[key]))
-            span = f"{nums[0]}..{nums[-1]}" if nums == list(range(nums[0], nums[-1] + 1)) else ",".join(map(str, nums))
-            label = key.replace("{}", "{" + span + "}") if len(nums) > 1 else key.replace("{}", str(nums[0]))
-        else:
-            label = key
-        out.append((label, members))
-    return out
 
 
 def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:

@@ -4,13 +4,8 @@
     cm.save_adapter("out", format="peft")                   # PeftModel.from_pretrained loads it
     spec = peftc.Spec.from_peft_config(lora_config); spec.to_peft_config()
 
-peft_config.py maps configs through a row per peft_type (peft_rows.py), peft_keys.py maps
-tensor names, from_peft.py reads, save_peft.py writes.
+Modules: peft_files (file names), peft_targets / peft_rows / peft_config (configs: the spec
+layer's mapping, a row per peft_type), peft_keys / peft_prefix (tensor names and layouts),
+save_peft (write), from_peft (read and compile). This __init__ imports nothing, so the spec
+layer can use the config mapping without pulling in the compiler.
 """
-
-from .from_peft import from_peft, load_adapter_dir
-from .peft_config import peft_config_from_spec, spec_dict_from_peft, supported_types
-from .save_peft import save_peft
-
-__all__ = ["from_peft", "load_adapter_dir", "save_peft", "spec_dict_from_peft", "peft_config_from_spec",
-           "supported_types"]

@@ -9,16 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.compiler.compile import compile
 from peftc.errors import CheckpointError, SpecError
+from peftc.passes.copy_params import copied_names
+from peftc.runtime.checkpoint import SPEC_FILE, WEIGHTS_FILE, read_adapter
 from peftc.spec.parse import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft
+from .peft_files import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE
 from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
 from .peft_prefix import split_table
-
-CONFIG_FILE = "adapter_config.json"
-SAFETENSORS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
 
 
 def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **compile_kwargs):
@@ -30,8 +30,6 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     The model itself is never written: weights PEFT would load into it (modules_to_save, biases)
     become trainable copies. `compile_kwargs` go to peftc.compile.
     """
-    import peftc
-
     directory = _adapter_dir(source)
     config = as_config_dict(directory / CONFIG_FILE if directory else source)
     config = resolve_all_linear(config, model)
@@ -39,10 +37,10 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     config = present_modules_to_save(config, model)
     spec_dict = spec_dict_from_peft(config)
     if directory is None:
-        return peftc.compile(model, spec_dict, **compile_kwargs)
+        return compile(model, spec_dict, **compile_kwargs)
     tensors = read_peft_weights(directory, allow_pickle)
     spec_dict["adapters"] += overriding_copies(spec_dict, tensors, model)
-    cm = peftc.compile(model, spec_dict, **compile_kwargs)
+    cm = compile(model, spec_dict, **compile_kwargs)
     load_peft_tensors(cm, tensors, directory)
     return cm
 
@@ -132,7 +130,6 @@ def present_modules_to_save(config: dict, model: nn.Module) -> dict:
 def overriding_copies(spec_dict: dict, tensors: dict, model: nn.Module) -> list[dict]:
     """Copy entries for base weights the checkpoint changes that no entry copies yet (e.g. a resized
     embedding PEFT saved with save_embedding_layers); unchanged ones are skipped at load."""
-    from peftc.passes.copy_params import copied_names
 
     params = dict(model.named_parameters(remove_duplicate=False))
     spec = Spec.from_dict(spec_dict)
@@ -157,7 +154,7 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
     ours_by_key = {normalize(key): name for name, key in names.items()}
     own = cm.adapter_state_dict()
     tensors = split_table(names, {k: tuple(own[n].shape) for n, k in names.items() if n in own}, tensors)
-    params = dict(cm._model.named_parameters(remove_duplicate=False))
+    params = dict(cm.compilation.source.named_parameters(remove_duplicate=False))
     plan, unexpected = [], []
     for key, value in tensors.items():
         name = ours_by_key.get(normalize(key))
@@ -193,7 +190,7 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
 
 def _adapter_tensor(cm, name: str) -> torch.Tensor:
     owner, _, leaf = name.rpartition(".")
-    return getattr(cm._adapter_root.get_submodule(owner), leaf)
+    return getattr(cm.adapter_root.get_submodule(owner), leaf)
 
 
 def _as_peftc_shape(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -206,13 +203,10 @@ def _as_peftc_shape(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def load_adapter_dir(model: nn.Module, path, *, allow_pickle: bool = False, **compile_kwargs):
     """A CompiledModel from a peftc checkpoint (spec.json + adapter.safetensors) or a PEFT adapter
     directory (adapter_config.json), whichever `path` is: the CLI's --adapter."""
-    import peftc
-    from peftc.runtime.checkpoint import SPEC_FILE, WEIGHTS_FILE, read_adapter
-
     path = Path(path)
     if (path / SPEC_FILE).is_file():
         spec, _ = read_adapter(path)
-        cm = peftc.compile(model, spec, **compile_kwargs)
+        cm = compile(model, spec, **compile_kwargs)
         return cm.load_adapter(path)
     if (path / CONFIG_FILE).is_file():
         return from_peft(model, path, allow_pickle=allow_pickle, **compile_kwargs)

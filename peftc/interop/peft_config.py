@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from peftc.errors import CheckpointError, SpecError
+from peftc.spec.methods import METHODS
 
 from . import peft_targets as pt
 from .peft_rows import PEFT_TYPES, WRITERS, PeftRow, supported_types
@@ -49,8 +50,6 @@ def spec_dict_from_peft(config: Any) -> dict:
     row = PEFT_TYPES.get(peft_type)
     if row is None:
         raise SpecError(f"peft_type: {cfg.get('peft_type')!r} is not supported; supported: {supported_types()}")
-    from peftc.spec.methods import METHODS
-
     if row.method not in METHODS or not row.verified:
         raise SpecError(f"peft_type: {peft_type} is not yet supported by this peftc build (it needs the "
                         f"{row.method!r} method); supported: {supported_types()}")

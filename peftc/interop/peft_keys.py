@@ -35,6 +35,11 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "trainable_tokens": {"*": {"delta": "trainable_tokens_delta"}},
     # one table in PEFT; peft_prefix.py splits and joins it through these per-op names
     "prefix": {"*": {"key": "prefix_key", "value": "prefix_value"}},
+    # orthogonal and sparse high-rank methods; shira_indices is regenerated from the seed and checked
+    "oft": {"*": {"oft_R": "oft_R.weight"}},
+    "boft": {"*": {"boft_R": "boft_R", "boft_s": "boft_s"}},
+    "hra": {"*": {"hra_u": "hra_u"}},
+    "shira": {"*": {"shira_weight": "shira_weight", "shira_indices": "shira_indices"}},
 }
 WHOLE_KEYS = {"prompt"}  # methods whose PEFT keys stand alone, without the base_model.model. path
 PROMPT_PREFIX = "base_model."  # prompt-style PEFT models wrap the model directly: their copies' keys
@@ -74,7 +79,7 @@ def peft_module_paths(cm) -> dict[str, str]:
     """
     sites = {s.path: s for s in cm.sites}
     adapted = {(r.entry_index, p) for r in cm.records if r.method not in (None, "copy") for p in r.sites}
-    order = {name: i for i, (name, _) in enumerate(cm._model.named_parameters(remove_duplicate=False))}
+    order = {name: i for i, (name, _) in enumerate(cm.compilation.source.named_parameters(remove_duplicate=False))}
     out: dict[str, str] = {}
     for entry, path in adapted:
         site = sites.get(path)
@@ -123,7 +128,7 @@ def peft_names(cm) -> dict[str, str]:
     entry_of_slot = dict(zip(spec.entry_names(), spec.adapters))
     kinds = {site.path: site.kind for site in cm.sites}
     peft_paths = peft_module_paths(cm)
-    modules = list(adapters.adapter_modules(cm._adapter_root))
+    modules = list(adapters.adapter_modules(cm.adapter_root))
     wrapped = {q.rpartition(".")[0] for q, _ in modules if entry_of_slot[q.rpartition(".")[2]].method != "copy"}
     prefix = PROMPT_PREFIX if any(e.method in PROMPT_STYLE for e in spec.adapters) else PREFIX
     # Tokens trained beside another method (LoRA's trainable_token_indices) sit in PEFT's token_adapter.

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from peftc.errors import SpecError
+from peftc.spec.methods import METHODS
 
 from . import peft_targets as pt
+
 
 @dataclass(frozen=True)
 class PeftRow:
@@ -25,8 +27,6 @@ class PeftRow:
 
 
 def supported_types() -> list[str]:
-    from peftc.spec.methods import METHODS
-
     return [name for name, row in PEFT_TYPES.items() if row.method in METHODS and row.verified]
 
 
@@ -141,8 +141,6 @@ def _lora_or_dora(cfg: dict) -> str:
     """use_dora=True is peftc's separate 'dora' method (same fields as LoRA, plus a magnitude vector)."""
     if not cfg.get("use_dora"):
         return "lora"
-    from peftc.spec.methods import METHODS
-
     if "dora" not in METHODS:
         raise SpecError(f"use_dora: DoRA adapters need peftc's 'dora' method, which this build lacks; "
                         f"supported: {supported_types()} without use_dora")
@@ -249,6 +247,82 @@ def _saved_copies(cfg: dict) -> list[dict]:
     return [{"method": "copy", "targets": [pt.save_target(n) for n in names]}] if names else []
 
 
+# -- orthogonal and sparse high-rank types (OFT, BOFT, HRA, SHiRA) ------------------------------
+
+def read_oft(cfg: dict) -> list[dict]:
+    return _with_targets(cfg, {
+        "method": "oft", "r": cfg.get("r", 0), "block_size": cfg.get("oft_block_size", 32),
+        "module_dropout": cfg.get("module_dropout", 0.0), "coft": bool(cfg.get("coft", False)),
+        "eps": cfg.get("eps", 6e-5), "block_share": bool(cfg.get("block_share", False)),
+        "cayley_neumann": bool(cfg.get("use_cayley_neumann", True)),
+        "neumann_terms": cfg.get("num_cayley_neumann_terms", 5)})
+
+
+def read_boft(cfg: dict) -> list[dict]:
+    return _with_targets(cfg, {
+        "method": "boft", "block_size": cfg.get("boft_block_size", 4), "block_num": cfg.get("boft_block_num", 0),
+        "n_butterfly_factor": cfg.get("boft_n_butterfly_factor", 1), "dropout": cfg.get("boft_dropout", 0.0)})
+
+
+def read_hra(cfg: dict) -> list[dict]:
+    return _with_targets(cfg, {"method": "hra", "r": cfg.get("r", 8), "gram_schmidt": bool(cfg.get("apply_GS", False))})
+
+
+def read_shira(cfg: dict) -> list[dict]:
+    return _with_targets(cfg, {"method": "shira", "r": cfg.get("r", 32), "mask_type": cfg.get("mask_type", "random"),
+                               "seed": cfg.get("random_seed")})
+
+
+def _with_targets(cfg: dict, entry: dict) -> list[dict]:
+    entry["targets"] = _targets(cfg)
+    exclude = _exclude(cfg)
+    if exclude:
+        entry["exclude"] = exclude
+    return [entry] + _copies(cfg, entry)
+
+
+ORTHOGONAL_TYPES = {
+    "OFT": PeftRow("OFT", "oft", read_oft, COMMON | {"r", "oft_block_size", "module_dropout", "coft", "eps",
+                                                     "block_share", "use_cayley_neumann", "num_cayley_neumann_terms",
+                                                     "init_weights"}),
+    "BOFT": PeftRow("BOFT", "boft", read_boft, COMMON | {"boft_block_size", "boft_block_num", "boft_n_butterfly_factor",
+                                                         "boft_dropout", "init_weights"}),
+    "HRA": PeftRow("HRA", "hra", read_hra, COMMON | {"r", "apply_GS", "init_weights"}),
+    "SHIRA": PeftRow("SHIRA", "shira", read_shira, COMMON | {"r", "mask_type", "random_seed", "init_weights"}),
+}
+
+
+def write_oft(entry, field: str) -> dict:
+    return {"peft_type": "OFT", "r": entry.r, "oft_block_size": entry.block_size,
+            "module_dropout": entry.module_dropout, "coft": entry.coft, "eps": entry.eps,
+            "block_share": entry.block_share, "use_cayley_neumann": entry.cayley_neumann,
+            "num_cayley_neumann_terms": entry.neumann_terms, "init_weights": True, "bias": "none",
+            **_write_targets(entry, field)}
+
+
+def write_boft(entry, field: str) -> dict:
+    return {"peft_type": "BOFT", "boft_block_size": entry.block_size, "boft_block_num": entry.block_num,
+            "boft_n_butterfly_factor": entry.n_butterfly_factor, "boft_dropout": entry.dropout,
+            "init_weights": True, "bias": "none", **_write_targets(entry, field)}
+
+
+def write_hra(entry, field: str) -> dict:
+    return {"peft_type": "HRA", "r": entry.r, "apply_GS": entry.gram_schmidt, "init_weights": True, "bias": "none",
+            **_write_targets(entry, field)}
+
+
+def write_shira(entry, field: str) -> dict:
+    """PEFT's ShiraConfig has no exclude_modules or layer selection: the targets must say it all."""
+    if getattr(entry, "exclude", ()):
+        raise SpecError(f"{field}.exclude: PEFT's SHiRA has no exclude_modules; list the targets instead")
+    return {"peft_type": "SHIRA", "r": entry.r, "mask_type": entry.mask_type, "random_seed": entry.seed,
+            "init_weights": True, "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
+            "modules_to_save": None}
+
+
+ORTHOGONAL_WRITERS = {"oft": write_oft, "boft": write_boft, "hra": write_hra, "shira": write_shira}
+
+
 LOW_RANK_FIXED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
 
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
@@ -272,6 +346,7 @@ PEFT_TYPES: dict[str, PeftRow] = {
                                                          "save_projection", "vera_dropout", "d_initial"}),
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
     "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS),
+    **ORTHOGONAL_TYPES,
 }
 
 
@@ -338,4 +413,5 @@ def write_prefix(entry, field: str) -> dict:
 WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora, "ia3": write_ia3,
                                                   "loha": write_loha, "lokr": write_lokr, "vera": write_vera,
                                                   "prompt": write_prompt, "prefix": write_prefix,
-                                                  "trainable_tokens": write_trainable_tokens}
+                                                  "trainable_tokens": write_trainable_tokens,
+                                                  **ORTHOGONAL_WRITERS}

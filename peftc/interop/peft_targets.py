@@ -15,8 +15,8 @@ import fnmatch
 import re
 from typing import Any
 
-from peftc.errors import SpecError
 from peftc.core.targets import GLOB_CHARS
+from peftc.errors import SpecError
 
 ANY_PREFIX = r"(?:.*\.)?"  # "", or any module path followed by a dot
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-]+")

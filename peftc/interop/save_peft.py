@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .from_peft import CONFIG_FILE, SAFETENSORS_FILE
 from .peft_config import peft_config_from_spec
+from .peft_files import CONFIG_FILE, SAFETENSORS_FILE
 from .peft_keys import peft_names, to_peft_shape
 from .peft_prefix import join_table
 
@@ -23,7 +23,7 @@ def save_peft(cm, directory) -> Path:
     if "fan_in_fan_out" in config:
         config["fan_in_fan_out"] = any(site.layout == "in_out" for site in cm.sites
                                        if site.path in _adapted_paths(cm))  # GPT-2's Conv1D
-    config["base_model_name_or_path"] = getattr(getattr(cm._model, "config", None), "_name_or_path", None) or None
+    config["base_model_name_or_path"] = getattr(getattr(cm.compilation.source, "config", None), "_name_or_path", None) or None
     names = peft_names(cm)
     own = cm.adapter_state_dict()
     tensors = join_table(names, {key: _peft_tensor(cm, n, own.get(n)) for n, key in names.items()})
@@ -53,7 +53,7 @@ def _fill_prompt_config(config: dict, cm, tensors: dict, own: dict) -> None:
     if keys:  # prefix: the table is [N, layers·2·kv·d]; PEFT wants the per-layer kv width and heads
         kv, _, d = keys[0].shape
         config.update(token_dim=int(kv * d), num_attention_heads=int(kv), num_layers=len(keys))
-    name = type(cm._model).__name__
+    name = type(cm.compilation.source).__name__
     task = next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
     if task is None:
         raise NotImplementedError(f"save_adapter(format='peft'): PEFT needs a task_type for prompt tuning and "
@@ -65,7 +65,7 @@ def _peft_tensor(cm, name: str, value):
     """The tensor in PEFT's shape; `value` None: a non-persistent buffer (VeRA's projections), read directly."""
     owner, _, leaf = name.rpartition(".")
     try:
-        module = cm._adapter_root.get_submodule(owner)
+        module = cm.adapter_root.get_submodule(owner)
     except AttributeError:  # a base parameter trained in place
         module = None
     value = getattr(module, leaf) if value is None else value

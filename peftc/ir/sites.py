@@ -166,7 +166,7 @@ def classify(gm: GraphModule, node: Node) -> dict | None:
         found = parameter_of(gm, node.args[1])
         if found and not transposed:
             fqn, w = found
-            return dict(kind="conv", param=fqn, in_features=w.shape[1] * _conv_groups(node),
+            return dict(kind="conv", param=fqn, in_features=w.shape[1] * conv_groups(node),
                         out_features=w.shape[0], layout="out_in", input_index=0)
     elif target == aten.embedding.default:
         found = parameter_of(gm, node.args[0])
@@ -183,7 +183,7 @@ def classify(gm: GraphModule, node: Node) -> dict | None:
     return None
 
 
-def _conv_groups(node: Node) -> int:
+def conv_groups(node: Node) -> int:
     index = 8 if node.target == aten.convolution.default else 6
     return node.args[index] if len(node.args) > index else 1
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch.fx import GraphModule, Node
 
 from peftc.ir.graph_edit import provenance
-from peftc.inspect.graph_view import format_node, node_module_path, op_name
+from peftc.ir.node_text import format_node, node_module_path, op_name
 from peftc.ir.shapes import Shape, node_shape
 
 

@@ -6,11 +6,8 @@ from __future__ import annotations
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.errors import InvariantError
 from peftc.ir import adapters
-
-
-class InvariantError(RuntimeError):
-    """A pass broke one of peftc's invariants: a bug in that pass, not in the user's input."""
 
 
 def snapshot_base(base_params: dict[str, nn.Parameter]) -> dict[str, tuple[int, int]]:
@@ -18,10 +15,10 @@ def snapshot_base(base_params: dict[str, nn.Parameter]) -> dict[str, tuple[int, 
     return {name: (id(p), p._version) for name, p in base_params.items()}
 
 
-def check_all(gm: GraphModule, ctx, snapshot: dict, pass_name: str) -> None:
+def check_all(gm: GraphModule, ctx, snapshot: dict, pass_name: str, *, frozen: bool) -> None:
     check_base_untouched(ctx.base_params, snapshot, pass_name)
     check_adapters_reachable(gm, pass_name)
-    if ctx.frozen:
+    if frozen:
         check_frozen(gm, ctx, pass_name)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from peftc.errors import CheckpointError
+from peftc.interop.save_peft import save_peft
 from peftc.spec.parse import Spec
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -24,8 +25,6 @@ FORMAT_VERSION = "1"
 
 def save_adapter(cm, directory, format: str = "peftc") -> Path:
     if format == "peft":
-        from peftc.interop.save_peft import save_peft
-
         return save_peft(cm, directory)
     if format != "peftc":
         raise ValueError(f"save_adapter: format expected 'peftc' or 'peft', got {format!r}")

@@ -23,17 +23,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
 
-from peftc.ir import adapters
-from peftc.capture.export import CallSignature, capture
-from peftc.runtime.compiled import GraphDispatch
-from peftc.compiler.compile import example_call
+from peftc.capture.example_inputs import example_call
+from peftc.compiler.compilation import Compilation
 from peftc.errors import SpecError
-from peftc.serving.lora_bank import LoraBank, load_adapter
-from peftc.ir.modes import record_modes
-from peftc.pipeline.runner import PassContext, PassRecord, Step, run_pipeline
-from peftc.ir.sites import find_sites
+from peftc.ir.lora_bank import LoraBank, ServingPlan
+from peftc.passes.lower_lora_multi import ROUTING, SLOT
+from peftc.runtime.dispatch import GraphDispatch
+from peftc.serving.sources import load_adapter
 
 BACKENDS = ("triton",)
 BASE_NAMES = (None, "__base__")  # ids meaning the base alone (PEFT's mixed batches name it "__base__")
@@ -70,20 +67,13 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
         if not isinstance(name, str) or name in BASE_NAMES:
             raise SpecError(f"serve_adapters: adapter name {name!r} is not usable; use a non-empty string "
                             f"other than {BASE_NAMES[1]!r}")
-    from peftc.passes.lower_lora_multi import ServingPlan
-
     loaded = tuple(load_adapter(name, source, model) for name, source in adapters_by_name.items())
-    args, kwargs = example_call(model, example_inputs, example_kwargs)
-    root = nn.Module()
-    root.add_module("routing", Routing(_device(model)))
-    state = {"serving": ServingPlan(loaded)}
-
-    def build(call_args: tuple, call_kwargs: dict) -> GraphModule:
-        return _build_graph(model, root, state, call_args, call_kwargs)[0]
-
-    gm, records = _build_graph(model, root, state, args, kwargs)
-    return ServedModel(model, gm, CallSignature.of(args, kwargs), build, training=model.training,
-                       adapters=loaded, adapter_root=root, records=records)
+    example = example_call(model, example_inputs, example_kwargs)
+    compilation = Compilation.start(model, None)
+    compilation.adapter_root.add_module(ROUTING, Routing(_device(model)))
+    plan = compilation.serve_plan(ServingPlan(loaded))
+    built = compilation.build(*example, plan)
+    return ServedModel(compilation, plan, built, example, training=model.training)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -91,31 +81,13 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _build_graph(model, root, state, args, kwargs) -> tuple[GraphModule, list[PassRecord]]:
-    """Capture one call signature and lower every served site to the multi-adapter op."""
-    from peftc.passes.lower_lora_multi import ROUTING, lower_lora_multi
-
-    gm = capture(model, args, kwargs)
-    record_modes(gm)
-    base_params = dict(gm.named_parameters(remove_duplicate=False))
-    sites = find_sites(gm)
-    if any(s.path == ROUTING or s.path.startswith(ROUTING + ".") for s in sites):
-        raise SpecError(f"the model has a layer named {ROUTING!r}, which serving uses for its routing buffer")
-    adapters.mount(gm, root)
-    ctx = PassContext(spec=None, sites=sites, adapter_root=root, base_params=base_params, state=state)
-    records = run_pipeline(gm, [Step("lower_lora_multi", lower_lora_multi)], ctx)
-    return gm, records
-
-
 class ServedModel(GraphDispatch):
     """`serve_adapters`' result: call it as the model, plus `adapter_ids` (one per batch row)."""
 
-    def __init__(self, model, first, signature, build, *, training, adapters, adapter_root, records):
-        super().__init__(model, first, signature, build, training=training)
-        self.adapter_names = [a.name for a in adapters]
-        self.records = records
-        object.__setattr__(self, "_adapter_root", adapter_root)
-        object.__setattr__(self, "_routing", adapter_root.routing)
+    def __init__(self, compilation, plan, first, example, *, training):
+        super().__init__(compilation, plan, first, example, training=training)
+        self.adapter_names = [a.name for a in plan.serving.adapters]
+        object.__setattr__(self, "_routing", compilation.adapter_root.get_submodule(ROUTING))
 
     def forward(self, *args, adapter_ids: Any = None, **kwargs):
         batch = _batch_size(args, kwargs)
@@ -159,15 +131,13 @@ class ServedModel(GraphDispatch):
 
     def banks(self) -> dict[str, LoraBank]:
         """The LoRA bank of every served site, by site path."""
-        from peftc.passes.lower_lora_multi import SLOT
-
-        return {name[: -len(SLOT) - 1]: m for name, m in self._adapter_root.named_modules()
+        return {name[: -len(SLOT) - 1]: m for name, m in self.compilation.adapter_root.named_modules()
                 if isinstance(m, LoraBank)}
 
     def __repr__(self) -> str:  # the graph modules' own repr would list every layer
         banks = self.banks()
         ranks = sorted({bank.A_bank.shape[1] for bank in banks.values()})
-        return (f"ServedModel({type(self._model).__name__}, adapters={len(self.adapter_names)} {self.adapter_names}, "
+        return (f"ServedModel({type(self.compilation.source).__name__}, adapters={len(self.adapter_names)} {self.adapter_names}, "
                 f"sites={len(banks)}, bank ranks={ranks})")
 
 

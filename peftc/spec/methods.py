@@ -24,6 +24,12 @@ from peftc.passes.insert_trainable_tokens import (TrainableTokensConfig, fold_tr
                                                   insert_trainable_tokens)
 from peftc.passes.insert_vera import VeraConfig, insert_vera
 from peftc.passes.quantize_base import QuantizeConfig
+# orthogonal and sparse high-rank methods (OFT, BOFT, HRA, SHiRA)
+from peftc.passes._weight_transform import fold_transform
+from peftc.passes.insert_boft import BoftConfig, insert_boft
+from peftc.passes.insert_hra import HraConfig, insert_hra
+from peftc.passes.insert_oft import OftConfig, insert_oft
+from peftc.passes.insert_shira import ShiraConfig, fold_shira, insert_shira
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,15 @@ METHODS: dict[str, Method] = {
                   "l ⊙ (W x + b), or W (l ⊙ x) on feedforward sites, on linear ops", fold_bias=fold_ia3_bias),
     "mask": Method("mask", "selective", MaskConfig, insert_mask, fold_mask,
                    "W x + op(x, ΔW), ΔW sparse: a fixed `density` of entries (by magnitude or seeded random) train"),
+    # -- orthogonal and sparse high-rank methods --
+    "oft": Method("oft", "reparameterized", OftConfig, insert_oft, fold_transform,
+                  "W·block-diag(R)ᵀ on linear and conv ops, R = Cayley(skew Q) per block"),
+    "boft": Method("boft", "reparameterized", BoftConfig, insert_boft, fold_transform,
+                   "s ⊙ (W·Mᵀ) on linear and conv ops, M a butterfly product of orthogonal block-diagonals"),
+    "hra": Method("hra", "reparameterized", HraConfig, insert_hra, fold_transform,
+                  "W·H₁⋯H_r on linear and conv ops, H_i = I − 2uᵢuᵢᵀ Householder reflections"),
+    "shira": Method("shira", "selective", ShiraConfig, insert_shira, fold_shira,
+                    "W x + op(x, ΔW) on linear ops, ΔW sparse: r·(out + in) seeded random entries train"),
     "trainable_tokens": Method("trainable_tokens", "selective", TrainableTokensConfig, insert_trainable_tokens,
                                fold_trainable_tokens, "rows `indices` of an embedding train (wherever it is read)"),
 }

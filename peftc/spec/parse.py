@@ -13,8 +13,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from peftc.core.fields import (
+    dataclass_to_dict,
+    fail,
+    optional_pattern_list,
+    parse_dataclass,
+)
 from peftc.errors import SpecError
-from peftc.core.fields import dataclass_to_dict, fail, optional_pattern_list, parse_dataclass
+from peftc.interop.peft_config import peft_config_from_spec, spec_dict_from_peft
+from peftc.spec.methods import METHODS, QUANTIZE_CONFIG
 
 SPEC_VERSION = 1
 TOP_LEVEL_FIELDS = ("version", "adapters", "trainable", "quantize")
@@ -56,14 +63,10 @@ class Spec:
     @classmethod
     def from_peft_config(cls, config: Any) -> "Spec":
         """The spec for an HF PEFT config (a PeftConfig, a dict, or an adapter_config.json path)."""
-        from peftc.interop.peft_config import spec_dict_from_peft
-
         return cls.from_dict(spec_dict_from_peft(config))
 
     def to_peft_config(self) -> dict:
         """This spec as an HF PEFT adapter_config.json dict; SpecError names what PEFT cannot express."""
-        from peftc.interop.peft_config import peft_config_from_spec
-
         return peft_config_from_spec(self)
 
     def to_dict(self) -> dict:
@@ -106,13 +109,20 @@ class Spec:
         ]
 
 
+def as_spec(spec: Any) -> Spec:
+    """A Spec from a Spec, a dict, or the path of a spec file."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return Spec.load(spec)
+    return Spec.from_dict(spec)
+
+
 def entry_to_dict(entry: Any) -> dict:
     return {"method": entry.method, **dataclass_to_dict(entry)}
 
 
 def _parse_adapters(value: Any) -> tuple:
-    from peftc.spec.methods import METHODS
-
     if not isinstance(value, (list, tuple)):
         raise fail("spec.adapters", "a list of method entries", value)
     entries = []
@@ -130,8 +140,6 @@ def _parse_adapters(value: Any) -> tuple:
 def _parse_quantize(value: Any) -> Any:
     if value is None:
         return None
-    from peftc.spec.methods import QUANTIZE_CONFIG
-
     if QUANTIZE_CONFIG is None:
         raise SpecError("spec.quantize: quantized bases are not available in this build; expected null")
     return QUANTIZE_CONFIG.from_dict(value, "quantize")

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from families import FAMILIES, compile_family, logits, randomize_adapters
 
 import peftc
-from peftc.spec import presets
 from peftc.ir.graph_edit import provenance
+from peftc.spec import presets
 
 N = 3  # virtual tokens
 ACT = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -265,7 +265,7 @@ def test_three_method_hybrid_trains_and_reports():
     base_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     adapter_before = {k: v.clone() for k, v in cm.adapter_state_dict().items()}
     trainable = [p for p in cm.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable} == {id(p) for p in cm._adapter_root.parameters()}
+    assert {id(p) for p in trainable} == {id(p) for p in cm.adapter_root.parameters()}
     opt = torch.optim.Adam(trainable, lr=1e-2)
     cm.train()
     losses = []

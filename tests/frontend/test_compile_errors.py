@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from families import FAMILIES, compile_family, randomize_adapters
 from torch import nn
 
 import peftc
-from families import FAMILIES, compile_family, randomize_adapters
 from peftc import CaptureError, CheckpointError, SpecError
 
 

@@ -153,7 +153,7 @@ def test_training_gradients_equal_single_adapter_models(tmp_path):
     for slot, (name, cm) in enumerate(cms.items()):
         picked = [i for i, r in enumerate(rows) if r == name]
         (logits(cm(input_ids=inputs["input_ids"][picked])) * weights[picked]).sum().backward()
-        for key, param in cm._adapter_root.named_parameters():
+        for key, param in cm.adapter_root.named_parameters():
             site, tensor = key.rsplit(".lora.", 1)
             bank = mm.banks()[site]
             r = param.shape[0] if tensor == "A" else param.shape[1]
@@ -176,15 +176,17 @@ def _mlp_graph():
 
 
 def test_pass_without_adapters_changes_nothing():
+    from peftc.passes.lower_lora_multi import lower_lora_multi
     from torch import nn
 
-    from peftc.passes.lower_lora_multi import ServingPlan, lower_lora_multi
+    from peftc.ir.lora_bank import ServingPlan
     from peftc.pipeline.runner import PassContext
+    from peftc.spec.methods import METHODS
 
     _, gm, sites = _mlp_graph()
     before = gm.code
-    ctx = PassContext(spec=None, sites=sites, adapter_root=nn.Module(), base_params=dict(gm.named_parameters()),
-                      state={"serving": ServingPlan(())})
+    ctx = PassContext(spec=None, sites=tuple(sites), adapter_root=nn.Module(), base_params=dict(gm.named_parameters()),
+                      trainable=frozenset(), methods=METHODS, serving=ServingPlan(()))
     result = lower_lora_multi(gm, ctx)
     gm.recompile()
     assert not result.modified and result.sites == [] and gm.code == before

@@ -12,8 +12,8 @@ import torch
 from families import FAMILIES, call, compile_family, logits, randomize_adapters
 
 import peftc
-from peftc.ir import quantized, weight_codec
 from peftc.errors import SpecError
+from peftc.ir import quantized, weight_codec
 
 LORA_QV = {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4}
 FORMATS = {"int8": {"bits": 8}, "int4": {"bits": 4, "format": "int"}, "nf4": {"bits": 4, "format": "nf4"}}
@@ -273,7 +273,7 @@ def test_fp32_weights_freed_then_adapters_train():
         losses.append(float(loss.detach()))
     cm.eval()
     assert len(cm.graphs) == 2 and losses[-1] < losses[0] - 0.05, losses
-    with_grad = {n for n, p in cm._adapter_root.named_parameters() if p.grad is not None}
+    with_grad = {n for n, p in cm.adapter_root.named_parameters() if p.grad is not None}
     assert with_grad == set(cm.adapter_state_dict())
     assert all(p().grad is None for p in params if p() is not None)
     assert all(not b.requires_grad for b in cm.graph_module.quantized.buffers())
@@ -292,7 +292,7 @@ def test_gpt2_conv1d_and_bf16_compute():
     assert sum(n.target == quantized.OP for n in cm.graph_module.graph.nodes) == 8  # 4 per block; the tied head is kept
     loss = logits(call(cm, family, x)).pow(2).mean()
     loss.backward()
-    assert all(p.grad is not None for p in cm._adapter_root.parameters())
+    assert all(p.grad is not None for p in cm.adapter_root.parameters())
 
 
 # -- merging ---------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def merge_pair():
     randomize_adapters(cm, std=0.05)
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        for path, module in cm._adapter_root.named_modules():
+        for path, module in cm.adapter_root.named_modules():
             if hasattr(module, "delta_weight"):
                 reference.get_submodule(path.rsplit(".", 1)[0]).weight += module.delta_weight()
     return model, cm, reference
@@ -351,7 +351,7 @@ def test_requantize_reports_what_survives(merge_pair):
 def test_requantizing_a_small_adapter_erases_it(merge_pair):
     """At ‖ΔW‖/‖W‖ ≈ 1% almost no NF4 code moves: why merged() stays full precision by default."""
     model, cm, _ = merge_pair  # the last test to use merge_pair: it rescales the adapters
-    for path, module in cm._adapter_root.named_modules():
+    for path, module in cm.adapter_root.named_modules():
         if hasattr(module, "delta_weight"):
             weight = model.get_submodule(path.rsplit(".", 1)[0]).weight
             module.B.mul_(0.01 * weight.norm() / module.delta_weight().norm())
@@ -383,7 +383,6 @@ def test_onnx_export_keeps_the_base_packed(tmp_path, section):
     """int8 -> DequantizeLinear, int4 -> MatMulNBits, nf4 -> MatMulBnb4; ONNX Runtime matches peftc."""
     import onnx
     import onnxruntime as ort
-
     from peftc.codegen.onnx.quantized_linear import export
 
     hidden = 96

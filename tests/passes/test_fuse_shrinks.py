@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import pytest
 import torch
+from families import FAMILIES, compile_family, logits, randomize_adapters
+from peftc.passes.fuse_lora_shrinks import PASS
 
 import peftc
-from families import FAMILIES, compile_family, logits, randomize_adapters
+from peftc.compiler.plan import Plan
 from peftc.ir import adapters
-from peftc.compiler import compile as compiler
 from peftc.ir.graph_edit import provenance
 from peftc.ir.modes import DROPOUT_OPS
-from peftc.passes.fuse_lora_shrinks import PASS, unfuse_lora_shrinks
 
 aten = torch.ops.aten
 ATOL = 1e-6
@@ -25,12 +24,12 @@ LAYERS = 2  # families.py's llama and bert
 @contextlib.contextmanager
 def without_fusion():
     """peftc.compile with the plan minus this pass: the reference every test compares with."""
-    real = compiler.plan
-    compiler.plan = lambda *a, **k: [s for s in real(*a, **k) if s.name != PASS]
+    real = Plan.train
+    Plan.train = classmethod(lambda cls, backend="torch": cls("train", backend=backend))
     try:
         yield
     finally:
-        compiler.plan = real
+        Plan.train = real
 
 
 def call_inputs(family) -> dict:
@@ -161,15 +160,14 @@ def test_merged_is_unchanged(llama_pair):
     torch.testing.assert_close(got, eval_logits(plain, family), rtol=0, atol=1e-5)
 
 
-def test_unfuse_restores_one_shrink_per_site(llama_pair):
+def test_export_plan_builds_one_shrink_per_site(llama_pair):
+    """Export builds its own graph without the fusion (its LoRA inputs then take any rank): nothing to undo."""
     fused, plain = llama_pair
-    gm = copy.deepcopy(fused.graph_module)
-    assert unfuse_lora_shrinks(gm) == 4
+    gm = fused.compilation.build(*fused.example_call, fused.compilation.export_plan(merge=False)).graph_module
     assert len(shrinks(gm)) == len(shrinks(plain.graph_module)) == LAYERS * 7
     assert len(gm.graph.nodes) == len(plain.graph_module.graph.nodes)
     assert not any((provenance(n) or {}).get("pass") == PASS for n in gm.graph.nodes)
-    gm.graph.lint()
-    assert unfuse_lora_shrinks(gm) == 0
+    assert len(shrinks(fused.graph_module)) == LAYERS * 4  # the compiled model's own graph stays fused
 
 
 # -- BERT (query/key/value), GPT-2 (nothing to fuse) ------------------------------------------
@@ -211,14 +209,15 @@ def test_branches_with_dropout_stay_unfused():
 
 def test_dropout_on_every_entry_plans_no_fusion():
     spec = peftc.Spec.from_dict(lora_spec(LLAMA_ALL, dropout=0.1))
-    assert PASS not in [s.name for s in compiler.plan(spec, merge=False)]
+    assert PASS not in [s.name for s in Plan.train().steps(spec)]
 
 
 # -- where it runs ------------------------------------------------------------------------------
 def test_not_planned_when_merging_or_lowering_to_triton():
     spec = peftc.Spec.from_dict(lora_spec(LLAMA_ALL))
-    assert PASS in [s.name for s in compiler.plan(spec, merge=False)]
-    assert PASS not in [s.name for s in compiler.plan(spec, merge=True)]
-    assert PASS not in [s.name for s in compiler.plan(spec, merge=False, backend="triton")]
-    names = [s.name for s in compiler.plan(spec, merge=False)]
+    assert PASS in [s.name for s in Plan.train().steps(spec)]
+    assert PASS not in [s.name for s in Plan.merged().steps(spec)]
+    assert PASS not in [s.name for s in Plan.train("triton").steps(spec)]
+    assert PASS not in [s.name for s in Plan.export(merge=False).steps(spec)]
+    names = [s.name for s in Plan.train().steps(spec)]
     assert names.index(PASS) == names.index("freeze_params") - 1  # after every method pass

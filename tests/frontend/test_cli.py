@@ -14,10 +14,10 @@ import pydot
 import pytest
 
 from peftc.cli import main as cli
-from peftc.cli.main import main
 from peftc.cli.common import load_model
+from peftc.cli.main import main
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent  # tests/: cli_factories.py lives there
 MLP = "cli_factories:tiny_mlp"
 
 
@@ -82,8 +82,9 @@ def test_inspect_svg_without_graphviz_exits_2(capsys, spec, tmp_path, monkeypatc
 
 
 def test_inspect_adapter_dir_loads_spec_and_weights(capsys, tmp_path):
-    import peftc
     from families import FAMILIES
+
+    import peftc
 
     family = FAMILIES["mlp"]
     cm = peftc.compile(family.build(), {"adapters": [{"method": "lora", "targets": ["fc2"], "r": 3}]},
@@ -100,9 +101,8 @@ def test_inspect_adapter_dir_loads_spec_and_weights(capsys, tmp_path):
 
 
 def test_inspect_a_peft_adapter_directory(capsys, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     from cli_factories import tiny_mlp
+    from peft import LoraConfig, get_peft_model
 
     get_peft_model(tiny_mlp()[0], LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"])).save_pretrained(tmp_path)
     code, out, _ = run_cli(capsys, "inspect", MLP, "--adapter", tmp_path, "--format", "json")

@@ -16,9 +16,10 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import peftc  # noqa: E402
 from families import FAMILIES, call, compile_family, logits, randomize_adapters  # noqa: E402
 from peftc.codegen.onnx import quantize_onnx  # noqa: E402
+
+import peftc  # noqa: E402
 
 ATOL = 1e-4
 EXPORTED = ("llama", "gpt2", "bert", "vit")

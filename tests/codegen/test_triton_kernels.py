@@ -12,9 +12,9 @@ os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs: b
 
 import pytest
 import torch
+from peftc.codegen.triton import ops, reference
 
 from peftc.ir import weight_codec
-from peftc.codegen.triton import ops, reference
 
 
 def _kernel_modules():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from families import FAMILIES, compile_family
-from peftc.ir import quantized
-from peftc.compiler.compile import as_spec, build_graph
+
+from peftc.compiler.compilation import Compilation
+from peftc.compiler.plan import Plan
 from peftc.inspect.diff import diff_text
+from peftc.ir import quantized
 from peftc.ir.graph_edit import provenance
+from peftc.spec.parse import as_spec
 
 LORA_QV = {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4}
 Q_PROJ = "model.layers.0.self_attn.q_proj"
@@ -81,8 +82,8 @@ def test_passes_that_remove_nothing_record_nothing(quantized_llama):
 
 def test_merged_graph_shows_the_adapter_nodes_merge_removed():
     spec = as_spec({"adapters": [{"method": "lora", "targets": ["fc1"], "r": 2}]})
-    gm, records, sites = build_graph(FAMILIES["mlp"].build(), spec, nn.Module(), (torch.randn(3, 16),), {},
-                                     merge=True)
+    built = Compilation.start(FAMILIES["mlp"].build(), spec).build((torch.randn(3, 16),), {}, Plan.merged())
+    gm, records, sites = built.graph_module, built.records, built.sites
     inserted = {t.name for t in records[-1].erased}
     assert records[-1].name == "merge_adapters" and inserted  # every node insert_lora added
     text = diff_text(gm, sites, records, scope="fc1")

@@ -11,7 +11,7 @@ from families import FAMILIES, call, logits
 
 import peftc
 from peftc import CheckpointError, SpecError
-from peftc.interop import load_adapter_dir
+from peftc.interop.from_peft import load_adapter_dir
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -139,7 +139,7 @@ def test_to_peft_config_names_what_peft_cannot_express(spec, field):
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"peft_type": "OFT", "target_modules": ["q"]}, r"peft_type: 'OFT' is not supported; supported: \['LORA'"),
+    ({"peft_type": "POLY", "target_modules": ["q"]}, r"peft_type: 'POLY' is not supported; supported: \['LORA'"),
     ({"peft_type": "LORA", "target_modules": ["q"], "lora_bias": True}, "lora_bias"),
     ({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "pissa"}, "init_lora_weights"),
     ({"peft_type": "LORA", "target_modules": "all-linear"}, "all-linear"),
@@ -153,9 +153,10 @@ def test_unsupported_configs_name_the_field(config, match):
 def test_unsupported_types_name_type_and_supported_list():
     from peftc.interop.peft_rows import supported_types
 
-    assert supported_types() == ["LORA", "IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"]
-    with pytest.raises(SpecError, match=r"'BOFT' is not supported; supported: \['LORA', 'IA3'"):
-        peftc.Spec.from_peft_config({"peft_type": "BOFT", "target_modules": ["q"]})
+    assert supported_types()[:7] == ["LORA", "IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"]
+    assert {"OFT", "BOFT", "HRA", "SHIRA"} <= set(supported_types())
+    with pytest.raises(SpecError, match=r"'POLY' is not supported; supported: \['LORA', 'IA3'"):
+        peftc.Spec.from_peft_config({"peft_type": "POLY", "target_modules": ["q"]})
 
 
 # -- files and errors (small models, so they stay fast) -----------------------------------
@@ -293,7 +294,14 @@ TYPE_CASES = [(f, k) for f in TYPE_TARGETS for k in TYPES if (f, k) not in NOT_I
 
 
 def _peft_type_config(family: str, kind: str):
-    from peft import IA3Config, LoHaConfig, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
+    from peft import (
+        IA3Config,
+        LoHaConfig,
+        LoKrConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        VeraConfig,
+    )
 
     attention, feedforward, task = TYPE_TARGETS[family]
     # PEFT's LoHa/LoKr take Linear and Conv layers only, not GPT-2's Conv1D: on GPT-2 they adapt the

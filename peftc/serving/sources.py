@@ -1,16 +1,10 @@
-"""LoRA adapters for serving: read each one (a CompiledModel, a peftc checkpoint or a PEFT directory)
-into per-site (A, B, scale) triples, and stack them into one bank per site.
-
-A bank holds every served adapter in one tensor pair: A [n, r, in], B [n, out, r], scales [n].
-Ranks differ between adapters (and between sites of one adapter, rank_pattern): each site's bank
-has the largest rank served there, smaller adapters zero-padded, which adds nothing to the output
-and keeps zero gradients in the padding. A site an adapter does not target gets a zero slot.
+"""The adapters a served model takes: each read (a CompiledModel, a peftc checkpoint or a PEFT
+directory) into per-site (A, B, scale) triples, peftc.ir.lora_bank's `LoraAdapter`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +12,23 @@ import torch
 from torch import nn
 
 from peftc.errors import CheckpointError, SpecError
-from peftc.ir.sites import Site
+from peftc.interop.from_peft import CONFIG_FILE, read_peft_weights, resolve_all_linear
+from peftc.interop.peft_config import as_config_dict, spec_dict_from_peft
+from peftc.interop.peft_keys import PREFIX, normalize
+from peftc.ir.lora_bank import LoraAdapter, SiteLora
+from peftc.runtime.checkpoint import SPEC_FILE, read_adapter
+from peftc.runtime.compiled import CompiledModel
 from peftc.spec.parse import Spec
-
-
-@dataclass(frozen=True)
-class SiteLora:
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
-    scale: float
-
-
-@dataclass(frozen=True)
-class LoraAdapter:
-    """One served adapter: its name and its LoRA at each site path it targets."""
-
-    name: str
-    sites: dict[str, SiteLora]
 
 
 def load_adapter(name: str, source: Any, model: nn.Module) -> LoraAdapter:
     """Read one adapter: a CompiledModel, a peftc checkpoint folder, or a PEFT adapter folder."""
-    from peftc.runtime.compiled import CompiledModel
-
     if isinstance(source, CompiledModel):
         return lora_adapter(name, source.spec, source.adapter_state_dict())
     if not isinstance(source, (str, Path)):
         raise TypeError(f"adapter {name!r}: expected a CompiledModel or an adapter directory, "
                         f"got {type(source).__name__}")
     path = Path(source)
-    from peftc.runtime.checkpoint import SPEC_FILE, read_adapter
-    from peftc.interop.from_peft import CONFIG_FILE
-
     if (path / SPEC_FILE).is_file():
         spec, tensors = read_adapter(path)
         return lora_adapter(name, spec, tensors)
@@ -99,10 +78,6 @@ def _only_lora(name: str, spec: Spec):
 
 
 def _peft_adapter(name: str, path: Path, model: nn.Module) -> LoraAdapter:
-    from peftc.interop.from_peft import read_peft_weights, resolve_all_linear
-    from peftc.interop.peft_config import as_config_dict, spec_dict_from_peft
-    from peftc.interop.peft_keys import PREFIX, normalize
-
     config = resolve_all_linear(as_config_dict(path), model)
     if config.get("modules_to_save") or (config.get("bias") or "none") != "none":
         raise SpecError(f"adapter {name!r}: the PEFT config sets modules_to_save or bias; served adapters share "
@@ -116,41 +91,3 @@ def _peft_adapter(name: str, path: Path, model: nn.Module) -> LoraAdapter:
                             "serving takes LoRA on linear layers only")
         tensors[f"{match.group(1)[len(PREFIX):]}.lora.{match.group(2)}"] = value
     return lora_adapter(name, spec, tensors)
-
-
-class LoraBank(nn.Module):
-    """Every served adapter's LoRA at one site, stacked: A_bank [n, r, in], B_bank [n, out, r], scales [n].
-
-    The banks are parameters, frozen: serving does not train; `requires_grad_()` them to train
-    through the multi-adapter ops (padding and empty slots keep zero gradients).
-    """
-
-    def __init__(self, site: Site, adapters: list[LoraAdapter], weight: torch.Tensor):
-        super().__init__()
-        loras = [adapter.sites.get(site.path) for adapter in adapters]
-        rank = max(lora.a.shape[0] for lora in loras if lora is not None)
-        factory = dict(dtype=weight.dtype, device=weight.device)
-        a_bank = torch.zeros(len(adapters), rank, site.in_features, **factory)
-        b_bank = torch.zeros(len(adapters), site.out_features, rank, **factory)
-        scales = torch.zeros(len(adapters), **factory)
-        for i, (adapter, lora) in enumerate(zip(adapters, loras)):
-            if lora is None:
-                continue
-            _check_shapes(adapter.name, site, lora)
-            r = lora.a.shape[0]
-            a_bank[i, :r] = lora.a
-            b_bank[i, :, :r] = lora.b
-            scales[i] = lora.scale
-        self.A_bank = nn.Parameter(a_bank, requires_grad=False)
-        self.B_bank = nn.Parameter(b_bank, requires_grad=False)
-        self.register_buffer("scales", scales)
-        self.ranks = [0 if lora is None else lora.a.shape[0] for lora in loras]
-
-
-def _check_shapes(name: str, site: Site, lora: SiteLora) -> None:
-    r = lora.a.shape[0]
-    want_a, want_b = (r, site.in_features), (site.out_features, r)
-    if tuple(lora.a.shape) != want_a or tuple(lora.b.shape) != want_b:
-        raise CheckpointError(f"adapter {name!r}, site {site.path!r}: A {tuple(lora.a.shape)} and B "
-                              f"{tuple(lora.b.shape)} do not fit the layer (want {want_a} and {want_b}); "
-                              "was the adapter trained on another model?")

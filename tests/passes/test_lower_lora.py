@@ -5,13 +5,14 @@ import warnings
 
 import pytest
 import torch
-
-import peftc
 from families import FAMILIES, call, compile_family, logits, randomize_adapters
 from peftc.codegen.triton import ops  # noqa: F401  (registers torch.ops.peftc.*)
-from peftc.ir.graph_edit import provenance
 from peftc.passes.lower_lora_triton import FALLBACK_WARNING, lower_lora_triton
+
+import peftc
+from peftc.ir.graph_edit import provenance
 from peftc.pipeline.runner import PassContext
+from peftc.spec.methods import METHODS
 
 LORA_OPS = (torch.ops.peftc.lora_linear.default, torch.ops.peftc.lora_linear_q.default)
 
@@ -71,8 +72,8 @@ def test_llama_triton_backend_equals_torch_backend(llama_pair):
 def _lower_in_place(cm):
     """Run the pass on an already compiled (backend="torch") model's graph, as the pipeline would."""
     gm = cm.graph_module
-    ctx = PassContext(spec=cm.spec, sites=cm.sites, adapter_root=cm._adapter_root,
-                      base_params=dict(gm.named_parameters()))
+    ctx = PassContext(spec=cm.spec, sites=tuple(cm.sites), adapter_root=cm.adapter_root,
+                      base_params=dict(gm.named_parameters()), trainable=frozenset(), methods=METHODS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = lower_lora_triton(gm, ctx)

@@ -40,7 +40,8 @@ def deep(family: str) -> tuple[nn.Module, dict]:
 
 
 def example(model: nn.Module) -> dict:
-    from peftc.capture.export import hf_example_inputs, normalize_call
+    from peftc.capture.calls import normalize_call
+    from peftc.capture.example_inputs import hf_example_inputs
     return normalize_call(model, (), hf_example_inputs(model))[1]
 
 

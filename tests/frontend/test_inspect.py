@@ -11,12 +11,13 @@ import networkx as nx
 import pydot
 import pytest
 import torch
-
 from families import FAMILIES, compile_family
-from peftc.inspect.dot import GraphvizNotFoundError
+
+from peftc.core.paths import group_paths
+from peftc.errors import GraphvizNotFoundError, ScopeError
+from peftc.inspect.report import Report
 from peftc.ir.graph_edit import provenance
-from peftc.inspect.graph_view import ScopeError, node_module_path
-from peftc.inspect.report import Report, group_paths
+from peftc.ir.node_text import node_module_path
 
 R = 4
 TARGETS = ("q_proj", "v_proj")
@@ -307,7 +308,7 @@ def test_shapes_without_an_example_size_show_their_symbol():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from peftc.inspect.graph_view import format_node
+    from peftc.ir.node_text import format_node
     from peftc.ir.shapes import Shape
 
     shape_env = ShapeEnv()

@@ -6,7 +6,6 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules load
 
 import pytest
 import torch
-
 from peftc.codegen.triton import multi_ops, reference
 from test_triton_kernels import DTYPES, _close, _f32, _tensors
 

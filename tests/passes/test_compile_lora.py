@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import peftc
 from families import FAMILIES, call, compile_family, logits, randomize_adapters
 from peft_reference import peft_lora, trainable_count
+
+import peftc
 
 R, ALPHA = 4, 8
 ALL = list(FAMILIES)

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from families import FAMILIES, Family, call, compile_family, logits, randomize_adapters
 
 import peftc
-from families import FAMILIES, Family, call, compile_family, logits, randomize_adapters
 
 peft = pytest.importorskip("peft")
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402

@@ -1,0 +1,110 @@
+"""The one build path: a Compilation builds the graph for any call signature and any plan.
+
+    compilation = Compilation.start(model, spec, CompileOptions(backend="torch"))
+    built = compilation.build(args, kwargs, Plan.train())      # capture, sites, mount, passes
+
+`compile`, `merged()`, `serve_adapters`, `export_onnx` (and each new call signature a compiled
+model meets) all build through `Compilation.build`; nothing replays the pipeline from closures.
+A Compilation is a value: the model graphs are captured from, the spec, the adapter tree every
+graph mounts (so all graphs train the same parameters), the options, and the state passes
+share across graphs (quantize_base's packed weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc.capture.export import capture
+from peftc.compiler.plan import BACKENDS, Plan
+from peftc.core.targets import select
+from peftc.errors import SpecError
+from peftc.ir import adapters
+from peftc.ir.lora_bank import ServingPlan
+from peftc.ir.modes import record_modes
+from peftc.ir.quantized import quantized_weights, without_quantized_weights
+from peftc.ir.sites import Site, find_sites
+from peftc.pipeline.runner import PassContext, PassRecord, run_pipeline
+from peftc.pipeline.state import MergeOptions, SharedState
+from peftc.spec.methods import METHODS
+from peftc.spec.parse import Spec
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "torch"  # "torch" | "triton"
+    copy_layers: bool = True  # capture one layer of a stack of identical layers and copy it (capture.layer_stacks)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise SpecError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class Built:
+    """One graph and what made it: the pass records and the sites as the passes left them."""
+
+    graph_module: GraphModule
+    records: list[PassRecord]
+    sites: tuple[Site, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Compilation:
+    source: nn.Module  # the model graphs are captured from (the user's, or its copy without packed weights)
+    spec: Spec | None  # None for a serving compilation (its plan names the adapters)
+    adapter_root: nn.Module  # mounted at `peftc` on every graph: all graphs share these parameters
+    options: CompileOptions = field(default_factory=CompileOptions)
+    shared: SharedState = field(default_factory=SharedState)
+
+    @classmethod
+    def start(cls, model: nn.Module, spec: Spec | None, options: CompileOptions | None = None) -> "Compilation":
+        return cls(model, spec, nn.Module(), options or CompileOptions())
+
+    # The plans callers build with (peftc.compiler.plan); made here so callers need not know the passes.
+    def train_plan(self) -> Plan:
+        return Plan.train(self.options.backend)
+
+    def merged_plan(self, options: MergeOptions | None = None) -> Plan:
+        return Plan.merged(options)
+
+    def export_plan(self, merge: bool, options: MergeOptions | None = None) -> Plan:
+        return Plan.export(merge, options)
+
+    def serve_plan(self, serving: ServingPlan) -> Plan:
+        return Plan.serve(serving)
+
+    def build(self, args: tuple, kwargs: dict, plan: Plan, *, dynamic_shapes: Any = None,
+              dump_dir: Path | None = None) -> Built:
+        """Capture one call signature and run `plan`'s passes on it."""
+        gm = capture(self.source, args, kwargs, dynamic_shapes, copy_layers=self.options.copy_layers)
+        record_modes(gm)
+        base_params = dict(gm.named_parameters(remove_duplicate=False))
+        sites = tuple(find_sites(gm))
+        adapters.mount(gm, self.adapter_root)
+        ctx = PassContext(spec=self.spec, sites=sites, adapter_root=self.adapter_root, base_params=base_params,
+                          trainable=self._trainable(base_params), methods=METHODS, shared=self.shared,
+                          merge=plan.merge, serving=plan.serving)
+        records, sites = run_pipeline(gm, plan.steps(self.spec), ctx, dump_dir)
+        return Built(gm, records, sites)
+
+    def after_first_build(self, built: Built) -> "Compilation":
+        """The compilation later graphs build from: once quantize_base has packed weights, capture
+        from a copy of the model without them, so the user's full-precision weights can be freed."""
+        if self.shared.quantized is None:
+            return self
+        kept = dict(built.graph_module.named_parameters(remove_duplicate=False))
+        packed = [p for p in quantized_weights(self.shared.quantized) if p not in kept]
+        return replace(self, source=without_quantized_weights(self.source, packed))
+
+    def _trainable(self, base_params: dict[str, nn.Parameter]) -> frozenset[str]:
+        """Base FQNs `spec.trainable` unfreezes; a tied weight's other names come with it."""
+        if self.spec is None or not self.spec.trainable:
+            return frozenset()
+        chosen = select(self.spec.trainable, list(base_params), "trainable", what="parameter name")
+        chosen_ids = {id(base_params[name]) for name in chosen}
+        return frozenset(name for name, p in base_params.items() if id(p) in chosen_ids)
