@@ -334,8 +334,6 @@ PEFT_TYPES: dict[str, PeftRow] = {
     "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
         "use_dora", "target_parameters", "lora_bias", "trainable_token_indices"}),
-    "TRAINABLE_TOKENS": PeftRow("TRAINABLE_TOKENS", "trainable_tokens", read_trainable_tokens,
-                                frozenset({"target_modules", "token_indices", "init_weights"})),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
                                                          "alpha_pattern"}, LOW_RANK_FIXED),
@@ -347,6 +345,8 @@ PEFT_TYPES: dict[str, PeftRow] = {
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
     "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS),
     **ORTHOGONAL_TYPES,
+    "TRAINABLE_TOKENS": PeftRow("TRAINABLE_TOKENS", "trainable_tokens", read_trainable_tokens,
+                                frozenset({"target_modules", "token_indices", "init_weights"})),
 }
 
 
