@@ -178,6 +178,12 @@ CASES = {
     "mlp-lokr": ("mlp", lambda: LoKrConfig(r=2, alpha=4, target_modules=["lin0", "lin1"])),
     "mlp-vera": ("mlp", lambda: VeraConfig(r=4, target_modules=["lin0"], projection_prng_key=1)),
     "conv1d-lora": ("conv1d", lora(target_modules=["conv", "lin"])),
+    "mlp-lokr-decompose-both": ("mlp", lambda: LoKrConfig(r=1, alpha=4, target_modules=["lin0", "lin1"],
+                                                          decompose_both=True)),
+    "mlp-lokr-decompose-factor": ("mlp", lambda: LoKrConfig(r=2, alpha=4, target_modules=["lin0", "lin1"],
+                                                            decompose_factor=2)),
+    "conv2d-lokr-decompose-both-factor": ("conv2d", lambda: LoKrConfig(r=1, alpha=4, target_modules=["conv"],
+                                                                       decompose_both=True, decompose_factor=4)),
     "conv1d-lokr": ("conv1d", lambda: LoKrConfig(r=2, alpha=4, target_modules=["conv"])),
     "conv1d-loha": ("conv1d", lambda: LoHaConfig(r=2, alpha=4, target_modules=["conv"])),
     "conv1d_grouped-lora": ("conv1d_grouped", lora(target_modules=["conv"])),
@@ -316,6 +322,8 @@ NATIVE = {
                                       "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),
     "mha_cross-lora": ("mha_cross", {"method": "lora", "targets": ["mha"], "r": 2}),
     "conv1d_grouped-lokr": ("conv1d_grouped", {"method": "lokr", "targets": ["conv"], "r": 2}),
+    "mlp-lokr-decompose": ("mlp", {"method": "lokr", "targets": ["lin0"], "r": 1, "decompose_both": True,
+                                   "decompose_factor": 4}),
     "emb_conv1d-trainable-tokens": ("emb_conv1d", {"method": "trainable_tokens", "targets": ["emb"], "indices": [42, 11]}),
 }
 

@@ -198,7 +198,10 @@ def read_loha(cfg: dict) -> list[dict]:
 
 
 def read_lokr(cfg: dict) -> list[dict]:
-    return _low_rank("lokr", cfg)
+    entries = _low_rank("lokr", cfg)
+    entries[0].update(decompose_both=bool(cfg.get("decompose_both", False)),
+                      decompose_factor=cfg.get("decompose_factor", -1))
+    return entries
 
 
 def _low_rank(method: str, cfg: dict) -> list[dict]:
@@ -338,8 +341,8 @@ PEFT_TYPES: dict[str, PeftRow] = {
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
                                                          "alpha_pattern"}, LOW_RANK_FIXED),
     "LOKR": PeftRow("LOKR", "lokr", read_lokr, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
-                                                         "alpha_pattern"},
-                    LOW_RANK_FIXED + (("decompose_factor", -1), ("rank_dropout_scale", False))),
+                                                         "alpha_pattern", "decompose_both", "decompose_factor"},
+                    LOW_RANK_FIXED + (("rank_dropout_scale", False),)),
     "VERA": PeftRow("VERA", "vera", read_vera, COMMON | {"r", "init_weights", "projection_prng_key",
                                                          "save_projection", "vera_dropout", "d_initial"}),
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
@@ -372,8 +375,8 @@ def write_loha(entry, field: str) -> dict:
 
 
 def write_lokr(entry, field: str) -> dict:
-    return {**_write_low_rank("LOKR", entry, field), "decompose_both": False, "decompose_factor": -1,
-            "rank_dropout_scale": False}
+    return {**_write_low_rank("LOKR", entry, field), "decompose_both": entry.decompose_both,
+            "decompose_factor": entry.decompose_factor, "rank_dropout_scale": False}
 
 
 def _write_low_rank(peft_type: str, entry, field: str) -> dict:
