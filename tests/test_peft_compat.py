@@ -16,8 +16,8 @@ from torch import nn
 import peftc
 
 peft = pytest.importorskip("peft")
-from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, TrainableTokensConfig,  # noqa: E402
-                  VeraConfig, get_peft_model)
+from peft import (IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel,  # noqa: E402
+                  TrainableTokensConfig, VeraConfig, get_peft_model)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -31,6 +31,15 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.lin1(torch.relu(self.lin0(x)))
+
+
+class NormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.norm, self.lin1 = nn.Linear(10, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.lin1(self.norm(torch.relu(self.lin0(x))))
 
 
 class Conv1dModel(nn.Module):
@@ -141,6 +150,7 @@ def _input(shape, integer: int = 0):
 
 MODELS = {  # name: (builder, example input)
     "mlp": (MLP, lambda: _input((3, 10))),
+    "norm_mlp": (NormMLP, lambda: _input((3, 10))),
     "conv1d": (Conv1dModel, lambda: _input((2, 4, 9))),
     "conv1d_grouped": (lambda: Conv1dModel(groups=2), lambda: _input((2, 4, 9))),
     "conv2d": (Conv2dModel, lambda: _input((2, 4, 6, 6))),
@@ -177,6 +187,7 @@ CASES = {
     "mlp-loha": ("mlp", lambda: LoHaConfig(r=2, alpha=4, target_modules=["lin0", "lin1"])),
     "mlp-lokr": ("mlp", lambda: LoKrConfig(r=2, alpha=4, target_modules=["lin0", "lin1"])),
     "mlp-vera": ("mlp", lambda: VeraConfig(r=4, target_modules=["lin0"], projection_prng_key=1)),
+    "norm_mlp-ln-tuning": ("norm_mlp", lambda: LNTuningConfig(target_modules=["norm"])),
     "conv1d-lora": ("conv1d", lora(target_modules=["conv", "lin"])),
     "mlp-lokr-decompose-both": ("mlp", lambda: LoKrConfig(r=1, alpha=4, target_modules=["lin0", "lin1"],
                                                           decompose_both=True)),
@@ -271,7 +282,7 @@ def test_matches_peft(case, tmp_path):
 
 
 # (nn.MultiheadAttention is left out: PEFT 0.21 doubles its out_proj update, so its gradients differ.)
-STEP_CASES = ["mlp-lora", "conv2d_grouped-lora", "emb_conv1d-lora", "param_mlp-lora", "moe-lora-experts", "conv1d_grouped-lokr"]
+STEP_CASES = ["mlp-lora", "norm_mlp-ln-tuning", "conv2d_grouped-lora", "emb_conv1d-lora", "param_mlp-lora", "moe-lora-experts", "conv1d_grouped-lokr"]
 
 
 @pytest.mark.parametrize("case", STEP_CASES)
@@ -324,6 +335,7 @@ NATIVE = {
     "conv1d_grouped-lokr": ("conv1d_grouped", {"method": "lokr", "targets": ["conv"], "r": 2}),
     "mlp-lokr-decompose": ("mlp", {"method": "lokr", "targets": ["lin0"], "r": 1, "decompose_both": True,
                                    "decompose_factor": 4}),
+    "norm_mlp-ln-tuning": ("norm_mlp", {"method": "ln_tuning", "targets": ["norm"]}),
     "emb_conv1d-trainable-tokens": ("emb_conv1d", {"method": "trainable_tokens", "targets": ["emb"], "indices": [42, 11]}),
 }
 

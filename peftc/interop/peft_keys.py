@@ -62,6 +62,7 @@ WRAPPER_INFIX = re.compile(r"\.base_layer(?=\.)(?!(?:\.base_layer)*\.lora_)")
 
 
 TOKEN_ADAPTER = "token_adapter"
+LN_TUNING_INFIX = "ln_tuning_layers"  # PEFT's LN_TUNING keeps its trainable copy of the module there
 
 
 def normalize(key: str) -> str:
@@ -129,7 +130,8 @@ def peft_names(cm) -> dict[str, str]:
     kinds = {site.path: site.kind for site in cm.sites}
     peft_paths = peft_module_paths(cm)
     modules = list(adapters.adapter_modules(cm.adapter_root))
-    wrapped = {q.rpartition(".")[0] for q, _ in modules if entry_of_slot[q.rpartition(".")[2]].method != "copy"}
+    wrapped = {q.rpartition(".")[0] for q, _ in modules
+               if entry_of_slot[q.rpartition(".")[2]].method not in ("copy", "ln_tuning")}
     prefix = PROMPT_PREFIX if any(e.method in PROMPT_STYLE for e in spec.adapters) else PREFIX
     # Tokens trained beside another method (LoRA's trainable_token_indices) sit in PEFT's token_adapter.
     beside = any(e.method not in ("copy", "trainable_tokens") for e in spec.adapters)
@@ -143,6 +145,8 @@ def peft_names(cm) -> dict[str, str]:
                 continue
             if method == "trainable_tokens" and beside:
                 out[name] = f"{PREFIX}{site_path}.{TOKEN_ADAPTER}.{TENSOR_NAMES[method]['*'][tensor]}"
+            elif method == "ln_tuning":
+                out[name] = f"{PREFIX}{site_path}.{LN_TUNING_INFIX}.{tensor}"
             elif method == "copy":
                 out[name] = base_key(f"{site_path}.{tensor}".strip("."), wrapped, prefix)
             else:

@@ -111,6 +111,21 @@ def _token_entries(indices) -> list[dict]:
             for name, ids in indices.items()]
 
 
+def read_ln_tuning(cfg: dict) -> list[dict]:
+    entry = {"method": "ln_tuning", "targets": _targets(cfg)}
+    exclude = _exclude(cfg)
+    if exclude:
+        entry["exclude"] = exclude
+    return [entry] + _copies(cfg, entry)
+
+
+def write_ln_tuning(entry, field: str) -> dict:
+    if entry.params:
+        raise SpecError(f"{field}.params: PEFT's LN_TUNING trains whole modules; leave params empty")
+    targets = _write_targets(entry, field, layers=False)
+    return {"peft_type": "LN_TUNING", **targets}
+
+
 def read_trainable_tokens(cfg: dict) -> list[dict]:
     targets = _targets(cfg) if cfg.get("target_modules") else ["embed_tokens"]  # PEFT's default
     return [{"method": "trainable_tokens", "targets": targets, "indices": list(cfg.get("token_indices") or [])}]
@@ -348,6 +363,8 @@ PEFT_TYPES: dict[str, PeftRow] = {
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
     "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS),
     **ORTHOGONAL_TYPES,
+    "LN_TUNING": PeftRow("LN_TUNING", "ln_tuning", read_ln_tuning,
+                         frozenset({"target_modules", "exclude_modules", "modules_to_save"})),
     "TRAINABLE_TOKENS": PeftRow("TRAINABLE_TOKENS", "trainable_tokens", read_trainable_tokens,
                                 frozenset({"target_modules", "token_indices", "init_weights"})),
 }
@@ -417,4 +434,5 @@ WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": wr
                                                   "loha": write_loha, "lokr": write_lokr, "vera": write_vera,
                                                   "prompt": write_prompt, "prefix": write_prefix,
                                                   "trainable_tokens": write_trainable_tokens,
+                                                  "ln_tuning": write_ln_tuning,
                                                   **ORTHOGONAL_WRITERS}

@@ -23,6 +23,7 @@ from peftc.passes.insert_prompt import PromptConfig, insert_prompt
 from peftc.passes.insert_trainable_tokens import (TrainableTokensConfig, fold_trainable_tokens,
                                                   insert_trainable_tokens)
 from peftc.passes.insert_vera import VeraConfig, insert_vera
+from peftc.passes.tune_layer_norms import LnTuningConfig, tune_layer_norms
 from peftc.passes.quantize_base import QuantizeConfig
 # orthogonal and sparse high-rank methods (OFT, BOFT, HRA, SHiRA)
 from peftc.passes._weight_transform import fold_transform
@@ -75,6 +76,8 @@ METHODS: dict[str, Method] = {
                   "W·H₁⋯H_r on linear and conv ops, H_i = I − 2uᵢuᵢᵀ Householder reflections"),
     "shira": Method("shira", "selective", ShiraConfig, insert_shira, fold_shira,
                     "W x + op(x, ΔW) on linear ops, ΔW sparse: r·(out + in) seeded random entries train"),
+    "ln_tuning": Method("ln_tuning", "selective", LnTuningConfig, tune_layer_norms, None,
+                        "trainable copies of the targeted normalization layers (HF PEFT's LN_TUNING)"),
     "trainable_tokens": Method("trainable_tokens", "selective", TrainableTokensConfig, insert_trainable_tokens,
                                fold_trainable_tokens, "rows `indices` of an embedding train (wherever it is read)"),
 }
