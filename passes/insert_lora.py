@@ -32,9 +32,12 @@ from peftc.pipeline.runner import PassContext, PassResult
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_output, add_to_parameter, bias_param, conv_geometry, maybe_dropout
+from ._weight_ops import add_output, add_to_parameter, bias_param, conv_geometry, flip_layout, maybe_dropout
 
 aten = torch.ops.aten
+
+
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ class LoraConfig:
     alpha: float = field(default=8, metadata={"check": positive_number})
     dropout: float = field(default=0.0, metadata={"check": probability})
     rslora: bool = field(default=False, metadata={"check": boolean})
-    init: str = field(default="default", metadata={"check": one_of("default", "gaussian")})
+    # "pissa" / "olora": A, B from the weight's SVD / QR, and the base weight less s·B0 A0 (PEFT rewrites
+    # the weight; peftc subtracts s·B0(A0 x) in the graph, so the user's weights are never touched)
+    init: str = field(default="default", metadata={"check": one_of("default", "gaussian", *RESIDUAL_INITS)})
     exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
     gate: bool = field(default=False, metadata={"check": boolean})  # UniPELT: update * sigmoid(w·x + b)
     # Per-site overrides, {target pattern: value}; the first pattern matching a site wins.
@@ -123,6 +128,8 @@ class LoraWeights(nn.Module):
             self.gate_bias = nn.Parameter(torch.zeros(1, **factory))
             self.foldable = False
         self.reset_parameters(config.init)
+        if config.init in RESIDUAL_INITS:
+            self._init_from_weight(config.init, flip_layout(weight, site))
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -138,8 +145,28 @@ class LoraWeights(nn.Module):
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             nn.init.zeros_(self.B)
 
+    @torch.no_grad()
+    def _init_from_weight(self, init: str, weight: torch.Tensor) -> None:
+        """A0, B0 from the [out, in] weight (PiSSA: principal singular pairs, sqrt(S/s) on each side; OLoRA:
+        the first r columns of Q and rows of R), as HF PEFT computes them in float32. The buffers keep
+        B0 A0, which the graph subtracts from the base op: the residual weight W - s·B0 A0."""
+        r, w = self.A.shape[0], weight.detach().float()
+        if init == "pissa":
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            root = torch.diag(torch.sqrt(sv[:r] / self.scale))
+            a0, b0 = root @ vh[:r], u[:, :r] @ root
+        else:
+            q, rr = torch.linalg.qr(w)
+            a0, b0 = rr[:r], q[:, :r]
+        self.A.copy_(a0)
+        self.B.copy_(b0)
+        self.register_buffer("A0", a0.to(self.A.dtype).clone(), persistent=False)  # recomputed from W at compile
+        self.register_buffer("B0", b0.to(self.B.dtype).clone(), persistent=False)
+        self.not_in_peft = ("A0", "B0")  # PEFT recomputes them from the base weight, as peftc does
+
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B_e [E, out, r], A_e [E, r, in]): PEFT's ParamWrapper reads A's rows expert-major, B's columns rank-major."""
+        """(B_e [E, out, r], A_e [E, r, in]): PEFT's ParamWrapper reads A's rows expert-major and B's
+        columns rank-major."""
         e = self.experts
         a = self.A.reshape(e, -1, self.A.shape[-1])
         b = self.B.reshape(self.B.shape[0], -1, e).permute(2, 0, 1)
@@ -156,6 +183,8 @@ class LoraWeights(nn.Module):
             return (b @ a).view(self.B.shape[0], *self.A.shape[1:]) * self.scale
         if self.kind == "embedding":
             return (self.B @ self.A).T * self.scale  # [num_embeddings, dim]
+        if hasattr(self, "A0"):  # the residual base: W - s·B0 A0
+            return (self.B @ self.A - self.B0 @ self.A0) * self.scale
         return (self.B @ self.A) * self.scale
 
 
@@ -173,6 +202,9 @@ def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
 def _check_sites(ctx: PassContext, config: LoraConfig, sites: list[Site]) -> None:
     field = f"adapters[{ctx.entry_index}]"
     for site in sites:
+        if config.init in RESIDUAL_INITS and site.kind != "linear":
+            raise SpecError(f"{field}.init: {config.init!r} is computed from a linear weight; {site.path!r} is "
+                            f"a {site.kind} site (PEFT supports it on linear layers only)")
         if config.lora_bias and site.kind not in ("linear", "conv"):
             raise SpecError(f"{field}.lora_bias: a LoRA bias needs a linear or conv op (as PEFT); {site.path!r} "
                             f"is a {site.kind} site")
@@ -239,6 +271,11 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, config: L
         else:
             delta = ins.call(aten.linear.default, ins.call(aten.linear.default, x, a), b,
                              *([b_bias] if b_bias is not None else []))
+            if config.init in RESIDUAL_INITS:  # the base op reads W - s·B0 A0: subtract B0(A0 x) before scaling
+                a0, b0 = (ins.get_attr(adapters.target(site.path, ctx.slot, n)) for n in ("A0", "B0"))
+                x_base = node.args[site.input_index]
+                start = ins.call(aten.linear.default, ins.call(aten.linear.default, x_base, a0), b0)
+                delta = ins.call(aten.sub.Tensor, delta, start)
     if config.gate:
         w, bias = (ins.get_attr(adapters.target(site.path, ctx.slot, n)) for n in ("gate", "gate_bias"))
         gate = ins.call(aten.linear.default, node.args[site.input_index], w, bias)

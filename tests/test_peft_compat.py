@@ -180,6 +180,8 @@ CASES = {
     "mlp-lora-rslora-bias": ("mlp", lora(target_modules=["lin0", "lin1"], use_rslora=True, bias="lora_only")),
     "mlp-lora-patterns": ("mlp", lora(target_modules=["lin0", "lin1"], rank_pattern={"lin1": 2},
                                       alpha_pattern={"lin0": 3})),
+    "mlp-lora-pissa": ("mlp", lora(target_modules=["lin0", "lin1"], init_lora_weights="pissa")),
+    "mlp-lora-olora": ("mlp", lora(target_modules=["lin0", "lin1"], init_lora_weights="olora", lora_dropout=0.1)),
     "mlp-lora-modules-to-save": ("mlp", lora(target_modules=["lin0"], modules_to_save=["lin1"])),
     "mlp-lora-bias": ("mlp", lora(target_modules=["lin0", "lin1"], lora_bias=True)),
     "mlp-dora": ("mlp", lora(target_modules=["lin0", "lin1"], use_dora=True)),
@@ -282,7 +284,8 @@ def test_matches_peft(case, tmp_path):
 
 
 # (nn.MultiheadAttention is left out: PEFT 0.21 doubles its out_proj update, so its gradients differ.)
-STEP_CASES = ["mlp-lora", "norm_mlp-ln-tuning", "conv2d_grouped-lora", "emb_conv1d-lora", "param_mlp-lora", "moe-lora-experts", "conv1d_grouped-lokr"]
+STEP_CASES = ["mlp-lora", "mlp-lora-pissa", "norm_mlp-ln-tuning", "conv2d_grouped-lora", "emb_conv1d-lora",
+              "param_mlp-lora", "moe-lora-experts", "conv1d_grouped-lokr"]
 
 
 @pytest.mark.parametrize("case", STEP_CASES)
@@ -321,7 +324,8 @@ def test_attention_out_proj_is_added_once(tmp_path):
     eager = build("mha")
     inner = reference.base_model.model.mha
     with torch.no_grad():
-        for weight, layer in ((eager.mha.in_proj_weight, inner), (eager.mha.out_proj.weight, inner.base_layer.out_proj)):
+        pairs = ((eager.mha.in_proj_weight, inner), (eager.mha.out_proj.weight, inner.base_layer.out_proj))
+        for weight, layer in pairs:
             weight += layer.get_delta_weight("default")
         torch.testing.assert_close(cm(x), eager(x), **TOL)
 
@@ -336,7 +340,9 @@ NATIVE = {
     "mlp-lokr-decompose": ("mlp", {"method": "lokr", "targets": ["lin0"], "r": 1, "decompose_both": True,
                                    "decompose_factor": 4}),
     "norm_mlp-ln-tuning": ("norm_mlp", {"method": "ln_tuning", "targets": ["norm"]}),
-    "emb_conv1d-trainable-tokens": ("emb_conv1d", {"method": "trainable_tokens", "targets": ["emb"], "indices": [42, 11]}),
+    "mlp-lora-olora": ("mlp", {"method": "lora", "targets": ["lin0"], "r": 2, "init": "olora"}),
+    "emb_conv1d-trainable-tokens": ("emb_conv1d", {"method": "trainable_tokens", "targets": ["emb"],
+                                                   "indices": [42, 11]}),
 }
 
 
@@ -357,3 +363,20 @@ def test_native_spec_saves_what_peft_computes(case, tmp_path):
     assert trainable(PeftModel.from_pretrained(build(name), tmp_path / "out", is_trainable=True)) == trainable(cm)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), expected, **TOL)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_inits_start_as_the_model_and_leave_it_bit_identical(init):
+    model = build("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = MODELS["mlp"][1]()
+    cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["lin0"], "r": 2, "init": init}]},
+                       example_inputs=(x,)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), **TOL)  # W - s·B0 A0 + s·B0 A0 = W
+        assert cm.adapter_state_dict()["lin0.lora.A"].abs().sum() > 0  # A, B from the weight, not zero
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    reference = get_peft_model(build("mlp"), LoraConfig(r=2, lora_alpha=8, target_modules=["lin0"],
+                                                       init_lora_weights=init))
+    peft_b = reference.base_model.model.lin0.lora_B["default"].weight
+    torch.testing.assert_close(cm.adapter_state_dict()["lin0.lora.B"], peft_b, **TOL)

@@ -72,7 +72,8 @@ COMMON = frozenset({"target_modules", "exclude_modules", "layers_to_transform", 
 
 # -- LoRA ------------------------------------------------------------------------------------
 
-LORA_INITS = {True: "default", False: "default", "gaussian": "gaussian"}  # False: random B, for tests
+LORA_INITS = {True: "default", False: "default", "gaussian": "gaussian",  # False: random B, for tests
+              "pissa": "pissa", "olora": "olora"}  # PEFT rewrites the base weight; peftc keeps it (see insert_lora)
 
 
 def read_lora(cfg: dict) -> list[dict]:
@@ -163,7 +164,7 @@ def _lora_or_dora(cfg: dict) -> str:
 
 
 def write_lora(entry, field: str) -> dict:
-    init = {"default": True, "gaussian": "gaussian"}[getattr(entry, "init", "default")]
+    init = {"default": True}.get(getattr(entry, "init", "default"), getattr(entry, "init", "default"))
     rank_pattern = getattr(entry, "rank_pattern", {})
     alpha_pattern = getattr(entry, "alpha_pattern", {})
     return {

@@ -130,7 +130,8 @@ def test_expert_errors_name_the_field():
                                                      "dropout": 0.1}]})
     with pytest.raises(SpecError, match=r"adapters\[0\]\.target_parameters\[0\]: 'experts.up_proj' matches no"):
         peftc.compile(family.build(), {"adapters": [{"method": "lora", "target_parameters": ["experts.up_proj"]}]})
-    with pytest.raises(SpecError, match=r"adapters\[0\]\.targets: expected a non-empty list of module names, or 'target_parameters'"):
+    message = r"adapters\[0\]\.targets: expected a non-empty list of module names, or 'target_parameters'"
+    with pytest.raises(SpecError, match=message):
         peftc.Spec.from_dict({"adapters": [{"method": "lora"}]})
 
 
