@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,14 +50,15 @@ class PromptWeights(nn.Module):
 def insert_prompt(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Prepend the prompt at the token embedding's output and lengthen the sequence-aligned inputs by N."""
     config: PromptConfig = ctx.entry
-    site, ids = _token_embedding(gm, ctx)
+    site, ids = token_embedding(gm, ctx)
     weight = ctx.base_params[site.param]
     module, created = adapters.get_or_create(ctx.adapter_root, site.path, ctx.slot,
                                              lambda: PromptWeights(weight, config))
     tag = {"pass": "insert_prompt", "method": "prompt", "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
-    _lengthen_inputs(gm, ids, config.num_tokens, tag)
-    _prepend_prompt(gm, next(n for n in gm.graph.nodes if n.name == site.node), site, ctx, config, tag)
+    lengthen_inputs(gm, ids, config.num_tokens, tag)
+    prepend_prompt(gm, next(n for n in gm.graph.nodes if n.name == site.node), config.num_tokens, tag,
+                   lambda ins: ins.get_attr(adapters.target(site.path, ctx.slot, "embedding")))
     result = PassResult(modified=True, sites=[site.path])
     if created:
         name = adapters.target(site.path, ctx.slot, "embedding")[len(adapters.ROOT) + 1:]
@@ -64,7 +66,7 @@ def insert_prompt(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
-def _token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
+def token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
     """The first embedding site whose indices are a graph input (through views): the token embedding."""
     nodes = {n.name: n for n in gm.graph.nodes}
     for site in ctx.sites:
@@ -77,11 +79,11 @@ def _token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
             return site, source
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     raise SpecError(
-        f"adapters[{ctx.entry_index}].method: 'prompt' prepends virtual tokens at the token embedding, but this "
-        f"model has no embedding lookup fed by an input (its inputs: {inputs}); use 'prefix' or 'adapter' instead")
+        f"adapters[{ctx.entry_index}].method: {ctx.entry.method!r} prepends virtual tokens at the token embedding, "
+        f"but this model has no embedding lookup fed by an input (its inputs: {inputs}); use 'prefix' or 'adapter' instead")
 
 
-def _lengthen_inputs(gm: GraphModule, ids: Node, num_tokens: int, tag: dict) -> None:
+def lengthen_inputs(gm: GraphModule, ids: Node, num_tokens: int, tag: dict) -> None:
     """Give the token ids and the sequence-aligned inputs N leading positions, so every length the
     graph derives from them (masks, positions, token types, loss) covers the virtual tokens."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -103,15 +105,16 @@ def _lengthen_inputs(gm: GraphModule, ids: Node, num_tokens: int, tag: dict) -> 
         redirect_users(users, placeholder, longer)
 
 
-def _prepend_prompt(gm: GraphModule, node: Node, site: Site, ctx: PassContext, config: PromptConfig,
-                    tag: dict) -> None:
-    """Replace the first N (padding) positions of the embedding output by the prompt."""
+def prepend_prompt(gm: GraphModule, node: Node, num_tokens: int, tag: dict,
+                   make_prompt: Callable[[Inserter], Node]) -> None:
+    """Replace the first N (padding) positions of the embedding output by the [N, dim] prompt
+    `make_prompt` inserts."""
     y = current_output(node)
     users = list(y.users)
     ins = Inserter(gm, y, tag)
-    prompt = ins.get_attr(adapters.target(site.path, ctx.slot, "embedding"))
+    prompt = make_prompt(ins)
     batch = ins.call(aten.sym_size.int, y, 0)
     prompt = ins.call(aten.expand.default, ins.call(aten.unsqueeze.default, prompt, 0), [batch, -1, -1])
-    tokens = ins.call(aten.slice.Tensor, y, 1, config.num_tokens, SEQ_END)
+    tokens = ins.call(aten.slice.Tensor, y, 1, num_tokens, SEQ_END)
     out = ins.call(aten.cat.default, [prompt, tokens], 1)
     redirect_users(users, y, out)

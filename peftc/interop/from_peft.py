@@ -19,6 +19,7 @@ from .peft_config import as_config_dict, spec_dict_from_peft
 from .peft_files import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE
 from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
 from .peft_prefix import split_table
+from .peft_vblora import is_topk_file, logits_from_topk
 
 
 def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **compile_kwargs):
@@ -35,7 +36,7 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     config = resolve_all_linear(config, model)
     config = resolve_token_indices(config, model)
     config = present_modules_to_save(config, model)
-    spec_dict = spec_dict_from_peft(config)
+    spec_dict = spec_dict_from_peft(config, saved=directory is not None)
     if directory is None:
         return compile(model, spec_dict, **compile_kwargs)
     tensors = read_peft_weights(directory, allow_pickle)
@@ -154,6 +155,8 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
     ours_by_key = {normalize(key): name for name, key in names.items()}
     own = cm.adapter_state_dict()
     tensors = split_table(names, {k: tuple(own[n].shape) for n, k in names.items() if n in own}, tensors)
+    if is_topk_file(tensors):  # VB-LoRA saved with save_only_topk_weights
+        tensors = logits_from_topk(tensors)
     params = dict(cm.compilation.source.named_parameters(remove_duplicate=False))
     plan, unexpected = [], []
     for key, value in tensors.items():

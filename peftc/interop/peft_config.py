@@ -44,7 +44,8 @@ def as_config_dict(config: Any) -> dict:
     return {k: getattr(v, "value", v) for k, v in config.items()}  # enums (PeftType, TaskType) to str
 
 
-def spec_dict_from_peft(config: Any) -> dict:
+def spec_dict_from_peft(config: Any, saved: bool = False) -> dict:
+    """`saved`: the config comes with its saved weights (from_peft on an adapter directory)."""
     cfg = as_config_dict(config)
     peft_type = str(cfg.get("peft_type", "")).upper()
     row = PEFT_TYPES.get(peft_type)
@@ -54,7 +55,8 @@ def spec_dict_from_peft(config: Any) -> dict:
         raise SpecError(f"peft_type: {peft_type} is not yet supported by this peftc build (it needs the "
                         f"{row.method!r} method); supported: {supported_types()}")
     _refuse_unmapped(cfg, row)
-    return {"adapters": row.read(cfg)}
+    read = row.read_saved if saved and row.read_saved is not None else row.read
+    return {"adapters": read(cfg)}
 
 
 def _refuse_unmapped(cfg: dict, row: PeftRow) -> None:

@@ -40,15 +40,26 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "boft": {"*": {"boft_R": "boft_R", "boft_s": "boft_s"}},
     "hra": {"*": {"hra_u": "hra_u"}},
     "shira": {"*": {"shira_weight": "shira_weight", "shira_indices": "shira_indices"}},
+    # -- spectral / budgeted / encoder methods (issue 16). None: a tensor PEFT files do not hold ("*": any other).
+    # AdaLoRA: PEFT saves only the kept ranks (its config's rank_pattern), via the module's to_peft.
+    "adalora": {"*": {"A": "lora_A", "E": "lora_E", "B": "lora_B", "rank_mask": None}},
+    "fourierft": {"*": {"spectrum": "fourierft_spectrum", "indices": None}},  # indices: redrawn from the seed
+    "vblora": {"*": {"logits_A": "vblora_logits_A", "logits_B": "vblora_logits_B",
+                     "vector_bank": "vblora_vector_bank"}},
+    # P-tuning: PEFT saves the encoder's output alone, as prompt tuning's table; the encoder is not saved.
+    "p_tuning": {"*": {"embedding": "prompt_embeddings", "*": None}},
 }
-WHOLE_KEYS = {"prompt"}  # methods whose PEFT keys stand alone, without the base_model.model. path
+WHOLE_KEYS = {"prompt", "p_tuning"}  # methods whose PEFT keys stand alone, without the base_model.model. path
 PROMPT_PREFIX = "base_model."  # prompt-style PEFT models wrap the model directly: their copies' keys
-PROMPT_STYLE = {"prompt", "prefix"}
+PROMPT_STYLE = {"prompt", "prefix", "p_tuning"}
 
 
 def to_peft_shape(module, tensor: str, value):
-    """The tensor as PEFT shapes it (only IA3's vector differs: a column, or a row on feedforward sites;
-    [1, C, 1, ...] on a conv, as DoRA's magnitude there)."""
+    """The tensor as PEFT shapes it: IA3's vector is a column, or a row on feedforward sites ([1, C, 1, ...]
+    on a conv, as DoRA's magnitude there); a module with `to_peft` says itself (AdaLoRA keeps the
+    allocated ranks only, P-tuning saves its encoder's output)."""
+    if hasattr(module, "to_peft"):
+        return module.to_peft(tensor, value)
     if tensor in ("l", "magnitude") and getattr(module, "kernel_dims", 0):  # a conv's: [1, C, 1, ...]
         return value.reshape(1, -1, *[1] * module.kernel_dims)
     if tensor == "l" and hasattr(module, "feedforward"):
@@ -108,14 +119,17 @@ def base_key(fqn: str, wrapped: set[str], prefix: str = PREFIX) -> str:
     return prefix + (f"{owner}.base_layer.{leaf}" if owner in wrapped else fqn)
 
 
-def method_key(method: str, kind: str | None, site_path: str, tensor: str, name: str) -> str:
+def method_key(method: str, kind: str | None, site_path: str, tensor: str, name: str) -> str | None:
+    """PEFT's key for an adapter tensor; None for a tensor PEFT files do not hold."""
     table = TENSOR_NAMES.get(method)
     if table is None:
         raise NotImplementedError(f"{name!r}: no PEFT tensor names for method {method!r}; "
                                   f"known: {sorted(TENSOR_NAMES)}")
     names = table.get(kind or "*", table["*"])
-    if tensor not in names:
+    if tensor not in names and "*" not in names:
         raise NotImplementedError(f"{name!r}: PEFT has no tensor for {method} {tensor!r}; known: {sorted(names)}")
+    if names.get(tensor, names.get("*")) is None:
+        return None
     if method in WHOLE_KEYS:
         return names[tensor]
     if not site_path:  # an entry-wide tensor (VeRA's projections)
@@ -136,12 +150,14 @@ def peft_names(cm) -> dict[str, str]:
     # Tokens trained beside another method (LoRA's trainable_token_indices) sit in PEFT's token_adapter.
     beside = any(e.method not in ("copy", "trainable_tokens") for e in spec.adapters)
     out: dict[str, str] = {}
+    not_in_peft: set[str] = set()
     for qualname, module in modules:
         site_path, _, slot = qualname.rpartition(".")
         method = entry_of_slot[slot].method
         for tensor in list(module._parameters) + list(module._buffers):
             name = f"{qualname}.{tensor}"
-            if tensor in getattr(module, "not_in_peft", ()):
+            if tensor in getattr(module, "not_in_peft", ()):  # derived from the spec or the base weight
+                not_in_peft.add(name)
                 continue
             if method == "trainable_tokens" and beside:
                 out[name] = f"{PREFIX}{site_path}.{TOKEN_ADAPTER}.{TENSOR_NAMES[method]['*'][tensor]}"
@@ -150,11 +166,14 @@ def peft_names(cm) -> dict[str, str]:
             elif method == "copy":
                 out[name] = base_key(f"{site_path}.{tensor}".strip("."), wrapped, prefix)
             else:
-                out[name] = method_key(method, kinds.get(site_path), peft_paths.get(site_path, site_path), tensor,
-                                       name)
+                key = method_key(method, kinds.get(site_path), peft_paths.get(site_path, site_path), tensor, name)
+                if key is None:
+                    not_in_peft.add(name)
+                else:
+                    out[name] = key
     copied = set(out.values())
     for name in cm.adapter_state_dict():
         # A base parameter the spec's `trainable` unfreezes; where a copy replaces it, the copy is saved.
-        if name not in out and base_key(name, wrapped, prefix) not in copied:
+        if name not in out and name not in not_in_peft and base_key(name, wrapped, prefix) not in copied:
             out[name] = base_key(name, wrapped, prefix)
     return out

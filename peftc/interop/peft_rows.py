@@ -24,6 +24,9 @@ class PeftRow:
     mapped: frozenset  # the config fields `read` consumes
     fixed: tuple = ()  # (field, value) pairs peftc accepts at that value only (PEFT's defaults)
     verified: bool = True  # False: mapping not yet checked against PEFT's outputs, so refused
+    # The reader for a config that comes with its saved weights, where those hold less than the method
+    # trains (P-tuning saves its encoder's output alone); None: `read`.
+    read_saved: Callable[[dict], list[dict]] | None = None
 
 
 def supported_types() -> list[str]:
@@ -342,6 +345,98 @@ def write_shira(entry, field: str) -> dict:
 ORTHOGONAL_WRITERS = {"oft": write_oft, "boft": write_boft, "hra": write_hra, "shira": write_shira}
 
 
+# -- spectral / budgeted / encoder methods (issue 16) ---------------------------------------
+
+ADALORA_FIELDS = ("total_step", "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                  "orth_reg_weight")
+
+
+def read_adalora(cfg: dict) -> list[dict]:
+    """PEFT's `r` is ignored by AdaLoRA (init_r is the rank); rank_pattern keys are `<module>.lora_E`."""
+    entry = {"method": "adalora", "alpha": cfg.get("lora_alpha", 8),
+             "dropout": cfg.get("lora_dropout", 0.0)}
+    entry.update({f: cfg[f] for f in ADALORA_FIELDS if cfg.get(f) is not None})
+    if cfg.get("rank_pattern"):
+        entry["rank_pattern"] = {_rank_pattern_site(k): v for k, v in cfg["rank_pattern"].items()}
+    return _with_targets(cfg, entry)
+
+
+def _rank_pattern_site(key: str) -> str:
+    path = key.removesuffix(".default")
+    return path.removesuffix(".lora_E")
+
+
+def write_adalora(entry, field: str) -> dict:
+    """rank_pattern is filled in by save_peft from the compiled model's allocation (a spec has none yet)."""
+    return {"peft_type": "ADALORA", "r": 8, "lora_alpha": _number(entry.alpha), "lora_dropout": entry.dropout,
+            **{f: getattr(entry, f) for f in ADALORA_FIELDS}, "init_lora_weights": True,
+            "rank_pattern": {f"{path}.lora_E": list(mask) for path, mask in entry.rank_pattern.items()} or None,
+            "bias": "none", "fan_in_fan_out": False, **_write_targets(entry, field)}
+
+
+def read_fourierft(cfg: dict) -> list[dict]:
+    if cfg.get("n_frequency_pattern"):
+        raise SpecError("n_frequency_pattern: peftc's fourierft has one n_frequency per entry; split the "
+                        "targets into entries instead")
+    return _with_targets(cfg, {
+        "method": "fourierft", "n_frequency": cfg.get("n_frequency", 1000), "scaling": cfg.get("scaling", 150.0),
+        "random_loc_seed": cfg.get("random_loc_seed", 777), "init": "zeros" if cfg.get("init_weights") else "random"})
+
+
+def write_fourierft(entry, field: str) -> dict:
+    return {"peft_type": "FOURIERFT", "n_frequency": entry.n_frequency, "scaling": _number(entry.scaling),
+            "random_loc_seed": entry.random_loc_seed, "init_weights": entry.init == "zeros",
+            "n_frequency_pattern": {}, "bias": "none", "fan_in_fan_out": False, **_write_targets(entry, field)}
+
+
+VBLORA_FIELDS = ("r", "num_vectors", "vector_length", "topk", "init_vector_bank_bound", "init_logits_std",
+                 "save_only_topk_weights")
+
+
+def read_vblora(cfg: dict) -> list[dict]:
+    entry = {"method": "vblora", "dropout": cfg.get("vblora_dropout", 0.0)}
+    entry.update({f: cfg[f] for f in VBLORA_FIELDS if cfg.get(f) is not None})
+    return _with_targets(cfg, entry)
+
+
+def write_vblora(entry, field: str) -> dict:
+    return {"peft_type": "VBLORA", **{f: getattr(entry, f) for f in VBLORA_FIELDS},
+            "vblora_dropout": entry.dropout, "bias": "none", "fan_in_fan_out": False,
+            **_write_targets(entry, field)}
+
+
+P_TUNING_FIELDS = ("encoder_hidden_size", "num_virtual_tokens", "encoder_reparameterization_type",
+                   "encoder_num_layers", "encoder_dropout")
+
+
+def read_p_tuning(cfg: dict) -> list[dict]:
+    """A fresh P-tuning entry (encoder and all), for a config alone."""
+    _one_submodule(cfg)
+    if not cfg.get("encoder_hidden_size"):
+        raise SpecError("encoder_hidden_size: the config sets none; PEFT's PromptEncoder needs it too")
+    return [{"method": "p_tuning", **{f: cfg[f] for f in P_TUNING_FIELDS if cfg.get(f) is not None}}] \
+        + _saved_copies(cfg)
+
+
+def read_saved_p_tuning(cfg: dict) -> list[dict]:
+    """A saved P-tuning adapter holds the encoder's output alone (prompt_embeddings), which is what
+    PeftModel.from_pretrained prepends: a prompt-tuning entry computes exactly that."""
+    _one_submodule(cfg)
+    return [{"method": "prompt", "num_tokens": cfg["num_virtual_tokens"]}] + _saved_copies(cfg)
+
+
+def _one_submodule(cfg: dict) -> None:
+    if (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise SpecError(f"num_transformer_submodules: peftc prepends virtual tokens at one token embedding; "
+                        f"{cfg['num_transformer_submodules']} (an encoder-decoder) is not supported")
+
+
+def write_p_tuning(entry, field: str) -> dict:
+    """token_dim and task_type depend on the model: save_peft fills them in."""
+    return {"peft_type": "P_TUNING", **{f: getattr(entry, f) for f in P_TUNING_FIELDS},
+            "num_transformer_submodules": 1, "modules_to_save": None}
+
+
 LOW_RANK_FIXED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
 
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
@@ -364,6 +459,14 @@ PEFT_TYPES: dict[str, PeftRow] = {
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
     "PREFIX_TUNING": PeftRow("PREFIX_TUNING", "prefix", read_prefix, PROMPT_FIELDS),
     **ORTHOGONAL_TYPES,
+    # -- spectral / budgeted / encoder methods (issue 16)
+    "ADALORA": PeftRow("ADALORA", "adalora", read_adalora, COMMON | set(ADALORA_FIELDS) | {
+        "r", "lora_alpha", "lora_dropout", "rank_pattern"}, (("init_lora_weights", True),)),
+    "FOURIERFT": PeftRow("FOURIERFT", "fourierft", read_fourierft, COMMON | {
+        "n_frequency", "scaling", "random_loc_seed", "init_weights", "n_frequency_pattern"}),
+    "VBLORA": PeftRow("VBLORA", "vblora", read_vblora, COMMON | set(VBLORA_FIELDS) | {"vblora_dropout"}),
+    "P_TUNING": PeftRow("P_TUNING", "p_tuning", read_p_tuning, PROMPT_FIELDS | set(P_TUNING_FIELDS),
+                        read_saved=read_saved_p_tuning),
     "LN_TUNING": PeftRow("LN_TUNING", "ln_tuning", read_ln_tuning,
                          frozenset({"target_modules", "exclude_modules", "modules_to_save"})),
     "TRAINABLE_TOKENS": PeftRow("TRAINABLE_TOKENS", "trainable_tokens", read_trainable_tokens,
@@ -434,6 +537,9 @@ def write_prefix(entry, field: str) -> dict:
 WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": write_dora, "ia3": write_ia3,
                                                   "loha": write_loha, "lokr": write_lokr, "vera": write_vera,
                                                   "prompt": write_prompt, "prefix": write_prefix,
+                                                  **ORTHOGONAL_WRITERS,
+                                                  # -- spectral / budgeted / encoder methods (issue 16)
+                                                  "adalora": write_adalora, "fourierft": write_fourierft,
+                                                  "vblora": write_vblora, "p_tuning": write_p_tuning,
                                                   "trainable_tokens": write_trainable_tokens,
-                                                  "ln_tuning": write_ln_tuning,
-                                                  **ORTHOGONAL_WRITERS}
+                                                  "ln_tuning": write_ln_tuning}

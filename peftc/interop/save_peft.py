@@ -7,10 +7,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from peftc.ir import adapters
+
 from .peft_config import peft_config_from_spec
 from .peft_files import CONFIG_FILE, SAFETENSORS_FILE
 from .peft_keys import peft_names, to_peft_shape
 from .peft_prefix import join_table
+from .peft_vblora import topk_from_logits
 
 
 def save_peft(cm, directory) -> Path:
@@ -27,8 +30,12 @@ def save_peft(cm, directory) -> Path:
     names = peft_names(cm)
     own = cm.adapter_state_dict()
     tensors = join_table(names, {key: _peft_tensor(cm, n, own.get(n)) for n, key in names.items()})
-    if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):
+    if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
         _fill_prompt_config(config, cm, tensors, own)
+    if config.get("save_only_topk_weights"):
+        tensors = topk_from_logits(tensors, config["topk"], config["num_vectors"])
+    if config["peft_type"] == "ADALORA":
+        config["rank_pattern"] = _rank_pattern(cm)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
@@ -59,6 +66,15 @@ def _fill_prompt_config(config: dict, cm, tensors: dict, own: dict) -> None:
         raise NotImplementedError(f"save_adapter(format='peft'): PEFT needs a task_type for prompt tuning and "
                                   f"peftc cannot tell it for {name}; known: {sorted(set(TASK_TYPES.values()))}")
     config["task_type"] = task
+
+
+def _rank_pattern(cm) -> dict | None:
+    """PEFT's rank_pattern ({module}.lora_E -> kept ranks of init_r) once any rank is pruned, else None:
+    the tensors are then saved with the kept ranks only (AdaloraWeights.to_peft)."""
+    pattern = {f"{qualname.rpartition('.')[0]}.lora_E": module.init_rank_pattern()
+               for qualname, module in adapters.adapter_modules(cm.adapter_root)
+               if hasattr(module, "init_rank_pattern")}
+    return pattern if any(not all(mask) for mask in pattern.values()) else None
 
 
 def _peft_tensor(cm, name: str, value):

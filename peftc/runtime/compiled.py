@@ -19,6 +19,7 @@ from peftc.ir import adapters
 from peftc.pipeline.state import MergeOptions
 from peftc.runtime.checkpoint import load_adapter, save_adapter
 from peftc.runtime.dispatch import GraphDispatch
+from peftc.runtime import rank_allocation
 
 
 class CompiledModel(GraphDispatch):
@@ -50,6 +51,12 @@ class CompiledModel(GraphDispatch):
     def load_adapter(self, directory) -> "CompiledModel":
         load_adapter(self, directory)
         return self
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: update importance scores and prune ranks to the step's budget (HF PEFT's name). Call it
+        once per optimizer step, after optimizer.step() and before zero_grad(); under a transformers
+        Trainer, pass peftc.runtime.adalora_callback.AdaloraCallback(cm) instead."""
+        rank_allocation.update_and_allocate(self, global_step)
 
     # -- derived modules and views -----------------------------------------------------
     def merged(self, *, dtype: torch.dtype | None = None, requantize: bool = False,

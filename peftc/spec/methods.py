@@ -31,6 +31,11 @@ from peftc.passes.insert_boft import BoftConfig, insert_boft
 from peftc.passes.insert_hra import HraConfig, insert_hra
 from peftc.passes.insert_oft import OftConfig, insert_oft
 from peftc.passes.insert_shira import ShiraConfig, fold_shira, insert_shira
+# -- spectral / budgeted / encoder methods (issue 16)
+from peftc.passes.insert_adalora import AdaloraConfig, insert_adalora
+from peftc.passes.insert_fourierft import FourierftConfig, insert_fourierft
+from peftc.passes.insert_p_tuning import PTuningConfig, insert_p_tuning
+from peftc.passes.insert_vblora import VbloraConfig, insert_vblora
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,15 @@ METHODS: dict[str, Method] = {
                   "W·H₁⋯H_r on linear and conv ops, H_i = I − 2uᵢuᵢᵀ Householder reflections"),
     "shira": Method("shira", "selective", ShiraConfig, insert_shira, fold_shira,
                     "W x + op(x, ΔW) on linear ops, ΔW sparse: r·(out + in) seeded random entries train"),
+    # -- spectral / budgeted / encoder methods (issue 16)
+    "adalora": Method("adalora", "reparameterized", AdaloraConfig, insert_adalora, fold_delta,
+                      "W x + s/r0·P(Λ ⊙ Q x) on linear ops, ranks pruned by importance; orthogonality term on the loss"),
+    "fourierft": Method("fourierft", "reparameterized", FourierftConfig, insert_fourierft, fold_delta,
+                        "W x + op(x, s·Re(ifft2(S))), S trained at n seeded frequencies, on linear ops"),
+    "vblora": Method("vblora", "reparameterized", VbloraConfig, insert_vblora, fold_delta,
+                     "W x + B(A x) on linear ops, A and B sub-vectors top-k mixes of one shared vector bank"),
+    "p_tuning": Method("p_tuning", "additive", PTuningConfig, insert_p_tuning, None,
+                       "N virtual tokens from an MLP/LSTM prompt encoder, prepended at the token embedding output"),
     "ln_tuning": Method("ln_tuning", "selective", LnTuningConfig, tune_layer_norms, None,
                         "trainable copies of the targeted normalization layers (HF PEFT's LN_TUNING)"),
     "trainable_tokens": Method("trainable_tokens", "selective", TrainableTokensConfig, insert_trainable_tokens,

@@ -155,6 +155,7 @@ def test_unsupported_types_name_type_and_supported_list():
 
     assert supported_types()[:7] == ["LORA", "IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"]
     assert {"OFT", "BOFT", "HRA", "SHIRA"} <= set(supported_types())
+    assert {"ADALORA", "FOURIERFT", "VBLORA", "P_TUNING"} <= set(supported_types())
     with pytest.raises(SpecError, match=r"'POLY' is not supported; supported: \['LORA', 'IA3'"):
         peftc.Spec.from_peft_config({"peft_type": "POLY", "target_modules": ["q"]})
 
