@@ -82,8 +82,8 @@ LORA_INITS = {True: "default", False: "default", "gaussian": "gaussian",  # Fals
 def read_lora(cfg: dict) -> list[dict]:
     init = cfg.get("init_lora_weights", True)
     if init not in LORA_INITS:
-        raise SpecError(f"init_lora_weights: {init!r} rewrites the base weights at load time, which peftc "
-                        "never does; convert the adapter to plain LoRA first (PEFT's "
+        raise SpecError(f"init_lora_weights: {init!r} is not mapped (peftc reads True, False, 'gaussian', "
+                        "'pissa' and 'olora'); convert the adapter to plain LoRA first (PEFT's "
                         "path_initial_model_for_weight_conversion)")
     entry = {"method": _lora_or_dora(cfg), "targets": _lora_targets(cfg), "r": cfg.get("r", 8),
              "alpha": cfg.get("lora_alpha", 8), "dropout": cfg.get("lora_dropout", 0.0)}

@@ -40,7 +40,7 @@ BAD_SPECS = [
     ({"adapters": [{**LORA, "alpha": -1}]}, "adapters[0].alpha: expected a positive number"),
     ({"adapters": [{**LORA, "dropout": 1.0}]}, "adapters[0].dropout: expected a number in [0, 1)"),
     ({"adapters": [{**LORA, "rslora": "yes"}]}, "adapters[0].rslora: expected true or false"),
-    ({"adapters": [{**LORA, "init": "kaiming"}]}, "adapters[0].init: expected one of ['default', 'gaussian']"),
+    ({"adapters": [{**LORA, "init": "kaiming"}]}, "adapters[0].init: expected one of ['default', 'gaussian', 'pissa', 'olora']"),
     ({"adapters": [{**LORA, "rank": 4}]}, "adapters[0].rank: unknown field"),
     ({"adapters": [{**LORA, "targets": []}]}, "adapters[0].targets: expected a non-empty list"),
     ({"adapters": [{**LORA, "targets": ["q_proj", 3]}]}, "adapters[0].targets[1]: expected a non-empty string"),
