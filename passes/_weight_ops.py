@@ -116,6 +116,29 @@ def add_output(ins: Inserter, y: Node, delta: Node, users: list[Node], **add_kwa
     return out
 
 
+def keep_mask(ins: Inserter, like: Node, size: int, p: float) -> Node:
+    """`size` ones, each zeroed with probability p in training (none in eval): dropout of ones, clamped to 1,
+    so it follows train/eval as every dropout node does."""
+    ones = ins.call(aten.new_ones.default, like, [size])
+    return ins.call(aten.clamp_max.default, ins.call(aten.dropout.default, ones, p, True), 1.0)
+
+
+def add_dropped_delta_op(ins: Inserter, node: Node, site: Site, x: Node, delta_weight: Node, users: list[Node],
+                         rank_dropout: float, module_dropout: float, rescale_ranks: bool = True) -> Node:
+    """add_delta_op with LyCORIS' dropouts, as HF PEFT's LoHa / LoKr: `rank_dropout` zeroes rows of ΔW
+    (the rest divided by the kept fraction when `rescale_ranks`), `module_dropout` skips the whole update."""
+    if rank_dropout:
+        rows = keep_mask(ins, delta_weight, site.out_features, rank_dropout)
+        if rescale_ranks:
+            rows = ins.call(aten.div.Tensor, rows, ins.call(aten.mean.default, rows))
+        ndim = len(delta_weight.meta["val"].shape)
+        delta_weight = ins.call(aten.mul.Tensor, delta_weight, ins.call(aten.view.default, rows, [-1] + [1] * (ndim - 1)))
+    out = apply_site_op(ins, node, site, x, delta_weight)
+    if module_dropout:
+        out = ins.call(aten.mul.Tensor, out, keep_mask(ins, out, 1, module_dropout))
+    return add_output(ins, node, out, users)
+
+
 def add_delta_op(ins: Inserter, node: Node, site: Site, x: Node, delta_weight: Node, users: list[Node]) -> Node:
     """y + op(x, ΔW): the site's op on ΔW added to its output, tagged as the adapter's output node."""
     return add_output(ins, node, apply_site_op(ins, node, site, x, delta_weight), users)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.core.fields import probability
 from peftc.ir import adapters
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
@@ -17,7 +18,7 @@ from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_delta_op, maybe_dropout, out_in_shape
+from ._weight_ops import add_dropped_delta_op, maybe_dropout, out_in_shape
 
 aten = torch.ops.aten
 
@@ -27,6 +28,9 @@ class LohaConfig(LowRankConfig):
     """LoHa (FedPara, Hyeon-Woo et al., 2022) as HF PEFT's LoHa; `dropout` drops the op's input."""
 
     method = "loha"
+    # LyCORIS' dropouts in training (PEFT's): rows of ΔW dropped (kept ones rescaled), or the whole update
+    rank_dropout: float = field(default=0.0, metadata={"check": probability})
+    module_dropout: float = field(default=0.0, metadata={"check": probability})
 
 
 class LohaWeights(nn.Module):
@@ -78,4 +82,5 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: L
     delta = ins.call(aten.mul.Tensor, ins.call(aten.mul.Tensor, first, second), config.scale)
     delta = ins.call(aten.view.default, delta, list(module.shape))
     x = maybe_dropout(ins, node.args[site.input_index], config.dropout)
-    add_delta_op(ins, node, site, x, delta, users)
+    add_dropped_delta_op(ins, node, site, x, delta, users, config.rank_dropout, config.module_dropout,
+                         getattr(config, "rank_dropout_scale", True))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc.core.fields import boolean, fail
+from peftc.core.fields import boolean, fail, probability
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
 from peftc.ir.sites import Site
@@ -19,7 +19,7 @@ from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_delta_op, maybe_dropout, out_in_shape
+from ._weight_ops import add_dropped_delta_op, maybe_dropout, out_in_shape
 
 aten = torch.ops.aten
 
@@ -34,6 +34,11 @@ class LokrConfig(LowRankConfig):
     method = "lokr"
     decompose_both: bool = field(default=False, metadata={"check": boolean})
     decompose_factor: int = field(default=-1, metadata={"check": lambda v, path: _factor(v, path)})
+    # LyCORIS' dropouts in training (PEFT's): rows of ΔW dropped (rescaled with rank_dropout_scale), or
+    # the whole update
+    rank_dropout: float = field(default=0.0, metadata={"check": probability})
+    module_dropout: float = field(default=0.0, metadata={"check": probability})
+    rank_dropout_scale: bool = field(default=False, metadata={"check": boolean})
 
 
 def _factor(value, path: str) -> int:
@@ -148,7 +153,8 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: L
     delta = ins.call(aten.mul.Tensor, _kron(ins, w1, w2, module), config.scale)
     delta = ins.call(aten.view.default, delta, list(module.shape))
     x = maybe_dropout(ins, node.args[site.input_index], config.dropout)
-    add_delta_op(ins, node, site, x, delta, users)
+    add_dropped_delta_op(ins, node, site, x, delta, users, config.rank_dropout, config.module_dropout,
+                         getattr(config, "rank_dropout_scale", True))
 
 
 def _kron(ins: Inserter, w1, w2, module: LokrWeights):

@@ -191,6 +191,10 @@ CASES = {
     "mlp-vera": ("mlp", lambda: VeraConfig(r=4, target_modules=["lin0"], projection_prng_key=1)),
     "norm_mlp-ln-tuning": ("norm_mlp", lambda: LNTuningConfig(target_modules=["norm"])),
     "conv1d-lora": ("conv1d", lora(target_modules=["conv", "lin"])),
+    "mlp-loha-dropouts": ("mlp", lambda: LoHaConfig(r=2, alpha=4, target_modules=["lin0", "lin1"], rank_dropout=0.3,
+                                                    module_dropout=0.2)),
+    "conv2d-lokr-dropouts": ("conv2d", lambda: LoKrConfig(r=2, alpha=4, target_modules=["conv"], rank_dropout=0.3,
+                                                          module_dropout=0.2, rank_dropout_scale=True)),
     "mlp-lokr-decompose-both": ("mlp", lambda: LoKrConfig(r=1, alpha=4, target_modules=["lin0", "lin1"],
                                                           decompose_both=True)),
     "mlp-lokr-decompose-factor": ("mlp", lambda: LoKrConfig(r=2, alpha=4, target_modules=["lin0", "lin1"],
@@ -380,3 +384,27 @@ def test_residual_inits_start_as_the_model_and_leave_it_bit_identical(init):
                                                        init_lora_weights=init))
     peft_b = reference.base_model.model.lin0.lora_B["default"].weight
     torch.testing.assert_close(cm.adapter_state_dict()["lin0.lora.B"], peft_b, **TOL)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_rank_and_module_dropout_act_in_training_only(method):
+    """In training, rank_dropout zeroes rows of ΔW (output features of the update) and module_dropout
+    drops the whole update for a call; in eval neither does anything (equality with PEFT: the table)."""
+    x = MODELS["mlp"][1]()
+    entry = {"method": method, "targets": ["lin1"], "r": 2, "rank_dropout": 0.5}
+    cm = peftc.compile(build("mlp"), {"adapters": [entry]}, example_inputs=(x,))
+    randomize_trainable(cm)
+    base = build("mlp")(x).detach()
+    cm.eval()
+    full = (cm(x) - base).detach()
+    assert (full.abs() > 1e-6).all()
+    cm.train()
+    torch.manual_seed(1)
+    update = (cm(x) - base).detach()
+    dropped = (update.abs() < 1e-7).all(dim=0)  # a dropped row of ΔW: that output feature gets no update
+    assert dropped.any() and not dropped.all()
+    module = {"method": method, "targets": ["lin1"], "r": 2, "module_dropout": 0.5}
+    cm = peftc.compile(build("mlp"), {"adapters": [module]}, example_inputs=(x,)).train()
+    randomize_trainable(cm)
+    skipped = [torch.allclose(cm(x), base, atol=1e-7) for _ in range(20)]
+    assert any(skipped) and not all(skipped)

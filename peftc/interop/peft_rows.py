@@ -219,13 +219,15 @@ def read_loha(cfg: dict) -> list[dict]:
 def read_lokr(cfg: dict) -> list[dict]:
     entries = _low_rank("lokr", cfg)
     entries[0].update(decompose_both=bool(cfg.get("decompose_both", False)),
-                      decompose_factor=cfg.get("decompose_factor", -1))
+                      decompose_factor=cfg.get("decompose_factor", -1),
+                      rank_dropout_scale=bool(cfg.get("rank_dropout_scale", False)))
     return entries
 
 
 def _low_rank(method: str, cfg: dict) -> list[dict]:
-    """LoHa / LoKr: r, alpha (scale alpha/r); their rank and module dropouts must be off (checked as fixed)."""
-    entry = {"method": method, "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
+    """LoHa / LoKr: r, alpha (scale alpha/r), rank and module dropout."""
+    entry = {"method": method, "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8),
+             "rank_dropout": cfg.get("rank_dropout", 0.0), "module_dropout": cfg.get("module_dropout", 0.0)}
     exclude = _exclude(cfg)
     if exclude:
         entry["exclude"] = exclude
@@ -437,7 +439,6 @@ def write_p_tuning(entry, field: str) -> dict:
             "num_transformer_submodules": 1, "modules_to_save": None}
 
 
-LOW_RANK_FIXED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
 
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                            "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
@@ -450,10 +451,10 @@ PEFT_TYPES: dict[str, PeftRow] = {
         "use_dora", "target_parameters", "lora_bias", "trainable_token_indices"}),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
-                                                         "alpha_pattern"}, LOW_RANK_FIXED),
+                                                         "alpha_pattern", "rank_dropout", "module_dropout"}),
     "LOKR": PeftRow("LOKR", "lokr", read_lokr, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
-                                                         "alpha_pattern", "decompose_both", "decompose_factor"},
-                    LOW_RANK_FIXED + (("rank_dropout_scale", False),)),
+                                                         "alpha_pattern", "decompose_both", "decompose_factor",
+                                                         "rank_dropout", "module_dropout", "rank_dropout_scale"}),
     "VERA": PeftRow("VERA", "vera", read_vera, COMMON | {"r", "init_weights", "projection_prng_key",
                                                          "save_projection", "vera_dropout", "d_initial"}),
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
@@ -497,15 +498,15 @@ def write_loha(entry, field: str) -> dict:
 
 def write_lokr(entry, field: str) -> dict:
     return {**_write_low_rank("LOKR", entry, field), "decompose_both": entry.decompose_both,
-            "decompose_factor": entry.decompose_factor, "rank_dropout_scale": False}
+            "decompose_factor": entry.decompose_factor, "rank_dropout_scale": entry.rank_dropout_scale}
 
 
 def _write_low_rank(peft_type: str, entry, field: str) -> dict:
     if entry.dropout:
         raise SpecError(f"{field}.dropout: PEFT's {peft_type} has no input dropout (only rank and module "
                         f"dropout); set dropout to 0 to save it for PEFT")
-    return {"peft_type": peft_type, "r": entry.r, "alpha": _number(entry.alpha), "rank_dropout": 0.0,
-            "module_dropout": 0.0, "init_weights": True, "use_effective_conv2d": False,
+    return {"peft_type": peft_type, "r": entry.r, "alpha": _number(entry.alpha), "rank_dropout": entry.rank_dropout,
+            "module_dropout": entry.module_dropout, "init_weights": True, "use_effective_conv2d": False,
             "rank_pattern": {}, "alpha_pattern": {}, **_write_targets(entry, field)}
 
 
