@@ -132,7 +132,8 @@ def add_dropped_delta_op(ins: Inserter, node: Node, site: Site, x: Node, delta_w
         if rescale_ranks:
             rows = ins.call(aten.div.Tensor, rows, ins.call(aten.mean.default, rows))
         ndim = len(delta_weight.meta["val"].shape)
-        delta_weight = ins.call(aten.mul.Tensor, delta_weight, ins.call(aten.view.default, rows, [-1] + [1] * (ndim - 1)))
+        rows = ins.call(aten.view.default, rows, [-1] + [1] * (ndim - 1))
+        delta_weight = ins.call(aten.mul.Tensor, delta_weight, rows)
     out = apply_site_op(ins, node, site, x, delta_weight)
     if module_dropout:
         out = ins.call(aten.mul.Tensor, out, keep_mask(ins, out, 1, module_dropout))
