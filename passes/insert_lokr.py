@@ -20,6 +20,7 @@ from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._weight_ops import add_dropped_delta_op, maybe_dropout, out_in_shape
+from .insert_loha import cp_weight, effective_conv
 
 aten = torch.ops.aten
 
@@ -39,6 +40,8 @@ class LokrConfig(LowRankConfig):
     rank_dropout: float = field(default=0.0, metadata={"check": probability})
     module_dropout: float = field(default=0.0, metadata={"check": probability})
     rank_dropout_scale: bool = field(default=False, metadata={"check": boolean})
+    # On a Conv1d/2d with a kernel > 1 and a low-rank W2: W2 = t2 ×₁ w2_a ×₂ w2_b (PEFT's lokr_t2)
+    use_effective_conv2d: bool = field(default=False, metadata={"check": boolean})
 
 
 def _factor(value, path: str) -> int:
@@ -84,7 +87,12 @@ class LokrWeights(nn.Module):
             self.lokr_w1_b = nn.Parameter(torch.empty(config.r, in_m, **factory))
         else:
             self.lokr_w1 = nn.Parameter(torch.empty(out_l, in_m, **factory))
-        if config.r < max(out_k, in_n) / 2:
+        self.cp = config.r < max(out_k, in_n) / 2 and effective_conv(site, self.shape, config.use_effective_conv2d)
+        if self.cp:  # t2 [r, r, k1, k2] (k2 = 1 on a Conv1d), w2_a [r, out_k], w2_b [r, in_n]
+            self.lokr_t2 = nn.Parameter(torch.empty(config.r, config.r, *(*kernel, 1)[:2], **factory))
+            self.lokr_w2_a = nn.Parameter(torch.empty(config.r, out_k, **factory))
+            self.lokr_w2_b = nn.Parameter(torch.empty(config.r, in_n, **factory))
+        elif config.r < max(out_k, in_n) / 2:
             self.lokr_w2_a = nn.Parameter(torch.empty(out_k, config.r, **factory))
             self.lokr_w2_b = nn.Parameter(torch.empty(config.r, in_n * math.prod(kernel), **factory))
         else:
@@ -125,7 +133,10 @@ class LokrWeights(nn.Module):
         """s·kron(W1, W2), shaped [out, in, *kernel]."""
         if self.kron_3d:
             return (torch.kron(self.w1(), self.lokr_w2) * self.scale).reshape(self.shape)
-        w2 = self.lokr_w2_a @ self.lokr_w2_b if self.low_rank else self.lokr_w2.flatten(1)
+        if self.cp:
+            w2 = cp_weight(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b).flatten(1)
+        else:
+            w2 = self.lokr_w2_a @ self.lokr_w2_b if self.low_rank else self.lokr_w2.flatten(1)
         return (torch.kron(self.w1(), w2) * self.scale).reshape(self.shape)
 
 
@@ -146,6 +157,9 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: L
     w1 = ins.call(aten.mm.default, attr("lokr_w1_a"), attr("lokr_w1_b")) if module.w1_low_rank else attr("lokr_w1")
     if module.kron_3d:
         w2 = attr("lokr_w2")
+    elif module.cp:  # [b, d, k1, k2] flattened to [b, d·k1·k2]: kron as for a full W2
+        w2 = ins.call(aten.einsum.default, "ijkl,ip,jr->prkl", [attr("lokr_t2"), attr("lokr_w2_a"), attr("lokr_w2_b")])
+        w2 = ins.call(aten.reshape.default, w2, [module.lokr_w2_a.shape[1], -1])
     elif module.low_rank:
         w2 = ins.call(aten.mm.default, attr("lokr_w2_a"), attr("lokr_w2_b"))
     else:
@@ -159,7 +173,8 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: L
 
 def _kron(ins: Inserter, w1, w2, module: LokrWeights):
     """kron(W1 [a, c], W2 [b, d]) = (W1[:, None, :, None] · W2[None, :, None, :]).view(a·b, c·d), in plain ops."""
-    (a, c), b = module.w1_shape, (module.lokr_w2_a if module.low_rank else module.lokr_w2).shape[0]
+    (a, c) = module.w1_shape
+    b = module.lokr_w2_a.shape[1] if module.cp else (module.lokr_w2_a if module.low_rank else module.lokr_w2).shape[0]
     if module.kron_3d:  # W1 [1, a, c] (x) W2 [b, d, k] -> [b, a·d, c·k]
         _, d, k = module.lokr_w2.shape
         outer = ins.call(aten.mul.Tensor, ins.call(aten.view.default, w1, [1, a, 1, c, 1]),

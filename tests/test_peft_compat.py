@@ -195,6 +195,13 @@ CASES = {
                                                     module_dropout=0.2)),
     "conv2d-lokr-dropouts": ("conv2d", lambda: LoKrConfig(r=2, alpha=4, target_modules=["conv"], rank_dropout=0.3,
                                                           module_dropout=0.2, rank_dropout_scale=True)),
+    "conv2d-loha-effective": ("conv2d", lambda: LoHaConfig(r=2, alpha=4, target_modules=["conv"],
+                                                            use_effective_conv2d=True)),
+    "conv1d-loha-effective": ("conv1d", lambda: LoHaConfig(r=2, alpha=4, target_modules=["conv"],
+                                                            use_effective_conv2d=True)),
+    "conv2d-lokr-effective": ("conv2d", lambda: LoKrConfig(r=1, alpha=4, target_modules=["conv"],
+                                                            use_effective_conv2d=True)),
+    # (LoKr use_effective_conv2d on a Conv1d fails inside PEFT 0.21's own kron: no reference to compare with)
     "mlp-lokr-decompose-both": ("mlp", lambda: LoKrConfig(r=1, alpha=4, target_modules=["lin0", "lin1"],
                                                           decompose_both=True)),
     "mlp-lokr-decompose-factor": ("mlp", lambda: LoKrConfig(r=2, alpha=4, target_modules=["lin0", "lin1"],

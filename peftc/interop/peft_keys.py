@@ -26,8 +26,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
         "*": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
     },
     "ia3": {"*": {"l": "ia3_l"}},  # PEFT's is [out, 1], or [1, in] on a feedforward site; peftc's is flat
-    "loha": {"*": {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}},
-    "lokr": {"*": {n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}},
+    "loha": {"*": {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}},
+    "lokr": {"*": {n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                  "lokr_t2")}},
     # A and B: the shared projections, regenerated from the seed; PEFT saves them (save_projection) at
     # base_model.vera_A / vera_B, peftc checks them against its own when present.
     "vera": {"*": {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d", "A": "vera_A", "B": "vera_B"}},

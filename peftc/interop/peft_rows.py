@@ -227,7 +227,8 @@ def read_lokr(cfg: dict) -> list[dict]:
 def _low_rank(method: str, cfg: dict) -> list[dict]:
     """LoHa / LoKr: r, alpha (scale alpha/r), rank and module dropout."""
     entry = {"method": method, "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8),
-             "rank_dropout": cfg.get("rank_dropout", 0.0), "module_dropout": cfg.get("module_dropout", 0.0)}
+             "rank_dropout": cfg.get("rank_dropout", 0.0), "module_dropout": cfg.get("module_dropout", 0.0),
+             "use_effective_conv2d": bool(cfg.get("use_effective_conv2d", False))}
     exclude = _exclude(cfg)
     if exclude:
         entry["exclude"] = exclude
@@ -451,10 +452,12 @@ PEFT_TYPES: dict[str, PeftRow] = {
         "use_dora", "target_parameters", "lora_bias", "trainable_token_indices"}),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
-                                                         "alpha_pattern", "rank_dropout", "module_dropout"}),
+                                                         "alpha_pattern", "rank_dropout", "module_dropout",
+                                                         "use_effective_conv2d"}),
     "LOKR": PeftRow("LOKR", "lokr", read_lokr, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
                                                          "alpha_pattern", "decompose_both", "decompose_factor",
-                                                         "rank_dropout", "module_dropout", "rank_dropout_scale"}),
+                                                         "rank_dropout", "module_dropout", "rank_dropout_scale",
+                                                         "use_effective_conv2d"}),
     "VERA": PeftRow("VERA", "vera", read_vera, COMMON | {"r", "init_weights", "projection_prng_key",
                                                          "save_projection", "vera_dropout", "d_initial"}),
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
@@ -506,7 +509,8 @@ def _write_low_rank(peft_type: str, entry, field: str) -> dict:
         raise SpecError(f"{field}.dropout: PEFT's {peft_type} has no input dropout (only rank and module "
                         f"dropout); set dropout to 0 to save it for PEFT")
     return {"peft_type": peft_type, "r": entry.r, "alpha": _number(entry.alpha), "rank_dropout": entry.rank_dropout,
-            "module_dropout": entry.module_dropout, "init_weights": True, "use_effective_conv2d": False,
+            "module_dropout": entry.module_dropout, "init_weights": True,
+            "use_effective_conv2d": entry.use_effective_conv2d,
             "rank_pattern": {}, "alpha_pattern": {}, **_write_targets(entry, field)}
 
 
