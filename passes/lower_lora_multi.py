@@ -11,29 +11,30 @@ from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, erase_nodes
 from peftc.ir.lora_bank import LoraBank, ServingPlan
 from peftc.ir.sites import Site
+from peftc.passes.add_routing_input import routing_input
 from peftc.pipeline.runner import PassContext, PassResult
 
 aten = torch.ops.aten
 SLOT = "multi"  # banks live at peftc.<site path>.multi.{A_bank, B_bank, scales}
-ROUTING = "routing"  # peftc.routing.seq_ids: the per-sequence adapter ids of the current call
 
 
 def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     """At every site some served adapter targets, y = x W^T + b + s[id] B[id] A[id] x, per sequence id."""
     plan: ServingPlan = ctx.serving
-    if any(s.path == ROUTING or s.path.startswith(ROUTING + ".") for s in ctx.sites):
-        raise SpecError(f"the model has a layer named {ROUTING!r}, which serving uses for its routing buffer")
-    wanted = plan.site_paths
-    sites = [site for site in ctx.sites if site.path in wanted]
-    _check_sites(plan, sites)
+    served = [site for site in ctx.sites if site.path in plan.site_paths]
+    _check_sites(plan, served)
+    sites = [site for site in served if site.path in plan.lora_paths]  # IA3-only sites: lower_scales_multi
     nodes = {n.name: n for n in gm.graph.nodes}
+    seq_ids = routing_input(gm)
+    if sites and seq_ids is None:
+        raise ValueError("lower_lora_multi: the graph has no adapter-ids input; run add_routing_input first")
     result = PassResult(modified=False)
     ranks = set()
     for site in sites:
         bank, created = adapters.get_or_create(
             ctx.adapter_root, site.path, SLOT,
             lambda site=site: LoraBank(site, list(plan.adapters), ctx.base_params[site.param]))
-        _replace(gm, nodes[site.node], site)
+        _replace(gm, nodes[site.node], site, seq_ids, bank, plan)
         result.modified = True
         result.sites.append(site.path)
         ranks.add(bank.A_bank.shape[1])
@@ -56,23 +57,49 @@ def _check_sites(plan: ServingPlan, chosen: list[Site]) -> None:
                             f"({len(missing)} missing); was it trained on another model?")
     others = sorted({f"{s.path} ({s.kind})" for s in chosen if s.kind != "linear"})
     if others:
-        raise SpecError(f"served adapters target {others[0]}; serving takes LoRA on linear sites only")
+        raise SpecError(f"served adapters target {others[0]}; serving takes adapters on linear sites only")
 
 
-def _replace(gm: GraphModule, base: Node, site: Site) -> None:
-    """base matmul -> lora_multi(x, W [out, in], bias, banks, seq_ids); the same output, so users are unchanged."""
+def _replace(gm: GraphModule, base: Node, site: Site, seq_ids: Node, bank: LoraBank, plan: ServingPlan) -> None:
+    """base matmul -> lora_multi(x, W [out, in], bias, banks, seq_ids); the same output, so users are unchanged.
+
+    seq_ids is the graph's adapter-ids input (add_routing_input): per call, never state. With
+    trained adapters (plan.params) the A and B banks are stacked in the graph from each adapter's
+    own parameters, so each adapter's gradient lands on its own tensors."""
     tag = {"pass": "lower_lora_multi", "method": "lora", "site": site.path, "slot": SLOT, "entry": None}
     ins = Inserter(gm, base, tag)
     x = base.args[site.input_index]
     weight, bias, dead = _weight_and_bias(ins, base, site)
-    bank = [ins.get_attr(adapters.target(site.path, SLOT, name)) for name in ("A_bank", "B_bank", "scales")]
-    seq_ids = ins.get_attr(f"{adapters.ROOT}.{ROUTING}.seq_ids")
-    out = ins.call(torch.ops.peftc.lora_multi.default, x, weight, bias, *bank, seq_ids)
+    if plan.params is None:
+        pair = [ins.get_attr(adapters.target(site.path, SLOT, name)) for name in ("A_bank", "B_bank")]
+    else:
+        pair = _stacked_banks(ins, site, bank, plan)
+    scales = ins.get_attr(adapters.target(site.path, SLOT, "scales"))
+    op = torch.ops.peftc.lora_gather.default if plan.gathered else torch.ops.peftc.lora_multi.default
+    out = ins.call(op, x, weight, bias, *pair, scales, seq_ids)
     out.meta["peftc"]["role"] = "output"
     if "val" in base.meta:  # the routing op is data-dependent; its output has the matmul's shape
         out.meta["val"] = base.meta["val"]
     base.replace_all_uses_with(out)
     erase_nodes(gm, [base, *[n for n in dead if len(n.users) == 1]])
+
+
+def _stacked_banks(ins: Inserter, site: Site, bank: LoraBank, plan: ServingPlan) -> list[Node]:
+    """[stack(A_0, ..., A_n-1), stack(B_0, ...)]: each adapter's own A [r, in] and B [out, r], zero-padded
+    to the bank's rank; an adapter without LoRA at the site reads its (zero, frozen) bank slot."""
+    rank = bank.A_bank.shape[1]
+    stacks = []
+    for name, pad in (("A", lambda r: [0, 0, 0, rank - r]), ("B", lambda r: [0, rank - r])):
+        slots = []
+        for k, (root, slot, r) in enumerate(zip(plan.params, plan.slots, bank.ranks)):
+            if r == 0:
+                frozen = ins.get_attr(adapters.target(site.path, SLOT, f"{name}_bank"))
+                slots.append(ins.call(aten.select.int, frozen, 0, k))
+                continue
+            own = ins.get_attr(adapters.target(f"{root}.{site.path}", slot, name))
+            slots.append(own if r == rank else ins.call(aten.constant_pad_nd.default, own, pad(r), 0.0))
+        stacks.append(ins.call(aten.stack.default, slots, 0))
+    return stacks
 
 
 def _weight_and_bias(ins: Inserter, base: Node, site: Site) -> tuple[Node, Node | None, list[Node]]:

@@ -8,6 +8,7 @@ from peftc.errors import CaptureError, CheckpointError, ExportError, SpecError
 from peftc.interop.from_peft import from_peft
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.dispatch import GraphDispatch
+from peftc.serving.multi_train import MultiAdapterModel, train_adapters
 from peftc.serving.served import ServedModel, serve_adapters
 from peftc.spec.parse import Spec
 
@@ -33,4 +34,5 @@ def export_adapter(cm_or_adapter_dir, path):
 
 
 __all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CheckpointError",
-           "ExportError", "from_peft", "export_onnx", "export_adapter", "serve_adapters", "ServedModel"]
+           "ExportError", "from_peft", "export_onnx", "export_adapter", "serve_adapters", "ServedModel",
+           "train_adapters", "MultiAdapterModel"]

@@ -4,6 +4,11 @@
     peftc::lora_sgmv(x, weight, bias, A_bank, B_bank, scales, seg_starts, seg_adapters)   segments (prefill)
     peftc::lora_multi(x, weight, bias, A_bank, B_bank, scales, seq_ids)  x[b] uses adapter seq_ids[b]:
         BGMV when each sequence has one row here (decode), else SGMV over runs of equal ids (prefill)
+    peftc::lora_gather(...)  lora_multi's arguments and result, as gathers and batched matmuls (export)
+    peftc::scale_rows(x, bank, seq_ids, bias, bias_bank)  x[b] ⊙ bank[seq_ids[b]] (+ bias ⊙ bias_bank[..]):
+        elementwise adapters (IA3, DoRA's magnitude) per row, a gather and a multiply
+    peftc::bottleneck_rows(h, down, down_bias, up, up_bias, scales, seq_ids, activation)
+        bottleneck adapters per row: gathered banks, two batched matmuls
 
 Banks: A [n, r, K], B [n, N, r], scales [n]; -1 means the base alone. Triton kernels (multi.py)
 on CUDA, the torch reference elsewhere. Autograd gives x, bias, A_bank and B_bank gradients (the
@@ -192,3 +197,68 @@ def lora_multi(x, weight, bias, a_bank, b_bank, scales, seq_ids):
         return torch.ops.peftc.lora_bgmv(x, weight, bias, a_bank, b_bank, scales, seq_ids)
     starts, adapters = sequence_segments(seq_ids, per_seq)
     return torch.ops.peftc.lora_sgmv(x, weight, bias, a_bank, b_bank, scales, starts, adapters)
+
+
+# -- gathered LoRA: the export form (plain gathers and batched matmuls, no data-dependent shapes) ----
+
+torch.library.define(
+    "peftc::lora_gather",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor a_bank, Tensor b_bank, Tensor scales, Tensor seq_ids) -> Tensor")
+
+
+@torch.library.impl("peftc::lora_gather", "CompositeImplicitAutograd")
+def lora_gather(x, weight, bias, a_bank, b_bank, scales, seq_ids):
+    """lora_multi's result with each sequence's A, B and scale gathered (id -1: scale 0). Exporters
+    decompose it into Gather and MatMul; it copies A and B per sequence, so it is for export only."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    sequences = seq_ids.numel()
+    rows = x.reshape(sequences, -1, x.shape[-1])
+    known = seq_ids.clamp(min=0)
+    scale = (scales[known] * (seq_ids >= 0).to(scales.dtype))[:, None, None]
+    h = torch.bmm(rows, a_bank[known].transpose(1, 2))
+    delta = torch.bmm(h, b_bank[known].transpose(1, 2)) * scale
+    return y + delta.reshape(y.shape)
+
+
+# -- per-row vectors: elementwise adapters (IA3, DoRA's magnitude) gathered by adapter id --------
+
+torch.library.define(
+    "peftc::scale_rows",
+    "(Tensor x, Tensor bank, Tensor seq_ids, Tensor? bias, Tensor? bias_bank) -> Tensor")
+
+
+@torch.library.impl("peftc::scale_rows", "CompositeImplicitAutograd")
+def scale_rows(x, bank, seq_ids, bias, bias_bank):
+    """x ⊙ bank[id] (+ bias ⊙ bias_bank[id], or + bias) per sequence; bank [n+1, F], its last row the base's.
+
+    x's rows are sequence-major and split evenly among seq_ids.numel() sequences, as lora_multi's."""
+    sequences = seq_ids.numel()
+    features = x.shape[-1]
+    rows = x.reshape(sequences, -1, features) * bank[seq_ids].unsqueeze(1)
+    if bias is not None:
+        rows = rows + (bias if bias_bank is None else bias * bias_bank[seq_ids]).unsqueeze(-2)
+    return rows.reshape(x.shape)
+
+
+# -- per-row bottleneck adapters -----------------------------------------------------------------
+
+torch.library.define(
+    "peftc::bottleneck_rows",
+    "(Tensor h, Tensor down, Tensor down_bias, Tensor up, Tensor up_bias, Tensor scales, Tensor seq_ids, "
+    "str activation) -> Tensor")
+
+_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+                "tanh": torch.tanh}
+
+
+@torch.library.impl("peftc::bottleneck_rows", "CompositeImplicitAutograd")
+def bottleneck_rows(h, down, down_bias, up, up_bias, scales, seq_ids, activation):
+    """Per sequence b with adapter a = seq_ids[b]: s[a] (up[a] act(down[a] h + down_bias[a]) + up_bias[a]);
+    zero for id -1 (the base). Banks are gathered per sequence, so each row reads only its adapter."""
+    sequences = seq_ids.numel()
+    rows = h.reshape(sequences, -1, h.shape[-1])
+    known = seq_ids.clamp(min=0)
+    scale = (scales[known] * (seq_ids >= 0).to(scales.dtype))[:, None, None]
+    hidden = _ACTIVATIONS[activation](torch.bmm(rows, down[known].transpose(1, 2)) + down_bias[known][:, None])
+    delta = (torch.bmm(hidden, up[known].transpose(1, 2)) + up_bias[known][:, None]) * scale
+    return delta.reshape(*h.shape[:-1], up.shape[1])

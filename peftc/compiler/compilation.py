@@ -78,6 +78,12 @@ class Compilation:
     def serve_plan(self, serving: ServingPlan) -> Plan:
         return Plan.serve(serving)
 
+    def serve_export_plan(self, serving: ServingPlan) -> Plan:
+        return Plan.serve_export(serving)
+
+    def train_many_plan(self, serving: ServingPlan) -> Plan:
+        return Plan.train_many(serving)
+
     def build(self, args: tuple, kwargs: dict, plan: Plan, *, dynamic_shapes: Any = None,
               dump_dir: Path | None = None) -> Built:
         """Capture one call signature and run `plan`'s passes on it."""

@@ -8,7 +8,11 @@ flag threaded through the pipeline:
 - `Plan.merged(options)`: every foldable adapter folded into its weight — `cm.merged()`;
 - `Plan.export(merge)`: what ONNX export reads: torch ops only, no shrink fusion, no lowering,
   merged or not, so export never has to undo a pass;
-- `Plan.serve(serving)`: the multi-adapter lowering of `serve_adapters`.
+- `Plan.serve(serving)`: the multi-adapter lowering of `serve_adapters`, with the per-row
+  adapter ids as one more graph input;
+- `Plan.train_many(serving)`: the same lowering over each adapter's own trainable tensors,
+  stacked in the graph — `train_adapters` (mLoRA-style concurrent training);
+- `Plan.serve_export(serving)`: the serving graph for ONNX export, adapter ids kept as an input.
 
 A plan that caches results across the graphs it builds (a merged plan's folded weights)
 carries that state itself, so two `merged()` models never share it.
@@ -16,13 +20,16 @@ carries that state itself, so two `merged()` models never share it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from peftc.ir.lora_bank import ServingPlan
+from peftc.passes.add_routing_input import add_routing_input
+from peftc.passes.lower_bottleneck_multi import lower_bottleneck_multi
 from peftc.passes.freeze_params import freeze_params
 from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
 from peftc.passes.lower_lora_multi import lower_lora_multi
 from peftc.passes.lower_lora_triton import lower_lora_triton
+from peftc.passes.lower_scales_multi import lower_scales_multi
 from peftc.passes.merge_adapters import merge_adapters
 from peftc.passes.quantize_base import quantize_base
 from peftc.pipeline.runner import Step
@@ -35,7 +42,7 @@ BACKENDS = ("torch", "triton")
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    name: str  # "train" | "merged" | "export" | "serve"
+    name: str  # "train" | "merged" | "export" | "serve" | "train_many"
     backend: str = "torch"
     fuse_shrinks: bool = False
     merge: MergeState | None = None  # set: fold adapters (its weights are shared by this plan's graphs)
@@ -57,10 +64,23 @@ class Plan:
     def serve(cls, serving: ServingPlan) -> "Plan":
         return cls("serve", serving=serving)
 
+    @classmethod
+    def serve_export(cls, serving: ServingPlan) -> "Plan":
+        """The serving graph as export reads it: the LoRA banks through gathers (peftc::lora_gather)."""
+        return cls("serve_export", serving=replace(serving, gathered=True))
+
+    @classmethod
+    def train_many(cls, serving: ServingPlan) -> "Plan":
+        if serving.params is None:
+            raise ValueError("Plan.train_many: the ServingPlan names no trained adapter tensors (params)")
+        return cls("train_many", serving=serving)
+
     def steps(self, spec: Spec | None) -> list[Step]:
         """The ordered passes of this plan for `spec` (serving plans run the multi-adapter lowering alone)."""
         if self.serving is not None:
-            return [Step("lower_lora_multi", lower_lora_multi)]
+            return [Step("add_routing_input", add_routing_input), Step("lower_lora_multi", lower_lora_multi),
+                    Step("lower_scales_multi", lower_scales_multi),
+                    Step("lower_bottleneck_multi", lower_bottleneck_multi)]
         steps = []
         if spec.quantize is not None:  # first: adapters then see the quantized base
             steps.append(Step("quantize_base", quantize_base))

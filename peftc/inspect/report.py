@@ -21,6 +21,7 @@ class Report:
     sites: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
     methods: list[dict] = field(default_factory=list)  # one row per spec entry: sites, params, merge
+    adapters: list[dict] = field(default_factory=list)  # served / multi-trained models: one row per adapter
 
     @classmethod
     def build(cls, cm, scope: str | None = None) -> "Report":
@@ -40,12 +41,19 @@ class Report:
                 path = _site_of(name, per_site)
                 if path is not None:
                     per_site[path]["adapter_params"] += numel
+        adapter_rows = _adapter_rows(cm, scope)
+        for adapter in adapter_rows:  # multi-adapter plans: a site row names every adapter acting there
+            for path in adapter["sites"]:
+                row = per_site.get(path) or per_site.setdefault(path, _site_row(sites_by_path.get(path), nodes, path))
+                row["methods"].append(f"{adapter['method']} ({adapter['name']})")
+                row["adapter_params"] += adapter["site_params"][path]
         rows = [row for path, row in per_site.items() if in_scope(path, scope)]
         return cls(passes=[_pass_row(r) for r in cm.records], sites=rows, totals=_totals(cm),
-                   methods=_method_rows(cm))
+                   methods=_method_rows(cm), adapters=adapter_rows)
 
     def to_dict(self) -> dict:
-        return {"passes": self.passes, "sites": self.sites, "totals": self.totals, "methods": self.methods}
+        return {"passes": self.passes, "sites": self.sites, "totals": self.totals, "methods": self.methods,
+                "adapters": self.adapters}
 
     def __str__(self) -> str:
         t = self.totals
@@ -75,6 +83,10 @@ class Report:
             lines += ["", _table(["entry", "method", "family", "sites", "params", "on merge"],
                                  [[m["entry"], m["method"], m["family"], _site_labels(m["sites"]), f"{m['params']:,}",
                                    m["merge"]] for m in self.methods])]
+        if self.adapters:
+            lines += ["", _table(["id", "adapter", "method", "sites", "params"],
+                                 [[a["id"], a["name"], a["method"], _site_labels(a["sites"]), f"{a['params']:,}"]
+                                  for a in self.adapters])]
         lines += [f"{p['name']} touched: " + ", ".join(label for label, _ in group_paths(p["touched"]))
                   for p in self.passes if p["method"] is None and p["touched"]]
         notes = [n for p in self.passes for n in p["notes"]]
@@ -137,6 +149,32 @@ def _method_rows(cm) -> list[dict]:
                      "sites": list(record.sites), "params": sum(record.params_added.values()),
                      "merge": "folded into weights" if folds else "kept as graph ops"})
     return rows
+
+
+def _adapter_rows(cm, scope: str | None) -> list[dict]:
+    """Per adapter of a multi-adapter plan (serve_adapters, train_adapters): its method and the sites
+    the multi-adapter passes rewrote for it (from their records), with its own tensors' sizes."""
+    serving = getattr(getattr(cm, "plan", None), "serving", None)
+    if serving is None:
+        return []
+    touched = {path for record in cm.records for path in record.sites}
+    rows = []
+    for index, adapter in enumerate(serving.adapters):
+        sites = sorted(p for p in adapter.sites if p in touched and in_scope(p, scope))
+        site_params = {p: sum(t.numel() for t in _site_tensors(adapter.sites[p])) for p in sites}
+        rows.append({"id": index, "name": adapter.name, "method": adapter.method, "sites": sites,
+                     "params": sum(site_params.values()), "site_params": site_params})
+    return rows
+
+
+def _site_tensors(site) -> list[torch.Tensor]:
+    tensors = [site.input_scale, site.output_scale, site.magnitude]
+    if site.lora is not None:
+        tensors += [site.lora.a, site.lora.b]
+    if site.bottleneck is not None:
+        b = site.bottleneck
+        tensors += [b.down, b.down_bias, b.up, b.up_bias]
+    return [t for t in tensors if t is not None]
 
 
 def _json_shape(side: str, shape: Shape | None) -> dict:

@@ -1,11 +1,16 @@
-"""LoRA banks: every served adapter's LoRA at one site, stacked into one tensor pair.
+"""Adapter banks: every served adapter's change at one site, stacked so one op serves every row.
+
+What a served adapter does at a linear site, whatever its PEFT method (`SiteAdapter`):
+    y = out[id] ⊙ (W (in[id] ⊙ x) + s[id] B[id] A[id] x) + bias[id] ⊙ b
+LoRA and VeRA (λb ⊙ B)(λd ⊙ A) give the low-rank pair; DoRA the pair and out = m / ||W + sBA||
+(bias unscaled); IA3 a vector on the output (bias scaled too) or, on feedforward sites, the input.
 
 A bank holds every served adapter in one tensor pair: A [n, r, in], B [n, out, r], scales [n].
 Ranks differ between adapters (and between sites of one adapter, rank_pattern): each site's bank
 has the largest rank served there, smaller adapters zero-padded, which adds nothing to the output
 and keeps zero gradients in the padding. A site an adapter does not target gets a zero slot.
-The serving layer reads adapters into `LoraAdapter`s (peftc.serving.sources); lower_lora_multi
-builds the banks.
+The serving layer reads adapters into `ServedAdapter`s (peftc.serving.sources); lower_lora_multi
+builds the LoRA banks, lower_scales_multi the scale banks.
 """
 
 from __future__ import annotations
@@ -27,22 +32,68 @@ class SiteLora:
 
 
 @dataclass(frozen=True)
-class LoraAdapter:
-    """One served adapter: its name and its LoRA at each site path it targets."""
+class SiteBottleneck:
+    """A bottleneck adapter at a site: y + scale * (up act(down h + down_bias) + up_bias), h = y or x."""
+
+    down: torch.Tensor  # [k, in_dim]
+    down_bias: torch.Tensor  # [k]
+    up: torch.Tensor  # [out, k]
+    up_bias: torch.Tensor  # [out]
+    scale: float
+    activation: str  # "relu" | "gelu" | "silu" | "tanh": all 0 at 0, so zero-padding k adds nothing
+    placement: str  # "serial" (h = the site's output) | "parallel" (h = its input)
+
+
+@dataclass(frozen=True)
+class SiteAdapter:
+    """One adapter's change at one linear site (see the module docstring); None: that part is identity."""
+
+    lora: SiteLora | None = None
+    input_scale: torch.Tensor | None = None  # [in]: IA3 on a feedforward site
+    output_scale: torch.Tensor | None = None  # [out]: IA3, scales the bias too
+    magnitude: torch.Tensor | None = None  # [out]: DoRA's m; out = m / ||W + sBA||, the bias unscaled
+    bottleneck: SiteBottleneck | None = None  # added after the rest: lower_bottleneck_multi
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """One served adapter: its name, its PEFT method, and what it does at each site path it targets."""
 
     name: str
-    sites: dict[str, SiteLora]
+    method: str
+    sites: dict[str, SiteAdapter]
+
+    def loras(self) -> dict[str, SiteLora]:
+        return {path: site.lora for path, site in self.sites.items() if site.lora is not None}
 
 
 @dataclass(frozen=True)
 class ServingPlan:
     """The adapters one served model stacks at its sites, in id order."""
 
-    adapters: tuple[LoraAdapter, ...]
+    adapters: tuple[ServedAdapter, ...]
+    # Training many adapters at once (train_adapters): adapter k's own tensors live at
+    # peftc.<params[k]>.<site>.<slots[k]>.{A, B, l}; None when serving (the banks hold frozen copies).
+    params: tuple[str, ...] | None = None
+    slots: tuple[str, ...] | None = None
+    gathered: bool = False  # export: peftc::lora_gather (gathers, batched matmuls) instead of lora_multi
 
     @property
     def site_paths(self) -> set[str]:
         return {path for adapter in self.adapters for path in adapter.sites}
+
+    @property
+    def lora_paths(self) -> set[str]:
+        return {path for adapter in self.adapters for path in adapter.loras()}
+
+    @property
+    def scaled_paths(self) -> set[str]:
+        return {path for adapter in self.adapters for path, site in adapter.sites.items()
+                if site.magnitude is not None or site.input_scale is not None or site.output_scale is not None}
+
+    @property
+    def bottleneck_paths(self) -> set[str]:
+        return {path for adapter in self.adapters for path, site in adapter.sites.items() if site.bottleneck}
 
 
 class LoraBank(nn.Module):
@@ -52,9 +103,9 @@ class LoraBank(nn.Module):
     through the multi-adapter ops (padding and empty slots keep zero gradients).
     """
 
-    def __init__(self, site: Site, adapters: list[LoraAdapter], weight: torch.Tensor):
+    def __init__(self, site: Site, adapters: list[ServedAdapter], weight: torch.Tensor):
         super().__init__()
-        loras = [adapter.sites.get(site.path) for adapter in adapters]
+        loras = [adapter.loras().get(site.path) for adapter in adapters]
         rank = max(lora.a.shape[0] for lora in loras if lora is not None)
         factory = dict(dtype=weight.dtype, device=weight.device)
         a_bank = torch.zeros(len(adapters), rank, site.in_features, **factory)
@@ -81,3 +132,65 @@ def _check_shapes(name: str, site: Site, lora: SiteLora) -> None:
         raise CheckpointError(f"adapter {name!r}, site {site.path!r}: A {tuple(lora.a.shape)} and B "
                               f"{tuple(lora.b.shape)} do not fit the layer (want {want_a} and {want_b}); "
                               "was the adapter trained on another model?")
+
+
+class ScaleBank(nn.Module):
+    """Per-row vectors of every served adapter at one site, one row per adapter plus a last row of
+    ones for the base (id -1 indexes it): `input` [n+1, in], `output` [n+1, out], `bias` [n+1, out].
+    A part no served adapter has at the site is None. DoRA's output factor m / ||W + sBA|| is
+    computed here once from the frozen weight (it has no gradient in DoRA either)."""
+
+    def __init__(self, site: Site, adapters: list[ServedAdapter], weight: torch.Tensor, weight_out_in: torch.Tensor):
+        super().__init__()
+        parts = [adapter.sites.get(site.path, SiteAdapter()) for adapter in adapters]
+        factory = dict(dtype=weight.dtype, device=weight.device)
+        outputs = [p.output_scale if p.magnitude is None else _dora_factor(p, weight_out_in) for p in parts]
+        self.register_buffer("input", self._bank([p.input_scale for p in parts], site.in_features, factory))
+        self.register_buffer("output", self._bank(outputs, site.out_features, factory))
+        self.register_buffer("bias", self._bank([p.output_scale for p in parts], site.out_features, factory))
+        self.methods = [a.method for a in adapters]
+
+    @staticmethod
+    def _bank(vectors: list, size: int, factory: dict) -> torch.Tensor | None:
+        if all(v is None for v in vectors):
+            return None
+        bank = torch.ones(len(vectors) + 1, size, **factory)
+        for i, v in enumerate(vectors):
+            if v is not None:
+                bank[i] = v.reshape(-1)
+        return bank
+
+
+def _dora_factor(part: SiteAdapter, weight_out_in: torch.Tensor) -> torch.Tensor:
+    lora = part.lora
+    full = weight_out_in + lora.scale * (lora.b @ lora.a)
+    return part.magnitude.reshape(-1) / torch.linalg.vector_norm(full, dim=1)
+
+
+class BottleneckBank(nn.Module):
+    """The bottleneck adapters of one (placement, activation) group at a site, stacked:
+    down [n, k, in_dim], down_bias [n, k], up [n, out, k], up_bias [n, out], scales [n]; k is the
+    group's largest bottleneck (smaller ones zero-padded), adapters outside the group get scale 0."""
+
+    def __init__(self, site: Site, adapters: list[ServedAdapter], placement: str, activation: str,
+                 weight: torch.Tensor):
+        super().__init__()
+        parts = [adapter.sites.get(site.path, SiteAdapter()).bottleneck for adapter in adapters]
+        mine = [p if p is not None and (p.placement, p.activation) == (placement, activation) else None
+                for p in parts]
+        k = max(p.down.shape[0] for p in mine if p is not None)
+        in_dim = next(p.down.shape[1] for p in mine if p is not None)
+        factory = dict(dtype=weight.dtype, device=weight.device)
+        n = len(adapters)
+        down, down_bias = torch.zeros(n, k, in_dim, **factory), torch.zeros(n, k, **factory)
+        up, up_bias = torch.zeros(n, site.out_features, k, **factory), torch.zeros(n, site.out_features, **factory)
+        scales = torch.zeros(n, **factory)
+        for i, p in enumerate(mine):
+            if p is not None:
+                r = p.down.shape[0]
+                down[i, :r], down_bias[i, :r], up[i, :, :r] = p.down, p.down_bias, p.up
+                up_bias[i], scales[i] = p.up_bias, p.scale
+        for name, tensor in (("down", down), ("down_bias", down_bias), ("up", up), ("up_bias", up_bias),
+                             ("scales", scales)):
+            self.register_buffer(name, tensor)
+        self.placement, self.activation = placement, activation

@@ -40,6 +40,11 @@ class GraphDispatch(nn.Module):
         return dict(self._graphs)
 
     def forward(self, *args, **kwargs):
+        gm, args, kwargs = self.graph_for(args, kwargs)
+        return gm(*args, **kwargs)
+
+    def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
+        """The graph for this call's signature (built on first use) and the call, normalized."""
         args, kwargs = normalize_call(self.compilation.source, args, kwargs)
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
@@ -47,7 +52,7 @@ class GraphDispatch(nn.Module):
             gm = self.compilation.build(args, kwargs, self.plan).graph_module
             set_mode(gm, self.training)
             self._graphs[signature] = gm
-        return gm(*args, **kwargs)
+        return gm, args, kwargs
 
     def train(self, mode: bool = True):
         # Exported graph modules refuse .train(); the mode lives in the graph's nodes instead.

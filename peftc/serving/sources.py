@@ -1,5 +1,9 @@
 """The adapters a served model takes: each read (a CompiledModel, a peftc checkpoint or a PEFT
-directory) into per-site (A, B, scale) triples, peftc.ir.lora_bank's `LoraAdapter`.
+directory) into what it does per site, peftc.ir.lora_bank's `ServedAdapter`.
+
+LoRA folders are read directly (no capture). Other methods (DoRA, VeRA, IA3) are read from the
+modules of their compiled model: a folder is first compiled on the same base
+(interop.load_adapter_dir), so peftc's own passes define what each tensor means.
 """
 
 from __future__ import annotations
@@ -12,35 +16,83 @@ import torch
 from torch import nn
 
 from peftc.errors import CheckpointError, SpecError
-from peftc.interop.from_peft import CONFIG_FILE, read_peft_weights, resolve_all_linear
+from peftc.interop.from_peft import CONFIG_FILE, load_adapter_dir, read_peft_weights, resolve_all_linear
 from peftc.interop.peft_config import as_config_dict, spec_dict_from_peft
 from peftc.interop.peft_keys import PREFIX, normalize
-from peftc.ir.lora_bank import LoraAdapter, SiteLora
+from peftc.ir.lora_bank import ServedAdapter, SiteAdapter, SiteBottleneck, SiteLora
+from peftc.passes.insert_adapter import AdapterWeights
+from peftc.passes.insert_dora import DoraWeights
+from peftc.passes.insert_ia3 import Ia3Weights
+from peftc.passes.insert_vera import VeraWeights
 from peftc.runtime.checkpoint import SPEC_FILE, read_adapter
 from peftc.runtime.compiled import CompiledModel
 from peftc.spec.parse import Spec
 
 
-def load_adapter(name: str, source: Any, model: nn.Module) -> LoraAdapter:
-    """Read one adapter: a CompiledModel, a peftc checkpoint folder, or a PEFT adapter folder."""
+SERVED_METHODS = ("lora", "dora", "vera", "ia3", "adapter")
+
+
+def load_adapter(name: str, source: Any, model: nn.Module, example: tuple[tuple, dict]) -> ServedAdapter:
+    """Read one adapter: a CompiledModel, a peftc checkpoint folder, or a PEFT adapter folder.
+
+    `example` is the (args, kwargs) a folder of a non-LoRA method is compiled with."""
     if isinstance(source, CompiledModel):
-        return lora_adapter(name, source.spec, source.adapter_state_dict())
+        return compiled_adapter(name, source)
     if not isinstance(source, (str, Path)):
         raise TypeError(f"adapter {name!r}: expected a CompiledModel or an adapter directory, "
                         f"got {type(source).__name__}")
     path = Path(source)
     if (path / SPEC_FILE).is_file():
         spec, tensors = read_adapter(path)
-        return lora_adapter(name, spec, tensors)
-    if (path / CONFIG_FILE).is_file():
-        return _peft_adapter(name, path, model)
-    raise CheckpointError(f"adapter {name!r}: {str(path)!r} is neither a peftc checkpoint ({SPEC_FILE}) nor a "
-                          f"PEFT adapter directory ({CONFIG_FILE}); save one with cm.save_adapter(dir)")
+        if _only_one(name, spec).method == "lora":
+            return lora_adapter(name, spec, tensors)
+    elif (path / CONFIG_FILE).is_file():
+        config = resolve_all_linear(as_config_dict(path), model)
+        if _only_one(name, Spec.from_dict(spec_dict_from_peft(config))).method == "lora":
+            return _peft_adapter(name, path, model)
+    else:
+        raise CheckpointError(f"adapter {name!r}: {str(path)!r} is neither a peftc checkpoint ({SPEC_FILE}) nor a "
+                              f"PEFT adapter directory ({CONFIG_FILE}); save one with cm.save_adapter(dir)")
+    args, kwargs = example
+    return compiled_adapter(name, load_adapter_dir(model, path, example_inputs=args, example_kwargs=kwargs))
 
 
-def lora_adapter(name: str, spec: Spec, tensors: dict[str, torch.Tensor]) -> LoraAdapter:
+def compiled_adapter(name: str, cm: CompiledModel) -> ServedAdapter:
+    """What a one-entry compiled adapter does per site, read from its adapter modules."""
+    entry = _only_one(name, cm.spec)
+    if entry.method == "lora":
+        return lora_adapter(name, cm.spec, cm.adapter_state_dict())
+    slot = cm.spec.entry_names()[0]
+    sites = {}
+    for path, module in cm.adapter_root.named_modules():
+        site_path = path[: -len(slot) - 1] if path.endswith("." + slot) else None
+        if site_path is not None and isinstance(module, (DoraWeights, VeraWeights, Ia3Weights, AdapterWeights)):
+            sites[site_path] = _site_adapter(module, entry)
+    if not sites:
+        raise CheckpointError(f"adapter {name!r} has no {entry.method} tensors at any linear site")
+    return ServedAdapter(name, entry.method, sites)
+
+
+@torch.no_grad()
+def _site_adapter(module: nn.Module, entry) -> SiteAdapter:
+    if isinstance(module, AdapterWeights):
+        copies = [t.detach().clone() for t in (module.down, module.down_bias, module.up, module.up_bias)]
+        return SiteAdapter(bottleneck=SiteBottleneck(*copies, float(entry.scale), entry.activation, entry.placement))
+    if isinstance(module, DoraWeights):
+        return SiteAdapter(lora=SiteLora(module.A.detach().clone(), module.B.detach().clone(), float(module.scale)),
+                           magnitude=module.magnitude.detach().clone())
+    if isinstance(module, VeraWeights):  # (λb ⊙ B[:out]) (λd ⊙ A[:, :in]): a LoRA pair of rank r, scale 1
+        a = module.lambda_d[:, None] * module.projections.A[:, : module.in_features]
+        b = module.lambda_b[:, None] * module.projections.B[: module.out_features, :]
+        return SiteAdapter(lora=SiteLora(a.clone(), b.clone(), 1.0))
+    if module.feedforward:
+        return SiteAdapter(input_scale=module.l.detach().clone())
+    return SiteAdapter(output_scale=module.l.detach().clone())
+
+
+def lora_adapter(name: str, spec: Spec, tensors: dict[str, torch.Tensor]) -> ServedAdapter:
     """The per-site LoRA of a one-entry LoRA spec and its adapter_state_dict()-named tensors."""
-    entry = _only_lora(name, spec)
+    entry = _only_one(name, spec)
     slot = spec.entry_names()[0]
     pattern = re.compile(rf"(.+)\.{re.escape(slot)}\.(A|B)$")
     found: dict[str, dict[str, torch.Tensor]] = {}
@@ -55,29 +107,30 @@ def lora_adapter(name: str, spec: Spec, tensors: dict[str, torch.Tensor]) -> Lor
         if set(pair) != {"A", "B"} or pair["A"].dim() != 2 or pair["B"].dim() != 2:
             raise SpecError(f"adapter {name!r}: site {path!r} has no 2-D A and B pair (a conv or incomplete "
                             "LoRA); serving takes LoRA on linear layers only")
-        sites[path] = SiteLora(pair["A"], pair["B"], float(entry.scale_at(path)))
+        sites[path] = SiteAdapter(lora=SiteLora(pair["A"], pair["B"], float(entry.scale_at(path))))
     if not sites:
         raise CheckpointError(f"adapter {name!r} has no LoRA tensors")
-    return LoraAdapter(name, sites)
+    return ServedAdapter(name, "lora", sites)
 
 
-def _only_lora(name: str, spec: Spec):
+def _only_one(name: str, spec: Spec):
     methods = [entry.method for entry in spec.adapters]
-    if methods != ["lora"]:
-        raise SpecError(f"adapter {name!r}: spec adapters are {methods}; serving takes one 'lora' entry "
-                        "(merge other methods with cm.merged(), or serve them as separate models)")
+    if len(methods) != 1 or methods[0] not in SERVED_METHODS:
+        raise SpecError(f"adapter {name!r}: spec adapters are {methods}; serving takes one entry of "
+                        f"{list(SERVED_METHODS)} (merge other methods with cm.merged(), or serve them as separate "
+                        "models)")
     entry = spec.adapters[0]
     if spec.trainable or spec.quantize is not None:
         field = "trainable" if spec.trainable else "quantize"
         raise SpecError(f"adapter {name!r}: spec.{field} is set; served adapters share one unchanged float "
                         f"base, so remove '{field}' from the adapter's spec")
-    if entry.gate:
-        raise SpecError(f"adapter {name!r}: adapters[0].gate is true; a gated LoRA update depends on the input "
-                        "and has no bank form. Serve ungated LoRA adapters")
+    if getattr(entry, "gate", False):
+        raise SpecError(f"adapter {name!r}: adapters[0].gate is true; a gated update depends on the input "
+                        "and has no bank form. Serve ungated adapters")
     return entry
 
 
-def _peft_adapter(name: str, path: Path, model: nn.Module) -> LoraAdapter:
+def _peft_adapter(name: str, path: Path, model: nn.Module) -> ServedAdapter:
     config = resolve_all_linear(as_config_dict(path), model)
     if config.get("modules_to_save") or (config.get("bias") or "none") != "none":
         raise SpecError(f"adapter {name!r}: the PEFT config sets modules_to_save or bias; served adapters share "

@@ -119,15 +119,15 @@ def test_call_errors_name_the_fix(served):
 
 def test_non_lora_and_non_linear_adapters_are_refused(tmp_path):
     family = FAMILIES["llama"]
-    peftc.Spec.from_dict({"adapters": [{"method": "ia3", "targets": ["q_proj"]}]}).save(tmp_path / "spec.json")
+    peftc.Spec.from_dict({"adapters": [{"method": "loha", "targets": ["q_proj"]}]}).save(tmp_path / "spec.json")
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter.safetensors"))
-    with pytest.raises(SpecError, match=r"spec adapters are \['ia3'\]; serving takes one 'lora' entry"):
+    with pytest.raises(SpecError, match=r"spec adapters are \['loha'\]; serving takes one entry of \['lora', 'dora'"):
         peftc.serve_adapters(family.build(), {"x": tmp_path})
     pm = get_peft_model(family.build(), LoraConfig(r=2, target_modules=["embed_tokens"]))
     pm.save_pretrained(tmp_path / "emb")
-    with pytest.raises(SpecError, match="LoRA on linear layers only"):
+    with pytest.raises(SpecError, match="LoRA on linear layers only"):  # an embedding LoRA
         peftc.serve_adapters(family.build(), {"emb": tmp_path / "emb"})
     with pytest.raises(SpecError, match="'__base__' is not usable"):
         peftc.serve_adapters(family.build(), {"__base__": tmp_path / "emb"})
