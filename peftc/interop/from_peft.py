@@ -50,6 +50,7 @@ def spec_dict_for(model: nn.Module, config: Any, saved: bool) -> dict:
     """`saved`: the config comes with its saved weights (an adapter directory)."""
     config = as_config_dict(config)
     config = resolve_all_linear(config, model)
+    config = resolve_token_indices(config, model)
     config = present_modules_to_save(config, model)
     return spec_dict_from_peft(config, saved=saved)
 
@@ -123,6 +124,19 @@ def resolve_all_linear(config: dict, model: nn.Module) -> dict:
     if not names:
         raise SpecError("target_modules: 'all-linear' found no linear layer in the model")
     return {**config, "target_modules": names}
+
+
+def resolve_token_indices(config: dict, model: nn.Module) -> dict:
+    """LoRA's trainable_token_indices as a bare list means the input embedding: name it."""
+    indices = config.get("trainable_token_indices")
+    if not isinstance(indices, list) or not indices:
+        return config
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    if name is None:
+        raise SpecError("trainable_token_indices: a list means the model's input embedding, and this model has "
+                        "no get_input_embeddings(); give {embedding module name: token ids}")
+    return {**config, "trainable_token_indices": {name: indices}}
 
 
 def present_modules_to_save(config: dict, model: nn.Module) -> dict:
@@ -206,8 +220,8 @@ def _adapter_tensor(cm, name: str) -> torch.Tensor:
 
 
 def _as_peftc_shape(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PEFT's IA3 vectors are [out, 1] or [1, in]; peftc's are flat."""
-    if target.dim() == 1 and value.dim() == 2 and 1 in value.shape and value.numel() == target.numel():
+    """PEFT's IA3 vectors are [out, 1] or [1, in] ([1, C, 1, ...] on a conv); peftc's are flat."""
+    if target.dim() == 1 and value.dim() >= 2 and value.numel() == target.numel() == max(value.shape):
         return value.reshape(-1)
     return value
 

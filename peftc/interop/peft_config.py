@@ -89,6 +89,9 @@ def _is_default(value: Any) -> bool:
 def peft_config_from_spec(spec) -> dict:
     """The PEFT adapter_config.json for a spec; SpecError naming the field PEFT cannot express."""
     main = [(i, e) for i, e in enumerate(spec.adapters) if e.method != "copy"]
+    tokens = [e for _, e in main if e.method == "trainable_tokens"]
+    if len(main) > len(tokens) and tokens:  # trained beside LoRA: its trainable_token_indices
+        main = [(i, e) for i, e in main if e.method != "trainable_tokens"]
     if len(main) != 1:
         raise SpecError(f"adapters: a PEFT adapter holds exactly one method besides copies; this spec has "
                         f"{[e.method for _, e in main]}")
@@ -97,9 +100,25 @@ def peft_config_from_spec(spec) -> dict:
         raise SpecError(f"adapters[{index}].method: peftc cannot write {entry.method!r} as a PEFT config yet; "
                         f"it can write {sorted(WRITERS)}")
     cfg = WRITERS[entry.method](entry, f"adapters[{index}]")
+    if tokens and entry.method != "trainable_tokens":
+        _write_token_indices(entry, tokens, cfg, f"adapters[{index}]")
     _write_copies(spec, entry, cfg)
     _write_trainable(spec, cfg)
     return cfg
+
+
+def _write_token_indices(entry, tokens: list, cfg: dict, field: str) -> None:
+    if entry.method not in ("lora", "dora"):
+        raise SpecError(f"{field}: PEFT trains tokens beside LoRA only (trainable_token_indices), not beside "
+                        f"{entry.method!r}")
+    out = {}
+    for t in tokens:
+        for target in t.targets:
+            if not pt.is_bare(target):
+                raise SpecError(f"trainable_tokens.targets: {target!r}: PEFT's trainable_token_indices needs "
+                                "module names")
+            out[target] = list(t.indices)
+    cfg["trainable_token_indices"] = out
 
 
 def _write_copies(spec, entry, cfg: dict) -> None:
