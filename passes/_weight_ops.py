@@ -18,8 +18,9 @@ def weight_out_in(ins: Inserter, site: Site) -> Node:
 
 
 def flip_layout(tensor: torch.Tensor, site) -> torch.Tensor:
-    """[out, in] <-> the parameter's own layout (GPT-2 Conv1D stores [in, out]); its own inverse."""
-    return tensor.T if site.layout == "in_out" else tensor
+    """[(E,) out, in] <-> the parameter's own layout (GPT-2 Conv1D stores [in, out], some MoE experts
+    [E, in, out]); its own inverse."""
+    return tensor.transpose(-1, -2) if site.layout == "in_out" else tensor
 
 
 def fold_delta(module, site, weight: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,35 @@ def apply_site_op(ins: Inserter, node: Node, site: Site, x: Node, weight: Node) 
                     [0] * len(stride), conv_groups(node))
 
 
+def add_to_parameter(gm: GraphModule, site: Site, make_inserter, build_delta) -> None:
+    """W + ΔW wherever the graph reads the site's parameter (for parameter sites: MoE experts).
+
+    `make_inserter(anchor)` gives an Inserter after `anchor`; `build_delta(ins)` inserts ΔW in the
+    parameter's own layout and returns (ΔW node, add kwargs). The add is the adapter's output
+    node, so merge folds it as it folds any other; the parameter itself is never written.
+    """
+    def add(ins, weight):
+        delta, add_kwargs = build_delta(ins)
+        return ins.call(aten.add.Tensor, weight, delta, **add_kwargs)
+
+    rewrite_parameter(gm, site, make_inserter, add)
+
+
+def rewrite_parameter(gm: GraphModule, site: Site, make_inserter, build_weight) -> None:
+    """Every read of the site's parameter W reads `build_weight(ins, W)` instead: a node whose first
+    argument is W, tagged as the adapter's output (merge puts W back and folds the method)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for weight in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == site.param]:
+        users = sorted(weight.users, key=order.__getitem__)
+        if not users:
+            continue
+        ins = make_inserter(users[0].prev)  # just before the first read, in that op's module
+        ins.module_stack = users[0].meta.get("nn_module_stack", ins.module_stack)
+        new = build_weight(ins, weight)
+        new.meta["peftc"]["role"] = "output"
+        redirect_users(users, weight, new)
+
+
 def maybe_dropout(ins: Inserter, x: Node, p: float) -> Node:
     return ins.call(aten.dropout.default, x, p, True) if p > 0 else x
 
@@ -84,6 +114,30 @@ def add_output(ins: Inserter, y: Node, delta: Node, users: list[Node], **add_kwa
     out.meta["peftc"]["role"] = "output"
     redirect_users(users, y, out)
     return out
+
+
+def keep_mask(ins: Inserter, like: Node, size: int, p: float) -> Node:
+    """`size` ones, each zeroed with probability p in training (none in eval): dropout of ones, clamped to 1,
+    so it follows train/eval as every dropout node does."""
+    ones = ins.call(aten.new_ones.default, like, [size])
+    return ins.call(aten.clamp_max.default, ins.call(aten.dropout.default, ones, p, True), 1.0)
+
+
+def add_dropped_delta_op(ins: Inserter, node: Node, site: Site, x: Node, delta_weight: Node, users: list[Node],
+                         rank_dropout: float, module_dropout: float, rescale_ranks: bool = True) -> Node:
+    """add_delta_op with LyCORIS' dropouts, as HF PEFT's LoHa / LoKr: `rank_dropout` zeroes rows of ΔW
+    (the rest divided by the kept fraction when `rescale_ranks`), `module_dropout` skips the whole update."""
+    if rank_dropout:
+        rows = keep_mask(ins, delta_weight, site.out_features, rank_dropout)
+        if rescale_ranks:
+            rows = ins.call(aten.div.Tensor, rows, ins.call(aten.mean.default, rows))
+        ndim = len(delta_weight.meta["val"].shape)
+        rows = ins.call(aten.view.default, rows, [-1] + [1] * (ndim - 1))
+        delta_weight = ins.call(aten.mul.Tensor, delta_weight, rows)
+    out = apply_site_op(ins, node, site, x, delta_weight)
+    if module_dropout:
+        out = ins.call(aten.mul.Tensor, out, keep_mask(ins, out, 1, module_dropout))
+    return add_output(ins, node, out, users)
 
 
 def add_delta_op(ins: Inserter, node: Node, site: Site, x: Node, delta_weight: Node, users: list[Node]) -> Node:

@@ -1,4 +1,6 @@
-"""insert_ia3: scale a site's output (or, for `feedforward` sites, its input) by a learned vector."""
+"""insert_ia3: scale a site's output (or, for `feedforward` sites, its input) by a learned vector.
+
+On a conv the vector scales channels (PEFT's ia3_l is [1, C, 1, ...]; peftc's is flat)."""
 
 from __future__ import annotations
 
@@ -42,12 +44,28 @@ class Ia3Weights(nn.Module):
         size = site.in_features if feedforward else site.out_features
         self.l = nn.Parameter(torch.ones(size, device=weight.device, dtype=weight.dtype))
         self.feedforward = feedforward
+        self.kernel_dims = weight.dim() - 2 if site.kind == "conv" else 0  # spatial dims the vector broadcasts over
+        self.groups = site.in_features // weight.shape[1] if site.kind == "conv" else 1
 
 
 def fold_ia3(module: Ia3Weights, site: Site, weight: torch.Tensor) -> torch.Tensor:
     """W·diag(l) on a feedforward site, diag(l)·W elsewhere (in [out, in] terms)."""
+    if module.kernel_dims:
+        return (weight * _conv_weight_factor(module, weight)).to(weight.dtype)
     factor = module.l[None, :] if module.feedforward else module.l[:, None]
     return flip_layout(flip_layout(weight, site) * factor, site).to(weight.dtype)
+
+
+def _conv_weight_factor(module: Ia3Weights, weight: torch.Tensor) -> torch.Tensor:
+    """l as a factor of a conv weight [out, in / groups, *kernel]: per output channel, or per input
+    channel of each output channel's group."""
+    out, in_per_group = weight.shape[:2]
+    ones = [1] * module.kernel_dims
+    if not module.feedforward:
+        return module.l.view(out, 1, *ones)
+    g = module.groups
+    factor = module.l.view(g, 1, in_per_group).expand(g, out // g, in_per_group)
+    return factor.reshape(out, in_per_group, *ones)
 
 
 def fold_ia3_bias(module: Ia3Weights, site: Site, bias: torch.Tensor) -> torch.Tensor:
@@ -56,13 +74,13 @@ def fold_ia3_bias(module: Ia3Weights, site: Site, bias: torch.Tensor) -> torch.T
 
 
 def insert_ia3(gm: GraphModule, ctx: PassContext) -> PassResult:
-    """Multiply every targeted linear op's output by l, or its input for the `feedforward` subset."""
+    """Multiply every targeted linear or conv op's output by l, or its input for the `feedforward` subset."""
     config: Ia3Config = ctx.entry
-    sites = select_sites(ctx, config, kinds=("linear",))
+    sites = select_sites(ctx, config, kinds=("linear", "conv"))
     check_one_rewrite_per_weight(gm, ctx, sites)
     feedforward = _feedforward_paths(ctx, config, sites)
     return rewrite_sites(gm, ctx, sites, lambda site, weight: Ia3Weights(site, weight, site.path in feedforward),
-                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, module.feedforward))
+                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, module))
 
 
 def _feedforward_paths(ctx: PassContext, config: Ia3Config, sites: list[Site]) -> set[str]:
@@ -76,19 +94,27 @@ def _feedforward_paths(ctx: PassContext, config: Ia3Config, sites: list[Site]) -
     return {s.path for s in sites if matches_any(config.feedforward, s.path)}
 
 
-def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, feedforward: bool) -> None:
+def _scale(ins: Inserter, module: Ia3Weights, l_target: str):
+    """l as the op reads it: flat for a linear op, [C, 1, ...] over a conv's channel dim."""
+    l = ins.get_attr(l_target)
+    if module.kernel_dims:
+        l = ins.call(aten.view.default, l, [-1] + [1] * module.kernel_dims)
+    return l
+
+
+def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: Ia3Weights) -> None:
     tag = {"pass": "insert_ia3", "method": "ia3", "site": site.path, "slot": ctx.slot, "entry": ctx.entry_index}
     l_target = adapters.target(site.path, ctx.slot, "l")
-    if feedforward:  # scale the input just before the op
+    if module.feedforward:  # scale the input just before the op
         x = node.args[site.input_index]
         ins = Inserter(gm, node.prev, tag)
         ins.module_stack = node.meta.get("nn_module_stack")
-        scaled = ins.call(aten.mul.Tensor, x, ins.get_attr(l_target))
+        scaled = ins.call(aten.mul.Tensor, x, _scale(ins, module, l_target))
         scaled.meta["peftc"]["role"] = "output"
         node.update_arg(site.input_index, scaled)
         return
     users = list(node.users)
     ins = Inserter(gm, node, tag)
-    out = ins.call(aten.mul.Tensor, node, ins.get_attr(l_target))
+    out = ins.call(aten.mul.Tensor, node, _scale(ins, module, l_target))
     out.meta["peftc"]["role"] = "output"
     redirect_users(users, node, out)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.core.fields import boolean, probability
 from peftc.ir import adapters
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
@@ -17,7 +18,7 @@ from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_delta_op, maybe_dropout, out_in_shape
+from ._weight_ops import add_dropped_delta_op, maybe_dropout, out_in_shape
 
 aten = torch.ops.aten
 
@@ -27,6 +28,21 @@ class LohaConfig(LowRankConfig):
     """LoHa (FedPara, Hyeon-Woo et al., 2022) as HF PEFT's LoHa; `dropout` drops the op's input."""
 
     method = "loha"
+    # LyCORIS' dropouts in training (PEFT's): rows of ΔW dropped (kept ones rescaled), or the whole update
+    rank_dropout: float = field(default=0.0, metadata={"check": probability})
+    module_dropout: float = field(default=0.0, metadata={"check": probability})
+    # On a Conv1d/2d with a kernel > 1: W1, W2 as CP (Tucker) products t ×₁ w_a ×₂ w_b (PEFT's hada_t1/t2)
+    use_effective_conv2d: bool = field(default=False, metadata={"check": boolean})
+
+
+def effective_conv(site: Site, shape: tuple, wanted: bool) -> bool:
+    """PEFT's rule: the CP form on Conv1d/Conv2d only, and not for a kernel of ones."""
+    return wanted and site.kind == "conv" and len(shape) in (3, 4) and math.prod(shape[2:]) > 1
+
+
+def cp_weight(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+    """[out, in, k1, k2] = Σ t[i, j, k1, k2] w_a[i, out] w_b[j, in] (LyCORIS' make_weight_cp)."""
+    return torch.einsum("ijkl,ip,jr->prkl", t, w_a, w_b)
 
 
 class LohaWeights(nn.Module):
@@ -37,10 +53,18 @@ class LohaWeights(nn.Module):
         factory = dict(device=weight.device, dtype=weight.dtype)
         self.shape = out_in_shape(weight, site)
         out_dim, in_dim, r = self.shape[0], math.prod(self.shape[1:]), config.r
-        self.hada_w1_a = nn.Parameter(torch.empty(out_dim, r, **factory))
-        self.hada_w1_b = nn.Parameter(torch.empty(r, in_dim, **factory))
-        self.hada_w2_a = nn.Parameter(torch.empty(out_dim, r, **factory))
-        self.hada_w2_b = nn.Parameter(torch.empty(r, in_dim, **factory))
+        self.cp = effective_conv(site, self.shape, config.use_effective_conv2d)
+        if self.cp:  # t [r, r, k1, k2] (k2 = 1 on a Conv1d), w_a [r, out], w_b [r, in]
+            kernel = (*self.shape[2:], 1)[:2]
+            self.hada_t1 = nn.Parameter(torch.empty(r, r, *kernel, **factory))
+            self.hada_t2 = nn.Parameter(torch.empty(r, r, *kernel, **factory))
+            a_shape, b_shape = (r, out_dim), (r, self.shape[1])
+        else:
+            a_shape, b_shape = (out_dim, r), (r, in_dim)
+        self.hada_w1_a = nn.Parameter(torch.empty(a_shape, **factory))
+        self.hada_w1_b = nn.Parameter(torch.empty(b_shape, **factory))
+        self.hada_w2_a = nn.Parameter(torch.empty(a_shape, **factory))
+        self.hada_w2_b = nn.Parameter(torch.empty(b_shape, **factory))
         self.scale = config.scale
         self.reset_parameters()
 
@@ -48,13 +72,17 @@ class LohaWeights(nn.Module):
     def reset_parameters(self) -> None:
         if self.hada_w1_a.is_meta:
             return
-        for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a):  # as HF PEFT: the update starts at zero
+        for name, p in self.named_parameters():  # as HF PEFT: the update starts at zero
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         nn.init.zeros_(self.hada_w2_b)
 
     def delta_weight(self) -> torch.Tensor:
         """s·(W1a W1b) ⊙ (W2a W2b), shaped [out, in, *kernel]."""
-        hadamard = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
+        if self.cp:
+            hadamard = cp_weight(self.hada_t1, self.hada_w1_a, self.hada_w1_b) * cp_weight(
+                self.hada_t2, self.hada_w2_a, self.hada_w2_b)
+        else:
+            hadamard = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
         return (hadamard * self.scale).reshape(self.shape)
 
 
@@ -71,11 +99,16 @@ def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: L
                   config: LohaConfig) -> None:
     users = list(node.users)
     ins = site_inserter(gm, node, site, ctx, "insert_loha")
-    w = {name: ins.get_attr(adapters.target(site.path, ctx.slot, name))
-         for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-    first = ins.call(aten.mm.default, w["hada_w1_a"], w["hada_w1_b"])
-    second = ins.call(aten.mm.default, w["hada_w2_a"], w["hada_w2_b"])
+    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") + (("hada_t1", "hada_t2") if module.cp else ())
+    w = {name: ins.get_attr(adapters.target(site.path, ctx.slot, name)) for name in names}
+    if module.cp:
+        first = ins.call(aten.einsum.default, "ijkl,ip,jr->prkl", [w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"]])
+        second = ins.call(aten.einsum.default, "ijkl,ip,jr->prkl", [w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"]])
+    else:
+        first = ins.call(aten.mm.default, w["hada_w1_a"], w["hada_w1_b"])
+        second = ins.call(aten.mm.default, w["hada_w2_a"], w["hada_w2_b"])
     delta = ins.call(aten.mul.Tensor, ins.call(aten.mul.Tensor, first, second), config.scale)
     delta = ins.call(aten.view.default, delta, list(module.shape))
     x = maybe_dropout(ins, node.args[site.input_index], config.dropout)
-    add_delta_op(ins, node, site, x, delta, users)
+    add_dropped_delta_op(ins, node, site, x, delta, users, config.rank_dropout, config.module_dropout,
+                         getattr(config, "rank_dropout_scale", True))

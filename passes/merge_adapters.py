@@ -68,10 +68,14 @@ def _foldable(gm: GraphModule, tag: dict) -> bool:
 
 
 def _fold_bias(gm: GraphModule, site, method, module, merged: dict) -> None:
-    """Output-scaling methods (IA3) rescale the op's bias as well as its weight."""
+    """Output-scaling methods (IA3) rescale the op's bias as well as its weight; LoRA's lora_bias adds to it.
+    A fold that returns the bias itself (LoRA without lora_bias) changes nothing, so nothing is set."""
     name = bias_param(gm, site)
     if name is not None:
-        merged[name] = method.fold_bias(module, site, merged.get(name, gm.get_parameter(name))).detach()
+        bias = merged.get(name, gm.get_parameter(name))
+        folded = method.fold_bias(module, site, bias)
+        if folded is not bias:
+            merged[name] = folded.detach()
 
 
 def _adapter_groups(gm: GraphModule) -> list[list[Node]]:

@@ -4,7 +4,7 @@
 """
 
 from peftc.compiler.compile import compile
-from peftc.errors import CaptureError, CheckpointError, ExportError, SpecError
+from peftc.errors import CallError, CaptureError, CheckpointError, ExportError, SpecError
 from peftc.interop.from_peft import from_peft
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.dispatch import GraphDispatch
@@ -33,6 +33,7 @@ def export_adapter(cm_or_adapter_dir, path):
     return export(cm_or_adapter_dir, path)
 
 
-__all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CheckpointError",
+__all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CallError",
+           "CheckpointError",
            "ExportError", "from_peft", "export_onnx", "export_adapter", "serve_adapters", "ServedModel",
            "train_adapters", "MultiAdapterModel"]

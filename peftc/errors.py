@@ -35,3 +35,7 @@ class GraphvizNotFoundError(RuntimeError):
 
 class InvariantError(RuntimeError):
     """A pass broke one of peftc's invariants: a bug in that pass, not in the user's input."""
+
+
+class CallError(ValueError):
+    """A call the compiled graph cannot run though the original model accepts it; names the argument."""

@@ -22,6 +22,7 @@ class Family:
     all_linear: tuple[str, ...]  # every linear layer in the blocks
     example_inputs: Callable[[], tuple] | None = None  # for non-transformers models
     hf: bool = True
+    target_parameters: tuple[str, ...] = ()  # MoE expert parameters, as PEFT's target_parameters
 
 
 def _ids(vocab: int) -> Callable[[int, int], dict]:
@@ -53,6 +54,24 @@ def bert() -> nn.Module:
     cfg = BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
                      vocab_size=128, max_position_embeddings=64, num_labels=3)
     return BertForSequenceClassification(cfg).eval()
+
+
+def falcon() -> nn.Module:
+    """FalconLinear computes `x @ W.T` (a matmul against a transposed parameter), not nn.Linear."""
+    from transformers import FalconConfig, FalconForCausalLM
+    torch.manual_seed(0)
+    cfg = FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    return FalconForCausalLM(cfg).eval()
+
+
+def mixtral() -> nn.Module:
+    """MoE: experts stored as 3-D parameters (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128)
+    return MixtralForCausalLM(cfg).eval()
 
 
 def vit() -> nn.Module:
@@ -101,6 +120,10 @@ FAMILIES = {
                     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     "gpt2": Family("gpt2", gpt2, _ids(128), ("c_attn",), ("c_attn", "c_proj", "c_fc")),
     "bert": Family("bert", bert, _ids(128), ("query", "value"), ("query", "key", "value", "dense")),
+    "falcon": Family("falcon", falcon, _ids(128), ("query_key_value",),
+                     ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    "mixtral": Family("mixtral", mixtral, _ids(128), ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
+                      target_parameters=("experts.gate_up_proj", "experts.down_proj")),
     "vit": Family("vit", vit, vit_inputs, ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj")),
     "mlp": Family("mlp", lambda: MLP().eval(), lambda b, s: {"x": torch.randn(b, 16)}, ("fc1", "fc2"),
                   ("fc1", "fc2"), example_inputs=lambda: (torch.randn(3, 16),), hf=False),

@@ -18,7 +18,7 @@ from peftc.errors import ExportError
 from peftc.ir import adapters
 from peftc.runtime.checkpoint import read_adapter
 
-from .files import atomic_output
+from peftc.core.files import atomic_file
 
 ADAPTER_VERSION = 1
 MODEL_VERSION = 1
@@ -29,7 +29,7 @@ def export_adapter(cm_or_adapter_dir, path) -> Path:
     spec, tensors = _source(cm_or_adapter_dir)
     parameters = lora_parameters(spec, tensors)
     path = Path(path)
-    with atomic_output(path) as tmp:
+    with atomic_file(path, ExportError) as tmp:
         _write(parameters, tmp)
     return path
 

@@ -24,7 +24,7 @@ from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.dispatch import GraphDispatch
 
 from . import quantized_linear, signature
-from .files import atomic_output
+from peftc.core.files import atomic_file
 from .graph_copy import eval_copy, strip_lora_scales
 from .logs import quiet
 from .lora_inputs import promote_lora_inputs
@@ -47,8 +47,9 @@ def export_onnx(cm, path, *, merge: bool = True, quantize: str | None = None, ex
     if quantize is not None and quantize not in BITS:
         raise ExportError(f"quantize: expected one of {[None, *QUANTIZE_CHOICES]}, got {quantize!r}")
     check_block_size(block_size)
+    check_opset(opset)
     path = Path(path)
-    with atomic_output(path) as tmp:
+    with atomic_file(path, ExportError) as tmp:
         gm = graph_for_export(cm, merge, example_inputs)
         model = to_onnx(gm, example_inputs_for(cm, gm, example_inputs), opset)
         prepare(model, gm, merge=merge)
@@ -57,6 +58,20 @@ def export_onnx(cm, path, *, merge: bool = True, quantize: str | None = None, ex
         else:
             ir.save(model, tmp)
     return path
+
+
+MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and converts only upward
+
+
+def check_opset(opset: Any) -> None:
+    """torch.onnx silently writes opset 18 for an opset it cannot produce: refuse those here instead."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
+                              or not MIN_OPSET <= opset <= newest):
+        raise ExportError(f"opset: expected an integer from {MIN_OPSET} to {newest} (what torch's ONNX exporter "
+                          f"and the installed onnx support), got {opset!r}")
 
 
 def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:

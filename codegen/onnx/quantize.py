@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from peftc.errors import ExportError
 
-from .files import atomic_output
+from peftc.core.files import atomic_file
 from .logs import quiet
 from .names import (
     TRANSPOSED_SUFFIX,
@@ -51,7 +51,7 @@ def quantize_onnx(source, path, quantize: str = "int8", *, block_size: int = 32)
         raise ExportError(f"quantize: expected one of {list(BITS)}, got {quantize!r}")
     check_block_size(block_size)
     path = Path(path)
-    with atomic_output(path) as tmp:
+    with atomic_file(path, ExportError) as tmp:
         quantize_weights(ir.load(str(source)), BITS[quantize], block_size, tmp)
     return path
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from peftc.compiler.compile import compile
+from peftc.core.files import atomic_write_text
 from peftc.errors import (
+    CallError,
     CaptureError,
     CheckpointError,
     ExportError,
@@ -33,8 +35,8 @@ from peftc.spec.parse import Spec
 FACTORY_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
-EXPECTED_ERRORS = (SpecError, CaptureError, CheckpointError, ExportError, ScopeError, GraphvizNotFoundError,
-                   UsageError, FileNotFoundError)
+EXPECTED_ERRORS = (SpecError, CaptureError, CallError, CheckpointError, ExportError, ScopeError,
+                   GraphvizNotFoundError, UsageError, OSError)  # OSError: a path that cannot be read or written
 
 
 @dataclass
@@ -76,15 +78,18 @@ def load_pretrained_dir(path: Path):
                          "save_pretrained, or a package.module:factory reference")
     import transformers
 
+    # A damaged folder fails inside transformers with any exception type (a wrong-typed config field
+    # is a TypeError deep in the model's __init__); all of them are the folder's fault, not a peftc bug.
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
+    except Exception as err:
         raise UsageError(f"model {str(path)!r}: config.json cannot be read: {one_line(err)}") from err
     model_class = architecture_class(config, path)
     try:
         return model_class.from_pretrained(path, local_files_only=True).eval()
-    except (OSError, ValueError) as err:
-        raise UsageError(f"model {str(path)!r}: {model_class.__name__} cannot be loaded: {one_line(err)}") from err
+    except Exception as err:
+        raise UsageError(f"model {str(path)!r}: {model_class.__name__} cannot be built from its config.json "
+                         f"and weights: {type(err).__name__}: {one_line(err)}") from err
 
 
 def architecture_class(config, path: Path):
@@ -164,11 +169,22 @@ def write_output(text: str, out: Path | None) -> None:
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(out, text, UsageError)  # a failure leaves nothing at --out
     print(f"wrote {out}", file=sys.stderr)
 
 
-def one_line(err: BaseException) -> str:
-    """An error's message on one line (several-line messages are joined)."""
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+def check_output_path(out: Path) -> None:
+    """Refuse an --out that can never be written, before any slow step runs."""
+    if out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a directory; pass a file path inside it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a folder")
+            return
+
+
+def one_line(err: BaseException, limit: int = 600) -> str:
+    """An error's message on one line (several-line messages are joined), at most `limit` characters."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."

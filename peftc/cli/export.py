@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from peftc.cli.common import UsageError, add_model_argument, compile_model, load_model
+from peftc.cli.common import UsageError, add_model_argument, check_output_path, compile_model, load_model
+from peftc.codegen.onnx.export import check_opset
 
 HELP = "export a model (with an adapter) to ONNX: merged, quantized, or with swappable LoRA adapters"
 
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.merge and args.adapter is None:
         raise UsageError("--no-merge needs --adapter DIR: there are no adapter weights to keep as inputs")
+    check_opset(args.opset)  # before the slow steps: a bad option fails at once, with nothing written
+    check_output_path(args.out)
     with progress(f"loading {args.model}"):
         loaded = load_model(args.model)
     target = loaded.model.eval()

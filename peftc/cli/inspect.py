@@ -12,6 +12,7 @@ from peftc.cli.common import (
     UsageError,
     add_model_argument,
     add_spec_arguments,
+    check_output_path,
     compile_model,
     load_model,
     spec_from_args,
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.format == "png" and args.out is None:
         raise UsageError("--format png needs --out FILE (a PNG is not written to the terminal)")
+    if args.out is not None:
+        check_output_path(args.out)
     spec = spec_from_args(args)
     cm = compile_model(load_model(args.model), spec, args.adapter)
     if args.format in ("svg", "png"):

@@ -11,6 +11,7 @@ from torch import nn
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation, CompileOptions
 from peftc.runtime.compiled import CompiledModel
+from peftc.runtime.user_model import kept_unchanged, weight_view
 from peftc.spec.parse import as_spec
 
 
@@ -19,31 +20,20 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
             copy_layers: bool = True, gradient_checkpointing: bool = False) -> CompiledModel:
     """Compile `model` with the PEFT `spec` (a Spec, a dict, or a path to a spec file).
 
-    On failure the model is left exactly as it was (parameters, requires_grad flags, mode).
+    The model is never changed, on success or failure (parameters, requires_grad flags, every
+    submodule's mode, hooks, buffers): graphs are captured from a weight view of it, which
+    shares its memory but not its Parameter objects (peftc.runtime.user_model).
     `copy_layers=False` exports every layer of identical layer stacks instead of copying
     the second one (see peftc.capture.layer_stacks). `gradient_checkpointing=True` compiles with
     per-layer recomputation in backward (as `cm.gradient_checkpointing_enable()` later does).
     """
-    compilation = Compilation.start(model, as_spec(spec), CompileOptions(backend=backend, copy_layers=copy_layers))
+    spec = as_spec(spec)
+    view = weight_view(model)  # the user's storage; our own Parameter objects, flags and modes
+    compilation = Compilation.start(view, spec, CompileOptions(backend=backend, copy_layers=copy_layers))
     args, kwargs = example_call(model, example_inputs, example_kwargs)
-    saved = _user_state(model)
     plan = replace(compilation.train_plan(), checkpoint_layers=gradient_checkpointing)
-    try:
+    with kept_unchanged(model):  # a second guard: nothing above should touch the user's model
         built = compilation.build(args, kwargs, plan, dynamic_shapes=dynamic_shapes,
                                   dump_dir=Path(dump_dir) if dump_dir is not None else None)
-    except BaseException:
-        _restore(model, saved)
-        raise
     return CompiledModel(compilation.after_first_build(built), plan, built, (args, kwargs),
-                         training=saved["training"])
-
-
-def _user_state(model: nn.Module) -> dict:
-    return {"training": model.training,
-            "requires_grad": {id(p): (p, p.requires_grad) for p in model.parameters()}}
-
-
-def _restore(model: nn.Module, saved: dict) -> None:
-    model.train(saved["training"])
-    for param, flag in saved["requires_grad"].values():
-        param.requires_grad_(flag)
+                         training=model.training)

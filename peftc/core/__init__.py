@@ -1,4 +1,4 @@
-"""The vocabulary every stage shares: config field checks, target patterns, atomic file writes.
+"""The vocabulary every stage shares: config field checks, target patterns, atomic file writes (files).
 
 Imports nothing of peftc but `peftc.errors`.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from typing import Any, Callable, Mapping
 
 from peftc.errors import SpecError
@@ -17,23 +18,52 @@ Check = Callable[[Any, str], Any]  # (value, field path) -> normalized value, or
 
 
 def fail(path: str, expected: str, value: Any) -> SpecError:
-    return SpecError(f"{path}: expected {expected}, got {value!r}")
+    return SpecError(f"{path}: expected {expected}, got {shown(value)}")
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """`value`'s repr for an error message: one readable line, whatever the value."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        digits = len(str(abs(value))) if abs(value) < 10**4000 else "over 4000"  # str() refuses > 4300 digits
+        return f"an integer of {digits} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # a container holding a huge int, or nested too deeply
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
+# Sizes (ranks, bottlenecks, token counts, group sizes) above this are a typo, not a model: a rank of
+# 2**31 would try to allocate terabytes. Seeds go up to what torch.Generator.manual_seed takes.
+MAX_SIZE = 2**20
+MAX_SEED = 2**63 - 1
 
 
 def positive_int(value: Any, path: str) -> int:
+    """A size: an integer from 1 to MAX_SIZE (bools are not integers here)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise fail(path, "a positive integer", value)
+    if value > MAX_SIZE:
+        raise fail(path, f"a positive integer at most {MAX_SIZE:,} (2**20)", value)
     return value
 
 
 def non_negative_int(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise fail(path, "a non-negative integer", value)
+    """A seed or count: an integer from 0 to MAX_SEED."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise fail(path, "a non-negative integer below 2**63", value)
     return value
 
 
 def finite_number(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A number a float holds: an int beyond float range (10**400) is refused, not an OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(path, "a finite number", value)
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise fail(path, "a finite number (within float range, about 1.8e308)", value) from None
+    if not math.isfinite(as_float):
         raise fail(path, "a finite number", value)
     return value
 
@@ -66,11 +96,13 @@ def boolean(value: Any, path: str) -> bool:
 
 
 def one_of(*choices: Any) -> Check:
+    """One of `choices`, of the same type too: 4.0 is not the bit width 4, True is not 1."""
+
     def check(value: Any, path: str) -> Any:
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        if not any(type(value) is type(choice) and value == choice for choice in choices):
+            hint = difflib.get_close_matches(shown(value), [str(c) for c in choices], n=1) if isinstance(value, str) else []
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise SpecError(f"{path}: expected one of {list(choices)}, got {value!r}{extra}")
+            raise SpecError(f"{path}: expected one of {list(choices)}, got {shown(value)}{extra}")
         return value
 
     return check
@@ -103,13 +135,11 @@ def optional_pattern_list(value: Any, path: str) -> tuple[str, ...]:
 
 
 def _check_regex(pattern: str, path: str) -> None:
-    import re
-
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])
-        except re.error as err:
-            raise SpecError(f"{path}: invalid regular expression {pattern[3:]!r}: {err}") from err
+        except (re.error, OverflowError, RecursionError) as err:  # a{99999999999}, deep nesting
+            raise SpecError(f"{path}: invalid regular expression {shown(pattern[3:])}: {err}") from err
 
 
 def check_of(field: dataclasses.Field) -> Check | None:
@@ -123,10 +153,7 @@ def parse_dataclass(cls: type, data: Any, path: str, skip: tuple[str, ...] = ())
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in skip}
     unknown = [k for k in data if k not in fields and k not in skip]
     if unknown:
-        key = unknown[0]
-        hint = difflib.get_close_matches(str(key), list(fields), n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else f"; known fields: {sorted(fields)}"
-        raise SpecError(f"{path}.{key}: unknown field{extra}")
+        raise unknown_field(path, unknown[0], list(fields))
     values = {}
     for name, field in fields.items():
         field_path = f"{path}.{name}"
@@ -141,6 +168,13 @@ def parse_dataclass(cls: type, data: Any, path: str, skip: tuple[str, ...] = ())
     if validate is not None:
         validate(path)
     return obj
+
+
+def unknown_field(path: str, key: Any, known: list[str]) -> SpecError:
+    label = key if isinstance(key, str) and len(key) <= 80 and key.isprintable() else shown(key, 80)
+    hint = difflib.get_close_matches(label, known, n=1)
+    extra = f"; did you mean {hint[0]!r}?" if hint else f"; known fields: {sorted(known)}"
+    return SpecError(f"{path}.{label}: unknown field{extra}")
 
 
 def dataclass_to_dict(obj: Any) -> dict:

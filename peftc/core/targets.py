@@ -1,7 +1,8 @@
 """Target patterns: which module paths (or parameter names) a spec entry means.
 
-- a bare name ("q_proj") matches paths whose last component is that name;
-- a pattern with `*`, `?` or `.` is a glob over the whole path;
+- a bare name ("q_proj", "to_out.0") matches paths that end with its components, as PEFT's
+  target_modules entries do: "to_out.0" matches "...attn1.to_out.0", never "...xto_out.0";
+- a pattern with `*`, `?` or `[` is a glob over the whole path;
 - "re:<regex>" is a full-match regular expression.
 """
 
@@ -14,7 +15,7 @@ from typing import Iterable
 
 from peftc.errors import SpecError
 
-GLOB_CHARS = set("*?[.")
+GLOB_CHARS = set("*?[")
 
 
 def matches(pattern: str, path: str) -> bool:

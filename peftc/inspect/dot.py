@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch.fx import GraphModule, Node
 
+from peftc.core.files import atomic_file
 from peftc.errors import GraphvizNotFoundError
 from peftc.inspect.graph_view import select_nodes
 from peftc.ir.graph_edit import provenance
@@ -141,9 +142,9 @@ def render(dot_text: str, path, format: str | None = None) -> Path:
     program = shutil.which("dot")
     if program is None:
         raise GraphvizNotFoundError(f"render needs the graphviz 'dot' program, which is not on PATH; {INSTALL_HINT}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([program, f"-T{fmt}", "-o", str(path)], input=dot_text.encode(),
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"graphviz 'dot' failed ({done.returncode}): {done.stderr.decode().strip()[:500]}")
+    with atomic_file(path) as tmp:  # a failed render leaves no half-written image
+        done = subprocess.run([program, f"-T{fmt}", "-o", str(tmp)], input=dot_text.encode(),
+                              capture_output=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"graphviz 'dot' failed ({done.returncode}): {done.stderr.decode().strip()[:500]}")
     return path

@@ -12,7 +12,7 @@ from torch import nn
 from peftc.compiler.compile import compile
 from peftc.errors import CheckpointError, SpecError
 from peftc.passes.copy_params import copied_names
-from peftc.runtime.checkpoint import SPEC_FILE, WEIGHTS_FILE, read_adapter
+from peftc.runtime.checkpoint import SPEC_FILE, WEIGHTS_FILE, checked_tensor, read_adapter, refuse_non_finite
 from peftc.spec.parse import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft
@@ -32,17 +32,40 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     become trainable copies. `compile_kwargs` go to peftc.compile.
     """
     directory = _adapter_dir(source)
-    config = as_config_dict(directory / CONFIG_FILE if directory else source)
-    config = resolve_all_linear(config, model)
-    config = present_modules_to_save(config, model)
-    spec_dict = spec_dict_from_peft(config, saved=directory is not None)
+    if directory is None:
+        spec_dict = spec_dict_for(model, source, saved=False)
+    else:
+        spec_dict = spec_dict_from_folder(model, directory / CONFIG_FILE)
     if directory is None:
         return compile(model, spec_dict, **compile_kwargs)
     tensors = read_peft_weights(directory, allow_pickle)
+    refuse_non_finite(directory / SAFETENSORS_FILE, tensors)  # as stored: VB-LoRA's rebuilt logits hold -inf
     spec_dict["adapters"] += overriding_copies(spec_dict, tensors, model)
     cm = compile(model, spec_dict, **compile_kwargs)
     load_peft_tensors(cm, tensors, directory)
     return cm
+
+
+def spec_dict_for(model: nn.Module, config: Any, saved: bool) -> dict:
+    """`saved`: the config comes with its saved weights (an adapter directory)."""
+    config = as_config_dict(config)
+    config = resolve_all_linear(config, model)
+    config = resolve_token_indices(config, model)
+    config = present_modules_to_save(config, model)
+    return spec_dict_from_peft(config, saved=saved)
+
+
+def spec_dict_from_folder(model: nn.Module, config_file: Path) -> dict:
+    """The spec for a PEFT folder's config; a config peftc cannot read is a CheckpointError naming the file."""
+    try:
+        return spec_dict_for(model, config_file, saved=True)
+    except SpecError as err:
+        raise CheckpointError(f"{config_file}: {err}") from err
+    except (TypeError, KeyError, AttributeError, ValueError) as err:  # a field of the wrong type or shape
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{config_file}: a field has the wrong type or shape ({type(err).__name__}: "
+                              f"{str(err)[:200]}); the file is damaged or not written by PEFT") from err
 
 
 def _adapter_dir(source: Any) -> Path | None:
@@ -103,6 +126,19 @@ def resolve_all_linear(config: dict, model: nn.Module) -> dict:
     return {**config, "target_modules": names}
 
 
+def resolve_token_indices(config: dict, model: nn.Module) -> dict:
+    """LoRA's trainable_token_indices as a bare list means the input embedding: name it."""
+    indices = config.get("trainable_token_indices")
+    if not isinstance(indices, list) or not indices:
+        return config
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    if name is None:
+        raise SpecError("trainable_token_indices: a list means the model's input embedding, and this model has "
+                        "no get_input_embeddings(); give {embedding module name: token ids}")
+    return {**config, "trainable_token_indices": {name: indices}}
+
+
 def present_modules_to_save(config: dict, model: nn.Module) -> dict:
     """PEFT's task types add head names (SEQ_CLS: classifier and score) whether the model has them or
     not; keep those some module name ends with (PEFT's plain endswith), once each."""
@@ -157,14 +193,14 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
         target = own[name] if name in own else _adapter_tensor(cm, name)
         value = _as_peftc_shape(value, target)
         if tuple(value.shape) != tuple(target.shape):
-            raise CheckpointError(f"tensor {key!r}: checkpoint shape {tuple(value.shape)} != model shape "
+            raise CheckpointError(f"{source}: tensor {key!r}: checkpoint shape {tuple(value.shape)} != model shape "
                                   f"{tuple(target.shape)} (peftc tensor {name!r})")
         if name not in own:  # a tensor peftc regenerates (VeRA's seeded projections): it must agree
             if not torch.allclose(value.to(target.dtype), target.detach(), atol=1e-6, rtol=1e-5):
-                raise CheckpointError(f"tensor {key!r}: differs from the projection peftc draws from the config's "
+                raise CheckpointError(f"{source}: tensor {key!r}: differs from the projection peftc draws from the config's "
                                       "seed (projection_prng_key); the adapter was saved by an incompatible PEFT")
             continue
-        plan.append((name, value))
+        plan.append((key, name, value))
     regenerated = {normalize(k) for k, n in ours_by_key.items() if n not in own}
     missing = sorted(set(ours_by_key) - regenerated - {normalize(k) for k in tensors})
     if missing or unexpected:
@@ -172,9 +208,10 @@ def load_peft_tensors(cm, tensors: dict[str, torch.Tensor], source) -> None:
             f"PEFT adapter {str(source)!r} does not fit this model: "
             + (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}")
             + f" ({len(missing)} missing, {len(unexpected)} unexpected); was it saved for another model?")
-    with torch.no_grad():
-        for name, value in plan:
-            own[name].copy_(value.to(own[name].dtype))
+    checked = [(name, checked_tensor(source, key, value, own[name])) for key, name, value in plan]
+    with torch.no_grad():  # every tensor checked first: a refused load changes nothing
+        for name, value in checked:
+            own[name].copy_(value)
 
 
 def _adapter_tensor(cm, name: str) -> torch.Tensor:
@@ -183,8 +220,8 @@ def _adapter_tensor(cm, name: str) -> torch.Tensor:
 
 
 def _as_peftc_shape(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PEFT's IA3 vectors are [out, 1] or [1, in]; peftc's are flat."""
-    if target.dim() == 1 and value.dim() == 2 and 1 in value.shape and value.numel() == target.numel():
+    """PEFT's IA3 vectors are [out, 1] or [1, in] ([1, C, 1, ...] on a conv); peftc's are flat."""
+    if target.dim() == 1 and value.dim() >= 2 and value.numel() == target.numel() == max(value.shape):
         return value.reshape(-1)
     return value
 

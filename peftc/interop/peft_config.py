@@ -31,17 +31,26 @@ def as_config_dict(config: Any) -> dict:
         path = Path(config)
         if path.is_dir():
             path = path / "adapter_config.json"
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError as err:
-            raise CheckpointError(f"{str(path)!r} does not exist; expected a PEFT adapter_config.json") from err
-        except json.JSONDecodeError as err:
-            raise SpecError(f"{str(path)!r} is not valid JSON: {err}") from err
+        config = _read_config_file(path)
     if hasattr(config, "to_dict") and not isinstance(config, Mapping):
         config = config.to_dict()
     if not isinstance(config, Mapping):
         raise SpecError(f"peft config: expected a PeftConfig, a mapping or a path, got {type(config).__name__}")
     return {k: getattr(v, "value", v) for k, v in config.items()}  # enums (PeftType, TaskType) to str
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{str(path)!r} does not exist; expected a PEFT adapter_config.json") from err
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); the file is damaged") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, a 5000-digit integer, deep nesting
+        raise CheckpointError(f"{path}: not valid JSON ({str(err)[:200]}); the file is damaged") from err
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path}: expected a JSON object of PEFT config fields, got {type(data).__name__}")
+    return data
 
 
 def spec_dict_from_peft(config: Any, saved: bool = False) -> dict:
@@ -80,6 +89,9 @@ def _is_default(value: Any) -> bool:
 def peft_config_from_spec(spec) -> dict:
     """The PEFT adapter_config.json for a spec; SpecError naming the field PEFT cannot express."""
     main = [(i, e) for i, e in enumerate(spec.adapters) if e.method != "copy"]
+    tokens = [e for _, e in main if e.method == "trainable_tokens"]
+    if len(main) > len(tokens) and tokens:  # trained beside LoRA: its trainable_token_indices
+        main = [(i, e) for i, e in main if e.method != "trainable_tokens"]
     if len(main) != 1:
         raise SpecError(f"adapters: a PEFT adapter holds exactly one method besides copies; this spec has "
                         f"{[e.method for _, e in main]}")
@@ -88,9 +100,25 @@ def peft_config_from_spec(spec) -> dict:
         raise SpecError(f"adapters[{index}].method: peftc cannot write {entry.method!r} as a PEFT config yet; "
                         f"it can write {sorted(WRITERS)}")
     cfg = WRITERS[entry.method](entry, f"adapters[{index}]")
+    if tokens and entry.method != "trainable_tokens":
+        _write_token_indices(entry, tokens, cfg, f"adapters[{index}]")
     _write_copies(spec, entry, cfg)
     _write_trainable(spec, cfg)
     return cfg
+
+
+def _write_token_indices(entry, tokens: list, cfg: dict, field: str) -> None:
+    if entry.method not in ("lora", "dora"):
+        raise SpecError(f"{field}: PEFT trains tokens beside LoRA only (trainable_token_indices), not beside "
+                        f"{entry.method!r}")
+    out = {}
+    for t in tokens:
+        for target in t.targets:
+            if not pt.is_bare(target):
+                raise SpecError(f"trainable_tokens.targets: {target!r}: PEFT's trainable_token_indices needs "
+                                "module names")
+            out[target] = list(t.indices)
+    cfg["trainable_token_indices"] = out
 
 
 def _write_copies(spec, entry, cfg: dict) -> None:

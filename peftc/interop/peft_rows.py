@@ -75,32 +75,81 @@ COMMON = frozenset({"target_modules", "exclude_modules", "layers_to_transform", 
 
 # -- LoRA ------------------------------------------------------------------------------------
 
-LORA_INITS = {True: "default", False: "default", "gaussian": "gaussian"}  # False: random B, for tests
+LORA_INITS = {True: "default", False: "default", "gaussian": "gaussian",  # False: random B, for tests
+              "pissa": "pissa", "olora": "olora"}  # PEFT rewrites the base weight; peftc keeps it (see insert_lora)
 
 
 def read_lora(cfg: dict) -> list[dict]:
     init = cfg.get("init_lora_weights", True)
     if init not in LORA_INITS:
-        raise SpecError(f"init_lora_weights: {init!r} rewrites the base weights at load time, which peftc "
-                        "never does; convert the adapter to plain LoRA first (PEFT's "
+        raise SpecError(f"init_lora_weights: {init!r} is not mapped (peftc reads True, False, 'gaussian', "
+                        "'pissa' and 'olora'); convert the adapter to plain LoRA first (PEFT's "
                         "path_initial_model_for_weight_conversion)")
-    entry = {"method": _lora_or_dora(cfg), "targets": _targets(cfg), "r": cfg.get("r", 8),
+    entry = {"method": _lora_or_dora(cfg), "targets": _lora_targets(cfg), "r": cfg.get("r", 8),
              "alpha": cfg.get("lora_alpha", 8), "dropout": cfg.get("lora_dropout", 0.0)}
+    if cfg.get("target_parameters"):  # PEFT's literal "name or .name suffix" rule on parameter FQNs
+        entry["target_parameters"] = [pt.suffix_target(name) for name in cfg["target_parameters"]]
     exclude = _exclude(cfg)
     if exclude:
         entry["exclude"] = exclude
     if entry["method"] == "dora":
         return _dora_entry(cfg, entry)
     entry.update(rslora=bool(cfg.get("use_rslora", False)), init=LORA_INITS[init])
+    if cfg.get("lora_bias"):
+        entry["lora_bias"] = True
+    tokens = _token_entries(cfg.get("trainable_token_indices"))
     for field in ("rank_pattern", "alpha_pattern"):  # same names in peftc's LoraConfig
         if cfg.get(field):
             entry[field] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
+    return [entry] + tokens + _copies(cfg, entry)
+
+
+def _token_entries(indices) -> list[dict]:
+    """LoRA's trainable_token_indices ({embedding module name: token ids}) as trainable_tokens entries."""
+    if not indices:
+        return []
+    if not isinstance(indices, dict):
+        raise SpecError("trainable_token_indices: a bare list means the model's input embedding; use "
+                        "peftc.from_peft(model, ...), which resolves it, or give {module name: ids}")
+    return [{"method": "trainable_tokens", "targets": [pt.suffix_target(name)], "indices": list(ids)}
+            for name, ids in indices.items()]
+
+
+def read_ln_tuning(cfg: dict) -> list[dict]:
+    entry = {"method": "ln_tuning", "targets": _targets(cfg)}
+    exclude = _exclude(cfg)
+    if exclude:
+        entry["exclude"] = exclude
     return [entry] + _copies(cfg, entry)
+
+
+def write_ln_tuning(entry, field: str) -> dict:
+    if entry.params:
+        raise SpecError(f"{field}.params: PEFT's LN_TUNING trains whole modules; leave params empty")
+    targets = _write_targets(entry, field, layers=False)
+    return {"peft_type": "LN_TUNING", **targets}
+
+
+def read_trainable_tokens(cfg: dict) -> list[dict]:
+    targets = _targets(cfg) if cfg.get("target_modules") else ["embed_tokens"]  # PEFT's default
+    return [{"method": "trainable_tokens", "targets": targets, "indices": list(cfg.get("token_indices") or [])}]
+
+
+def write_trainable_tokens(entry, field: str) -> dict:
+    return {"peft_type": "TRAINABLE_TOKENS", "token_indices": list(entry.indices), "init_weights": True,
+            "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets")}
+
+
+def _lora_targets(cfg: dict) -> list[str]:
+    """target_modules; with target_parameters (MoE experts) it may be empty or None."""
+    if cfg.get("target_parameters") and not cfg.get("target_modules"):
+        return []
+    return _targets(cfg)
 
 
 def _dora_entry(cfg: dict, entry: dict) -> list[dict]:
     """peftc's dora has LoRA's r, alpha, dropout but no rslora or per-module patterns."""
-    for field in ("use_rslora", "rank_pattern", "alpha_pattern"):
+    for field in ("use_rslora", "rank_pattern", "alpha_pattern", "lora_bias"):
         if cfg.get(field):
             raise SpecError(f"{field}: peftc's dora method cannot express {field}={cfg[field]!r}; "
                             "save the DoRA adapter without it")
@@ -118,19 +167,33 @@ def _lora_or_dora(cfg: dict) -> str:
 
 
 def write_lora(entry, field: str) -> dict:
-    init = {"default": True, "gaussian": "gaussian"}[getattr(entry, "init", "default")]
+    init = {"default": True}.get(getattr(entry, "init", "default"), getattr(entry, "init", "default"))
     rank_pattern = getattr(entry, "rank_pattern", {})
     alpha_pattern = getattr(entry, "alpha_pattern", {})
     return {
         "peft_type": "LORA", "r": entry.r, "lora_alpha": _number(entry.alpha),
         "lora_dropout": getattr(entry, "dropout", 0.0), "use_rslora": getattr(entry, "rslora", False),
         "init_lora_weights": init, "use_dora": False, "fan_in_fan_out": False,
+        "lora_bias": getattr(entry, "lora_bias", False),
         "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
         "exclude_modules": pt.targets_to_peft(getattr(entry, "exclude", ()), f"{field}.exclude"),
         "rank_pattern": {pt.pattern_key_to_peft(k): v for k, v in rank_pattern.items()},
         "alpha_pattern": {pt.pattern_key_to_peft(k): _number(v) for k, v in alpha_pattern.items()},
         "layers_to_transform": None, "layers_pattern": None, "bias": "none", "modules_to_save": None,
+        **_write_target_parameters(entry, field),
     }
+
+
+def _write_target_parameters(entry, field: str) -> dict:
+    """PEFT fills in model-type defaults for target_modules=None; with parameters only, it must be []."""
+    params = getattr(entry, "target_parameters", ())
+    if not params:
+        return {}
+    if not all(pt.is_bare(p) for p in params):
+        raise SpecError(f"{field}.target_parameters: PEFT matches parameter names as literal suffixes; "
+                        f"{list(params)} has a glob or regex, list the names instead")
+    return {"target_parameters": list(params), "target_modules": list(entry.targets) and
+            pt.targets_to_peft(entry.targets, f"{field}.targets")}
 
 
 def _number(value: float) -> float | int:
@@ -154,12 +217,18 @@ def read_loha(cfg: dict) -> list[dict]:
 
 
 def read_lokr(cfg: dict) -> list[dict]:
-    return _low_rank("lokr", cfg)
+    entries = _low_rank("lokr", cfg)
+    entries[0].update(decompose_both=bool(cfg.get("decompose_both", False)),
+                      decompose_factor=cfg.get("decompose_factor", -1),
+                      rank_dropout_scale=bool(cfg.get("rank_dropout_scale", False)))
+    return entries
 
 
 def _low_rank(method: str, cfg: dict) -> list[dict]:
-    """LoHa / LoKr: r, alpha (scale alpha/r); their rank and module dropouts must be off (checked as fixed)."""
-    entry = {"method": method, "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
+    """LoHa / LoKr: r, alpha (scale alpha/r), rank and module dropout."""
+    entry = {"method": method, "targets": _targets(cfg), "r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8),
+             "rank_dropout": cfg.get("rank_dropout", 0.0), "module_dropout": cfg.get("module_dropout", 0.0),
+             "use_effective_conv2d": bool(cfg.get("use_effective_conv2d", False))}
     exclude = _exclude(cfg)
     if exclude:
         entry["exclude"] = exclude
@@ -371,7 +440,6 @@ def write_p_tuning(entry, field: str) -> dict:
             "num_transformer_submodules": 1, "modules_to_save": None}
 
 
-LOW_RANK_FIXED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
 
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                            "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
@@ -381,13 +449,15 @@ PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_s
 PEFT_TYPES: dict[str, PeftRow] = {
     "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
-        "use_dora"}),
+        "use_dora", "target_parameters", "lora_bias", "trainable_token_indices"}),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
-                                                         "alpha_pattern"}, LOW_RANK_FIXED),
+                                                         "alpha_pattern", "rank_dropout", "module_dropout",
+                                                         "use_effective_conv2d"}),
     "LOKR": PeftRow("LOKR", "lokr", read_lokr, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
-                                                         "alpha_pattern"},
-                    LOW_RANK_FIXED + (("decompose_factor", -1), ("rank_dropout_scale", False))),
+                                                         "alpha_pattern", "decompose_both", "decompose_factor",
+                                                         "rank_dropout", "module_dropout", "rank_dropout_scale",
+                                                         "use_effective_conv2d"}),
     "VERA": PeftRow("VERA", "vera", read_vera, COMMON | {"r", "init_weights", "projection_prng_key",
                                                          "save_projection", "vera_dropout", "d_initial"}),
     "PROMPT_TUNING": PeftRow("PROMPT_TUNING", "prompt", read_prompt, PROMPT_FIELDS),
@@ -401,6 +471,10 @@ PEFT_TYPES: dict[str, PeftRow] = {
     "VBLORA": PeftRow("VBLORA", "vblora", read_vblora, COMMON | set(VBLORA_FIELDS) | {"vblora_dropout"}),
     "P_TUNING": PeftRow("P_TUNING", "p_tuning", read_p_tuning, PROMPT_FIELDS | set(P_TUNING_FIELDS),
                         read_saved=read_saved_p_tuning),
+    "LN_TUNING": PeftRow("LN_TUNING", "ln_tuning", read_ln_tuning,
+                         frozenset({"target_modules", "exclude_modules", "modules_to_save"})),
+    "TRAINABLE_TOKENS": PeftRow("TRAINABLE_TOKENS", "trainable_tokens", read_trainable_tokens,
+                                frozenset({"target_modules", "token_indices", "init_weights"})),
 }
 
 
@@ -426,16 +500,17 @@ def write_loha(entry, field: str) -> dict:
 
 
 def write_lokr(entry, field: str) -> dict:
-    return {**_write_low_rank("LOKR", entry, field), "decompose_both": False, "decompose_factor": -1,
-            "rank_dropout_scale": False}
+    return {**_write_low_rank("LOKR", entry, field), "decompose_both": entry.decompose_both,
+            "decompose_factor": entry.decompose_factor, "rank_dropout_scale": entry.rank_dropout_scale}
 
 
 def _write_low_rank(peft_type: str, entry, field: str) -> dict:
     if entry.dropout:
         raise SpecError(f"{field}.dropout: PEFT's {peft_type} has no input dropout (only rank and module "
                         f"dropout); set dropout to 0 to save it for PEFT")
-    return {"peft_type": peft_type, "r": entry.r, "alpha": _number(entry.alpha), "rank_dropout": 0.0,
-            "module_dropout": 0.0, "init_weights": True, "use_effective_conv2d": False,
+    return {"peft_type": peft_type, "r": entry.r, "alpha": _number(entry.alpha), "rank_dropout": entry.rank_dropout,
+            "module_dropout": entry.module_dropout, "init_weights": True,
+            "use_effective_conv2d": entry.use_effective_conv2d,
             "rank_pattern": {}, "alpha_pattern": {}, **_write_targets(entry, field)}
 
 
@@ -470,4 +545,6 @@ WRITERS: dict[str, Callable[[Any, str], dict]] = {"lora": write_lora, "dora": wr
                                                   **ORTHOGONAL_WRITERS,
                                                   # -- spectral / budgeted / encoder methods (issue 16)
                                                   "adalora": write_adalora, "fourierft": write_fourierft,
-                                                  "vblora": write_vblora, "p_tuning": write_p_tuning}
+                                                  "vblora": write_vblora, "p_tuning": write_p_tuning,
+                                                  "trainable_tokens": write_trainable_tokens,
+                                                  "ln_tuning": write_ln_tuning}

@@ -28,7 +28,7 @@ def is_bare(pattern: str) -> bool:
 
 
 def suffix_target(name: str) -> str:
-    """peftc target for PEFT's literal "name or .name suffix" rule."""
+    """peftc target for PEFT's literal "name or .name suffix" rule (a bare name is that rule)."""
     return name if is_bare(name) else "re:" + ANY_PREFIX + re.escape(name)
 
 
@@ -84,7 +84,7 @@ def pattern_key_from_peft(key: str) -> str:
 def pattern_key_to_peft(pattern: str) -> str:
     """A peftc pattern as a rank_pattern / alpha_pattern key with the same matches under PEFT's rule."""
     if is_bare(pattern):
-        return pattern
+        return re.escape(pattern)  # PEFT's keys are regexes: a literal "." must not match any character
     wrapped = re.fullmatch(re.escape("re:" + ANY_PREFIX) + r"\(\?:(.*)\)", pattern)
     if wrapped:
         return wrapped.group(1)  # what pattern_key_from_peft made

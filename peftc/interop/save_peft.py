@@ -1,12 +1,13 @@
-"""cm.save_adapter(dir, format="peft"): a directory `PeftModel.from_pretrained` loads, written atomically."""
+"""cm.save_adapter(dir, format="peft"): a directory `PeftModel.from_pretrained` loads, written atomically
+(`peftc.core.files.atomic_dir`)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
+from peftc.core.files import atomic_dir
+from peftc.errors import CheckpointError
 from peftc.ir import adapters
 
 from .peft_config import peft_config_from_spec
@@ -19,8 +20,6 @@ from .peft_vblora import topk_from_logits
 def save_peft(cm, directory) -> Path:
     """Write adapter_config.json + adapter_model.safetensors with PEFT's tensor keys."""
     from safetensors.torch import save_file
-
-    from peftc.runtime.checkpoint import _replace_dir
 
     config = peft_config_from_spec(cm.spec)
     if "fan_in_fan_out" in config:
@@ -36,17 +35,10 @@ def save_peft(cm, directory) -> Path:
         tensors = topk_from_logits(tensors, config["topk"], config["num_vectors"])
     if config["peft_type"] == "ADALORA":
         config["rank_pattern"] = _rank_pattern(cm)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(directory, CheckpointError) as tmp:
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return Path(directory)
 
 
 # PEFT picks the model wrapper that prepends the prompt from task_type; peftc infers it from the class name.

@@ -1,5 +1,5 @@
 """The compiled model's call contract, past binding (peftc.capture.binding): output flags, the
-signature tools inspect, and the original's error for a call it refuses.
+signature tools inspect (the original's errors for refused calls: peftc.runtime.call_errors).
 
 `return_dict` is applied to the graph's output instead of specializing a graph on it.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import nn
 
 from peftc.capture.binding import forward_signature
@@ -36,14 +35,3 @@ def signed_forward(module: nn.Module, model: nn.Module):
     forward.__signature__ = forward_signature(model)
     forward.__doc__ = getattr(model.forward, "__doc__", None)
     return forward
-
-
-def original_error(model: nn.Module, args: tuple, kwargs: dict) -> BaseException | None:
-    """The exception the original model raises for this call, if any (used when capture fails:
-    an argument the original refuses should fail as the original fails, not as an export error)."""
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception as err:  # whatever the original raises is what the user should see
-        return err
-    return None

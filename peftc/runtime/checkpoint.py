@@ -1,20 +1,25 @@
 """Adapter checkpoints: adapter.safetensors + spec.json, written atomically.
 
-A save goes to a temporary folder beside the target and is renamed into place, so a failed
-save never leaves a half-written checkpoint.
+A save goes to a temporary folder beside the target and is swapped into place in one step
+(`peftc.core.files.atomic_dir`): at every instant the target holds the complete old
+checkpoint or the complete new one, and the next save cleans what an interrupted one left.
+
+A load refuses what it cannot use exactly, with a CheckpointError naming the file and the
+tensor: a spec.json that is not a valid spec, a tensor whose values would change in the
+model's dtype (a float tensor is cast only when every value survives, as bfloat16 -> float32
+always does; integer or bool tensors never), and a tensor holding NaN or infinity — adapter weights that are not finite are a diverged run, never
+something to train or serve from.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from peftc.errors import CheckpointError
+from peftc.core.files import atomic_dir
+from peftc.errors import CheckpointError, SpecError
 from peftc.interop.save_peft import save_peft
 from peftc.spec.parse import Spec
 
@@ -30,30 +35,42 @@ def save_adapter(cm, directory, format: str = "peftc") -> Path:
         raise ValueError(f"save_adapter: format expected 'peftc' or 'peft', got {format!r}")
     from safetensors.torch import save_file
 
-    directory = Path(directory)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in cm.adapter_state_dict().items()}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(directory, CheckpointError) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "peftc", "version": FORMAT_VERSION})
-        (tmp / SPEC_FILE).write_text(json.dumps(cm.spec.to_dict(), indent=2) + "\n")
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+        (tmp / SPEC_FILE).write_text(json.dumps(cm.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return Path(directory)
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Move `tmp` to `directory`; an existing checkpoint there is replaced only once the new one is whole."""
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
-        os.rmdir(old)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+def checked_tensor(file, name: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`value` in `target`'s dtype, or CheckpointError naming `file` and `name` if that would change a value.
+
+    A float tensor is cast to the model's float dtype only when every value survives the round
+    trip (bfloat16 -> float32 always does; float32 -> bfloat16 only for values bfloat16 holds);
+    integer or bool tensors for float parameters are refused.
+    """
+    if value.dtype == target.dtype:
+        return value
+    cast = value.to(target.dtype) if value.is_floating_point() == target.is_floating_point() else None
+    if cast is None or not torch.equal(cast.to(value.dtype), value):
+        raise CheckpointError(
+            f"{file}: tensor {name!r} is {_dtype_name(value)} and the model's is {_dtype_name(target)}; "
+            f"casting would change its values, so peftc refuses (it casts only where every value survives, "
+            f"such as bfloat16 -> float32); save the adapter from a model in {_dtype_name(target)}")
+    return cast
+
+
+def refuse_non_finite(file, tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming `file` and the first tensor (as stored in the file) holding NaN or infinity."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN or infinite value(s); the run that "
+                                  "saved it diverged; load an earlier checkpoint")
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 def read_adapter(directory) -> tuple[Spec, dict[str, torch.Tensor]]:
@@ -66,15 +83,27 @@ def read_adapter(directory) -> tuple[Spec, dict[str, torch.Tensor]]:
         if not f.is_file():
             raise CheckpointError(f"adapter checkpoint {str(directory)!r} has no {f.name}; "
                                   "expected a folder written by CompiledModel.save_adapter")
-    try:
-        spec = Spec.from_dict(json.loads(spec_file.read_text()))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{spec_file}: not valid JSON ({err}); the checkpoint is damaged") from err
+    spec = read_spec_json(spec_file)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: cannot be read ({err}); the file is truncated or not safetensors") from err
     return spec, tensors
+
+
+def read_spec_json(spec_file: Path) -> Spec:
+    """The spec a checkpoint was saved with; CheckpointError naming the file if it is damaged."""
+    try:
+        data = json.loads(spec_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{spec_file}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                              "the checkpoint is damaged") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, a 5000-digit integer, deep nesting
+        raise CheckpointError(f"{spec_file}: not valid JSON ({str(err)[:200]}); the checkpoint is damaged") from err
+    try:
+        return Spec.from_dict(data)
+    except SpecError as err:
+        raise CheckpointError(f"{spec_file}: not a valid spec: {err}") from err
 
 
 def load_adapter(cm, directory) -> None:
@@ -91,10 +120,14 @@ def load_adapter(cm, directory) -> None:
             f"adapter in {str(directory)!r} does not fit this model: "
             + (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}")
             + f" ({len(missing)} missing, {len(unexpected)} unexpected); was it saved from another model?")
+    weights = Path(directory) / WEIGHTS_FILE
+    refuse_non_finite(weights, tensors)
+    checked = {}
     for name, value in tensors.items():
         if tuple(value.shape) != tuple(own[name].shape):
-            raise CheckpointError(f"tensor {name!r}: checkpoint shape {tuple(value.shape)} != model shape "
-                                  f"{tuple(own[name].shape)}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            own[name].copy_(value.to(own[name].dtype))
+            raise CheckpointError(f"{weights}: tensor {name!r}: checkpoint shape {tuple(value.shape)} != model "
+                                  f"shape {tuple(own[name].shape)}")
+        checked[name] = checked_tensor(weights, name, value, own[name])
+    with torch.no_grad():  # every tensor checked first: a refused load changes nothing
+        for name, value in checked.items():
+            own[name].copy_(value)

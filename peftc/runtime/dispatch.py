@@ -16,10 +16,10 @@ from torch.fx import GraphModule
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
-from peftc.errors import CaptureError
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
-from peftc.runtime.call_contract import apply_output_flags, original_error, split_output_flags
+from peftc.runtime.call_contract import apply_output_flags, split_output_flags
+from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
 from peftc.runtime.generate import Generator, generate
 
@@ -53,30 +53,25 @@ class GraphDispatch(ModelAttributes, nn.Module):
     def forward(self, *args, **kwargs):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
         kwargs, output_flags = split_output_flags(kwargs)
-        gm, args, kwargs = self.graph_for(args, kwargs)
-        return apply_output_flags(gm(*args, **kwargs), output_flags)
+        call = (args, kwargs)
+        try:
+            gm, args, kwargs = self.graph_for(args, kwargs)
+            output = gm(*args, **kwargs)
+        except Exception as err:  # a guard or capture failure: raise what the original model raises
+            raise_call_error(self.compilation.source, *call, err)
+        return apply_output_flags(output, output_flags)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""
-        call = (args, kwargs)
         args, kwargs = normalize_call(self.compilation.source, args, kwargs)
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
         if gm is None:
-            gm = self._build_for_call(args, kwargs, call)
+            gm = self.compilation.build(args, kwargs, self.plan).graph_module
             self.graph_built(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
         return gm, args, kwargs
-
-    def _build_for_call(self, args: tuple, kwargs: dict, user_call: tuple[tuple, dict]) -> GraphModule:
-        try:
-            return self.compilation.build(args, kwargs, self.plan).graph_module
-        except CaptureError as err:
-            original = original_error(self.compilation.source, *user_call)
-            if original is not None:  # the original refuses this call too: its error is the one to see
-                raise original from err
-            raise
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""

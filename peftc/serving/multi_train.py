@@ -37,6 +37,7 @@ from peftc.ir.lora_bank import ServingPlan
 from peftc.runtime.checkpoint import save_adapter
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.dispatch import GraphDispatch
+from peftc.runtime.user_model import frozen_view
 from peftc.serving.routing import BASE_NAMES, adapter_index
 from peftc.serving.served import batch_size
 from peftc.serving.sources import compiled_adapter
@@ -59,7 +60,7 @@ def train_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, exa
                             f"other than {BASE_NAMES[1]!r}")
     example = example_call(model, example_inputs, example_kwargs)
     own = {name: _own_model(name, value, model, example) for name, value in adapters_by_name.items()}
-    compilation = Compilation.start(model, None)
+    compilation = Compilation.start(frozen_view(model), None)  # the user's memory; the base frozen in our view only
     roots = []
     for k, cm in enumerate(own.values()):
         roots.append(f"adapter{k}")

@@ -29,6 +29,7 @@ from torch import nn
 
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation
+from peftc.runtime.user_model import weight_view
 from peftc.errors import SpecError
 from peftc.inspect.report import Report
 from peftc.ir.lora_bank import LoraBank, ServingPlan
@@ -60,7 +61,7 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
                             f"other than {BASE_NAMES[1]!r}")
     example = example_call(model, example_inputs, example_kwargs)
     loaded = tuple(load_adapter(name, source, model, example) for name, source in adapters_by_name.items())
-    compilation = Compilation.start(model, None)
+    compilation = Compilation.start(weight_view(model), None)  # capture flips the view's modes, not the user's
     plan = compilation.serve_plan(ServingPlan(loaded))
     built = compilation.build(*example, plan)
     return ServedModel(compilation, plan, built, example, training=model.training)

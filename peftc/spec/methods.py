@@ -16,11 +16,14 @@ from peftc.passes.insert_dora import DoraConfig, fold_dora, insert_dora
 from peftc.passes.insert_ia3 import Ia3Config, fold_ia3, fold_ia3_bias, insert_ia3
 from peftc.passes.insert_loha import LohaConfig, insert_loha
 from peftc.passes.insert_lokr import LokrConfig, insert_lokr
-from peftc.passes.insert_lora import LoraConfig, insert_lora
+from peftc.passes.insert_lora import LoraConfig, fold_lora_bias, insert_lora
 from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
 from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
+from peftc.passes.insert_trainable_tokens import (TrainableTokensConfig, fold_trainable_tokens,
+                                                  insert_trainable_tokens)
 from peftc.passes.insert_vera import VeraConfig, insert_vera
+from peftc.passes.tune_layer_norms import LnTuningConfig, tune_layer_norms
 from peftc.passes.quantize_base import QuantizeConfig
 # orthogonal and sparse high-rank methods (OFT, BOFT, HRA, SHiRA)
 from peftc.passes._weight_transform import fold_transform
@@ -48,7 +51,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "reparameterized", LoraConfig, insert_lora, fold_delta,
-                   "W x + s·B(A x) on linear, conv and embedding ops"),
+                   "W x + s·B(A x) on linear, conv and embedding ops", fold_bias=fold_lora_bias),
     "adapter": Method("adapter", "additive", AdapterConfig, insert_adapter, None,
                       "y + s·up(act(down(h))) on linear ops; h = y (serial) or x (parallel)"),
     "prompt": Method("prompt", "additive", PromptConfig, insert_prompt, None,
@@ -87,6 +90,10 @@ METHODS: dict[str, Method] = {
                      "W x + B(A x) on linear ops, A and B sub-vectors top-k mixes of one shared vector bank"),
     "p_tuning": Method("p_tuning", "additive", PTuningConfig, insert_p_tuning, None,
                        "N virtual tokens from an MLP/LSTM prompt encoder, prepended at the token embedding output"),
+    "ln_tuning": Method("ln_tuning", "selective", LnTuningConfig, tune_layer_norms, None,
+                        "trainable copies of the targeted normalization layers (HF PEFT's LN_TUNING)"),
+    "trainable_tokens": Method("trainable_tokens", "selective", TrainableTokensConfig, insert_trainable_tokens,
+                               fold_trainable_tokens, "rows `indices` of an embedding train (wherever it is read)"),
 }
 
 # The quantize section's config class (set by the quantized-base pass), or None.

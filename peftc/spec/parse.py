@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,8 +17,10 @@ from peftc.core.fields import (
     fail,
     optional_pattern_list,
     parse_dataclass,
+    unknown_field,
 )
 from peftc.errors import SpecError
+from peftc.core.files import atomic_write_text
 from peftc.interop.peft_config import peft_config_from_spec, spec_dict_from_peft
 from peftc.spec.methods import METHODS, QUANTIZE_CONFIG
 
@@ -44,10 +45,10 @@ class Spec:
             raise fail("spec", "a mapping with keys 'adapters', 'trainable', 'quantize'", data)
         unknown = [k for k in data if k not in TOP_LEVEL_FIELDS]
         if unknown:
-            raise SpecError(f"spec.{unknown[0]}: unknown field; known fields: {list(TOP_LEVEL_FIELDS)}")
+            raise unknown_field("spec", unknown[0], list(TOP_LEVEL_FIELDS))
         version = data.get("version", SPEC_VERSION)
-        if version != SPEC_VERSION:
-            raise fail("spec.version", f"{SPEC_VERSION} (the only spec version this peftc reads)", version)
+        if type(version) is not int or version != SPEC_VERSION:  # True and 1.0 equal 1, but are not versions
+            raise fail("spec.version", f"{SPEC_VERSION} (an integer: the only spec version this peftc reads)", version)
         spec = cls(
             adapters=_parse_adapters(data.get("adapters", [])),
             trainable=optional_pattern_list(data.get("trainable"), "spec.trainable"),
@@ -95,7 +96,7 @@ class Spec:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
             raise SpecError(f"spec file {str(path)!r}: expected a .json, .yaml or .yml name")
-        atomic_write_text(path, text)
+        atomic_write_text(path, text, SpecError)
         return path
 
     def entry_names(self) -> list[str]:
@@ -131,8 +132,8 @@ def _parse_adapters(value: Any) -> tuple:
         if not isinstance(item, Mapping):
             raise fail(path, "a mapping with a 'method' key", item)
         name = item.get("method")
-        if name not in METHODS:
-            raise SpecError(f"{path}.method: expected one of {sorted(METHODS)}, got {name!r}")
+        if not isinstance(name, str) or name not in METHODS:  # a list or dict is not a name (nor hashable)
+            raise fail(f"{path}.method", f"one of {sorted(METHODS)}", name)
         entries.append(parse_dataclass(METHODS[name].config, item, path, skip=("method",)))
     return tuple(entries)
 
@@ -147,27 +148,17 @@ def _parse_quantize(value: Any) -> Any:
 
 def _read_spec_file(path: Path) -> Any:
     suffix = path.suffix.lower()
-    text = path.read_text()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise SpecError(f"spec file {str(path)!r}: expected a .json, .yaml or .yml file")
     try:
-        if suffix == ".json":
-            return json.loads(text)
-        if suffix in (".yaml", ".yml"):
-            import yaml
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"spec file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        "save it as UTF-8") from err
+    import yaml
 
-            return yaml.safe_load(text)
-    except Exception as err:  # json.JSONDecodeError or yaml.YAMLError
-        raise SpecError(f"spec file {str(path)!r} is not valid {suffix[1:].upper()}: {err}") from err
-    raise SpecError(f"spec file {str(path)!r}: expected a .json, .yaml or .yml file")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, RecursionError, yaml.YAMLError) as err:  # also a 5000-digit integer, deep nesting
+        raise SpecError(f"spec file {str(path)!r} is not valid {suffix[1:].upper()}: "
+                        f"{' '.join(str(err).split())[:300]}") from err

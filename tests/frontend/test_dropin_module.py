@@ -94,8 +94,9 @@ def test_an_argument_outside_a_closed_signature_is_a_type_error():
 
 def test_the_originals_attributes_are_there(llama):
     _, model, cm = llama
-    assert cm.config is model.config and cm.generation_config is model.generation_config
-    assert cm.get_input_embeddings() is model.get_input_embeddings()
+    assert cm.config.to_dict() == model.config.to_dict()
+    assert cm.generation_config.to_dict() == model.generation_config.to_dict()
+    assert cm.get_input_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert cm.device == torch.device("cpu") and cm.dtype == torch.float32
     assert cm.main_input_name == "input_ids" and cm.loss_type == model.loss_type
     assert cm.can_generate()
@@ -144,7 +145,7 @@ def test_dtype_changes_behave_as_on_the_original(convert, dtype):
     with torch.no_grad():
         before = cm(**x, output_hidden_states=True).logits  # a second graph, captured before the cast
     convert(cm)
-    assert cm.dtype == dtype and model.dtype == dtype  # base weights are shared, as a PeftModel's are
+    assert cm.dtype == dtype and model.dtype == torch.float32  # compiling (and casting) never changes the user's model
     if dtype == torch.float16:
         return  # CPU half matmuls are not what this checks; the cast itself is
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_dtype_changes_behave_as_on_the_original(convert, dtype):
 def test_to_meta_moves_every_graph_like_the_original():
     family, model, cm = compiled("llama")
     cm.to("meta")
-    assert cm.device.type == "meta" and model.device.type == "meta"
+    assert cm.device.type == "meta" and model.device.type == "cpu"
     assert all(p.device.type == "meta" for p in cm.parameters())
 
 

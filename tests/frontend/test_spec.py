@@ -16,7 +16,7 @@ def test_round_trip_is_exact():
     assert Spec.from_dict(d) == spec
     assert Spec.from_dict(d).to_dict() == d
     assert d["adapters"][0] == {**LORA, "rslora": False, "init": "default", "exclude": [], "rank_pattern": {},
-                                "alpha_pattern": {}, "gate": False}
+                                "alpha_pattern": {}, "gate": False, "target_parameters": [], "lora_bias": False}
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
@@ -40,14 +40,15 @@ BAD_SPECS = [
     ({"adapters": [{**LORA, "alpha": -1}]}, "adapters[0].alpha: expected a positive number"),
     ({"adapters": [{**LORA, "dropout": 1.0}]}, "adapters[0].dropout: expected a number in [0, 1)"),
     ({"adapters": [{**LORA, "rslora": "yes"}]}, "adapters[0].rslora: expected true or false"),
-    ({"adapters": [{**LORA, "init": "kaiming"}]}, "adapters[0].init: expected one of ['default', 'gaussian']"),
+    ({"adapters": [{**LORA, "init": "kaiming"}]}, "adapters[0].init: expected one of ['default', 'gaussian', 'pissa', 'olora']"),
     ({"adapters": [{**LORA, "rank": 4}]}, "adapters[0].rank: unknown field"),
     ({"adapters": [{**LORA, "targets": []}]}, "adapters[0].targets: expected a non-empty list"),
     ({"adapters": [{**LORA, "targets": ["q_proj", 3]}]}, "adapters[0].targets[1]: expected a non-empty string"),
     ({"adapters": [{**LORA, "targets": ["re:(unclosed"]}]}, "adapters[0].targets[0]: invalid regular expression"),
     ({"adapters": [{"method": "lorra", "targets": ["q_proj"]}]}, "adapters[0].method: expected one of"),
     ({"adapters": [{"targets": ["q_proj"]}]}, "adapters[0].method: expected one of"),
-    ({"adapters": [{"method": "lora"}]}, "adapters[0].targets: required field is missing"),
+    ({"adapters": [{"method": "lora"}]}, "adapters[0].targets: expected a non-empty list"),  # or target_parameters
+    ({"adapters": [{"method": "adapter"}]}, "adapters[0].targets: required field is missing"),
     ({"adapters": {"method": "lora"}}, "spec.adapters: expected a list"),
     ({"adapters": [LORA], "trainable": "*.bias*"}, None),  # a single string is accepted as one pattern
     ({"adapters": [LORA], "trainable": [""]}, "spec.trainable[0]: expected a non-empty string"),

@@ -65,7 +65,9 @@ def test_other_batch_and_sequence_sizes(compiled):
 def test_base_weights_are_shared_not_copied(compiled):
     family, model, cm = compiled
     for name, param in model.named_parameters():
-        assert cm.graph_module.get_parameter(name) is param
+        own = cm.graph_module.get_parameter(name)  # its own Parameter over the user's memory
+        assert own is not param and own.data_ptr() == param.data_ptr() and not own.requires_grad
+        assert param.requires_grad  # the user's flag: compile froze its own view, not the user's tensor
 
 
 def test_save_load_reproduces_outputs_exactly(compiled, tmp_path):
