@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import peftc
-from families import FAMILIES, logits, randomize_adapters
+from families import FAMILIES, randomize_adapters
 
 LORA = {"method": "lora", "r": 4, "alpha": 8}
 

@@ -337,11 +337,8 @@ def test_trainer_callback_allocates(tmp_path):
     randomize(cm)
     data = [{k: v[0] for k, v in _bert_batch(i).items()} for i in range(2 * ALLOC["total_step"])]
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=ALLOC["total_step"],
-                             learning_rate=1e-2, report_to=[], remove_unused_columns=False, save_strategy="no",
+                             learning_rate=1e-2, report_to=[], save_strategy="no",
                              use_cpu=True, logging_strategy="no", dataloader_num_workers=0)
-    # Until the compiled model is a full Trainer drop-in (the `dropin` work), keep Trainer from passing
-    # num_items_in_batch, a keyword the captured graph does not take
-    cm.accepts_loss_kwargs = False
     Trainer(model=cm, args=args, train_dataset=data, callbacks=[AdaloraCallback(cm)]).train()
     (allocator,) = allocators(cm)
     kept = sum(map(sum, allocator.rank_pattern.values()))
