@@ -29,13 +29,16 @@ def test_exported_served_model_takes_the_ids_as_an_input(tmp_path):
         randomize_adapters(cms[name], std=0.3, seed=seed)
     mm = peftc.serve_adapters(family.build(), cms, example_kwargs=inputs)
     session = ort.InferenceSession(str(peftc.export_onnx(mm, tmp_path / "served.onnx")))
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "adapter_ids"]
+    # a call without a mask binds to the all-ones mask (peftc.capture.binding), so the graph takes one
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "adapter_ids"]
     x = family.inputs(5, 6)  # another batch and length than the export's example
     outputs = []
     for ids in ([0, -1, 2, 1, 3], [4, 3, -1, 0, 4]):
         with torch.no_grad():
             want = logits(mm(**x, adapter_ids=ids)).numpy()
-        got = session.run(None, {"input_ids": x["input_ids"].numpy(), "adapter_ids": np.array(ids, dtype=np.int64)})[0]
+        feed = {"input_ids": x["input_ids"].numpy(), "attention_mask": np.ones_like(x["input_ids"].numpy()),
+                "adapter_ids": np.array(ids, dtype=np.int64)}
+        got = session.run(None, feed)[0]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
         outputs.append(got)
     assert not np.allclose(outputs[0], outputs[1])  # the ids are read per run, not baked in
