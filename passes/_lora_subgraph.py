@@ -59,7 +59,7 @@ def match_lora(gm: GraphModule, group: list[Node], site: Site, trainable: set[st
         return "unexpected LoRA output node"
     base, delta = output.args
     scale = output.kwargs.get("alpha", 1)
-    if not isinstance(base, Node) or base.name != site.node or base.target not in (*BASE_OPS, quantized.OP):
+    if not isinstance(base, Node) or base.name != site.node_name or base.target not in (*BASE_OPS, quantized.OP):
         return "base op is not the site's matmul (another adapter is stacked on it)"
     if len(base.users) != 1 or base.kwargs:
         return "base matmul has other users or beta/alpha"

@@ -29,7 +29,7 @@ def rewrite_sites(gm: GraphModule, ctx: PassContext, sites: list[Site], make_wei
     for site in sites:
         module, created = adapters.get_or_create(
             ctx.adapter_root, site.path, ctx.slot, lambda: make_weights(site, ctx.base_params[site.param]))
-        rewrite(gm, nodes[site.node], site, ctx, module)
+        rewrite(gm, nodes[site.node_name], site, ctx, module)
         result.modified = True
         result.sites.append(site.path)
         if created:

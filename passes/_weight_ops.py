@@ -39,7 +39,7 @@ def bias_node(node: Node, site: Site) -> Node | None:
 
 def bias_param(gm: GraphModule, site: Site) -> str | None:
     """FQN of the parameter the site op adds as its bias, or None."""
-    node = next((n for n in gm.graph.nodes if n.name == site.node), None)
+    node = next((n for n in gm.graph.nodes if n.name == site.node_name), None)
     bias = None if node is None else bias_node(node, site)
     return bias.target if isinstance(bias, Node) and bias.op == "get_attr" else None
 

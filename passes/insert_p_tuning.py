@@ -128,7 +128,7 @@ def insert_p_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
     tag = {"pass": "insert_p_tuning", "method": "p_tuning", "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
     lengthen_inputs(gm, ids, config.num_virtual_tokens, tag)
-    node = next(n for n in gm.graph.nodes if n.name == site.node)
+    node = next(n for n in gm.graph.nodes if n.name == site.node_name)
     prepend_prompt(gm, node, config.num_virtual_tokens, tag,
                    lambda ins: _encode(ins, lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name)),
                                        module))

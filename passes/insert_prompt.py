@@ -57,7 +57,7 @@ def insert_prompt(gm: GraphModule, ctx: PassContext) -> PassResult:
     tag = {"pass": "insert_prompt", "method": "prompt", "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
     lengthen_inputs(gm, ids, config.num_tokens, tag)
-    prepend_prompt(gm, next(n for n in gm.graph.nodes if n.name == site.node), config.num_tokens, tag,
+    prepend_prompt(gm, next(n for n in gm.graph.nodes if n.name == site.node_name), config.num_tokens, tag,
                    lambda ins: ins.get_attr(adapters.target(site.path, ctx.slot, "embedding")))
     result = PassResult(modified=True, sites=[site.path])
     if created:
@@ -72,7 +72,7 @@ def token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
     for site in ctx.sites:
         if site.kind != "embedding":
             continue
-        source = nodes[site.node].args[site.input_index]
+        source = nodes[site.node_name].args[site.input_index]
         while isinstance(source, Node) and source.target in INDEX_PASSTHROUGH:
             source = source.args[0]
         if isinstance(source, Node) and source.op == "placeholder":

@@ -34,7 +34,7 @@ def lower_bottleneck_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     replaced = {n.meta["peftc"]["site"]: n for n in gm.graph.nodes if n.target in REPLACING_OPS and "peftc" in n.meta}
     nodes = {n.name: n for n in gm.graph.nodes}
     for site in sites:
-        op = replaced.get(site.path) or nodes[site.node]
+        op = replaced.get(site.path) or nodes[site.node_name]
         x = op.args[0] if op.target in REPLACING_OPS else op.args[site.input_index]
         for placement, activation in _groups(plan, site.path):
             slot = f"bottleneck_{placement}_{activation}"

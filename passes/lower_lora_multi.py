@@ -34,7 +34,7 @@ def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
         bank, created = adapters.get_or_create(
             ctx.adapter_root, site.path, SLOT,
             lambda site=site: LoraBank(site, list(plan.adapters), ctx.base_params[site.param]))
-        _replace(gm, nodes[site.node], site, seq_ids, bank, plan)
+        _replace(gm, nodes[site.node_name], site, seq_ids, bank, plan)
         result.modified = True
         result.sites.append(site.path)
         ranks.add(bank.A_bank.shape[1])

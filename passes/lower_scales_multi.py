@@ -40,7 +40,7 @@ def lower_scales_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
         weight = ctx.base_params[site.param]
         bank, created = adapters.get_or_create(ctx.adapter_root, site.path, SLOT, lambda site=site, weight=weight: (
             ScaleBank(site, list(plan.adapters), weight, flip_layout(weight, site).detach())))
-        _rewrite(gm, ops.get(site.path) or nodes[site.node], site, bank, seq_ids, plan)
+        _rewrite(gm, ops.get(site.path) or nodes[site.node_name], site, bank, seq_ids, plan)
         result.modified = True
         result.sites.append(site.path)
         if created:

@@ -85,9 +85,9 @@ def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
         if module is None:
             module = quantized.QuantizedWeight.from_weight(_out_in(ctx.base_params[site.param], site), config)
             quantized.put_weight(root, site.param, module)
-        new = _rewrite_site(gm, nodes[site.node], site, module, config)
-        result.replaced_sites[site.node] = dataclasses.replace(
-            site, node=new.name, op="peftc.quantized_linear", input_index=0)
+        new = _rewrite_site(gm, nodes[site.node_name], site, module, config)
+        result.replaced_sites[site.node_name] = dataclasses.replace(
+            site, node_name=new.name, op="peftc.quantized_linear", input_index=0)
         _drop_weight_if_unread(gm, site.param)
         result.modified = True
         result.sites.append(site.path)

@@ -55,7 +55,7 @@ def site_changes(gm: GraphModule, sites, records, scope: str | None = None) -> l
     inserted = _inserted_by_key(gm)
     erased = _erased_by_key(records)
     before = _first_inputs(records)
-    site_nodes = {s.path: s.node for s in sites}
+    site_nodes = {s.path: s.node_name for s in sites}
     by_name = {n.name: n for n in gm.graph.nodes}
     changes = []
     for key in dict.fromkeys([*inserted, *erased]):

@@ -119,7 +119,7 @@ def _site_row(site, nodes: dict, path: str) -> dict:
         return {"path": path, "module_path": path, "op": "attention", "kind": "attention", "in_features": None,
                 "out_features": None, **_json_shape("in", None), **_json_shape("out", None), "methods": [],
                 "adapter_params": 0}
-    node = nodes.get(site.node)
+    node = nodes.get(site.node_name)
     x = node.args[site.input_index] if node is not None and len(node.args) > site.input_index else None
     return {"path": site.path, "module_path": site.module_path, "op": site.op, "kind": site.kind,
             "in_features": site.in_features, "out_features": site.out_features,

@@ -38,7 +38,7 @@ PARAMETER_KINDS = ("experts", "rows")
 class Site:
     path: str  # readable name: the module path, or module path + parameter name
     kind: str  # "linear" | "conv" | "embedding" | "experts" | "rows" (a linear over row slices of a weight)
-    node: str  # name of the op node in the graph it was found in
+    node_name: str  # the name of its op node in the graph it was found in (a name, not the Node)
     op: str  # e.g. "aten.linear.default"
     param: str  # fully qualified name of the weight parameter
     module_path: str  # module the op ran in (from nn_module_stack)
@@ -206,7 +206,7 @@ def find_sites(gm: GraphModule) -> list[Site]:
         if param_of_path.get(path, fields["param"]) != fields["param"]:
             path = f"{module_path}.{fields['param'].rsplit('.', 1)[-1]}".strip(".")
         param_of_path[path] = fields["param"]
-        sites.append(Site(path=path, node=node.name, op=_op_name(node), module_path=module_path, **fields))
+        sites.append(Site(path=path, node_name=node.name, op=_op_name(node), module_path=module_path, **fields))
     return sites
 
 

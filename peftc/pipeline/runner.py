@@ -114,7 +114,7 @@ def run_pipeline(gm: GraphModule, steps: list[Step], ctx: PassContext,
         seconds = time.perf_counter() - start
         frozen = frozen or step.freezes
         invariants.check_all(gm, step_ctx, snapshot, step.name, frozen=frozen)
-        sites = tuple(result.replaced_sites.get(site.node, site) for site in sites)
+        sites = tuple(result.replaced_sites.get(site.node_name, site) for site in sites)
         records.append(PassRecord(
             index=index, name=step.name, entry_index=step.entry_index,
             method=None if step_ctx.entry is None else step_ctx.entry.method, seconds=seconds,

@@ -416,7 +416,7 @@ def test_graph_shape_ia3_adds_one_mul_per_site():
     record = next(r for r in cm.records if r.method == "ia3")
     assert record.nodes_after - record.nodes_before == 4
     graph = cm.graph_module.graph
-    fc1 = next(n for n in graph.nodes if n.name == next(s.node for s in cm.sites if s.path == "fc1"))
-    fc2 = next(n for n in graph.nodes if n.name == next(s.node for s in cm.sites if s.path == "fc2"))
+    fc1 = next(n for n in graph.nodes if n.name == next(s.node_name for s in cm.sites if s.path == "fc1"))
+    fc2 = next(n for n in graph.nodes if n.name == next(s.node_name for s in cm.sites if s.path == "fc2"))
     assert [u.target for u in fc1.users] == [torch.ops.aten.mul.Tensor]
     assert fc2.args[0].target == torch.ops.aten.mul.Tensor
