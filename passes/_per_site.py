@@ -33,8 +33,7 @@ def rewrite_sites(gm: GraphModule, ctx: PassContext, sites: list[Site], make_wei
         result.modified = True
         result.sites.append(site.path)
         if created:
-            for name, param in module.named_parameters():
-                result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = param.numel()
+            result.params_added.update(adapters.parameter_counts(site.path, ctx.slot, module))
     return result
 
 

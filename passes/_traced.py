@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
-from torch.func import functional_call
 
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter

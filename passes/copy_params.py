@@ -106,7 +106,7 @@ def _copy_of(ctx: PassContext, name: str, result: PassResult) -> str:
     module, _ = adapters.get_or_create(ctx.adapter_root, owner, ctx.slot, ParamCopies)
     if leaf not in module._parameters:
         module.register_parameter(leaf, nn.Parameter(base.detach().clone(), requires_grad=True))
-        result.params_added[adapters.target(owner, ctx.slot, leaf)[len(adapters.ROOT) + 1:]] = base.numel()
+        result.params_added[adapters.state_name(owner, ctx.slot, leaf)] = base.numel()
     return adapters.target(owner, ctx.slot, leaf)
 
 

@@ -9,8 +9,15 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.core.fields import (fraction, non_negative_int, optional_pattern_list, pattern_list, positive_int,
-                               positive_number, probability)
+from peftc.core.fields import (
+    fraction,
+    non_negative_int,
+    optional_pattern_list,
+    pattern_list,
+    positive_int,
+    positive_number,
+    probability,
+)
 from peftc.errors import SpecError
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc.core.fields import non_negative_int, optional_pattern_list, pattern_list, positive_int, probability
+from peftc.core.fields import (
+    non_negative_int,
+    optional_pattern_list,
+    pattern_list,
+    positive_int,
+    probability,
+)
 from peftc.errors import SpecError
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult

@@ -32,7 +32,14 @@ from peftc.pipeline.runner import PassContext, PassResult
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_output, add_to_parameter, bias_param, conv_geometry, flip_layout, maybe_dropout
+from ._weight_ops import (
+    add_output,
+    add_to_parameter,
+    bias_param,
+    conv_geometry,
+    flip_layout,
+    maybe_dropout,
+)
 
 aten = torch.ops.aten
 

@@ -9,8 +9,15 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc.core.fields import (boolean, non_negative_int, optional_pattern_list, pattern_list, positive_int,
-                               positive_number, probability)
+from peftc.core.fields import (
+    boolean,
+    non_negative_int,
+    optional_pattern_list,
+    pattern_list,
+    positive_int,
+    positive_number,
+    probability,
+)
 from peftc.errors import SpecError
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult

@@ -12,11 +12,10 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from peftc.core.fields import one_of, positive_int, probability
-from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
 from peftc.pipeline.runner import PassContext, PassResult
 
-from .insert_prompt import lengthen_inputs, prepend_prompt, token_embedding
+from .insert_prompt import prepend_virtual_tokens
 
 aten = torch.ops.aten
 
@@ -121,22 +120,8 @@ class PTuningWeights(nn.Module):
 def insert_p_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Prepend encoder(embedding) at the token embedding's output and lengthen the sequence-aligned inputs by N."""
     config: PTuningConfig = ctx.entry
-    site, ids = token_embedding(gm, ctx)
-    weight = ctx.base_params[site.param]
-    module, created = adapters.get_or_create(ctx.adapter_root, site.path, ctx.slot,
-                                             lambda: PTuningWeights(weight, config))
-    tag = {"pass": "insert_p_tuning", "method": "p_tuning", "site": site.path, "slot": ctx.slot,
-           "entry": ctx.entry_index}
-    lengthen_inputs(gm, ids, config.num_virtual_tokens, tag)
-    node = next(n for n in gm.graph.nodes if n.name == site.node_name)
-    prepend_prompt(gm, node, config.num_virtual_tokens, tag,
-                   lambda ins: _encode(ins, lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name)),
-                                       module))
-    result = PassResult(modified=True, sites=[site.path])
-    if created:
-        for name, param in module.named_parameters():
-            result.params_added[adapters.target(site.path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = param.numel()
-    return result
+    return prepend_virtual_tokens(gm, ctx, "insert_p_tuning", config.num_virtual_tokens,
+                                  lambda weight: PTuningWeights(weight, config), _encode)
 
 
 def _encode(ins: Inserter, tensor, module: PTuningWeights) -> Node:

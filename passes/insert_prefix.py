@@ -71,8 +71,7 @@ def insert_prefix(gm: GraphModule, ctx: PassContext) -> PassResult:
         _rewrite_attention(gm, node, path, groups, ctx, config)
         result.sites.append(path)
         if created:
-            for name, p in module.named_parameters():
-                result.params_added[adapters.target(path, ctx.slot, name)[len(adapters.ROOT) + 1:]] = p.numel()
+            result.params_added.update(adapters.parameter_counts(path, ctx.slot, module))
     shifted = _shift_positions(gm, attention, config.num_tokens)
     if not shifted:
         result.notes.append("prefix: no past-length position offset found; positions not shifted")

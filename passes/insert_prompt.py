@@ -50,23 +50,33 @@ class PromptWeights(nn.Module):
 def insert_prompt(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Prepend the prompt at the token embedding's output and lengthen the sequence-aligned inputs by N."""
     config: PromptConfig = ctx.entry
-    site, ids = token_embedding(gm, ctx)
-    weight = ctx.base_params[site.param]
+    return prepend_virtual_tokens(gm, ctx, "insert_prompt", config.num_tokens,
+                                  lambda weight: PromptWeights(weight, config),
+                                  lambda ins, tensor, module: tensor("embedding"))
+
+
+def prepend_virtual_tokens(gm: GraphModule, ctx: PassContext, pass_name: str, num_tokens: int,
+                           make_module: Callable[[torch.Tensor], nn.Module],
+                           make_prompt: Callable[[Inserter, Callable[[str], Node], nn.Module], Node]) -> PassResult:
+    """What every prompt method does: lengthen the sequence-aligned inputs by `num_tokens` and prepend
+    the [num_tokens, dim] prompt `make_prompt(inserter, adapter_tensor, module)` builds at the token
+    embedding's output (prompt tuning: the embedding itself; p-tuning: an encoder over it)."""
+    site, ids = _token_embedding(gm, ctx)
     module, created = adapters.get_or_create(ctx.adapter_root, site.path, ctx.slot,
-                                             lambda: PromptWeights(weight, config))
-    tag = {"pass": "insert_prompt", "method": "prompt", "site": site.path, "slot": ctx.slot,
+                                             lambda: make_module(ctx.base_params[site.param]))
+    tag = {"pass": pass_name, "method": ctx.entry.method, "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
-    lengthen_inputs(gm, ids, config.num_tokens, tag)
-    prepend_prompt(gm, next(n for n in gm.graph.nodes if n.name == site.node_name), config.num_tokens, tag,
-                   lambda ins: ins.get_attr(adapters.target(site.path, ctx.slot, "embedding")))
+    _lengthen_inputs(gm, ids, num_tokens, tag)
+    embedding_op = next(n for n in gm.graph.nodes if n.name == site.node_name)
+    _prepend_prompt(gm, embedding_op, num_tokens, tag, lambda ins: make_prompt(
+        ins, lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name)), module))
     result = PassResult(modified=True, sites=[site.path])
     if created:
-        name = adapters.target(site.path, ctx.slot, "embedding")[len(adapters.ROOT) + 1:]
-        result.params_added[name] = module.embedding.numel()
+        result.params_added.update(adapters.parameter_counts(site.path, ctx.slot, module))
     return result
 
 
-def token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
+def _token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
     """The first embedding site whose indices are a graph input (through views): the token embedding."""
     nodes = {n.name: n for n in gm.graph.nodes}
     for site in ctx.sites:
@@ -83,7 +93,7 @@ def token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
         f"but this model has no embedding lookup fed by an input (its inputs: {inputs}); use 'prefix' or 'adapter' instead")
 
 
-def lengthen_inputs(gm: GraphModule, ids: Node, num_tokens: int, tag: dict) -> None:
+def _lengthen_inputs(gm: GraphModule, ids: Node, num_tokens: int, tag: dict) -> None:
     """Give the token ids and the sequence-aligned inputs N leading positions, so every length the
     graph derives from them (masks, positions, token types, loss) covers the virtual tokens."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -105,7 +115,7 @@ def lengthen_inputs(gm: GraphModule, ids: Node, num_tokens: int, tag: dict) -> N
         redirect_users(users, placeholder, longer)
 
 
-def prepend_prompt(gm: GraphModule, node: Node, num_tokens: int, tag: dict,
+def _prepend_prompt(gm: GraphModule, node: Node, num_tokens: int, tag: dict,
                    make_prompt: Callable[[Inserter], Node]) -> None:
     """Replace the first N (padding) positions of the embedding output by the [N, dim] prompt
     `make_prompt` inserts."""

@@ -8,7 +8,14 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc.core.fields import non_negative_int, one_of, optional, optional_pattern_list, pattern_list, positive_int
+from peftc.core.fields import (
+    non_negative_int,
+    one_of,
+    optional,
+    optional_pattern_list,
+    pattern_list,
+    positive_int,
+)
 from peftc.errors import SpecError
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult

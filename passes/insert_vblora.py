@@ -9,8 +9,14 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.core.fields import (boolean, optional_pattern_list, pattern_list, positive_int, positive_number,
-                               probability)
+from peftc.core.fields import (
+    boolean,
+    optional_pattern_list,
+    pattern_list,
+    positive_int,
+    positive_number,
+    probability,
+)
 from peftc.errors import SpecError
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
@@ -93,8 +99,7 @@ def insert_vblora(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = rewrite_sites(gm, ctx, sites, lambda site, weight: VbloraWeights(site, weight, config, bank),
                            lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
     if created:
-        result.params_added[adapters.target("", ctx.slot, "vector_bank")[len(adapters.ROOT) + 1:]] = \
-            bank.vector_bank.numel()
+        result.params_added[adapters.state_name("", ctx.slot, "vector_bank")] = bank.vector_bank.numel()
     return result
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import peftc.codegen.triton  # noqa: F401  (registers torch.ops.peftc.*)
 import torch
+from peftc.passes.add_routing_input import routing_input
 from torch.fx import GraphModule
 
 from peftc.errors import SpecError
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, redirect_users
 from peftc.ir.lora_bank import BottleneckBank, ServingPlan
-from peftc.passes.add_routing_input import routing_input
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._site_output import current_output

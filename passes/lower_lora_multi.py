@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import peftc.codegen.triton  # noqa: F401  (registers torch.ops.peftc.*)
 import torch
+from peftc.passes.add_routing_input import routing_input
 from torch.fx import GraphModule, Node
 
 from peftc.errors import SpecError
@@ -11,7 +12,6 @@ from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, erase_nodes
 from peftc.ir.lora_bank import LoraBank, ServingPlan
 from peftc.ir.sites import Site
-from peftc.passes.add_routing_input import routing_input
 from peftc.pipeline.runner import PassContext, PassResult
 
 aten = torch.ops.aten

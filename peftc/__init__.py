@@ -4,7 +4,13 @@
 """
 
 from peftc.compiler.compile import compile
-from peftc.errors import CallError, CaptureError, CheckpointError, ExportError, SpecError
+from peftc.errors import (
+    CallError,
+    CaptureError,
+    CheckpointError,
+    ExportError,
+    SpecError,
+)
 from peftc.interop.from_peft import from_peft
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.dispatch import GraphDispatch

@@ -9,7 +9,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from peftc.cli.common import UsageError, add_model_argument, check_output_path, compile_model, load_model
+from peftc.cli.common import (
+    UsageError,
+    add_model_argument,
+    check_output_path,
+    compile_model,
+    load_model,
+)
 from peftc.codegen.onnx.export import check_opset
 
 HELP = "export a model (with an adapter) to ONNX: merged, quantized, or with swappable LoRA adapters"

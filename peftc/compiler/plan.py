@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 from peftc.ir.lora_bank import ServingPlan
 from peftc.passes.add_routing_input import add_routing_input
 from peftc.passes.checkpoint_layers import checkpoint_layers
-from peftc.passes.lower_bottleneck_multi import lower_bottleneck_multi
 from peftc.passes.freeze_params import freeze_params
 from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
+from peftc.passes.lower_bottleneck_multi import lower_bottleneck_multi
 from peftc.passes.lower_lora_multi import lower_lora_multi
 from peftc.passes.lower_lora_triton import lower_lora_triton
 from peftc.passes.lower_scales_multi import lower_scales_multi

@@ -32,7 +32,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-
 TEMP_TAG = ".peftc-"  # hidden temporaries: .NAME.peftc-XXXX.tmp
 RENAME_EXCHANGE = 2  # linux/fs.h
 RENAME_SWAP = 2  # macOS stdio.h

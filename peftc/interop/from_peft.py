@@ -12,7 +12,13 @@ from torch import nn
 from peftc.compiler.compile import compile
 from peftc.errors import CheckpointError, SpecError
 from peftc.passes.copy_params import copied_names
-from peftc.runtime.checkpoint import SPEC_FILE, WEIGHTS_FILE, checked_tensor, read_adapter, refuse_non_finite
+from peftc.runtime.checkpoint import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    checked_tensor,
+    read_adapter,
+    refuse_non_finite,
+)
 from peftc.spec.parse import Spec
 
 from .peft_config import as_config_dict, spec_dict_from_peft

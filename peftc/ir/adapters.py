@@ -44,6 +44,16 @@ def target(site_path: str, slot: str, name: str) -> str:
     return ".".join(p for p in (ROOT, site_path, slot, name) if p)
 
 
+def state_name(site_path: str, slot: str, name: str) -> str:
+    """The name of an adapter tensor in adapter_state_dict() and in the pass records (no `peftc.` root)."""
+    return ".".join(p for p in (site_path, slot, name) if p)
+
+
+def parameter_counts(site_path: str, slot: str, module) -> dict[str, int]:
+    """state_name -> element count for every parameter of an adapter module: what a pass records as added."""
+    return {state_name(site_path, slot, name): p.numel() for name, p in module.named_parameters()}
+
+
 def adapter_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(qualified name, module) for every adapter module (those that own tensors directly)."""
     for name, module in root.named_modules():

@@ -17,11 +17,11 @@ from peftc.inspect.dot import render, to_dot
 from peftc.inspect.graph_view import to_networkx
 from peftc.inspect.report import Report
 from peftc.ir import adapters
-from peftc.pipeline.state import MergeOptions
-from peftc.runtime.checkpoint import load_adapter, save_adapter
 from peftc.passes.checkpoint_layers import checkpoint_graph, set_checkpointing
-from peftc.runtime.dispatch import GraphDispatch
+from peftc.pipeline.state import MergeOptions
 from peftc.runtime import rank_allocation
+from peftc.runtime.checkpoint import load_adapter, save_adapter
+from peftc.runtime.dispatch import GraphDispatch
 from peftc.runtime.facade import AdapterCheckpoint
 from peftc.runtime.unload import merge_and_unload
 

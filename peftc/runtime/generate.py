@@ -112,8 +112,13 @@ def resolve_config(model: nn.Module, generation_config, kwargs: dict):
 
 
 def logits_processors(config):
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     processors = LogitsProcessorList()
     if config.repetition_penalty not in (None, 1.0):

@@ -38,7 +38,7 @@ from peftc.runtime.checkpoint import save_adapter
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.dispatch import GraphDispatch
 from peftc.runtime.user_model import frozen_view
-from peftc.serving.routing import BASE_NAMES, adapter_index
+from peftc.serving.routing import adapter_index, check_adapter_names
 from peftc.serving.served import batch_size
 from peftc.serving.sources import compiled_adapter
 from peftc.spec.parse import as_spec
@@ -52,12 +52,7 @@ def train_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, exa
     is copied, the model is not changed), or an adapter folder (peftc or PEFT). Ranks, alphas and
     targets may differ per adapter. The model itself is not changed.
     """
-    if not adapters_by_name:
-        raise SpecError("train_adapters: no adapters given; pass {name: spec_or_adapter, ...}")
-    for name in adapters_by_name:
-        if not isinstance(name, str) or not name or name in BASE_NAMES:
-            raise SpecError(f"train_adapters: adapter name {name!r} is not usable; use a non-empty string "
-                            f"other than {BASE_NAMES[1]!r}")
+    check_adapter_names(adapters_by_name, "train_adapters", "spec_or_adapter")
     example = example_call(model, example_inputs, example_kwargs)
     own = {name: _own_model(name, value, model, example) for name, value in adapters_by_name.items()}
     compilation = Compilation.start(frozen_view(model), None)  # the user's memory; the base frozen in our view only

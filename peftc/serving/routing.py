@@ -20,6 +20,17 @@ BASE_NAMES = (None, "__base__")  # ids meaning the base alone (PEFT's mixed batc
 BASE_INDEX = -1
 
 
+def check_adapter_names(adapters_by_name, caller: str, values: str) -> None:
+    """The names a multi-adapter model is built with: at least one, each a non-empty string that is
+    not a base id. `values` says what the mapping's values are, for the message."""
+    if not adapters_by_name:
+        raise SpecError(f"{caller}: no adapters given; pass {{name: {values}, ...}}")
+    for name in adapters_by_name:
+        if not isinstance(name, str) or not name or name in BASE_NAMES:
+            raise SpecError(f"{caller}: adapter name {name!r} is not usable; use a non-empty string "
+                            f"other than {BASE_NAMES[1]!r}")
+
+
 def adapter_index(adapter_ids: Any, names: Sequence[str], batch: int) -> torch.Tensor:
     """The ids as bank indices (int64 [batch], -1 for the base), with errors naming the id and the fix."""
     if adapter_ids is None:

@@ -29,13 +29,13 @@ from torch import nn
 
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation
-from peftc.runtime.user_model import weight_view
 from peftc.errors import SpecError
 from peftc.inspect.report import Report
 from peftc.ir.lora_bank import LoraBank, ServingPlan
 from peftc.passes.lower_lora_multi import SLOT
 from peftc.runtime.dispatch import GraphDispatch
-from peftc.serving.routing import BASE_NAMES, adapter_index
+from peftc.runtime.user_model import weight_view
+from peftc.serving.routing import adapter_index, check_adapter_names
 from peftc.serving.sources import load_adapter
 
 BACKENDS = ("triton",)
@@ -53,12 +53,7 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     if backend not in BACKENDS:
         raise SpecError(f"backend: expected one of {list(BACKENDS)} (Triton kernels on CUDA, their torch "
                         f"implementation elsewhere), got {backend!r}")
-    if not adapters_by_name:
-        raise SpecError("serve_adapters: no adapters given; pass {name: adapter_dir_or_CompiledModel, ...}")
-    for name in adapters_by_name:
-        if not isinstance(name, str) or not name or name in BASE_NAMES:
-            raise SpecError(f"serve_adapters: adapter name {name!r} is not usable; use a non-empty string "
-                            f"other than {BASE_NAMES[1]!r}")
+    check_adapter_names(adapters_by_name, "serve_adapters", "adapter_dir_or_CompiledModel")
     example = example_call(model, example_inputs, example_kwargs)
     loaded = tuple(load_adapter(name, source, model, example) for name, source in adapters_by_name.items())
     compilation = Compilation.start(weight_view(model), None)  # capture flips the view's modes, not the user's

@@ -16,7 +16,12 @@ import torch
 from torch import nn
 
 from peftc.errors import CheckpointError, SpecError
-from peftc.interop.from_peft import CONFIG_FILE, load_adapter_dir, read_peft_weights, resolve_all_linear
+from peftc.interop.from_peft import (
+    CONFIG_FILE,
+    load_adapter_dir,
+    read_peft_weights,
+    resolve_all_linear,
+)
 from peftc.interop.peft_config import as_config_dict, spec_dict_from_peft
 from peftc.interop.peft_keys import PREFIX, normalize
 from peftc.ir.lora_bank import ServedAdapter, SiteAdapter, SiteBottleneck, SiteLora
@@ -27,7 +32,6 @@ from peftc.passes.insert_vera import VeraWeights
 from peftc.runtime.checkpoint import SPEC_FILE, read_adapter
 from peftc.runtime.compiled import CompiledModel
 from peftc.spec.parse import Spec
-
 
 SERVED_METHODS = ("lora", "dora", "vera", "ia3", "adapter")
 

@@ -10,32 +10,37 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from peftc.passes._weight_ops import fold_delta
+
+# orthogonal and sparse high-rank methods (OFT, BOFT, HRA, SHiRA)
+from peftc.passes._weight_transform import fold_transform
 from peftc.passes.copy_params import CopyConfig, copy_params
+
+# -- spectral / budgeted / encoder methods (issue 16)
+from peftc.passes.insert_adalora import AdaloraConfig, insert_adalora
 from peftc.passes.insert_adapter import AdapterConfig, insert_adapter
+from peftc.passes.insert_boft import BoftConfig, insert_boft
 from peftc.passes.insert_dora import DoraConfig, fold_dora, insert_dora
+from peftc.passes.insert_fourierft import FourierftConfig, insert_fourierft
+from peftc.passes.insert_hra import HraConfig, insert_hra
 from peftc.passes.insert_ia3 import Ia3Config, fold_ia3, fold_ia3_bias, insert_ia3
 from peftc.passes.insert_loha import LohaConfig, insert_loha
 from peftc.passes.insert_lokr import LokrConfig, insert_lokr
 from peftc.passes.insert_lora import LoraConfig, fold_lora_bias, insert_lora
 from peftc.passes.insert_mask import MaskConfig, fold_mask, insert_mask
+from peftc.passes.insert_oft import OftConfig, insert_oft
+from peftc.passes.insert_p_tuning import PTuningConfig, insert_p_tuning
 from peftc.passes.insert_prefix import PrefixConfig, insert_prefix
 from peftc.passes.insert_prompt import PromptConfig, insert_prompt
-from peftc.passes.insert_trainable_tokens import (TrainableTokensConfig, fold_trainable_tokens,
-                                                  insert_trainable_tokens)
-from peftc.passes.insert_vera import VeraConfig, insert_vera
-from peftc.passes.tune_layer_norms import LnTuningConfig, tune_layer_norms
-from peftc.passes.quantize_base import QuantizeConfig
-# orthogonal and sparse high-rank methods (OFT, BOFT, HRA, SHiRA)
-from peftc.passes._weight_transform import fold_transform
-from peftc.passes.insert_boft import BoftConfig, insert_boft
-from peftc.passes.insert_hra import HraConfig, insert_hra
-from peftc.passes.insert_oft import OftConfig, insert_oft
 from peftc.passes.insert_shira import ShiraConfig, fold_shira, insert_shira
-# -- spectral / budgeted / encoder methods (issue 16)
-from peftc.passes.insert_adalora import AdaloraConfig, insert_adalora
-from peftc.passes.insert_fourierft import FourierftConfig, insert_fourierft
-from peftc.passes.insert_p_tuning import PTuningConfig, insert_p_tuning
+from peftc.passes.insert_trainable_tokens import (
+    TrainableTokensConfig,
+    fold_trainable_tokens,
+    insert_trainable_tokens,
+)
 from peftc.passes.insert_vblora import VbloraConfig, insert_vblora
+from peftc.passes.insert_vera import VeraConfig, insert_vera
+from peftc.passes.quantize_base import QuantizeConfig
+from peftc.passes.tune_layer_norms import LnTuningConfig, tune_layer_norms
 
 
 @dataclass(frozen=True)

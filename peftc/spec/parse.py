@@ -19,8 +19,8 @@ from peftc.core.fields import (
     parse_dataclass,
     unknown_field,
 )
-from peftc.errors import SpecError
 from peftc.core.files import atomic_write_text
+from peftc.errors import SpecError
 from peftc.interop.peft_config import peft_config_from_spec, spec_dict_from_peft
 from peftc.spec.methods import METHODS, QUANTIZE_CONFIG
 
