@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 
 import torch
 
@@ -52,3 +54,40 @@ def _strip(name: str) -> str:
 
 def trainable_count(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# -- helpers the method test files share (reparam, orthogonal, spectral) ------------------------------
+def entry_sites(cm, index: int) -> list[str]:
+    """The site paths spec entry `index` rewrote, from the pass records."""
+    return [s for r in cm.records if r.entry_index == index for s in r.sites]
+
+
+def adapter_module(cm, path: str, slot: str):
+    """The adapter module of `slot` at site `path` (a module shared by all sites when `path` is '')."""
+    return getattr(cm.graph_module, "peftc").get_submodule(f"{path}.{slot}" if path else slot)
+
+
+def sharpened(family, classifier_scale: float = 1.0):
+    """The family with query/key weights x10 (and the classifier x `classifier_scale`): at init (std 0.02)
+    attention is near uniform and BERT's logits are ~0.03, which would hide most of what an adapter does."""
+
+    def build():
+        model = family.build()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if re.search(r"(query|key|q_proj|k_proj)\.weight$", name):
+                    p.mul_(10)
+                elif name.startswith("classifier.") and classifier_scale != 1.0:
+                    p.mul_(classifier_scale)
+        return model
+
+    return dataclasses.replace(family, build=build)
+
+
+def inputs_like_capture(family, batch: int, seq: int) -> dict:
+    """Family inputs plus the all-ones attention mask peftc's own HF example inputs carry, so calls reuse
+    the graph captured at compile time instead of capturing another call signature."""
+    inputs = family.inputs(batch, seq)
+    if family.hf and "input_ids" in inputs:
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs

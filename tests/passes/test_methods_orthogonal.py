@@ -17,7 +17,6 @@ Two references are adjusted, both documented in the README:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import types
 from types import SimpleNamespace
@@ -25,10 +24,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from families import FAMILIES, Family, call, compile_family, logits
+from peft_reference import adapter_module, entry_sites, inputs_like_capture, sharpened
 from torch import nn
 
 import peftc
-from families import FAMILIES, Family, call, compile_family, logits
 from peftc import SpecError
 
 peft = pytest.importorskip("peft")
@@ -127,14 +127,6 @@ def peft_config(entry, pattern: str):
     return peft.ShiraConfig(r=entry.r, random_seed=entry.seed, target_modules=pattern)
 
 
-def entry_sites(cm, index: int) -> list[str]:
-    return [s for r in cm.records if r.entry_index == index for s in r.sites]
-
-
-def adapter_module(cm, path: str, slot: str):
-    return getattr(cm.graph_module, "peftc").get_submodule(f"{path}.{slot}")
-
-
 def merged_oft_conv(layer: PeftOftConv2d, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft's OFT Conv2d computed as its merge() computes the weight: W·Rᵀ on [out, in·k·k], R from peft.
     Bound to the layer as its forward (a bound method, so deepcopy rebinds it to the copy)."""
@@ -180,32 +172,8 @@ def randomize(cm, seed: int = 0) -> None:
         tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.2 + (1.0 if name.endswith("boft_s") else 0.0))
 
 
-def inputs_like_capture(family, batch: int, seq: int) -> dict:
-    inputs = family.inputs(batch, seq)
-    if family.hf:
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    return inputs
-
-
-def sharpened(family: Family) -> Family:
-    """The family with query/key weights x10 and the classifier x30: at init (std 0.02) attention is near
-    uniform and BERT's logits are ~0.03, which would hide most of what an adapter does."""
-
-    def build():
-        model = family.build()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if re.search(r"(query|key|q_proj|k_proj)\.weight$", name):
-                    p.mul_(10)
-                elif name.startswith("classifier."):
-                    p.mul_(30)
-        return model
-
-    return dataclasses.replace(family, build=build)
-
-
 def build_hybrid(name: str) -> SimpleNamespace:
-    family = CONV if name == "conv3" else sharpened(FAMILIES[name])
+    family = CONV if name == "conv3" else sharpened(FAMILIES[name], classifier_scale=30)
     model, cm = compile_family(family, {"adapters": HYBRID[name]})
     randomize(cm)
     torch.manual_seed(1)

@@ -7,7 +7,6 @@ added to the reference's weight by hand), loaded with peftc's randomized adapter
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from types import SimpleNamespace
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from families import FAMILIES, Family, call, compile_family, logits, randomize_adapters
+from peft_reference import adapter_module, entry_sites, inputs_like_capture, sharpened
 
 import peftc
 
@@ -102,14 +102,6 @@ def peft_config(entry, pattern: str, feedforward: str, fan_in_fan_out: bool):
     return peft.IA3Config(target_modules=pattern, feedforward_modules=feedforward, fan_in_fan_out=fan_in_fan_out)
 
 
-def entry_sites(cm, index: int) -> list[str]:
-    return [s for r in cm.records if r.entry_index == index for s in r.sites]
-
-
-def adapter_module(cm, path: str, slot: str):
-    return getattr(cm.graph_module, "peftc").get_submodule(f"{path}.{slot}")
-
-
 @torch.no_grad()
 def build_reference(family, cm):
     """The family's model with each entry injected by peft (mask: added to the weight), peftc's tensors copied in."""
@@ -153,21 +145,6 @@ def randomize(cm) -> None:
             tensor.mul_(3.0)  # a Hadamard product of two small products is tiny otherwise
 
 
-def sharpened(family):
-    """The family with query/key weights x10: at init (std 0.02) attention is near uniform, which would hide
-    most of what an adapter on q/k does from the logits."""
-
-    def build():
-        model = family.build()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if re.search(r"(query|key|q_proj|k_proj)\.weight$", name):
-                    p.mul_(10)
-        return model
-
-    return dataclasses.replace(family, build=build)
-
-
 def build_hybrid(name: str) -> SimpleNamespace:
     family = {"conv1d": CONV1D, "convnet": FAMILIES["convnet"]}.get(name) or sharpened(FAMILIES[name])
     model, cm = compile_family(family, {"adapters": HYBRID[name]})
@@ -192,15 +169,6 @@ def hybrids():
 @pytest.fixture(params=sorted(HYBRID))
 def hybrid(request, hybrids):
     return hybrids(request.param)
-
-
-def inputs_like_capture(family, batch: int, seq: int) -> dict:
-    """Family inputs plus the all-ones attention mask peftc's own HF example inputs carry, so calls reuse
-    the graph captured at compile time instead of capturing another call signature."""
-    inputs = family.inputs(batch, seq)
-    if family.hf and "input_ids" in inputs:
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    return inputs
 
 
 def test_outputs_match_peft(hybrid):

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from families import FAMILIES, call, logits
+from peft_reference import adapter_module, entry_sites, sharpened
 
 import peftc
-from families import FAMILIES, call, logits
 from peftc.runtime.rank_allocation import allocators
 
 peft = pytest.importorskip("peft")
@@ -59,14 +60,6 @@ def peft_config(entry, pattern: str):
                              vector_length=entry.vector_length, topk=entry.topk)
 
 
-def entry_sites(cm, index: int) -> list[str]:
-    return [s for r in cm.records if r.entry_index == index for s in r.sites]
-
-
-def adapter_module(cm, path: str, slot: str):
-    return getattr(cm.graph_module, "peftc").get_submodule(f"{path}.{slot}" if path else slot)
-
-
 @torch.no_grad()
 def randomize(cm, seed: int = 0, std: float = 0.2) -> None:
     """Every float adapter tensor non-zero (AdaLoRA's Λ starts at zero, VB-LoRA's bank near it)."""
@@ -102,20 +95,9 @@ def build_reference(family, cm):
     return ref.eval()
 
 
-def sharpened_build(family):
-    def build():
-        model = family.build()
-        with torch.no_grad():  # at init attention is near uniform, which hides what q/k adapters do
-            for name, p in model.named_parameters():
-                if re.search(r"(query|key|q_proj|k_proj)\.weight$", name):
-                    p.mul_(10)
-        return model
-    return SimpleNamespace(**{**family.__dict__, "build": build})
-
-
 @pytest.fixture(scope="module", params=sorted(HYBRID))
 def hybrid(request):
-    family = sharpened_build(FAMILIES[request.param])
+    family = sharpened(FAMILIES[request.param])
     inputs = family.inputs(2, 7)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     model = family.build()
