@@ -41,6 +41,31 @@ def test_ids_are_a_graph_input_not_a_buffer(served):
     assert not [name for name, _ in mm.named_buffers() if "seq_ids" in name or "routing" in name]
 
 
+def logits_from_threads(mm, inputs: dict, calls: list, *, threads: int = 8, timeout: float) -> dict:
+    """{i: logits of mm(**inputs, adapter_ids=calls[i])}, the calls made from `threads` threads released
+    together (thread k makes calls k, k + threads, ...); the first error a thread met is raised here."""
+    got: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def worker(k: int) -> None:
+        start.wait(timeout=60)
+        try:
+            with torch.no_grad():
+                for i in range(k, len(calls), threads):
+                    got[i] = logits(mm(**inputs, adapter_ids=calls[i]))
+        except BaseException as err:  # reported below, with the thread's call
+            errors.append(err)
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=timeout)
+    assert not errors, errors[0]
+    return got
+
+
 def test_eight_threads_give_the_sequential_outputs(served):
     mm, _ = served
     inputs = FAMILY.inputs(BATCH, SEQ)
@@ -48,25 +73,7 @@ def test_eight_threads_give_the_sequential_outputs(served):
     calls = [torch.randint(-1, 2, (BATCH,), generator=g) for _ in range(48)]  # distinct id rows per call
     with torch.no_grad():
         want = [logits(mm(**inputs, adapter_ids=ids)) for ids in calls]
-    got: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(8)
-
-    def worker(k: int) -> None:
-        start.wait(timeout=60)
-        try:
-            with torch.no_grad():
-                for i in range(k, len(calls), 8):
-                    got[i] = logits(mm(**inputs, adapter_ids=calls[i]))
-        except BaseException as err:  # reported below, with the thread's call
-            errors.append(err)
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors[0]
+    got = logits_from_threads(mm, inputs, calls, timeout=120)
     assert sorted(got) == list(range(len(calls)))
     differing = [i for i in range(len(calls)) if not torch.equal(got[i], want[i])]
     assert differing == []
@@ -82,24 +89,7 @@ def test_threads_meeting_a_new_signature_build_it_once(served):
     inputs = {**FAMILY.inputs(BATCH, SEQ), "position_ids": torch.arange(SEQ).expand(BATCH, SEQ)}
     graphs_before = len(mm.graphs)
     calls = [torch.tensor([k % 3 - 1, 0, 1, -1]) for k in range(8)]
-    got: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(8)
-
-    def worker(k: int) -> None:
-        start.wait(timeout=60)
-        try:
-            with torch.no_grad():
-                got[k] = logits(mm(**inputs, adapter_ids=calls[k]))
-        except BaseException as err:
-            errors.append(err)
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors[0]
+    got = logits_from_threads(mm, inputs, calls, timeout=300)
     assert len(mm.graphs) == graphs_before + 1
     with torch.no_grad():
         for k, ids in enumerate(calls):
