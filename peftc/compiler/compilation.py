@@ -66,8 +66,8 @@ class Compilation:
         return cls(model, spec, nn.Module(), options or CompileOptions())
 
     # The plans callers build with (peftc.compiler.plan); made here so callers need not know the passes.
-    def train_plan(self) -> Plan:
-        return Plan.train(self.options.backend)
+    def train_plan(self, checkpoint_layers: bool = False) -> Plan:
+        return Plan.train(self.options.backend, checkpoint_layers=checkpoint_layers)
 
     def merged_plan(self, options: MergeOptions | None = None) -> Plan:
         return Plan.merged(options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     view = weight_view(model)  # the user's storage; our own Parameter objects, flags and modes
     compilation = Compilation.start(view, spec, CompileOptions(backend=backend, copy_layers=copy_layers))
     args, kwargs = example_call(model, example_inputs, example_kwargs)
-    plan = replace(compilation.train_plan(), checkpoint_layers=gradient_checkpointing)
+    plan = compilation.train_plan(checkpoint_layers=gradient_checkpointing)
     with kept_unchanged(model):  # a second guard: nothing above should touch the user's model
         built = compilation.build(args, kwargs, plan, dynamic_shapes=dynamic_shapes,
                                   dump_dir=Path(dump_dir) if dump_dir is not None else None)
