@@ -25,7 +25,8 @@ LAYERS = 2  # families.py's llama and bert
 def without_fusion():
     """peftc.compile with the plan minus this pass: the reference every test compares with."""
     real = Plan.train
-    Plan.train = classmethod(lambda cls, backend="torch": cls("train", backend=backend))
+    Plan.train = classmethod(lambda cls, backend="torch", checkpoint_layers=False: cls(
+        "train", backend=backend, checkpoint_layers=checkpoint_layers))
     try:
         yield
     finally:
