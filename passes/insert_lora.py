@@ -49,6 +49,7 @@ aten = torch.ops.aten
 RESIDUAL_INITS = ("pissa", "olora", "corda")  # the base reads W - s·B0 A0 (subtracted in the graph)
 CALIBRATED_INITS = ("corda", "eva")  # need the sites' inputs on calibration data (compile(calibration=...))
 WEIGHT_INITS = (*RESIDUAL_INITS, "loftq", "eva")  # computed per site, from the weight or the data: linear only
+LORA_KINDS = ("linear", "conv", "embedding", *PARAMETER_KINDS)
 MAX_ITERATIONS = 1000  # pissa_niter, loftq_iter: each is an SVD of the weight
 
 
@@ -213,7 +214,7 @@ class LoraWeights(nn.Module):
 def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add s * B(A(dropout(x))) to the output of every targeted linear, conv or embedding op."""
     config: LoraConfig = ctx.entry
-    kinds = ("linear",) if config.gate else ("linear", "conv", "embedding", *PARAMETER_KINDS)
+    kinds = ("linear",) if config.gate else LORA_KINDS
     sites = select_sites(ctx, config, kinds=kinds)
     _check_sites(ctx, config, sites)
     check_one_rewrite_per_weight(gm, ctx, sites)

@@ -16,7 +16,7 @@ from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._site_selection import select_sites
-from .insert_lora import CALIBRATED_INITS
+from .insert_lora import CALIBRATED_INITS, LORA_KINDS
 
 PROVENANCE = {"pass": "observe_site_inputs", "method": None, "slot": None, "entry": None}
 
@@ -42,7 +42,8 @@ def watched_sites(ctx: PassContext) -> list[Site]:
     for index, entry in enumerate(ctx.spec.adapters):
         if getattr(entry, "init", None) in CALIBRATED_INITS:
             entry_ctx = dataclasses.replace(ctx, entry=entry, entry_index=index)
-            chosen.update((s.node_name, s) for s in select_sites(entry_ctx, entry, kinds=("linear",)))
+            sites = select_sites(entry_ctx, entry, kinds=LORA_KINDS)  # insert_lora refuses the other kinds
+            chosen.update((s.node_name, s) for s in sites if s.kind == "linear")
     return list(chosen.values())
 
 
