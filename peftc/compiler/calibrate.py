@@ -28,6 +28,8 @@ from peftc.pipeline.runner import Step
 from peftc.pipeline.state import SharedState
 from peftc.runtime.compiled import CompiledModel
 
+IGNORE_INDEX = -100  # transformers' label for tokens the loss skips
+
 
 @dataclass(frozen=True, eq=False)
 class CalibrationPlan(Plan):
@@ -51,11 +53,11 @@ def calibrate(compilation: Compilation, args: tuple, kwargs: dict, data: Any) ->
     plan = CalibrationPlan("calibrate")
     base = CompiledModel(observing, plan, observing.build(args, kwargs, plan), (args, kwargs), training=False)
     with torch.no_grad():
-        _run(base.eval(), data)
+        _run(base.eval(), data, recorder)
     return replace(compilation, shared=replace(compilation.shared, calibration=recorder))
 
 
-def _run(model: nn.Module, data: Any) -> None:
+def _run(model: nn.Module, data: Any, recorder: SiteInputs) -> None:
     if callable(data):
         data(model)
         return
@@ -67,7 +69,9 @@ def _run(model: nn.Module, data: Any) -> None:
     count = 0
     for batch in batches:
         if isinstance(batch, dict):
+            recorder.token_mask = token_mask(batch)
             model(**batch)
+            recorder.token_mask = None
         elif isinstance(batch, (tuple, list)):
             model(*batch)
         else:
@@ -75,3 +79,15 @@ def _run(model: nn.Module, data: Any) -> None:
         count += 1
     if not count:
         raise SpecError("calibration: the data holds no batches")
+
+
+def token_mask(batch: dict) -> torch.Tensor | None:
+    """The tokens EVA learns from, as PEFT's language-modeling default picks them: attention_mask, and
+    labels other than -100 (the loss's ignore index) when the batch has labels."""
+    mask = batch.get("attention_mask")
+    mask = None if mask is None else mask.bool()
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        keep = labels != IGNORE_INDEX
+        mask = keep if mask is None else mask & keep
+    return mask

@@ -9,7 +9,9 @@ dimension (x: [..., in] -> [N, in]); two statistics are kept per site, each an [
   calls of x̂ᵀ x̂;
 - EVA's principal directions (Paulik et al., 2024): the rows' mean and scatter, whose top
   eigenvectors are the principal components of all rows seen (PEFT fits them incrementally and
-  stops once they settle; here they are exact, from every row).
+  stops once they settle; here they are exact, from every row). As PEFT's language-modeling
+  default, a batch's `token_mask` (attention_mask, and labels != -100) keeps padding and
+  ignored tokens out of EVA's rows when the site's input has one row per token.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class SiteInputs:
 
     def __init__(self):
         self._sums: dict[str, _Sums] = {}
+        self.token_mask: torch.Tensor | None = None  # [batch, seq] bool of the batch now running, or None
 
     @torch.no_grad()
     def record(self, path: str, x: torch.Tensor) -> None:
@@ -43,6 +46,9 @@ class SiteInputs:
             raise ValueError(f"calibration: the input of {path!r} holds inf or nan (or is all zero); "
                              "check the calibration batches")
         sums.corda = _add(sums.corda, scaled.T @ scaled)
+        mask = self.token_mask
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            rows = rows[mask.reshape(-1)]
         sums.total = _add(sums.total, rows.sum(0))
         sums.scatter = _add(sums.scatter, rows.T @ rows)
         sums.calls += 1

@@ -242,6 +242,28 @@ def test_eva_config_from_peft_and_saved_adapter_loads_as_lora(tmp_path):
                         calibration=data)
 
 
+def test_eva_leaves_out_padding_as_peft_does():
+    """Dict batches: rows where attention_mask is 0 (or labels are -100) are not EVA's data. With right
+    padding and causal attention the kept rows are those of the unpadded batch, so A is the same."""
+    family = FAMILIES["llama"]
+    model = family.build()
+    short = [family.inputs(1, 5 + i) for i in range(3)]
+    padded = []
+    for batch in short:
+        ids = batch["input_ids"]
+        mask = torch.ones(1, ids.shape[1] + 3, dtype=torch.long)
+        mask[:, ids.shape[1]:] = 0
+        padded.append({"input_ids": torch.cat([ids, torch.full((1, 3), 7)], 1), "attention_mask": mask})
+    entry = {"method": "lora", "targets": ["v_proj"], "r": 2, "alpha": 4, "init": "eva"}
+    plain = compile_checked(model, {"adapters": [entry]}, calibration=short).adapter_state_dict()
+    masked = compile_checked(model, {"adapters": [entry]}, calibration=padded).adapter_state_dict()
+    key = "model.layers.1.self_attn.v_proj.lora.A"
+    torch.testing.assert_close(masked[key], plain[key], atol=1e-4, rtol=1e-4)
+    unmasked = [{"input_ids": b["input_ids"]} for b in padded]
+    assert not torch.allclose(compile_checked(model, {"adapters": [entry]}, calibration=unmasked)
+                              .adapter_state_dict()[key], plain[key], atol=1e-3)
+
+
 # -- LoftQ ------------------------------------------------------------------------------------
 
 def dequantized_base(cm, param: str) -> torch.Tensor:
