@@ -251,8 +251,7 @@ def initial_factors(ctx: PassContext, site: Site, weight: torch.Tensor) -> tuple
     if config.init == "olora":
         return lora_inits.olora_factors(w, r)
     if config.init == "loftq":  # quantize_base, which ran first, decomposed the weight it packed
-        start = ctx.shared.loftq[site.param]
-        return start.a, start.b
+        return ctx.shared.loftq[site.param]
     if config.init in CALIBRATED_INITS:
         inputs = calibrated_inputs(ctx, site)
         if config.init == "corda":

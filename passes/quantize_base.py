@@ -99,7 +99,7 @@ def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
             if site.node_name in loftq:  # LoftQ: pack quant(W - B A), B A its correction (insert_lora reads it)
                 entry, _ = loftq[site.node_name]
                 start = lora_inits.loftq_factors(weight, entry.r_at(site.path), _codec(site_config), entry.loftq_iter)
-                ctx.shared.loftq[site.param] = start
+                ctx.shared.loftq[site.param] = (start.a, start.b)
                 weight = start.quantized_from
             module = quantized.QuantizedWeight.from_weight(weight, site_config)
             quantized.put_weight(root, site.param, module)

@@ -18,7 +18,7 @@ import peftc
 from peftc.ir import weight_codec
 from tests.families import FAMILIES
 from tests.model_state import ModelState
-from tests.peft_reference import adapter_module
+from tests.peft_reference import adapter_module, trainable_count
 
 peft = pytest.importorskip("peft")
 from peft import (EvaConfig, LoraConfig, PeftModel, get_peft_model,  # noqa: E402
@@ -104,6 +104,11 @@ def test_corda_equals_peft(method):
     cm = compile_checked(model, {"adapters": [{**LORA, "init": "corda", "corda_method": method}]},
                          example_inputs=(X,), calibration=data)
     reference = peft_corda(model, method, data)
+    assert trainable_count(cm) == trainable_count(reference) == 4 * (16 + 32) + 4 * (32 + 6)  # A and B, r = 4
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], init_lora_weights="corda",
+                        corda_config=peft.tuners.lora.config.CordaConfig(corda_method=method))
+    read = peftc.from_peft(model, config, example_inputs=(X,), calibration=data)  # PEFT's config, same start
+    torch.testing.assert_close(read.adapter_state_dict()["lin1.lora.B"], cm.adapter_state_dict()["lin1.lora.B"])
     own = cm.adapter_state_dict()
     for name in ("lin0", "lin1"):
         a, b = peft_factors(reference, name)
