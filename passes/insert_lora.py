@@ -50,7 +50,8 @@ RESIDUAL_INITS = ("pissa", "olora", "corda")  # the base reads W - s·B0 A0 (sub
 CALIBRATED_INITS = ("corda", "eva")  # need the sites' inputs on calibration data (compile(calibration=...))
 WEIGHT_INITS = (*RESIDUAL_INITS, "loftq", "eva")  # computed per site, from the weight or the data: linear only
 LORA_KINDS = ("linear", "conv", "embedding", *PARAMETER_KINDS)
-MAX_ITERATIONS = 1000  # pissa_niter, loftq_iter: each is an SVD of the weight
+MAX_ITERATIONS = 1000
+MAX_EVA_RHO = 1000.0  # PEFT caps rho by the largest weight dimension / r  # pissa_niter, loftq_iter: each is an SVD of the weight
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class LoraConfig:
     loftq_bits: int = field(default=4, metadata={"check": one_of(4, 8)})
     loftq_iter: int = field(default=1, metadata={"check": positive_int})
     corda_method: str = field(default="ipm", metadata={"check": one_of("ipm", "kpm")})  # largest / smallest pairs
+    # EVA's rank budget: each site offers round(r·rho) directions, the sum of r goes to those that explain
+    # the most variance (PEFT's eva_config.rho); 1: every site keeps r
+    eva_rho: float = field(default=1.0, metadata={"check": positive_number})
     exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
     gate: bool = field(default=False, metadata={"check": boolean})  # UniPELT: update * sigmoid(w·x + b)
     # Per-site overrides, {target pattern: value}; the first pattern matching a site wins.
@@ -90,10 +94,14 @@ class LoraConfig:
             raise SpecError(f"{path}.targets: expected a non-empty list of module names, or 'target_parameters' "
                             "(parameter names, e.g. ['experts.gate_up_proj']); both are empty")
         for name, init, default in (("pissa_niter", "pissa", 0), ("loftq_bits", "loftq", 4),
-                                    ("loftq_iter", "loftq", 1), ("corda_method", "corda", "ipm")):
+                                    ("loftq_iter", "loftq", 1), ("corda_method", "corda", "ipm"),
+                                    ("eva_rho", "eva", 1.0)):
             if getattr(self, name) != default and self.init != init:
                 raise SpecError(f"{path}.{name}: applies to init {init!r} only; this entry's init is "
                                 f"{self.init!r}. Remove {name} or set init to {init!r}")
+        if not 1.0 <= self.eva_rho <= MAX_EVA_RHO:
+            raise SpecError(f"{path}.eva_rho: expected a number from 1 to {MAX_EVA_RHO} (each site offers "
+                            f"round(r·rho) directions), got {self.eva_rho!r}")
         for name in ("pissa_niter", "loftq_iter"):
             if getattr(self, name) > MAX_ITERATIONS:
                 raise SpecError(f"{path}.{name}: each iteration is an SVD of the weight; expected at most "

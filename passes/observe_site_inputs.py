@@ -26,7 +26,7 @@ def observe_site_inputs(gm: GraphModule, ctx: PassContext) -> PassResult:
     recorder = ctx.shared.calibration
     nodes = {n.name: n for n in gm.graph.nodes}
     result = PassResult(modified=False)
-    for site in watched_sites(ctx):
+    for site in watched_sites(ctx, recorder):
         node = nodes[site.node_name]
         with gm.graph.inserting_before(node):
             call = gm.graph.call_function(recorder.record, (site.path, node.args[site.input_index]))
@@ -36,14 +36,17 @@ def observe_site_inputs(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
-def watched_sites(ctx: PassContext) -> list[Site]:
-    """The sites of the spec's LoRA entries whose init reads calibration data (each site once)."""
+def watched_sites(ctx: PassContext, recorder) -> list[Site]:
+    """The sites of the spec's LoRA entries whose init reads calibration data (each site once); the
+    recorder learns which paths each entry targets (EVA shares its rank budget across them)."""
     chosen: dict[str, Site] = {}
     for index, entry in enumerate(ctx.spec.adapters):
         if getattr(entry, "init", None) in CALIBRATED_INITS:
             entry_ctx = dataclasses.replace(ctx, entry=entry, entry_index=index)
             sites = select_sites(entry_ctx, entry, kinds=LORA_KINDS)  # insert_lora refuses the other kinds
-            chosen.update((s.node_name, s) for s in sites if s.kind == "linear")
+            linear = [s for s in sites if s.kind == "linear"]
+            recorder.entry_paths[index] = list(dict.fromkeys(s.path for s in linear))
+            chosen.update((s.node_name, s) for s in linear)
     return list(chosen.values())
 
 

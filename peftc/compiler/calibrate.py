@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftc.compiler.compilation import Compilation
+from peftc.compiler.eva_ranks import with_eva_ranks
 from peftc.compiler.plan import Plan
 from peftc.errors import SpecError
 from peftc.ir.calibration import SiteInputs
@@ -54,7 +55,8 @@ def calibrate(compilation: Compilation, args: tuple, kwargs: dict, data: Any) ->
     base = CompiledModel(observing, plan, observing.build(args, kwargs, plan), (args, kwargs), training=False)
     with torch.no_grad():
         _run(base.eval(), data, recorder)
-    return replace(compilation, shared=replace(compilation.shared, calibration=recorder))
+    return replace(compilation, spec=with_eva_ranks(compilation.spec, recorder),
+                   shared=replace(compilation.shared, calibration=recorder))
 
 
 def _run(model: nn.Module, data: Any, recorder: SiteInputs) -> None:

@@ -118,7 +118,7 @@ def _lora_init(cfg: dict, saved: bool) -> dict:
         return {"init": "corda", "corda_method": _corda_method(cfg.get("corda_config") or {})}
     if init == "eva":
         # PEFT saves EVA's A with the weights and reloads them over a zero B: a saved EVA adapter is plain LoRA
-        return {"init": "default"} if saved else {"init": _eva_init(cfg.get("eva_config") or {})}
+        return {"init": "default"} if saved else _eva_init(cfg.get("eva_config") or {})
     if not isinstance(init, (bool, str)) or init not in LORA_INITS:
         raise SpecError(f"init_lora_weights: {init!r} is not mapped (peftc reads True, False, 'gaussian', 'pissa', "
                         "'pissa_niter_K', 'olora', 'loftq', 'corda' and 'eva'); convert the adapter to plain LoRA "
@@ -137,13 +137,13 @@ def _corda_method(corda: dict) -> str:
     return corda.get("corda_method", "ipm")
 
 
-def _eva_init(eva: dict) -> str:
-    if float(eva.get("rho", 2.0)) != 1.0:
-        raise SpecError(f"eva_config.rho: {eva.get('rho', 2.0)!r} redistributes ranks across modules by explained "
-                        "variance, which peftc does not map; set rho to 1.0 (every module keeps r)")
+def _eva_init(eva: dict) -> dict:
     if eva.get("whiten"):
         raise SpecError("eva_config.whiten: peftc's EVA does not whiten the components; set whiten to false")
-    return "eva"
+    if eva.get("adjust_scaling_factors") is False:
+        raise SpecError("eva_config.adjust_scaling_factors: peftc scales alpha with the EVA rank (PEFT's "
+                        "default, which keeps alpha / r); set it to true")
+    return {"init": "eva", "eva_rho": float(eva.get("rho", 2.0))}
 
 
 def _token_entries(indices) -> list[dict]:
@@ -239,7 +239,7 @@ def _write_init(entry) -> dict:
     if init == "corda":
         return {"init_lora_weights": "corda", "corda_config": {"corda_method": entry.corda_method}}
     if init == "eva":
-        return {"init_lora_weights": "eva", "eva_config": {"rho": 1.0, "whiten": False}}
+        return {"init_lora_weights": "eva", "eva_config": {"rho": entry.eva_rho, "whiten": False}}
     return {"init_lora_weights": init}
 
 

@@ -35,6 +35,7 @@ class SiteInputs:
 
     def __init__(self):
         self._sums: dict[str, _Sums] = {}
+        self.entry_paths: dict[int, list[str]] = {}  # spec.adapters index -> the site paths it targets
         self.token_mask: torch.Tensor | None = None  # [batch, seq] bool of the batch now running, or None
 
     @torch.no_grad()
@@ -65,13 +66,24 @@ class SiteInputs:
     def components(self, path: str, count: int) -> torch.Tensor:
         """EVA's A: the `count` leading principal directions of the rows [count, in], each with its
         largest entry positive (scikit-learn's sign rule, which PEFT's incremental PCA follows)."""
-        sums = self._sums[path]
-        mean = sums.total / sums.rows
-        covariance = sums.scatter / sums.rows - torch.outer(mean, mean)
-        values, vectors = torch.linalg.eigh(covariance.double())
-        top = vectors[:, values.argsort(descending=True)[:count]].T.float()
+        values, vectors = self._principal(path)
+        top = vectors[:, :count].T.float()
         signs = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
         return top * signs
+
+    def explained_variance_ratio(self, path: str, count: int) -> torch.Tensor:
+        """The share of the rows' total variance along each of the `count` leading directions."""
+        values, _ = self._principal(path)
+        return (values[:count] / values.clamp_min(0).sum()).float()
+
+    def _principal(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending) and eigenvectors (columns) of the rows' covariance, in float64."""
+        sums = self._sums[path]
+        mean = sums.total.double() / sums.rows
+        covariance = sums.scatter.double() / sums.rows - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh(covariance)
+        order = values.argsort(descending=True)
+        return values[order], vectors[:, order]
 
     def rows_seen(self, path: str) -> int:
         return self._sums[path].rows

@@ -242,9 +242,46 @@ def test_eva_config_from_peft_and_saved_adapter_loads_as_lora(tmp_path):
     with torch.no_grad():  # PEFT reloads EVA's A and the trained B over the untouched base
         torch.testing.assert_close(PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)(X), expected, **TOL)
         torch.testing.assert_close(peftc.from_peft(model, tmp_path, example_inputs=(X,))(X), expected, **TOL)
-    with pytest.raises(peftc.SpecError, match="eva_config.rho"):
-        peftc.from_peft(model, dataclasses.replace(config, eva_config=EvaConfig(rho=2.0)), example_inputs=(X,),
+    with pytest.raises(peftc.SpecError, match="eva_config.whiten"):
+        peftc.from_peft(model, dataclasses.replace(config, eva_config=EvaConfig(whiten=True)), example_inputs=(X,),
                         calibration=data)
+
+
+class Deep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0, self.lin1, self.lin2 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 6)
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def test_eva_rank_redistribution_equals_peft(tmp_path):
+    """rho = 2 (PEFT's default): the budget 3·r goes to the directions explaining the most variance;
+    lin0's steep input spectrum gives it fewer, lin1 more, with alpha scaled to keep alpha / r. The
+    ranks land in the spec, so the PEFT checkpoint carries them and PEFT loads it."""
+    model, targets = Deep(), ["lin0", "lin1", "lin2"]
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(16, 16, generator=g) * torch.logspace(0, -6, 16)
+    data = [torch.randn(64, 16, generator=g) @ mix for _ in range(8)]
+    reference = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                init_lora_weights="eva"))  # rho = 2.0
+    initialize_lora_eva_weights(reference, data, forward_fn=lambda m, b: m(b), prepare_model_inputs_fn=None,
+                                prepare_layer_inputs_fn=None, show_progress_bar=False)
+    entry = {"method": "lora", "targets": targets, "r": 4, "alpha": 8, "init": "eva", "eva_rho": 2.0}
+    cm = compile_checked(model, {"adapters": [entry]}, example_inputs=(X,), calibration=data)
+    resolved = cm.spec.adapters[0]
+    assert resolved.rank_pattern == reference.peft_config["default"].rank_pattern == {"lin0": 3, "lin1": 5}
+    assert resolved.alpha_pattern == reference.peft_config["default"].alpha_pattern
+    assert trainable_count(cm) == trainable_count(reference)
+    with torch.no_grad():
+        for p in cm.adapter_state_dict().values():
+            p.add_(0.05)
+        expected = cm(X)
+    cm.save_adapter(tmp_path, format="peft")
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)(X), expected, **TOL)
 
 
 def test_eva_leaves_out_padding_as_peft_does():
