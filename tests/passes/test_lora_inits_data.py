@@ -201,6 +201,27 @@ def test_corda_saved_for_peft_and_read_back(tmp_path):
         torch.testing.assert_close(again(X), expected, **TOL)
 
 
+@pytest.mark.parametrize("entry", [{"init": "corda"}, {"init": "pissa", "pissa_niter": 2},
+                                   {"init": "olora", "rslora": True}])
+def test_residual_inits_save_as_plain_lora_on_the_original_weights(entry, tmp_path):
+    """format='peft_lora' writes what PEFT's path_initial_model_for_weight_conversion writes: rank 2r,
+    [A; A0] and [B, -B0], init True; PEFT loads it onto the untouched model, with no data, no SVD."""
+    model, data = MLP(), batches()
+    calibration = {"calibration": data} if entry["init"] == "corda" else {}
+    cm = compile_checked(model, {"adapters": [{**LORA, **entry}]}, example_inputs=(X,), **calibration)
+    with torch.no_grad():
+        for p in cm.adapter_state_dict().values():
+            p.add_(torch.randn_like(p) * 0.1)
+        expected = cm(X)
+    cm.save_adapter(tmp_path, format="peft_lora")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 8
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(X), expected, **TOL)
+        torch.testing.assert_close(peftc.from_peft(model, tmp_path, example_inputs=(X,))(X), expected, **TOL)
+
+
 # -- EVA --------------------------------------------------------------------------------------
 
 def eva_batches() -> list[torch.Tensor]:
@@ -441,3 +462,18 @@ def test_data_inits_refuse_conv_sites():
     with pytest.raises(peftc.SpecError, match=r"adapters\[0\].init: 'corda' is computed from a linear weight"):
         peftc.compile(conv.build(), {"adapters": [{"method": "lora", "targets": ["conv1"], "r": 2, "init": "corda"}]},
                       example_inputs=conv.example_inputs(), calibration=[conv.example_inputs()])
+
+
+def test_serving_refuses_inits_that_change_the_base(tmp_path):
+    model = MLP()
+    cm = compile_checked(model, {"adapters": [{**LORA, "init": "pissa"}]}, example_inputs=(X,))
+    with pytest.raises(peftc.SpecError, match=r"adapters\[0\].init is 'pissa', which changes the base"):
+        peftc.serve_adapters(model, {"a": cm}, example_inputs=(X,))
+    with torch.no_grad():
+        for p in cm.adapter_state_dict().values():
+            p.add_(0.1)
+    cm.save_adapter(tmp_path, format="peft_lora")  # the plain-LoRA form serves
+    served = peftc.serve_adapters(model, {"a": tmp_path}, example_inputs=(X,))
+    with torch.no_grad():
+        torch.testing.assert_close(served(X, adapter_ids=["a"] * 3), cm(X), **TOL)
+        assert not torch.allclose(cm(X), model(X), **TOL)
