@@ -50,8 +50,8 @@ RESIDUAL_INITS = ("pissa", "olora", "corda")  # the base reads W - s·B0 A0 (sub
 CALIBRATED_INITS = ("corda", "eva")  # need the sites' inputs on calibration data (compile(calibration=...))
 WEIGHT_INITS = (*RESIDUAL_INITS, "loftq", "eva")  # computed per site, from the weight or the data: linear only
 LORA_KINDS = ("linear", "conv", "embedding", *PARAMETER_KINDS)
-MAX_ITERATIONS = 1000
-MAX_EVA_RHO = 1000.0  # PEFT caps rho by the largest weight dimension / r  # pissa_niter, loftq_iter: each is an SVD of the weight
+MAX_ITERATIONS = 1000  # pissa_niter, loftq_iter: each iteration is an SVD of the weight
+MAX_EVA_RHO = 1000.0  # PEFT caps rho by the largest weight dimension / r
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class LoraConfig:
     # corda and eva read calibration data: peftc.compile(model, spec, calibration=batches).
     init: str = field(default="default", metadata={"check": one_of("default", "gaussian", *RESIDUAL_INITS,
                                                                     "loftq", "eva")})
-    pissa_niter: int = field(default=0, metadata={"check": non_negative_int})  # >0: randomized SVD (PEFT's pissa_niter_K)
+    # > 0: PiSSA by randomized SVD with that many subspace iterations (PEFT's "pissa_niter_K")
+    pissa_niter: int = field(default=0, metadata={"check": non_negative_int})
     loftq_bits: int = field(default=4, metadata={"check": one_of(4, 8)})
     loftq_iter: int = field(default=1, metadata={"check": positive_int})
     corda_method: str = field(default="ipm", metadata={"check": one_of("ipm", "kpm")})  # largest / smallest pairs
