@@ -17,7 +17,8 @@ def test_round_trip_is_exact():
     assert Spec.from_dict(d).to_dict() == d
     assert d["adapters"][0] == {**LORA, "rslora": False, "init": "default", "exclude": [], "rank_pattern": {},
                                 "alpha_pattern": {}, "gate": False, "target_parameters": [], "lora_bias": False,
-                                "pissa_niter": 0, "loftq_bits": 4, "loftq_iter": 1, "corda_method": "ipm"}
+                                "pissa_niter": 0, "loftq_bits": 4, "loftq_iter": 1, "corda_method": "ipm",
+                                "eva_rho": 1.0}
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
