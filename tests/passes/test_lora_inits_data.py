@@ -199,6 +199,8 @@ def test_corda_saved_for_peft_and_read_back(tmp_path):
         torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path)(X), expected, **TOL)
         again = peftc.from_peft(model, tmp_path, example_inputs=(X,), calibration=data)
         torch.testing.assert_close(again(X), expected, **TOL)
+    with pytest.raises(peftc.SpecError, match=r"adapters\[0\].init: 'corda' .* calibration"):
+        peftc.from_peft(model, tmp_path, example_inputs=(X,))  # the residual base needs the same data
 
 
 @pytest.mark.parametrize("entry", [{"init": "corda"}, {"init": "pissa", "pissa_niter": 2},
