@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 
 from peftc.core.fields import (
     boolean,
+    non_negative_int,
     one_of,
     optional_pattern_list,
     pattern_map,
@@ -29,6 +30,7 @@ from peftc.ir import adapters
 from peftc.ir.sites import PARAMETER_KINDS, Site
 from peftc.pipeline.runner import PassContext, PassResult
 
+from . import _lora_inits as lora_inits
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
@@ -44,7 +46,12 @@ from ._weight_ops import (
 aten = torch.ops.aten
 
 
-RESIDUAL_INITS = ("pissa", "olora")
+RESIDUAL_INITS = ("pissa", "olora", "corda")  # the base reads W - s·B0 A0 (subtracted in the graph)
+CALIBRATED_INITS = ("corda", "eva")  # need the sites' inputs on calibration data (compile(calibration=...))
+WEIGHT_INITS = (*RESIDUAL_INITS, "loftq", "eva")  # computed per site, from the weight or the data: linear only
+LORA_KINDS = ("linear", "conv", "embedding", *PARAMETER_KINDS)
+MAX_ITERATIONS = 1000  # pissa_niter, loftq_iter: each iteration is an SVD of the weight
+MAX_EVA_RHO = 1000.0  # PEFT caps rho by the largest weight dimension / r
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,21 @@ class LoraConfig:
     alpha: float = field(default=8, metadata={"check": positive_number})
     dropout: float = field(default=0.0, metadata={"check": probability})
     rslora: bool = field(default=False, metadata={"check": boolean})
-    # "pissa" / "olora": A, B from the weight's SVD / QR, and the base weight less s·B0 A0 (PEFT rewrites
-    # the weight; peftc subtracts s·B0(A0 x) in the graph, so the user's weights are never touched)
-    init: str = field(default="default", metadata={"check": one_of("default", "gaussian", *RESIDUAL_INITS)})
+    # "pissa" / "olora" / "corda": A, B from the weight's SVD / QR / covariance-weighted SVD, and the base
+    # weight less s·B0 A0 (PEFT rewrites the weight; peftc subtracts s·B0(A0 x) in the graph, so the user's
+    # weights are never touched). "loftq": the base quantized (as spec.quantize, else NF4 / int8 by
+    # loftq_bits) and A, B the low-rank correction. "eva": A from the SVD of the sites' inputs, B zero.
+    # corda and eva read calibration data: peftc.compile(model, spec, calibration=batches).
+    init: str = field(default="default", metadata={"check": one_of("default", "gaussian", *RESIDUAL_INITS,
+                                                                    "loftq", "eva")})
+    # > 0: PiSSA by randomized SVD with that many subspace iterations (PEFT's "pissa_niter_K")
+    pissa_niter: int = field(default=0, metadata={"check": non_negative_int})
+    loftq_bits: int = field(default=4, metadata={"check": one_of(4, 8)})
+    loftq_iter: int = field(default=1, metadata={"check": positive_int})
+    corda_method: str = field(default="ipm", metadata={"check": one_of("ipm", "kpm")})  # largest / smallest pairs
+    # EVA's rank budget: each site offers round(r·rho) directions, the sum of r goes to those that explain
+    # the most variance (PEFT's eva_config.rho); 1: every site keeps r
+    eva_rho: float = field(default=1.0, metadata={"check": positive_number})
     exclude: tuple = field(default=(), metadata={"check": optional_pattern_list})
     gate: bool = field(default=False, metadata={"check": boolean})  # UniPELT: update * sigmoid(w·x + b)
     # Per-site overrides, {target pattern: value}; the first pattern matching a site wins.
@@ -75,6 +94,19 @@ class LoraConfig:
         if not self.targets and not self.target_parameters:
             raise SpecError(f"{path}.targets: expected a non-empty list of module names, or 'target_parameters' "
                             "(parameter names, e.g. ['experts.gate_up_proj']); both are empty")
+        for name, init, default in (("pissa_niter", "pissa", 0), ("loftq_bits", "loftq", 4),
+                                    ("loftq_iter", "loftq", 1), ("corda_method", "corda", "ipm"),
+                                    ("eva_rho", "eva", 1.0)):
+            if getattr(self, name) != default and self.init != init:
+                raise SpecError(f"{path}.{name}: applies to init {init!r} only; this entry's init is "
+                                f"{self.init!r}. Remove {name} or set init to {init!r}")
+        if not 1.0 <= self.eva_rho <= MAX_EVA_RHO:
+            raise SpecError(f"{path}.eva_rho: expected a number from 1 to {MAX_EVA_RHO} (each site offers "
+                            f"round(r·rho) directions), got {self.eva_rho!r}")
+        for name in ("pissa_niter", "loftq_iter"):
+            if getattr(self, name) > MAX_ITERATIONS:
+                raise SpecError(f"{path}.{name}: each iteration is an SVD of the weight; expected at most "
+                                f"{MAX_ITERATIONS}, got {getattr(self, name)}")
 
     def __hash__(self) -> int:  # the pattern dicts would make the generated hash fail; specs stay hashable
         return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v for v in vars(self).values()))
@@ -108,7 +140,8 @@ def _first_match(patterns: dict, path: str, default):
 class LoraWeights(nn.Module):
     """A (r x in[, kernel]) and B (out x r[, 1...]), laid out as HF PEFT's lora_A / lora_B weights."""
 
-    def __init__(self, site: Site, weight: torch.Tensor, config: LoraConfig):
+    def __init__(self, site: Site, weight: torch.Tensor, config: LoraConfig,
+                 start: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         r = config.r_at(site.path)
         factory = dict(device=weight.device, dtype=weight.dtype)
@@ -135,8 +168,8 @@ class LoraWeights(nn.Module):
             self.gate_bias = nn.Parameter(torch.zeros(1, **factory))
             self.foldable = False
         self.reset_parameters(config.init)
-        if config.init in RESIDUAL_INITS:
-            self._init_from_weight(config.init, flip_layout(weight, site))
+        if start is not None:  # a weight- or data-dependent init (passes/_lora_inits.py)
+            self._start_from(*start, residual=config.init in RESIDUAL_INITS)
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -153,23 +186,15 @@ class LoraWeights(nn.Module):
             nn.init.zeros_(self.B)
 
     @torch.no_grad()
-    def _init_from_weight(self, init: str, weight: torch.Tensor) -> None:
-        """A0, B0 from the [out, in] weight (PiSSA: principal singular pairs, sqrt(S/s) on each side; OLoRA:
-        the first r columns of Q and rows of R), as HF PEFT computes them in float32. The buffers keep
-        B0 A0, which the graph subtracts from the base op: the residual weight W - s·B0 A0."""
-        r, w = self.A.shape[0], weight.detach().float()
-        if init == "pissa":
-            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-            root = torch.diag(torch.sqrt(sv[:r] / self.scale))
-            a0, b0 = root @ vh[:r], u[:, :r] @ root
-        else:
-            q, rr = torch.linalg.qr(w)
-            a0, b0 = rr[:r], q[:, :r]
+    def _start_from(self, a0: torch.Tensor, b0: torch.Tensor, residual: bool) -> None:
+        """A, B = A0, B0. With `residual`, buffers keep B0 A0, which the graph subtracts from the base op:
+        the residual weight W - s·B0 A0 that PEFT writes into the model, which peftc never does."""
         self.A.copy_(a0)
         self.B.copy_(b0)
-        self.register_buffer("A0", a0.to(self.A.dtype).clone(), persistent=False)  # recomputed from W at compile
-        self.register_buffer("B0", b0.to(self.B.dtype).clone(), persistent=False)
-        self.not_in_peft = ("A0", "B0")  # PEFT recomputes them from the base weight, as peftc does
+        if residual:
+            self.register_buffer("A0", a0.to(self.A.dtype).clone(), persistent=False)  # recomputed at compile
+            self.register_buffer("B0", b0.to(self.B.dtype).clone(), persistent=False)
+            self.not_in_peft = ("A0", "B0")  # PEFT recomputes them from the base weight, as peftc does
 
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_e [E, out, r], A_e [E, r, in]): PEFT's ParamWrapper reads A's rows expert-major and B's
@@ -198,18 +223,19 @@ class LoraWeights(nn.Module):
 def insert_lora(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add s * B(A(dropout(x))) to the output of every targeted linear, conv or embedding op."""
     config: LoraConfig = ctx.entry
-    kinds = ("linear",) if config.gate else ("linear", "conv", "embedding", *PARAMETER_KINDS)
+    kinds = ("linear",) if config.gate else LORA_KINDS
     sites = select_sites(ctx, config, kinds=kinds)
     _check_sites(ctx, config, sites)
     check_one_rewrite_per_weight(gm, ctx, sites)
-    return rewrite_sites(gm, ctx, sites, lambda site, weight: LoraWeights(site, weight, config),
+    return rewrite_sites(gm, ctx, sites,
+                         lambda site, weight: LoraWeights(site, weight, config, initial_factors(ctx, site, weight)),
                          lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config, module))
 
 
 def _check_sites(ctx: PassContext, config: LoraConfig, sites: list[Site]) -> None:
     field = f"adapters[{ctx.entry_index}]"
     for site in sites:
-        if config.init in RESIDUAL_INITS and site.kind != "linear":
+        if config.init in WEIGHT_INITS and site.kind != "linear":
             raise SpecError(f"{field}.init: {config.init!r} is computed from a linear weight; {site.path!r} is "
                             f"a {site.kind} site (PEFT supports it on linear layers only)")
         if config.lora_bias and site.kind not in ("linear", "conv"):
@@ -223,6 +249,41 @@ def _check_sites(ctx: PassContext, config: LoraConfig, sites: list[Site]) -> Non
             raise SpecError(f"{field}.r: {config.r_at(site.path)} is not divisible by the {groups} groups of the "
                             f"conv at {site.path!r}; LoRA's B is grouped as the conv is (as PEFT), so pick a "
                             "multiple of the groups (rank_pattern can set it for that site)")
+
+
+def initial_factors(ctx: PassContext, site: Site, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A0, B0) of a weight- or data-dependent init at one linear site, None for a random init."""
+    config: LoraConfig = ctx.entry
+    w, r, scale = flip_layout(weight, site), config.r_at(site.path), config.scale_at(site.path)
+    if config.init == "pissa":
+        return lora_inits.pissa_factors(w, r, scale, config.pissa_niter)
+    if config.init == "olora":
+        return lora_inits.olora_factors(w, r)
+    if config.init == "loftq":  # quantize_base, which ran first, decomposed the weight it packed
+        return ctx.shared.loftq[site.param]
+    if config.init in CALIBRATED_INITS:
+        inputs = calibrated_inputs(ctx, site)
+        if config.init == "corda":
+            return lora_inits.corda_factors(w, inputs.covariance(site.path), r, scale, config.corda_method)
+        if inputs.rows_seen(site.path) < r:
+            raise SpecError(f"adapters[{ctx.entry_index}].init: EVA needs at least r={r} input rows at "
+                            f"{site.path!r}; the calibration data gave {inputs.rows_seen(site.path)}")
+        return lora_inits.eva_factors(inputs.components(site.path, r), w.shape[0])
+    return None
+
+
+def calibrated_inputs(ctx: PassContext, site: Site):
+    """The calibration statistics of `site` (peftc.ir.calibration), or a SpecError saying how to get them."""
+    field = f"adapters[{ctx.entry_index}].init"
+    inputs = ctx.shared.calibration
+    if inputs is None:
+        raise SpecError(f"{field}: {ctx.entry.init!r} starts from the inputs each site sees on calibration data; "
+                        "pass some: peftc.compile(model, spec, calibration=batches) (an iterable of model "
+                        "inputs, or a function that calls the model it is given)")
+    if not inputs.seen(site.path):
+        raise SpecError(f"{field}: the calibration data never reached {site.path!r} (its op did not run); "
+                        "give batches that run every targeted module, or exclude it")
+    return inputs
 
 
 def _conv_groups_of(ctx: PassContext, site: Site) -> int:

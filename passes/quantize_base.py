@@ -24,6 +24,9 @@ from peftc.ir.graph_edit import Inserter, redirect_users
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
 
+from . import _lora_inits as lora_inits
+from ._site_selection import select_sites
+
 aten = torch.ops.aten
 DEFAULT_GROUP = 64
 
@@ -69,9 +72,17 @@ class QuantizeConfig:
         return quantized.DTYPES[self.compute_dtype]
 
 
+def needs_quantized_base(spec) -> bool:
+    """A `quantize` section, or a LoRA entry with init "loftq" (whose base is a quantized weight)."""
+    return spec.quantize is not None or bool(loftq_entries(spec))
+
+
 def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Replace each targeted linear site by peftc.quantized_linear over packed buffers; drop the weight."""
-    config: QuantizeConfig = ctx.spec.quantize
+    config: QuantizeConfig | None = ctx.spec.quantize
+    loftq = loftq_sites(ctx)
+    chosen = select_quantize_sites(ctx.sites, config) if config is not None else []
+    chosen += [site for site in ctx.sites if site.node_name in loftq and site not in chosen]
     if ctx.shared.quantized is None:  # the first graph packs; every later graph mounts the same tree
         ctx.shared.quantized = nn.Module()
     root = ctx.shared.quantized
@@ -80,12 +91,19 @@ def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
     gm.add_module(quantized.ROOT, root)
     nodes = {n.name: n for n in gm.graph.nodes}
     result = PassResult(modified=False)
-    for site in select_quantize_sites(ctx.sites, config):
+    for site in chosen:
+        site_config = loftq[site.node_name][1] if site.node_name in loftq else config
         module = quantized.weight_module(root, site.param)
         if module is None:
-            module = quantized.QuantizedWeight.from_weight(_out_in(ctx.base_params[site.param], site), config)
+            weight = _out_in(ctx.base_params[site.param], site)
+            if site.node_name in loftq:  # LoftQ: pack quant(W - B A), B A its correction (insert_lora reads it)
+                entry, _ = loftq[site.node_name]
+                start = lora_inits.loftq_factors(weight, entry.r_at(site.path), _codec(site_config), entry.loftq_iter)
+                ctx.shared.loftq[site.param] = (start.a, start.b)
+                weight = start.quantized_from
+            module = quantized.QuantizedWeight.from_weight(weight, site_config)
             quantized.put_weight(root, site.param, module)
-        new = _rewrite_site(gm, nodes[site.node_name], site, module, config)
+        new = _rewrite_site(gm, nodes[site.node_name], site, module, site_config)
         result.replaced_sites[site.node_name] = dataclasses.replace(
             site, node_name=new.name, op="peftc.quantized_linear", input_index=0)
         _drop_weight_if_unread(gm, site.param)
@@ -93,9 +111,49 @@ def quantize_base(gm: GraphModule, ctx: PassContext) -> PassResult:
         result.sites.append(site.path)
     packed = quantized.summary(gm)
     if packed:
-        result.notes.append(f"{config.format_name} base: {packed['weights']} weights packed in {packed['bytes']:,} "
+        formats = "/".join(sorted({m.fmt for m in quantized.quantized_weights(root).values()}))
+        result.notes.append(f"{formats} base: {packed['weights']} weights packed in {packed['bytes']:,} "
                             f"bytes, {packed['ratio_vs_fp32']:.3f}x their fp32 size")
     return result
+
+
+def loftq_entries(spec) -> list[tuple[int, Any]]:
+    """(index, entry) of the LoRA entries whose init is "loftq"."""
+    return [(i, e) for i, e in enumerate(spec.adapters) if getattr(e, "init", None) == "loftq"]
+
+
+def loftq_sites(ctx: PassContext) -> dict[str, tuple[Any, QuantizeConfig]]:
+    """Site node name -> (its LoftQ LoRA entry, how its base is quantized): spec.quantize when the spec
+    has it (its bits must be the entry's loftq_bits), else NF4 in groups of 64 or int8 per row, as PEFT's
+    LoftQ does with bitsandbytes."""
+    out = {}
+    for index, entry in loftq_entries(ctx.spec):
+        config = _loftq_quantize_config(ctx, index, entry)
+        entry_ctx = dataclasses.replace(ctx, entry=entry, entry_index=index)
+        for site in select_sites(entry_ctx, entry, kinds=("linear",)):
+            out[site.node_name] = (entry, config)
+    return out
+
+
+def _loftq_quantize_config(ctx: PassContext, index: int, entry) -> QuantizeConfig:
+    quantize = ctx.spec.quantize
+    if quantize is None:
+        fmt = "nf4" if entry.loftq_bits == 4 else "int"
+        return QuantizeConfig(bits=entry.loftq_bits, format=fmt, compute_dtype=_dtype_name(ctx))
+    if quantize.bits != entry.loftq_bits:
+        raise SpecError(f"adapters[{index}].loftq_bits: LoftQ quantizes as the base is stored; spec.quantize "
+                        f"has {quantize.bits} bits, this entry {entry.loftq_bits}. Make them equal")
+    return quantize
+
+
+def _dtype_name(ctx: PassContext) -> str:
+    """The compute dtype of a LoftQ base without a quantize section: the weights' own (float32 or bfloat16)."""
+    dtypes = {p.dtype for p in ctx.base_params.values() if p.is_floating_point()}
+    return "bfloat16" if dtypes == {torch.bfloat16} else "float32"
+
+
+def _codec(config: QuantizeConfig) -> lora_inits.Codec:
+    return lora_inits.Codec(config.format_name, config.group_size, config.double_quant)
 
 
 def select_quantize_sites(sites: list[Site], config: QuantizeConfig) -> list[Site]:

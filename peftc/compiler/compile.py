@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from peftc.capture.example_inputs import example_call
+from peftc.compiler.calibrate import calibrate
 from peftc.compiler.compilation import Compilation, CompileOptions
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.user_model import kept_unchanged, weight_view
@@ -16,7 +17,7 @@ from peftc.spec.parse import as_spec
 
 def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_kwargs: dict | None = None,
             dynamic_shapes: Any = None, dump_dir: str | Path | None = None, backend: str = "torch",
-            copy_layers: bool = True, gradient_checkpointing: bool = False) -> CompiledModel:
+            copy_layers: bool = True, gradient_checkpointing: bool = False, calibration: Any = None) -> CompiledModel:
     """Compile `model` with the PEFT `spec` (a Spec, a dict, or a path to a spec file).
 
     The model is never changed, on success or failure (parameters, requires_grad flags, every
@@ -28,6 +29,8 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     `backend`: "torch" (graph ops), "triton" (LoRA sites lowered to fused Triton kernels where a
     GPU runs them) or "inductor" (each distinct layer program compiled once by torch.compile,
     for every layer that runs it: passes/structure_layers.py).
+    `calibration` is the data LoRA's inits "corda" and "eva" start from: an iterable of model inputs,
+    or a function that calls the model it is given (peftc.compiler.calibrate).
     """
     spec = as_spec(spec)
     view = weight_view(model)  # the user's storage; our own Parameter objects, flags and modes
@@ -35,7 +38,9 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     args, kwargs = example_call(model, example_inputs, example_kwargs)
     plan = compilation.train_plan(checkpoint_layers=gradient_checkpointing)
     with kept_unchanged(model):  # a second guard: nothing above should touch the user's model
+        compilation = calibrate(compilation, args, kwargs, calibration)
         built = compilation.build(args, kwargs, plan, dynamic_shapes=dynamic_shapes,
                                   dump_dir=Path(dump_dir) if dump_dir is not None else None)
+    compilation.shared.calibration = None  # read only when the adapter weights were made, just now
     return CompiledModel(compilation.after_first_build(built), plan, built, (args, kwargs),
                          training=model.training)

@@ -35,7 +35,7 @@ from peftc.passes.lower_lora_multi import lower_lora_multi
 from peftc.passes.lower_lora_triton import lower_lora_triton
 from peftc.passes.lower_scales_multi import lower_scales_multi
 from peftc.passes.merge_adapters import merge_adapters
-from peftc.passes.quantize_base import quantize_base
+from peftc.passes.quantize_base import needs_quantized_base, quantize_base
 from peftc.pipeline.runner import Step
 from peftc.pipeline.state import MergeOptions, MergeState
 from peftc.spec.methods import METHODS
@@ -89,7 +89,7 @@ class Plan:
                     Step("lower_scales_multi", lower_scales_multi),
                     Step("lower_bottleneck_multi", lower_bottleneck_multi)]
         steps = []
-        if spec.quantize is not None:  # first: adapters then see the quantized base
+        if needs_quantized_base(spec):  # first: adapters then see the quantized base (spec.quantize, LoftQ)
             steps.append(Step("quantize_base", quantize_base))
         steps += [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
                   for i, entry in enumerate(spec.adapters)]

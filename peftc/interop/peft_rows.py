@@ -7,6 +7,7 @@ Adding a method is one row here plus its tensor names in peft_keys.py.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -77,14 +78,10 @@ COMMON = frozenset({"target_modules", "exclude_modules", "layers_to_transform", 
 
 LORA_INITS = {True: "default", False: "default", "gaussian": "gaussian",  # False: random B, for tests
               "pissa": "pissa", "olora": "olora"}  # PEFT rewrites the base weight; peftc keeps it (see insert_lora)
+PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")  # PEFT's PiSSA by randomized SVD, K subspace iterations
 
 
-def read_lora(cfg: dict) -> list[dict]:
-    init = cfg.get("init_lora_weights", True)
-    if init not in LORA_INITS:
-        raise SpecError(f"init_lora_weights: {init!r} is not mapped (peftc reads True, False, 'gaussian', "
-                        "'pissa' and 'olora'); convert the adapter to plain LoRA first (PEFT's "
-                        "path_initial_model_for_weight_conversion)")
+def read_lora(cfg: dict, saved: bool = False) -> list[dict]:
     entry = {"method": _lora_or_dora(cfg), "targets": _lora_targets(cfg), "r": cfg.get("r", 8),
              "alpha": cfg.get("lora_alpha", 8), "dropout": cfg.get("lora_dropout", 0.0)}
     if cfg.get("target_parameters"):  # PEFT's literal "name or .name suffix" rule on parameter FQNs
@@ -94,7 +91,7 @@ def read_lora(cfg: dict) -> list[dict]:
         entry["exclude"] = exclude
     if entry["method"] == "dora":
         return _dora_entry(cfg, entry)
-    entry.update(rslora=bool(cfg.get("use_rslora", False)), init=LORA_INITS[init])
+    entry.update(rslora=bool(cfg.get("use_rslora", False)), **_lora_init(cfg, saved))
     if cfg.get("lora_bias"):
         entry["lora_bias"] = True
     tokens = _token_entries(cfg.get("trainable_token_indices"))
@@ -102,6 +99,51 @@ def read_lora(cfg: dict) -> list[dict]:
         if cfg.get(field):
             entry[field] = {pt.pattern_key_from_peft(k): v for k, v in cfg[field].items()}
     return [entry] + tokens + _copies(cfg, entry)
+
+
+def read_saved_lora(cfg: dict) -> list[dict]:
+    return read_lora(cfg, saved=True)
+
+
+def _lora_init(cfg: dict, saved: bool) -> dict:
+    """init_lora_weights (and its loftq_config / corda_config / eva_config) as peftc's init fields."""
+    init = cfg.get("init_lora_weights", True)
+    niter = PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    if niter:
+        return {"init": "pissa", "pissa_niter": int(niter.group(1))}
+    if init == "loftq":
+        loftq = cfg.get("loftq_config") or {}
+        return {"init": "loftq", "loftq_bits": loftq.get("loftq_bits", 4), "loftq_iter": loftq.get("loftq_iter", 1)}
+    if init == "corda":
+        return {"init": "corda", "corda_method": _corda_method(cfg.get("corda_config") or {})}
+    if init == "eva":
+        # PEFT saves EVA's A with the weights and reloads them over a zero B: a saved EVA adapter is plain LoRA
+        return {"init": "default"} if saved else _eva_init(cfg.get("eva_config") or {})
+    if not isinstance(init, (bool, str)) or init not in LORA_INITS:
+        raise SpecError(f"init_lora_weights: {init!r} is not mapped (peftc reads True, False, 'gaussian', 'pissa', "
+                        "'pissa_niter_K', 'olora', 'loftq', 'corda' and 'eva'); convert the adapter to plain LoRA "
+                        "first (PEFT's path_initial_model_for_weight_conversion)")
+    return {"init": LORA_INITS[init]}
+
+
+def _corda_method(corda: dict) -> str:
+    for name in ("cache_file", "covariance_file"):
+        if corda.get(name):
+            raise SpecError(f"corda_config.{name}: peftc computes CorDA's covariance from the calibration data "
+                            "(peftc.compile(..., calibration=batches)) and reads no cache file; remove it")
+    if corda.get("use_float16_for_covariance"):
+        raise SpecError("corda_config.use_float16_for_covariance: peftc keeps the covariance in float32; "
+                        "set it to false")
+    return corda.get("corda_method", "ipm")
+
+
+def _eva_init(eva: dict) -> dict:
+    if eva.get("whiten"):
+        raise SpecError("eva_config.whiten: peftc's EVA does not whiten the components; set whiten to false")
+    if eva.get("adjust_scaling_factors") is False:
+        raise SpecError("eva_config.adjust_scaling_factors: peftc scales alpha with the EVA rank (PEFT's "
+                        "default, which keeps alpha / r); set it to true")
+    return {"init": "eva", "eva_rho": float(eva.get("rho", 2.0))}
 
 
 def _token_entries(indices) -> list[dict]:
@@ -167,13 +209,13 @@ def _lora_or_dora(cfg: dict) -> str:
 
 
 def write_lora(entry, field: str) -> dict:
-    init = {"default": True}.get(getattr(entry, "init", "default"), getattr(entry, "init", "default"))
+    init = _write_init(entry)
     rank_pattern = getattr(entry, "rank_pattern", {})
     alpha_pattern = getattr(entry, "alpha_pattern", {})
     return {
         "peft_type": "LORA", "r": entry.r, "lora_alpha": _number(entry.alpha),
         "lora_dropout": getattr(entry, "dropout", 0.0), "use_rslora": getattr(entry, "rslora", False),
-        "init_lora_weights": init, "use_dora": False, "fan_in_fan_out": False,
+        **init, "use_dora": False, "fan_in_fan_out": False,
         "lora_bias": getattr(entry, "lora_bias", False),
         "target_modules": pt.targets_to_peft(entry.targets, f"{field}.targets"),
         "exclude_modules": pt.targets_to_peft(getattr(entry, "exclude", ()), f"{field}.exclude"),
@@ -182,6 +224,23 @@ def write_lora(entry, field: str) -> dict:
         "layers_to_transform": None, "layers_pattern": None, "bias": "none", "modules_to_save": None,
         **_write_target_parameters(entry, field),
     }
+
+
+def _write_init(entry) -> dict:
+    """init_lora_weights and its sub-config, as PEFT writes them."""
+    init = getattr(entry, "init", "default")
+    if init == "default":
+        return {"init_lora_weights": True}
+    if init == "pissa" and entry.pissa_niter:
+        return {"init_lora_weights": f"pissa_niter_{entry.pissa_niter}"}
+    if init == "loftq":
+        return {"init_lora_weights": "loftq",
+                "loftq_config": {"loftq_bits": entry.loftq_bits, "loftq_iter": entry.loftq_iter}}
+    if init == "corda":
+        return {"init_lora_weights": "corda", "corda_config": {"corda_method": entry.corda_method}}
+    if init == "eva":
+        return {"init_lora_weights": "eva", "eva_config": {"rho": entry.eva_rho, "whiten": False}}
+    return {"init_lora_weights": init}
 
 
 def _write_target_parameters(entry, field: str) -> dict:
@@ -449,7 +508,8 @@ PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_s
 PEFT_TYPES: dict[str, PeftRow] = {
     "LORA": PeftRow("LORA", "lora", read_lora, COMMON | {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
-        "use_dora", "target_parameters", "lora_bias", "trainable_token_indices"}),
+        "use_dora", "target_parameters", "lora_bias", "trainable_token_indices", "loftq_config", "corda_config",
+        "eva_config"}, read_saved=read_saved_lora),
     "IA3": PeftRow("IA3", "ia3", read_ia3, COMMON | {"feedforward_modules", "init_ia3_weights"}),
     "LOHA": PeftRow("LOHA", "loha", read_loha, COMMON | {"r", "alpha", "init_weights", "rank_pattern",
                                                          "alpha_pattern", "rank_dropout", "module_dropout",

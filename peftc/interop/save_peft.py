@@ -13,12 +13,14 @@ from peftc.ir import adapters
 from .peft_config import peft_config_from_spec
 from .peft_files import CONFIG_FILE, SAFETENSORS_FILE
 from .peft_keys import peft_names, to_peft_shape
+from .peft_plain_lora import as_plain_lora
 from .peft_prefix import join_table
 from .peft_vblora import topk_from_logits
 
 
-def save_peft(cm, directory) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors with PEFT's tensor keys."""
+def save_peft(cm, directory, plain_lora: bool = False) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors with PEFT's tensor keys; `plain_lora`: a
+    PiSSA / OLoRA / CorDA adapter as plain LoRA on the original weights (peft_plain_lora.py)."""
     from safetensors.torch import save_file
 
     config = peft_config_from_spec(cm.spec)
@@ -35,6 +37,8 @@ def save_peft(cm, directory) -> Path:
         tensors = topk_from_logits(tensors, config["topk"], config["num_vectors"])
     if config["peft_type"] == "ADALORA":
         config["rank_pattern"] = _rank_pattern(cm)
+    if plain_lora:
+        as_plain_lora(cm, config, tensors, names)
     with atomic_dir(directory, CheckpointError) as tmp:
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

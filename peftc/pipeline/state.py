@@ -21,6 +21,12 @@ class SharedState:
     """Per Compilation: what one graph's passes leave for every other graph of the same compile."""
 
     quantized: nn.Module | None = None  # quantize_base's QuantizedWeight tree, mounted on every graph
+    # LoRA's init "loftq": param FQN -> (A, B), the correction of the LoftQ base quantize_base packed
+    # (passes/_lora_inits.py); insert_lora starts from them
+    loftq: dict[str, Any] = field(default_factory=dict)
+    # LoRA's inits "corda" / "eva": the sites' input statistics on calibration data (peftc.ir.calibration),
+    # gathered before the first build; None when the compile was given no calibration data
+    calibration: Any = None
 
 
 @dataclass(frozen=True)

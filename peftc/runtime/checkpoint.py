@@ -29,10 +29,10 @@ FORMAT_VERSION = "1"
 
 
 def save_adapter(cm, directory, format: str = "peftc") -> Path:
-    if format == "peft":
-        return save_peft(cm, directory)
+    if format in ("peft", "peft_lora"):  # peft_lora: residual inits as plain LoRA (interop/peft_plain_lora.py)
+        return save_peft(cm, directory, plain_lora=format == "peft_lora")
     if format != "peftc":
-        raise ValueError(f"save_adapter: format expected 'peftc' or 'peft', got {format!r}")
+        raise ValueError(f"save_adapter: format expected 'peftc', 'peft' or 'peft_lora', got {format!r}")
     from safetensors.torch import save_file
 
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in cm.adapter_state_dict().items()}

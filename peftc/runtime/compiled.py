@@ -18,6 +18,7 @@ from peftc.inspect.graph_view import to_networkx
 from peftc.inspect.report import Report
 from peftc.ir import adapters
 from peftc.passes.checkpoint_layers import checkpoint_graph, set_checkpointing
+from peftc.passes.quantize_base import needs_quantized_base
 from peftc.pipeline.state import MergeOptions
 from peftc.runtime import rank_allocation
 from peftc.runtime.checkpoint import load_adapter, save_adapter
@@ -117,7 +118,7 @@ class CompiledModel(AdapterCheckpoint, GraphDispatch):
         folds into the original W instead of the dequantized one.
         """
         options = MergeOptions.of(dtype=dtype, requantize=requantize, base_state_dict=base_state_dict,
-                                  quantized_base=self.spec.quantize is not None)
+                                  quantized_base=needs_quantized_base(self.spec))  # quantize, or LoftQ
         plan = self.compilation.merged_plan(options)
         merged = GraphDispatch(self.compilation, plan, self.compilation.build(*self.example_call, plan), self.example_call,
                                training=self.training)

@@ -117,6 +117,9 @@ def lora_adapter(name: str, spec: Spec, tensors: dict[str, torch.Tensor]) -> Ser
     return ServedAdapter(name, "lora", sites)
 
 
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # LoRA inits whose base is not the model's W
+
+
 def _only_one(name: str, spec: Spec):
     methods = [entry.method for entry in spec.adapters]
     if len(methods) != 1 or methods[0] not in SERVED_METHODS:
@@ -128,6 +131,10 @@ def _only_one(name: str, spec: Spec):
         field = "trainable" if spec.trainable else "quantize"
         raise SpecError(f"adapter {name!r}: spec.{field} is set; served adapters share one unchanged float "
                         f"base, so remove '{field}' from the adapter's spec")
+    if getattr(entry, "init", "default") in BASE_CHANGING_INITS:
+        raise SpecError(f"adapter {name!r}: adapters[0].init is {entry.init!r}, which changes the base weight; "
+                        "served adapters share one unchanged base, so save it as plain LoRA first "
+                        "(cm.save_adapter(dir, format='peft_lora'); LoftQ's quantized base has no such form)")
     if getattr(entry, "gate", False):
         raise SpecError(f"adapter {name!r}: adapters[0].gate is true; a gated update depends on the input "
                         "and has no bank form. Serve ungated adapters")

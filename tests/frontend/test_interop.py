@@ -141,7 +141,7 @@ def test_to_peft_config_names_what_peft_cannot_express(spec, field):
 @pytest.mark.parametrize("config, match", [
     ({"peft_type": "POLY", "target_modules": ["q"]}, r"peft_type: 'POLY' is not supported; supported: \['LORA'"),
     ({"peft_type": "LORA", "target_modules": ["q"], "use_qalora": True}, "use_qalora"),
-    ({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "corda"}, "init_lora_weights"),
+    ({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "orthogonal"}, "init_lora_weights"),
     ({"peft_type": "LORA", "target_modules": "all-linear"}, "all-linear"),
     ({"peft_type": "LORA"}, "target_modules"),
 ])

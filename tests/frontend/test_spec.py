@@ -16,7 +16,9 @@ def test_round_trip_is_exact():
     assert Spec.from_dict(d) == spec
     assert Spec.from_dict(d).to_dict() == d
     assert d["adapters"][0] == {**LORA, "rslora": False, "init": "default", "exclude": [], "rank_pattern": {},
-                                "alpha_pattern": {}, "gate": False, "target_parameters": [], "lora_bias": False}
+                                "alpha_pattern": {}, "gate": False, "target_parameters": [], "lora_bias": False,
+                                "pissa_niter": 0, "loftq_bits": 4, "loftq_iter": 1, "corda_method": "ipm",
+                                "eva_rho": 1.0}
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
@@ -40,7 +42,7 @@ BAD_SPECS = [
     ({"adapters": [{**LORA, "alpha": -1}]}, "adapters[0].alpha: expected a positive number"),
     ({"adapters": [{**LORA, "dropout": 1.0}]}, "adapters[0].dropout: expected a number in [0, 1)"),
     ({"adapters": [{**LORA, "rslora": "yes"}]}, "adapters[0].rslora: expected true or false"),
-    ({"adapters": [{**LORA, "init": "kaiming"}]}, "adapters[0].init: expected one of ['default', 'gaussian', 'pissa', 'olora']"),
+    ({"adapters": [{**LORA, "init": "kaiming"}]}, "adapters[0].init: expected one of ['default', 'gaussian', 'pissa', 'olora', 'corda', 'loftq', 'eva']"),
     ({"adapters": [{**LORA, "rank": 4}]}, "adapters[0].rank: unknown field"),
     ({"adapters": [{**LORA, "targets": []}]}, "adapters[0].targets: expected a non-empty list"),
     ({"adapters": [{**LORA, "targets": ["q_proj", 3]}]}, "adapters[0].targets[1]: expected a non-empty string"),
