@@ -1,0 +1,8 @@
+"""Split a compiled model into a frozen-base program and a user-adapter program (DLoRA).
+
+    part = peftc.partition(cm)      # see peftc.partition.model
+"""
+
+from peftc.partition.model import Partition, partition
+
+__all__ = ["Partition", "partition"]
