@@ -111,7 +111,9 @@ class Partition(nn.Module):
         return self
 
     def report(self) -> PartitionReport:
-        return PartitionReport.build(self.first, self.kill_revive)
+        """The cut of the first call signature: per layer, what crosses, shapes, bytes per token; active sites."""
+        dead = self.kill_revive.dead_sites if self.kill_revive is not None else frozenset()
+        return PartitionReport.build(self.first, dead)
 
 
 def partition(cm, kill_revive: KillRevive | None = None) -> Partition:

@@ -96,15 +96,15 @@ def _flat(value) -> list:
 
 
 def _site_of(node: Node) -> str | None:
+    """The adapter site a delta belongs to; for a site input, the sites reading it (comma-separated)."""
     tag = node.meta.get("peftc") or {}
     if tag.get("site"):
         return tag["site"]
-    # a site input: the adapter site of the first user node reading it
+    readers = set()
     for user in node.users:
-        site = (user.meta.get("peftc") or {}).get("site")
-        if site:
-            return site
-    return None
+        tag = user.meta.get("peftc") or {}
+        readers.update(tag.get("sites") or ([tag["site"]] if tag.get("site") else []))
+    return ",".join(sorted(readers)) or None
 
 
 def _stage(gm: GraphModule, nodes: list[Node], side: str, index: int) -> Stage:
