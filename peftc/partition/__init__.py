@@ -3,6 +3,6 @@
     part = peftc.partition(cm)      # see peftc.partition.model
 """
 
-from peftc.partition.model import Partition, partition
+from peftc.partition.model import Partition, connect, partition, serve_base
 
-__all__ = ["Partition", "partition"]
+__all__ = ["Partition", "partition", "connect", "serve_base"]

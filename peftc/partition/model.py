@@ -14,28 +14,24 @@ through a LocalLink; peftc.partition.distributed runs them in two.
 from __future__ import annotations
 
 import torch
-import torch.fx._pytree as fx_pytree
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
-from peftc.compiler.plan import Plan
 from peftc.errors import PartitionError
 from peftc.ir import adapters
 from peftc.ir.modes import set_mode
+from peftc.partition import distributed
+from peftc.partition.build import build_partition, flat_inputs, unflatten_outputs
 from peftc.partition.kill_revive import KillRevive
 from peftc.partition.link import LocalLink
 from peftc.partition.liveness import Liveness
-from peftc.partition.program import Programs, build_programs
+from peftc.partition.program import Programs
 from peftc.partition.remote_call import remote_call
 from peftc.partition.report import PartitionReport
 from peftc.partition.session import UserSession
 from peftc.partition.wire import Traffic
-from peftc.passes.partition_graph import partition_graph
-from peftc.pipeline.runner import PassContext, Step, run_pipeline
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
-from peftc.spec.methods import METHODS
 
 
 class ProgramModules(nn.Module):
@@ -56,7 +52,7 @@ class ProgramModules(nn.Module):
 class Partition(nn.Module):
     """The base program and the user program of a compiled model, run in this process."""
 
-    def __init__(self, cm, kill_revive: KillRevive | None = None):
+    def __init__(self, cm, kill_revive: KillRevive | None = None, base_rank: int | None = None):
         super().__init__()
         if cm.spec is None:
             raise PartitionError("partition: this model has no spec (a serving model); partition a model from "
@@ -65,10 +61,18 @@ class Partition(nn.Module):
         self.base = ProgramModules("base")
         self.user = ProgramModules("user", cm.adapter_root)
         self.kill_revive = kill_revive
+        self.base_rank = base_rank  # None: the base program runs here; a rank: it serves from that process
         self.training = cm.training
         self._programs: dict[CallSignature, Programs] = {}
         self._traffic = Traffic()
-        self.first = self.programs_for(*normalize_call(cm.compilation.source, *cm.example_call))
+        self._first: Programs | None = None
+
+    @property
+    def first(self) -> Programs:
+        """The programs of the first call (or of the compiled model's example call, if none ran yet)."""
+        if self._first is None:
+            self.programs_for(*normalize_call(self.compiled.compilation.source, *self.compiled.example_call))
+        return self._first
 
     # -- building --------------------------------------------------------------------------------
     def programs_for(self, args: tuple, kwargs: dict) -> Programs:
@@ -82,6 +86,7 @@ class Partition(nn.Module):
             self.base.add(programs.base)
             self.user.add(programs.user)
             self._programs[signature] = programs
+            self._first = self._first or programs
         return self._programs[signature]
 
     # -- calling ---------------------------------------------------------------------------------
@@ -92,9 +97,14 @@ class Partition(nn.Module):
         args, kwargs = normalize_call(cm.compilation.source, args, kwargs)
         programs = self.programs_for(args, kwargs)
         self._traffic = Traffic(tokens=_tokens(args, kwargs))
-        session = UserSession(programs, LocalLink(programs, self._traffic), self.liveness(programs))
+        session = UserSession(programs, self._link(programs, args, kwargs), self.liveness(programs))
         flat = remote_call(session, flat_inputs(programs, args, kwargs))
         return apply_output_flags(unflatten_outputs(programs, flat), output_flags)
+
+    def _link(self, programs: Programs, args: tuple, kwargs: dict):
+        if self.base_rank is None:
+            return LocalLink(programs, self._traffic)
+        return distributed.DistributedLink(programs, self._traffic, (args, kwargs), self.base_rank)
 
     def liveness(self, programs: Programs) -> Liveness:
         dead = self.kill_revive.dead_sites if self.kill_revive is not None else frozenset()
@@ -110,6 +120,12 @@ class Partition(nn.Module):
             set_mode(module, mode)
         return self
 
+    def close(self) -> None:
+        """Tell the base server this user is done (two processes); nothing to do in one."""
+        if self.base_rank is not None:
+            distributed.goodbye(self.base_rank)
+            self.base_rank = None
+
     def report(self) -> PartitionReport:
         """The cut of the first call signature: per layer, what crosses, shapes, bytes per token; active sites."""
         dead = self.kill_revive.dead_sites if self.kill_revive is not None else frozenset()
@@ -121,35 +137,22 @@ def partition(cm, kill_revive: KillRevive | None = None) -> Partition:
     return Partition(cm, kill_revive)
 
 
-def build_partition(compilation, args: tuple, kwargs: dict) -> Programs:
-    """The flat train graph for this call, tagged by partition_graph, split into the two programs."""
-    built = compilation.build(args, kwargs, flat_train_plan())
-    gm = built.graph_module
-    params = dict(gm.named_parameters(remove_duplicate=False))
-    ctx = PassContext(spec=compilation.spec, sites=built.sites, adapter_root=compilation.adapter_root,
-                      base_params={n: p for n, p in params.items() if not n.startswith(adapters.ROOT + ".")},
-                      trainable=frozenset(n for n, p in params.items()
-                                          if p.requires_grad and not n.startswith(adapters.ROOT + ".")),
-                      methods=METHODS, shared=compilation.shared)
-    run_pipeline(gm, [Step("partition_graph", partition_graph)], ctx)
-    return build_programs(gm)
+def connect(cm, base_rank: int = 0, kill_revive: KillRevive | None = None) -> Partition:
+    """This process's adapters, with the base served by `serve_base` on `base_rank` (torch.distributed
+    already initialized). Calls and backward go through the base; `close()` when done."""
+    part = Partition(cm, kill_revive, base_rank=base_rank)
+    distributed.hello(cm.spec.to_dict(), base_rank)
+    return part
 
 
-def flat_train_plan() -> Plan:
-    """The train plan without layer structure or lowered kernels: the partition cuts single ops."""
-    return Plan.train("torch")
-
-
-def flat_inputs(programs: Programs, args: tuple, kwargs: dict) -> list:
-    if programs.in_spec is None:
-        return list(args)
-    return list(fx_pytree.tree_flatten_spec((args, kwargs), programs.in_spec))
-
-
-def unflatten_outputs(programs: Programs, flat: list):
-    if programs.out_spec is None:
-        return flat[0] if len(flat) == 1 else tuple(flat)
-    return pytree.tree_unflatten(flat, programs.out_spec)
+def serve_base(model, users: list[int] | None = None) -> dict:
+    """Serve `model`'s frozen base to the user ranks (default: every other rank) until each closes;
+    returns what each user exchanged, as the base counted it. Graphs are built per (user spec, call
+    signature) from the calls themselves; the adapters those builds create are never read (the base
+    programs hold base weights only)."""
+    me = torch.distributed.get_rank()
+    users = users if users is not None else [r for r in range(torch.distributed.get_world_size()) if r != me]
+    return distributed.BaseServer(model, users).serve()
 
 
 def _tokens(args: tuple, kwargs: dict) -> int:

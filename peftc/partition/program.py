@@ -45,8 +45,15 @@ class Programs:
     killable: frozenset  # to_base names the base merges by add/sub (Kill-and-Revive may drop them)
 
     def fingerprint(self) -> str:
-        """A digest of the schedule: two processes that built it differently must not pair up."""
-        text = repr([(s.inputs, s.outputs) for s in (*self.base, *self.user)]) + repr(self.cut)
+        """A digest of the schedule: two processes that built it differently must not pair up. Node
+        names are not part of it (some carry process-wide counters); each crossing value's place, site,
+        dtype and rank are."""
+        def describe(name):
+            meta = self.value_meta.get(name)
+            return (self.sites.get(name), str(getattr(meta, "dtype", type(meta).__name__)), getattr(meta, "ndim", -1))
+
+        text = repr([([describe(n) for n in ex.to_user], [describe(n) for n in ex.to_base])
+                     for ex in self.cut.exchanges]) + repr(len(self.outputs))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
