@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
@@ -66,6 +67,8 @@ class Partition(nn.Module):
         self._programs: dict[CallSignature, Programs] = {}
         self._traffic = Traffic()
         self._first: Programs | None = None
+        if kill_revive is not None:
+            kill_revive.bind(cm.adapter_root, killable_sites(self.first))
 
     @property
     def first(self) -> Programs:
@@ -79,6 +82,8 @@ class Partition(nn.Module):
         """Both programs for this call's signature, built on first use."""
         signature = CallSignature.of(args, kwargs)
         if signature not in self._programs:
+            # the base receives contiguous copies: build from what it will see (export may guard on strides)
+            args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
             programs = build_partition(self.compiled.compilation, args, kwargs)
             for side in (programs.base, programs.user):
                 for stage in side:
@@ -130,6 +135,12 @@ class Partition(nn.Module):
         """The cut of the first call signature: per layer, what crosses, shapes, bytes per token; active sites."""
         dead = self.kill_revive.dead_sites if self.kill_revive is not None else frozenset()
         return PartitionReport.build(self.first, dead)
+
+
+def killable_sites(programs: Programs) -> set[str]:
+    """Sites all of whose deltas the base merges by add (Kill-and-Revive may switch them off)."""
+    sites = {programs.sites[n] for n in programs.killable if programs.sites.get(n)}
+    return sites - {programs.sites.get(n) for n in programs.to_base_names - programs.killable}
 
 
 def partition(cm, kill_revive: KillRevive | None = None) -> Partition:

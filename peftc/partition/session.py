@@ -33,7 +33,7 @@ class StageRunner:
         stage = self.stages[index]
         leaves, args = {}, []
         for name in stage.inputs:
-            value = self.values[name]
+            value = self.values.get(name)  # None: an input a pruned stage no longer reads
             if self.grad and isinstance(value, torch.Tensor) and value.requires_grad:
                 value = leaves[name] = value.detach().requires_grad_()
             args.append(value)
