@@ -4,7 +4,7 @@
 side ("base": the frozen model, "user": the adapters) and the stage. The base program runs
 stages 0..K, the user program stages 0..K-1; exchange k sends the base values user stage k
 needs (`to_user`) and brings back the user values base stage k+1 needs (`to_base`). `cut_of`
-reads the tags back into that schedule; the runtime (peftc.partition) builds its programs from it.
+reads the tags back into that schedule; the runtime (peftc.partitioning) builds its programs from it.
 
 get_attr nodes take no stage: each stage that reads a weight reads it itself, so parameters
 never travel between stages (and adapter gradients land on the adapter parameters).

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.partition import connect, serve_base
+from peftc.partitioning import connect, serve_base
 
 VOCAB, HIDDEN = 64, 32
 Q_V = {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8}]}

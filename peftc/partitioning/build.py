@@ -1,7 +1,7 @@
 """Building both programs for one call: the flat train graph, tagged by partition_graph, split by side.
 
 The user process and the base process build them the same way from the same call, so their
-schedules agree (peftc.partition.distributed checks the fingerprint).
+schedules agree (peftc.partitioning.distributed checks the fingerprint).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from peftc.compiler.compilation import Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import PartitionError
 from peftc.ir import adapters
-from peftc.partition.program import Programs, build_programs
+from peftc.partitioning.program import Programs, build_programs
 from peftc.passes.partition_graph import partition_graph
 from peftc.pipeline.runner import PassContext, Step, run_pipeline
 from peftc.runtime.user_model import weight_view

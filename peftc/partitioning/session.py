@@ -7,7 +7,7 @@ side, or the other side over the link). Base weights are frozen, so the base com
 gradients with respect to the activations it received and nothing else; user stages read the
 adapter parameters in place, so their gradients accumulate on them as in the unsplit model.
 
-`BaseSession` answers the user's messages (in process or from peftc.partition.distributed's
+`BaseSession` answers the user's messages (in process or from peftc.partitioning.distributed's
 server); `UserSession` drives a call through a link.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from peftc.partition.liveness import Liveness
-from peftc.partition.program import Programs, Stage
+from peftc.partitioning.liveness import Liveness
+from peftc.partitioning.program import Programs, Stage
 
 
 class StageRunner:

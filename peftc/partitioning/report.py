@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peftc.ir.shapes import LEGEND, Shape
-from peftc.partition.program import Programs
+from peftc.partitioning.program import Programs
 
 LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 

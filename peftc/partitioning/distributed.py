@@ -3,12 +3,12 @@
 Rank `base_rank` runs `serve_base(model)`: the frozen base, shared by every other rank. Each
 user rank runs `connect(cm)`: its own adapters, data and optimizer; its calls and its
 `loss.backward()` drive the base through the same sessions as the in-process partition
-(peftc.partition.session), so the numbers are the same.
+(peftc.partitioning.session), so the numbers are the same.
 
 Messages (user -> base, control tag): HELLO (the spec, as JSON: data, never code), CALL (the
 call's structure as JSON, its tensors, the killed sites, the schedule's fingerprint), BACKWARD,
 CLOSE. The base answers HELLO and CALL with a status (an error travels back as text, never as
-a hang), then every exchange is a header and a payload on the data tag (peftc.partition.wire).
+a hang), then every exchange is a header and a payload on the data tag (peftc.partitioning.wire).
 The base builds its programs per (spec, call signature) from the tensors of the first call that
 has it, exactly as the user does, and refuses a call whose schedule fingerprint differs.
 """
@@ -23,11 +23,11 @@ import torch.distributed as dist
 
 from peftc.capture.calls import CallSignature
 from peftc.errors import LinkError, PartitionError
-from peftc.partition.build import base_compilation, build_partition, flat_inputs
-from peftc.partition.liveness import Liveness
-from peftc.partition.program import Programs
-from peftc.partition.session import BaseSession
-from peftc.partition.wire import TO_BASE, TO_USER, Traffic, header_length, pack, payload_length, unpack
+from peftc.partitioning.build import base_compilation, build_partition, flat_inputs
+from peftc.partitioning.liveness import Liveness
+from peftc.partitioning.program import Programs
+from peftc.partitioning.session import BaseSession
+from peftc.partitioning.wire import TO_BASE, TO_USER, Traffic, header_length, pack, payload_length, unpack
 
 CONTROL, DATA = 1, 2
 HELLO, CALL, BACKWARD, CLOSE = range(1, 5)
@@ -126,7 +126,7 @@ def decode_call(structure: dict, tensors: list) -> tuple[tuple, dict]:
 
 # -- the user's link -----------------------------------------------------------------------------------
 class DistributedLink:
-    """LocalLink's interface (peftc.partition.link) over the process group, to the base at `base_rank`."""
+    """LocalLink's interface (peftc.partitioning.link) over the process group, to the base at `base_rank`."""
 
     def __init__(self, programs: Programs, traffic: Traffic, call: tuple[tuple, dict], base_rank: int):
         self.programs = programs
@@ -280,6 +280,6 @@ class BaseServer:
 
 
 def init_process_group(rank: int, world_size: int, port: int, timeout_s: float, backend: str = "gloo") -> None:
-    """127.0.0.1:port rendezvous (what peftc.partition.launch uses; torchrun sets the env instead)."""
+    """127.0.0.1:port rendezvous (what peftc.partitioning.launch uses; torchrun sets the env instead)."""
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))

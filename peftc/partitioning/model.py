@@ -8,7 +8,7 @@
 
 Both programs are built, per call signature, from the compiled model's flat train graph
 (Compilation.build) with passes/partition_graph.py run on it; here they run in one process
-through a LocalLink; peftc.partition.distributed runs them in two.
+through a LocalLink; peftc.partitioning.distributed runs them in two.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from peftc.capture.calls import CallSignature, normalize_call
 from peftc.errors import PartitionError
 from peftc.ir import adapters
 from peftc.ir.modes import set_mode
-from peftc.partition import distributed
-from peftc.partition.build import build_partition, flat_inputs, unflatten_outputs
-from peftc.partition.kill_revive import KillRevive
-from peftc.partition.link import LocalLink
-from peftc.partition.liveness import Liveness
-from peftc.partition.program import Programs
-from peftc.partition.remote_call import remote_call
-from peftc.partition.report import PartitionReport
-from peftc.partition.session import UserSession
-from peftc.partition.wire import Traffic
+from peftc.partitioning import distributed
+from peftc.partitioning.build import build_partition, flat_inputs, unflatten_outputs
+from peftc.partitioning.kill_revive import KillRevive
+from peftc.partitioning.link import LocalLink
+from peftc.partitioning.liveness import Liveness
+from peftc.partitioning.program import Programs
+from peftc.partitioning.remote_call import remote_call
+from peftc.partitioning.report import PartitionReport
+from peftc.partitioning.session import UserSession
+from peftc.partitioning.wire import Traffic
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 
 
@@ -67,8 +67,9 @@ class Partition(nn.Module):
         self._programs: dict[CallSignature, Programs] = {}
         self._traffic = Traffic()
         self._first: Programs | None = None
+        first = self.first  # built now: a model that cannot be split fails here, not at its first call
         if kill_revive is not None:
-            kill_revive.bind(cm.adapter_root, killable_sites(self.first))
+            kill_revive.bind(cm.adapter_root, killable_sites(first))
 
     @property
     def first(self) -> Programs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from peftc.partition.session import UserSession
+from peftc.partitioning.session import UserSession
 
 
 class RemoteCall(torch.autograd.Function):

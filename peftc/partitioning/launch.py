@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from peftc.errors import LinkError
-from peftc.partition.distributed import init_process_group
+from peftc.partitioning.distributed import init_process_group
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import Graph
 
-from peftc.partition.program import Programs, Stage, stage_module
+from peftc.partitioning.program import Programs, Stage, stage_module
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,15 @@
 """LocalLink: the base program in this process, every transfer packed, counted and unpacked.
 
-It is the reference the two-process link (peftc.partition.distributed) is checked against: the
+It is the reference the two-process link (peftc.partitioning.distributed) is checked against: the
 same sessions, the same wire format, the same byte counts; only the transport differs.
 """
 
 from __future__ import annotations
 
-from peftc.partition.liveness import Liveness
-from peftc.partition.program import Programs
-from peftc.partition.session import BaseSession
-from peftc.partition.wire import TO_BASE, TO_USER, Traffic, pack, unpack
+from peftc.partitioning.liveness import Liveness
+from peftc.partitioning.program import Programs
+from peftc.partitioning.session import BaseSession
+from peftc.partitioning.wire import TO_BASE, TO_USER, Traffic, pack, unpack
 
 
 class LocalLink:

@@ -10,7 +10,7 @@ steps in a row is killed: its tensors stop requiring grad (the optimizer skips t
 delta stops travelling and the base adds nothing in its place, and its input stops travelling
 once no live site of that exchange needs it. A killed site is revived `revive_every` steps
 later, to see whether it has something left to learn. Only sites whose delta the base merges
-by an add can be killed (peftc.partition.liveness); the others stay active. Without a
+by an add can be killed (peftc.partitioning.liveness); the others stay active. Without a
 KillRevive (or with threshold 0) nothing is ever killed and the partition runs as built.
 """
 
