@@ -9,6 +9,8 @@ from peftc.errors import (
     CaptureError,
     CheckpointError,
     ExportError,
+    LinkError,
+    PartitionError,
     SpecError,
 )
 from peftc.interop.from_peft import from_peft
@@ -43,4 +45,5 @@ def export_adapter(cm_or_adapter_dir, path):
 __all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CallError",
            "CheckpointError",
            "ExportError", "from_peft", "export_onnx", "export_adapter", "serve_adapters", "ServedModel",
-           "train_adapters", "MultiAdapterModel", "partition", "Partition", "connect", "serve_base"]
+           "train_adapters", "MultiAdapterModel", "partition", "Partition", "connect", "serve_base",
+           "PartitionError", "LinkError"]

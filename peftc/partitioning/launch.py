@@ -30,12 +30,12 @@ def free_port() -> int:
 def _entry(rank: int, world: int, port: int, timeout_s: float, fn, args: tuple, results) -> None:
     try:
         init_process_group(rank, world, port, timeout_s)
-        try:
-            results.put((rank, "ok", fn(rank, *args)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 — reported to the parent, which raises it
+        results.put((rank, "ok", fn(rank, *args)))
+    except BaseException:  # noqa: BLE001 — reported (before the group closes) to the parent, which raises it
         results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(fns: list, args: tuple = (), timeout_s: float = 60.0) -> list:
@@ -49,6 +49,7 @@ def run_ranks(fns: list, args: tuple = (), timeout_s: float = 60.0) -> list:
         process.start()
     deadline = time.monotonic() + timeout_s
     outcomes: dict[int, tuple] = {}
+    first_failure = None  # the rank whose error arrived first: the others often fail because it did
     try:
         while len(outcomes) < len(fns) and time.monotonic() < deadline:
             try:
@@ -61,6 +62,7 @@ def run_ranks(fns: list, args: tuple = (), timeout_s: float = 60.0) -> list:
                 continue
             outcomes[rank] = (status, value)
             if status == "error":
+                first_failure = rank
                 break
     finally:
         for process in processes:
@@ -68,10 +70,8 @@ def run_ranks(fns: list, args: tuple = (), timeout_s: float = 60.0) -> list:
             if process.is_alive():
                 process.terminate()
                 process.join(timeout=5)
-    failed = {r: v for r, (s, v) in outcomes.items() if s == "error"}
-    if failed:
-        rank, text = next(iter(sorted(failed.items())))
-        raise LinkError(f"rank {rank} failed:\n{text}")
+    if first_failure is not None:
+        raise LinkError(f"rank {first_failure} failed:\n{outcomes[first_failure][1]}")
     missing = [r for r in range(len(fns)) if r not in outcomes]
     if missing:
         codes = {r: processes[r].exitcode for r in missing}
