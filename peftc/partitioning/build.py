@@ -27,9 +27,9 @@ def base_compilation(model, spec) -> Compilation:
     return Compilation.start(weight_view(model), as_spec(spec))
 
 
-def build_partition(compilation, args: tuple, kwargs: dict) -> Programs:
+def build_partition(compilation, args: tuple, kwargs: dict, dynamic_shapes=None) -> Programs:
     """The flat train graph for this call, tagged by partition_graph, split into the two programs."""
-    built = compilation.build(args, kwargs, flat_train_plan())
+    built = compilation.build(args, kwargs, flat_train_plan(), dynamic_shapes=dynamic_shapes)
     gm = built.graph_module
     params = dict(gm.named_parameters(remove_duplicate=False))
     ctx = PassContext(spec=compilation.spec, sites=built.sites, adapter_root=compilation.adapter_root,

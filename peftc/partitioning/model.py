@@ -24,6 +24,7 @@ from peftc.ir import adapters
 from peftc.ir.modes import set_mode
 from peftc.partitioning import distributed
 from peftc.partitioning.build import build_partition, flat_inputs, unflatten_outputs
+from peftc.partitioning.generation import PartitionGenerator
 from peftc.partitioning.kill_revive import KillRevive
 from peftc.partitioning.link import LocalLink
 from peftc.partitioning.liveness import Liveness
@@ -33,6 +34,7 @@ from peftc.partitioning.report import PartitionReport
 from peftc.partitioning.session import UserSession
 from peftc.partitioning.wire import Traffic
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
+from peftc.runtime.generate import generate
 
 
 class ProgramModules(nn.Module):
@@ -67,6 +69,7 @@ class Partition(nn.Module):
         self._programs: dict[CallSignature, Programs] = {}
         self._traffic = Traffic()
         self._first: Programs | None = None
+        self._generator: PartitionGenerator | None = None
         first = self.first  # built now: a model that cannot be split fails here, not at its first call
         if kill_revive is not None:
             kill_revive.bind(cm.adapter_root, killable_sites(first))
@@ -115,6 +118,18 @@ class Partition(nn.Module):
     def liveness(self, programs: Programs) -> Liveness:
         dead = self.kill_revive.dead_sites if self.kill_revive is not None else frozenset()
         return Liveness.bind(programs, dead)
+
+    def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):
+        """Generate as cm.generate does (KV cache inside the base program); `generation_traffic()` then
+        holds what crossed for the prompt and for each generated token."""
+        if self._generator is None:
+            self._generator = PartitionGenerator(self)
+        self._generator.traffic_log.clear()
+        return generate(self._generator, input_ids, attention_mask, generation_config, **kwargs)
+
+    def generation_traffic(self) -> list[Traffic]:
+        """The last generate(): the prefill's traffic, then one entry per decode step (one token each)."""
+        return list(self._generator.traffic_log) if self._generator is not None else []
 
     def traffic(self) -> Traffic:
         """What crossed in the last call: its forward, and its backward once that ran."""

@@ -142,3 +142,18 @@ def test_a_spec_that_trains_base_parameters_cannot_be_split():
     _, cm = compile_family(FAMILIES["llama"], {**lora(["q_proj"]), "trainable": ["*.norm.weight"]})
     with pytest.raises(PartitionError, match="trains base parameters.*drop `trainable`"):
         peftc.partition(cm)
+
+
+def test_generate_through_the_partition_keeps_the_cache_on_the_base_and_measures_each_token(llama_qv, part):
+    llama_qv.eval(), part.eval()
+    before = len(list(part.base.buffers()))
+    try:
+        prompt = ids(4, (1, 5))
+        assert torch.equal(part.generate(prompt, max_new_tokens=4), llama_qv.generate(prompt, max_new_tokens=4))
+        prefill, *steps = part.generation_traffic()
+        assert prefill.tokens == 5 and len(steps) == 3 and all(t.tokens == 1 for t in steps)
+        # one token per decode step: each layer's normed input over, q's and v's deltas back (hidden 64, kv 32)
+        assert steps[0].to_dict()["lower_bound"] == {"to_user": 2 * 64 * 4, "to_base": 2 * (64 + 32) * 4}
+        assert len(list(part.base.buffers())) > before and not list(part.user.buffers())  # the cache: base side
+    finally:
+        llama_qv.train(), part.train()
