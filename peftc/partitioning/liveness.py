@@ -8,7 +8,7 @@ live deltas depend on, so nothing is computed from an input that did not come.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch.fx import Graph
@@ -58,7 +58,8 @@ def _prune(programs: Programs, dead_values: frozenset) -> tuple[frozenset, tuple
     needed_later: set[str] = set()
     pruned: list[Stage] = []
     for stage in reversed(programs.user):
-        keep = [o for o in stage.outputs if (o in needed_later) or (o in programs.to_base_names and o not in dead_values)]
+        live = programs.to_base_names - dead_values
+        keep = [o for o in stage.outputs if o in needed_later or o in live]
         module, reads = _pruned_module(stage, keep)
         needed_later |= reads
         pruned.append(replace(stage, module=module, outputs=tuple(keep)))

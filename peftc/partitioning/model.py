@@ -122,6 +122,9 @@ class Partition(nn.Module):
     def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):
         """Generate as cm.generate does (KV cache inside the base program); `generation_traffic()` then
         holds what crossed for the prompt and for each generated token."""
+        if self.base_rank is not None:
+            raise NotImplementedError("generate() runs the partition in this process; over torch.distributed "
+                                      "(connect) it is not implemented: call the partition per step instead")
         if self._generator is None:
             self._generator = PartitionGenerator(self)
         self._generator.traffic_log.clear()
