@@ -36,6 +36,7 @@ def build_model():
 
 def server(rank: int) -> None:
     stats = peftc.serve_base(build_model())
+    print(f"[base] weights holding a gradient: {stats.pop('weight_gradients')}")
     for user, s in stats.items():
         print(f"[base] user {user}: {s['calls']} calls, {s['to_user'] / 1e3:.1f} kB sent, "
               f"{s['to_base'] / 1e3:.1f} kB received")

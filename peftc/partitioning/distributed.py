@@ -213,7 +213,15 @@ class BaseServer:
                 self.sessions.pop(rank, None)
             else:
                 raise LinkError(f"rank {rank} sent an unknown operation {op}")
-        return {rank: {"calls": self.calls[rank], **self.traffic[rank].to_dict()} for rank in self.traffic}
+        stats: dict = {rank: {"calls": self.calls[rank], **self.traffic[rank].to_dict()} for rank in self.traffic}
+        stats["weight_gradients"] = self._weight_gradients()
+        return stats
+
+    def _weight_gradients(self) -> int:
+        """How many base weights hold a gradient: 0, the base differentiates activations only."""
+        weights = {id(p): p for programs in self.programs.values() for stage in programs.base
+                   for p in stage.module.parameters()}
+        return sum(p.grad is not None for p in weights.values())
 
     def _hello(self, rank: int) -> None:
         text = recv_text(rank)

@@ -177,7 +177,8 @@ def connect(cm, base_rank: int = 0, kill_revive: KillRevive | None = None) -> Pa
 
 def serve_base(model, users: list[int] | None = None) -> dict:
     """Serve `model`'s frozen base to the user ranks (default: every other rank) until each closes;
-    returns what each user exchanged, as the base counted it. Graphs are built per (user spec, call
+    returns what each user exchanged, as the base counted it (and "weight_gradients": how many base
+    weights hold a gradient, 0). Graphs are built per (user spec, call
     signature) from the calls themselves; the adapters those builds create are never read (the base
     programs hold base weights only)."""
     me = torch.distributed.get_rank()

@@ -48,6 +48,7 @@ def test_traffic_over_the_wire_is_what_the_in_process_partition_measures(ranks):
     assert remote["activations"] == local["activations"] and remote["lower_bound"] == local["lower_bound"]
     # the base counted the same bytes for each user, and the two users' adapters cost differently
     served = ranks[0]
+    assert served["weight_gradients"] == 0  # the base never computed a weight gradient
     for rank in (1, 2):
         assert served[rank]["calls"] == STEPS
         sent = sum(t["activations"]["to_user"] for t in ranks[rank]["traffic"])
