@@ -5,14 +5,17 @@ The processes are spawned here (gloo on 127.0.0.1), joined by a deadline and ter
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from partition_ranks import ALL_FIVE, Q_V, batch, compiled, serve, train_steps, user
+from partition_ranks import ALL_FIVE, Q_V, TinyLM, batch, compiled, serve, train_steps, user
 
 import peftc
 from peftc.errors import LinkError
-from peftc.partitioning.distributed import decode_call, encode_call
+from peftc.partitioning.build import base_compilation
+from peftc.partitioning.distributed import BaseServer, decode_call, encode_call
 from peftc.partitioning.launch import run_ranks
 
 STEPS = 2
@@ -76,3 +79,18 @@ def wait(rank, *_):
 def test_a_failing_rank_is_reported_and_the_others_are_terminated():
     with pytest.raises(LinkError, match="rank 1 failed"):
         run_ranks([wait, fail], timeout_s=60)
+
+
+def test_the_base_refuses_a_call_before_the_spec_or_with_another_schedule():
+    server = BaseServer(TinyLM(), users=[1])
+    structure, tensors = encode_call(batch(0), {})
+    structure.update(fingerprint="0" * 16)
+    with pytest.raises(LinkError, match="CALL before HELLO"):
+        server._programs_for(1, structure, tensors)
+    server.spec_of[1] = json.dumps(Q_V, sort_keys=True)
+    server.compilations[server.spec_of[1]] = base_compilation(server.model, Q_V)
+    with pytest.raises(peftc.PartitionError, match="schedule differs.*compile the same model config and spec"):
+        server._programs_for(1, structure, tensors)
+    structure.update(fingerprint=peftc.partition(compiled(Q_V, 1)).first.fingerprint())
+    programs, flat = server._programs_for(1, structure, tensors)  # the same schedule: accepted
+    assert len(flat) == 2 and len(programs.cut.exchanges) == 2
