@@ -9,9 +9,12 @@ from peftc.errors import (
     CaptureError,
     CheckpointError,
     ExportError,
+    LinkError,
+    PartitionError,
     SpecError,
 )
 from peftc.interop.from_peft import from_peft
+from peftc.partitioning import Partition, connect, partition, serve_base
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.dispatch import GraphDispatch
 from peftc.serving.multi_train import MultiAdapterModel, train_adapters
@@ -42,4 +45,5 @@ def export_adapter(cm_or_adapter_dir, path):
 __all__ = ["compile", "Spec", "CompiledModel", "GraphDispatch", "SpecError", "CaptureError", "CallError",
            "CheckpointError",
            "ExportError", "from_peft", "export_onnx", "export_adapter", "serve_adapters", "ServedModel",
-           "train_adapters", "MultiAdapterModel"]
+           "train_adapters", "MultiAdapterModel", "partition", "Partition", "connect", "serve_base",
+           "PartitionError", "LinkError"]

@@ -39,3 +39,11 @@ class InvariantError(RuntimeError):
 
 class CallError(ValueError):
     """A call the compiled graph cannot run though the original model accepts it; names the argument."""
+
+
+class PartitionError(ValueError):
+    """A compiled model that cannot be split into a base program and a user program (peftc.partition)."""
+
+
+class LinkError(RuntimeError):
+    """The other program of a partition (over torch.distributed) failed, disagreed or did not answer in time."""
