@@ -37,6 +37,7 @@ from peftc.runtime.dispatch import GraphDispatch
 from peftc.runtime.user_model import weight_view
 from peftc.serving.routing import adapter_index, check_adapter_names
 from peftc.serving.sources import load_adapter
+from peftc.serving.virtual_inputs import with_virtual_inputs
 
 BACKENDS = ("triton",)
 
@@ -58,6 +59,8 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     loaded = tuple(load_adapter(name, source, model, example) for name, source in adapters_by_name.items())
     compilation = Compilation.start(weight_view(model), None)  # capture flips the view's modes, not the user's
     plan = compilation.serve_plan(ServingPlan(loaded))
+    if plan.serving.has_virtual_tokens:
+        example = with_virtual_inputs(model, *example)
     built = compilation.build(*example, plan)
     return ServedModel(compilation, plan, built, example, training=model.training)
 
@@ -92,6 +95,8 @@ class ServedModel(GraphDispatch):
 
     def forward(self, *args, adapter_ids: Any = None, **kwargs):
         ids = self.adapter_index(adapter_ids, batch_size(args, kwargs))
+        if self.plan.serving.has_virtual_tokens:
+            args, kwargs = with_virtual_inputs(self.compilation.source, args, kwargs)
         gm, args, kwargs = self.graph_for(args, kwargs)
         return gm(*args, **kwargs, adapter_ids=ids.to(_device(self.compilation.source)))
 
