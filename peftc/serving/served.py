@@ -9,8 +9,15 @@ BGMV kernels when each sequence has one token at the site (decode), SGMV over ru
 when it has several (prefill). Triton on CUDA, the torch implementation elsewhere. LoRA, VeRA
 and DoRA's low-rank pair share those banks; lower_scales_multi then applies the elementwise
 methods (IA3's vectors, DoRA's magnitude factor) as per-row vectors gathered by id, and
-lower_bottleneck_multi the bottleneck adapters from gathered banks. The base ops run once for the
-whole batch; each adapter's ops only change its own rows.
+lower_bottleneck_multi the bottleneck adapters from gathered banks. Prompt-tuning and
+prefix-tuning rows get their own virtual tokens (lower_prompt_multi) or attention keys and
+values (lower_prefix_multi) from banks gathered by id, with per-row masks and positions. The base
+ops run once for the whole batch; each adapter's ops only change its own rows.
+
+With prompt adapters served, every row's output gains W leading positions, W the most virtual
+tokens any served prompt has: a row's own N are the last N of them (the others are masked
+padding), so `out.logits[:, W:]` are the tokens' logits for every row, and a row's last N + S
+positions equal its own compiled model's output.
 
 How the ids reach the graph: as data. add_routing_input gives each served graph one more
 keyword input, `adapter_ids` (int64 [batch], -1 for the base), and the multi-adapter ops read
@@ -47,8 +54,8 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     """A module running `model` with any of `adapters_by_name` per batch row.
 
     Values: a CompiledModel, a folder written by `cm.save_adapter(dir)`, or a PEFT adapter folder;
-    each one entry of LoRA, DoRA, VeRA, IA3 or a bottleneck adapter on linear layers. Methods, ranks, alphas and targets
-    may differ per adapter.
+    each one entry of LoRA, DoRA, VeRA, IA3 or a bottleneck adapter on linear layers, or of prompt or
+    (ungated) prefix tuning. Methods, ranks, alphas, targets and virtual-token counts may differ per adapter.
     The model itself is not changed (its parameters keep their requires_grad flags).
     """
     if backend not in BACKENDS:

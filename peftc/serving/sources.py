@@ -1,7 +1,8 @@
 """The adapters a served model takes: each read (a CompiledModel, a peftc checkpoint or a PEFT
 directory) into what it does per site, peftc.ir.lora_bank's `ServedAdapter`.
 
-LoRA folders are read directly (no capture). Other methods (DoRA, VeRA, IA3) are read from the
+LoRA folders are read directly (no capture). Other methods (DoRA, VeRA, IA3, bottleneck adapters,
+prompt and prefix tuning) are read from the
 modules of their compiled model: a folder is first compiled on the same base
 (interop.load_adapter_dir), so peftc's own passes define what each tensor means.
 """
