@@ -20,6 +20,7 @@ from .insert_prompt import INDEX_PASSTHROUGH, SEQ_END, SEQUENCE_INPUTS
 aten = torch.ops.aten
 SLOT = "prompt_multi"  # peftc.<embedding path>.prompt_multi.{embedding, lengths, slots}
 ROUTED_INPUTS = ("attention_mask", "position_ids")  # the served call always passes them (serving.virtual_inputs)
+CACHE_POSITION = "cache_position"  # generation graphs (runtime.kv_cache) take it: where in the cache the tokens go
 
 
 def lower_prompt_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -37,7 +38,7 @@ def lower_prompt_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
                         "was it trained on another model?")
     inputs = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
     missing = [name for name in ROUTED_INPUTS if name not in inputs]
-    if missing:
+    if missing and CACHE_POSITION not in inputs:
         raise ValueError(f"lower_prompt_multi: the graph has no {missing} input; served calls pass them "
                          "(peftc.serving.virtual_inputs)")
     bank, created = adapters.get_or_create(ctx.adapter_root, path, SLOT, lambda: PromptBank(
@@ -46,8 +47,11 @@ def lower_prompt_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     seq_ids = routing_input(gm)
     embedding_op = next(n for n in gm.graph.nodes if n.name == site.node_name)
     tag = {"pass": "lower_prompt_multi", "method": "prompt", "site": path, "slot": SLOT, "entry": None}
-    _lengthen_inputs(gm, seq_ids, _token_ids(embedding_op, site.input_index), inputs, path, width, tag)
-    _prepend_prompts(gm, embedding_op, seq_ids, path, width, tag)
+    if CACHE_POSITION in inputs:  # a generation graph: the caller's sequence holds the slots already
+        _prompts_at_slots(gm, embedding_op, seq_ids, inputs[CACHE_POSITION], path, width, tag)
+    else:
+        _lengthen_inputs(gm, seq_ids, _token_ids(embedding_op, site.input_index), inputs, path, width, tag)
+        _prepend_prompts(gm, embedding_op, seq_ids, path, width, tag)
     result = PassResult(modified=True, sites=[path])
     if created:
         result.params_added.update({f"{path}.{SLOT}.embedding": bank.embedding.numel()})
@@ -101,5 +105,23 @@ def _prepend_prompts(gm: GraphModule, embedding_op: Node, seq_ids: Node, path: s
     prompts = ins.call(aten.index.Tensor, ins.get_attr(adapters.target(path, SLOT, "embedding")), [seq_ids])
     tokens = ins.call(aten.slice.Tensor, y, 1, width, SEQ_END)
     out = ins.call(aten.cat.default, [prompts, tokens], 1)
+    out.meta["peftc"]["role"] = "output"
+    redirect_users(users, y, out)
+
+
+def _prompts_at_slots(gm: GraphModule, embedding_op: Node, seq_ids: Node, cache_position: Node, path: str,
+                      width: int, tag: dict) -> None:
+    """Generation graphs: the served generate() puts `width` padding slots before each prompt and their
+    mask and positions in the call (peftc.serving.virtual_inputs); the embedding output at cache
+    positions below `width` becomes the row's bank row there. Decode steps are past the slots."""
+    y = current_output(embedding_op)
+    users = list(y.users)
+    ins = Inserter(gm, y, tag)
+    prompts = ins.call(aten.index.Tensor, ins.get_attr(adapters.target(path, SLOT, "embedding")), [seq_ids])
+    picked = ins.call(aten.index_select.default, prompts, 1, ins.call(aten.clamp_max.default, cache_position,
+                                                                      width - 1))
+    inside = ins.call(aten.lt.Scalar, cache_position, width)
+    inside = ins.call(aten.unsqueeze.default, ins.call(aten.unsqueeze.default, inside, 0), 2)
+    out = ins.call(aten.where.self, inside, picked, y)
     out.meta["peftc"]["role"] = "output"
     redirect_users(users, y, out)

@@ -44,7 +44,7 @@ from peftc.runtime.dispatch import GraphDispatch
 from peftc.runtime.user_model import weight_view
 from peftc.serving.routing import adapter_index, check_adapter_names
 from peftc.serving.sources import load_adapter
-from peftc.serving.virtual_inputs import with_virtual_inputs
+from peftc.serving.virtual_inputs import with_prompt_slots, with_virtual_inputs
 
 BACKENDS = ("triton",)
 
@@ -106,6 +106,35 @@ class ServedModel(GraphDispatch):
             args, kwargs = with_virtual_inputs(self.compilation.source, args, kwargs)
         gm, args, kwargs = self.graph_for(args, kwargs)
         return gm(*args, **kwargs, adapter_ids=ids.to(_device(self.compilation.source)))
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, *, adapter_ids: Any = None, **kwargs) -> torch.Tensor:
+        """Generate as the model's `generate` (see GraphDispatch.generate), each row with its adapter.
+
+        The prefill and decode graphs are this model's serving graphs over a StaticCache, the ids one
+        more input of each step. Rows of prompt adapters get their virtual tokens in the cache first;
+        the sequences returned are the caller's prompt and the new tokens, as `model.generate` gives.
+        Calls run one at a time (the cache buffers are shared by calls of one shape)."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise TypeError("generate() needs input_ids [batch, seq] (the prompt token ids)")
+        ids = self.adapter_index(adapter_ids, input_ids.shape[0]).to(input_ids.device)
+        width = self._prompt_width()
+        prompt = (input_ids, attention_mask)
+        if width:
+            prompt = with_prompt_slots(input_ids, attention_mask, self._prompt_lengths()[ids].cpu(), width)
+        with self._build_lock:
+            sequences = super().generate(*prompt, generation_config, graph_inputs={"adapter_ids": ids}, **kwargs)
+        return sequences[:, width:]
+
+    def _prompt_lengths(self) -> torch.Tensor:
+        """Each adapter's number of prompt-tuning virtual tokens (0 if none), then the base's 0."""
+        return torch.tensor([next((s.prompt.shape[0] for s in a.sites.values() if s.prompt is not None), 0)
+                             for a in self.plan.serving.adapters] + [0])
+
+    def _prompt_width(self) -> int:
+        return int(self._prompt_lengths().max())
 
     def adapter_index(self, adapter_ids: Any, batch: int) -> torch.Tensor:
         """The ids as bank indices (int64 [batch], -1 for the base); SpecError naming a bad id."""

@@ -38,3 +38,18 @@ def with_virtual_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     positions = torch.arange(seq, device=ids.device).unsqueeze(0).repeat(batch, 1)
     return args, {**kwargs, "attention_mask": torch.ones_like(ids) if mask is None else mask,
                   "position_ids": positions}
+
+
+def with_prompt_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, slot_lengths: torch.Tensor,
+                      width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A generation prompt with `width` slots before each row's tokens, its own N of them (the last N)
+    visible in the mask: what the served generation graphs read their prompts into.
+
+    `slot_lengths` [batch]: each row's number of virtual tokens (0 for rows without a prompt)."""
+    batch = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    slots = torch.arange(width, device=input_ids.device)
+    visible = slots[None, :] >= (width - slot_lengths.to(input_ids.device))[:, None]
+    ids = torch.cat([input_ids.new_zeros(batch, width), input_ids], 1)
+    return ids, torch.cat([visible.to(attention_mask.dtype), attention_mask], 1)
