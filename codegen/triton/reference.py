@@ -55,29 +55,16 @@ def segment_groups(seg_starts: torch.Tensor, seg_adapters: torch.Tensor) -> list
 
 def add_grouped_(y2, x2, a_bank, b_bank, scales, groups):
     """y2[rows] += s[a] (x A[a]^T) B[a]^T for each (adapter a, rows) group: one matmul pair per group,
-    the torch analogue of SGMV (and how PEFT runs mixed batches). Each pair runs at the adapter's
-    live rank, the scale applied to the [rows, r] product and the expand accumulated in place where
-    the rows are a slice (SGMV's segments)."""
+    the torch analogue of SGMV (and how PEFT runs mixed batches). The scale multiplies the [rows, r]
+    product, and where the rows are a slice (SGMV's segments) the expand accumulates in place."""
     ct = _compute_dtype(x2.dtype)
-    ranks = live_ranks(a_bank, b_bank) if groups else []
     for adapter, rows in groups:
-        r = ranks[adapter]
-        h = (x2[rows].to(ct) @ a_bank[adapter, :r].to(ct).t()) * scales[adapter].to(ct)
+        h = (x2[rows].to(ct) @ a_bank[adapter].to(ct).t()) * scales[adapter].to(ct)
         if isinstance(rows, slice) and ct == y2.dtype:
-            y2[rows].addmm_(h, b_bank[adapter, :, :r].to(ct).t())
+            y2[rows].addmm_(h, b_bank[adapter].to(ct).t())
         else:
-            y2[rows] += (h @ b_bank[adapter, :, :r].to(ct).t()).to(y2.dtype)
+            y2[rows] += (h @ b_bank[adapter].to(ct).t()).to(y2.dtype)
     return y2
-
-
-def live_ranks(a_bank: torch.Tensor, b_bank: torch.Tensor) -> list[int]:
-    """Each bank slot's rank without its trailing zero padding: a bank pads smaller adapters with zeros
-    to the site's largest rank. A rank whose A row and B column are both zero adds exactly nothing
-    and gets exactly zero gradients, so cutting it changes no value, forward or backward. One read
-    of the banks and one host sync (as the group table has), cheap beside the matmuls it saves."""
-    live = a_bank.ne(0).any(dim=2) | b_bank.ne(0).any(dim=1)  # [n, r]
-    positions = torch.arange(1, live.shape[1] + 1, device=live.device)
-    return (live * positions).amax(dim=1).tolist()
 
 
 def lora_delta_bgmv(x2, a_bank, b_bank, scales, idx):
@@ -125,19 +112,17 @@ def lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters)
     return y2.view(*x.shape[:-1], weight.shape[0])
 
 
-def bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups, ranks: list[int] | None = None):
+def bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups):
     """dA[a] = s_a sum u_i^T x_i and dB[a] = s_a sum dy_i^T h_i over the rows of adapter a's groups,
-    with u = dy B[a] and h = x A[a]^T per row; adapters no row uses get zeros. Grouped matmuls, each
-    at the adapter's live rank (the padding's gradient is zero), the scale on the [rows, r] factor."""
+    with u = dy B[a] and h = x A[a]^T per row; adapters no row uses get zeros. Grouped matmuls, the
+    scale on the [rows, r] factor."""
     ct = _compute_dtype(x2.dtype)
     da = torch.zeros(a_bank.shape, dtype=ct, device=a_bank.device)
     db = torch.zeros(b_bank.shape, dtype=ct, device=b_bank.device)
-    if ranks is None and groups:
-        ranks = live_ranks(a_bank, b_bank)
     for adapter, rows in groups:
-        r, s = ranks[adapter], scales[adapter].to(ct)
-        da[adapter, :r] += (u[rows, :r].to(ct) * s).t() @ x2[rows].to(ct)
-        db[adapter, :, :r] += dy2[rows].to(ct).t() @ (h[rows, :r].to(ct) * s)
+        s = scales[adapter].to(ct)
+        da[adapter] += (u[rows].to(ct) * s).t() @ x2[rows].to(ct)
+        db[adapter] += dy2[rows].to(ct).t() @ (h[rows].to(ct) * s)
     return da.to(a_bank.dtype), db.to(b_bank.dtype)
 
 
@@ -148,18 +133,16 @@ def lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, groups):
     dx = (dy2.to(ct) @ weight.to(ct))
     u = torch.zeros(x2.shape[0], a_bank.shape[1], dtype=ct, device=x.device)
     h = torch.zeros_like(u)
-    ranks = live_ranks(a_bank, b_bank) if groups else []
     for adapter, rows in groups:
-        r = ranks[adapter]
-        a, b = a_bank[adapter, :r].to(ct), b_bank[adapter, :, :r].to(ct)
-        u[rows, :r] = dy2[rows].to(ct) @ b
-        h[rows, :r] = x2[rows].to(ct) @ a.t()
-        scaled = u[rows, :r] * scales[adapter].to(ct)
+        a = a_bank[adapter].to(ct)
+        u[rows] = dy2[rows].to(ct) @ b_bank[adapter].to(ct)
+        h[rows] = x2[rows].to(ct) @ a.t()
+        scaled = u[rows] * scales[adapter].to(ct)
         if isinstance(rows, slice):
             dx[rows].addmm_(scaled, a)
         else:
             dx[rows] += scaled @ a
-    da, db = bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups, ranks)
+    da, db = bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups)
     return dx.to(x.dtype).view(x.shape), da, db
 
 

@@ -123,7 +123,7 @@ class ServedModel(GraphDispatch):
         width = self._prompt_width()
         prompt = (input_ids, attention_mask)
         if width:
-            prompt = with_prompt_slots(input_ids, attention_mask, self._prompt_lengths()[ids].cpu(), width)
+            prompt = with_prompt_slots(input_ids, attention_mask, self._prompt_lengths()[ids.cpu()], width)
         with self._build_lock:
             sequences = super().generate(*prompt, generation_config, graph_inputs={"adapter_ids": ids}, **kwargs)
         return sequences[:, width:]

@@ -201,25 +201,3 @@ def test_sequence_segments_drive_the_sgmv_kernel():
     got = multi_ops.lora_sgmv_triton(x, w, bias, a_bank, b_bank, scales, starts, adapters)
     _close(got, _per_row(x, w, bias, a_bank, b_bank, scales, seq_ids.repeat_interleave(seq)), torch.float32)
 
-
-@pytest.mark.parametrize("op", ["bgmv", "sgmv"])
-def test_zero_padded_ranks_are_cut_without_changing_values_or_gradients(op):
-    """Bank slots padded to the largest rank (adapter 0 has rank 1 of 4): the torch path runs each adapter
-    at its live rank; a rank whose A row alone is zero (adapter 1, its B column is not) is still live."""
-    x, w, bias, _, _ = _tensors(11, 13, 9, 4, torch.float64)
-    a_bank, b_bank, scales = _banks(4, 13, 9, 4, torch.float64)
-    a_bank[0, 1:], b_bank[0, :, 1:] = 0, 0
-    a_bank[1, 3] = 0
-    assert reference.live_ranks(a_bank, b_bank) == [1, 4, 4, 4]
-    idx = IDX if op == "bgmv" else torch.tensor([0, 0, 0, 3, 3, -1, 1, 1, 1, 1, 2])
-    leaves = [t.clone().requires_grad_() for t in (x, bias, a_bank, b_bank)]
-    if op == "bgmv":
-        y = multi_ops.lora_bgmv(leaves[0], w, leaves[1], leaves[2], leaves[3], scales, idx)
-    else:
-        starts, adapters = multi_ops.sequence_segments(idx, 1)
-        y = multi_ops.lora_sgmv(leaves[0], w, leaves[1], leaves[2], leaves[3], scales, starts, adapters)
-    dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
-    y.backward(dy)
-    torch.testing.assert_close(y, _per_row(x, w, bias, a_bank, b_bank, scales, idx))
-    for got, want in zip([t.grad for t in leaves], _oracle_grads(dy, x, w, bias, a_bank, b_bank, scales, idx)):
-        torch.testing.assert_close(got, want)
