@@ -200,4 +200,3 @@ def test_sequence_segments_drive_the_sgmv_kernel():
     assert starts.tolist() == [0, 6, 9, 12, 15] and adapters.tolist() == [2, -1, 0, 2]
     got = multi_ops.lora_sgmv_triton(x, w, bias, a_bank, b_bank, scales, starts, adapters)
     _close(got, _per_row(x, w, bias, a_bank, b_bank, scales, seq_ids.repeat_interleave(seq)), torch.float32)
-
