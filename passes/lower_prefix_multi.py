@@ -25,6 +25,10 @@ def lower_prefix_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     plan: ServingPlan = ctx.serving
     if not plan.prefix_paths:
         return PassResult(modified=False)
+    if plan.gathered:
+        raise NotImplementedError("export_onnx of a served model with prefix-tuning adapters is not implemented (rows "
+                                  "without virtual tokens differ in ONNX Runtime); export the other adapters' served "
+                                  "model, or each prefix adapter's own compiled model")
     found = attention_ops(gm)
     unknown = sorted(plan.prefix_paths - {path for _, path in found})
     if unknown:

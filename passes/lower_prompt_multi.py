@@ -28,6 +28,10 @@ def lower_prompt_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     plan: ServingPlan = ctx.serving
     if not plan.prompt_paths:
         return PassResult(modified=False)
+    if plan.gathered:
+        raise NotImplementedError("export_onnx of a served model with prompt-tuning adapters is not implemented (rows "
+                                  "without virtual tokens differ in ONNX Runtime); export the other adapters' served "
+                                  "model, or each prompt adapter's own compiled model")
     if len(plan.prompt_paths) > 1:
         raise SpecError(f"served prompt adapters prepend at different embeddings {sorted(plan.prompt_paths)}; "
                         "serve adapters trained on one model")

@@ -166,3 +166,9 @@ def test_plans_without_virtual_tokens_leave_the_graph_alone():
     gm.recompile()
     assert not any(r.modified for r in results) and gm.code == before
     assert not ServingPlan((lora,)).has_virtual_tokens
+
+
+def test_onnx_export_of_virtual_rows_is_refused(served, tmp_path):
+    _, _, mm = served
+    with pytest.raises(NotImplementedError, match="export_onnx of a served model with prefix-tuning adapters"):
+        peftc.export_onnx(mm, tmp_path / "served.onnx")
