@@ -12,13 +12,11 @@ from peftc.core.fields import boolean, positive_int
 from peftc.errors import SpecError
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
-from peftc.ir.sites import module_path_of
 from peftc.pipeline.runner import PassContext, PassResult
 
+from ._attention import attention_ops, head_layout, sdpa_arg, set_sdpa_arg
+
 aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
-SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False}
 POSITION_OPS = (aten.cos.default, aten.sin.default, aten.embedding.default)
 
 
@@ -55,59 +53,44 @@ class PrefixWeights(nn.Module):
 def insert_prefix(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Concatenate prefix keys/values before each attention op's keys/values; widen its mask; shift positions."""
     config: PrefixConfig = ctx.entry
-    attention = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
+    attention = attention_ops(gm)
     if not attention:
         raise SpecError(
             f"adapters[{ctx.entry_index}].method: 'prefix' adds keys/values at attention ops "
             "(aten.scaled_dot_product_attention), and this model has none; use 'prompt' or 'adapter' instead")
     like = next(iter(ctx.base_params.values()))
     result = PassResult(modified=True)
-    for index, node in enumerate(attention):
-        path = module_path_of(node) or f"attention{index}"
-        path = path if path not in result.sites else f"{path}.attention{index}"
-        heads, kv_heads, groups, head_dim = _head_layout(node)
+    for node, path in attention:
+        heads, kv_heads, groups, head_dim = head_layout(node)
         module, created = adapters.get_or_create(
             ctx.adapter_root, path, ctx.slot, lambda: PrefixWeights(kv_heads, head_dim, heads, like, config))
         _rewrite_attention(gm, node, path, groups, ctx, config)
         result.sites.append(path)
         if created:
             result.params_added.update(adapters.parameter_counts(path, ctx.slot, module))
-    shifted = _shift_positions(gm, attention, config.num_tokens)
+    shifted = _shift_positions(gm, [node for node, _ in attention], config.num_tokens)
     if not shifted:
         result.notes.append("prefix: no past-length position offset found; positions not shifted")
     return result
 
 
-def _head_layout(node: Node) -> tuple[int, int, int, int]:
-    """(query heads, kv heads, repeats, head dim); repeats > 1 when keys were repeated for GQA (repeat_kv)."""
-    key_val = _arg(node, 1).meta["val"]
-    heads, head_dim = int(key_val.shape[1]), int(key_val.shape[3])
-    key = _arg(node, 1)
-    if key.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
-        source = key.args[0]
-        val = source.meta.get("val") if isinstance(source, Node) else None
-        if source.target == aten.expand.default and val is not None and val.dim() == 5:
-            return heads, int(val.shape[1]), int(val.shape[2]), head_dim
-    return heads, heads, 1, head_dim
-
-
 def _rewrite_attention(gm: GraphModule, node: Node, path: str, groups: int, ctx: PassContext,
                        config: PrefixConfig) -> None:
     tag = {"pass": "insert_prefix", "method": "prefix", "site": path, "slot": ctx.slot, "entry": ctx.entry_index}
-    query, key, value = _arg(node, 0), _arg(node, 1), _arg(node, 2)
+    query, key, value = sdpa_arg(node, 0), sdpa_arg(node, 1), sdpa_arg(node, 2)
     ins = Inserter(gm, node.prev, tag)
     batch = ins.call(aten.sym_size.int, query, 0)
     prefix_k = _batched(ins, ins.get_attr(adapters.target(path, ctx.slot, "key")), groups, batch)
     prefix_v = _batched(ins, ins.get_attr(adapters.target(path, ctx.slot, "value")), groups, batch)
     if config.gate:
         prefix_v = ins.call(aten.mul.Tensor, prefix_v, _gate(ins, query, path, ctx))
-    _set_arg(node, 1, ins.call(aten.cat.default, [prefix_k, key], 2))
-    _set_arg(node, 2, ins.call(aten.cat.default, [prefix_v, value], 2))
+    set_sdpa_arg(node, 1, ins.call(aten.cat.default, [prefix_k, key], 2))
+    set_sdpa_arg(node, 2, ins.call(aten.cat.default, [prefix_v, value], 2))
     mask = _widened_mask(ins, node, query, key, config.num_tokens)
     if mask is not None:
-        _set_arg(node, 3, mask)
-    if _arg(node, 5, False):
-        _set_arg(node, 5, False)  # the widened mask now says what is_causal said, prefix columns included
+        set_sdpa_arg(node, 3, mask)
+    if sdpa_arg(node, 5, False):
+        set_sdpa_arg(node, 5, False)  # the widened mask now says what is_causal said, prefix columns included
 
 
 def _batched(ins: Inserter, prefix: Node, groups: int, batch: Node) -> Node:
@@ -129,9 +112,9 @@ def _gate(ins: Inserter, query: Node, path: str, ctx: PassContext) -> Node:
 
 def _widened_mask(ins: Inserter, node: Node, query: Node, key: Node, num_tokens: int) -> Node:
     """The attention mask with N leading key columns every query may attend to."""
-    mask = _arg(node, 3)
+    mask = sdpa_arg(node, 3)
     if mask is None:
-        if not _arg(node, 5, False):
+        if not sdpa_arg(node, 5, False):
             return None  # every key visible already, the prefix too
         q_len = ins.call(aten.sym_size.int, query, 2)
         k_len = ins.call(aten.sym_size.int, key, 2)
@@ -170,21 +153,3 @@ def _feeds_positions(start: Node, stops: set[Node]) -> bool:
             todo.append(user)
     return False
 
-
-def _arg(node: Node, index: int, default=None):
-    name = SDPA_ARGS[index]
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[index] if index < len(node.args) else default
-
-
-def _set_arg(node: Node, index: int, value) -> None:
-    name = SDPA_ARGS[index]
-    if name in node.kwargs:
-        node.kwargs = {**node.kwargs, name: value}
-        return
-    args = list(node.args)
-    while len(args) <= index:  # fill the positional gap with sdpa's defaults
-        args.append(SDPA_DEFAULTS[SDPA_ARGS[len(args)]])
-    args[index] = value
-    node.args = tuple(args)

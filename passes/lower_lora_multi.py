@@ -51,7 +51,7 @@ def lower_lora_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
 def _check_sites(plan: ServingPlan, chosen: list[Site]) -> None:
     found = {s.path for s in chosen}
     for adapter in plan.adapters:
-        missing = sorted(set(adapter.sites) - found)
+        missing = sorted({p for p, part in adapter.sites.items() if part.is_linear} - found)
         if missing:
             raise SpecError(f"adapter {adapter.name!r}: site {missing[0]!r} is not a layer of this model "
                             f"({len(missing)} missing); was it trained on another model?")

@@ -55,11 +55,15 @@ def segment_groups(seg_starts: torch.Tensor, seg_adapters: torch.Tensor) -> list
 
 def add_grouped_(y2, x2, a_bank, b_bank, scales, groups):
     """y2[rows] += s[a] (x A[a]^T) B[a]^T for each (adapter a, rows) group: one matmul pair per group,
-    the torch analogue of SGMV (and how PEFT runs mixed batches)."""
+    the torch analogue of SGMV (and how PEFT runs mixed batches). The scale multiplies the [rows, r]
+    product, and where the rows are a slice (SGMV's segments) the expand accumulates in place."""
     ct = _compute_dtype(x2.dtype)
     for adapter, rows in groups:
-        h = x2[rows].to(ct) @ a_bank[adapter].to(ct).t()
-        y2[rows] += ((h @ b_bank[adapter].to(ct).t()) * scales[adapter].to(ct)).to(y2.dtype)
+        h = (x2[rows].to(ct) @ a_bank[adapter].to(ct).t()) * scales[adapter].to(ct)
+        if isinstance(rows, slice) and ct == y2.dtype:
+            y2[rows].addmm_(h, b_bank[adapter].to(ct).t())
+        else:
+            y2[rows] += (h @ b_bank[adapter].to(ct).t()).to(y2.dtype)
     return y2
 
 
@@ -110,14 +114,15 @@ def lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters)
 
 def bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups):
     """dA[a] = s_a sum u_i^T x_i and dB[a] = s_a sum dy_i^T h_i over the rows of adapter a's groups,
-    with u = dy B[a] and h = x A[a]^T per row; adapters no row uses get zeros. Grouped matmuls."""
+    with u = dy B[a] and h = x A[a]^T per row; adapters no row uses get zeros. Grouped matmuls, the
+    scale on the [rows, r] factor."""
     ct = _compute_dtype(x2.dtype)
     da = torch.zeros(a_bank.shape, dtype=ct, device=a_bank.device)
     db = torch.zeros(b_bank.shape, dtype=ct, device=b_bank.device)
     for adapter, rows in groups:
         s = scales[adapter].to(ct)
-        da[adapter] += (u[rows].to(ct).t() @ x2[rows].to(ct)) * s
-        db[adapter] += (dy2[rows].to(ct).t() @ h[rows].to(ct)) * s
+        da[adapter] += (u[rows].to(ct) * s).t() @ x2[rows].to(ct)
+        db[adapter] += dy2[rows].to(ct).t() @ (h[rows].to(ct) * s)
     return da.to(a_bank.dtype), db.to(b_bank.dtype)
 
 
@@ -129,9 +134,14 @@ def lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, groups):
     u = torch.zeros(x2.shape[0], a_bank.shape[1], dtype=ct, device=x.device)
     h = torch.zeros_like(u)
     for adapter, rows in groups:
+        a = a_bank[adapter].to(ct)
         u[rows] = dy2[rows].to(ct) @ b_bank[adapter].to(ct)
-        h[rows] = x2[rows].to(ct) @ a_bank[adapter].to(ct).t()
-        dx[rows] += (u[rows] @ a_bank[adapter].to(ct)) * scales[adapter].to(ct)
+        h[rows] = x2[rows].to(ct) @ a.t()
+        scaled = u[rows] * scales[adapter].to(ct)
+        if isinstance(rows, slice):
+            dx[rows].addmm_(scaled, a)
+        else:
+            dx[rows] += scaled @ a
     da, db = bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups)
     return dx.to(x.dtype).view(x.shape), da, db
 

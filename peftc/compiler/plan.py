@@ -33,6 +33,8 @@ from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
 from peftc.passes.lower_bottleneck_multi import lower_bottleneck_multi
 from peftc.passes.lower_lora_multi import lower_lora_multi
 from peftc.passes.lower_lora_triton import lower_lora_triton
+from peftc.passes.lower_prefix_multi import lower_prefix_multi
+from peftc.passes.lower_prompt_multi import lower_prompt_multi
 from peftc.passes.lower_scales_multi import lower_scales_multi
 from peftc.passes.merge_adapters import merge_adapters
 from peftc.passes.quantize_base import needs_quantized_base, quantize_base
@@ -87,7 +89,8 @@ class Plan:
         if self.serving is not None:
             return [Step("add_routing_input", add_routing_input), Step("lower_lora_multi", lower_lora_multi),
                     Step("lower_scales_multi", lower_scales_multi),
-                    Step("lower_bottleneck_multi", lower_bottleneck_multi)]
+                    Step("lower_bottleneck_multi", lower_bottleneck_multi),
+                    Step("lower_prefix_multi", lower_prefix_multi), Step("lower_prompt_multi", lower_prompt_multi)]
         steps = []
         if needs_quantized_base(spec):  # first: adapters then see the quantized base (spec.quantize, LoftQ)
             steps.append(Step("quantize_base", quantize_base))

@@ -168,7 +168,9 @@ def _adapter_rows(cm, scope: str | None) -> list[dict]:
 
 
 def _site_tensors(site) -> list[torch.Tensor]:
-    tensors = [site.input_scale, site.output_scale, site.magnitude]
+    tensors = [site.input_scale, site.output_scale, site.magnitude, site.prompt]
+    if site.prefix is not None:
+        tensors += [site.prefix.key, site.prefix.value]
     if site.lora is not None:
         tensors += [site.lora.a, site.lora.b]
     if site.bottleneck is not None:

@@ -45,6 +45,14 @@ class SiteBottleneck:
 
 
 @dataclass(frozen=True)
+class SitePrefix:
+    """A prefix-tuning adapter at one attention op: keys and values every query of the row sees first."""
+
+    key: torch.Tensor  # [kv_heads, N, head_dim]
+    value: torch.Tensor  # [kv_heads, N, head_dim]
+
+
+@dataclass(frozen=True)
 class SiteAdapter:
     """One adapter's change at one linear site (see the module docstring); None: that part is identity."""
 
@@ -53,6 +61,14 @@ class SiteAdapter:
     output_scale: torch.Tensor | None = None  # [out]: IA3, scales the bias too
     magnitude: torch.Tensor | None = None  # [out]: DoRA's m; out = m / ||W + sBA||, the bias unscaled
     bottleneck: SiteBottleneck | None = None  # added after the rest: lower_bottleneck_multi
+    # Not linear sites: prompt tuning at the token embedding, prefix tuning at an attention op
+    # (peftc.ir.virtual_bank; lower_prompt_multi, lower_prefix_multi).
+    prompt: torch.Tensor | None = None  # [N, dim]: virtual token embeddings before the row's tokens
+    prefix: SitePrefix | None = None
+
+    @property
+    def is_linear(self) -> bool:
+        return self.prompt is None and self.prefix is None
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,22 @@ class ServingPlan:
 
     @property
     def site_paths(self) -> set[str]:
-        return {path for adapter in self.adapters for path in adapter.sites}
+        """The linear sites some adapter changes (not prompt or prefix sites)."""
+        return {path for adapter in self.adapters for path, site in adapter.sites.items() if site.is_linear}
+
+    @property
+    def prompt_paths(self) -> set[str]:
+        return {path for adapter in self.adapters for path, site in adapter.sites.items() if site.prompt is not None}
+
+    @property
+    def prefix_paths(self) -> set[str]:
+        return {path for adapter in self.adapters for path, site in adapter.sites.items() if site.prefix is not None}
+
+    @property
+    def has_virtual_tokens(self) -> bool:
+        """Whether some adapter is prompt or prefix tuning: the served graph then reads explicit
+        attention masks and positions (peftc.serving.virtual_inputs)."""
+        return bool(self.prompt_paths or self.prefix_paths)
 
     @property
     def lora_paths(self) -> set[str]:

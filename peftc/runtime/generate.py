@@ -136,7 +136,9 @@ def logits_processors(config):
 
 @torch.no_grad()
 def generate(generator: Generator, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             generation_config=None, **kwargs) -> torch.Tensor:
+             generation_config=None, graph_inputs: dict | None = None, **kwargs) -> torch.Tensor:
+    """`graph_inputs`: more keywords every graph call takes (a served model's per-row `adapter_ids`)."""
+    graph_inputs = graph_inputs or {}
     config = resolve_config(generator.model, generation_config, kwargs)
     batch, prompt_len = input_ids.shape
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
@@ -152,11 +154,11 @@ def generate(generator: Generator, input_ids: torch.Tensor, attention_mask: torc
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     prefill = graphs.prefill if prompt_len > 1 else graphs.decode
     logits = prefill(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                     cache_position=torch.arange(prompt_len, device=input_ids.device))[:, -1]
-    return _decode_loop(graphs.decode, config, input_ids, mask, positions[:, -1:], logits, new_tokens)
+                     cache_position=torch.arange(prompt_len, device=input_ids.device), **graph_inputs)[:, -1]
+    return _decode_loop(graphs.decode, config, input_ids, mask, positions[:, -1:], logits, new_tokens, graph_inputs)
 
 
-def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, logits, new_tokens):
+def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, logits, new_tokens, graph_inputs):
     processors = logits_processors(config)
     eos = _as_list(config.eos_token_id)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
@@ -177,7 +179,7 @@ def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, lo
         last_position = last_position + 1
         position = sequences.shape[1] - 1
         logits = decode(input_ids=token[:, None], attention_mask=mask, position_ids=last_position,
-                        cache_position=torch.tensor([position], device=token.device))[:, -1]
+                        cache_position=torch.tensor([position], device=token.device), **graph_inputs)[:, -1]
     return sequences
 
 

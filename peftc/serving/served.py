@@ -9,8 +9,15 @@ BGMV kernels when each sequence has one token at the site (decode), SGMV over ru
 when it has several (prefill). Triton on CUDA, the torch implementation elsewhere. LoRA, VeRA
 and DoRA's low-rank pair share those banks; lower_scales_multi then applies the elementwise
 methods (IA3's vectors, DoRA's magnitude factor) as per-row vectors gathered by id, and
-lower_bottleneck_multi the bottleneck adapters from gathered banks. The base ops run once for the
-whole batch; each adapter's ops only change its own rows.
+lower_bottleneck_multi the bottleneck adapters from gathered banks. Prompt-tuning and
+prefix-tuning rows get their own virtual tokens (lower_prompt_multi) or attention keys and
+values (lower_prefix_multi) from banks gathered by id, with per-row masks and positions. The base
+ops run once for the whole batch; each adapter's ops only change its own rows.
+
+With prompt adapters served, every row's output gains W leading positions, W the most virtual
+tokens any served prompt has: a row's own N are the last N of them (the others are masked
+padding), so `out.logits[:, W:]` are the tokens' logits for every row, and a row's last N + S
+positions equal its own compiled model's output.
 
 How the ids reach the graph: as data. add_routing_input gives each served graph one more
 keyword input, `adapter_ids` (int64 [batch], -1 for the base), and the multi-adapter ops read
@@ -37,6 +44,7 @@ from peftc.runtime.dispatch import GraphDispatch
 from peftc.runtime.user_model import weight_view
 from peftc.serving.routing import adapter_index, check_adapter_names
 from peftc.serving.sources import load_adapter
+from peftc.serving.virtual_inputs import with_prompt_slots, with_virtual_inputs
 
 BACKENDS = ("triton",)
 
@@ -46,8 +54,8 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     """A module running `model` with any of `adapters_by_name` per batch row.
 
     Values: a CompiledModel, a folder written by `cm.save_adapter(dir)`, or a PEFT adapter folder;
-    each one entry of LoRA, DoRA, VeRA, IA3 or a bottleneck adapter on linear layers. Methods, ranks, alphas and targets
-    may differ per adapter.
+    each one entry of LoRA, DoRA, VeRA, IA3 or a bottleneck adapter on linear layers, or of prompt or
+    (ungated) prefix tuning. Methods, ranks, alphas, targets and virtual-token counts may differ per adapter.
     The model itself is not changed (its parameters keep their requires_grad flags).
     """
     if backend not in BACKENDS:
@@ -58,6 +66,8 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     loaded = tuple(load_adapter(name, source, model, example) for name, source in adapters_by_name.items())
     compilation = Compilation.start(weight_view(model), None)  # capture flips the view's modes, not the user's
     plan = compilation.serve_plan(ServingPlan(loaded))
+    if plan.serving.has_virtual_tokens:
+        example = with_virtual_inputs(model, *example)
     built = compilation.build(*example, plan)
     return ServedModel(compilation, plan, built, example, training=model.training)
 
@@ -92,8 +102,39 @@ class ServedModel(GraphDispatch):
 
     def forward(self, *args, adapter_ids: Any = None, **kwargs):
         ids = self.adapter_index(adapter_ids, batch_size(args, kwargs))
+        if self.plan.serving.has_virtual_tokens:
+            args, kwargs = with_virtual_inputs(self.compilation.source, args, kwargs)
         gm, args, kwargs = self.graph_for(args, kwargs)
         return gm(*args, **kwargs, adapter_ids=ids.to(_device(self.compilation.source)))
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, *, adapter_ids: Any = None, **kwargs) -> torch.Tensor:
+        """Generate as the model's `generate` (see GraphDispatch.generate), each row with its adapter.
+
+        The prefill and decode graphs are this model's serving graphs over a StaticCache, the ids one
+        more input of each step. Rows of prompt adapters get their virtual tokens in the cache first;
+        the sequences returned are the caller's prompt and the new tokens, as `model.generate` gives.
+        Calls run one at a time (the cache buffers are shared by calls of one shape)."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise TypeError("generate() needs input_ids [batch, seq] (the prompt token ids)")
+        ids = self.adapter_index(adapter_ids, input_ids.shape[0]).to(input_ids.device)
+        width = self._prompt_width()
+        prompt = (input_ids, attention_mask)
+        if width:
+            prompt = with_prompt_slots(input_ids, attention_mask, self._prompt_lengths()[ids.cpu()], width)
+        with self._build_lock:
+            sequences = super().generate(*prompt, generation_config, graph_inputs={"adapter_ids": ids}, **kwargs)
+        return sequences[:, width:]
+
+    def _prompt_lengths(self) -> torch.Tensor:
+        """Each adapter's number of prompt-tuning virtual tokens (0 if none), then the base's 0."""
+        return torch.tensor([next((s.prompt.shape[0] for s in a.sites.values() if s.prompt is not None), 0)
+                             for a in self.plan.serving.adapters] + [0])
+
+    def _prompt_width(self) -> int:
+        return int(self._prompt_lengths().max())
 
     def adapter_index(self, adapter_ids: Any, batch: int) -> torch.Tensor:
         """The ids as bank indices (int64 [batch], -1 for the base); SpecError naming a bad id."""

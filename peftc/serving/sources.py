@@ -1,7 +1,8 @@
 """The adapters a served model takes: each read (a CompiledModel, a peftc checkpoint or a PEFT
 directory) into what it does per site, peftc.ir.lora_bank's `ServedAdapter`.
 
-LoRA folders are read directly (no capture). Other methods (DoRA, VeRA, IA3) are read from the
+LoRA folders are read directly (no capture). Other methods (DoRA, VeRA, IA3, bottleneck adapters,
+prompt and prefix tuning) are read from the
 modules of their compiled model: a folder is first compiled on the same base
 (interop.load_adapter_dir), so peftc's own passes define what each tensor means.
 """
@@ -24,16 +25,19 @@ from peftc.interop.from_peft import (
 )
 from peftc.interop.peft_config import as_config_dict, spec_dict_from_peft
 from peftc.interop.peft_keys import PREFIX, normalize
-from peftc.ir.lora_bank import ServedAdapter, SiteAdapter, SiteBottleneck, SiteLora
+from peftc.ir.lora_bank import ServedAdapter, SiteAdapter, SiteBottleneck, SiteLora, SitePrefix
 from peftc.passes.insert_adapter import AdapterWeights
 from peftc.passes.insert_dora import DoraWeights
 from peftc.passes.insert_ia3 import Ia3Weights
+from peftc.passes.insert_prefix import PrefixWeights
+from peftc.passes.insert_prompt import PromptWeights
 from peftc.passes.insert_vera import VeraWeights
 from peftc.runtime.checkpoint import SPEC_FILE, read_adapter
 from peftc.runtime.compiled import CompiledModel
 from peftc.spec.parse import Spec
 
-SERVED_METHODS = ("lora", "dora", "vera", "ia3", "adapter")
+SERVED_METHODS = ("lora", "dora", "vera", "ia3", "adapter", "prompt", "prefix")
+PER_SITE_MODULES = (DoraWeights, VeraWeights, Ia3Weights, AdapterWeights, PromptWeights, PrefixWeights)
 
 
 def load_adapter(name: str, source: Any, model: nn.Module, example: tuple[tuple, dict]) -> ServedAdapter:
@@ -70,15 +74,19 @@ def compiled_adapter(name: str, cm: CompiledModel) -> ServedAdapter:
     sites = {}
     for path, module in cm.adapter_root.named_modules():
         site_path = path[: -len(slot) - 1] if path.endswith("." + slot) else None
-        if site_path is not None and isinstance(module, (DoraWeights, VeraWeights, Ia3Weights, AdapterWeights)):
+        if site_path is not None and isinstance(module, PER_SITE_MODULES):
             sites[site_path] = _site_adapter(module, entry)
     if not sites:
-        raise CheckpointError(f"adapter {name!r} has no {entry.method} tensors at any linear site")
+        raise CheckpointError(f"adapter {name!r} has no {entry.method} tensors at any site")
     return ServedAdapter(name, entry.method, sites)
 
 
 @torch.no_grad()
 def _site_adapter(module: nn.Module, entry) -> SiteAdapter:
+    if isinstance(module, PromptWeights):
+        return SiteAdapter(prompt=module.embedding.detach().clone())
+    if isinstance(module, PrefixWeights):
+        return SiteAdapter(prefix=SitePrefix(module.key.detach().clone(), module.value.detach().clone()))
     if isinstance(module, AdapterWeights):
         copies = [t.detach().clone() for t in (module.down, module.down_bias, module.up, module.up_bias)]
         return SiteAdapter(bottleneck=SiteBottleneck(*copies, float(entry.scale), entry.activation, entry.placement))

@@ -1,0 +1,55 @@
+"""The call a served model with prompt or prefix adapters runs: explicit attention mask and positions.
+
+Rows of prompt- and prefix-tuning adapters see a different number of virtual tokens each, so
+the served graph builds each row's mask and positions itself (lower_prompt_multi,
+lower_prefix_multi) from the ones it is given: every call passes `attention_mask` (ones where
+the caller gave none) and `position_ids` 0..S-1 per row, as the model computes them when
+called without. Explicit position_ids are refused, as compiling prompt tuning refuses them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftc.capture.binding import bind_call, forward_signature
+from peftc.capture.calls import is_hf_model
+from peftc.errors import SpecError
+
+NEEDED = ("input_ids", "attention_mask", "position_ids")
+
+
+def with_virtual_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """(args, kwargs) as keywords, with the attention_mask and position_ids the served graph reads."""
+    parameters = forward_signature(model).parameters
+    if not is_hf_model(model) or any(name not in parameters for name in NEEDED):
+        raise SpecError(f"serving prompt or prefix adapters takes a transformers model whose forward accepts "
+                        f"{list(NEEDED)}; {type(model).__name__} does not")
+    args, kwargs = bind_call(model, args, kwargs)
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise SpecError("input_ids: serving prompt or prefix adapters needs token ids [batch, seq] (each row's "
+                        "virtual tokens go before its own)")
+    if "position_ids" in kwargs:
+        raise NotImplementedError("position_ids: served prompt and prefix adapters place each row's positions "
+                                  "themselves; call without position_ids (compiling prompt tuning refuses them too)")
+    batch, seq = ids.shape
+    mask = kwargs.get("attention_mask")
+    positions = torch.arange(seq, device=ids.device).unsqueeze(0).repeat(batch, 1)
+    return args, {**kwargs, "attention_mask": torch.ones_like(ids) if mask is None else mask,
+                  "position_ids": positions}
+
+
+def with_prompt_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, slot_lengths: torch.Tensor,
+                      width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A generation prompt with `width` slots before each row's tokens, its own N of them (the last N)
+    visible in the mask: what the served generation graphs read their prompts into.
+
+    `slot_lengths` [batch]: each row's number of virtual tokens (0 for rows without a prompt)."""
+    batch = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    slots = torch.arange(width, device=input_ids.device)
+    visible = slots[None, :] >= (width - slot_lengths.to(input_ids.device))[:, None]
+    ids = torch.cat([input_ids.new_zeros(batch, width), input_ids], 1)
+    return ids, torch.cat([visible.to(attention_mask.dtype), attention_mask], 1)
