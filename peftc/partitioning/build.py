@@ -47,7 +47,7 @@ def build_partition(compilation, args: tuple, kwargs: dict, dynamic_shapes=None)
 
 def flat_train_plan() -> Plan:
     """The train plan without layer structure or lowered kernels: the partition cuts single ops."""
-    return Plan.train("torch")
+    return Plan.train("torch", structure_layers=False)
 
 
 def flat_inputs(programs: Programs, args: tuple, kwargs: dict) -> list:
