@@ -1,0 +1,69 @@
+"""FSDP2 (`fully_shard`) over a compiled model on 2 gloo processes: what it shards and that it trains as one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.fsdp import fully_shard
+
+from distributed_harness import run_on_ranks
+from distributed_lora import (
+    STEPS,
+    assert_dim0_chunk,
+    assert_identical_across_ranks,
+    assert_matches_single_process,
+    batch,
+    compiled_llama,
+    rows,
+    shard_shapes,
+    train,
+)
+
+pytestmark = pytest.mark.distributed
+QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "format": "nf4", "group_size": 32}}
+
+
+def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict | None = None) -> dict:
+    cm = compiled_llama(quantize)
+    parameters = {name for name, _ in cm.named_parameters()}
+    fully_shard(cm)
+    shapes = shard_shapes(cm)
+    result = train(cm, rank, world_size, steps)
+    with torch.no_grad():  # a call signature with no graph yet: built after sharding, from the same weights
+        result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
+    packed = {name: b.numel() for name, b in cm.named_buffers() if ".quantized." in f".{name}"}
+    return result | {"parameters": parameters, "shapes": shapes, "packed": packed}
+
+
+def reference_logits(cm, steps: int) -> torch.Tensor:
+    with torch.no_grad():
+        return cm(input_ids=batch(steps)).logits
+
+
+def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_process():
+    results = run_on_ranks(root_sharded_training, world_size=2, timeout=120, steps=STEPS)
+    cm = compiled_llama()
+    reference = train(cm, steps=STEPS)
+    assert_identical_across_ranks(results)
+    assert_matches_single_process(results, reference)
+    for rank, result in enumerate(results):
+        assert result["shapes"].keys() == result["parameters"]  # base weights and adapters: all sharded
+        assert_dim0_chunk(result["shapes"], rank, 2)
+        local = sum(shape.numel() for shape, _ in result["shapes"].values())
+        whole = sum(full.numel() for _, full in result["shapes"].values())
+        assert abs(local - whole / 2) <= 0.01 * whole
+        torch.testing.assert_close(result["logits"], rows(reference_logits(cm, STEPS), rank, 2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", sorted(QUANTIZED))
+def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated(fmt):
+    """FSDP2 shards parameters; packed base weights are buffers (they never train), so each rank keeps them whole."""
+    results = run_on_ranks(root_sharded_training, world_size=2, timeout=120, steps=2, quantize=QUANTIZED[fmt])
+    reference = train(compiled_llama(QUANTIZED[fmt]), steps=2)
+    assert_identical_across_ranks(results)
+    assert_matches_single_process(results, reference)
+    for rank, result in enumerate(results):
+        assert_dim0_chunk(result["shapes"], rank, 2)
+        assert not any(".quantized." in f".{name}" for name in result["shapes"])
+        assert len(result["packed"]) >= 14  # 7 projections x 2 layers, each with codes and scales
+    assert results[0]["packed"] == results[1]["packed"]
