@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
 
 from distributed_harness import run_on_ranks
@@ -17,13 +18,16 @@ from distributed_lora import (
     rows,
     shard_shapes,
     train,
+    trained_tensors,
 )
+from families import randomize_adapters
 
 pytestmark = pytest.mark.distributed
 QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "format": "nf4", "group_size": 32}}
 
 
-def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict | None = None) -> dict:
+def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict | None = None,
+                          save_to: str | None = None) -> dict:
     cm = compiled_llama(quantize)
     parameters = {name for name, _ in cm.named_parameters()}
     fully_shard(cm)
@@ -32,7 +36,19 @@ def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict
     with torch.no_grad():  # a call signature with no graph yet: built after sharding, from the same weights
         result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
     packed = {name: b.numel() for name, b in cm.named_buffers() if ".quantized." in f".{name}"}
+    if save_to:
+        result["reloaded"] = saved_and_loaded_into_a_fresh_sharded_model(cm, save_to)
     return result | {"parameters": parameters, "shapes": shapes, "packed": packed}
+
+
+def saved_and_loaded_into_a_fresh_sharded_model(cm, directory: str) -> dict[str, torch.Tensor]:
+    """Every rank saves (rank 0 writes whole tensors) and loads into a sharded model with other adapters."""
+    cm.save_adapter(directory)
+    fresh = compiled_llama()
+    randomize_adapters(fresh, seed=7)
+    fully_shard(fresh)
+    fresh.load_adapter(directory)
+    return trained_tensors(fresh)
 
 
 def reference_logits(cm, steps: int) -> torch.Tensor:
@@ -40,8 +56,8 @@ def reference_logits(cm, steps: int) -> torch.Tensor:
         return cm(input_ids=batch(steps)).logits
 
 
-def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_process():
-    results = run_on_ranks(root_sharded_training, world_size=2, timeout=120, steps=STEPS)
+def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_process(tmp_path):
+    results = run_on_ranks(root_sharded_training, world_size=2, timeout=120, steps=STEPS, save_to=str(tmp_path / "a"))
     cm = compiled_llama()
     reference = train(cm, steps=STEPS)
     assert_identical_across_ranks(results)
@@ -53,6 +69,13 @@ def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_proces
         whole = sum(full.numel() for _, full in result["shapes"].values())
         assert abs(local - whole / 2) <= 0.01 * whole
         torch.testing.assert_close(result["logits"], rows(reference_logits(cm, STEPS), rank, 2), rtol=0, atol=1e-5)
+        for name, tensor in result["reloaded"].items():  # sharded load: each rank kept its part of the file
+            assert torch.equal(tensor, result["adapters"][-1][name]), name
+    saved = load_file(str(tmp_path / "a" / "adapter.safetensors"))  # whole tensors, as one process saves them
+    assert saved.keys() == cm.adapter_state_dict().keys()
+    for name, tensor in cm.adapter_state_dict().items():
+        assert saved[name].shape == tensor.shape
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", sorted(QUANTIZED))
