@@ -78,15 +78,21 @@ def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_proces
         torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", sorted(QUANTIZED))
-def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated(fmt):
+def quantized_bases_trained(rank: int, world_size: int, steps: int) -> dict:
+    """Each quantized format in turn, in the same two processes (one process start for both)."""
+    return {fmt: root_sharded_training(rank, world_size, steps, quantize) for fmt, quantize in QUANTIZED.items()}
+
+
+def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated():
     """FSDP2 shards parameters; packed base weights are buffers (they never train), so each rank keeps them whole."""
-    results = run_on_ranks(root_sharded_training, world_size=2, timeout=120, steps=2, quantize=QUANTIZED[fmt])
-    reference = train(compiled_llama(QUANTIZED[fmt]), steps=2)
-    assert_identical_across_ranks(results)
-    assert_matches_single_process(results, reference)
-    for rank, result in enumerate(results):
-        assert_dim0_chunk(result["shapes"], rank, 2)
-        assert not any(".quantized." in f".{name}" for name in result["shapes"])
-        assert len(result["packed"]) >= 14  # 7 projections x 2 layers, each with codes and scales
-    assert results[0]["packed"] == results[1]["packed"]
+    runs = run_on_ranks(quantized_bases_trained, world_size=2, timeout=150, steps=2)
+    for fmt, quantize in QUANTIZED.items():
+        results = [run[fmt] for run in runs]
+        reference = train(compiled_llama(quantize), steps=2)
+        assert_identical_across_ranks(results)
+        assert_matches_single_process(results, reference)
+        for rank, result in enumerate(results):
+            assert_dim0_chunk(result["shapes"], rank, 2)
+            assert not any(".quantized." in f".{name}" for name in result["shapes"])
+            assert len(result["packed"]) >= 28, fmt  # 7 projections x 2 layers, each with codes and scales
+        assert results[0]["packed"] == results[1]["packed"]
