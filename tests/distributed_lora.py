@@ -8,6 +8,8 @@ step. Dropout is off, so both runs compute the same function.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -15,15 +17,17 @@ from torch.distributed.tensor import DTensor
 import peftc
 from families import FAMILIES, randomize_adapters
 
-BATCH, SEQ, STEPS, LR = 4, 16, 3, 1e-2
+BATCH, SEQ, LR = 4, 16, 1e-2
+STEPS = int(os.environ.get("PEFTC_DISTRIBUTED_STEPS", "3"))  # a few by default; more for a longer local check
 LORA = {"method": "lora", "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "r": 4, "alpha": 8, "dropout": 0.0}
 
 
 def compiled_llama(quantize: dict | None = None) -> peftc.CompiledModel:
-    """The same compiled model with the same non-zero adapters on every process."""
+    """The same compiled model with the same non-zero adapters on every process, captured for training calls."""
     spec = {"adapters": [LORA]} | ({"quantize": quantize} if quantize else {})
-    cm = peftc.compile(FAMILIES["llama"].build(), spec)
+    ids = batch(0)[:2]
+    cm = peftc.compile(FAMILIES["llama"].build(), spec, example_kwargs={"input_ids": ids, "labels": ids})
     randomize_adapters(cm, seed=1)
     return cm.train()
 

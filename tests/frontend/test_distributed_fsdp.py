@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from distributed_harness import run_on_ranks
 from distributed_lora import (
@@ -27,14 +28,15 @@ QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "format": "nf4", "group_siz
 
 
 def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict | None = None,
-                          save_to: str | None = None) -> dict:
+                          save_to: str | None = None, new_signature: bool = True) -> dict:
     cm = compiled_llama(quantize)
     parameters = {name for name, _ in cm.named_parameters()}
     fully_shard(cm)
     shapes = shard_shapes(cm)
     result = train(cm, rank, world_size, steps)
-    with torch.no_grad():  # a call signature with no graph yet: built after sharding, from the same weights
-        result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
+    if new_signature:
+        with torch.no_grad():  # a call signature with no graph yet: built after sharding, from the same weights
+            result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
     packed = {name: b.numel() for name, b in cm.named_buffers() if ".quantized." in f".{name}"}
     if save_to:
         result["reloaded"] = saved_and_loaded_into_a_fresh_sharded_model(cm, save_to)
@@ -44,6 +46,7 @@ def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict
 def saved_and_loaded_into_a_fresh_sharded_model(cm, directory: str) -> dict[str, torch.Tensor]:
     """Every rank saves (rank 0 writes whole tensors) and loads into a sharded model with other adapters."""
     cm.save_adapter(directory)
+    cm.save_adapter(directory + "-peft", format="peft")
     fresh = compiled_llama()
     randomize_adapters(fresh, seed=7)
     fully_shard(fresh)
@@ -76,11 +79,18 @@ def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_proces
     for name, tensor in cm.adapter_state_dict().items():
         assert saved[name].shape == tensor.shape
         torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-5)
+    cm.save_adapter(tmp_path / "one-process-peft", format="peft")
+    in_peft_format = load_file(str(tmp_path / "a-peft" / "adapter_model.safetensors"))
+    one_process = load_file(str(tmp_path / "one-process-peft" / "adapter_model.safetensors"))
+    assert in_peft_format.keys() == one_process.keys() and one_process
+    for key, tensor in one_process.items():
+        torch.testing.assert_close(in_peft_format[key], tensor, rtol=0, atol=1e-5)
 
 
 def quantized_bases_trained(rank: int, world_size: int, steps: int) -> dict:
     """Each quantized format in turn, in the same two processes (one process start for both)."""
-    return {fmt: root_sharded_training(rank, world_size, steps, quantize) for fmt, quantize in QUANTIZED.items()}
+    return {fmt: root_sharded_training(rank, world_size, steps, quantize, new_signature=False)
+            for fmt, quantize in QUANTIZED.items()}
 
 
 def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated():
@@ -96,3 +106,52 @@ def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated(
             assert not any(".quantized." in f".{name}" for name in result["shapes"])
             assert len(result["packed"]) >= 28, fmt  # 7 projections x 2 layers, each with codes and scales
         assert results[0]["packed"] == results[1]["packed"]
+
+
+def layer_sharded_training(rank: int, world_size: int, steps: int, checkpointing: bool) -> dict:
+    """torchtune's recipe: fully_shard each compiled layer, then the root; train; a new call signature."""
+    cm = compiled_llama()
+    if checkpointing:
+        cm.gradient_checkpointing_enable()
+    layers = list(cm.model.layers)
+    assert len(layers) == 2 and all(layer is cm.get_submodule(f"model.layers.{i}") for i, layer in enumerate(layers))
+    base_weights = [{name for name, _ in layer.named_parameters()} for layer in layers]
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(cm)
+    seen_by_second_layer = []  # while layer 1 runs: is layer 0 back to its shard, and layer 1 whole?
+    layers[1].register_forward_pre_hook(lambda module, args: seen_by_second_layer.append(
+        (isinstance(layers[0].get_parameter("self_attn.q_proj.weight"), DTensor),
+         isinstance(layers[1].get_parameter("self_attn.q_proj.weight"), DTensor))))
+    layer_shapes = [shard_shapes(layer) for layer in layers]
+    result = train(cm, rank, world_size, steps)
+    with torch.no_grad():
+        result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
+    return result | {"base_weights": base_weights, "layer_shapes": layer_shapes, "shapes": shard_shapes(cm),
+                     "seen_by_second_layer": seen_by_second_layer,
+                     "checkpointed": [layer.checkpointed for layer in layers]}
+
+
+def layer_sharded_runs(rank: int, world_size: int, steps: int) -> dict:
+    """Without and with activation checkpointing, in the same two processes (one process start for both)."""
+    return {checkpointing: layer_sharded_training(rank, world_size, steps, checkpointing) for checkpointing in (False, True)}
+
+
+def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and_without_checkpointing():
+    runs = run_on_ranks(layer_sharded_runs, world_size=2, timeout=150, steps=STEPS)
+    cm = compiled_llama()
+    reference = train(cm, steps=STEPS)
+    expected_logits = reference_logits(cm, STEPS)
+    for checkpointing in (False, True):
+        results = [run[checkpointing] for run in runs]
+        assert_identical_across_ranks(results)
+        assert_matches_single_process(results, reference)
+        for rank, result in enumerate(results):
+            assert result["checkpointed"] == [checkpointing] * 2
+            for weights, shapes in zip(result["base_weights"], result["layer_shapes"]):
+                assert shapes.keys() == weights and len(weights) == 9  # 7 projections, 2 norms: each a shard
+                assert_dim0_chunk(shapes, rank, 2)
+            assert_dim0_chunk(result["shapes"], rank, 2)  # the root's too: embeddings, norm, head, adapters
+            # One layer whole at a time: layer 0 is back to its shard when layer 1 runs, layer 1 gathered.
+            assert result["seen_by_second_layer"] and all(seen == (True, False) for seen in result["seen_by_second_layer"])
+            torch.testing.assert_close(result["logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
