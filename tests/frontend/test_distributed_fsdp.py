@@ -28,9 +28,11 @@ QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "format": "nf4", "group_siz
 
 
 def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict | None = None,
-                          save_to: str | None = None, new_signature: bool = True) -> dict:
+                          save_to: str | None = None, new_signature: bool = True, per_layer: bool = False) -> dict:
     cm = compiled_llama(quantize)
     parameters = {name for name, _ in cm.named_parameters()}
+    for layer in cm.model.layers if per_layer else ():
+        fully_shard(layer)
     fully_shard(cm)
     shapes = shard_shapes(cm)
     result = train(cm, rank, world_size, steps)
@@ -89,12 +91,13 @@ def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_proces
 
 def quantized_bases_trained(rank: int, world_size: int, steps: int) -> dict:
     """Each quantized format in turn, in the same two processes (one process start for both)."""
-    return {fmt: root_sharded_training(rank, world_size, steps, quantize, new_signature=False)
+    return {fmt: root_sharded_training(rank, world_size, steps, quantize, new_signature=False, per_layer=True)
             for fmt, quantize in QUANTIZED.items()}
 
 
 def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated():
-    """FSDP2 shards parameters; packed base weights are buffers (they never train), so each rank keeps them whole."""
+    """Sharded per layer then the root. FSDP2 shards parameters; packed base weights are buffers (they never
+    train), so each rank keeps them whole (a fraction of the float weights' bytes, but not 1/world of them)."""
     runs = run_on_ranks(quantized_bases_trained, world_size=2, timeout=150, steps=2)
     for fmt, quantize in QUANTIZED.items():
         results = [run[fmt] for run in runs]
@@ -102,7 +105,8 @@ def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated(
         assert_identical_across_ranks(results)
         assert_matches_single_process(results, reference)
         for rank, result in enumerate(results):
-            assert_dim0_chunk(result["shapes"], rank, 2)
+            assert_dim0_chunk(result["shapes"], rank, 2)  # norms, embeddings, head, adapters
+            assert result["shapes"].keys() == result["parameters"]
             assert not any(".quantized." in f".{name}" for name in result["shapes"])
             assert len(result["packed"]) >= 28, fmt  # 7 projections x 2 layers, each with codes and scales
         assert results[0]["packed"] == results[1]["packed"]
