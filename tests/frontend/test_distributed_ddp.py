@@ -18,14 +18,23 @@ pytestmark = pytest.mark.distributed
 
 
 def ddp_training(rank: int, world_size: int, steps: int) -> dict:
-    cm = compiled_llama()
-    ddp = DistributedDataParallel(cm)
-    assert ddp.module is cm
-    return train(ddp, rank, world_size, steps)
+    """Without and with activation checkpointing, in the same two processes (one process start for both)."""
+    runs = {}
+    for checkpointing in (False, True):
+        cm = compiled_llama()
+        if checkpointing:
+            cm.gradient_checkpointing_enable()
+        ddp = DistributedDataParallel(cm)
+        assert ddp.module is cm
+        runs[checkpointing] = train(ddp, rank, world_size, steps) | {"checkpointing": cm.is_gradient_checkpointing}
+    return runs
 
 
-def test_ddp_trains_lora_as_one_process_on_the_whole_batch():
-    results = run_on_ranks(ddp_training, world_size=2, timeout=120, steps=STEPS)
+def test_ddp_trains_lora_as_one_process_on_the_whole_batch_with_and_without_checkpointing():
+    runs = run_on_ranks(ddp_training, world_size=2, timeout=150, steps=STEPS)
     reference = train(compiled_llama(), steps=STEPS)
-    assert_identical_across_ranks(results)
-    assert_matches_single_process(results, reference)
+    for checkpointing in (False, True):
+        results = [run[checkpointing] for run in runs]
+        assert all(result["checkpointing"] == checkpointing for result in results)
+        assert_identical_across_ranks(results)
+        assert_matches_single_process(results, reference)
