@@ -28,7 +28,7 @@ QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "format": "nf4", "group_siz
 
 
 def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict | None = None,
-                          save_to: str | None = None, new_signature: bool = True, per_layer: bool = False) -> dict:
+                          save_to: str | None = None, per_layer: bool = False) -> dict:
     cm = compiled_llama(quantize)
     parameters = {name for name, _ in cm.named_parameters()}
     for layer in cm.model.layers if per_layer else ():
@@ -36,9 +36,6 @@ def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict
     fully_shard(cm)
     shapes = shard_shapes(cm)
     result = train(cm, rank, world_size, steps)
-    if new_signature:
-        with torch.no_grad():  # a call signature with no graph yet: built after sharding, from the same weights
-            result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
     packed = {name: b.numel() for name, b in cm.named_buffers() if ".quantized." in f".{name}"}
     if save_to:
         result["reloaded"] = saved_and_loaded_into_a_fresh_sharded_model(cm, save_to)
@@ -62,7 +59,7 @@ def reference_logits(cm, steps: int) -> torch.Tensor:
 
 
 def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_process(tmp_path):
-    results = run_on_ranks(root_sharded_training, world_size=2, timeout=120, steps=STEPS, save_to=str(tmp_path / "a"))
+    results = run_on_ranks(root_sharded_training, world_size=2, timeout=150, steps=STEPS, save_to=str(tmp_path / "a"))
     cm = compiled_llama()
     reference = train(cm, steps=STEPS)
     assert_identical_across_ranks(results)
@@ -73,7 +70,6 @@ def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_proces
         local = sum(shape.numel() for shape, _ in result["shapes"].values())
         whole = sum(full.numel() for _, full in result["shapes"].values())
         assert abs(local - whole / 2) <= 0.01 * whole
-        torch.testing.assert_close(result["logits"], rows(reference_logits(cm, STEPS), rank, 2), rtol=0, atol=1e-5)
         for name, tensor in result["reloaded"].items():  # sharded load: each rank kept its part of the file
             assert torch.equal(tensor, result["adapters"][-1][name]), name
     saved = load_file(str(tmp_path / "a" / "adapter.safetensors"))  # whole tensors, as one process saves them
@@ -91,7 +87,7 @@ def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_proces
 
 def quantized_bases_trained(rank: int, world_size: int, steps: int) -> dict:
     """Each quantized format in turn, in the same two processes (one process start for both)."""
-    return {fmt: root_sharded_training(rank, world_size, steps, quantize, new_signature=False, per_layer=True)
+    return {fmt: root_sharded_training(rank, world_size, steps, quantize, per_layer=True)
             for fmt, quantize in QUANTIZED.items()}
 
 
@@ -129,7 +125,7 @@ def layer_sharded_training(rank: int, world_size: int, steps: int, checkpointing
          isinstance(layers[1].get_parameter("self_attn.q_proj.weight"), DTensor))))
     layer_shapes = [shard_shapes(layer) for layer in layers]
     result = train(cm, rank, world_size, steps)
-    with torch.no_grad():
+    with torch.no_grad():  # a call signature with no graph yet: built after sharding, on the same layers
         result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
     return result | {"base_weights": base_weights, "layer_shapes": layer_shapes, "shapes": shard_shapes(cm),
                      "seen_by_second_layer": seen_by_second_layer,
