@@ -16,6 +16,7 @@ a run past `timeout` is killed whole and raises with every rank's output so far.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -78,19 +79,15 @@ def run_command(command: list[str], timeout: float = 120.0, env: dict | None = N
 
 
 def _run_processes(commands, envs, tmp: Path, timeout: float, label: str) -> None:
-    logs = [open(tmp / f"out{i}.txt", "wb") for i in range(len(commands))]
     processes = []
-    try:
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(open(tmp / f"out{i}.txt", "wb")) for i in range(len(commands))]
+        stack.callback(lambda: [_kill(process) for process in processes])  # however it ends; before the logs close
         for command, env, log in zip(commands, envs, logs):
             # A session of its own per process, so killing it also kills what it started.
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                               cwd=REPO, start_new_session=True))
         problem = _wait_all(processes, time.monotonic() + timeout, timeout)
-    finally:
-        for process in processes:
-            _kill(process)
-        for log in logs:
-            log.close()
     if problem:
         outputs = "\n".join(f"----- {label} {i} (exit {p.returncode}) -----\n{_tail(tmp / f'out{i}.txt')}"
                             for i, p in enumerate(processes))
@@ -158,7 +155,7 @@ def _rank_main(target: str, tmp: str) -> None:
 if __name__ == "__main__":
     try:
         _rank_main(*sys.argv[1:3])
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any failure of a rank, reported with its traceback
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)  # not sys.exit: a thread blocked in a collective must not keep the process alive

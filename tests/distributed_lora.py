@@ -8,14 +8,21 @@ step. Dropout is off, so both runs compute the same function.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import peftc
 from families import FAMILIES, randomize_adapters
+
+# `fully_shard(layer) for layer in cm.model.layers` needs the layer-structured graph (issue 14 item 1):
+# until it is on this branch those tests must fail, and say so; once it is, they run as any test.
+needs_layer_structure = pytest.mark.xfail(importlib.util.find_spec("peftc.ir.layer_program") is None, strict=True,
+                                          reason="per-layer FSDP2 needs the layer-structured graph (issue 14 item 1)")
 
 BATCH, SEQ, LR = 4, 16, 1e-2
 STEPS = int(os.environ.get("PEFTC_DISTRIBUTED_STEPS", "3"))  # a few by default; more for a longer local check
@@ -80,12 +87,12 @@ def assert_matches_single_process(results: list[dict], reference: dict, atol: fl
     for rank, result in enumerate(results):
         assert len(result["losses"]) == len(reference["losses"])
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
-                                   rtol=0, atol=atol, msg=lambda m: f"rank {rank} losses: {m}")
+                                   rtol=0, atol=atol, msg=lambda m, rank=rank: f"rank {rank} losses: {m}")
         for step, (ours, theirs) in enumerate(zip(result["adapters"], reference["adapters"])):
             assert ours.keys() == theirs.keys() and ours
             for name in theirs:
                 torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=atol,
-                                           msg=lambda m: f"rank {rank}, step {step}, {name}: {m}")
+                                           msg=lambda m, where=f"rank {rank}, step {step}, {name}": f"{where}: {m}")
     assert reference["losses"][-1] < reference["losses"][0]  # it trained: the adapters moved the loss
 
 

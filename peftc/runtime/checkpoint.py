@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from peftc.core.distributed import any_sharded, placed_like, wait_for_writer, whole, writes_files
+from peftc.core.distributed import (
+    any_sharded,
+    placed_like,
+    wait_for_writer,
+    whole,
+    writes_files,
+)
 from peftc.core.files import atomic_dir
 from peftc.errors import CheckpointError, SpecError
 from peftc.interop.save_peft import save_peft
