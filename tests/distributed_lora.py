@@ -8,21 +8,14 @@ step. Dropout is off, so both runs compute the same function.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import peftc
 from families import FAMILIES, randomize_adapters
-
-# `fully_shard(layer) for layer in cm.model.layers` needs the layer-structured graph (issue 14 item 1):
-# until it is on this branch those tests must fail, and say so; once it is, they run as any test.
-needs_layer_structure = pytest.mark.xfail(importlib.util.find_spec("peftc.ir.layer_program") is None, strict=True,
-                                          reason="per-layer FSDP2 needs the layer-structured graph (issue 14 item 1)")
 
 BATCH, SEQ, LR = 4, 16, 1e-2
 STEPS = int(os.environ.get("PEFTC_DISTRIBUTED_STEPS", "3"))  # a few by default; more for a longer local check

@@ -16,7 +16,6 @@ from distributed_lora import (
     assert_matches_single_process,
     batch,
     compiled_llama,
-    needs_layer_structure,
     rows,
     shard_shapes,
     train,
@@ -92,7 +91,6 @@ def quantized_bases_trained(rank: int, world_size: int, steps: int) -> dict:
             for fmt, quantize in QUANTIZED.items()}
 
 
-@needs_layer_structure
 def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated():
     """Sharded per layer then the root. FSDP2 shards parameters; packed base weights are buffers (they never
     train), so each rank keeps them whole (a fraction of the float weights' bytes, but not 1/world of them)."""
@@ -139,7 +137,6 @@ def layer_sharded_runs(rank: int, world_size: int, steps: int) -> dict:
     return {checkpointing: layer_sharded_training(rank, world_size, steps, checkpointing) for checkpointing in (False, True)}
 
 
-@needs_layer_structure
 def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and_without_checkpointing():
     runs = run_on_ranks(layer_sharded_runs, world_size=2, timeout=150, steps=STEPS)
     cm = compiled_llama()

@@ -9,7 +9,6 @@ import pytest
 from safetensors.torch import load_file
 
 from distributed_harness import REPO, free_port, run_command
-from distributed_lora import needs_layer_structure
 
 pytestmark = pytest.mark.distributed
 
@@ -21,7 +20,6 @@ def torchrun_example(out_dir, *flags: str) -> str:
     return run_command(command, timeout=150, env={"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
 
 
-@needs_layer_structure
 def test_the_fsdp2_example_trains_under_torchrun_on_two_processes(tmp_path):
     """With --checkpointing: the whole recipe (per-layer sharding, recomputation in backward, the sharded save)."""
     output = torchrun_example(tmp_path / "adapter", "--checkpointing")
