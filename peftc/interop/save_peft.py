@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from peftc.core.distributed import any_sharded, wait_for_writer, whole, writes_files
 from peftc.core.files import atomic_dir
 from peftc.errors import CheckpointError
 from peftc.ir import adapters
@@ -30,6 +31,8 @@ def save_peft(cm, directory, plain_lora: bool = False) -> Path:
     config["base_model_name_or_path"] = getattr(getattr(cm.compilation.source, "config", None), "_name_or_path", None) or None
     names = peft_names(cm)
     own = cm.adapter_state_dict()
+    sharded = any_sharded(own.values())  # FSDP2: every rank gathers, rank 0 writes (peftc.core.distributed)
+    own = {name: whole(tensor) for name, tensor in own.items()}
     tensors = join_table(names, {key: _peft_tensor(cm, n, own.get(n)) for n, key in names.items()})
     if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
         _fill_prompt_config(config, cm, tensors, own)
@@ -39,9 +42,11 @@ def save_peft(cm, directory, plain_lora: bool = False) -> Path:
         config["rank_pattern"] = _rank_pattern(cm)
     if plain_lora:
         as_plain_lora(cm, config, tensors, names)
-    with atomic_dir(directory, CheckpointError) as tmp:
-        save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if writes_files(sharded):
+        with atomic_dir(directory, CheckpointError) as tmp:
+            save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    wait_for_writer(sharded)
     return Path(directory)
 
 

@@ -18,6 +18,13 @@ from pathlib import Path
 
 import torch
 
+from peftc.core.distributed import (
+    any_sharded,
+    placed_like,
+    wait_for_writer,
+    whole,
+    writes_files,
+)
 from peftc.core.files import atomic_dir
 from peftc.errors import CheckpointError, SpecError
 from peftc.interop.save_peft import save_peft
@@ -35,10 +42,15 @@ def save_adapter(cm, directory, format: str = "peftc") -> Path:
         raise ValueError(f"save_adapter: format expected 'peftc', 'peft' or 'peft_lora', got {format!r}")
     from safetensors.torch import save_file
 
-    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in cm.adapter_state_dict().items()}
-    with atomic_dir(directory, CheckpointError) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "peftc", "version": FORMAT_VERSION})
-        (tmp / SPEC_FILE).write_text(json.dumps(cm.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+    # Under FSDP2 every rank calls this: each gathers the shards, rank 0 alone writes (peftc.core.distributed).
+    own = cm.adapter_state_dict()
+    sharded = any_sharded(own.values())
+    tensors = {name: whole(t.detach()).to("cpu").contiguous().clone() for name, t in own.items()}
+    if writes_files(sharded):
+        with atomic_dir(directory, CheckpointError) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "peftc", "version": FORMAT_VERSION})
+            (tmp / SPEC_FILE).write_text(json.dumps(cm.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+    wait_for_writer(sharded)
     return Path(directory)
 
 
@@ -130,4 +142,4 @@ def load_adapter(cm, directory) -> None:
         checked[name] = checked_tensor(weights, name, value, own[name])
     with torch.no_grad():  # every tensor checked first: a refused load changes nothing
         for name, value in checked.items():
-            own[name].copy_(value)
+            own[name].copy_(placed_like(value, own[name]))  # FSDP2: this rank's shard of the whole tensor

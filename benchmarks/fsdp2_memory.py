@@ -1,0 +1,96 @@
+"""What FSDP2 per layer leaves on each rank: peftc's compiled model vs HF PEFT, side by side.
+
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/fsdp2_memory.py [--layers 4] [--hidden 256]
+
+Each rank builds the same LLaMA, wraps it (peftc.compile, or get_peft_model), shards each
+decoder layer then the root, trains one step, deletes its own reference to the model, and
+counts parameter bytes: the shards FSDP2 holds, and every parameter storage still alive
+(reachable from the wrapped model, including what peftc keeps to capture later call
+signatures from). Bytes, not time: nothing here depends on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peftc
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def storages(tensors) -> dict[int, int]:
+    """data pointer -> bytes of each distinct storage under `tensors` (a DTensor counts its local shard)."""
+    out = {}
+    for tensor in tensors:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        out[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return out
+
+
+def one_step(model, rank: int, world_size: int) -> None:
+    ids = torch.randint(0, 128, (2 * world_size, 32), generator=torch.Generator().manual_seed(0))
+    ids = ids[2 * rank:2 * rank + 2]
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def peftc_side(base) -> tuple[torch.nn.Module, list]:
+    cm = peftc.compile(base, {"adapters": [{"method": "lora", "targets": TARGETS, "r": 8, "alpha": 16}]}).train()
+    for layer in cm.model.layers:
+        fully_shard(layer)
+    fully_shard(cm)
+    kept = list(cm.parameters()) + list(cm.compilation.source.parameters())
+    return cm, kept
+
+
+def peft_side(base) -> tuple[torch.nn.Module, list]:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).train()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model, list(model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+    rows = []
+    for name, side in (("HF PEFT", peft_side), ("peftc", peftc_side)):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config)
+        whole = sum(p.numel() * p.element_size() for p in base.parameters())
+        model, kept = side(base)
+        del base  # the user lets go of the model they wrapped
+        gc.collect()
+        one_step(model, rank, world_size)
+        shards = storages(p for p in model.parameters())
+        alive = storages(kept)
+        rows.append((name, whole, sum(shards.values()), sum(alive.values())))
+        del model, kept
+        gc.collect()
+    if rank == 0:
+        print(f"{world_size} ranks, LLaMA hidden {args.hidden}, {args.layers} layers, LoRA r=8 on all projections; "
+              "parameter bytes on rank 0")
+        print("| wrapper | whole model | FSDP2 shards held | parameter storage alive | alive / whole |")
+        print("|---|---|---|---|---|")
+        for name, whole, shards, alive in rows:
+            print(f"| {name} | {whole:,} | {shards:,} | {alive:,} | {alive / whole:.3f} |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""FSDP2 (`fully_shard`) over a compiled model on 2 gloo processes: what it shards and that it trains as one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from distributed_harness import run_on_ranks
+from distributed_lora import (
+    STEPS,
+    assert_dim0_chunk,
+    assert_identical_across_ranks,
+    assert_matches_single_process,
+    batch,
+    compiled_llama,
+    rows,
+    shard_shapes,
+    train,
+    trained_tensors,
+)
+from families import randomize_adapters
+
+pytestmark = pytest.mark.distributed
+QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "format": "nf4", "group_size": 32}}
+
+
+def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict | None = None,
+                          save_to: str | None = None, per_layer: bool = False) -> dict:
+    cm = compiled_llama(quantize)
+    parameters = {name for name, _ in cm.named_parameters()}
+    for layer in cm.model.layers if per_layer else ():
+        fully_shard(layer)
+    fully_shard(cm)
+    shapes = shard_shapes(cm)
+    result = train(cm, rank, world_size, steps)
+    packed = {name: b.numel() for name, b in cm.named_buffers() if ".quantized." in f".{name}"}
+    if save_to:
+        result["reloaded"] = saved_and_loaded_into_a_fresh_sharded_model(cm, save_to)
+    return result | {"parameters": parameters, "shapes": shapes, "packed": packed}
+
+
+def saved_and_loaded_into_a_fresh_sharded_model(cm, directory: str) -> dict[str, torch.Tensor]:
+    """Every rank saves (rank 0 writes whole tensors) and loads into a sharded model with other adapters."""
+    cm.save_adapter(directory)
+    cm.save_adapter(directory + "-peft", format="peft")
+    fresh = compiled_llama()
+    randomize_adapters(fresh, seed=7)
+    fully_shard(fresh)
+    fresh.load_adapter(directory)
+    return trained_tensors(fresh)
+
+
+def reference_logits(cm, steps: int) -> torch.Tensor:
+    with torch.no_grad():
+        return cm(input_ids=batch(steps)).logits
+
+
+def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_process(tmp_path):
+    results = run_on_ranks(root_sharded_training, world_size=2, timeout=150, steps=STEPS, save_to=str(tmp_path / "a"))
+    cm = compiled_llama()
+    reference = train(cm, steps=STEPS)
+    assert_identical_across_ranks(results)
+    assert_matches_single_process(results, reference)
+    for rank, result in enumerate(results):
+        assert result["shapes"].keys() == result["parameters"]  # base weights and adapters: all sharded
+        assert_dim0_chunk(result["shapes"], rank, 2)
+        local = sum(shape.numel() for shape, _ in result["shapes"].values())
+        whole = sum(full.numel() for _, full in result["shapes"].values())
+        assert abs(local - whole / 2) <= 0.01 * whole
+        for name, tensor in result["reloaded"].items():  # sharded load: each rank kept its part of the file
+            assert torch.equal(tensor, result["adapters"][-1][name]), name
+    saved = load_file(str(tmp_path / "a" / "adapter.safetensors"))  # whole tensors, as one process saves them
+    assert saved.keys() == cm.adapter_state_dict().keys()
+    for name, tensor in cm.adapter_state_dict().items():
+        assert saved[name].shape == tensor.shape
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-5)
+    cm.save_adapter(tmp_path / "one-process-peft", format="peft")
+    in_peft_format = load_file(str(tmp_path / "a-peft" / "adapter_model.safetensors"))
+    one_process = load_file(str(tmp_path / "one-process-peft" / "adapter_model.safetensors"))
+    assert in_peft_format.keys() == one_process.keys() and one_process
+    for key, tensor in one_process.items():
+        torch.testing.assert_close(in_peft_format[key], tensor, rtol=0, atol=1e-5)
+
+
+def quantized_bases_trained(rank: int, world_size: int, steps: int) -> dict:
+    """Each quantized format in turn, in the same two processes (one process start for both)."""
+    return {fmt: root_sharded_training(rank, world_size, steps, quantize, per_layer=True)
+            for fmt, quantize in QUANTIZED.items()}
+
+
+def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated():
+    """Sharded per layer then the root. FSDP2 shards parameters; packed base weights are buffers (they never
+    train), so each rank keeps them whole (a fraction of the float weights' bytes, but not 1/world of them)."""
+    runs = run_on_ranks(quantized_bases_trained, world_size=2, timeout=150, steps=2)
+    for fmt, quantize in QUANTIZED.items():
+        results = [run[fmt] for run in runs]
+        reference = train(compiled_llama(quantize), steps=2)
+        assert_identical_across_ranks(results)
+        assert_matches_single_process(results, reference)
+        for rank, result in enumerate(results):
+            assert_dim0_chunk(result["shapes"], rank, 2)  # norms, embeddings, head, adapters
+            assert result["shapes"].keys() == result["parameters"]
+            assert not any(".quantized." in f".{name}" for name in result["shapes"])
+            assert len(result["packed"]) >= 28, fmt  # 7 projections x 2 layers, each with codes and scales
+        assert results[0]["packed"] == results[1]["packed"]
+
+
+def layer_sharded_training(rank: int, world_size: int, steps: int, checkpointing: bool) -> dict:
+    """torchtune's recipe: fully_shard each compiled layer, then the root; train; a new call signature."""
+    cm = compiled_llama()
+    if checkpointing:
+        cm.gradient_checkpointing_enable()
+    layers = list(cm.model.layers)
+    assert len(layers) == 2 and all(layer is cm.get_submodule(f"model.layers.{i}") for i, layer in enumerate(layers))
+    base_weights = [{name for name, _ in layer.named_parameters()} for layer in layers]
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(cm)
+    seen_by_second_layer = []  # while layer 1 runs: is layer 0 back to its shard, and layer 1 whole?
+    layers[1].register_forward_pre_hook(lambda module, args: seen_by_second_layer.append(
+        (isinstance(layers[0].get_parameter("self_attn.q_proj.weight"), DTensor),
+         isinstance(layers[1].get_parameter("self_attn.q_proj.weight"), DTensor))))
+    layer_shapes = [shard_shapes(layer) for layer in layers]
+    result = train(cm, rank, world_size, steps)
+    with torch.no_grad():  # a call signature with no graph yet: built after sharding, on the same layers
+        result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
+    return result | {"base_weights": base_weights, "layer_shapes": layer_shapes, "shapes": shard_shapes(cm),
+                     "seen_by_second_layer": seen_by_second_layer,
+                     "checkpointed": [layer.checkpointed for layer in layers]}
+
+
+def layer_sharded_runs(rank: int, world_size: int, steps: int) -> dict:
+    """Without and with activation checkpointing, in the same two processes (one process start for both)."""
+    return {checkpointing: layer_sharded_training(rank, world_size, steps, checkpointing) for checkpointing in (False, True)}
+
+
+def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and_without_checkpointing():
+    runs = run_on_ranks(layer_sharded_runs, world_size=2, timeout=150, steps=STEPS)
+    cm = compiled_llama()
+    reference = train(cm, steps=STEPS)
+    expected_logits = reference_logits(cm, STEPS)
+    for checkpointing in (False, True):
+        results = [run[checkpointing] for run in runs]
+        assert_identical_across_ranks(results)
+        assert_matches_single_process(results, reference)
+        for rank, result in enumerate(results):
+            assert result["checkpointed"] == [checkpointing] * 2
+            for weights, shapes in zip(result["base_weights"], result["layer_shapes"]):
+                assert shapes.keys() == weights and len(weights) == 9  # 7 projections, 2 norms: each a shard
+                assert_dim0_chunk(shapes, rank, 2)
+            assert_dim0_chunk(result["shapes"], rank, 2)  # the root's too: embeddings, norm, head, adapters
+            # One layer whole at a time: layer 0 is back to its shard when layer 1 runs, layer 1 gathered.
+            assert result["seen_by_second_layer"] and all(seen == (True, False) for seen in result["seen_by_second_layer"])
+            torch.testing.assert_close(result["logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
