@@ -40,7 +40,7 @@ def contender(name: str, layers: int):
     from peft import LoraConfig, get_peft_model
 
     full = build(layers)
-    if name.startswith("peft"):
+    if name in ("peft_eager", "peft_compiled"):
         model = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
         return torch.compile(model) if name == "peft_compiled" else model
     backend = "inductor" if name == "peftc_inductor" else "torch"
