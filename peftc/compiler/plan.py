@@ -4,7 +4,8 @@ One spec compiles to different graphs for different uses, and each use is a plan
 flag threaded through the pipeline:
 
 - `Plan.train(backend)`: the adapters as graph ops, LoRA shrinks fused (torch back end) or
-  lowered to fused kernels (triton back end) — what `compile` returns; with
+  lowered to fused kernels (triton back end) — what `compile` returns; on the torch back end
+  attention skips a mask that is only causal and the loss saves less for backward; with
   `checkpoint_layers`, each layer outlined and recomputed in backward;
 - `Plan.merged(options)`: every foldable adapter folded into its weight — `cm.merged()`;
 - `Plan.export(merge)`: what ONNX export reads: torch ops only, no shrink fusion, no lowering,
@@ -29,11 +30,13 @@ from peftc.passes.checkpoint_layers import checkpoint_layers
 from peftc.passes.freeze_params import freeze_params
 from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
 from peftc.passes.lower_bottleneck_multi import lower_bottleneck_multi
+from peftc.passes.lower_cross_entropy import lower_cross_entropy
 from peftc.passes.lower_lora_multi import lower_lora_multi
 from peftc.passes.lower_lora_triton import lower_lora_triton
 from peftc.passes.lower_scales_multi import lower_scales_multi
 from peftc.passes.merge_adapters import merge_adapters
 from peftc.passes.quantize_base import quantize_base
+from peftc.passes.skip_causal_masks import skip_causal_masks
 from peftc.pipeline.runner import Step
 from peftc.pipeline.state import MergeOptions, MergeState
 from peftc.spec.methods import METHODS
@@ -96,6 +99,8 @@ class Plan:
             steps.append(Step("merge_adapters", merge_adapters))
         elif self.backend == "triton":
             steps.append(Step("lower_lora_triton", lower_lora_triton))
+        if self.name == "train" and self.backend == "torch":  # eager training: save less for backward
+            steps += [Step("skip_causal_masks", skip_causal_masks), Step("lower_cross_entropy", lower_cross_entropy)]
         if self.checkpoint_layers:  # last: a layer's outlined body holds every op the passes put there
             steps.append(Step("checkpoint_layers", checkpoint_layers))
         return steps
