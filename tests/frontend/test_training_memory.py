@@ -1,5 +1,5 @@
 """A LoRA training step holds no more memory than HF PEFT's, without and with gradient checkpointing
-(peak live tensor bytes of forward + backward, counted by peftc.inspect.memory)."""
+(peak live tensor bytes of forward + backward, and bytes saved for backward, by peftc.inspect.memory)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_peak_is_at_most_pefts(checkpointing):
     assert ours <= theirs, f"peftc peak {ours} B > PEFT's {theirs} B"
 
 
-def test_what_peftc_saves_for_backward_is_what_peft_saves_plus_the_packed_shrink_weights():
+def test_peftc_saves_no_more_for_backward_than_peft():
     cm, ref = contenders(False)
     inputs = LLAMA.inputs(2, 32)
     inputs["labels"] = inputs["input_ids"]
@@ -63,6 +63,6 @@ def test_what_peftc_saves_for_backward_is_what_peft_saves_plus_the_packed_shrink
         model.zero_grad(set_to_none=True)
     ours = saved_for_backward(lambda: cm(**inputs).loss)
     theirs = saved_for_backward(lambda: ref(**inputs).loss)
-    hidden, layers = LLAMA.build().config.hidden_size, 2
-    packed = layers * (3 * 4 + 2 * 4) * hidden * 4  # cat(A_q, A_k, A_v) and cat(A_gate, A_up) per layer
-    assert ours.total <= theirs.total + packed
+    assert ours.total <= theirs.total, (ours.top(), theirs.top())
+    # what it saves differently: the logits where PEFT saves the log-probabilities, no repeated keys
+    assert "_log_softmax" in theirs.by_op and "_log_softmax" not in ours.by_op
