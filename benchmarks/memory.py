@@ -101,7 +101,7 @@ def main() -> None:
         for name, (s, p) in last.items():
             print(f"-- {name}: saved by the op that made it (MiB): "
                   + ", ".join(f"{op} {b / MIB:.2f}" for op, b in s.top(12)))
-            print(f"   alive at the peak (MiB): " + ", ".join(f"{op} {b / MIB:.2f}" for op, b in p.top(12)))
+            print("   alive at the peak (MiB): " + ", ".join(f"{op} {b / MIB:.2f}" for op, b in p.top(12)))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_training_equals_the_aten_loss_with_a_smaller_peak(pair):
     for cm in (ours, plain):
         cm.zero_grad(set_to_none=True)
         holder = {}
-        peak = peak_live_bytes(lambda: holder.setdefault("loss", cm(**inputs).loss).backward())
+        peak = peak_live_bytes(lambda cm=cm, holder=holder: holder.setdefault("loss", cm(**inputs).loss).backward())
         grads = {n: p.grad.clone() for n, p in cm.named_parameters() if p.requires_grad}
         results.append((holder["loss"].detach(), grads, peak.peak))
     (loss, grads, peak), (ref_loss, ref_grads, ref_peak) = results
