@@ -2,8 +2,10 @@
 
 torch.export specializes a graph on which arguments a call passes (labels or not, a mask or
 not). A dispatch keeps one graph per call signature: the first, built when it was made, and
-others built on first use of a new signature by the same Compilation and plan, so every graph
-shares the same base weights and the same adapter parameters.
+others built on first use of a new signature by the same Compilation and plan. The dispatch
+owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
+original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
+submodules.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
 from peftc.runtime.generate import Generator, generate
+from peftc.runtime.module_tree import adopt_tree, attach_graph
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -32,14 +35,30 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self.training = training
         self.compilation = compilation  # a dataclass, not a module: the user's model is not our submodule
         self.plan = plan
-        self.graph_module = first.graph_module
+        self._example = example  # the first graph's call: other plans build their first graph from it
+        self._use_first(first)
+        self.sign_forward()
+
+    def _use_first(self, first) -> None:
+        """Run `first` (a Built) for the example's signature and own its module tree."""
         self.records = first.records
         self.sites = list(first.sites)
-        self._example = example  # the first graph's call: other plans build their first graph from it
-        self._graphs = {CallSignature.of(*example): first.graph_module}
+        self._first_signature = CallSignature.of(*self._example)
+        self._graphs = {self._first_signature: first.graph_module}  # not submodules: the tree is ours
+        self._flat = {self._first_signature: first.flat}  # a dict: graph modules are not our submodules
+        self._tree_origin = adopt_tree(self, first.graph_module)
         self._generator = None  # built on the first generate()
         set_mode(first.graph_module, self.training)
-        self.sign_forward()
+
+    @property
+    def graph_module(self) -> GraphModule:
+        """The graph run for the example call's signature (layer-structured where the plan structures)."""
+        return self._graphs[self._first_signature]
+
+    @property
+    def flat_graph_module(self) -> GraphModule:
+        """That graph as the passes left it, every op inline: what report(), diff() and dumps read."""
+        return self._flat[self._first_signature]
 
     @property
     def example_call(self) -> tuple[tuple, dict]:
@@ -68,6 +87,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         gm = self._graphs.get(signature)
         if gm is None:
             gm = self.compilation.build(args, kwargs, self.plan).graph_module
+            attach_graph(self, gm, self._tree_origin)
             self.graph_built(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
@@ -112,9 +132,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
         # that cannot happen in place (to "meta") gives them new tensors the graphs do not see.
         self.compilation.source._apply(fn, recurse)
         self.compilation.adapter_root._apply(fn, recurse)
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # the module tree, which attached graphs share
         for gm in self._graphs.values():
-            if gm is not self.graph_module:
+            if gm is not self.graph_module and gm._parameters is not self._parameters:  # not attached
                 gm._apply(fn, recurse)
         if _placement(self.graph_module) != before:
             # Graphs bake in dtypes and devices (export's tensor-metadata checks, casts, factory
@@ -130,20 +150,17 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if self.plan.merge is not None:  # folded weights were cached in the old placement
             self.plan = replace(self.plan, merge=MergeState(self.plan.merge.options))
         first = self.compilation.build(*self._example, self.plan)
-        self.graph_module = first.graph_module
-        self.records, self.sites = first.records, list(first.sites)
-        self._graphs = {CallSignature.of(*self._example): first.graph_module}
-        self._generator = None
+        self._use_first(first)
         self.graph_built(first.graph_module)
-        set_mode(first.graph_module, self.training)
 
     # -- copy and pickle -----------------------------------------------------------------------------
     def __getstate__(self):
         """Pickle the compilation, the plan and the example call; graphs are rebuilt on load (exported
         graph modules hold local functions pickle cannot store)."""
         state = self.__dict__.copy()
-        state["_modules"] = {k: v for k, v in self._modules.items() if k != "graph_module"}
-        for transient in ("_graphs", "_generator", "forward", "records", "sites"):
+        state["_modules"], state["_parameters"], state["_buffers"] = {}, {}, {}  # the tree: rebuilt
+        state["_non_persistent_buffers_set"] = set()
+        for transient in ("_graphs", "_flat", "_tree_origin", "_generator", "forward", "records", "sites"):
             state.pop(transient, None)
         return state
 

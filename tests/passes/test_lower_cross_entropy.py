@@ -89,7 +89,7 @@ def pair():
 
 
 def ops(cm, target) -> int:
-    return sum(1 for n in cm.graph_module.graph.nodes if n.target == target)
+    return sum(1 for n in cm.flat_graph_module.graph.nodes if n.target == target)
 
 
 def test_the_causal_lm_loss_is_lowered(pair):

@@ -54,7 +54,7 @@ def pair():
 
 
 def nodes(cm, target) -> list:
-    return [n for n in cm.graph_module.graph.nodes if n.target is target]
+    return [n for n in cm.flat_graph_module.graph.nodes if n.target is target]
 
 
 def train_step(cm, inputs):
