@@ -1,10 +1,11 @@
 """fuse_lora_shrinks: LoRA branches that read the same input node share one shrink matmul.
 
 insert_lora leaves `linear(h, A_i)` per site. Where several sites read the same node h
-(LLaMA's q/k/v read one normed hidden state, gate/up another), one `linear(h, cat(A_1..A_n))`
-followed by a split by rank reads h once and runs one bigger matmul (Punica/vLLM's packed
-QKV LoRA). The A's stay separate parameters: the cat happens inside the graph, so their names,
-gradients (through cat and split) and checkpoints are unchanged.
+(LLaMA's q/k/v read one normed hidden state, gate/up another), one
+`peftc::packed_shrink(h, [A_1..A_n])` (linear(h, cat(A_i)), peftc.ir.packed_shrink) followed
+by a split by rank reads h once and runs one bigger matmul (Punica/vLLM's packed QKV LoRA).
+The A's stay separate parameters: the cat happens inside the op, so their names, gradients
+and checkpoints are unchanged, and backward saves the A's, not a concatenated copy of them.
 
 Exactness decides what is fused: h must be the *same node*. Sites with LoRA dropout each read
 their own dropout node (their own random mask in training), so they are never fused: the graph
@@ -22,6 +23,7 @@ from peftc.core.paths import group_paths
 from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter, provenance
 from peftc.ir.modes import DROPOUT_OPS
+from peftc.ir import packed_shrink
 from peftc.pipeline.runner import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -81,8 +83,7 @@ def _fuse(gm: GraphModule, shrinks: list[Node], sites: list[str], ranks: list[in
            "sites": sites}
     ins = Inserter(gm, first.prev, tag, meta_cache=ctx.meta_cache)
     ins.module_stack = _common_stack([s.meta.get("nn_module_stack") for s in shrinks])
-    packed = ins.call(aten.cat.default, weights, 0)
-    hidden = ins.call(aten.linear.default, first.args[0], packed)
+    hidden = ins.call(packed_shrink.OP, first.args[0], weights)  # linear(h, cat(A_i)), saving the A's alone
     parts = ins.call(aten.split_with_sizes.default, hidden, ranks, -1)
     for index, shrink in enumerate(shrinks):
         part = ins.call(operator.getitem, parts, index)

@@ -3,11 +3,11 @@
 One spec compiles to different graphs for different uses, and each use is a plan, not a
 flag threaded through the pipeline:
 
-- `Plan.train(backend)`: the adapters as graph ops, LoRA shrinks fused (torch and inductor
-  back ends) or lowered to fused kernels (triton back end) — what `compile` returns — then
+- `Plan.train(backend)`: the adapters as graph ops, LoRA shrinks fused (torch back end) or lowered to fused kernels (triton back end) — what `compile` returns — then
   layer-structured (each layer a module at its own path, passes/structure_layers.py; with the
-  inductor back end each distinct layer program compiled once); with `checkpoint_layers`,
-  each layer recomputed in backward;
+  inductor back end each distinct layer program compiled once); on the torch back end
+  attention skips a mask that is only causal and the loss saves less for backward; with
+  `checkpoint_layers`, each layer recomputed in backward;
 - `Plan.merged(options)`: every foldable adapter folded into its weight — `cm.merged()`;
 - `Plan.export(merge)`: what ONNX export reads: torch ops only, no shrink fusion, no lowering,
   merged or not, so export never has to undo a pass;
@@ -31,6 +31,7 @@ from peftc.passes.checkpoint_layers import checkpoint_layers
 from peftc.passes.freeze_params import freeze_params
 from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
 from peftc.passes.lower_bottleneck_multi import lower_bottleneck_multi
+from peftc.passes.lower_cross_entropy import lower_cross_entropy
 from peftc.passes.lower_lora_multi import lower_lora_multi
 from peftc.passes.lower_lora_triton import lower_lora_triton
 from peftc.passes.lower_prefix_multi import lower_prefix_multi
@@ -38,6 +39,7 @@ from peftc.passes.lower_prompt_multi import lower_prompt_multi
 from peftc.passes.lower_scales_multi import lower_scales_multi
 from peftc.passes.merge_adapters import merge_adapters
 from peftc.passes.quantize_base import needs_quantized_base, quantize_base
+from peftc.passes.skip_causal_masks import skip_causal_masks
 from peftc.pipeline.runner import Step
 from peftc.pipeline.state import MergeOptions, MergeState
 from peftc.spec.methods import METHODS
@@ -58,7 +60,8 @@ class Plan:
 
     @classmethod
     def train(cls, backend: str = "torch", checkpoint_layers: bool = False, structure_layers: bool = True) -> "Plan":
-        return cls("train", backend=backend, fuse_shrinks=backend in ("torch", "inductor"),
+        # Inductor fuses by itself, and the fused shrink is a custom op it could not see into.
+        return cls("train", backend=backend, fuse_shrinks=backend == "torch",
                    checkpoint_layers=checkpoint_layers, structure_layers=structure_layers)
 
     @classmethod
@@ -103,6 +106,8 @@ class Plan:
             steps.append(Step("merge_adapters", merge_adapters))
         elif self.backend == "triton":
             steps.append(Step("lower_lora_triton", lower_lora_triton))
+        if self.name == "train" and self.backend == "torch":  # eager training: save less for backward
+            steps += [Step("skip_causal_masks", skip_causal_masks), Step("lower_cross_entropy", lower_cross_entropy)]
         if self.checkpoint_layers and not self.structure_layers:  # last: a layer's outlined body holds
             steps.append(Step("checkpoint_layers", checkpoint_layers))  # every op the passes put there
         return steps

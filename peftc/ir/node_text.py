@@ -6,6 +6,8 @@ inspection view.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch.fx import Node
 
@@ -62,6 +64,8 @@ def value_text(node: Node) -> str:
 
 
 def op_name(node: Node) -> str:
+    if node.op == "call_function" and isinstance(node.target, types.FunctionType):  # a pass's Python op
+        return f"{node.target.__module__.removeprefix('peftc.ir.')}.{node.target.__qualname__}"
     if node.op == "call_function":
         return str(node.target).replace("torch.ops.", "")
     return node.op if node.op in ("placeholder", "output") else f"{node.op} {node.target}"

@@ -69,8 +69,9 @@ def test_report_totals_equal_counts_from_the_parameters(compiled):
 def test_report_rows_come_from_the_pass_records(compiled):
     model, cm, _ = compiled
     report = cm.report()
-    assert [p["name"] for p in report.passes] == ["insert_lora", "freeze_params"]
-    assert [p["params_added"] for p in report.passes] == [report.totals["adapter_params"], 0]
+    assert [p["name"] for p in report.passes] == ["insert_lora", "freeze_params", "skip_causal_masks",
+                                                  "lower_cross_entropy"]
+    assert [p["params_added"] for p in report.passes] == [report.totals["adapter_params"], 0, 0, 0]
     assert sum(p["nodes_added"] for p in report.passes) == \
         report.totals["graph_nodes"] - report.totals["graph_nodes_captured"]
     expected = expected_adapter_params(model)
@@ -116,8 +117,11 @@ def test_diff_groups_by_site_and_folds_layers(compiled):
     _, cm, _ = compiled
     text = cm.diff()
     assert "model.layers.{0..1}.self_attn.q_proj" in text and "[2 sites, same rewrite" in text
-    assert text.count("  before  ") == len(TARGETS)  # one block per projection, not per layer
-    assert len(text.splitlines()) < 40
+    # one block per projection, not per layer; and skip_causal_masks' mask check (its attention
+    # rewrite, folded over the layers too, has no site op, so no "before" line)
+    assert text.count("  before  ") == len(TARGETS) + 1
+    assert "model.layers.{0..1}.self_attn    by skip_causal_masks    [2 sites, same rewrite" in text
+    assert len(text.splitlines()) < 60
 
 
 def test_diff_scope_lists_each_inserted_node_of_that_layer(compiled):
@@ -226,7 +230,8 @@ def test_networkx_is_a_dag_with_one_node_per_graph_node(compiled):
 def test_dump_dir_has_valid_python_after_each_pass(compiled):
     _, cm, dump = compiled
     files = sorted(p.name for p in dump.iterdir())
-    assert files == ["00-capture.py", "01-insert_lora.py", "02-freeze_params.py"]
+    assert files == ["00-capture.py", "01-insert_lora.py", "02-freeze_params.py", "03-skip_causal_masks.py",
+                     "04-lower_cross_entropy.py"]
     for name in files:
         source = (dump / name).read_text()
         ast.parse(source)

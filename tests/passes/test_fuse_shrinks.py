@@ -7,11 +7,12 @@ import contextlib
 import pytest
 import torch
 from families import FAMILIES, compile_family, logits, randomize_adapters
+from plan_steps import without_steps
 from peftc.passes.fuse_lora_shrinks import PASS
 
 import peftc
 from peftc.compiler.plan import Plan
-from peftc.ir import adapters
+from peftc.ir import adapters, packed_shrink
 from peftc.ir.graph_edit import provenance
 from peftc.ir.modes import DROPOUT_OPS
 
@@ -59,12 +60,12 @@ def lora_spec(targets, **extra) -> dict:
 
 
 def shrinks(gm) -> list:
-    """Linears whose weight is an adapter A or a cat of A's (the LoRA shrink matmuls)."""
+    """Linears whose weight is an adapter A, and packed shrinks of A's (the LoRA shrink matmuls)."""
     def is_a(node):
         return node.op == "get_attr" and str(node.target).startswith(adapters.ROOT + ".") \
             and str(node.target).endswith(".A")
-    return [n for n in gm.graph.nodes if n.target == aten.linear.default and (
-        is_a(n.args[1]) or (n.args[1].target == aten.cat.default and all(map(is_a, n.args[1].args[0]))))]
+    return [n for n in gm.graph.nodes if (n.target == aten.linear.default and is_a(n.args[1]))
+            or (n.target == packed_shrink.OP and all(map(is_a, n.args[1])))]
 
 
 def per_layer(nodes) -> list[int]:
@@ -115,9 +116,9 @@ def test_llama_shrinks_drop_from_seven_to_four_per_layer(llama_pair):
     assert per_layer(shrinks(plain.flat_graph_module)) == [7] * LAYERS
     # q,k,v | o | gate,up | down: four shrinks (the issue counted three groups; o and down read their own inputs)
     assert per_layer(shrinks(fused.flat_graph_module)) == [4] * LAYERS
-    cats = [n for n in fused.flat_graph_module.graph.nodes if n.target == aten.cat.default
-            and (provenance(n) or {}).get("pass") == PASS]
-    assert [len(c.args[0]) for c in cats] == [3, 2] * LAYERS
+    packed = [n for n in fused.flat_graph_module.graph.nodes if n.target == packed_shrink.OP
+              and (provenance(n) or {}).get("pass") == PASS]
+    assert [len(n.args[1]) for n in packed] == [3, 2] * LAYERS
     split = next(n for n in fused.flat_graph_module.graph.nodes if n.target == aten.split_with_sizes.default
                  and provenance(n)["pass"] == PASS)
     assert split.args[1] == [4, 2, 4]
@@ -166,7 +167,10 @@ def test_export_plan_builds_one_shrink_per_site(llama_pair):
     fused, plain = llama_pair
     gm = fused.compilation.build(*fused.example_call, fused.compilation.export_plan(merge=False)).graph_module
     assert len(shrinks(gm)) == len(shrinks(plain.flat_graph_module)) == LAYERS * 7
-    assert len(gm.graph.nodes) == len(plain.flat_graph_module.graph.nodes)
+    # node for node the train plan's graph without its torch-back-end passes (fusion, mask, loss)
+    with without_steps(PASS, "skip_causal_masks", "lower_cross_entropy"):
+        bare = fused.compilation.build(*fused.example_call, fused.compilation.train_plan()).flat
+    assert len(gm.graph.nodes) == len(bare.graph.nodes)
     assert not any((provenance(n) or {}).get("pass") == PASS for n in gm.graph.nodes)
     assert len(shrinks(fused.flat_graph_module)) == LAYERS * 4  # the compiled model's own graph stays fused
 
@@ -222,3 +226,34 @@ def test_not_planned_when_merging_or_lowering_to_triton():
     assert PASS not in [s.name for s in Plan.export(merge=False).steps(spec)]
     names = [s.name for s in Plan.train().steps(spec)]
     assert names.index(PASS) == names.index("freeze_params") - 1  # after every method pass
+
+
+# -- peftc::packed_shrink ------------------------------------------------------------------------
+def test_packed_shrink_equals_cat_and_linear_and_saves_no_packed_copy():
+    from peftc.inspect.memory import saved_for_backward
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g, requires_grad=True)
+    weights = [torch.randn(r, 16, generator=g, requires_grad=True) for r in (4, 2, 4)]
+    out = packed_shrink.packed_shrink(x, weights)
+    ref = torch.nn.functional.linear(x, torch.cat(weights, 0))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    upstream = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, [x, *weights], upstream)
+    ref_grads = torch.autograd.grad(ref, [x, *weights], upstream)
+    for got, expected in zip(grads, ref_grads):
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    x_in = torch.randn(2, 5, 16, requires_grad=True)
+
+    def forward(fn):
+        return lambda: fn(x_in * 1).sum()  # x_in * 1: an activation the forward allocates
+    ours = saved_for_backward(forward(lambda h: packed_shrink.packed_shrink(h, weights)))
+    theirs = saved_for_backward(forward(lambda h: torch.nn.functional.linear(h, torch.cat(weights, 0))))
+    assert "cat" in theirs.by_op and "cat" not in ours.by_op and ours.total < theirs.total
+
+
+def test_packed_shrink_passes_torch_library_opcheck():
+    x = torch.randn(3, 8, requires_grad=True)
+    weights = [torch.randn(2, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)]
+    torch.library.opcheck(packed_shrink.packed_shrink, (x, weights))

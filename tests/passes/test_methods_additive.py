@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from families import FAMILIES, compile_family, logits, randomize_adapters
 
 import peftc
+from peftc.ir.causal_attention import attention
 from peftc.ir.graph_edit import provenance
 from peftc.spec import presets
 
@@ -192,7 +193,9 @@ def test_prefix_matches_peft(family_name):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert sum(t.numel() for t in cm.adapter_state_dict().values()) == sum(
         p.numel() for p in ref.parameters() if p.requires_grad)
-    sdpa = [n for n in cm.flat_graph_module.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    # attention ops: aten's, or skip_causal_masks' `attention` (the same op, causal when the mask is)
+    sdpa = [n for n in cm.flat_graph_module.graph.nodes
+            if n.target in (torch.ops.aten.scaled_dot_product_attention.default, attention)]
     assert len(cm.records[0].sites) == len(sdpa) == 2
     # per attention op: two cats for keys/values, one for the mask; positions shifted (llama: rotary, gpt2: wpe)
     cats = [n for n in adapter_nodes(cm.flat_graph_module, "prefix") if n.target == torch.ops.aten.cat.default]

@@ -1,0 +1,46 @@
+"""`peftc::packed_shrink(x, [A_1, ..., A_n])`: x @ cat(A_i)^T, saving the A's, not their concatenation.
+
+fuse_lora_shrinks runs the LoRA shrinks of sites that read one input as one matmul. Written as
+`linear(x, cat(A_i))`, autograd saves the concatenated weight for backward: a copy of every
+fused A per layer that unfused LoRA (and HF PEFT) never holds. This op saves the A's
+themselves (parameters, alive anyway) and concatenates them again in backward, where the copy
+lives only while that layer's gradient is computed. Results equal cat + linear bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("peftc::packed_shrink", mutates_args=())
+def packed_shrink(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """linear(x, cat(weights)): [..., in] x [r_i, in] -> [..., sum r_i]."""
+    return F.linear(x, torch.cat(weights, 0))
+
+
+@packed_shrink.register_fake
+def _(x, weights):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weights = inputs
+    ctx.save_for_backward(x, *weights)
+
+
+def _backward(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    x_needs, weights_need = ctx.needs_input_grad
+    grad_x = grad @ torch.cat(weights, 0) if x_needs else None
+    grad_weights = None
+    if any(weights_need) if isinstance(weights_need, (list, tuple)) else weights_need:
+        packed = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # [sum r_i, in]
+        grad_weights = list(packed.split([w.shape[0] for w in weights], 0))
+    return grad_x, grad_weights
+
+
+packed_shrink.register_autograd(_backward, setup_context=_setup_context)
+
+
+OP = torch.ops.peftc.packed_shrink.default
