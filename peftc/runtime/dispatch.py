@@ -16,6 +16,8 @@ from torch.fx import GraphModule
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
+from peftc.capture.specialize import derive_graph
+from peftc.compiler.first_build import build_first
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
@@ -27,7 +29,8 @@ from peftc.runtime.generate import Generator, generate
 class GraphDispatch(ModelAttributes, nn.Module):
     """Runs `compilation.build(args, kwargs, plan)`'s graph for each call signature."""
 
-    def __init__(self, compilation, plan, first, example: tuple[tuple, dict], training: bool = False):
+    def __init__(self, compilation, plan, first, example: tuple[tuple, dict], training: bool = False,
+                 superset: tuple[tuple[tuple, dict], GraphModule] | None = None):
         super().__init__()
         self.training = training
         self.compilation = compilation  # a dataclass, not a module: the user's model is not our submodule
@@ -39,7 +42,17 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self._graphs = {CallSignature.of(*example): first.graph_module}
         self._generator = None  # built on the first generate()
         set_mode(first.graph_module, self.training)
+        self._keep_superset(superset)
         self.sign_forward()
+
+    def _keep_superset(self, superset) -> None:
+        """The graph captured for the superset call (peftc.compiler.first_build): others derive from it."""
+        self._superset = superset[0] if superset is not None else None
+        self._unmet = set()  # signatures of graphs held but not called yet: the superset's
+        if superset is not None:
+            self._graphs[CallSignature.of(*superset[0])] = superset[1]
+            self._unmet.add(CallSignature.of(*superset[0]))
+            set_mode(superset[1], self.training)
 
     @property
     def example_call(self) -> tuple[tuple, dict]:
@@ -48,7 +61,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     @property
     def graphs(self) -> dict[CallSignature, GraphModule]:
-        return dict(self._graphs)
+        """The graph of each call signature met (the superset graph once a call has its signature)."""
+        return {s: gm for s, gm in self._graphs.items() if s not in self._unmet}
 
     def forward(self, *args, **kwargs):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
@@ -66,12 +80,20 @@ class GraphDispatch(ModelAttributes, nn.Module):
         args, kwargs = normalize_call(self.compilation.source, args, kwargs)
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
+        self._unmet.discard(signature)
         if gm is None:
-            gm = self.compilation.build(args, kwargs, self.plan).graph_module
+            gm = self._derived(signature) or self.compilation.build(args, kwargs, self.plan).graph_module
             self.graph_built(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
         return gm, args, kwargs
+
+    def _derived(self, signature: CallSignature) -> GraphModule | None:
+        """This signature's graph derived from the superset graph without a capture, if it can be."""
+        if self._superset is None:
+            return None
+        wide = CallSignature.of(*self._superset)
+        return derive_graph(self._graphs[wide], wide, signature)
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""
@@ -129,10 +151,20 @@ class GraphDispatch(ModelAttributes, nn.Module):
         adapter parameters); other signatures and generation graphs are rebuilt on first use."""
         if self.plan.merge is not None:  # folded weights were cached in the old placement
             self.plan = replace(self.plan, merge=MergeState(self.plan.merge.options))
-        first = self.compilation.build(*self._example, self.plan)
+        superset = None
+        if self._superset is not None:  # capture the superset again (from the converted example call)
+            start = build_first(self.compilation, self._example, self.plan)
+            first = start.built
+            if start.superset is not None:
+                superset = (start.superset, start.superset_graph)
+        else:
+            first = self.compilation.build(*self._example, self.plan)
         self.graph_module = first.graph_module
         self.records, self.sites = first.records, list(first.sites)
         self._graphs = {CallSignature.of(*self._example): first.graph_module}
+        self._keep_superset(superset)
+        if superset is not None:
+            self.graph_built(superset[1])
         self._generator = None
         self.graph_built(first.graph_module)
         set_mode(first.graph_module, self.training)
@@ -143,7 +175,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         graph modules hold local functions pickle cannot store)."""
         state = self.__dict__.copy()
         state["_modules"] = {k: v for k, v in self._modules.items() if k != "graph_module"}
-        for transient in ("_graphs", "_generator", "forward", "records", "sites"):
+        for transient in ("_graphs", "_unmet", "_generator", "forward", "records", "sites"):
             state.pop(transient, None)
         return state
 
