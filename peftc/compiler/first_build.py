@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from peftc.capture.calls import CallSignature
 from peftc.capture.specialize import derive_graph
-from peftc.capture.superset import config_kept, superset_call
+from peftc.capture.superset import model_kept, superset_call
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
@@ -36,7 +36,7 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
     wide = superset_call(compilation.source, *example) if dynamic_shapes is None else None
     if wide is not None:
         try:
-            with config_kept(compilation.source):
+            with model_kept(compilation.source):
                 built = compilation.build(*wide, plan, dump_dir=dump_dir)
         except CaptureError:
             built = None  # the model refuses one of the extra inputs: capture the example call alone
