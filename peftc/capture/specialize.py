@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
@@ -34,6 +35,7 @@ DROPPABLE: dict[str, Callable[[str], bool]] = {
     "output_hidden_states": lambda field: field == "hidden_states" or field.endswith("_hidden_states"),
 }
 _SUM, _MEAN = 2, 1  # torch's reduction enum (cross_entropy_loss's `reduction` argument)
+GUARDS = "_guards_fn"  # the submodule torch.export's .module() calls with every input to check its guards
 
 
 def dropped_inputs(superset: CallSignature, call: CallSignature) -> list[str] | None:
@@ -48,13 +50,19 @@ def dropped_inputs(superset: CallSignature, call: CallSignature) -> list[str] | 
     return dropped if dropped and all(name in DROPPABLE for name in dropped) else None
 
 
-def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature) -> GraphModule | None:
-    """The graph for `call`, derived from `gm` (captured for `superset`), or None if it cannot be."""
+def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
+                 stand_ins: Callable[[dict], dict] | None = None) -> GraphModule | None:
+    """The graph for `call`, derived from `gm` (captured for `superset`), or None if it cannot be.
+
+    `stand_ins(kwargs)` gives values for the dropped inputs shaped after a call's own, so that
+    torch.export's input guards still check every call (see DerivedGuards); without it the
+    derived graph runs no guards.
+    """
     dropped = dropped_inputs(superset, call)
     info = getattr(gm.graph._codegen, "pytree_info", None)  # torch.export's (args, kwargs) and output specs
     if dropped is None or info is None or not _is_args_kwargs(info.in_spec) or info.out_spec is None:
         return None
-    graph = Graph()
+    graph = Graph(owning_module=gm)  # dead-code elimination asks the owner whether a called submodule is pure
     values: dict[Node, Node] = {}
     outputs = graph.graph_copy(gm.graph, values)
     if not isinstance(outputs, (list, tuple)):
@@ -62,8 +70,8 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature) 
     switched_on = [DROPPABLE[name] for name in dropped]
     out_spec, leaves = _prune_fields(info.out_spec, list(outputs), lambda field: any(on(field) for on in switched_on))
     graph.output(type(outputs)(leaves))
-    _drop_guards(graph)
     inputs = _inputs_by_keyword(graph, info.in_spec)
+    guards = _detach_guards(graph, inputs, dropped, stand_ins)
     _drop_checks_on(graph, [node for name in dropped for node in inputs.get(name, [])])
     graph.eliminate_dead_code()
     counts = inputs.get("num_items_in_batch", []) if "num_items_in_batch" in dropped else []
@@ -80,6 +88,8 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature) 
         orig_args=[a for a in info.orig_args if a not in dropped], in_spec=in_spec, out_spec=out_spec))
     graph.set_codegen(codegen)
     derived = GraphModule(gm, graph)
+    if guards is not None:
+        derived.add_module(GUARDS, DerivedGuards(gm.get_submodule(GUARDS), *guards))
     derived.meta.update(gm.meta)
     derived._in_spec, derived._out_spec = in_spec, out_spec  # what torch.export's graph modules carry
     return derived
@@ -153,12 +163,39 @@ def _prune_fields(spec: pytree.TreeSpec, leaves: list, drop: Callable[[str], boo
     return pytree.TreeSpec(spec.type, context, kept_children), kept_leaves
 
 
-def _drop_guards(graph: Graph) -> None:
-    """Remove the call of torch.export's input-guard module: it takes every input of the captured call,
-    the dropped ones too (the derived graph's own ops still fail on inputs they cannot take)."""
-    for node in list(graph.find_nodes(op="call_module")):
-        if node.target == "_guards_fn" and not node.users:
-            graph.erase_node(node)
+def _detach_guards(graph: Graph, inputs: dict[str, list[Node]], dropped: list[str],
+                   stand_ins: Callable[[dict], dict] | None) -> tuple[list[str], list[str], Callable] | None:
+    """Call torch.export's input-guard module with the kept inputs only (DerivedGuards fills in the
+    dropped ones), or remove its call when it cannot be kept: it reads every input of the captured
+    call. Returns DerivedGuards' (kept names, all names, stand_ins), or None."""
+    node = next((n for n in graph.find_nodes(op="call_module") if n.target == GUARDS and not n.users), None)
+    if node is None:
+        return None
+    names = list(inputs)
+    single = all(len(inputs[name]) == 1 for name in names)
+    if stand_ins is None or not single or list(node.args) != [inputs[name][0] for name in names]:
+        graph.erase_node(node)
+        return None
+    kept = [name for name in names if name not in dropped]
+    node.args = tuple(inputs[name][0] for name in kept)
+    return kept, names, stand_ins
+
+
+class DerivedGuards(nn.Module):
+    """torch.export's guards of the superset call, run on a derived call: the inputs the call leaves
+    out are stand-ins shaped after its own (labels like its input_ids), so each relation between the
+    inputs it passes (`attention_mask.size(1) == input_ids.size(1)`) is still checked and reported."""
+
+    def __init__(self, guards: nn.Module, kept: list[str], names: list[str], stand_ins: Callable[[dict], dict]):
+        super().__init__()
+        self.guards = guards
+        self.kept, self.names = kept, names
+        self.stand_ins = stand_ins
+
+    def forward(self, *values):
+        given = dict(zip(self.kept, values))
+        given.update({k: v for k, v in self.stand_ins(given).items() if k not in given})
+        return self.guards(*(given[name] for name in self.names))
 
 
 def _drop_checks_on(graph: Graph, inputs: list[Node]) -> None:

@@ -29,16 +29,22 @@ def superset_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     """(args, kwargs) with the droppable optional inputs added, or None when there is none to add."""
     if args or not is_hf_model(model):
         return None
+    extra = superset_extras(model, kwargs)
+    return ((), {**kwargs, **extra}) if extra else None
+
+
+def superset_extras(model: nn.Module, kwargs: dict) -> dict:
+    """The inputs the superset call adds to `kwargs`, shaped after this call's main input."""
     params = forward_signature(model).parameters
     extra: dict = {}
-    labels = example_labels(model, kwargs)
-    if labels is not None and "labels" in params and "labels" not in kwargs:
-        extra["labels"] = labels
-        if _takes_any_keyword(params) and "num_items_in_batch" not in kwargs:
-            extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
+    labels = kwargs.get("labels")
+    if labels is None and "labels" in params:
+        labels = extra["labels"] = example_labels(model, kwargs)
+    if isinstance(labels, torch.Tensor) and _takes_any_keyword(params) and "num_items_in_batch" not in kwargs:
+        extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
     if ("output_hidden_states" in params or _takes_any_keyword(params)) and "output_hidden_states" not in kwargs:
         extra["output_hidden_states"] = True
-    return ((), {**kwargs, **extra}) if extra else None
+    return {name: value for name, value in extra.items() if value is not None}
 
 
 def example_labels(model: nn.Module, kwargs: dict) -> torch.Tensor | None:

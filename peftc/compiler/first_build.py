@@ -8,6 +8,7 @@ call that passes a subset of those inputs, so meeting such a call costs a graph 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch.fx import GraphModule
 
 from peftc.capture.calls import CallSignature
 from peftc.capture.specialize import derive_graph
-from peftc.capture.superset import model_kept, superset_call
+from peftc.capture.superset import model_kept, superset_call, superset_extras
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
@@ -40,7 +41,8 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
                 built = compilation.build(*wide, plan, dump_dir=dump_dir)
         except CaptureError:
             built = None  # the model refuses one of the extra inputs: capture the example call alone
-        derived = built and derive_graph(built.graph_module, CallSignature.of(*wide), CallSignature.of(*example))
+        derived = built and derive_graph(built.graph_module, CallSignature.of(*wide), CallSignature.of(*example),
+                                         functools.partial(superset_extras, compilation.source))
         if derived is not None:
             return FirstBuild(Built(derived, built.records, built.sites), wide, built.graph_module)
     return FirstBuild(compilation.build(*example, plan, dynamic_shapes=dynamic_shapes, dump_dir=dump_dir))

@@ -8,6 +8,7 @@ shares the same base weights and the same adapter parameters.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -17,6 +18,7 @@ from torch.fx import GraphModule
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
 from peftc.capture.specialize import derive_graph
+from peftc.capture.superset import superset_extras
 from peftc.compiler.first_build import build_first
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
@@ -93,7 +95,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if self._superset is None:
             return None
         wide = CallSignature.of(*self._superset)
-        return derive_graph(self._graphs[wide], wide, signature)
+        return derive_graph(self._graphs[wide], wide, signature, functools.partial(superset_extras, self.compilation.source))
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""
