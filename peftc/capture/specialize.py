@@ -164,10 +164,10 @@ def _prune_fields(spec: pytree.TreeSpec, leaves: list, drop: Callable[[str], boo
 
 
 def _detach_guards(graph: Graph, inputs: dict[str, list[Node]], dropped: list[str],
-                   stand_ins: Callable[[dict], dict] | None) -> tuple[list[str], list[str], Callable] | None:
+                   stand_ins: Callable[[dict], dict] | None) -> tuple | None:
     """Call torch.export's input-guard module with the kept inputs only (DerivedGuards fills in the
     dropped ones), or remove its call when it cannot be kept: it reads every input of the captured
-    call. Returns DerivedGuards' (kept names, all names, stand_ins), or None."""
+    call. Returns DerivedGuards' arguments after the guard module, or None."""
     node = next((n for n in graph.find_nodes(op="call_module") if n.target == GUARDS and not n.users), None)
     if node is None:
         return None
@@ -177,8 +177,10 @@ def _detach_guards(graph: Graph, inputs: dict[str, list[Node]], dropped: list[st
         graph.erase_node(node)
         return None
     kept = [name for name in names if name not in dropped]
+    constants = {name: inputs[name][0].meta.get("val") for name in dropped
+                 if not isinstance(inputs[name][0].meta.get("val"), torch.Tensor)}  # flags: the captured value
     node.args = tuple(inputs[name][0] for name in kept)
-    return kept, names, stand_ins
+    return kept, names, constants, stand_ins
 
 
 class DerivedGuards(nn.Module):
@@ -186,16 +188,19 @@ class DerivedGuards(nn.Module):
     out are stand-ins shaped after its own (labels like its input_ids), so each relation between the
     inputs it passes (`attention_mask.size(1) == input_ids.size(1)`) is still checked and reported."""
 
-    def __init__(self, guards: nn.Module, kept: list[str], names: list[str], stand_ins: Callable[[dict], dict]):
+    def __init__(self, guards: nn.Module, kept: list[str], names: list[str], constants: dict,
+                 stand_ins: Callable[[dict], dict]):
         super().__init__()
         self.guards = guards
         self.kept, self.names = kept, names
-        self.stand_ins = stand_ins
+        self.constants, self.stand_ins = constants, stand_ins
 
     def forward(self, *values):
         given = dict(zip(self.kept, values))
-        given.update({k: v for k, v in self.stand_ins(given).items() if k not in given})
-        return self.guards(*(given[name] for name in self.names))
+        filled = {**self.constants, **self.stand_ins(given), **given}
+        if any(name not in filled for name in self.names):
+            return None  # no stand-in for a dropped input: the graph's own ops check this call
+        return self.guards(*(filled[name] for name in self.names))
 
 
 def _drop_checks_on(graph: Graph, inputs: list[Node]) -> None:

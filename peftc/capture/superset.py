@@ -1,10 +1,13 @@
 """The superset call: the example call plus the optional inputs a derived graph can drop.
 
-peftc captures a transformers model once with `labels` (of the shape its head takes),
-`num_items_in_batch` (what Trainer passes to a forward with `**kwargs`) and
-`output_hidden_states=True`, and derives the graph of every call that passes fewer of them by
-graph surgery (peftc.capture.specialize) instead of capturing again: the call a user makes
-first, Trainer's training call, a call with labels alone, one asking for hidden states.
+peftc captures a transformers model once with `labels` (of the shape its head takes) and
+`num_items_in_batch` (what Trainer passes to a forward with `**kwargs`), and derives the graph
+of every call that passes fewer of them by graph surgery (peftc.capture.specialize) instead of
+capturing again: the call a user makes first, Trainer's training call, a call with labels alone.
+
+`output_hidden_states=True` is not added, though a derived graph can drop it (pass it in
+`example_kwargs` to get that): a graph returning every layer's output cannot be captured as two
+layers and copied (peftc.capture.layer_stacks), so it would make every compile export each layer.
 """
 
 from __future__ import annotations
@@ -42,8 +45,6 @@ def superset_extras(model: nn.Module, kwargs: dict) -> dict:
         labels = extra["labels"] = example_labels(model, kwargs)
     if isinstance(labels, torch.Tensor) and _takes_any_keyword(params) and "num_items_in_batch" not in kwargs:
         extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
-    if ("output_hidden_states" in params or _takes_any_keyword(params)) and "output_hidden_states" not in kwargs:
-        extra["output_hidden_states"] = True
     return {name: value for name, value in extra.items() if value is not None}
 
 

@@ -1,7 +1,7 @@
 """The first build of a compiled model: one capture that also serves the call signatures to come.
 
 For a transformers model the first capture is of the superset call (peftc.capture.superset):
-the example call plus labels, num_items_in_batch and output_hidden_states=True. The example
+the example call plus labels and num_items_in_batch (what Trainer passes). The example
 call's own graph is derived from it (peftc.capture.specialize), and so is the graph of any later
 call that passes a subset of those inputs, so meeting such a call costs a graph copy, not a capture.
 """

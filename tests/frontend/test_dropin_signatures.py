@@ -45,8 +45,6 @@ def _assert_same(ours, theirs) -> None:
 CALLS = {
     "labels": lambda ids: {"labels": ids},
     "labels and num_items_in_batch (Trainer)": lambda ids: {"labels": ids, "num_items_in_batch": torch.tensor(9)},
-    "output_hidden_states": lambda ids: {"output_hidden_states": True},
-    "all of them": lambda ids: {"labels": ids, "num_items_in_batch": torch.tensor(9), "output_hidden_states": True},
 }
 
 
@@ -104,6 +102,34 @@ def test_sequence_classifier_labels_are_derived_and_config_is_untouched(monkeypa
     assert captures == []
     torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_states_compiled_in_are_dropped_without_a_capture(monkeypatch):
+    """output_hidden_states=True in the example call: calls without it (and with labels) derive."""
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(6))
+    cm = peftc.compile(llama(), SPEC, example_kwargs={"input_ids": ids, "output_hidden_states": True}).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(llama(), cm, ["q_proj", "v_proj"], r=4, alpha=8).eval()
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        for kwargs in ({}, {"labels": ids}, {"output_hidden_states": True, "labels": ids}):
+            _assert_same(cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
+    assert captures == []
+
+
+def test_a_derived_graph_keeps_the_input_guards(llama_pair):
+    """A labels call whose mask is shorter than its ids fails as the original does, not inside the graph."""
+    cm, reference = llama_pair
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(Exception) as ours:
+        cm(input_ids=ids, attention_mask=mask, labels=ids)
+    try:
+        reference(input_ids=ids, attention_mask=mask, labels=ids)
+    except Exception as err:  # the original's error, reproduced
+        assert type(ours.value) is type(err)
+    else:
+        assert isinstance(ours.value, peftc.CallError) and "attention_mask" in str(ours.value)
 
 
 def test_a_signature_outside_the_superset_still_captures(llama_pair, monkeypatch):
