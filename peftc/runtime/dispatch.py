@@ -177,7 +177,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         graph modules hold local functions pickle cannot store)."""
         state = self.__dict__.copy()
         state["_modules"] = {k: v for k, v in self._modules.items() if k != "graph_module"}
-        for transient in ("_graphs", "_unmet", "_generator", "forward", "records", "sites"):
+        for transient in ("_graphs", "_unmet", "_generator", "_method_graphs", "forward", "records", "sites"):
             state.pop(transient, None)
         return state
 
