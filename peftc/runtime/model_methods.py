@@ -1,10 +1,11 @@
-"""Model methods that run the network (CLIP's `get_text_features`), run through compiled graphs.
+"""Model methods and submodules that run the network, run through compiled graphs with the adapters.
 
 The compiled model forwards the attributes it lacks to the user's model (peftc.runtime.facade);
-for a method that runs the network that would run it *without* the adapters. These methods are
-instead captured as modules of their own (`MethodCall`) through the compiled model's own
-compilation and plan: same passes, same sites, the same adapter parameters as forward. One graph
-per method and call signature, built on the first call.
+for a method that runs the network (CLIP's `get_text_features`) or a submodule a tool calls
+(TRL's fused LM head calls `model.base_model(...)` for the hidden states) that would run it
+*without* the adapters. These calls are instead captured as modules of their own (`MethodCall`)
+through the compiled model's own compilation and plan: same passes, same sites, the same adapter
+parameters as forward. One graph per method and call signature, built on the first call.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from peftc.capture.calls import CallSignature
 from peftc.ir.modes import set_mode
 
 COMPILED_METHODS = ("get_text_features", "get_image_features", "get_audio_features", "get_video_features")
+COMPILED_SUBMODULES = ("base_model",)  # cm.base_model(...) runs the backbone with the adapters
 GRAPHS = "_method_graphs"  # the dispatch's cache: {(method, signature, placement): graph}; never pickled
 
 
 class MethodCall(nn.Module):
-    """`model.<method>(...)` as a module's forward. The model's children and parameters are registered
+    """`model.<method>(...)` (a method, or a submodule called) as a module's forward. The model's children and parameters are registered
     as this module's own, so parameter names and module paths are the model's (the spec's sites)."""
 
     def __init__(self, model: nn.Module, method: str):
@@ -60,3 +62,21 @@ def compiled_method(dispatch, method: str):
         return graphs[key](**kwargs)
 
     return run
+
+
+class CompiledSubmodule:
+    """A submodule of the user's model (`cm.base_model`) whose calls run through a compiled graph with
+    the adapters; every other attribute (`.layers`, `.config`) is the submodule's own."""
+
+    def __init__(self, dispatch, name: str):
+        self._module = getattr(dispatch.compilation.source, name)
+        self._run = compiled_method(dispatch, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._run(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_module"], name)
+
+    def __repr__(self) -> str:
+        return f"CompiledSubmodule({type(self._module).__name__})"
