@@ -88,6 +88,8 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
         orig_args=[a for a in info.orig_args if a not in dropped], in_spec=in_spec, out_spec=out_spec))
     graph.set_codegen(codegen)
     derived = GraphModule(gm, graph)
+    for name, child in gm.named_children():  # GraphModule copies only what the graph reads; keep whole
+        derived.add_module(name, child)      # trees (packed-weight modules that report() walks)
     if guards is not None:
         derived.add_module(GUARDS, DerivedGuards(gm.get_submodule(GUARDS), *guards))
     derived.meta.update(gm.meta)
