@@ -35,6 +35,7 @@ DROPPABLE: dict[str, Callable[[str], bool]] = {
     "output_hidden_states": lambda field: field == "hidden_states" or field.endswith("_hidden_states"),
 }
 _SUM, _MEAN = 2, 1  # torch's reduction enum (cross_entropy_loss's `reduction` argument)
+DERIVED_REMOVED = "peftc_derived_removed"  # gm.meta: how many of the superset graph's nodes derivation removed
 GUARDS = "_guards_fn"  # the submodule torch.export's .module() calls with every input to check its guards
 
 
@@ -93,6 +94,7 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
     if guards is not None:
         derived.add_module(GUARDS, DerivedGuards(gm.get_submodule(GUARDS), *guards))
     derived.meta.update(gm.meta)
+    derived.meta[DERIVED_REMOVED] = len(gm.graph.nodes) - len(graph.nodes)  # report() counts captured nodes
     derived._in_spec, derived._out_spec = in_spec, out_spec  # what torch.export's graph modules carry
     return derived
 
