@@ -9,6 +9,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.utils.checkpoint import checkpoint
 
+from peftc.ir.layer_program import CompiledLayer
 from peftc.ir.outline import Region, is_attribute, layer_regions, outline, region_inputs
 from peftc.pipeline.runner import PassContext, PassResult
 
@@ -61,7 +62,8 @@ def checkpoint_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 
 def checkpoint_graph(gm: GraphModule, every_n_layers: int = 1) -> None:
-    """Checkpoint `gm`'s layers: outline them the first time, switch recomputation back on after."""
+    """Checkpoint `gm`'s layers: outline them the first time (a flat graph), switch recomputation back on
+    after (and in a layer-structured graph, whose layers checkpoint themselves)."""
     if not set_checkpointing(gm, True, every_n_layers):
         checkpoint_layers(gm, None)
         gm.recompile()
@@ -73,9 +75,13 @@ def set_checkpointing(gm: GraphModule, enabled: bool, every_n_layers: int = 1) -
     0, n, 2n, ...) or off in the layers checkpoint_layers outlined; False if there are none."""
     if every_n_layers < 1:
         raise ValueError(f"every_n_layers: expected an integer >= 1, got {every_n_layers!r}")
-    layers = [m for m in gm.modules() if isinstance(m, CheckpointedLayer)]
+    layers = [m for m in gm.modules() if isinstance(m, (CheckpointedLayer, CompiledLayer))]
     for index, layer in enumerate(layers):
-        layer.enabled = enabled and index % every_n_layers == 0
+        on = enabled and index % every_n_layers == 0
+        if isinstance(layer, CompiledLayer):
+            layer.checkpointed = on
+        else:
+            layer.enabled = on
     return bool(layers)
 
 

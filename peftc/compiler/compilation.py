@@ -28,6 +28,7 @@ from peftc.ir.lora_bank import ServingPlan
 from peftc.ir.modes import record_modes
 from peftc.ir.quantized import quantized_weights, without_quantized_weights
 from peftc.ir.sites import Site, find_sites
+from peftc.passes.structure_layers import structure_layers
 from peftc.pipeline.runner import PassContext, PassRecord, run_pipeline
 from peftc.pipeline.state import MergeOptions, SharedState
 from peftc.spec.methods import METHODS
@@ -36,7 +37,7 @@ from peftc.spec.parse import Spec
 
 @dataclass(frozen=True)
 class CompileOptions:
-    backend: str = "torch"  # "torch" | "triton"
+    backend: str = "torch"  # "torch" | "triton" | "inductor"
     copy_layers: bool = True  # capture one layer of a stack of identical layers and copy it (capture.layer_stacks)
 
     def __post_init__(self):
@@ -46,11 +47,20 @@ class CompileOptions:
 
 @dataclass(frozen=True)
 class Built:
-    """One graph and what made it: the pass records and the sites as the passes left them."""
+    """One graph and what made it: the pass records and the sites as the passes left them.
+
+    `graph_module` is the graph to run; `flat` the same graph as the passes left it, every op
+    inline (the two are one object unless the plan structures layers, passes/structure_layers.py).
+    """
 
     graph_module: GraphModule
     records: list[PassRecord]
     sites: tuple[Site, ...]
+    flat: GraphModule | None = None
+
+    def __post_init__(self):
+        if self.flat is None:
+            object.__setattr__(self, "flat", self.graph_module)
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,7 +106,10 @@ class Compilation:
                           trainable=self._trainable(base_params), methods=METHODS, shared=self.shared,
                           merge=plan.merge, serving=plan.serving)
         records, sites = run_pipeline(gm, plan.steps(self.spec), ctx, dump_dir)
-        return Built(gm, records, sites)
+        if not plan.structure_layers:
+            return Built(gm, records, sites)
+        structured = structure_layers(gm, checkpointed=plan.checkpoint_layers, compiled=plan.backend == "inductor")
+        return Built(structured, records, sites, flat=gm)
 
     def after_first_build(self, built: Built) -> "Compilation":
         """The compilation later graphs build from: once quantize_base has packed weights, capture

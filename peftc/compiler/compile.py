@@ -26,6 +26,9 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     `copy_layers=False` exports every layer of identical layer stacks instead of copying
     the second one (see peftc.capture.layer_stacks). `gradient_checkpointing=True` compiles with
     per-layer recomputation in backward (as `cm.gradient_checkpointing_enable()` later does).
+    `backend`: "torch" (graph ops), "triton" (LoRA sites lowered to fused Triton kernels where a
+    GPU runs them) or "inductor" (each distinct layer program compiled once by torch.compile,
+    for every layer that runs it: passes/structure_layers.py).
     """
     spec = as_spec(spec)
     view = weight_view(model)  # the user's storage; our own Parameter objects, flags and modes

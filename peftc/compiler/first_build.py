@@ -41,8 +41,17 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
                 built = compilation.build(*wide, plan, dump_dir=dump_dir)
         except CaptureError:
             built = None  # the model refuses one of the extra inputs: capture the example call alone
-        derived = built and derive_graph(built.graph_module, CallSignature.of(*wide), CallSignature.of(*example),
-                                         functools.partial(superset_extras, compilation.source))
+        derived = built and _derived(built, compilation, CallSignature.of(*wide), CallSignature.of(*example))
         if derived is not None:
-            return FirstBuild(Built(derived, built.records, built.sites), wide, built.graph_module)
+            return FirstBuild(derived, wide, built.graph_module)
     return FirstBuild(compilation.build(*example, plan, dynamic_shapes=dynamic_shapes, dump_dir=dump_dir))
+
+
+def _derived(built: Built, compilation: Compilation, wide: CallSignature, call: CallSignature) -> Built | None:
+    """`built` derived for `call`: the graph to run, and its flat view (what report() and diff() read)."""
+    stand_ins = functools.partial(superset_extras, compilation.source)
+    graph = derive_graph(built.graph_module, wide, call, stand_ins)
+    if graph is None:
+        return None
+    flat = graph if built.flat is built.graph_module else derive_graph(built.flat, wide, call, stand_ins)
+    return Built(graph, built.records, built.sites, flat=flat) if flat is not None else None

@@ -3,9 +3,11 @@
 One spec compiles to different graphs for different uses, and each use is a plan, not a
 flag threaded through the pipeline:
 
-- `Plan.train(backend)`: the adapters as graph ops, LoRA shrinks fused (torch back end) or
-  lowered to fused kernels (triton back end) — what `compile` returns; with
-  `checkpoint_layers`, each layer outlined and recomputed in backward;
+- `Plan.train(backend)`: the adapters as graph ops, LoRA shrinks fused (torch and inductor
+  back ends) or lowered to fused kernels (triton back end) — what `compile` returns — then
+  layer-structured (each layer a module at its own path, passes/structure_layers.py; with the
+  inductor back end each distinct layer program compiled once); with `checkpoint_layers`,
+  each layer recomputed in backward;
 - `Plan.merged(options)`: every foldable adapter folded into its weight — `cm.merged()`;
 - `Plan.export(merge)`: what ONNX export reads: torch ops only, no shrink fusion, no lowering,
   merged or not, so export never has to undo a pass;
@@ -39,7 +41,7 @@ from peftc.pipeline.state import MergeOptions, MergeState
 from peftc.spec.methods import METHODS
 from peftc.spec.parse import Spec
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "inductor")
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,10 +52,12 @@ class Plan:
     merge: MergeState | None = None  # set: fold adapters (its weights are shared by this plan's graphs)
     serving: ServingPlan | None = None  # set: the multi-adapter lowering instead of the spec's passes
     checkpoint_layers: bool = False  # recompute each layer in backward (gradient checkpointing)
+    structure_layers: bool = False  # run each layer as a module at its own path (passes/structure_layers.py)
 
     @classmethod
-    def train(cls, backend: str = "torch", checkpoint_layers: bool = False) -> "Plan":
-        return cls("train", backend=backend, fuse_shrinks=backend == "torch", checkpoint_layers=checkpoint_layers)
+    def train(cls, backend: str = "torch", checkpoint_layers: bool = False, structure_layers: bool = True) -> "Plan":
+        return cls("train", backend=backend, fuse_shrinks=backend in ("torch", "inductor"),
+                   checkpoint_layers=checkpoint_layers, structure_layers=structure_layers)
 
     @classmethod
     def merged(cls, options: MergeOptions | None = None) -> "Plan":
@@ -96,6 +100,6 @@ class Plan:
             steps.append(Step("merge_adapters", merge_adapters))
         elif self.backend == "triton":
             steps.append(Step("lower_lora_triton", lower_lora_triton))
-        if self.checkpoint_layers:  # last: a layer's outlined body holds every op the passes put there
-            steps.append(Step("checkpoint_layers", checkpoint_layers))
+        if self.checkpoint_layers and not self.structure_layers:  # last: a layer's outlined body holds
+            steps.append(Step("checkpoint_layers", checkpoint_layers))  # every op the passes put there
         return steps

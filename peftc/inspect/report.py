@@ -28,9 +28,9 @@ class Report:
     def build(cls, cm, scope: str | None = None) -> "Report":
         """From the pipeline's records; `scope` keeps the site rows under one module path."""
         if scope:
-            select_nodes(cm.graph_module, scope)  # a scope that names nothing is an error, not an empty table
+            select_nodes(cm.flat_graph_module, scope)  # a scope that names nothing is an error, not an empty table
         sites_by_path = {s.path: s for s in cm.sites}
-        nodes = {n.name: n for n in cm.graph_module.graph.nodes}
+        nodes = {n.name: n for n in cm.flat_graph_module.graph.nodes}
         per_site: dict[str, dict] = {}
         for record in cm.records:
             if record.method is None:
@@ -204,9 +204,9 @@ def _totals(cm) -> dict:
     seen: set[int] = set()
     total = trainable = 0
     base_bytes: dict[str, int] = {}
-    adapter_ids = {id(p) for p in getattr(cm.graph_module, adapters.ROOT).parameters()}
+    adapter_ids = {id(p) for p in getattr(cm.flat_graph_module, adapters.ROOT).parameters()}
     adapter_bytes = adapter_params = 0
-    for _, tensor in list(cm.graph_module.named_parameters()) + list(cm.graph_module.named_buffers()):
+    for _, tensor in list(cm.flat_graph_module.named_parameters()) + list(cm.flat_graph_module.named_buffers()):
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
@@ -224,22 +224,22 @@ def _totals(cm) -> dict:
     for record in cm.records:
         if record.method is not None:
             by_method[record.method] = by_method.get(record.method, 0) + sum(record.params_added.values())
-    quantized_base = quantized.summary(cm.graph_module)  # packed weights are buffers: count them here
+    quantized_base = quantized.summary(cm.flat_graph_module)  # packed weights are buffers: count them here
     total += quantized_base["params"] if quantized_base else 0
     return {"trainable_params": trainable, "total_params": total, "quantized_base": quantized_base,
             "trainable_fraction": trainable / total if total else 0.0,
             "adapter_params": adapter_params, "adapter_params_by_method": by_method,
             "adapter_bytes": adapter_bytes, "base_bytes_by_dtype": base_bytes,
             "graph_nodes_captured": _captured_nodes(cm),
-            "graph_nodes": len(cm.graph_module.graph.nodes),
-            "copied_layers": list(cm.graph_module.meta.get(COPIED_LAYERS, []))}
+            "graph_nodes": len(cm.flat_graph_module.graph.nodes),
+            "copied_layers": list(cm.flat_graph_module.meta.get(COPIED_LAYERS, []))}
 
 
 def _captured_nodes(cm) -> int:
     """Nodes of the graph as captured: of a graph derived from a superset capture, those derivation kept."""
     if not cm.records:
-        return len(cm.graph_module.graph.nodes)
-    return cm.records[0].nodes_before - cm.graph_module.meta.get(DERIVED_REMOVED, 0)
+        return len(cm.flat_graph_module.graph.nodes)
+    return cm.records[0].nodes_before - cm.flat_graph_module.meta.get(DERIVED_REMOVED, 0)
 
 
 def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:

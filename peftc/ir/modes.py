@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from peftc.ir.layer_program import program_bodies
+
 aten = torch.ops.aten
 
 DROPOUT_OPS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
@@ -90,9 +92,9 @@ def record_modes(gm: GraphModule) -> None:
 
 def set_mode(gm: GraphModule, training: bool) -> bool:
     """Put every mode-dependent node in train or eval form, in `gm` and in the graphs outlined from it
-    (peftc.ir.outline); returns whether anything changed."""
+    (peftc.ir.outline, and the layer programs of peftc.ir.layer_program); returns whether anything changed."""
     changed = False
-    for graph_module in [m for m in gm.modules() if isinstance(m, GraphModule)]:
+    for graph_module in [m for m in gm.modules() if isinstance(m, GraphModule)] + program_bodies(gm):
         changed |= _set_graph_mode(graph_module, training)
     return changed
 

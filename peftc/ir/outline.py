@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+
+from peftc.ir.modes import MODE_KEY
 
 LAYER_PATH = re.compile(r"(.+)\.(\d+)")
 
@@ -68,10 +70,22 @@ def layer_regions(gm: GraphModule) -> list[Region]:
             spans.setdefault(layer, [i, i])[1] = i
     regions = []
     for path, (first, last) in sorted(spans.items(), key=lambda item: item[1][0]):
-        nodes = order[first:last + 1]
-        if all(layer_of(n, stacks) in (path, None) for n in nodes):
+        nodes = _without_foreign_calls(order[first:last + 1])
+        if nodes and all(layer_of(n, stacks) in (path, None) for n in nodes):
             regions.append(Region(path, tuple(nodes)))
     return regions
+
+
+def _without_foreign_calls(nodes: list[Node]) -> list[Node] | None:
+    """The span without the module calls that landed in it (torch.export's input guards, `_guards_fn`),
+    moved before it; None if one of them reads a value the span computes."""
+    span = set(nodes)
+    calls = [n for n in nodes if n.op == "call_module"]
+    if any(value in span for call in calls for value in call.all_input_nodes):
+        return None
+    for call in calls:
+        nodes[0].prepend(call)
+    return [n for n in nodes if n.op != "call_module"]
 
 
 def is_attribute(node: Node) -> bool:
@@ -85,26 +99,33 @@ def outline(gm: GraphModule, region: Region, name: str, wrap: Callable[[GraphMod
     The body's inputs are the values the region reads, those `trailing` picks (by default the
     parameters and buffers) last, so a wrapper can tell them from the rest. Returns the wrapper.
     """
-    inside = set(region.nodes)
     inputs = region_inputs(region)
     inputs = [n for n in inputs if not trailing(n)] + [n for n in inputs if trailing(n)]
-    outputs = [n for n in region.nodes if any(user not in inside for user in n.users)]
-    body = GraphModule(nn.Module(), _body_graph(region.nodes, inputs, outputs), class_name="LayerBody")
+    outputs = region_outputs(region)
+    body = GraphModule(nn.Module(), body_graph(region.nodes, inputs, outputs), class_name="LayerBody")
     module = wrap(body, sum(1 for n in inputs if trailing(n)))
     gm.add_submodule(name, module)
     for value in inputs:  # attribute reads a pass placed inside the span must come before the call
         if value.op == "get_attr":
             region.nodes[0].prepend(value)
+    replace_with_call(gm, region, name, inputs, outputs)
+    return module
+
+
+def replace_with_call(gm: GraphModule, region: Region, name: str, inputs: list[Node], outputs: list[Node],
+                      kwargs: dict | None = None) -> Node:
+    """Put `gm.<name>(*inputs, **kwargs)` where `region` was; its i-th result stands for `outputs[i]`."""
+    inside = set(region.nodes)
     with gm.graph.inserting_before(region.nodes[0]):
-        call = gm.graph.call_module(name, tuple(inputs))
+        call = gm.graph.call_module(name, tuple(inputs), kwargs or {})
         call.meta["nn_module_stack"] = region.nodes[0].meta.get("nn_module_stack", {})
         for i, node in enumerate(outputs):
             item = gm.graph.call_function(operator.getitem, (call, i))
-            item.meta = dict(node.meta)
+            item.meta = value_meta(node)
             node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in inside)
     for node in reversed(region.nodes):
         gm.graph.erase_node(node)
-    return module
+    return call
 
 
 def region_inputs(region: Region) -> list[Node]:
@@ -118,16 +139,49 @@ def region_inputs(region: Region) -> list[Node]:
     return list(seen)
 
 
-def _body_graph(nodes: tuple[Node, ...], inputs: list[Node], outputs: list[Node]) -> Graph:
+def region_outputs(region: Region) -> list[Node]:
+    """The nodes of `region` that nodes outside it read, in graph order."""
+    inside = set(region.nodes)
+    return [n for n in region.nodes if any(user not in inside for user in n.users)]
+
+
+def body_graph(nodes: tuple[Node, ...], inputs: list[Node], outputs: list[Node],
+               reads_inside: dict[Node, str] | None = None) -> Graph:
+    """A graph of `nodes` taking `inputs` as placeholders and returning `outputs` as a tuple.
+
+    `reads_inside` maps attribute reads (get_attr nodes outside the region) to the target the
+    body reads itself instead of taking them as inputs.
+    """
     graph = Graph()
     env: dict[Node, Node] = {}
+    names: set[str] = set()
     for value in inputs:
-        env[value] = graph.placeholder(_placeholder_name(value))
+        env[value] = graph.placeholder(_unique(_placeholder_name(value), names))
+        env[value].meta = value_meta(value)
+    for value, target in (reads_inside or {}).items():
+        env[value] = graph.get_attr(target)
         env[value].meta = dict(value.meta)
     for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[n] for n in outputs))
     return graph
+
+
+def value_meta(node: Node) -> dict:
+    """`node`'s metadata for a node standing for its value (a placeholder, a getitem), not its op:
+    those have no train/eval argument to switch."""
+    return {k: v for k, v in node.meta.items() if k != MODE_KEY}
+
+
+def _unique(name: str, used: set[str]) -> str:
+    """`name`, or `name_1`, `name_2`...: placeholder names are the code's argument names (two reads of one
+    attribute must not give two arguments of one name)."""
+    candidate, n = name, 0
+    while candidate in used:
+        n += 1
+        candidate = f"{name}_{n}"
+    used.add(candidate)
+    return candidate
 
 
 def _placeholder_name(node: Node) -> str:

@@ -144,11 +144,11 @@ class CompiledModel(AdapterCheckpoint, GraphDispatch):
     # -- inspection (peftc.inspect.graph_view, peftc.inspect.dot) ------------------------------------
     def diff(self, scope: str | None = None) -> str:
         """The graph before vs after as text, grouped by site; `scope` limits it to one module path."""
-        return diff_text(self.graph_module, self.sites, self.records, scope)
+        return diff_text(self.flat_graph_module, self.sites, self.records, scope)
 
     def to_dot(self, scope: str | None = None) -> str:
         """DOT text of the graph (or of `scope`), inserted nodes coloured by method."""
-        return to_dot(self.graph_module, scope)
+        return to_dot(self.flat_graph_module, scope)
 
     def render(self, path, scope: str | None = None, format: str | None = None) -> Path:
         """Write the graph as SVG/PNG/PDF (from the suffix) with the graphviz `dot` program."""
@@ -157,7 +157,7 @@ class CompiledModel(AdapterCheckpoint, GraphDispatch):
     def to_networkx(self, scope: str | None = None):
         """A networkx.DiGraph, one node per graph node (attrs: op, target, module_path, shape, dtype,
         inserted_by)."""
-        return to_networkx(self.graph_module, scope)
+        return to_networkx(self.flat_graph_module, scope)
 
     def extra_repr(self) -> str:
         methods = ", ".join(e.method for e in self.spec.adapters) or "none"

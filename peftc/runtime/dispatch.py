@@ -2,8 +2,11 @@
 
 torch.export specializes a graph on which arguments a call passes (labels or not, a mask or
 not). A dispatch keeps one graph per call signature: the first, built when it was made, and
-others built on first use of a new signature by the same Compilation and plan, so every graph
-shares the same base weights and the same adapter parameters.
+others built on first use of a new signature by the same Compilation and plan (or derived
+without a capture from the superset graph: peftc.capture.specialize). The dispatch
+owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
+original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
+submodules.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
 from peftc.runtime.generate import Generator, generate
+from peftc.runtime.module_tree import adopt_tree, attach_graph
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -37,24 +41,42 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self.training = training
         self.compilation = compilation  # a dataclass, not a module: the user's model is not our submodule
         self.plan = plan
-        self.graph_module = first.graph_module
+        self._example = example  # the first graph's call: other plans build their first graph from it
+        self._use_first(first, superset)
+        self.sign_forward()
+
+    def _use_first(self, first, superset=None) -> None:
+        """Run `first` (a Built) for the example's signature and own its module tree."""
         self.records = first.records
         self.sites = list(first.sites)
-        self._example = example  # the first graph's call: other plans build their first graph from it
-        self._graphs = {CallSignature.of(*example): first.graph_module}
+        self._first_signature = CallSignature.of(*self._example)
+        self._graphs = {self._first_signature: first.graph_module}  # not submodules: the tree is ours
+        self._flat = {self._first_signature: first.flat}  # a dict: graph modules are not our submodules
+        self._tree_origin = adopt_tree(self, first.graph_module)
         self._generator = None  # built on the first generate()
         set_mode(first.graph_module, self.training)
         self._keep_superset(superset)
-        self.sign_forward()
 
     def _keep_superset(self, superset) -> None:
         """The graph captured for the superset call (peftc.compiler.first_build): others derive from it."""
         self._superset = superset[0] if superset is not None else None
         self._unmet = set()  # signatures of graphs held but not called yet: the superset's
         if superset is not None:
-            self._graphs[CallSignature.of(*superset[0])] = superset[1]
-            self._unmet.add(CallSignature.of(*superset[0]))
-            set_mode(superset[1], self.training)
+            signature, gm = CallSignature.of(*superset[0]), superset[1]
+            attach_graph(self, gm, self._tree_origin)
+            set_mode(gm, self.training)
+            self._graphs[signature] = gm
+            self._unmet.add(signature)
+
+    @property
+    def graph_module(self) -> GraphModule:
+        """The graph run for the example call's signature (layer-structured where the plan structures)."""
+        return self._graphs[self._first_signature]
+
+    @property
+    def flat_graph_module(self) -> GraphModule:
+        """That graph as the passes left it, every op inline: what report(), diff() and dumps read."""
+        return self._flat[self._first_signature]
 
     @property
     def example_call(self) -> tuple[tuple, dict]:
@@ -85,6 +107,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self._unmet.discard(signature)
         if gm is None:
             gm = self._derived(signature) or self.compilation.build(args, kwargs, self.plan).graph_module
+            attach_graph(self, gm, self._tree_origin)
             self.graph_built(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
@@ -136,9 +159,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
         # that cannot happen in place (to "meta") gives them new tensors the graphs do not see.
         self.compilation.source._apply(fn, recurse)
         self.compilation.adapter_root._apply(fn, recurse)
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # the module tree, which attached graphs share
         for gm in self._graphs.values():
-            if gm is not self.graph_module:
+            if gm is not self.graph_module and gm._parameters is not self._parameters:  # not attached
                 gm._apply(fn, recurse)
         if _placement(self.graph_module) != before:
             # Graphs bake in dtypes and devices (export's tensor-metadata checks, casts, factory
@@ -161,23 +184,20 @@ class GraphDispatch(ModelAttributes, nn.Module):
                 superset = (start.superset, start.superset_graph)
         else:
             first = self.compilation.build(*self._example, self.plan)
-        self.graph_module = first.graph_module
-        self.records, self.sites = first.records, list(first.sites)
-        self._graphs = {CallSignature.of(*self._example): first.graph_module}
-        self._keep_superset(superset)
+        self._use_first(first, superset)
+        self.graph_built(first.graph_module)
         if superset is not None:
             self.graph_built(superset[1])
-        self._generator = None
-        self.graph_built(first.graph_module)
-        set_mode(first.graph_module, self.training)
 
     # -- copy and pickle -----------------------------------------------------------------------------
     def __getstate__(self):
         """Pickle the compilation, the plan and the example call; graphs are rebuilt on load (exported
         graph modules hold local functions pickle cannot store)."""
         state = self.__dict__.copy()
-        state["_modules"] = {k: v for k, v in self._modules.items() if k != "graph_module"}
-        for transient in ("_graphs", "_unmet", "_generator", "_method_graphs", "forward", "records", "sites"):
+        state["_modules"], state["_parameters"], state["_buffers"] = {}, {}, {}  # the tree: rebuilt
+        state["_non_persistent_buffers_set"] = set()
+        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_method_graphs", "forward",
+                          "records", "sites"):
             state.pop(transient, None)
         return state
 

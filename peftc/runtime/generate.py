@@ -45,7 +45,8 @@ class Generator:
 
     def __init__(self, compilation, plan):
         self.compilation = compilation
-        self.plan = plan
+        # Decoding runs without grad, outside FSDP and checkpointing: the flat graph, no layer calls.
+        self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
         self.graphs: dict[tuple[int, int], DecoderGraphs] = {}
 
     @property

@@ -10,7 +10,7 @@ import torch
 import peftc
 from families import FAMILIES, call, logits, randomize_adapters
 from peftc.ir.outline import layer_regions
-from peftc.passes.checkpoint_layers import CheckpointedLayer
+from peftc.ir.layer_program import CompiledLayer
 
 LORA = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1}
 
@@ -60,7 +60,7 @@ def test_checkpointed_gradients_equal_plain_ones_and_less_is_saved(name):
     cm.gradient_checkpointing_enable()
     assert cm.is_gradient_checkpointing
     ckpt_loss, ckpt_saved, ckpt_grads = step()
-    assert len([m for m in cm.modules() if isinstance(m, CheckpointedLayer)]) == 2
+    assert [m.checkpointed for m in cm.modules() if isinstance(m, CompiledLayer)] == [True, True]
     torch.testing.assert_close(ckpt_loss, plain_loss)
     assert plain_grads.keys() == ckpt_grads.keys() and plain_grads
     for key in plain_grads:
@@ -105,7 +105,7 @@ def test_disable_and_eval_run_the_layers_plainly():
 
 def test_regions_follow_the_layer_stack_and_no_layer_is_split():
     family, cm = compiled("llama")
-    regions = layer_regions(cm.graph_module)
+    regions = layer_regions(cm.flat_graph_module)
     assert [r.path for r in regions] == ["model.layers.0", "model.layers.1"]
     assert not set(regions[0].nodes) & set(regions[1].nodes)
 
@@ -123,7 +123,7 @@ def test_every_n_layers_checkpoints_layers_0_n_2n():
     family, cm = compiled("llama")
     cm.gradient_checkpointing_enable(every_n_layers=2)
     cm(**family.inputs(2, 6))
-    layers = [m for m in cm.graph_module.modules() if isinstance(m, CheckpointedLayer)]
-    assert [layer.enabled for layer in layers] == [True, False]
+    layers = [m for m in cm.modules() if isinstance(m, CompiledLayer)]
+    assert [layer.checkpointed for layer in layers] == [True, False]
     with pytest.raises(NotImplementedError, match="offload"):
         cm.gradient_checkpointing_enable(offload=True)

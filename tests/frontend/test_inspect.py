@@ -108,7 +108,7 @@ def test_group_paths_names_gaps_and_singletons():
 
 # -- diff --------------------------------------------------------------------------------------
 def inserted_under(cm, scope: str) -> list:
-    return [n for n in cm.graph_module.graph.nodes
+    return [n for n in cm.flat_graph_module.graph.nodes
             if provenance(n) is not None and (provenance(n)["site"] + ".").startswith(scope + ".")]
 
 
@@ -157,12 +157,12 @@ def compiled_mlp():
 def test_dot_parses_with_one_node_per_graph_node_in_scope(compiled, compiled_mlp, family, scope):
     cm = compiled_mlp if family == "mlp" else compiled[1]
     (graph,) = pydot.graph_from_dot_data(cm.to_dot(scope))
-    expected = {n.name for n in cm.graph_module.graph.nodes
+    expected = {n.name for n in cm.flat_graph_module.graph.nodes
                 if scope is None or (node_module_path(n) + ".").startswith(scope + ".")}
     names = [n.get_name().strip('"') for n in dot_nodes(graph)]
     assert len(names) == len(expected) and set(names) == expected
     edges = {(e.get_source().strip('"'), e.get_destination().strip('"')) for e in graph.get_edges()}
-    assert edges == {(a.name, n.name) for n in cm.graph_module.graph.nodes if n.name in expected
+    assert edges == {(a.name, n.name) for n in cm.flat_graph_module.graph.nodes if n.name in expected
                      for a in n.all_input_nodes if a.name in expected}
 
 
@@ -170,7 +170,7 @@ def test_dot_of_the_whole_model_has_every_node(compiled):
     _, cm, _ = compiled
     text = cm.to_dot()
     statements = re.findall(r'^\s*"([^"]+)" \[label=', text, flags=re.M)
-    assert sorted(statements) == sorted(n.name for n in cm.graph_module.graph.nodes)
+    assert sorted(statements) == sorted(n.name for n in cm.flat_graph_module.graph.nodes)
 
 
 def test_dot_colours_inserted_nodes_by_method(compiled):
@@ -209,7 +209,7 @@ def test_render_svg_with_graphviz(compiled, tmp_path):
 def test_networkx_is_a_dag_with_one_node_per_graph_node(compiled):
     _, cm, _ = compiled
     graph = cm.to_networkx()
-    nodes = list(cm.graph_module.graph.nodes)
+    nodes = list(cm.flat_graph_module.graph.nodes)
     assert isinstance(graph, nx.DiGraph) and nx.is_directed_acyclic_graph(graph)
     assert graph.number_of_nodes() == len(nodes)
     assert graph.number_of_edges() == sum(len(set(n.all_input_nodes)) for n in nodes)

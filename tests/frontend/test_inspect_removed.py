@@ -52,11 +52,11 @@ def test_removed_counts_agree_with_the_graph(quantized_llama):
     record = cm.records[0]
     weights = quantized.summary(cm.graph_module)["weights"]
     assert record.name == "quantize_base" and len(record.erased) == 2 * weights  # a linear and its weight read
-    names_now = {n.name for n in cm.graph_module.graph.nodes}
+    names_now = {n.name for n in cm.flat_graph_module.graph.nodes}
     assert not names_now & {t.name for r in cm.records for t in r.erased}
-    originals_now = sum(1 for n in cm.graph_module.graph.nodes if provenance(n) is None)
+    originals_now = sum(1 for n in cm.flat_graph_module.graph.nodes if provenance(n) is None)
     # the records are those of the superset capture; deriving this call's graph removed the loss nodes
-    derived_removed = cm.graph_module.meta.get(DERIVED_REMOVED, 0)
+    derived_removed = cm.flat_graph_module.meta.get(DERIVED_REMOVED, 0)
     assert len(record.erased) == record.nodes_before - derived_removed - originals_now
     row = cm.report().passes[0]
     assert row["nodes_removed"] == 2 * weights
@@ -76,7 +76,7 @@ def test_passes_that_remove_nothing_record_nothing(quantized_llama):
     freeze = next(r for r in quantized_llama.records if r.name == "freeze_params")
     assert freeze.erased == () and freeze.rewired == ()
     lora = next(r for r in quantized_llama.records if r.name == "insert_lora")
-    names_now = {n.name for n in quantized_llama.graph_module.graph.nodes}
+    names_now = {n.name for n in quantized_llama.flat_graph_module.graph.nodes}
     assert lora.erased == () and {t.name for t in lora.rewired} <= names_now
     # what the q_proj reader read before LoRA redirected it: quantize_base's op, not the LoRA sum
     view = next(t for t in lora.rewired if t.name == "view")
@@ -86,7 +86,7 @@ def test_passes_that_remove_nothing_record_nothing(quantized_llama):
 def test_merged_graph_shows_the_adapter_nodes_merge_removed():
     spec = as_spec({"adapters": [{"method": "lora", "targets": ["fc1"], "r": 2}]})
     built = Compilation.start(FAMILIES["mlp"].build(), spec).build((torch.randn(3, 16),), {}, Plan.merged())
-    gm, records, sites = built.graph_module, built.records, built.sites
+    gm, records, sites = built.flat, built.records, built.sites
     inserted = {t.name for t in records[-1].erased}
     assert records[-1].name == "merge_adapters" and inserted  # every node insert_lora added
     text = diff_text(gm, sites, records, scope="fc1")
@@ -114,7 +114,7 @@ def test_triton_lowering_shows_the_lora_subgraph_it_replaced():
 def test_dot_colours_nodes_of_a_pass_without_a_method_by_the_pass(quantized_llama):
     dot = quantized_llama.to_dot(Q_PROJ)
     assert "lora = sandybrown, quantize_base = powderblue" in dot
-    quantized_nodes = [n.name for n in quantized_llama.graph_module.graph.nodes
+    quantized_nodes = [n.name for n in quantized_llama.flat_graph_module.graph.nodes
                        if (provenance(n) or {}).get("pass") == "quantize_base" and n.meta["peftc"]["site"] == Q_PROJ]
     assert len(quantized_nodes) == 3  # codes, scales, the quantized linear
     for name in quantized_nodes:

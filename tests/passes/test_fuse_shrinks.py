@@ -112,13 +112,13 @@ def llama_pair():
 # -- LLaMA, all seven projections -------------------------------------------------------------
 def test_llama_shrinks_drop_from_seven_to_four_per_layer(llama_pair):
     fused, plain = llama_pair
-    assert per_layer(shrinks(plain.graph_module)) == [7] * LAYERS
+    assert per_layer(shrinks(plain.flat_graph_module)) == [7] * LAYERS
     # q,k,v | o | gate,up | down: four shrinks (the issue counted three groups; o and down read their own inputs)
-    assert per_layer(shrinks(fused.graph_module)) == [4] * LAYERS
-    cats = [n for n in fused.graph_module.graph.nodes if n.target == aten.cat.default
+    assert per_layer(shrinks(fused.flat_graph_module)) == [4] * LAYERS
+    cats = [n for n in fused.flat_graph_module.graph.nodes if n.target == aten.cat.default
             and (provenance(n) or {}).get("pass") == PASS]
     assert [len(c.args[0]) for c in cats] == [3, 2] * LAYERS
-    split = next(n for n in fused.graph_module.graph.nodes if n.target == aten.split_with_sizes.default
+    split = next(n for n in fused.flat_graph_module.graph.nodes if n.target == aten.split_with_sizes.default
                  and provenance(n)["pass"] == PASS)
     assert split.args[1] == [4, 2, 4]
 
@@ -154,7 +154,7 @@ def test_merged_is_unchanged(llama_pair):
     fused, plain = llama_pair
     family = FAMILIES["llama"]
     merged = fused.merged()
-    assert not any(provenance(n) for n in merged.graph_module.graph.nodes)  # no fused leftovers
+    assert not any(provenance(n) for n in merged.flat_graph_module.graph.nodes)  # no fused leftovers
     with torch.no_grad():
         got = logits(merged(**call_inputs(family)))
     torch.testing.assert_close(got, eval_logits(fused, family), rtol=0, atol=1e-5)
@@ -165,17 +165,17 @@ def test_export_plan_builds_one_shrink_per_site(llama_pair):
     """Export builds its own graph without the fusion (its LoRA inputs then take any rank): nothing to undo."""
     fused, plain = llama_pair
     gm = fused.compilation.build(*fused.example_call, fused.compilation.export_plan(merge=False)).graph_module
-    assert len(shrinks(gm)) == len(shrinks(plain.graph_module)) == LAYERS * 7
-    assert len(gm.graph.nodes) == len(plain.graph_module.graph.nodes)
+    assert len(shrinks(gm)) == len(shrinks(plain.flat_graph_module)) == LAYERS * 7
+    assert len(gm.graph.nodes) == len(plain.flat_graph_module.graph.nodes)
     assert not any((provenance(n) or {}).get("pass") == PASS for n in gm.graph.nodes)
-    assert len(shrinks(fused.graph_module)) == LAYERS * 4  # the compiled model's own graph stays fused
+    assert len(shrinks(fused.flat_graph_module)) == LAYERS * 4  # the compiled model's own graph stays fused
 
 
 # -- BERT (query/key/value), GPT-2 (nothing to fuse) ------------------------------------------
 def test_bert_query_key_value_fused_and_equal():
     fused, plain = compile_pair("bert", lora_spec(["query", "key", "value", "dense"]))
-    assert len(shrinks(plain.graph_module)) == LAYERS * 6 + 1  # query, key, value, 3 denses per layer; the pooler
-    assert len(shrinks(fused.graph_module)) == LAYERS * 4 + 1  # one for query/key/value
+    assert len(shrinks(plain.flat_graph_module)) == LAYERS * 6 + 1  # query, key, value, 3 denses per layer; the pooler
+    assert len(shrinks(fused.flat_graph_module)) == LAYERS * 4 + 1  # one for query/key/value
     assert_same_training(fused, plain, FAMILIES["bert"])  # BERT's own dropout: one seed, the same masks
 
 
@@ -185,8 +185,8 @@ def test_gpt2_single_site_is_a_no_op():
     _, cm = compile_family(family, lora_spec(["c_attn"]), example_kwargs=call_inputs(family))
     record = next(r for r in cm.records if r.name == PASS)
     assert not record.modified and record.nodes_after == record.nodes_before and not record.notes
-    assert len(shrinks(cm.graph_module)) == 2 and not any(
-        (provenance(n) or {}).get("pass") == PASS for n in cm.graph_module.graph.nodes)
+    assert len(shrinks(cm.flat_graph_module)) == 2 and not any(
+        (provenance(n) or {}).get("pass") == PASS for n in cm.flat_graph_module.graph.nodes)
 
 
 # -- dropout: separate masks are never fused ----------------------------------------------------
@@ -197,9 +197,9 @@ def test_branches_with_dropout_stay_unfused():
         {"method": "lora", "targets": ["value"], "r": 3, "dropout": 0.2},
     ]}
     fused, plain = compile_pair("bert", spec)
-    assert len(shrinks(plain.graph_module)) == LAYERS * 3 and len(shrinks(fused.graph_module)) == LAYERS * 2
+    assert len(shrinks(plain.flat_graph_module)) == LAYERS * 3 and len(shrinks(fused.flat_graph_module)) == LAYERS * 2
     # (layer 0's query/key/value all read BERT's own embedding dropout: one node, one mask, fused)
-    own_dropout = [n for n in shrinks(fused.graph_module)
+    own_dropout = [n for n in shrinks(fused.flat_graph_module)
                    if n.args[0].target in DROPOUT_OPS and (provenance(n.args[0]) or {}).get("pass") == "insert_lora"]
     assert [provenance(n)["site"].split(".")[-1] for n in own_dropout] == ["value", "value"]
     record = next(r for r in fused.records if r.name == PASS)

@@ -56,8 +56,8 @@ def _lora_graph_ops(gm):
 
 def _check_equal_outputs(ref, cm, family):
     sites = {p for r in cm.records if r.name.startswith("insert_lora") for p in r.sites}
-    assert len(_fused_nodes(cm.graph_module)) == len(sites) > 0
-    assert not _lora_graph_ops(cm.graph_module)  # the unfused branch is gone
+    assert len(_fused_nodes(cm.flat_graph_module)) == len(sites) > 0
+    assert not _lora_graph_ops(cm.flat_graph_module)  # the unfused branch is gone
     cm.eval(), ref.eval()
     inputs = _inputs(family)
     torch.testing.assert_close(logits(call(cm, family, inputs)), logits(call(ref, family, inputs)),
@@ -71,7 +71,7 @@ def test_llama_triton_backend_equals_torch_backend(llama_pair):
 
 def _lower_in_place(cm):
     """Run the pass on an already compiled (backend="torch") model's graph, as the pipeline would."""
-    gm = cm.graph_module
+    gm = cm.flat_graph_module
     ctx = PassContext(spec=cm.spec, sites=tuple(cm.sites), adapter_root=cm.adapter_root,
                       base_params=dict(gm.named_parameters()), trainable=frozenset(), methods=METHODS)
     with warnings.catch_warnings():
@@ -89,8 +89,8 @@ def test_gpt2_conv1d_layout_is_lowered_exactly():
     inputs = _inputs(family)
     want = logits(call(cm, family, inputs))
     result = _lower_in_place(cm)
-    assert len(result.sites) == len(_fused_nodes(cm.graph_module)) == 8
-    assert not _lora_graph_ops(cm.graph_module)
+    assert len(result.sites) == len(_fused_nodes(cm.flat_graph_module)) == 8
+    assert not _lora_graph_ops(cm.flat_graph_module)
     torch.testing.assert_close(logits(call(cm, family, inputs)), want, atol=1e-5, rtol=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_llama_training_step_matches_torch_backend(llama_pair):
     after = []
     for cm in llama_pair:
         cm.train()
-        params = [p for _, p in cm.graph_module.named_parameters() if p.requires_grad]
+        params = [p for _, p in cm.flat_graph_module.named_parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=0.1)
         torch.manual_seed(0)  # same dropout masks: the lowered graph keeps the dropout nodes in order
         loss = call(cm, family, _inputs(family)).loss
@@ -137,10 +137,10 @@ def test_conv_sites_are_left_as_graph_ops():
     family = FAMILIES["convnet"]
     cm = _compile(family, _spec(["conv1", "conv2"]), "triton")
     record = next(r for r in cm.records if r.name == "lower_lora_triton")
-    assert not record.modified and not _fused_nodes(cm.graph_module)
+    assert not record.modified and not _fused_nodes(cm.flat_graph_module)
     assert "conv1 (conv site" in " ".join(record.notes)
     mixed = _compile(family, _spec(["conv1", "head"]), "triton")
-    assert len(_fused_nodes(mixed.graph_module)) == 1
+    assert len(_fused_nodes(mixed.flat_graph_module)) == 1
     ref = _compile(family, _spec(["conv1", "head"]), "torch")
     x = family.example_inputs()[0]
     torch.testing.assert_close(mixed(x), ref(x), atol=1e-5, rtol=1e-5)
@@ -159,7 +159,7 @@ def test_merged_model_of_a_triton_compile_has_no_fused_ops():
     family = FAMILIES["mlp"]
     cm = _compile(family, _spec(["fc1", "fc2"]), "triton")
     merged = cm.merged()
-    assert not _fused_nodes(merged.graph_module)
+    assert not _fused_nodes(merged.flat_graph_module)
     x = torch.randn(4, 16)
     torch.testing.assert_close(merged(x), cm(x), atol=1e-5, rtol=1e-5)
 
@@ -174,10 +174,10 @@ def test_quantized_base_and_lora_become_one_fused_op(name):
     family = FAMILIES["mlp"]
     spec = dict(_spec(["fc1", "fc2"]), quantize=dict(QUANTIZE[name], targets=["fc1", "fc2"]))
     ref, cm = _compile(family, spec, "torch"), _compile(family, spec, "triton")
-    fused = _fused_nodes(cm.graph_module)
+    fused = _fused_nodes(cm.flat_graph_module)
     assert [n.target for n in fused] == [torch.ops.peftc.lora_linear_q.default] * 2
-    assert not any(n.target == torch.ops.peftc.quantized_linear.default for n in cm.graph_module.graph.nodes)
-    assert "fc1.weight" not in dict(cm.graph_module.named_parameters())  # still no fp32 copy of the base
+    assert not any(n.target == torch.ops.peftc.quantized_linear.default for n in cm.flat_graph_module.graph.nodes)
+    assert "fc1.weight" not in dict(cm.flat_graph_module.named_parameters())  # still no fp32 copy of the base
     x = torch.randn(5, 16)
     torch.testing.assert_close(cm(x), ref(x), atol=1e-5, rtol=1e-5)
 
@@ -197,7 +197,7 @@ def test_quantized_llama_trains_the_same_through_the_fused_op():
         loss = call(cm, family, _inputs(family)).loss
         loss.backward()
         losses.append(loss.item())
-        grads.append({n: p.grad for n, p in cm.graph_module.named_parameters() if p.requires_grad})
+        grads.append({n: p.grad for n, p in cm.flat_graph_module.named_parameters() if p.requires_grad})
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
     for key in grads[0]:
@@ -210,12 +210,12 @@ def test_trainable_bias_gets_its_gradient_through_the_fused_op():
     grads = []
     for backend in ("torch", "triton"):
         cm = _compile(family, spec, backend)
-        assert backend == "torch" or len(_fused_nodes(cm.graph_module)) == 2
+        assert backend == "torch" or len(_fused_nodes(cm.flat_graph_module)) == 2
         cm.train()
         torch.manual_seed(0)
         cm(torch.randn(3, 16, generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in cm.graph_module.named_parameters() if p.requires_grad})
-        for p in cm.graph_module.parameters():  # the base biases are shared with the model: reset
+        grads.append({n: p.grad.clone() for n, p in cm.flat_graph_module.named_parameters() if p.requires_grad})
+        for p in cm.flat_graph_module.parameters():  # the base biases are shared with the model: reset
             p.grad = None
     assert grads[0].keys() == grads[1].keys() and "fc1.bias" in grads[0]
     for name in grads[0]:
@@ -229,7 +229,7 @@ def test_onnx_export_of_a_triton_compile_unfuses_the_ops(tmp_path):
 
     family = FAMILIES["mlp"]
     cm = _compile(family, dict(_spec(["fc1", "fc2"]), quantize={"targets": ["fc1"], "bits": 8}), "triton")
-    assert len(_fused_nodes(cm.graph_module)) == 2  # one over the int8 base, one over the float one
+    assert len(_fused_nodes(cm.flat_graph_module)) == 2  # one over the int8 base, one over the float one
     x = torch.randn(4, 16)
     cm.eval()
     with torch.no_grad():
@@ -247,4 +247,4 @@ def test_onnx_export_of_a_triton_compile_unfuses_the_ops(tmp_path):
             run_options.add_active_adapter(adapter)
         got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()}, run_options)[0]
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-    assert _fused_nodes(cm.graph_module)  # the export worked on a copy
+    assert _fused_nodes(cm.flat_graph_module)  # the export worked on a copy

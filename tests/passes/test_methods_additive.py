@@ -118,11 +118,11 @@ def test_adapter_matches_eager_reference(family_name, serial, parallel):
         got = logits(cm(**x))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # two linears per adapter (down, up), one add into the site's output
-    linears = [n for n in adapter_nodes(cm.graph_module, "adapter") if n.target == torch.ops.aten.linear.default]
+    linears = [n for n in adapter_nodes(cm.flat_graph_module, "adapter") if n.target == torch.ops.aten.linear.default]
     assert len(linears) == 2 * (len(serial_sites) + len(parallel_sites))
     if family_name == "llama":  # merged(): LoRA folds under the adapter, which stays as graph ops
         merged = cm.merged()
-        assert not adapter_nodes(merged.graph_module, "lora")
+        assert not adapter_nodes(merged.flat_graph_module, "lora")
         with torch.no_grad():
             torch.testing.assert_close(logits(merged(**x)), got, rtol=1e-5, atol=1e-5)
 
@@ -192,10 +192,10 @@ def test_prefix_matches_peft(family_name):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert sum(t.numel() for t in cm.adapter_state_dict().values()) == sum(
         p.numel() for p in ref.parameters() if p.requires_grad)
-    sdpa = [n for n in cm.graph_module.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    sdpa = [n for n in cm.flat_graph_module.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
     assert len(cm.records[0].sites) == len(sdpa) == 2
     # per attention op: two cats for keys/values, one for the mask; positions shifted (llama: rotary, gpt2: wpe)
-    cats = [n for n in adapter_nodes(cm.graph_module, "prefix") if n.target == torch.ops.aten.cat.default]
+    cats = [n for n in adapter_nodes(cm.flat_graph_module, "prefix") if n.target == torch.ops.aten.cat.default]
     assert len(cats) == 3 * len(sdpa)
     assert not cm.records[0].notes
 
@@ -297,7 +297,7 @@ def test_three_method_hybrid_trains_and_reports():
     # merged(): LoRA folds away, the adapter and prefix stay as graph ops, the outputs agree
     cm.eval()
     merged = cm.merged()
-    gm = merged.graph_module
+    gm = merged.flat_graph_module
     assert not adapter_nodes(gm, "lora")
     assert adapter_nodes(gm, "adapter") and adapter_nodes(gm, "prefix")
     with torch.no_grad():

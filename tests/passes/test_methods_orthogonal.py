@@ -278,13 +278,13 @@ def test_merged_matches_unmerged_and_peft_merge(hybrid):
                 layer = ref.get_submodule(path)
                 layer.merge(adapter_names=[slot])  # peft's own merge of this entry's layer
                 theirs[f"{path}.weight"] = layer.get_base_layer().weight
-    ours = dict(merged.graph_module.named_parameters())
+    ours = dict(merged.flat_graph_module.named_parameters())
     adapted = {s.param for s in hybrid.cm.sites if any(s.path in r.sites for r in hybrid.cm.records)}
     assert adapted == set(theirs)
     for name in adapted:
         assert not torch.allclose(ours[name], hybrid.model.get_parameter(name)), name  # the fold changed it
         torch.testing.assert_close(ours[name], theirs[name], **TOL, msg=name)
-    assert not any(n.meta.get("peftc", {}).get("method") in METHODS for n in merged.graph_module.graph.nodes)
+    assert not any(n.meta.get("peftc", {}).get("method") in METHODS for n in merged.flat_graph_module.graph.nodes)
 
 
 # -- graph shape, report, export -------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_merged_matches_unmerged_and_peft_merge(hybrid):
 @pytest.mark.parametrize("hybrid", ["llama"], indirect=True)
 def test_one_tagged_output_per_site_and_report_families(hybrid):
     cm = hybrid.cm
-    outputs = [n.meta["peftc"] for n in cm.graph_module.graph.nodes
+    outputs = [n.meta["peftc"] for n in cm.flat_graph_module.graph.nodes
                if n.meta.get("peftc", {}).get("role") == "output"]
     for index, slot in enumerate(cm.spec.entry_names()):
         sites = entry_sites(cm, index)

@@ -158,7 +158,7 @@ def test_gradients_match_peft(hybrid):
 def test_merged_weights_match_peft(hybrid):
     cm, ref = hybrid.cm, hybrid.ref
     merged = cm.merged()
-    params = dict(merged.graph_module.named_parameters())
+    params = dict(merged.flat_graph_module.named_parameters())
     assert not any(n.startswith("peftc.") for n in params)  # every adapter folded
     for index, (entry, slot) in enumerate(zip(cm.spec.adapters, cm.spec.entry_names())):
         for path in entry_sites(cm, index):
@@ -182,7 +182,7 @@ def test_fourierft_samples_peft_s_entries(hybrid):
 def test_report_names_families_and_op_counts(hybrid):
     rows = {e["method"]: e["family"] for e in hybrid.cm.report().to_dict()["methods"]}
     assert rows == {"adalora": "reparameterized", "fourierft": "reparameterized", "vblora": "reparameterized"}
-    inserted = [n for n in hybrid.cm.graph_module.graph.nodes if (n.meta.get("peftc") or {}).get("method")]
+    inserted = [n for n in hybrid.cm.flat_graph_module.graph.nodes if (n.meta.get("peftc") or {}).get("method")]
     counts = {m: sum(n.meta["peftc"]["method"] == m and n.target == torch.ops.aten.fft_ifft2.default
                      for n in inserted) for m in ("fourierft",)}
     assert counts["fourierft"] == len(entry_sites(hybrid.cm, 1))  # one inverse DFT per site
@@ -368,7 +368,7 @@ def test_p_tuning_matches_peft(family_name, kind, tmp_path):
     for module in (cm, ref):
         module.zero_grad(set_to_none=True)
         module(**x).loss.backward()
-    ours = {n.rpartition(".p_tuning.")[2]: p for n, p in getattr(cm.graph_module, "peftc").named_parameters()}
+    ours = {n.rpartition(".p_tuning.")[2]: p for n, p in getattr(cm.flat_graph_module, "peftc").named_parameters()}
     for name, p in ref.prompt_encoder.default.named_parameters():
         key = "embedding" if name == "embedding.weight" else name.replace(".", "_")
         torch.testing.assert_close(ours[key].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -461,7 +461,7 @@ def test_merge_folds_all_but_p_tuning_and_exports_to_onnx(tmp_path):
     rows = {row["method"]: row for row in cm.report().to_dict()["methods"]}
     assert rows["p_tuning"]["family"] == "additive" and "kept as graph ops" in rows["p_tuning"]["merge"]
     assert all(rows[m]["merge"] == "folded into weights" for m in ("adalora", "fourierft", "vblora"))
-    read = [str(n.target) for n in cm.merged().graph_module.graph.nodes if n.op == "get_attr"]
+    read = [str(n.target) for n in cm.merged().flat_graph_module.graph.nodes if n.op == "get_attr"]
     kept = {t.rsplit(".", 2)[-2] for t in read if t.startswith("peftc.")}
     assert kept == {"p_tuning"}  # the merged graph reads the prompt encoder only
     path = peftc.export_onnx(cm, tmp_path / "model.onnx")

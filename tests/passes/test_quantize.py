@@ -153,7 +153,7 @@ def formats():
 
 def test_pass_rewrites_every_linear_but_the_head(formats):
     model, versions, compiled = formats
-    gm = compiled["nf4"].graph_module
+    gm = compiled["nf4"].flat_graph_module
     ops = [n for n in gm.graph.nodes if n.target == quantized.OP]
     linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default
                and (n.meta.get("peftc") or {}).get("method") != "lora"]
@@ -166,7 +166,7 @@ def test_pass_rewrites_every_linear_but_the_head(formats):
     assert names["quantized.model.layers.0.mlp.up_proj.weight.codes"].dtype == torch.uint8
     assert "quantized.model.layers.0.mlp.up_proj.weight.scale_codes" in names  # double-quantized scales
     assert "quantized.model.layers.0.mlp.up_proj.weight.zero_points" in dict(
-        compiled["int4"].graph_module.named_buffers())
+        compiled["int4"].flat_graph_module.named_buffers())
     assert gm.get_parameter("lm_head.weight").data_ptr() == model.lm_head.weight.data_ptr()  # shared memory
     # the user's model is untouched
     assert {name: p._version for name, p in model.named_parameters()} == versions
@@ -179,7 +179,7 @@ def test_exclude_everything_is_a_no_op():
     cm = peftc.compile(model, spec, example_inputs=(torch.randn(3, 16),))
     record = cm.records[0]
     assert record.name == "quantize_base" and not record.modified and record.nodes_before == record.nodes_after
-    assert cm.graph_module.get_parameter("fc1.weight").data_ptr() == model.fc1.weight.data_ptr()
+    assert cm.flat_graph_module.get_parameter("fc1.weight").data_ptr() == model.fc1.weight.data_ptr()
 
 
 def test_quantized_graph_re_exports():
@@ -188,7 +188,7 @@ def test_quantized_graph_re_exports():
     cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["fc1"]}], "quantize": {"format": "nf4"}},
                        example_inputs=(torch.randn(3, 16),))
     x = torch.randn(5, 16)
-    program = torch.export.export(cm.graph_module, (x,), strict=False)
+    program = torch.export.export(cm.flat_graph_module, (x,), strict=False)
     assert sum(n.target == quantized.OP for n in program.graph.nodes) == 1
     assert "quantized.fc1.weight.codes" in program.state_dict
     torch.testing.assert_close(program.module()(x), cm(x))
@@ -200,7 +200,7 @@ def test_report_shows_packed_bytes(formats):
         totals = compiled[name].report().to_dict()["totals"]
         q = totals["quantized_base"]
         assert q["formats"] == [name] and q["weights"] == 7 and q["ratio_vs_fp32"] <= ratio
-        assert q["bytes"] == sum(b.numel() * b.element_size() for b in compiled[name].graph_module.quantized.buffers())
+        assert q["bytes"] == sum(b.numel() * b.element_size() for b in compiled[name].flat_graph_module.quantized.buffers())
         assert q["fp32_bytes"] == 4 * q["params"] and totals["total_params"] > q["params"]
     assert "quantized base: nf4, 7 weights" in str(compiled["nf4"].report())
 
@@ -260,7 +260,7 @@ def test_fp32_weights_freed_then_adapters_train():
     del model
     gc.collect()
     assert packed() is None  # nothing in cm holds the packed fp32 weight
-    assert cm.graph_module.get_parameter("lm_head.weight").data_ptr() == head  # not quantized: shared memory
+    assert cm.flat_graph_module.get_parameter("lm_head.weight").data_ptr() == head  # not quantized: shared memory
     assert all(t.dtype == torch.float32 for t in cm.adapter_state_dict().values())
     opt = torch.optim.Adam([p for p in cm.parameters() if p.requires_grad], lr=1e-2)
     x = ids(4, 12)
@@ -277,7 +277,7 @@ def test_fp32_weights_freed_then_adapters_train():
     with_grad = {n for n, p in cm.adapter_root.named_parameters() if p.grad is not None}
     assert with_grad == set(cm.adapter_state_dict())
     assert all(p().grad is None for p in params if p() is not None)
-    assert all(not b.requires_grad for b in cm.graph_module.quantized.buffers())
+    assert all(not b.requires_grad for b in cm.flat_graph_module.quantized.buffers())
 
 
 def test_gpt2_conv1d_and_bf16_compute():
@@ -290,7 +290,7 @@ def test_gpt2_conv1d_and_bf16_compute():
     with torch.no_grad():
         out, ref = logits(call(cm, family, x)), logits(call(model, family, x))
     assert out.dtype == torch.float32 and cosine(out, ref) > 0.95
-    assert sum(n.target == quantized.OP for n in cm.graph_module.graph.nodes) == 8  # 4 per block; the tied head is kept
+    assert sum(n.target == quantized.OP for n in cm.flat_graph_module.graph.nodes) == 8  # 4 per block; the tied head is kept
     loss = logits(call(cm, family, x)).pow(2).mean()
     loss.backward()
     assert all(p.grad is not None for p in cm.adapter_root.parameters())
@@ -316,13 +316,13 @@ def test_merged_default_is_full_precision(merge_pair):
     model, cm, reference = merge_pair
     x = ids(2, 10)
     merged = cm.merged()
-    gm = merged.graph_module
+    gm = merged.flat_graph_module
     assert not any(n.target == quantized.OP for n in gm.graph.nodes) and "quantized" not in gm._modules
     assert gm.get_parameter("model.layers.0.mlp.up_proj.weight").dtype == torch.float32
     torch.testing.assert_close(run(merged, x), run(cm, x), atol=1e-5, rtol=1e-5)
-    assert any(n.target == quantized.OP for n in cm.graph_module.graph.nodes)  # cm untouched
+    assert any(n.target == quantized.OP for n in cm.flat_graph_module.graph.nodes)  # cm untouched
     half = cm.merged(dtype=torch.bfloat16)
-    assert half.graph_module.get_parameter("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+    assert half.flat_graph_module.get_parameter("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
     assert cosine(run(half, x), run(cm, x)) > 0.999
     exact = cm.merged(base_state_dict=model.state_dict())  # original W + ΔW: the fp32 model, merged
     torch.testing.assert_close(run(exact, x), run(reference, x), atol=1e-5, rtol=1e-5)
@@ -344,7 +344,7 @@ def test_requantize_reports_what_survives(merge_pair):
     assert set(report["sites"]) == {f"model.layers.0.self_attn.{p}.weight" for p in ("q_proj", "v_proj")}
     assert report["from"] == "dequantized base"
     assert 0 < report["lost"] < 1 and abs(report["kept"] + report["lost"] - 1) < 1e-9
-    assert sum(n.target == quantized.OP for n in merged.graph_module.graph.nodes) == 7
+    assert sum(n.target == quantized.OP for n in merged.flat_graph_module.graph.nodes) == 7
     assert cosine(run(merged, x), run(cm, x)) > 0.99
 
 
@@ -393,7 +393,7 @@ def test_onnx_export_keeps_the_base_packed(tmp_path, section):
     cm = peftc.compile(model, spec, example_inputs=(torch.randn(3, 128),))
     randomize_adapters(cm)
     x = torch.randn(5, 128)
-    export(cm.graph_module, (x,), str(tmp_path / "q.onnx"))
+    export(cm.flat_graph_module, (x,), str(tmp_path / "q.onnx"))
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     float_sizes = [int(torch.tensor(i.dims).prod()) for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
     assert 128 * hidden not in float_sizes and hidden * 8 not in float_sizes  # no fp32 copy of either weight

@@ -1,0 +1,109 @@
+"""Regional compilation: peftc backend="inductor" vs HF PEFT eager and PEFT under torch.compile.
+
+    python benchmarks/inductor.py [--repeats 5] [--layers 4]
+
+The benchmarks/lora_llama.py configuration (LoRA r=16 on the seven projections, hidden 512,
+batch 4 x 128, CPU fp32). Warm LoRA training steps (forward, backward, AdamW) of the four
+contenders run in one process, alternated, medians. Cold compile time (the first training
+step, compile included) is measured in a fresh process per contender, with Inductor's caches
+pointed at an empty directory, so no contender reuses another's work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from common import alternate, llama_config, machine
+
+import peftc
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R, ALPHA = 16, 32
+
+
+def build(layers: int):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config(num_hidden_layers=layers)).train()
+
+
+def contender(name: str, layers: int):
+    from peft import LoraConfig, get_peft_model
+
+    full = build(layers)
+    if name.startswith("peft"):
+        model = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+        return torch.compile(model) if name == "peft_compiled" else model
+    backend = "inductor" if name == "peftc_inductor" else "torch"
+    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
+    return peftc.compile(copy.deepcopy(full), spec, backend=backend).train()
+
+
+def step_fn(model, ids):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+IDS = lambda: torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(0))  # noqa: E731
+NAMES = ["peft_eager", "peft_compiled", "peftc_torch", "peftc_inductor"]
+
+
+def cold(name: str, layers: int) -> float:
+    """Seconds of the first training step (compilation included), in a fresh process."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+               "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+        out = subprocess.run([sys.executable, __file__, "--cold-one", name, "--layers", str(layers)], env=env,
+                             check=True, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def cold_one(name: str, layers: int) -> None:
+    model = contender(name, layers)
+    step = step_fn(model, IDS())
+    start = time.perf_counter()
+    step()
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--cold-one", default=None)
+    parser.add_argument("--skip-cold", action="store_true")
+    args = parser.parse_args()
+    if args.cold_one:
+        return cold_one(args.cold_one, args.layers)
+    print(machine())
+    if not args.skip_cold:
+        colds = {name: cold(name, args.layers) for name in ("peft_compiled", "peftc_inductor")}
+        print(f"cold first step (compile included), {args.layers} layers: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in colds.items())
+              + f"; peftc/peft {colds['peftc_inductor'] / colds['peft_compiled']:.3f}")
+    ids = IDS()
+    steps = {name: step_fn(contender(name, args.layers), ids) for name in NAMES}
+    times = alternate(steps, args.repeats, warmup=2)
+    print("warm training step (median s): " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()))
+    print(f"peftc_inductor / peft_eager {times['peftc_inductor'] / times['peft_eager']:.3f}; "
+          f"peftc_inductor / peft_compiled {times['peftc_inductor'] / times['peft_compiled']:.3f}; "
+          f"peftc_torch / peft_eager {times['peftc_torch'] / times['peft_eager']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

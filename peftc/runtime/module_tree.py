@@ -1,0 +1,97 @@
+"""One module tree per compiled model, read by every graph it runs.
+
+A compiled model runs one graph per call signature. Each graph is captured separately, and
+torch.fx gives each its own copy of the module hierarchy (plain modules holding the same
+parameter objects). If each graph kept its copy, anything that acts on modules — FSDP2's
+`fully_shard(cm.model.layers[3])`, which replaces that module's parameters by shards and
+gathers them in the module's forward hook, a layer's checkpointing flag, the programs a
+layer holds — would reach one graph and not the others.
+
+So the compiled model owns the tree: its children are the first graph's top-level modules
+(`model`, `lm_head`, `peftc` ...), its `_parameters`/`_buffers` are that graph's root tensors,
+and every later graph is attached to the same objects: its layers' programs are added to
+the tree's layers and its top-level entries point at the tree's modules. `named_parameters()`
+of a compiled model therefore reads like the original model's (`model.layers.0.mlp.up_proj.weight`,
+adapters under `peftc.`). Modules torch.export adds for one graph (`_guards_fn`, private
+names) stay that graph's own.
+
+A graph whose tensors disagree with the tree (a pass made a different tensor under the same
+name) is not attached; it keeps its own copy and still computes what it should.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc.ir.layer_program import CompiledLayer
+
+
+def is_private(name: str) -> bool:
+    """Top-level modules torch.export made for one graph (its input guards), not the model's."""
+    return name.startswith("_")
+
+
+def adopt_tree(owner: nn.Module, gm: GraphModule) -> dict[str, int]:
+    """Make `gm`'s tree `owner`'s own; returns the identity of each tensor in it, for attach_graph."""
+    owner._modules.clear()
+    owner._modules.update({name: child for name, child in gm._modules.items() if not is_private(name)})
+    owner._parameters = gm._parameters
+    owner._buffers = gm._buffers
+    owner._non_persistent_buffers_set = gm._non_persistent_buffers_set
+    return {name: id(t) for name, t in _tensors(gm)}
+
+
+def attach_graph(owner: nn.Module, gm: GraphModule, origin: dict[str, int]) -> bool:
+    """Point `gm` at `owner`'s tree (`origin`: adopt_tree's identities); False if they disagree."""
+    if not _agrees(owner, gm, origin):
+        return False
+    for name, child in list(gm._modules.items()):
+        if is_private(name):
+            continue
+        tree_child = owner._modules.get(name)
+        if tree_child is None:
+            owner._modules[name] = child
+            origin.update({f"{name}.{n}": id(t) for n, t in _tensors(child)})
+            continue
+        _add_programs(tree_child, child)
+        gm._modules[name] = tree_child
+    for name, tensor in gm._parameters.items():
+        owner._parameters.setdefault(name, tensor)
+    for name, tensor in gm._buffers.items():
+        owner._buffers.setdefault(name, tensor)
+    gm._parameters, gm._buffers = owner._parameters, owner._buffers
+    gm._non_persistent_buffers_set = owner._non_persistent_buffers_set
+    return True
+
+
+def _agrees(owner: nn.Module, gm: GraphModule, origin: dict[str, int]) -> bool:
+    for name, tensor in _tensors(gm):
+        if name in origin and origin[name] != id(tensor):
+            return False
+    for path, layer in _layers(gm):
+        try:
+            if not isinstance(owner.get_submodule(path), CompiledLayer):
+                return False
+        except AttributeError:
+            return False
+    return True
+
+
+def _add_programs(tree: nn.Module, other: nn.Module) -> None:
+    if tree is other:
+        return
+    for path, layer in _layers(other):
+        tree.get_submodule(path).add_programs(layer.programs)
+
+
+def _layers(module: nn.Module):
+    return [(path, m) for path, m in module.named_modules() if isinstance(m, CompiledLayer)]
+
+
+def _tensors(module: nn.Module):
+    """(name, tensor) for every parameter and buffer outside private modules."""
+    for name, tensor in list(module.named_parameters(remove_duplicate=False)) + \
+            list(module.named_buffers(remove_duplicate=False)):
+        if not is_private(name.split(".")[0]) or "." not in name:
+            yield name, tensor
