@@ -23,15 +23,19 @@ def llama_config(**overrides):
     return LlamaConfig(**base)
 
 
-def alternate(contenders: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per contender, running them in turn so drift hits all of them alike."""
+def alternate(contenders: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per contender, running them in turn so drift hits all of them alike.
+
+    `clock=time.process_time` counts this process's CPU time instead of wall time: on a machine
+    shared with other jobs it is much less noisy (it still counts contention for caches)."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -36,6 +36,16 @@ def bind_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
     return (), _with_full_mask(signature, _canonical_kwargs(signature, bound))
 
 
+def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict, what: str) -> dict:
+    """A call of a function with `signature` in canonical keyword form (as bind_call puts forward calls),
+    or the TypeError the function raises for it."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{what} {err}") from None
+    return _canonical_kwargs(signature, bound)
+
+
 def _with_full_mask(signature: inspect.Signature, kwargs: dict) -> dict:
     """transformers reads a missing attention_mask as all ones; passing those ones keeps calls with
     and without a mask on one graph."""

@@ -17,6 +17,7 @@ from peftc.errors import CaptureError
 
 EXAMPLE_BATCH = 2
 EXAMPLE_SEQ = 7  # distinct from the batch size, so export does not unify the two dims
+EXAMPLE_DECODER_SEQ = 5  # an encoder-decoder's target length, distinct from both
 
 
 def example_call(model: nn.Module, example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -44,21 +45,37 @@ def hf_example_inputs(model: nn.Module) -> dict:
     params = forward_parameters(model)
     device = _model_device(model)
     if name == "input_ids":
-        vocab = getattr(config, "vocab_size", None) or 2
+        vocab = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None) or 2
         ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), device=device)
         inputs = {"input_ids": ids}
         if "attention_mask" in params:
             inputs["attention_mask"] = torch.ones_like(ids)
-        return inputs
+        return {**inputs, **_companion_inputs(model, params, vocab, device)}
     if name == "pixel_values":
-        size = _as_pair(getattr(config, "image_size", 224))
-        channels = getattr(config, "num_channels", 3)
-        dtype = _model_dtype(model)
-        return {"pixel_values": torch.randn(EXAMPLE_BATCH, channels, *size, device=device, dtype=dtype)}
+        return {"pixel_values": _pixel_values(config, device, _model_dtype(model))}
     raise CaptureError(
         f"peftc cannot build example inputs for a model whose main input is {name!r}; "
         "pass example_inputs=(...) or example_kwargs={...} to peftc.compile"
     )
+
+
+def _companion_inputs(model: nn.Module, params: list[str], vocab: int, device: torch.device) -> dict:
+    """The inputs a text model needs beside its ids: an image for text-image models (CLIPModel), target
+    ids for encoder-decoders (T5, BART), which fail without them."""
+    config = model.config
+    inputs = {}
+    vision = getattr(config, "vision_config", None)
+    if "pixel_values" in params and vision is not None:
+        inputs["pixel_values"] = _pixel_values(vision, device, _model_dtype(model))
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_DECODER_SEQ), device=device)
+    return inputs
+
+
+def _pixel_values(config, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    size = _as_pair(getattr(config, "image_size", 224))
+    channels = getattr(config, "num_channels", 3)
+    return torch.randn(EXAMPLE_BATCH, channels, *size, device=device, dtype=dtype)
 
 
 def _as_pair(size: Any) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from torch import nn
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.calibrate import calibrate
 from peftc.compiler.compilation import Compilation, CompileOptions
+from peftc.compiler.first_build import build_first
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.user_model import kept_unchanged, weight_view
 from peftc.spec.parse import as_spec
@@ -39,8 +40,9 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     plan = compilation.train_plan(checkpoint_layers=gradient_checkpointing)
     with kept_unchanged(model):  # a second guard: nothing above should touch the user's model
         compilation = calibrate(compilation, args, kwargs, calibration)
-        built = compilation.build(args, kwargs, plan, dynamic_shapes=dynamic_shapes,
-                                  dump_dir=Path(dump_dir) if dump_dir is not None else None)
+        start = build_first(compilation, (args, kwargs), plan, dynamic_shapes=dynamic_shapes,
+                            dump_dir=Path(dump_dir) if dump_dir is not None else None)
     compilation.shared.calibration = None  # read only when the adapter weights were made, just now
-    return CompiledModel(compilation.after_first_build(built), plan, built, (args, kwargs),
-                         training=model.training)
+    superset = (start.superset, start.superset_graph) if start.superset is not None else None
+    return CompiledModel(compilation.after_first_build(start.built), plan, start.built, (args, kwargs),
+                         training=model.training, superset=superset)

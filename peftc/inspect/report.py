@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from peftc.capture.export import COPIED_LAYERS
+from peftc.capture.specialize import DERIVED_REMOVED
 from peftc.core.paths import group_paths
 from peftc.inspect.graph_view import in_scope, select_nodes
 from peftc.ir import adapters, quantized
@@ -231,9 +232,16 @@ def _totals(cm) -> dict:
             "trainable_fraction": trainable / total if total else 0.0,
             "adapter_params": adapter_params, "adapter_params_by_method": by_method,
             "adapter_bytes": adapter_bytes, "base_bytes_by_dtype": base_bytes,
-            "graph_nodes_captured": cm.records[0].nodes_before if cm.records else len(cm.flat_graph_module.graph.nodes),
+            "graph_nodes_captured": _captured_nodes(cm),
             "graph_nodes": len(cm.flat_graph_module.graph.nodes),
             "copied_layers": list(cm.flat_graph_module.meta.get(COPIED_LAYERS, []))}
+
+
+def _captured_nodes(cm) -> int:
+    """Nodes of the graph as captured: of a graph derived from a superset capture, those derivation kept."""
+    if not cm.records:
+        return len(cm.flat_graph_module.graph.nodes)
+    return cm.records[0].nodes_before - cm.flat_graph_module.meta.get(DERIVED_REMOVED, 0)
 
 
 def _grouped_site_rows(sites: list[dict]) -> list[list[Any]]:

@@ -2,7 +2,8 @@
 
 torch.export specializes a graph on which arguments a call passes (labels or not, a mask or
 not). A dispatch keeps one graph per call signature: the first, built when it was made, and
-others built on first use of a new signature by the same Compilation and plan. The dispatch
+others built on first use of a new signature by the same Compilation and plan (or derived
+without a capture from the superset graph: peftc.capture.specialize). The dispatch
 owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
 original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
 submodules.
@@ -10,6 +11,7 @@ submodules.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -18,6 +20,9 @@ from torch.fx import GraphModule
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
+from peftc.capture.specialize import derive_graph
+from peftc.capture.superset import superset_extras
+from peftc.compiler.first_build import build_first
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
@@ -30,16 +35,17 @@ from peftc.runtime.module_tree import adopt_tree, attach_graph
 class GraphDispatch(ModelAttributes, nn.Module):
     """Runs `compilation.build(args, kwargs, plan)`'s graph for each call signature."""
 
-    def __init__(self, compilation, plan, first, example: tuple[tuple, dict], training: bool = False):
+    def __init__(self, compilation, plan, first, example: tuple[tuple, dict], training: bool = False,
+                 superset: tuple[tuple[tuple, dict], GraphModule] | None = None):
         super().__init__()
         self.training = training
         self.compilation = compilation  # a dataclass, not a module: the user's model is not our submodule
         self.plan = plan
         self._example = example  # the first graph's call: other plans build their first graph from it
-        self._use_first(first)
+        self._use_first(first, superset)
         self.sign_forward()
 
-    def _use_first(self, first) -> None:
+    def _use_first(self, first, superset=None) -> None:
         """Run `first` (a Built) for the example's signature and own its module tree."""
         self.records = first.records
         self.sites = list(first.sites)
@@ -49,6 +55,18 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self._tree_origin = adopt_tree(self, first.graph_module)
         self._generator = None  # built on the first generate()
         set_mode(first.graph_module, self.training)
+        self._keep_superset(superset)
+
+    def _keep_superset(self, superset) -> None:
+        """The graph captured for the superset call (peftc.compiler.first_build): others derive from it."""
+        self._superset = superset[0] if superset is not None else None
+        self._unmet = set()  # signatures of graphs held but not called yet: the superset's
+        if superset is not None:
+            signature, gm = CallSignature.of(*superset[0]), superset[1]
+            attach_graph(self, gm, self._tree_origin)
+            set_mode(gm, self.training)
+            self._graphs[signature] = gm
+            self._unmet.add(signature)
 
     @property
     def graph_module(self) -> GraphModule:
@@ -67,7 +85,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     @property
     def graphs(self) -> dict[CallSignature, GraphModule]:
-        return dict(self._graphs)
+        """The graph of each call signature met (the superset graph once a call has its signature)."""
+        return {s: gm for s, gm in self._graphs.items() if s not in self._unmet}
 
     def forward(self, *args, **kwargs):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
@@ -85,13 +104,21 @@ class GraphDispatch(ModelAttributes, nn.Module):
         args, kwargs = normalize_call(self.compilation.source, args, kwargs)
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
+        self._unmet.discard(signature)
         if gm is None:
-            gm = self.compilation.build(args, kwargs, self.plan).graph_module
+            gm = self._derived(signature) or self.compilation.build(args, kwargs, self.plan).graph_module
             attach_graph(self, gm, self._tree_origin)
             self.graph_built(gm)
             set_mode(gm, self.training)
             self._graphs[signature] = gm
         return gm, args, kwargs
+
+    def _derived(self, signature: CallSignature) -> GraphModule | None:
+        """This signature's graph derived from the superset graph without a capture, if it can be."""
+        if self._superset is None:
+            return None
+        wide = CallSignature.of(*self._superset)
+        return derive_graph(self._graphs[wide], wide, signature, functools.partial(superset_extras, self.compilation.source))
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""
@@ -149,9 +176,18 @@ class GraphDispatch(ModelAttributes, nn.Module):
         adapter parameters); other signatures and generation graphs are rebuilt on first use."""
         if self.plan.merge is not None:  # folded weights were cached in the old placement
             self.plan = replace(self.plan, merge=MergeState(self.plan.merge.options))
-        first = self.compilation.build(*self._example, self.plan)
-        self._use_first(first)
+        superset = None
+        if self._superset is not None:  # capture the superset again (from the converted example call)
+            start = build_first(self.compilation, self._example, self.plan)
+            first = start.built
+            if start.superset is not None:
+                superset = (start.superset, start.superset_graph)
+        else:
+            first = self.compilation.build(*self._example, self.plan)
+        self._use_first(first, superset)
         self.graph_built(first.graph_module)
+        if superset is not None:
+            self.graph_built(superset[1])
 
     # -- copy and pickle -----------------------------------------------------------------------------
     def __getstate__(self):
@@ -160,7 +196,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
         state = self.__dict__.copy()
         state["_modules"], state["_parameters"], state["_buffers"] = {}, {}, {}  # the tree: rebuilt
         state["_non_persistent_buffers_set"] = set()
-        for transient in ("_graphs", "_flat", "_tree_origin", "_generator", "forward", "records", "sites"):
+        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_method_graphs", "forward",
+                          "records", "sites"):
             state.pop(transient, None)
         return state
 

@@ -1,8 +1,10 @@
 """What makes a compiled model pass for the original one: its attributes, its signature, its checkpoints.
 
 - Attributes the compiled module does not have itself (`config`, `generation_config`,
-  `get_input_embeddings`, `get_text_features`, `loss_type`, `main_input_name`, ...) are read
-  from the user's model. Private names (`_x`) are never forwarded: nn.Module, copy and pickle
+  `get_input_embeddings`, `loss_type`, `main_input_name`, ...) are read
+  from the user's model; those that run the network (`get_text_features`, ...) run through
+  compiled graphs with the adapters, and so do calls of `cm.base_model` (peftc.runtime.model_methods).
+  Private names (`_x`) are never forwarded: nn.Module, copy and pickle
   probe those on half-built objects, and a forward there would recurse or lie.
 - `forward` carries the original's signature, so Trainer keeps the dataset columns the model
   takes and decides `model_accepts_loss_kwargs` as it would for the original.
@@ -14,9 +16,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from peftc.runtime.call_contract import signed_forward
+from peftc.runtime.model_methods import COMPILED_METHODS, COMPILED_SUBMODULES, CompiledSubmodule, compiled_method
 
 
 class ModelAttributes:
@@ -29,7 +33,12 @@ class ModelAttributes:
             model = _user_model(self)
             if name.startswith("_") or model is None or not hasattr(model, name):
                 raise
-            return getattr(model, name)
+            if name in COMPILED_METHODS:  # it runs the network: run it with the adapters
+                return compiled_method(self, name)
+            value = getattr(model, name)
+            if name in COMPILED_SUBMODULES and isinstance(value, nn.Module):
+                return self if value is model else CompiledSubmodule(self, name)
+            return value
 
     def __dir__(self):
         model = _user_model(self)

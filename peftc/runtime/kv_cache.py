@@ -10,6 +10,8 @@ passes find the same sites and mount the same adapter parameters as on the train
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 CACHE_ROOT = "peftc_kv_cache"
@@ -34,13 +36,18 @@ class WithStaticCache(nn.Module):
             buffers.register_buffer(f"values_{i}", layer.values, persistent=False)
             buffers.register_buffer(f"length_{i}", layer.cumulative_length, persistent=False)
         self.add_module(CACHE_ROOT, buffers)
+        # Generation reads the last position's logits only: the LM head on the others (a whole prompt in
+        # the prefill graph) is wasted work, which transformers' generate skips the same way.
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.head_kwargs = {"logits_to_keep": 1} if takes else {}
 
     def forward(self, input_ids, attention_mask, position_ids, cache_position):
         # The cache's fill level comes from the call, so one captured graph serves every step.
         for layer in self.cache.layers:
             layer.cumulative_length.copy_(cache_position[0])
         return self._model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           cache=self.cache, cache_position=cache_position, use_cache=True).logits
+                           cache=self.cache, cache_position=cache_position, use_cache=True,
+                           **self.head_kwargs).logits
 
 
 def _kv_heads(config) -> int:

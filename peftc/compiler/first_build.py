@@ -1,0 +1,57 @@
+"""The first build of a compiled model: one capture that also serves the call signatures to come.
+
+For a transformers model the first capture is of the superset call (peftc.capture.superset):
+the example call plus labels and num_items_in_batch (what Trainer passes). The example
+call's own graph is derived from it (peftc.capture.specialize), and so is the graph of any later
+call that passes a subset of those inputs, so meeting such a call costs a graph copy, not a capture.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.fx import GraphModule
+
+from peftc.capture.calls import CallSignature
+from peftc.capture.specialize import derive_graph
+from peftc.capture.superset import model_kept, superset_call, superset_extras
+from peftc.compiler.compilation import Built, Compilation
+from peftc.compiler.plan import Plan
+from peftc.errors import CaptureError
+
+
+@dataclass(frozen=True)
+class FirstBuild:
+    built: Built  # the graph of the example call
+    superset: tuple[tuple, dict] | None = None  # the call captured, when it is not the example call
+    superset_graph: GraphModule | None = None
+
+
+def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Plan, *,
+                dynamic_shapes: Any = None, dump_dir: Path | None = None) -> FirstBuild:
+    """Capture the superset call and derive the example call's graph from it; capture the example call
+    itself when there is no superset, the superset cannot be captured, or the graph cannot be derived."""
+    wide = superset_call(compilation.source, *example) if dynamic_shapes is None else None
+    if wide is not None:
+        try:
+            with model_kept(compilation.source):
+                built = compilation.build(*wide, plan, dump_dir=dump_dir)
+        except CaptureError:
+            built = None  # the model refuses one of the extra inputs: capture the example call alone
+        derived = built and _derived(built, compilation, CallSignature.of(*wide), CallSignature.of(*example))
+        if derived is not None:
+            return FirstBuild(derived, wide, built.graph_module)
+    return FirstBuild(compilation.build(*example, plan, dynamic_shapes=dynamic_shapes, dump_dir=dump_dir))
+
+
+def _derived(built: Built, compilation: Compilation, wide: CallSignature, call: CallSignature) -> Built | None:
+    """`built` derived for `call`: the graph to run, and its flat view (what report() and diff() read)."""
+    stand_ins = functools.partial(superset_extras, compilation.source)
+    graph = derive_graph(built.graph_module, wide, call, stand_ins)
+    if graph is None:
+        return None
+    flat = graph if built.flat is built.graph_module else derive_graph(built.flat, wide, call, stand_ins)
+    return Built(graph, built.records, built.sites, flat=flat) if flat is not None else None

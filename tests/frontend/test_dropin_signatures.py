@@ -1,0 +1,143 @@
+"""A new call signature derives its graph from the superset capture (peftc.capture.specialize) instead
+of capturing again, and returns what the original model with the same adapters returns (peft)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftc
+from families import bert, llama, randomize_adapters
+from peft_reference import peft_lora
+
+SPEC = {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8}]}
+BERT_SPEC = {"adapters": [{"method": "lora", "targets": ["query", "value"], "r": 4, "alpha": 8}]}
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    cm = peftc.compile(llama(), SPEC)
+    randomize_adapters(cm)
+    reference = peft_lora(llama(), cm, ["q_proj", "v_proj"], r=4, alpha=8)
+    return cm.eval(), reference.eval()
+
+
+def _captures(monkeypatch, cm) -> list:
+    """Record every capture the compiled model's compilation makes from now on."""
+    calls = []
+    build = type(cm.compilation).build
+    monkeypatch.setattr(type(cm.compilation), "build", lambda self, *a, **k: calls.append(a) or build(self, *a, **k))
+    return calls
+
+
+def _assert_same(ours, theirs) -> None:
+    assert list(ours.keys()) == list(theirs.keys())
+    for key in ours.keys():
+        a, b = ours[key], theirs[key]
+        if isinstance(a, tuple):
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+CALLS = {
+    "labels": lambda ids: {"labels": ids},
+    "labels and num_items_in_batch (Trainer)": lambda ids: {"labels": ids, "num_items_in_batch": torch.tensor(9)},
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_new_signature_is_derived_without_a_capture(llama_pair, monkeypatch, name):
+    cm, reference = llama_pair
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(1))
+    kwargs = CALLS[name](ids)
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        ours, theirs = cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs)
+    assert captures == []
+    _assert_same(ours, theirs)
+
+
+def test_labels_mean_loss_is_the_original_mean_with_ignored_tokens(llama_pair):
+    """labels without num_items_in_batch: the derived graph takes the mean (mean_from_sum)."""
+    cm, reference = llama_pair
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    with torch.no_grad():
+        ours, theirs = cm(input_ids=ids, labels=labels).loss, reference(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_derived_graph_trains_the_shared_adapters(llama_pair):
+    cm, reference = llama_pair
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    cm.train(), reference.train()
+    try:
+        cm(input_ids=ids, labels=ids).loss.backward()
+        reference(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        cm.eval(), reference.eval()
+    ours = {n: p.grad for n, p in cm.named_parameters() if p.grad is not None}
+    theirs = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(sorted(g.norm().item() for g in ours.values()), sorted(g.norm().item() for g in theirs.values())):
+        assert abs(a - b) <= 1e-4 * max(1.0, b)
+    cm.zero_grad(), reference.zero_grad()
+
+
+def test_sequence_classifier_labels_are_derived_and_config_is_untouched(monkeypatch):
+    model = bert()
+    cm = peftc.compile(model, BERT_SPEC).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(bert(), cm, ["query", "value"], r=4, alpha=8)
+    assert model.config.problem_type is None  # the superset capture's labels did not set it
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 2, 1])
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        ours, theirs = cm(input_ids=ids, labels=labels), reference.eval()(input_ids=ids, labels=labels)
+    assert captures == []
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_states_compiled_in_are_dropped_without_a_capture(monkeypatch):
+    """output_hidden_states=True in the example call: calls without it (and with labels) derive."""
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(6))
+    cm = peftc.compile(llama(), SPEC, example_kwargs={"input_ids": ids, "output_hidden_states": True}).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(llama(), cm, ["q_proj", "v_proj"], r=4, alpha=8).eval()
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        for kwargs in ({}, {"labels": ids}, {"output_hidden_states": True, "labels": ids}):
+            _assert_same(cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
+    assert captures == []
+
+
+def test_a_derived_graph_keeps_the_input_guards(llama_pair):
+    """A labels call whose mask is shorter than its ids fails as the original does, not inside the graph."""
+    cm, reference = llama_pair
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(Exception) as ours:
+        cm(input_ids=ids, attention_mask=mask, labels=ids)
+    try:
+        reference(input_ids=ids, attention_mask=mask, labels=ids)
+    except Exception as err:  # the original's error, reproduced
+        assert type(ours.value) is type(err)
+    else:
+        assert isinstance(ours.value, peftc.CallError) and "attention_mask" in str(ours.value)
+
+
+def test_a_signature_outside_the_superset_still_captures(llama_pair, monkeypatch):
+    cm, reference = llama_pair
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    position_ids = torch.arange(6).unsqueeze(0).expand(2, -1) + 1
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        ours, theirs = cm(input_ids=ids, position_ids=position_ids), reference(input_ids=ids, position_ids=position_ids)
+    assert len(captures) == 1
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
