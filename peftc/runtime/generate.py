@@ -46,7 +46,7 @@ class Generator:
     def __init__(self, compilation, plan):
         self.compilation = compilation
         # Decoding runs without grad, outside FSDP and checkpointing: the flat graph, no layer calls.
-        self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
+        self.plan = replace(plan, structure_layers=False, checkpoint_layers=False) if plan is not None else None
         self.graphs: dict[tuple[int, int], DecoderGraphs] = {}
 
     @property

@@ -113,15 +113,16 @@ def test_partition_graph_tags_every_node_and_changes_nothing_the_second_time(lla
     compilation = llama_qv.compilation
     args, kwargs = normalize_call(compilation.source, *llama_qv.example_call)
     built = compilation.build(args, kwargs, compilation.train_plan())
+    flat = built.flat  # the partition cuts single ops: it reads the flat graph
     ctx = PassContext(spec=compilation.spec, sites=built.sites, adapter_root=compilation.adapter_root,
                       base_params={}, trainable=frozenset(), methods={})
-    assert partition_graph(built.graph_module, ctx).modified
-    tags = [placement(n) for n in built.graph_module.graph.nodes]
+    assert partition_graph(flat, ctx).modified
+    tags = [placement(n) for n in flat.graph.nodes]
     assert None not in tags and {t.side for t in tags} == {BASE, USER}
-    user_ops = {str(n.target) for n in built.graph_module.graph.nodes
+    user_ops = {str(n.target) for n in flat.graph.nodes
                 if placement(n).side == USER and n.op == "call_function"}
     assert "aten.add.Tensor" not in user_ops  # y + delta runs in the base: only the delta crosses
-    assert not partition_graph(built.graph_module, ctx).modified
+    assert not partition_graph(flat, ctx).modified
 
 
 def test_a_tiny_model_that_is_not_a_transformers_model_partitions_too():
