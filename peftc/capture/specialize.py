@@ -24,6 +24,8 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
+import peftc.ir.cross_entropy  # noqa: F401  registers peftc::cross_entropy
+
 from peftc.capture.calls import CallSignature
 
 aten = torch.ops.aten
@@ -35,6 +37,9 @@ DROPPABLE: dict[str, Callable[[str], bool]] = {
     "output_hidden_states": lambda field: field == "hidden_states" or field.endswith("_hidden_states"),
 }
 _SUM, _MEAN = 2, 1  # torch's reduction enum (cross_entropy_loss's `reduction` argument)
+# The loss ops a summed loss can come from, and where their `reduction` argument is
+# (peftc::cross_entropy: the train plan's lower_cross_entropy).
+REDUCTION_ARG = {aten.cross_entropy_loss.default: 3, torch.ops.peftc.cross_entropy.default: 2}
 DERIVED_REMOVED = "peftc_derived_removed"  # gm.meta: how many of the superset graph's nodes derivation removed
 GUARDS = "_guards_fn"  # the submodule torch.export's .module() calls with every input to check its guards
 
@@ -111,13 +116,12 @@ def mean_from_sum(count: Node) -> bool:
         if div.target is not aten.div.Tensor or _through_casts(div.args[1]) is not count:
             return False
         loss = _through_casts(div.args[0])
-        if loss.target is not aten.cross_entropy_loss.default or len(loss.users) != 1 \
-                or _reduction(loss) != _SUM:
+        if loss.target not in REDUCTION_ARG or len(loss.users) != 1 or _reduction(loss) != _SUM:
             return False
         rewrites.append((div, loss))
     for div, loss in rewrites:
-        if len(loss.args) > 3:
-            loss.update_arg(3, _MEAN)
+        if len(loss.args) > REDUCTION_ARG[loss.target]:
+            loss.update_arg(REDUCTION_ARG[loss.target], _MEAN)
         else:
             loss.update_kwarg("reduction", _MEAN)
         div.replace_all_uses_with(div.args[0])
@@ -144,7 +148,8 @@ def _users_through_casts(node: Node) -> list[Node]:
 def _reduction(loss: Node) -> int:
     if "reduction" in loss.kwargs:
         return loss.kwargs["reduction"]
-    return loss.args[3] if len(loss.args) > 3 else _MEAN
+    index = REDUCTION_ARG[loss.target]
+    return loss.args[index] if len(loss.args) > index else _MEAN
 
 
 def _prune_fields(spec: pytree.TreeSpec, leaves: list, drop: Callable[[str], bool]) -> tuple[pytree.TreeSpec, list]:

@@ -9,7 +9,7 @@ call that passes a subset of those inputs, so meeting such a call costs a graph 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from peftc.capture.superset import model_kept, superset_call, superset_extras
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
+from peftc.pipeline.runner import PassRecord
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,17 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
         derived = built and _derived(built, compilation, CallSignature.of(*wide), CallSignature.of(*example))
         if derived is not None:
             return FirstBuild(derived, wide, built.graph_module)
-    return FirstBuild(compilation.build(*example, plan, dynamic_shapes=dynamic_shapes, dump_dir=dump_dir))
+    own = compilation.build(*example, plan, dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
+    if wide is not None and built is not None:  # the superset build made the adapters: its records say so
+        own = replace(own, records=_with_params_added(own.records, built.records))
+    return FirstBuild(own)
+
+
+def _with_params_added(records: list[PassRecord], first: list[PassRecord]) -> list[PassRecord]:
+    """`records` with the parameters each pass added in the build that first created them."""
+    made = {(r.index, r.name): r.params_added for r in first}
+    return [replace(r, params_added=made.get((r.index, r.name), r.params_added) or r.params_added)
+            for r in records]
 
 
 def _derived(built: Built, compilation: Compilation, wide: CallSignature, call: CallSignature) -> Built | None:

@@ -55,11 +55,13 @@ def test_removed_counts_agree_with_the_graph(quantized_llama):
     names_now = {n.name for n in cm.flat_graph_module.graph.nodes}
     assert not names_now & {t.name for r in cm.records for t in r.erased}
     originals_now = sum(1 for n in cm.flat_graph_module.graph.nodes if provenance(n) is None)
-    # captured nodes later passes removed (skip_causal_masks: each SDPA and its repeat_kv views)
+    # captured nodes later passes removed (skip_causal_masks: each SDPA and its repeat_kv views;
+    # lower_cross_entropy: the loss of the one capture with labels the first graph is derived from)
     removed_later = sum(1 for r in cm.records[1:] for t in r.erased if t.inserted_by is None)
-    assert removed_later == 2 * 11
+    assert removed_later == 2 * 11 + 1
     # the records are those of the superset capture; deriving this call's graph removed the loss nodes
-    derived_removed = cm.flat_graph_module.meta.get(DERIVED_REMOVED, 0)
+    # (one of those is not a captured node: the loss op lower_cross_entropy put in place of the captured one)
+    derived_removed = cm.flat_graph_module.meta.get(DERIVED_REMOVED, 0) - 1
     assert len(record.erased) == record.nodes_before - derived_removed - originals_now - removed_later
     row = cm.report().passes[0]
     assert row["nodes_removed"] == 2 * weights
@@ -71,10 +73,11 @@ def test_whole_model_diff_folds_removed_lines_across_layers(quantized_llama):
     text = quantized_llama.diff()
     assert "model.layers.{0..1}.mlp.down_proj    by quantize_base    [2 sites, same rewrite" in text
     # one block per projection, each shows its two; q and v also show their fused shrink; the
-    # attention block (skip_causal_masks, folded over the layers) its SDPA and repeat_kv's 10 views
-    assert len(block_lines(text, "- ")) == 2 * 7 + 2 + 11
-    # 14 projections + the fused shrink of each layer's self_attn, + each layer's attention
-    assert "54 removed at 17 sites" in text
+    # attention block (skip_causal_masks, folded over the layers) its SDPA and repeat_kv's 10 views,
+    # and the lowered loss of the capture with labels (lower_cross_entropy) its cross-entropy
+    assert len(block_lines(text, "- ")) == 2 * 7 + 2 + 11 + 1
+    # 14 projections + the fused shrink of each layer's self_attn, + each layer's attention, + the loss
+    assert "55 removed at 18 sites" in text
 
 
 def test_passes_that_remove_nothing_record_nothing(quantized_llama):
