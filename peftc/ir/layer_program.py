@@ -58,7 +58,18 @@ class LayerProgram:
         function = self.function
         if self.compiled:
             function = self._compiled_code.get(function) or self._compile(function)
+            inputs = self._grad_alike(inputs)
         return function(layer, *inputs)
+
+    def _grad_alike(self, inputs: tuple) -> tuple:
+        """The first layer's activations as the others' are, requiring grad: torch.compile specializes
+        on requires_grad, and a frozen embedding's output would cost a second compile of the same
+        program. Its history is frozen, so the extra input gradient reaches no parameter."""
+        if not torch.is_grad_enabled():
+            return inputs
+        split = len(inputs) - self.num_held
+        return tuple(x.detach().requires_grad_() if i < split and isinstance(x, torch.Tensor)
+                     and x.is_floating_point() and not x.requires_grad else x for i, x in enumerate(inputs))
 
     def _compile(self, function):
         compiled = torch.compile(function, backend=COMPILER_BACKEND)
