@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
-from torch.utils.checkpoint import checkpoint
+from torch.fx import GraphModule
 
-from peftc.ir.layer_program import CompiledLayer
-from peftc.ir.outline import Region, is_attribute, layer_regions, outline, region_inputs
+from peftc.ir.layer_program import CompiledLayer, recomputed
+from peftc.ir.outline import is_attribute, layer_regions, mutates, outline, read_by_several
 from peftc.pipeline.runner import PassContext, PassResult
 
 NAME_PREFIX = "peftc_checkpointed"
@@ -34,11 +31,7 @@ class CheckpointedLayer(nn.Module):
     def forward(self, *inputs):
         if not (self.enabled and torch.is_grad_enabled()):
             return self.body(*inputs)
-        split = len(inputs) - self.num_held
-        activations, held = inputs[:split], inputs[split:]
-        # Held values reach the body through the closure, not as checkpoint inputs: checkpoint
-        # saves its inputs for backward, and weights and shared masks stay alive anyway.
-        return checkpoint(lambda *xs: self.body(*xs, *held), *activations, use_reentrant=False)
+        return recomputed(self.body, inputs, self.num_held)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, enabled={self.enabled}"
@@ -48,9 +41,9 @@ def checkpoint_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Outline every layer of each layer stack and call it through torch.utils.checkpoint."""
     result = PassResult(modified=False)
     regions = layer_regions(gm)
-    shared = _read_by_several(regions)
+    shared = read_by_several(regions)
     for region in regions:
-        if _mutates(region):  # a recomputed in-place update (batch-norm statistics) would apply twice
+        if mutates(region):  # a recomputed in-place update (batch-norm statistics) would apply twice
             result.notes.append(f"{region.path}: not checkpointed, it updates a tensor in place")
             continue
         name = f"{NAME_PREFIX}_{region.path.replace('.', '_')}"
@@ -85,16 +78,3 @@ def set_checkpointing(gm: GraphModule, enabled: bool, every_n_layers: int = 1) -
     return bool(layers)
 
 
-def _read_by_several(regions: list[Region]) -> set[Node]:
-    """Values more than one layer reads (attention mask, rotary cos/sin): alive until the last layer
-    anyway, so each layer holds a reference instead of saving its own copy for backward."""
-    counts = Counter(node for region in regions for node in region_inputs(region))
-    return {node for node, count in counts.items() if count > 1}
-
-
-def _mutates(region: Region) -> bool:
-    for node in region.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and schema.is_mutable:
-            return True
-    return False

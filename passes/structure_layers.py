@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections import Counter
-
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
@@ -27,6 +25,8 @@ from peftc.ir.outline import (
     body_graph,
     layer_regions,
     layer_stacks,
+    mutates,
+    read_by_several,
     region_inputs,
     region_outputs,
     replace_with_call,
@@ -67,13 +67,6 @@ def twin(gm: GraphModule, graph: Graph) -> GraphModule:
     twin_module.meta = dict(gm.meta)
     twin_module.graph = graph  # sets graph.owning_module and generates the code
     return twin_module
-
-
-def read_by_several(regions: list[Region]) -> set[Node]:
-    """Values more than one layer reads (attention mask, rotary cos/sin): alive until the last layer
-    anyway, so a checkpointed layer holds a reference instead of saving its own copy."""
-    counts = Counter(node for region in regions for node in region_inputs(region))
-    return {node for node, count in counts.items() if count > 1}
 
 
 def program_key(graph: Graph, num_held: int) -> str:
@@ -121,7 +114,7 @@ def _outline_layer(top: GraphModule, region: Region, layer: CompiledLayer, share
     program = programs.get(key)
     if program is None:
         program = programs[key] = LayerProgram(key, _code_only(layer, body, region), len(held), compiled,
-                                               recomputable=not _mutates(region))
+                                               recomputable=not mutates(region))
     for value in held:  # attribute reads a pass placed inside the span must come before the call
         if value.op == "get_attr":
             region.nodes[0].prepend(value)
@@ -148,15 +141,6 @@ def _layer_class_name(region: Region) -> str:
             return (kind if isinstance(kind, str) else kind.__name__).rpartition(".")[2]
     return "Layer"
 
-
-def _mutates(region: Region) -> bool:
-    """Whether the layer updates a tensor in place (batch-norm statistics): recomputing it would apply
-    the update twice, so checkpointing skips it."""
-    for node in region.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and schema.is_mutable:
-            return True
-    return False
 
 
 def _stacks_as_module_lists(top: GraphModule) -> None:

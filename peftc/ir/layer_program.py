@@ -98,11 +98,7 @@ class CompiledLayer(nn.Module):
         code = self.programs[program]
         if not (self.checkpointed and code.recomputable and torch.is_grad_enabled()):
             return code.run(self, *inputs)
-        split = len(inputs) - code.num_held
-        activations, held = inputs[:split], inputs[split:]
-        # Held values reach the code through the closure: checkpoint saves its inputs for backward,
-        # and weights and shared masks stay alive anyway.
-        return checkpoint(lambda *xs: code.run(self, *xs, *held), *activations, use_reentrant=False)
+        return recomputed(lambda *xs: code.run(self, *xs), inputs, code.num_held)
 
     def add_programs(self, programs: dict[str, LayerProgram]) -> None:
         for key, program in programs.items():
@@ -116,6 +112,17 @@ class CompiledLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, programs={list(self.programs)}, checkpointed={self.checkpointed}"
+
+
+def recomputed(run, inputs: tuple, num_held: int):
+    """`run(*inputs)` under torch.utils.checkpoint: activations recomputed in backward.
+
+    The last `num_held` inputs reach `run` through the closure, not as checkpoint inputs:
+    checkpoint saves its inputs for backward, and weights and shared masks stay alive anyway.
+    """
+    split = len(inputs) - num_held
+    activations, held = inputs[:split], inputs[split:]
+    return checkpoint(lambda *xs: run(*xs, *held), *activations, use_reentrant=False)
 
 
 def compiled_layers(module: nn.Module) -> list[CompiledLayer]:

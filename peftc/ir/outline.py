@@ -18,6 +18,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass
 
 from torch import nn
@@ -186,3 +187,20 @@ def _unique(name: str, used: set[str]) -> str:
 
 def _placeholder_name(node: Node) -> str:
     return str(node.target).replace(".", "_") if node.op == "get_attr" else node.name
+
+
+def read_by_several(regions: list[Region]) -> set[Node]:
+    """Values more than one layer reads (attention mask, rotary cos/sin): alive until the last layer
+    anyway, so a checkpointed layer holds a reference instead of saving its own copy for backward."""
+    counts = Counter(node for region in regions for node in region_inputs(region))
+    return {node for node, count in counts.items() if count > 1}
+
+
+def mutates(region: Region) -> bool:
+    """Whether the region updates a tensor in place (batch-norm statistics): recomputing it in backward
+    would apply the update twice, so checkpointing skips it."""
+    for node in region.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return True
+    return False
