@@ -77,6 +77,20 @@ def _is_default(value: Any, default: Any) -> bool:
     return default is not inspect.Parameter.empty and type(value) is type(default) and value == default
 
 
+def stand_in_for(module: nn.Module, model: nn.Module, signature: inspect.Signature) -> None:
+    """Make `module` (whose forward calls `module._model`) stand for `model` in a capture: `model`'s
+    children and direct parameters registered as its own, so parameter names, module paths and
+    sites are the model's, and its forward carrying `signature` (what export keys kwargs by)."""
+    for name, child in model.named_children():
+        module.add_module(name, child)
+    for name, param in model.named_parameters(recurse=False):
+        module.register_parameter(name, param)
+    object.__setattr__(module, "_model", model)  # called, not registered: its children are ours
+    forward = functools.partial(type(module).forward, module)
+    forward.__signature__ = signature
+    module.__dict__["forward"] = forward
+
+
 class NamedKeywords(nn.Module):
     """`model` with the arguments a call passes through its `**kwargs` (Trainer's `num_items_in_batch`)
     as named keyword parameters, which torch.export needs to key their dynamic shapes.
@@ -87,17 +101,10 @@ class NamedKeywords(nn.Module):
 
     def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        object.__setattr__(self, "_model", model)  # called, not registered: its children are ours
         signature = forward_signature(model)
         params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
-        forward = functools.partial(type(self).forward, self)
-        forward.__signature__ = signature.replace(parameters=params)
-        self.__dict__["forward"] = forward
+        stand_in_for(self, model, signature.replace(parameters=params))
 
     def forward(self, *args, **kwargs):
         return self._model(*args, **kwargs)

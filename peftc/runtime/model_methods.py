@@ -17,6 +17,7 @@ from dataclasses import replace
 from torch import nn
 
 from peftc.capture.binding import canonical_call
+from peftc.capture.binding import stand_in_for
 from peftc.capture.calls import CallSignature
 from peftc.ir.modes import set_mode
 
@@ -31,15 +32,8 @@ class MethodCall(nn.Module):
 
     def __init__(self, model: nn.Module, method: str):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        object.__setattr__(self, "_model", model)  # called, not registered: its children are ours
         self.method = method
-        forward = functools.partial(type(self).forward, self)
-        forward.__signature__ = inspect.signature(getattr(model, method))  # what export keys kwargs by
-        self.__dict__["forward"] = forward
+        stand_in_for(self, model, inspect.signature(getattr(model, method)))
 
     def forward(self, *args, **kwargs):
         return getattr(self._model, self.method)(*args, **kwargs)
