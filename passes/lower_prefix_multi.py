@@ -14,7 +14,7 @@ from peftc.ir.virtual_bank import PrefixBank
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._attention import attention_ops, head_layout, sdpa_arg, set_sdpa_arg
-from ._virtual_rows import row_lengths, visible_slots
+from ._virtual_rows import refuse_export, row_lengths, visible_slots
 
 aten = torch.ops.aten
 SLOT = "prefix_multi"  # peftc.<attention path>.prefix_multi.{key, value, lengths, slots}
@@ -26,9 +26,7 @@ def lower_prefix_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     if not plan.prefix_paths:
         return PassResult(modified=False)
     if plan.gathered:
-        raise NotImplementedError("export_onnx of a served model with prefix-tuning adapters is not implemented (rows "
-                                  "without virtual tokens differ in ONNX Runtime); export the other adapters' served "
-                                  "model, or each prefix adapter's own compiled model")
+        refuse_export("prefix")
     found = attention_ops(gm)
     unknown = sorted(plan.prefix_paths - {path for _, path in found})
     if unknown:

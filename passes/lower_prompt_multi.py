@@ -14,7 +14,7 @@ from peftc.ir.virtual_bank import PromptBank
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._site_output import current_output
-from ._virtual_rows import row_lengths, visible_slots
+from ._virtual_rows import refuse_export, row_lengths, visible_slots
 from .insert_prompt import INDEX_PASSTHROUGH, SEQ_END, SEQUENCE_INPUTS
 
 aten = torch.ops.aten
@@ -29,9 +29,7 @@ def lower_prompt_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     if not plan.prompt_paths:
         return PassResult(modified=False)
     if plan.gathered:
-        raise NotImplementedError("export_onnx of a served model with prompt-tuning adapters is not implemented (rows "
-                                  "without virtual tokens differ in ONNX Runtime); export the other adapters' served "
-                                  "model, or each prompt adapter's own compiled model")
+        refuse_export("prompt")
     if len(plan.prompt_paths) > 1:
         raise SpecError(f"served prompt adapters prepend at different embeddings {sorted(plan.prompt_paths)}; "
                         "serve adapters trained on one model")
