@@ -10,7 +10,7 @@
   takes and decides `model_accepts_loss_kwargs` as it would for the original.
 - `state_dict()` / `load_state_dict()` hold what the spec trains (adapter_state_dict), as
   a PEFT model's checkpoints do: a Trainer checkpoint of a compiled model is the adapter only,
-  and resuming loads it back. `save_pretrained(dir)` writes the adapter (save_adapter).
+  and resuming loads it back. `save_pretrained(dir)` writes the adapter (runtime.peft_surface).
 """
 
 from __future__ import annotations
@@ -82,10 +82,6 @@ class AdapterCheckpoint:
                 if name in own:
                     own[name].copy_(value)
         return _IncompatibleKeys(missing, unexpected)
-
-    def save_pretrained(self, save_directory, **_ignored) -> None:
-        """Write the adapter (what PeftModel.save_pretrained writes): spec.json + adapter.safetensors."""
-        self.save_adapter(save_directory)
 
 
 def _user_model(module):
