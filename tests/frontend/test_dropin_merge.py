@@ -62,6 +62,34 @@ def test_unloaded_causal_lm_generates():
     assert out.shape == (1, 9) and torch.equal(out[:, :4], ids)
 
 
+@pytest.mark.parametrize("adapters", [
+    [{"method": "ln_tuning", "targets": ["input_layernorm"]}],  # PEFT's LN_TUNING merges: the copies replace
+    [{**LORA, "targets": ["q_proj"]}, {"method": "copy", "targets": ["lm_head"]}],  # modules_to_save
+])
+def test_trained_copies_fold_into_the_weights_they_copy(adapters, tmp_path):
+    family, model, cm = compiled("llama", adapters=adapters)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = cm.merge_and_unload()
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        expected = cm(**x).logits
+        assert not torch.allclose(model(**x).logits, expected, atol=1e-4)
+        torch.testing.assert_close(plain.eval()(**x).logits, expected, atol=1e-5, rtol=1e-5)
+        plain.save_pretrained(tmp_path)
+        torch.testing.assert_close(type(model).from_pretrained(tmp_path).eval()(**x).logits, expected,
+                                   atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_copy_of_a_tied_weight_does_not_fold_into_its_twin():
+    family = FAMILIES["gpt2"]  # lm_head.weight is wte.weight
+    model = family.build()
+    cm = peftc.compile(model, {"adapters": [{"method": "copy", "targets": ["lm_head"]}]}).eval()
+    randomize_adapters(cm)
+    with pytest.raises(NotImplementedError, match="tied"):
+        cm.merge_and_unload()
+
+
 @pytest.mark.parametrize("adapter, named", [
     ({"method": "prefix", "num_tokens": 2}, "prefix"),
     ({"method": "prompt", "num_tokens": 2}, "prompt"),

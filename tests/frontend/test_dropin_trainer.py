@@ -51,13 +51,29 @@ def train(model, rows, out, resume=None, **options):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("name, rows", [("llama", causal_rows), ("bert", class_rows)])
+@pytest.mark.parametrize("name, rows", [("llama", causal_rows), ("qwen2", causal_rows), ("bert", class_rows)])
 def test_losses_equal_peft_under_the_same_trainer(name, rows, tmp_path):
     cm, reference = pair(name)
     ours = train(cm, rows(), tmp_path / "peftc")
     theirs = train(reference, rows(), tmp_path / "peft")
     assert len(ours) == 4
     assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+def tensor_bytes(path) -> int:
+    return sum(t.numel() * t.element_size() for t in load_file(path).values())
+
+
+def test_checkpoints_hold_as_many_tensor_bytes_as_peft_checkpoints(tmp_path):
+    cm, reference = pair("llama")
+    train(cm, causal_rows(), tmp_path / "peftc")
+    train(reference, causal_rows(), tmp_path / "peft")
+    ours, theirs = tmp_path / "peftc" / "checkpoint-2", tmp_path / "peft" / "checkpoint-2"
+    # PEFT's: adapter_model.safetensors + adapter_config.json + README.md; ours: model.safetensors
+    assert tensor_bytes(ours / "model.safetensors") == tensor_bytes(theirs / "adapter_model.safetensors") > 0
+    same = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+    assert {p.name for p in ours.iterdir()} == same | {"model.safetensors"}
+    assert same <= {p.name for p in theirs.iterdir()}
 
 
 def test_checkpoints_hold_the_adapter_and_resume_continues_exactly(tmp_path):
