@@ -21,6 +21,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from peftc.runtime.call_contract import signed_forward
 from peftc.runtime.model_methods import COMPILED_METHODS, COMPILED_SUBMODULES, CompiledSubmodule, compiled_method
+from peftc.runtime.signed_class import signed_class
 
 
 class ModelAttributes:
@@ -46,8 +47,11 @@ class ModelAttributes:
         return sorted(set(super().__dir__()) | set(extra))
 
     def sign_forward(self) -> None:
-        """Give `self.forward` the original's signature (an instance attribute, so each model has its own)."""
-        self.__dict__["forward"] = signed_forward(self, _user_model(self))
+        """Give `self.forward` the original's signature (an instance attribute, so each model has its own),
+        and `type(self).forward` too (runtime.signed_class: Trainer reads label names from the class)."""
+        model = _user_model(self)
+        self.__class__ = signed_class(type(self), type(model))
+        self.__dict__["forward"] = signed_forward(self, model)
 
     @property
     def device(self):

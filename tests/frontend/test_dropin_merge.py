@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,3 +138,52 @@ def test_cli_merge_refuses_a_model_without_save_pretrained(tmp_path, capsys):
                  "--out", str(tmp_path / "merged")])
     err = capsys.readouterr().err
     assert code == 2 and "save_pretrained" in err and not (tmp_path / "merged").exists()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "peftc", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_python_m_peftc_merge_writes_what_auto_model_loads_and_generates(tmp_path):
+    """The real entry point, on a folder that cm.save_pretrained wrote (peftc and PEFT files side by side)."""
+    from transformers import AutoModelForCausalLM
+
+    family, model, cm = compiled("llama")
+    model.save_pretrained(tmp_path / "base")
+    cm.save_pretrained(tmp_path / "adapter")
+    done = run_cli("merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                   "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(loaded) is type(model)
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, cm(**x).logits, atol=1e-5, rtol=1e-5)
+        out = loaded.generate(x["input_ids"], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        expected = cm.merge_and_unload().eval().generate(x["input_ids"], max_new_tokens=4, do_sample=False,
+                                                         pad_token_id=0)
+    assert torch.equal(out, expected) and out.shape == (2, 9)
+
+
+def test_cli_merge_reads_an_adapter_peft_saved(tmp_path, capsys):
+    from peft_reference import peft_lora
+
+    family, model, cm = compiled("llama")
+    model.save_pretrained(tmp_path / "base")
+    peft_lora(model, cm, family.targets, 4, 8).save_pretrained(tmp_path / "peft")
+    code = main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    loaded = type(model).from_pretrained(tmp_path / "out").eval()
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, cm(**x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_python_m_peftc_merge_names_a_missing_adapter(tmp_path):
+    _, model, _ = compiled("llama")
+    model.save_pretrained(tmp_path / "base")
+    done = run_cli("merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    assert done.returncode != 0 and "nowhere" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()

@@ -60,6 +60,22 @@ def test_losses_equal_peft_under_the_same_trainer(name, rows, tmp_path):
     assert ours == pytest.approx(theirs, abs=1e-4)
 
 
+@pytest.mark.parametrize("name, rows", [("llama", causal_rows), ("bert", class_rows)])
+def test_evaluate_and_predict_report_peft_losses(name, rows, tmp_path):
+    """Trainer finds label names in `type(model).forward` (find_labels): without them no eval loss."""
+    cm, reference = pair(name)
+    results = []
+    for model, out in ((cm, tmp_path / "peftc"), (reference, tmp_path / "peft")):
+        args = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, per_device_eval_batch_size=4)
+        trainer = Trainer(model=model, args=args, eval_dataset=rows())
+        assert trainer.label_names == ["labels"]
+        prediction = trainer.predict(rows()[:4])
+        results.append((trainer.evaluate()["eval_loss"], prediction.metrics["test_loss"], prediction.label_ids))
+    (ours, ours_test, labels), (theirs, theirs_test, ref_labels) = results
+    assert ours == pytest.approx(theirs, abs=1e-5) and ours_test == pytest.approx(theirs_test, abs=1e-5)
+    assert (labels == ref_labels).all()
+
+
 def tensor_bytes(path) -> int:
     return sum(t.numel() * t.element_size() for t in load_file(path).values())
 
