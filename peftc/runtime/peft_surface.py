@@ -14,6 +14,8 @@ from pathlib import Path
 
 from peftc.errors import SpecError
 
+DEFAULT_ADAPTER = "default"  # PEFT's name for a model's only adapter
+
 
 class PeftModelSurface:
     """Mixin for CompiledModel (before GraphDispatch, whose forward it wraps)."""
@@ -28,6 +30,26 @@ class PeftModelSurface:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
+
+    # -- adapter names: a compiled model holds one adapter, PEFT's "default" -------------------------
+    @property
+    def active_adapter(self) -> str:
+        return DEFAULT_ADAPTER
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [DEFAULT_ADAPTER]
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name != DEFAULT_ADAPTER:
+            raise ValueError(f"set_adapter({adapter_name!r}): a compiled model holds one adapter, {DEFAULT_ADAPTER!r}; "
+                             "for several adapters use peftc.serve_adapters (inference, adapter_ids per row) or "
+                             "peftc.train_adapters (training)")
+
+    def get_base_model(self):
+        """This model: PeftModel.get_base_model() is the base model with the adapters in it, which is what
+        the compiled model runs. The user's own model, without adapters, is `compilation.source`."""
+        return self
 
     # -- the base model alone (PeftModel.disable_adapter: DPO's reference forward, ...) -------------
     @contextlib.contextmanager

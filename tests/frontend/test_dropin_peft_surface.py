@@ -125,3 +125,13 @@ def test_accelerate_prepare_loop_equals_peft():
         losses.append(run)
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     assert losses[0][0] != losses[0][-1]  # it trained
+
+
+def test_adapter_names_are_peft_single_adapter_ones():
+    _, cm, reference = pair()
+    assert cm.active_adapter == reference.active_adapter == "default"
+    assert cm.active_adapters == reference.active_adapters == ["default"]
+    cm.set_adapter("default")
+    with pytest.raises(ValueError, match="serve_adapters"):
+        cm.set_adapter("other")
+    assert cm.get_base_model() is cm  # the base model with its adapters, as PeftModel.get_base_model() runs
