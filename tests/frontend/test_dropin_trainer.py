@@ -60,6 +60,19 @@ def test_losses_equal_peft_under_the_same_trainer(name, rows, tmp_path):
     assert ours == pytest.approx(theirs, abs=1e-4)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_default_training_arguments_train_as_peft(name, tmp_path):
+    """TrainingArguments' defaults (3 epochs, batch 8, linear schedule, lr 5e-5): the mean training loss."""
+    cm, reference = pair(name)
+    losses = []
+    for model, out in ((cm, tmp_path / "peftc"), (reference, tmp_path / "peft")):
+        trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(out), report_to=[]),
+                          train_dataset=causal_rows())
+        losses.append(trainer.train().training_loss)
+        assert trainer.state.global_step == 6
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
 @pytest.mark.parametrize("name, rows", [("llama", causal_rows), ("bert", class_rows)])
 def test_evaluate_and_predict_report_peft_losses(name, rows, tmp_path):
     """Trainer finds label names in `type(model).forward` (find_labels): without them no eval loss."""
