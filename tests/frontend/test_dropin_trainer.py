@@ -105,6 +105,21 @@ def test_checkpoints_hold_as_many_tensor_bytes_as_peft_checkpoints(tmp_path):
     assert same <= {p.name for p in theirs.iterdir()}
 
 
+def test_load_adapter_reads_what_trainer_save_model_wrote(tmp_path):
+    cm, _ = pair("llama")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             learning_rate=1e-2, save_strategy="no")
+    trainer = Trainer(model=cm, args=args, train_dataset=causal_rows())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))  # a state_dict file: Trainer saves any non-PreTrainedModel so
+    fresh, _ = pair("llama")
+    fresh.load_adapter(tmp_path / "final")
+    for key, value in cm.adapter_state_dict().items():
+        torch.testing.assert_close(fresh.adapter_state_dict()[key], value)
+    with pytest.raises(peftc.CheckpointError, match="no adapter.safetensors.*save_adapter"):
+        fresh.load_adapter(tmp_path)  # a folder with neither file
+
+
 def test_checkpoints_hold_the_adapter_and_resume_continues_exactly(tmp_path):
     cm, _ = pair("llama")
     fresh = copy.deepcopy(cm.adapter_state_dict())
