@@ -5,6 +5,9 @@ fuse_lora_shrinks runs the LoRA shrinks of sites that read one input as one matm
 fused A per layer that unfused LoRA (and HF PEFT) never holds. This op saves the A's
 themselves (parameters, alive anyway) and concatenates them again in backward, where the copy
 lives only while that layer's gradient is computed. Results equal cat + linear bit for bit.
+
+Under autocast (Trainer's bf16=True) the linear runs in bfloat16 and backward computes one matmul
+per A, as unfused LoRA's autograd does, so the gradients equal PEFT's bit for bit there too.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _backward(ctx, grad):
     x, *weights = ctx.saved_tensors
     x_needs, weights_need = ctx.needs_input_grad
     weights_need = any(weights_need) if isinstance(weights_need, (list, tuple)) else weights_need
-    if grad.dtype != x.dtype:  # the forward ran under autocast (backward does not see it)
+    if any(t.dtype != grad.dtype for t in (x, *weights)):  # the forward ran under autocast (backward does not)
         return _backward_per_weight(grad, x, weights, x_needs, weights_need)
     grad_x = grad @ torch.cat(weights, 0) if x_needs else None
     grad_weights = None
