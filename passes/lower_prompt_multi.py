@@ -136,7 +136,8 @@ def _zero_unattended_queries(gm: GraphModule, tag: dict) -> None:
     A row's slots before its own N (all `width` of them for rows without a prompt) are queries that
     see no key: torch's attention returns 0 there (its safe softmax), ONNX Runtime a uniform average
     over the hidden keys, and from that layer on those padding positions differ (the tokens' outputs
-    do not: the slots are hidden from them). Written out, torch's answer is ONNX Runtime's too."""
+    do not: the slots are hidden from them). Written out, torch's answer is ONNX Runtime's too.
+    The plan runs lower_prefix_multi first: the masks read here hold the prefix columns already."""
     for node, _ in attention_ops(gm):
         mask = sdpa_arg(node, 3)
         if mask is None or mask.meta["val"].dtype != torch.bool:
