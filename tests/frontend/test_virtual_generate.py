@@ -81,7 +81,8 @@ def peft_greedy(ref, method: str, ids: torch.Tensor, mask: torch.Tensor) -> torc
     with torch.no_grad():
         for _ in range(NEW):
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what transformers' generate passes
-            token = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1, keepdim=True)
+            out = ref(input_ids=ids, attention_mask=mask, position_ids=positions)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
             ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
     return ids
 
@@ -145,6 +146,19 @@ def test_max_length_counts_the_callers_tokens_only(method):
     _, cm, _ = compiled("llama", method)
     ids, mask = prompts()
     assert cm.generate(ids, attention_mask=mask, max_length=9, do_sample=False).shape == (2, 9)
+
+
+def test_prompt_with_lora_and_its_merged_model_generate_the_same_tokens():
+    """A hybrid (prompt + LoRA): merged() folds the LoRA and keeps the prompt, and generates the same tokens."""
+    family = livelier(FAMILIES["llama"])
+    spec = {"adapters": [{"method": "prompt", "num_tokens": 3}, {"method": "lora", "targets": ["q_proj"], "r": 2}]}
+    _, cm = compile_family(family, spec)
+    randomize_adapters(cm, std=0.5)
+    cm.eval()
+    ids, mask = prompts()
+    got = cm.generate(ids, attention_mask=mask, **GREEDY)
+    assert got.shape == (2, 6 + NEW)
+    assert got.tolist() == cm.merged().generate(ids, attention_mask=mask, **GREEDY).tolist()
 
 
 # -- served: prompt and prefix rows beside LoRA, each row as its own compiled model ----------------------
