@@ -128,6 +128,19 @@ def test_greedy_tokens_equal_peft(family_name, method, padded):
     assert ours[:, 6:].tolist() != base[:, 6:].tolist()  # the virtual tokens change what is generated
 
 
+def test_prefix_forward_with_given_positions_equals_peft():
+    """Given position_ids, a prefix-tuned forward moves them by N, as PEFT's does (what its generate relies on)."""
+    _, cm, ref = compiled("llama", "prefix")
+    ids, mask = prompts()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        got = cm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        want = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        unshifted = ref(input_ids=ids, attention_mask=mask, position_ids=positions - N).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, unshifted, atol=1e-3)
+
+
 def test_sampling_with_a_seed_is_reproducible():
     _, cm, _ = compiled("llama", "prompt")
     ids, mask = prompts()
