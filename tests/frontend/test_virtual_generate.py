@@ -24,6 +24,8 @@ from families import FAMILIES, compile_family, randomize_adapters
 from peft_reference import sharpened
 
 import peftc
+from peftc.runtime.generate import Generator, with_slots
+from peftc.serving.virtual_inputs import with_prompt_slots
 
 N = 4
 NEW = 8
@@ -205,3 +207,40 @@ def test_served_rows_generate_as_their_own_compiled_models(served, padded):
         assert got[rows].tolist() == cm.generate(ids[rows], attention_mask=mask[rows], **GREEDY).tolist(), name
     base = family.build().generate(ids[4:5], attention_mask=mask[4:5], **GREEDY)
     assert got[4].tolist() == base[0].tolist()
+
+
+def test_served_prefill_and_decode_logits_equal_the_own_models_to_1e5(served):
+    """The served generation graphs against each own model's, logits row by row: the prefill's last position,
+    then one decode step from the cache (prompt rows with their virtual tokens in it, prefix rows shifted)."""
+    _, cms, mm = served
+    ids, mask = prompts(len(ROWS), padded=True)
+    index = mm.adapter_index(ROWS, len(ROWS))
+    width = max(e["num_tokens"] for e in SERVED.values() if e["method"] == "prompt")
+    lengths = torch.tensor([SERVED[r]["num_tokens"] if r and SERVED[r]["method"] == "prompt" else 0 for r in ROWS])
+    got = _prefill_and_step(Generator(mm.compilation, mm.plan), *with_prompt_slots(ids, mask, lengths, width),
+                            {"adapter_ids": index})
+    for name, cm in cms.items():
+        rows = [i for i, r in enumerate(ROWS) if r == name]
+        generator = Generator(cm.compilation, cm.plan)
+        if generator.prompt_tokens:  # its N slots first, as its generate() puts them
+            own = with_slots(ids[rows], mask[rows], generator.prompt_tokens)
+        else:
+            own = (ids[rows], mask[rows], mask[rows])
+        for got_part, want_part in zip(got, _prefill_and_step(generator, *own, {})):
+            torch.testing.assert_close(got_part[rows], want_part, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _prefill_and_step(generator, ids, mask, position_mask, extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last-position prefill logits, logits of one decode step), calling the graphs as generate() does."""
+    batch, seq = ids.shape
+    graphs = generator.graphs_for(batch, 32)
+    full = torch.ones(batch, 32, dtype=torch.long)
+    full[:, :seq] = mask
+    positions = (position_mask.cumsum(-1) - 1).masked_fill(position_mask == 0, 1)
+    with torch.no_grad():
+        prefill = graphs.prefill(input_ids=ids, attention_mask=full, position_ids=positions,
+                                 cache_position=torch.arange(seq), **extra)[:, -1]
+        token = prefill.argmax(-1, keepdim=True)
+        step = graphs.decode(input_ids=token, attention_mask=full, position_ids=positions[:, -1:] + 1,
+                             cache_position=torch.tensor([seq]), **extra)[:, -1]
+    return prefill, step
