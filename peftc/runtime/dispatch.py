@@ -20,9 +20,11 @@ from torch.fx import GraphModule
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
+from peftc.capture.sharded import is_sharded
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import superset_extras
 from peftc.compiler.first_build import build_first
+from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
@@ -138,6 +140,11 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if not self.can_generate():
             raise TypeError(f"{type(self.compilation.source).__name__} cannot generate: generate() needs a "
                             "transformers causal language model (one whose can_generate() is True)")
+        if is_sharded(self):
+            raise ShardedError("generate() on a model FSDP2 (fully_shard) sharded: decoding graphs run outside "
+                               "its hooks, so no rank holds the whole weights they read. Save the adapter "
+                               "(cm.save_adapter(dir) on every rank) and generate on one process from "
+                               "peftc.compile(base, spec) with cm.load_adapter(dir)")
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:
