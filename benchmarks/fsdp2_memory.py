@@ -2,11 +2,12 @@
 
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/fsdp2_memory.py [--layers 4] [--hidden 256]
 
-Each rank builds the same LLaMA, wraps it (peftc.compile, or get_peft_model), shards each
-decoder layer then the root, trains one step, deletes its own reference to the model, and
-counts parameter bytes: the shards FSDP2 holds, and every parameter storage still alive
-(reachable from the wrapped model, including what peftc keeps to capture later call
-signatures from). Bytes, not time: nothing here depends on the machine's load.
+Each rank builds the same LLaMA, wraps it (peftc.compile, or get_peft_model), deletes its own
+reference to the model, shards each decoder layer then the root, trains one step, and counts
+bytes: the parameter shards FSDP2 holds, and every tensor storage still alive that the wrapped
+model reaches (peftc.inspect.reachable: its graphs, its compilation and the source later call
+signatures are captured from, hooks and FSDP2's state included). Bytes, not time: nothing here
+depends on the machine's load.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftc
+from peftc.inspect.reachable import reachable_storage_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,21 +44,14 @@ def one_step(model, rank: int, world_size: int) -> None:
 
 def peftc_side(base) -> tuple[torch.nn.Module, list]:
     cm = peftc.compile(base, {"adapters": [{"method": "lora", "targets": TARGETS, "r": 8, "alpha": 16}]}).train()
-    for layer in cm.model.layers:
-        fully_shard(layer)
-    fully_shard(cm)
-    kept = list(cm.parameters()) + list(cm.compilation.source.parameters())
-    return cm, kept
+    return cm, list(cm.model.layers)
 
 
 def peft_side(base) -> tuple[torch.nn.Module, list]:
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).train()
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model, list(model.parameters())
+    return model, list(model.base_model.model.model.layers)
 
 
 def main() -> None:
@@ -73,19 +68,22 @@ def main() -> None:
         torch.manual_seed(0)
         base = LlamaForCausalLM(config)
         whole = sum(p.numel() * p.element_size() for p in base.parameters())
-        model, kept = side(base)
+        model, layers = side(base)
         del base  # the user lets go of the model they wrapped
         gc.collect()
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        del layers
         one_step(model, rank, world_size)
         shards = storages(p for p in model.parameters())
-        alive = storages(kept)
-        rows.append((name, whole, sum(shards.values()), sum(alive.values())))
-        del model, kept
+        rows.append((name, whole, sum(shards.values()), reachable_storage_bytes(model)))
+        del model
         gc.collect()
     if rank == 0:
         print(f"{world_size} ranks, LLaMA hidden {args.hidden}, {args.layers} layers, LoRA r=8 on all projections; "
-              "parameter bytes on rank 0")
-        print("| wrapper | whole model | FSDP2 shards held | parameter storage alive | alive / whole |")
+              "bytes on rank 0")
+        print("| wrapper | whole model | FSDP2 shards held | storage reachable from the model | reachable / whole |")
         print("|---|---|---|---|---|")
         for name, whole, shards, alive in rows:
             print(f"| {name} | {whole:,} | {shards:,} | {alive:,} | {alive / whole:.3f} |")

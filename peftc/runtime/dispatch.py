@@ -11,7 +11,6 @@ submodules.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 
 import torch
@@ -22,7 +21,7 @@ from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
 from peftc.capture.sharded import is_sharded
 from peftc.capture.specialize import derive_graph
-from peftc.capture.superset import superset_extras
+from peftc.capture.superset import ExtraInputs
 from peftc.compiler.first_build import build_first
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
@@ -120,7 +119,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if self._superset is None:
             return None
         wide = CallSignature.of(*self._superset)
-        return derive_graph(self._graphs[wide], wide, signature, functools.partial(superset_extras, self.compilation.source))
+        return derive_graph(self._graphs[wide], wide, signature, ExtraInputs.of(self.compilation.source))
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""
