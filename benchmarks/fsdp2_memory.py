@@ -1,6 +1,6 @@
 """What FSDP2 per layer leaves on each rank: peftc's compiled model vs HF PEFT, side by side.
 
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/fsdp2_memory.py [--layers 4] [--hidden 256]
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/fsdp2_memory.py [--layers 4] [--hidden 256] [--quantized]
 
 Each rank builds the same LLaMA, wraps it (peftc.compile, or get_peft_model), deletes its own
 reference to the model, shards each decoder layer then the root, trains one step, and counts
@@ -13,6 +13,7 @@ depends on the machine's load.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 
 import torch
@@ -42,9 +43,13 @@ def one_step(model, rank: int, world_size: int) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
 
 
-def peftc_side(base) -> tuple[torch.nn.Module, list]:
-    cm = peftc.compile(base, {"adapters": [{"method": "lora", "targets": TARGETS, "r": 8, "alpha": 16}]}).train()
+def peftc_side(base, quantize: dict | None = None) -> tuple[torch.nn.Module, list]:
+    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": 8, "alpha": 16}], "quantize": quantize}
+    cm = peftc.compile(base, spec).train()
     return cm, list(cm.model.layers)
+
+
+QUANTIZED = {"peftc, int8 base": {"bits": 8}, "peftc, nf4 base": {"bits": 4, "format": "nf4", "group_size": 64}}
 
 
 def peft_side(base) -> tuple[torch.nn.Module, list]:
@@ -58,13 +63,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--quantized", action="store_true", help="also peftc with an int8 and an nf4 base")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
     rows = []
-    for name, side in (("HF PEFT", peft_side), ("peftc", peftc_side)):
+    sides = [("HF PEFT", peft_side), ("peftc", peftc_side)]
+    sides += [(name, functools.partial(peftc_side, quantize=q)) for name, q in QUANTIZED.items()] if args.quantized else []
+    for name, side in sides:
         torch.manual_seed(0)
         base = LlamaForCausalLM(config)
         whole = sum(p.numel() * p.element_size() for p in base.parameters())
