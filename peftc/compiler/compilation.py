@@ -66,7 +66,9 @@ class Built:
 
 @dataclass(frozen=True, eq=False)
 class Compilation:
-    source: nn.Module  # the model graphs are captured from (the user's, or its copy without packed weights)
+    # The model graphs are captured from: a weight view of the user's (or its copy without packed weights)
+    # whose modules, once a compiled model owns a tree, read their parameters from it (module_tree.share_parameters).
+    source: nn.Module
     spec: Spec | None  # None for a serving compilation (its plan names the adapters)
     adapter_root: nn.Module  # mounted at `peftc` on every graph: all graphs share these parameters
     options: CompileOptions = field(default_factory=CompileOptions)

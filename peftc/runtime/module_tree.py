@@ -17,6 +17,10 @@ names) stay that graph's own.
 
 A graph whose tensors disagree with the tree (a pass made a different tensor under the same
 name) is not attached; it keeps its own copy and still computes what it should.
+
+The tree is also the one owner of the base weights: the model later graphs are captured from
+(`compilation.source`) reads its parameters from the tree's modules (`share_parameters`), so when
+FSDP2 replaces a tree module's parameters by shards nothing else keeps the full weights alive.
 """
 
 from __future__ import annotations

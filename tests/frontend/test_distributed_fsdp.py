@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,6 +25,7 @@ from distributed_lora import (
     train,
     trained_tensors,
 )
+import peftc
 from families import FAMILIES, randomize_adapters
 from peftc.errors import ShardedError
 from peftc.inspect.reachable import reachable_storage_bytes
@@ -155,10 +159,13 @@ def resharded_bytes(cm) -> int:
 def refusals(cm, ids) -> list[str]:
     """What needs whole base weights raises ShardedError on a sharded model, naming where to do it instead."""
     messages = []
-    for needs_whole_weights in (cm.merged, cm.merge_and_unload, lambda: cm.generate(ids, max_new_tokens=2)):
+    onnx = Path(tempfile.mkdtemp(prefix="peftc-sharded-")) / "never.onnx"
+    for needs_whole_weights in (cm.merged, cm.merge_and_unload, lambda: cm.generate(ids, max_new_tokens=2),
+                                lambda: peftc.export_onnx(cm, onnx)):
         with pytest.raises(ShardedError, match="one process") as caught:
             needs_whole_weights()
         messages.append(str(caught.value))
+    assert not onnx.exists()
     return messages
 
 
@@ -202,7 +209,7 @@ def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and
             assert result["seen_by_second_layer"] and all(seen == (True, False) for seen in result["seen_by_second_layer"])
             torch.testing.assert_close(result["logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
             torch.testing.assert_close(result["masked_logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
-            assert len(result["refused"]) == 3
+            assert len(result["refused"]) == 4
             whole = result["whole"]  # every base weight and adapter, all sharded: each rank keeps half of them
             assert whole > 300_000 and result["kept"] <= whole / 2 + 4 * 1024, (rank, checkpointing, result["kept"], whole)
             assert result["kept_after_new_signatures"] <= whole / 2 + 4 * 1024
