@@ -40,6 +40,12 @@ def without_shards(model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]
     return copy.deepcopy(model, memo), real
 
 
+def runnable(model: nn.Module) -> nn.Module:
+    """`model` to run eagerly outside FSDP2's hooks (reproducing a call's error): sharded, its stand-in copy,
+    which has every shape right (the error a call meets is about its inputs' shapes and types)."""
+    return without_shards(model)[0] if is_sharded(model) else model
+
+
 def bind_shards(gm: nn.Module, real: dict[int, nn.Parameter]) -> None:
     """Replace every stand-in `without_shards` made, wherever `gm`'s modules hold one, by its DTensor."""
     for module in gm.modules():

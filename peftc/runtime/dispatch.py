@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
-from peftc.capture.sharded import is_sharded
+from peftc.capture.sharded import is_sharded, runnable
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import ExtraInputs
 from peftc.compiler.first_build import build_first
@@ -97,7 +97,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
             gm, args, kwargs = self.graph_for(args, kwargs)
             output = gm(*args, **kwargs)
         except Exception as err:  # a guard or capture failure: raise what the original model raises
-            raise_call_error(self.compilation.source, *call, err)
+            raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:

@@ -143,10 +143,14 @@ def layer_sharded_training(rank: int, world_size: int, steps: int, checkpointing
         result["logits"] = cm(input_ids=ids).logits  # derived from the superset graph
         result["masked_logits"] = cm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # captured
     result["refused"] = refusals(cm, ids)
+    result["kept_after_new_signatures"] = resharded_bytes(cm)
+    # Last: FSDP2 leaves the root gathered after a forward that raised (its state stays "forward").
+    with pytest.raises(RuntimeError, match="indices") as caught:  # the original model's error, as on one process
+        cm(input_ids=ids.float())
+    result["float_ids_error"] = str(caught.value)
     return result | {"base_weights": base_weights, "layer_shapes": layer_shapes, "shapes": shard_shapes(cm),
                      "seen_by_second_layer": seen_by_second_layer,
-                     "checkpointed": [layer.checkpointed for layer in layers], "kept": kept, "whole": whole,
-                     "kept_after_new_signatures": resharded_bytes(cm)}
+                     "checkpointed": [layer.checkpointed for layer in layers], "kept": kept, "whole": whole}
 
 
 def resharded_bytes(cm) -> int:
@@ -195,6 +199,8 @@ def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and
     cm = compiled_llama()
     reference = train(cm, steps=STEPS)
     expected_logits = reference_logits(cm, STEPS)
+    with pytest.raises(RuntimeError) as one_process_error:
+        cm(input_ids=batch(STEPS).float())
     for checkpointing in (False, True):
         results = [run[checkpointing] for run in runs]
         assert_identical_across_ranks(results)
@@ -210,6 +216,7 @@ def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and
             torch.testing.assert_close(result["logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
             torch.testing.assert_close(result["masked_logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
             assert len(result["refused"]) == 4
+            assert result["float_ids_error"] == str(one_process_error.value)
             whole = result["whole"]  # every base weight and adapter, all sharded: each rank keeps half of them
             assert whole > 300_000 and result["kept"] <= whole / 2 + 4 * 1024, (rank, checkpointing, result["kept"], whole)
             assert result["kept_after_new_signatures"] <= whole / 2 + 4 * 1024
