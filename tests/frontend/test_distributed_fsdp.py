@@ -163,13 +163,14 @@ def resharded_bytes(cm) -> int:
 def refusals(cm, ids) -> list[str]:
     """What needs whole base weights raises ShardedError on a sharded model, naming where to do it instead."""
     messages = []
-    onnx = Path(tempfile.mkdtemp(prefix="peftc-sharded-")) / "never.onnx"
-    for needs_whole_weights in (cm.merged, cm.merge_and_unload, lambda: cm.generate(ids, max_new_tokens=2),
-                                lambda: peftc.export_onnx(cm, onnx)):
-        with pytest.raises(ShardedError, match="one process") as caught:
-            needs_whole_weights()
-        messages.append(str(caught.value))
-    assert not onnx.exists()
+    with tempfile.TemporaryDirectory(prefix="peftc-sharded-") as directory:
+        onnx = Path(directory) / "never.onnx"
+        for needs_whole_weights in (cm.merged, cm.merge_and_unload, lambda: cm.generate(ids, max_new_tokens=2),
+                                    lambda: peftc.export_onnx(cm, onnx)):
+            with pytest.raises(ShardedError, match="one process") as caught:
+                needs_whole_weights()
+            messages.append(str(caught.value))
+        assert not onnx.exists()
     return messages
 
 
