@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ class ExtraInputs:
     main_input_name: str | None
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ExtraInputs":
+    def of(cls, model: nn.Module) -> ExtraInputs:
         return cls(forward_signature(model).parameters, type(model).__name__, getattr(model, "config", None),
                    getattr(model, "main_input_name", None))
 

@@ -33,7 +33,7 @@ def reachable_storages(*roots) -> dict[tuple, int]:
             continue
         seen.add(id(obj))
         if isinstance(obj, types.FunctionType):
-            stack.extend(cell.cell_contents for cell in obj.__closure__ or () if _filled(cell))
+            stack.extend(_cell_contents(obj.__closure__ or ()))
             continue
         if isinstance(obj, torch.Tensor):
             _record(obj.to_local() if isinstance(obj, DTensor) else obj, found)
@@ -57,9 +57,12 @@ def _record(tensor: torch.Tensor, found: dict[tuple, int]) -> None:
         found[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
 
 
-def _filled(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # an empty cell: the variable is not bound yet
-        return False
-    return True
+def _cell_contents(cells) -> list:
+    """What a closure's cells hold (a cell whose variable is not bound yet holds nothing)."""
+    out = []
+    for cell in cells:
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:
+            continue
+    return out

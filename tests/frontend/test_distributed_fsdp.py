@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+import peftc
 from distributed_harness import run_on_ranks
 from distributed_lora import (
     LORA,
@@ -25,7 +26,6 @@ from distributed_lora import (
     train,
     trained_tensors,
 )
-import peftc
 from families import FAMILIES, randomize_adapters
 from peftc.errors import ShardedError
 from peftc.inspect.reachable import reachable_storage_bytes
