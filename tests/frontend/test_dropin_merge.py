@@ -63,6 +63,7 @@ def test_unloaded_causal_lm_generates():
     ids = family.inputs(1, 4)["input_ids"]
     out = plain.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9) and torch.equal(out[:, :4], ids)
+    assert torch.equal(out, cm.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0))  # the same tokens
 
 
 @pytest.mark.parametrize("adapters", [
@@ -143,7 +144,7 @@ def test_cli_merge_refuses_a_model_without_save_pretrained(tmp_path, capsys):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "peftc", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def test_python_m_peftc_merge_writes_what_auto_model_loads_and_generates(tmp_path):

@@ -76,7 +76,7 @@ def test_save_pretrained_of_a_method_peft_lacks_writes_peftc_files(tmp_path):
 
 
 def test_enable_input_require_grads_leaves_the_users_model_alone():
-    model, cm, _ = pair()
+    _, cm, _ = pair()
     embeddings = cm.compilation.source.get_input_embeddings()
     cm.enable_input_require_grads()
     assert not embeddings._forward_hooks  # transformers' version would hook the user's embedding layer
