@@ -27,14 +27,22 @@ def rewrite_sites(gm: GraphModule, ctx: PassContext, sites: list[Site], make_wei
     nodes = {n.name: n for n in gm.graph.nodes}
     result = PassResult(modified=False)
     for site in sites:
+        weight = ctx.base_params[site.param]
         module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: make_weights(site, ctx.base_params[site.param]))
+            ctx.adapter_root, site.path, ctx.slot, lambda: _in_adapter_dtype(ctx, make_weights(site, weight), weight))
         rewrite(gm, nodes[site.node_name], site, ctx, module)
         result.modified = True
         result.sites.append(site.path)
         if created:
             result.params_added.update(adapters.parameter_counts(site.path, ctx.slot, module))
     return result
+
+
+def _in_adapter_dtype(ctx: PassContext, module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """The new adapter module with its float tensors in the spec's adapter dtype for this weight
+    (float32 over a half-precision base by default: peftc.ir.adapters.adapter_dtype)."""
+    dtype = adapters.adapter_dtype(weight.dtype, getattr(ctx.spec, "adapter_dtype", "float32"))
+    return module if dtype == weight.dtype else module.to(dtype=dtype)
 
 
 def site_inserter(gm: GraphModule, node: Node, site: Site, ctx: PassContext, pass_name: str) -> Inserter:

@@ -25,7 +25,13 @@ def flip_layout(tensor: torch.Tensor, site) -> torch.Tensor:
 
 def fold_delta(module, site, weight: torch.Tensor) -> torch.Tensor:
     """W + ΔW, for methods whose adapter module gives `delta_weight()` in the [out, in, ...] layout."""
-    return weight + flip_layout(module.delta_weight(), site).to(weight.dtype)
+    return add_in_wider_dtype(weight, flip_layout(module.delta_weight(), site))
+
+
+def add_in_wider_dtype(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W + ΔW in the wider of the two dtypes (a float32 update over a bfloat16 weight adds in float32),
+    rounded once to W's dtype."""
+    return (weight + delta).to(weight.dtype)
 
 
 def bias_node(node: Node, site: Site) -> Node | None:

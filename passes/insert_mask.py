@@ -22,7 +22,7 @@ from peftc.pipeline.runner import PassContext, PassResult
 from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
-from ._weight_ops import add_delta_op
+from ._weight_ops import add_delta_op, add_in_wider_dtype
 
 aten = torch.ops.aten
 
@@ -69,7 +69,7 @@ class MaskWeights(nn.Module):
 
 
 def fold_mask(module: MaskWeights, site: Site, weight: torch.Tensor) -> torch.Tensor:
-    return weight + module.delta_weight().to(weight.dtype)
+    return add_in_wider_dtype(weight, module.delta_weight())
 
 
 def insert_mask(gm: GraphModule, ctx: PassContext) -> PassResult:

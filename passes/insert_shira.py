@@ -24,7 +24,7 @@ from ._conflicts import check_one_rewrite_per_weight
 from ._per_site import rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._traced import inline_module
-from ._weight_ops import add_delta_op, flip_layout, out_in_shape
+from ._weight_ops import add_delta_op, add_in_wider_dtype, flip_layout, out_in_shape
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class ShiraWeights(nn.Module):
 
 
 def fold_shira(module: ShiraWeights, site: Site, weight: torch.Tensor) -> torch.Tensor:
-    return weight + flip_layout(module(), site).to(weight.dtype)
+    return add_in_wider_dtype(weight, flip_layout(module(), site))
 
 
 def insert_shira(gm: GraphModule, ctx: PassContext) -> PassResult:

@@ -51,8 +51,8 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
                 if method.fold_bias is not None:
                     _fold_bias(gm, site, method, module, merged)
         # One output per op reading the weight: a layer called twice has two.
-        for output in [n for n in group if provenance(n).get("role") == "output"]:
-            output.replace_all_uses_with(output.args[0])
+        for output in [n for n in group if provenance(n).get("role") in ("output", "cast_back")]:
+            output.replace_all_uses_with(_base_value(output, group))
         erase_nodes(gm, group)
         result.modified = True
         result.sites.append(site.path)
@@ -65,6 +65,15 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     result.notes = [f"kept as graph ops (not mergeable): {k}" for k in kept] + quantized_notes
     result.modified = result.modified or bool(quantized_notes)
     return result
+
+
+def _base_value(output: Node, group: list[Node]) -> Node:
+    """The base value an adapter output replaces: its first input, through the group's own casts
+    (passes/cast_adapter_dtype.py: cast_back(add(cast_up(y), Δ)) is y)."""
+    value = output.args[0]
+    while value in group:
+        value = value.args[0]
+    return value
 
 
 def _adapter_module(gm: GraphModule, tag: dict) -> nn.Module:

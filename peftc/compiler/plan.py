@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from peftc.ir.lora_bank import ServingPlan
 from peftc.passes.add_routing_input import add_routing_input
+from peftc.passes.cast_adapter_dtype import cast_adapter_dtype
 from peftc.passes.checkpoint_layers import checkpoint_layers
 from peftc.passes.freeze_params import freeze_params
 from peftc.passes.fuse_lora_shrinks import fuse_lora_shrinks, may_fuse
@@ -99,6 +100,7 @@ class Plan:
             steps.append(Step("quantize_base", quantize_base))
         steps += [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
                   for i, entry in enumerate(spec.adapters)]
+        steps.append(Step("cast_adapter_dtype", cast_adapter_dtype))  # float32 adapters over a half base
         if self.fuse_shrinks and may_fuse(spec):
             steps.append(Step("fuse_lora_shrinks", fuse_lora_shrinks))
         steps.append(Step("freeze_params", freeze_params, freezes=True))

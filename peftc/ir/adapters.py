@@ -10,9 +10,22 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
 ROOT = "peftc"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base_dtype: torch.dtype, policy: str = "float32") -> torch.dtype:
+    """The dtype of an adapter tensor beside a base weight of `base_dtype` (the spec's adapter_dtype).
+
+    "float32" (the default, HF PEFT's autocast_adapter_dtype=True): float32 over a float16/bfloat16
+    base, so AdamW's small updates are not rounded away; the branch computes in float32 and casts
+    its result back (passes/cast_adapter_dtype.py). "base": the base weight's own dtype.
+    Other bases (float32, float64) keep their dtype under either policy.
+    """
+    return torch.float32 if policy == "float32" and base_dtype in HALF_DTYPES else base_dtype
 
 
 def module_at(root: nn.Module, path: str, create: bool) -> nn.Module | None:

@@ -67,19 +67,34 @@ class Inserter:
         return self.fake_mode.from_tensor(value, static_shapes=True)
 
     def _fake_result(self, op, args, kwargs):
-        if self.fake_mode is None:
-            return None
-        try:
-            fake_args, fake_kwargs = map_arg((args, kwargs), lambda n: n.meta.get("val"))
-            key = (op, _meta_key(fake_args), _meta_key(tuple(fake_kwargs.items())))
-            if key not in self.meta_cache:
-                with self.fake_mode:
-                    rule = _SHAPE_RULES.get(op)
-                    self.meta_cache[key] = (rule(*fake_args, **fake_kwargs) if rule is not None
-                                            else op(*fake_args, **fake_kwargs))
-            return self.meta_cache[key]
-        except Exception:  # shape metadata is a convenience; a failure here must not block the rewrite
-            return None
+        return fake_result(self.fake_mode, self.meta_cache, op, args, kwargs)
+
+
+def fake_result(fake_mode, meta_cache: dict, op, args, kwargs):
+    """The fake tensor `op(*args, **kwargs)` gives on its arguments' `meta["val"]`, or None."""
+    if fake_mode is None:
+        return None
+    try:
+        fake_args, fake_kwargs = map_arg((args, kwargs), lambda n: n.meta.get("val"))
+        key = (op, _meta_key(fake_args), _meta_key(tuple(fake_kwargs.items())))
+        if key not in meta_cache:
+            with fake_mode:
+                rule = _SHAPE_RULES.get(op)
+                meta_cache[key] = (rule(*fake_args, **fake_kwargs) if rule is not None
+                                   else op(*fake_args, **fake_kwargs))
+        return meta_cache[key]
+    except Exception:  # shape metadata is a convenience; a failure here must not block the rewrite
+        return None
+
+
+def refresh_meta(gm: GraphModule, nodes: list[Node], meta_cache: dict) -> None:
+    """Recompute `meta["val"]` of `nodes` (call_function nodes, in graph order) after their inputs changed."""
+    fake_mode = fake_mode_of(gm)
+    for node in nodes:
+        if node.op == "call_function":
+            val = fake_result(fake_mode, meta_cache, node.target, node.args, node.kwargs)
+            if val is not None:
+                node.meta["val"] = val
 
 
 def _meta_key(values) -> tuple:
@@ -101,9 +116,10 @@ def _same_as_first(x, *_, **__):
 
 
 def _broadcast_meta(x, y, *_, **__):
+    dtype = torch.result_type(x, y)  # a bfloat16 output plus a float32 update is float32
     if isinstance(y, torch.Tensor) and tuple(y.shape) != tuple(x.shape):
-        return torch.empty(torch.broadcast_shapes(x.shape, y.shape), dtype=x.dtype, device=x.device)
-    return x.new_empty(x.shape)
+        return torch.empty(torch.broadcast_shapes(x.shape, y.shape), dtype=dtype, device=x.device)
+    return x.new_empty(x.shape, dtype=dtype)
 
 
 def _split_meta(x, sizes, dim=0, *_, **__):

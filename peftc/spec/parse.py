@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from peftc.core.fields import (
     dataclass_to_dict,
     fail,
+    one_of,
     optional_pattern_list,
     parse_dataclass,
     unknown_field,
@@ -25,7 +26,10 @@ from peftc.interop.peft_config import peft_config_from_spec, spec_dict_from_peft
 from peftc.spec.methods import METHODS, QUANTIZE_CONFIG
 
 SPEC_VERSION = 1
-TOP_LEVEL_FIELDS = ("version", "adapters", "trainable", "quantize")
+TOP_LEVEL_FIELDS = ("version", "adapters", "trainable", "quantize", "adapter_dtype")
+# "float32": adapter tensors over a float16/bfloat16 base are kept and computed in float32 (as HF PEFT's
+# autocast_adapter_dtype=True), so optimizer updates are not rounded away; "base": the base weight's dtype.
+ADAPTER_DTYPES = ("float32", "base")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Spec:
     trainable: tuple[str, ...] = ()
     quantize: Any = None
     version: int = SPEC_VERSION
+    adapter_dtype: str = "float32"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Spec":
@@ -53,6 +58,7 @@ class Spec:
             adapters=_parse_adapters(data.get("adapters", [])),
             trainable=optional_pattern_list(data.get("trainable"), "spec.trainable"),
             quantize=_parse_quantize(data.get("quantize")),
+            adapter_dtype=one_of(*ADAPTER_DTYPES)(data.get("adapter_dtype", "float32"), "spec.adapter_dtype"),
         )
         if not spec.adapters and not spec.trainable:
             raise SpecError(
@@ -76,6 +82,7 @@ class Spec:
             "adapters": [entry_to_dict(entry) for entry in self.adapters],
             "trainable": list(self.trainable),
             "quantize": None if self.quantize is None else self.quantize.to_dict(),
+            "adapter_dtype": self.adapter_dtype,
         }
 
     @classmethod

@@ -1,0 +1,96 @@
+"""cast_adapter_dtype: compute each adapter kept in float32 over a half-precision base in float32.
+
+The insert passes build an adapter's nodes in the base's terms; passes/_per_site.py keeps the
+adapter's tensors in `peftc.ir.adapters.adapter_dtype` (float32 over a float16/bfloat16 base,
+HF PEFT's autocast_adapter_dtype). This pass makes the graph agree, as PEFT's layers do: every
+half-precision base value an adapter's nodes read (the site's input x, its output y, its weight W)
+is cast up where the branch reads it, and each output node (y + Δ, W + ΔW, x·l) is cast back to
+the dtype of the base value it replaces, so the add happens in float32 and rounds once. The cast
+back is tagged role "cast_back" (merge_adapters points its readers back at the base value).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from peftc.ir import adapters
+from peftc.ir.graph_edit import Inserter, provenance, refresh_meta
+from peftc.pipeline.runner import PassContext, PassResult
+
+aten = torch.ops.aten
+
+
+def cast_adapter_dtype(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Cast the half-precision base values each promoted adapter reads up, and its outputs back."""
+    result = PassResult(modified=False)
+    params = {site.path: site.param for site in ctx.sites}
+    policy = getattr(ctx.spec, "adapter_dtype", "float32")
+    for group in adapter_groups(gm):
+        tag = provenance(group[0])
+        param = params.get(tag["site"])
+        if param is None:
+            continue
+        base_dtype = ctx.base_params[param].dtype
+        dtype = adapters.adapter_dtype(base_dtype, policy)
+        if dtype == base_dtype:
+            continue
+        _cast_group(gm, group, dtype, ctx)
+        result.modified = True
+        result.sites.append(tag["site"])
+    return result
+
+
+def adapter_groups(gm: GraphModule) -> list[list[Node]]:
+    """The nodes each insert pass added at a site, grouped by (entry, site, slot), in graph order."""
+    groups: dict[tuple, list[Node]] = {}
+    for node in gm.graph.nodes:
+        tag = provenance(node)
+        if tag and tag.get("site") and tag.get("slot") is not None and str(tag.get("pass", "")).startswith("insert_"):
+            groups.setdefault((tag["entry"], tag["site"], tag["slot"]), []).append(node)
+    return list(groups.values())
+
+
+def _cast_group(gm: GraphModule, group: list[Node], dtype: torch.dtype, ctx: PassContext) -> None:
+    members = set(group)
+    tag = {k: v for k, v in provenance(group[0]).items() if k != "role"}
+    cast_up: dict[Node, Node] = {}
+    touched = []
+    for node in group:
+        for arg in node.all_input_nodes:
+            if arg in members or _dtype_of(gm, arg) not in adapters.HALF_DTYPES:
+                continue
+            if arg not in cast_up:
+                cast_up[arg] = _cast(gm, node.prev, node, arg, dtype, {**tag, "role": "cast_up"}, ctx)
+            node.replace_input_with(arg, cast_up[arg])
+        touched.append(node)
+    refresh_meta(gm, touched, ctx.meta_cache)
+    for output in [n for n in group if provenance(n).get("role") == "output"]:
+        base = output.args[0]
+        base = base.args[0] if base in cast_up.values() else base
+        back_to = _dtype_of(gm, base)
+        if back_to is None or back_to == dtype:
+            continue
+        users = list(output.users)
+        back = _cast(gm, output, output, output, back_to, {**tag, "role": "cast_back"}, ctx)
+        for user in users:
+            user.replace_input_with(output, back)
+
+
+def _cast(gm: GraphModule, anchor: Node, site_node: Node, value: Node, dtype: torch.dtype, tag: dict,
+          ctx: PassContext) -> Node:
+    ins = Inserter(gm, anchor, tag, meta_cache=ctx.meta_cache)
+    ins.module_stack = site_node.meta.get("nn_module_stack", ins.module_stack)
+    return ins.call(aten._to_copy.default, value, dtype=dtype)
+
+
+def _dtype_of(gm: GraphModule, node: Node) -> torch.dtype | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    if node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part, None)
+        return value.dtype if isinstance(value, torch.Tensor) else None
+    return None
