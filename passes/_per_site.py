@@ -29,7 +29,7 @@ def rewrite_sites(gm: GraphModule, ctx: PassContext, sites: list[Site], make_wei
     for site in sites:
         weight = ctx.base_params[site.param]
         module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: _in_adapter_dtype(ctx, make_weights(site, weight), weight))
+            ctx.adapter_root, site.path, ctx.slot, lambda: in_adapter_dtype(ctx, make_weights(site, weight), weight))
         rewrite(gm, nodes[site.node_name], site, ctx, module)
         result.modified = True
         result.sites.append(site.path)
@@ -38,7 +38,7 @@ def rewrite_sites(gm: GraphModule, ctx: PassContext, sites: list[Site], make_wei
     return result
 
 
-def _in_adapter_dtype(ctx: PassContext, module: nn.Module, weight: torch.Tensor) -> nn.Module:
+def in_adapter_dtype(ctx: PassContext, module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """The new adapter module with its float tensors in the spec's adapter dtype for this weight
     (float32 over a half-precision base by default: peftc.ir.adapters.adapter_dtype)."""
     dtype = adapters.adapter_dtype(weight.dtype, getattr(ctx.spec, "adapter_dtype", "float32"))

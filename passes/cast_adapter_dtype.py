@@ -2,7 +2,8 @@
 
 The insert passes build an adapter's nodes in the base's terms; passes/_per_site.py keeps the
 adapter's tensors in `peftc.ir.adapters.adapter_dtype` (float32 over a float16/bfloat16 base,
-HF PEFT's autocast_adapter_dtype). This pass makes the graph agree, as PEFT's layers do: every
+HF PEFT's autocast_adapter_dtype). This pass makes the graph agree, as PEFT's layers do (they cast
+the input to the adapter weights' dtype and the result back to the base output's): every
 half-precision base value an adapter's nodes read (the site's input x, its output y, its weight W)
 is cast up where the branch reads it, and each output node (y + Δ, W + ΔW, x·l) is cast back to
 the dtype of the base value it replaces, so the add happens in float32 and rounds once. The cast
@@ -25,15 +26,12 @@ def cast_adapter_dtype(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Cast the half-precision base values each promoted adapter reads up, and its outputs back."""
     result = PassResult(modified=False)
     params = {site.path: site.param for site in ctx.sites}
-    policy = getattr(ctx.spec, "adapter_dtype", "float32")
     for group in adapter_groups(gm):
         tag = provenance(group[0])
         param = params.get(tag["site"])
-        if param is None:
-            continue
-        base_dtype = ctx.base_params[param].dtype
-        dtype = adapters.adapter_dtype(base_dtype, policy)
-        if dtype == base_dtype:
+        dtype = _module_dtype(ctx, tag)
+        if param is None or dtype is None or ctx.base_params[param].dtype not in adapters.HALF_DTYPES \
+                or dtype == ctx.base_params[param].dtype:
             continue
         _cast_group(gm, group, dtype, ctx)
         result.modified = True
@@ -51,20 +49,28 @@ def adapter_groups(gm: GraphModule) -> list[list[Node]]:
     return list(groups.values())
 
 
+def _module_dtype(ctx: PassContext, tag: dict) -> torch.dtype | None:
+    """The dtype of the adapter's float tensors: what its branch computes in (after `cm.to(bfloat16)`
+    the adapters are bfloat16 too, as PEFT's are, and nothing is cast)."""
+    parent = adapters.module_at(ctx.adapter_root, tag["site"], create=False)
+    module = None if parent is None else parent._modules.get(tag["slot"])
+    floats = [] if module is None else [p for p in module.parameters() if p.is_floating_point()]
+    return floats[0].dtype if floats else None
+
+
 def _cast_group(gm: GraphModule, group: list[Node], dtype: torch.dtype, ctx: PassContext) -> None:
-    members = set(group)
     tag = {k: v for k, v in provenance(group[0]).items() if k != "role"}
     cast_up: dict[Node, Node] = {}
-    touched = []
-    for node in group:
+    for node in group:  # in graph order, each node's dtype settled before its readers are looked at
         for arg in node.all_input_nodes:
-            if arg in members or _dtype_of(gm, arg) not in adapters.HALF_DTYPES:
+            # a base value, or one of the branch's own in the base dtype (a buffer shared by the
+            # method's sites, a constant made in the weight's dtype when the pass ran)
+            if _dtype_of(gm, arg) not in adapters.HALF_DTYPES:
                 continue
             if arg not in cast_up:
                 cast_up[arg] = _cast(gm, node.prev, node, arg, dtype, {**tag, "role": "cast_up"}, ctx)
             node.replace_input_with(arg, cast_up[arg])
-        touched.append(node)
-    refresh_meta(gm, touched, ctx.meta_cache)
+        refresh_meta(gm, [node], ctx.meta_cache)
     for output in [n for n in group if provenance(n).get("role") == "output"]:
         base = output.args[0]
         base = base.args[0] if base in cast_up.values() else base

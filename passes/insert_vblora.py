@@ -24,7 +24,7 @@ from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
-from ._per_site import rewrite_sites, site_inserter
+from ._per_site import in_adapter_dtype, rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._weight_ops import add_output, maybe_dropout
 
@@ -94,8 +94,9 @@ def insert_vblora(gm: GraphModule, ctx: PassContext) -> PassResult:
     sites = select_sites(ctx, config, kinds=("linear",))
     check_one_rewrite_per_weight(gm, ctx, sites)
     _check_sizes(ctx, config, sites)
+    weight = ctx.base_params[sites[0].param]
     bank, created = adapters.get_or_create(ctx.adapter_root, "", ctx.slot,
-                                           lambda: VectorBank(config, ctx.base_params[sites[0].param]))
+                                           lambda: in_adapter_dtype(ctx, VectorBank(config, weight), weight))
     result = rewrite_sites(gm, ctx, sites, lambda site, weight: VbloraWeights(site, weight, config, bank),
                            lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
     if created:

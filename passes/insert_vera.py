@@ -22,7 +22,7 @@ from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._conflicts import check_one_rewrite_per_weight
-from ._per_site import rewrite_sites, site_inserter
+from ._per_site import in_adapter_dtype, rewrite_sites, site_inserter
 from ._site_selection import select_sites
 from ._weight_ops import add_output, maybe_dropout
 
@@ -87,8 +87,9 @@ def insert_vera(gm: GraphModule, ctx: PassContext) -> PassResult:
     sites = select_sites(ctx, config, kinds=("linear",))
     check_one_rewrite_per_weight(gm, ctx, sites)
     first_weight = ctx.base_params[sites[0].param]
-    projections, _ = adapters.get_or_create(ctx.adapter_root, "", ctx.slot, lambda: VeraProjections(
-        config.r, max(s.in_features for s in sites), max(s.out_features for s in sites), config.seed, first_weight))
+    shape = (config.r, max(s.in_features for s in sites), max(s.out_features for s in sites))
+    projections, _ = adapters.get_or_create(ctx.adapter_root, "", ctx.slot, lambda: in_adapter_dtype(
+        ctx, VeraProjections(*shape, config.seed, first_weight), first_weight))
     return rewrite_sites(gm, ctx, sites, lambda site, weight: VeraWeights(site, weight, config, projections),
                          lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, config))
 

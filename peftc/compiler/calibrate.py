@@ -36,7 +36,7 @@ IGNORE_INDEX = -100  # transformers' label for tokens the loss skips
 class CalibrationPlan(Plan):
     """The base model as captured, plus the recorder calls; no adapters, nothing trains."""
 
-    def steps(self, spec) -> list[Step]:
+    def steps(self, spec, half_base: bool = False) -> list[Step]:
         return [Step("observe_site_inputs", observe_site_inputs)]
 
 

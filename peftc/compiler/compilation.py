@@ -108,7 +108,8 @@ class Compilation:
         ctx = PassContext(spec=self.spec, sites=sites, adapter_root=self.adapter_root, base_params=base_params,
                           trainable=self._trainable(base_params), methods=METHODS, shared=self.shared,
                           merge=plan.merge, serving=plan.serving)
-        records, sites = run_pipeline(gm, plan.steps(self.spec), ctx, dump_dir)
+        half_base = any(p.dtype in adapters.HALF_DTYPES for p in base_params.values())
+        records, sites = run_pipeline(gm, plan.steps(self.spec, half_base), ctx, dump_dir)
         if not plan.structure_layers:
             return Built(gm, records, sites)
         structured = structure_layers(gm, checkpointed=plan.checkpoint_layers, compiled=plan.backend == "inductor")

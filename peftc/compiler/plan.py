@@ -88,8 +88,9 @@ class Plan:
             raise ValueError("Plan.train_many: the ServingPlan names no trained adapter tensors (params)")
         return cls("train_many", serving=serving)
 
-    def steps(self, spec: Spec | None) -> list[Step]:
-        """The ordered passes of this plan for `spec` (serving plans run the multi-adapter lowering alone)."""
+    def steps(self, spec: Spec | None, half_base: bool = False) -> list[Step]:
+        """The ordered passes of this plan for `spec` (serving plans run the multi-adapter lowering alone);
+        `half_base`: some base weight is float16/bfloat16, so adapters may compute in float32."""
         if self.serving is not None:
             return [Step("add_routing_input", add_routing_input), Step("lower_lora_multi", lower_lora_multi),
                     Step("lower_scales_multi", lower_scales_multi),
@@ -100,7 +101,8 @@ class Plan:
             steps.append(Step("quantize_base", quantize_base))
         steps += [Step(METHODS[entry.method].insert.__name__, METHODS[entry.method].insert, i)
                   for i, entry in enumerate(spec.adapters)]
-        steps.append(Step("cast_adapter_dtype", cast_adapter_dtype))  # float32 adapters over a half base
+        if half_base:  # adapters kept in float32 over it compute in float32 (spec.adapter_dtype)
+            steps.append(Step("cast_adapter_dtype", cast_adapter_dtype))
         if self.fuse_shrinks and may_fuse(spec):
             steps.append(Step("fuse_lora_shrinks", fuse_lora_shrinks))
         steps.append(Step("freeze_params", freeze_params, freezes=True))

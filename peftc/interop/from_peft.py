@@ -28,20 +28,22 @@ from .peft_prefix import split_table
 from .peft_vblora import is_topk_file, logits_from_topk
 
 
-def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **compile_kwargs):
+def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, autocast_adapter_dtype: bool = True,
+              **compile_kwargs):
     """A CompiledModel computing what `PeftModel.from_pretrained(model, source)` computes.
 
     `source` is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or its
     adapter_config.json, or a config alone (a PeftConfig, a dict, another .json file), which
     gives fresh adapters.
     The model itself is never written: weights PEFT would load into it (modules_to_save, biases)
-    become trainable copies. `compile_kwargs` go to peftc.compile.
+    become trainable copies. `autocast_adapter_dtype` is PEFT's: adapters over a float16/bfloat16
+    base are float32 (the spec's adapter_dtype). `compile_kwargs` go to peftc.compile.
     """
     directory = _adapter_dir(source)
     if directory is None:
-        spec_dict = spec_dict_for(model, source, saved=False)
+        spec_dict = spec_dict_for(model, source, saved=False, autocast_adapter_dtype=autocast_adapter_dtype)
     else:
-        spec_dict = spec_dict_from_folder(model, directory / CONFIG_FILE)
+        spec_dict = spec_dict_from_folder(model, directory / CONFIG_FILE, autocast_adapter_dtype)
     if directory is None:
         return compile(model, spec_dict, **compile_kwargs)
     tensors = read_peft_weights(directory, allow_pickle)
@@ -52,19 +54,19 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, **co
     return cm
 
 
-def spec_dict_for(model: nn.Module, config: Any, saved: bool) -> dict:
+def spec_dict_for(model: nn.Module, config: Any, saved: bool, autocast_adapter_dtype: bool = True) -> dict:
     """`saved`: the config comes with its saved weights (an adapter directory)."""
     config = as_config_dict(config)
     config = resolve_all_linear(config, model)
     config = resolve_token_indices(config, model)
     config = present_modules_to_save(config, model)
-    return spec_dict_from_peft(config, saved=saved)
+    return spec_dict_from_peft(config, saved=saved, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
-def spec_dict_from_folder(model: nn.Module, config_file: Path) -> dict:
+def spec_dict_from_folder(model: nn.Module, config_file: Path, autocast_adapter_dtype: bool = True) -> dict:
     """The spec for a PEFT folder's config; a config peftc cannot read is a CheckpointError naming the file."""
     try:
-        return spec_dict_for(model, config_file, saved=True)
+        return spec_dict_for(model, config_file, saved=True, autocast_adapter_dtype=autocast_adapter_dtype)
     except SpecError as err:
         raise CheckpointError(f"{config_file}: {err}") from err
     except (TypeError, KeyError, AttributeError, ValueError) as err:  # a field of the wrong type or shape

@@ -53,9 +53,12 @@ def _read_config_file(path: Path) -> dict:
     return data
 
 
-def spec_dict_from_peft(config: Any, saved: bool = False) -> dict:
-    """`saved`: the config comes with its saved weights (from_peft on an adapter directory)."""
-    cfg = as_config_dict(config)
+def spec_dict_from_peft(config: Any, saved: bool = False, autocast_adapter_dtype: bool = True) -> dict:
+    """`saved`: the config comes with its saved weights (from_peft on an adapter directory).
+    `autocast_adapter_dtype`: PEFT's argument of get_peft_model / PeftModel.from_pretrained (not a config
+    field; a config dict that holds it wins), as the spec's adapter_dtype."""
+    cfg = dict(as_config_dict(config))
+    autocast_adapter_dtype = cfg.pop("autocast_adapter_dtype", autocast_adapter_dtype)
     peft_type = str(cfg.get("peft_type", "")).upper()
     row = PEFT_TYPES.get(peft_type)
     if row is None:
@@ -65,7 +68,21 @@ def spec_dict_from_peft(config: Any, saved: bool = False) -> dict:
                         f"{row.method!r} method); supported: {supported_types()}")
     _refuse_unmapped(cfg, row)
     read = row.read_saved if saved and row.read_saved is not None else row.read
-    return {"adapters": read(cfg)}
+    return {"adapters": read(cfg), "adapter_dtype": adapter_dtype_from_autocast(autocast_adapter_dtype)}
+
+
+def adapter_dtype_from_autocast(autocast_adapter_dtype: bool) -> str:
+    """PEFT's autocast_adapter_dtype as the spec's adapter_dtype: True keeps adapters over a
+    float16/bfloat16 base in float32 ("float32"), False in the base's dtype ("base")."""
+    if not isinstance(autocast_adapter_dtype, bool):
+        raise SpecError(f"autocast_adapter_dtype: expected true or false, got {autocast_adapter_dtype!r}")
+    return "float32" if autocast_adapter_dtype else "base"
+
+
+def autocast_from_adapter_dtype(spec) -> bool:
+    """The autocast_adapter_dtype to give PEFT's get_peft_model / PeftModel.from_pretrained for `spec`
+    (PEFT keeps it out of adapter_config.json, as an argument of those calls)."""
+    return spec.adapter_dtype == "float32"
 
 
 def _refuse_unmapped(cfg: dict, row: PeftRow) -> None:

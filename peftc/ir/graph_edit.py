@@ -7,9 +7,11 @@ the node's shape and dtype), so later passes, the report and the exporters can r
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
@@ -79,12 +81,27 @@ def fake_result(fake_mode, meta_cache: dict, op, args, kwargs):
         key = (op, _meta_key(fake_args), _meta_key(tuple(fake_kwargs.items())))
         if key not in meta_cache:
             with fake_mode:
+                fake_args, fake_kwargs = _common_float_dtype((fake_args, fake_kwargs))
                 rule = _SHAPE_RULES.get(op)
                 meta_cache[key] = (rule(*fake_args, **fake_kwargs) if rule is not None
                                    else op(*fake_args, **fake_kwargs))
         return meta_cache[key]
     except Exception:  # shape metadata is a convenience; a failure here must not block the rewrite
         return None
+
+
+def _common_float_dtype(values):
+    """`values` with every float tensor in their promoted dtype, when they differ: the result the op has
+    once its inputs are cast to agree (a bfloat16 input of a float32 adapter, passes/cast_adapter_dtype.py),
+    and no failing meta kernel on the way."""
+    def promotes(v) -> bool:  # a 0-d tensor does not promote a tensor of its kind (x_bf16 * scale_fp32 is bf16)
+        return isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0
+
+    dtypes = {v.dtype for v in pytree.tree_leaves(values) if promotes(v)}
+    if len(dtypes) < 2:
+        return values
+    common = functools.reduce(torch.promote_types, dtypes)
+    return pytree.tree_map(lambda v: v.to(common) if promotes(v) else v, values)
 
 
 def refresh_meta(gm: GraphModule, nodes: list[Node], meta_cache: dict) -> None:

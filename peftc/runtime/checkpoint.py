@@ -121,6 +121,12 @@ def read_spec_json(spec_file: Path) -> Spec:
         raise CheckpointError(f"{spec_file}: not a valid spec: {err}") from err
 
 
+def _adapter_fields(spec) -> dict:
+    """What must agree for tensors to load: everything but adapter_dtype (a bfloat16 save loads into float32
+    adapters, a float32 one into bfloat16 ones when its values fit: checked_tensor)."""
+    return {k: v for k, v in spec.to_dict().items() if k != "adapter_dtype"}
+
+
 def load_adapter(cm, directory) -> None:
     """Load a save_adapter folder, or what transformers' Trainer.save_model / a Trainer checkpoint wrote for
     the compiled model (TRAINER_FILE: its state_dict, the adapter tensors by name, no spec: this model's)."""
@@ -130,7 +136,7 @@ def load_adapter(cm, directory) -> None:
         spec, tensors = cm.spec, read_tensors(weights)
     else:
         spec, tensors = read_adapter(directory)
-    if spec.to_dict() != cm.spec.to_dict():
+    if _adapter_fields(spec) != _adapter_fields(cm.spec):
         raise CheckpointError(
             f"adapter in {str(directory)!r} was trained with a different spec; compile the model with "
             f"Spec.load({str(Path(directory) / SPEC_FILE)!r}) to load it")
