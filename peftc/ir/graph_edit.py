@@ -69,19 +69,23 @@ class Inserter:
         return self.fake_mode.from_tensor(value, static_shapes=True)
 
     def _fake_result(self, op, args, kwargs):
-        return fake_result(self.fake_mode, self.meta_cache, op, args, kwargs)
+        # An adapter's nodes (tagged with a slot) compute in one float dtype once cast_adapter_dtype ran.
+        adapter = self.provenance.get("slot") is not None
+        return fake_result(self.fake_mode, self.meta_cache, op, args, kwargs, common_float_dtype=adapter)
 
 
-def fake_result(fake_mode, meta_cache: dict, op, args, kwargs):
-    """The fake tensor `op(*args, **kwargs)` gives on its arguments' `meta["val"]`, or None."""
+def fake_result(fake_mode, meta_cache: dict, op, args, kwargs, common_float_dtype: bool = False):
+    """The fake tensor `op(*args, **kwargs)` gives on its arguments' `meta["val"]`, or None;
+    `common_float_dtype`: as if its float inputs were cast to their promoted dtype first."""
     if fake_mode is None:
         return None
     try:
         fake_args, fake_kwargs = map_arg((args, kwargs), lambda n: n.meta.get("val"))
-        key = (op, _meta_key(fake_args), _meta_key(tuple(fake_kwargs.items())))
+        key = (op, common_float_dtype, _meta_key(fake_args), _meta_key(tuple(fake_kwargs.items())))
         if key not in meta_cache:
             with fake_mode:
-                fake_args, fake_kwargs = _common_float_dtype((fake_args, fake_kwargs))
+                if common_float_dtype:
+                    fake_args, fake_kwargs = _common_float_dtype((fake_args, fake_kwargs))
                 rule = _SHAPE_RULES.get(op)
                 meta_cache[key] = (rule(*fake_args, **fake_kwargs) if rule is not None
                                    else op(*fake_args, **fake_kwargs))

@@ -206,3 +206,22 @@ def test_to_bfloat16_after_compile_casts_adapters_as_peft_does():
     cm.to(BF16)
     assert adapter_dtypes(cm) == {BF16}
     torch.testing.assert_close(cm(input_ids=ids).logits.float(), full, atol=6e-2, rtol=5e-2)
+
+
+def test_quantized_bf16_base_trains_float32_adapters():
+    """A packed base computes in its compute dtype and returns the input's; the float32 LoRA beside it
+    reads that output cast up and hands back bfloat16, as over a float base."""
+    model = bf16_llama()
+    spec = {**lora(targets=["q_proj", "v_proj"]), "quantize": {"format": "nf4"}}
+    cm = peftc.compile(copy.deepcopy(model), spec)
+    randomize_adapters(cm)
+    assert adapter_dtypes(cm) == {torch.float32}
+    ids = FAMILIES["llama"].inputs(2, 8)["input_ids"]
+    out = cm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in cm.parameters() if p.requires_grad)
+    opted_out = peftc.compile(copy.deepcopy(model), {**spec, "adapter_dtype": "base"})
+    with torch.no_grad():
+        for name, tensor in opted_out.adapter_state_dict().items():
+            tensor.copy_(cm.adapter_state_dict()[name])
+    assert abs(opted_out(input_ids=ids, labels=ids).loss.item() - out.loss.item()) < 2e-2
