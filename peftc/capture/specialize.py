@@ -35,6 +35,7 @@ DROPPABLE: dict[str, Callable[[str], bool]] = {
     "labels": lambda field: field == "loss",
     "num_items_in_batch": lambda field: False,  # scales the loss; see mean_from_sum
     "output_hidden_states": lambda field: field == "hidden_states" or field.endswith("_hidden_states"),
+    "output_attentions": lambda field: field == "attentions" or field.endswith("_attentions"),
 }
 _SUM, _MEAN = 2, 1  # torch's reduction enum (cross_entropy_loss's `reduction` argument)
 # The loss ops a summed loss can come from, and where their `reduction` argument is

@@ -1,27 +1,30 @@
 """The superset call: the example call plus the optional inputs a derived graph can drop.
 
-peftc captures a transformers model once with `labels` (of the shape its head takes) and
-`num_items_in_batch` (what Trainer passes to a forward with `**kwargs`), and derives the graph
-of every call that passes fewer of them by graph surgery (peftc.capture.specialize) instead of
-capturing again: the call a user makes first, Trainer's training call, a call with labels alone.
+peftc captures a transformers model once with `labels` (of the shape its head takes),
+`num_items_in_batch` (what Trainer passes to a forward with `**kwargs`), `output_hidden_states=True`
+and `output_attentions=True`, and derives the graph of every call that passes fewer of them by
+graph surgery (peftc.capture.specialize) instead of capturing again: the call a user makes first,
+Trainer's training call, a call with labels alone, one asking for the hidden states.
 
-`output_hidden_states=True` is not added, though a derived graph can drop it (pass it in
-`example_kwargs` to get that): a graph returning every layer's output cannot be captured as two
-layers and copied (peftc.capture.layer_stacks), so it would make every compile export each layer.
+The per-layer outputs the two flags record are grown from the two-layer capture of a layer stack
+(peftc.capture.recorded_outputs), so they do not make the capture export every layer. A flag is
+added only when the config leaves it off (a call without it then means without those outputs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from peftc.capture.binding import forward_signature
+from peftc.capture.binding import RECORDING_FLAGS, forward_signature
 from peftc.capture.calls import is_hf_model
 
+SDPA_LOGGER = "transformers.integrations.sdpa_attention"
 # class-name endings -> what the head's labels are: one per token, or one per example
 TOKEN_LABELS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM")
 TOKEN_CLASS_LABELS = ("ForTokenClassification",)
@@ -45,7 +48,17 @@ def superset_extras(model: nn.Module, kwargs: dict) -> dict:
         labels = extra["labels"] = example_labels(model, kwargs)
     if isinstance(labels, torch.Tensor) and _takes_any_keyword(params) and "num_items_in_batch" not in kwargs:
         extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
+    for flag in RECORDING_FLAGS:  # they switch on outputs a derived graph drops
+        if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag):
+            extra[flag] = True
     return {name: value for name, value in extra.items() if value is not None}
+
+
+def takes_output_flag(model: nn.Module, flag: str) -> bool:
+    """Whether the forward takes `flag`: as a parameter, or (transformers 5) through `**kwargs` with the
+    config holding its default."""
+    params = forward_signature(model).parameters
+    return flag in params or (_takes_any_keyword(params) and isinstance(getattr(model.config, flag, None), bool))
 
 
 def example_labels(model: nn.Module, kwargs: dict) -> torch.Tensor | None:
@@ -90,6 +103,21 @@ def model_kept(model: nn.Module) -> Iterator[None]:
                 del module._forward_pre_hooks[key]
             for name in set(module.__dict__) - set(attributes):  # transformers' "hooks installed" marks
                 del module.__dict__[name]
+
+
+@contextlib.contextmanager
+def superset_quiet() -> Iterator[None]:
+    """Without the warning sdpa attention gives for output_attentions=True: the superset asks, not the user."""
+    sdpa_logger = logging.getLogger(SDPA_LOGGER)
+    sdpa_logger.addFilter(_not_asked_for)
+    try:
+        yield
+    finally:
+        sdpa_logger.removeFilter(_not_asked_for)
+
+
+def _not_asked_for(record: logging.LogRecord) -> bool:
+    return "output_attentions" not in record.getMessage()
 
 
 def _takes_any_keyword(params) -> bool:

@@ -1,7 +1,7 @@
 """The first build of a compiled model: one capture that also serves the call signatures to come.
 
 For a transformers model the first capture is of the superset call (peftc.capture.superset):
-the example call plus labels and num_items_in_batch (what Trainer passes). The example
+the example call plus labels, num_items_in_batch (what Trainer passes) and the output flags. The example
 call's own graph is derived from it (peftc.capture.specialize), and so is the graph of any later
 call that passes a subset of those inputs, so meeting such a call costs a graph copy, not a capture.
 """
@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 from peftc.capture.calls import CallSignature
 from peftc.capture.specialize import derive_graph
-from peftc.capture.superset import model_kept, superset_call, superset_extras
+from peftc.capture.superset import superset_call, superset_extras, superset_quiet
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
@@ -38,7 +38,7 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
     wide = superset_call(compilation.source, *example) if dynamic_shapes is None else None
     if wide is not None:
         try:
-            with model_kept(compilation.source):
+            with superset_quiet():
                 built = compilation.build(*wide, plan, dump_dir=dump_dir)
         except CaptureError:
             built = None  # the model refuses one of the extra inputs: capture the example call alone
