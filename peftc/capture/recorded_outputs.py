@@ -2,12 +2,15 @@
 
 With `output_hidden_states=True` (or `output_attentions=True`) transformers hooks every decoder
 layer and appends a value of each call to a tuple of the output (`hidden_states`: the first
-layer's input, then each layer's output, the last one replaced by the final norm's; `attentions`:
-each layer's weights). peftc.capture.layer_stacks captures a stack cut to two layers, where such a
-tuple holds layer 0's value followed by the same value of layer 1 (the same op at the same position
-of each layer's ops). With the stack grown back, that pair becomes that value of every layer, in
-order; the output's pytree spec grows with it. An output that reads layer 0's value any other way
-cannot be grown (find_runs returns None) and the capture exports every layer instead.
+layer's input, then each layer's output, the last one replaced by the final norm's when the model
+ties it; `attentions`: each layer's weights). peftc.capture.layer_stacks captures a stack cut to
+two layers, where such a tuple holds a value of layer 0 (an op at some position of its ops)
+either followed by the same value of layer 1 (the op at the same position of layer 1's ops) or
+not (layer 1's was replaced by the final norm's). With the stack grown back to L layers, the pair
+becomes that value of layers 0..L-1 and the single value that of layers 0..L-2, in order; the
+output's pytree spec grows with it. Only leaves directly inside a recorded field's tuple are
+grown; an output that reads layer 0's value any other way cannot be (find_runs returns None) and
+the capture exports every layer instead.
 """
 
 from __future__ import annotations
@@ -24,39 +27,41 @@ def is_recording_hook(hook) -> bool:
     return getattr(hook, "__module__", None) == RECORDING_HOOKS_MODULE
 
 
-def find_runs(gm: GraphModule, first: list[Node], second: list[Node]) -> list[tuple[int, int]] | None:
-    """(flat output index, op position in the layer) of each layer-0 value followed by its layer-1 twin
-    inside a recorded field's tuple; None if the output reads a layer-0 value in any other way."""
+def find_runs(gm: GraphModule, first: list[Node], second: list[Node]) -> list[tuple[int, int, bool]] | None:
+    """(flat output index, op position in the layer, whether layer 1's twin follows) of each layer-0
+    value inside a recorded field's tuple; None if the output reads a layer-0 value in any other way."""
     leaves = _output_leaves(gm)
     position0 = {node: i for i, node in enumerate(first)}
     recorded = _recorded_tuple_slots(gm)
     runs = []
     for index, leaf in enumerate(leaves):
-        if leaf not in position0:
+        if not isinstance(leaf, Node) or leaf not in position0:
             continue
-        position = position0[leaf]
-        pair_ok = index + 1 < len(leaves) and leaves[index + 1] is second[position]
-        if not pair_ok or recorded.get(index) is None or recorded.get(index) != recorded.get(index + 1):
+        if recorded.get(index) is None:
             return None
-        runs.append((index, position))
+        position = position0[leaf]
+        paired = index + 1 < len(leaves) and leaves[index + 1] is second[position] \
+            and recorded.get(index + 1) == recorded[index]
+        runs.append((index, position, paired))
     return runs
 
 
-def grow_runs(gm: GraphModule, runs: list[tuple[int, int]], layers: list[list[Node]]) -> None:
+def grow_runs(gm: GraphModule, runs: list[tuple[int, int, bool]], layers: list[list[Node]]) -> None:
     """Write every layer's value in place of each run's pair, and the output spec to match; the output's
     other reads of layer 1 become reads of the last layer (as for every op after the stack)."""
     leaves = _output_leaves(gm)
     second, last = layers[1], layers[-1]
     position1 = {node: i for i, node in enumerate(second)}
-    starts = dict(runs)
+    starts = {index: (position, paired) for index, position, paired in runs}
     grown: list = []
     widths: list[int] = []  # how many leaves each old leaf becomes
     index = 0
     while index < len(leaves):
-        if index in starts:  # the pair (layers 0 and 1) becomes layers 0..L-1: L-1 leaves, then one
-            grown.extend(layer[starts[index]] for layer in layers)
-            widths += [len(layers) - 1, 1]
-            index += 2
+        if index in starts:  # a pair becomes layers 0..L-1 (L-1 leaves, then one); a single, layers 0..L-2
+            position, paired = starts[index]
+            grown.extend(layer[position] for layer in (layers if paired else layers[:-1]))
+            widths += [len(layers) - 1, 1] if paired else [len(layers) - 1]
+            index += 2 if paired else 1
             continue
         leaf = leaves[index]
         grown.append(last[position1[leaf]] if isinstance(leaf, Node) and leaf in position1 else leaf)
