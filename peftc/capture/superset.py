@@ -1,8 +1,9 @@
 """The superset call: the example call plus the optional inputs a derived graph can drop.
 
 peftc captures a transformers model once with `labels` (of the shape its head takes),
-`num_items_in_batch` (what Trainer passes to a forward with `**kwargs`), `output_hidden_states=True`
-and `output_attentions=True`, and derives the graph of every call that passes fewer of them by
+`num_items_in_batch` (what Trainer passes to a forward with `**kwargs`), `output_hidden_states=True`,
+`output_attentions=True`, and the inputs whose default it computes and that default is checked
+for (`position_ids`, `token_type_ids`: peftc.capture.input_defaults), and derives the graph of every call that passes fewer of them by
 graph surgery (peftc.capture.specialize) instead of capturing again: the call a user makes first,
 Trainer's training call, a call with labels alone, one asking for the hidden states.
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from peftc.capture.binding import RECORDING_FLAGS, forward_signature
 from peftc.capture.calls import is_hf_model
+from peftc.capture.input_defaults import default_inputs
 
 SDPA_LOGGER = "transformers.integrations.sdpa_attention"
 # class-name endings -> what the head's labels are: one per token, or one per example
@@ -51,6 +53,7 @@ def superset_extras(model: nn.Module, kwargs: dict) -> dict:
     for flag in RECORDING_FLAGS:  # they switch on outputs a derived graph drops
         if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag):
             extra[flag] = True
+    extra.update(default_inputs(model, kwargs))  # a derived graph computes them (peftc.capture.input_defaults)
     return {name: value for name, value in extra.items() if value is not None}
 
 

@@ -1,5 +1,7 @@
 """Every subset of the superset's optional inputs gets a derived graph (no capture) that returns what the
 original model with the same non-zero adapters returns (peft), on random shapes and padding (hypothesis).
+The inputs: labels, num_items_in_batch, the output flags, return_dict=False, and the inputs whose
+default the derived graph computes (position_ids; token_type_ids for BERT: peftc.capture.input_defaults).
 
 The models have three layers, so the capture copies layer 1 for layer 2 (peftc.capture.layer_stacks)
 and the per-layer hidden states and attentions are grown from the two-layer capture
@@ -17,7 +19,8 @@ import peftc
 from families import randomize_adapters
 from peft_reference import peft_lora
 
-OPTIONAL = ("labels", "num_items_in_batch", "output_hidden_states", "output_attentions", "return_dict")
+OPTIONAL = ("labels", "num_items_in_batch", "output_hidden_states", "output_attentions", "return_dict",
+            "position_ids", "token_type_ids")
 
 
 def _llama():
@@ -37,7 +40,21 @@ def _eager_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
-FAMILIES = {"llama": (_llama, ["q_proj", "v_proj"]), "gpt2-eager": (_eager_gpt2, ["c_attn"])}
+def _bert():
+    """Takes token_type_ids (default: zeros, computed in the derived graph) and class labels."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,
+                     vocab_size=64, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+FAMILIES = {"llama": (_llama, ["q_proj", "v_proj"]), "gpt2-eager": (_eager_gpt2, ["c_attn"]),
+            "bert": (_bert, ["query", "value"])}
+DERIVED = {  # the optional inputs each family's superset holds (GPT-2's token types add an embedding: captured)
+    "llama": set(OPTIONAL) - {"token_type_ids"}, "gpt2-eager": set(OPTIONAL) - {"token_type_ids"},
+    "bert": set(OPTIONAL),
+}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -47,29 +64,35 @@ def pair(request):
     randomize_adapters(cm)
     reference = peft_lora(build(), cm, targets, r=4, alpha=8)
     assert cm.flat_graph_module.meta.get("peftc_copied_layers")  # layer 2 is a copy: growth is tested
-    return cm.eval(), reference.eval()
+    return cm.eval(), reference.eval(), request.param
 
 
-def _call(data, batch: int, seq: int) -> tuple[dict, dict]:
-    """(kwargs for both models, a few of the superset's optional inputs), drawn."""
+def _call(data, batch: int, seq: int, family: str) -> dict:
+    """Kwargs for both models with some of the family's superset inputs, drawn."""
     g = torch.Generator().manual_seed(batch * 100 + seq)
     ids = torch.randint(0, 64, (batch, seq), generator=g)
     mask = torch.ones_like(ids)
     mask[0, : data.draw(st.integers(0, seq - 1), label="left padding")] = 0
-    chosen = data.draw(st.sets(st.sampled_from(OPTIONAL)), label="optional inputs")
+    chosen = data.draw(st.sets(st.sampled_from(sorted(DERIVED[family]))), label="optional inputs")
     kwargs: dict = {"input_ids": ids, "attention_mask": mask}
     if "labels" in chosen or "num_items_in_batch" in chosen:  # Trainer passes the count with labels only
-        labels = ids.clone()
-        labels[mask == 0] = -100
+        labels = torch.randint(0, 3, (batch,), generator=g) if family == "bert" else ids.clone()
+        if family != "bert":
+            labels[mask == 0] = -100
         kwargs["labels"] = labels
         if "num_items_in_batch" in chosen:
             kwargs["num_items_in_batch"] = torch.tensor(int(data.draw(st.integers(1, 50), label="items")))
+    if "position_ids" in chosen:  # any positions: a user's, a packed batch's
+        start = data.draw(st.integers(0, 20), label="first position")
+        kwargs["position_ids"] = (torch.arange(seq) + start).unsqueeze(0).expand(batch, -1).contiguous()
+    if "token_type_ids" in chosen:
+        kwargs["token_type_ids"] = torch.randint(0, 2, (batch, seq), generator=g)
     for flag in ("output_hidden_states", "output_attentions"):
         if flag in chosen:
             kwargs[flag] = True
     if "return_dict" in chosen:
         kwargs["return_dict"] = False
-    return kwargs, chosen
+    return kwargs
 
 
 def _flat(value) -> list:
@@ -82,16 +105,16 @@ def _flat(value) -> list:
     return [value]
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), batch=st.integers(2, 3), seq=st.integers(2, 7))
 def test_any_subset_of_optional_inputs_is_derived_and_equals_the_original(pair, monkeypatch, data, batch, seq):
-    cm, reference = pair
-    kwargs, _ = _call(data, batch, seq)
+    cm, reference, family = pair
+    kwargs = _call(data, batch, seq, family)
     captures = []
     build = type(cm.compilation).build
     monkeypatch.setattr(type(cm.compilation), "build", lambda self, *a, **k: captures.append(a) or build(self, *a, **k))
     with torch.no_grad():
-        ours, theirs = cm(**kwargs), reference(**kwargs, use_cache=False)
+        ours, theirs = cm(**kwargs), reference(**kwargs, **({} if family == "bert" else {"use_cache": False}))
     assert captures == []
     if kwargs.get("return_dict") is False:
         assert isinstance(ours, tuple) and isinstance(theirs, tuple)
@@ -106,10 +129,10 @@ def test_any_subset_of_optional_inputs_is_derived_and_equals_the_original(pair, 
 def test_grown_outputs_equal_a_fresh_capture_of_that_call(pair):
     """The superset graph's per-layer outputs (grown from two traced layers) equal a capture of that
     very call with every layer traced (copy_layers off)."""
-    cm, _ = pair
+    cm, _, family = pair
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "output_hidden_states": True,
-              "output_attentions": True, "use_cache": False}
+              "output_attentions": True, **({} if family == "bert" else {"use_cache": False})}
     gm, args, kwargs = cm.graph_for((), kwargs)
     fresh = peftc.compile(cm.compilation.source, cm.compilation.spec, example_kwargs=kwargs, copy_layers=False)
     ours_state, fresh_state = cm.adapter_state_dict(), fresh.adapter_state_dict()
@@ -125,7 +148,7 @@ def test_grown_outputs_equal_a_fresh_capture_of_that_call(pair):
 
 
 def test_output_flags_equal_to_the_config_are_the_call_without_them(pair, monkeypatch):
-    cm, reference = pair
+    cm, reference, _ = pair
     ids = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = cm(input_ids=ids).logits
@@ -136,7 +159,7 @@ def test_output_flags_equal_to_the_config_are_the_call_without_them(pair, monkey
 
 def test_misspelled_keyword_raises_what_the_original_raises(pair):
     """transformers 5 models take any keyword through **kwargs: a misspelled input_ids gets their error."""
-    cm, reference = pair
+    cm, reference, _ = pair
     ids = torch.randint(0, 64, (2, 4))
     with pytest.raises(Exception) as theirs:
         reference.base_model.model(inputs_ids=ids)

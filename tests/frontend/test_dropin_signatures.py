@@ -135,9 +135,21 @@ def test_a_derived_graph_keeps_the_input_guards(llama_pair):
 def test_a_signature_outside_the_superset_still_captures(llama_pair, monkeypatch):
     cm, reference = llama_pair
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    embeds = reference.get_input_embeddings()(ids)
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        ours, theirs = cm(inputs_embeds=embeds), reference(inputs_embeds=embeds, use_cache=False)
+    assert len(captures) == 1
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_position_ids_are_derived_both_ways(llama_pair, monkeypatch):
+    """The superset takes position_ids; calls without them compute LLaMA's default in the graph."""
+    cm, reference = llama_pair
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
     position_ids = torch.arange(6).unsqueeze(0).expand(2, -1) + 1
     captures = _captures(monkeypatch, cm)
     with torch.no_grad():
-        ours, theirs = cm(input_ids=ids, position_ids=position_ids), reference(input_ids=ids, position_ids=position_ids)
-    assert len(captures) == 1
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+        for kwargs in ({"position_ids": position_ids}, {"position_ids": position_ids, "labels": ids}, {}):
+            _assert_same(cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
+    assert captures == []

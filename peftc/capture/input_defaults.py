@@ -1,0 +1,136 @@
+"""Optional tensor inputs whose default the model computes (position_ids, token_type_ids), in the superset.
+
+A transformers model given no `position_ids` computes its own (LLaMA: `arange(seq)` for every
+row; OPT: from the mask's cumulative sum); given none, BERT's `token_type_ids` are zeros. peftc
+captures the superset call with such an input passed (its default value) and derives the graph
+of a call without it by computing the default inside the graph where the input was read
+(peftc.capture.specialize), so either call costs no capture. The default is model-specific, so
+before an input joins the superset the model itself is checked on small calls, one of them
+left-padded: its output without the input must equal its output with the default passed, bit for
+bit (`default_holds`). An input whose check fails (a mask-derived default, GPT-2's token types,
+which add an embedding only when passed) stays out of the superset; a call passing it captures.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.fx import Graph, Node
+
+from peftc.capture.binding import forward_signature
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class InputDefault:
+    value: Callable[[torch.Tensor], torch.Tensor]  # the default for a [batch, seq] main input, eagerly
+    in_graph: Callable[[Graph, Node, torch.Tensor], Node]  # the same ops in a graph, from the main input node
+
+
+def _positions(ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+
+
+def _zeros(ids: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(ids.shape, dtype=torch.long, device=ids.device)
+
+
+def _positions_in_graph(graph: Graph, ids: Node, like: torch.Tensor) -> Node:
+    batch, seq = (graph.call_function(aten.sym_size.int, (ids, d)) for d in (0, 1))
+    row = graph.call_function(aten.arange.default, (seq,), {"dtype": torch.long, "device": like.device})
+    return graph.call_function(aten.expand.default, (graph.call_function(aten.unsqueeze.default, (row, 0)), [batch, seq]))
+
+
+def _zeros_in_graph(graph: Graph, ids: Node, like: torch.Tensor) -> Node:
+    batch, seq = (graph.call_function(aten.sym_size.int, (ids, d)) for d in (0, 1))
+    return graph.call_function(aten.zeros.default, ([batch, seq],), {"dtype": torch.long, "device": like.device})
+
+
+DEFAULTS: dict[str, InputDefault] = {
+    "position_ids": InputDefault(_positions, _positions_in_graph),
+    "token_type_ids": InputDefault(_zeros, _zeros_in_graph),
+}
+MAIN_INPUT = "input_ids"  # the defaults are shaped after it
+_HOLDS: "weakref.WeakKeyDictionary[nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
+
+
+def default_inputs(model: nn.Module, kwargs: dict) -> dict:
+    """The defaulted inputs this call leaves out, as the model would compute them, for those whose default
+    holds for this model (checked once per model and cached on the check's key)."""
+    ids = kwargs.get(MAIN_INPUT)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return {}
+    params = forward_signature(model).parameters
+    return {name: default.value(ids) for name, default in DEFAULTS.items()
+            if name in params and name not in kwargs and default_holds(model, name)}
+
+
+def default_holds(model: nn.Module, name: str) -> bool:
+    """Whether `model` without `name` computes what it computes with DEFAULTS[name] passed (cached per model)."""
+    known = _HOLDS.setdefault(model, {})
+    if name not in known:
+        known[name] = _check(model, name)
+    return known[name]
+
+
+def _check(model: nn.Module, name: str) -> bool:
+    """The check behind default_holds: a small call with an all-ones mask and one with a left-padded row,
+    without the input and with the default passed (same ids, eval mode, no grad), equal bit for bit."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    parameter = next(model.parameters(), None)
+    if not isinstance(vocab, int) or parameter is None:
+        return False
+    ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0)).to(parameter.device)
+    padded = torch.ones_like(ids)
+    padded[0, :2] = 0
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for mask in (torch.ones_like(ids), padded):
+                call = {MAIN_INPUT: ids, "attention_mask": mask}
+                if "use_cache" in forward_signature(model).parameters:
+                    call["use_cache"] = False
+                without = model(**call)
+                given = model(**call, **{name: DEFAULTS[name].value(ids)})
+                if not _identical(without, given):
+                    return False
+    except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the input out of the superset
+        return False
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return True
+
+
+def substitute_default(graph: Graph, placeholder: Node, main: Node, name: str) -> None:
+    """Compute `name`'s default from `main` (the input_ids placeholder) where `placeholder` was read."""
+    like = placeholder.meta.get("val")
+    last_input = list(graph.find_nodes(op="placeholder"))[-1]
+    with graph.inserting_before(last_input.next):  # after every input, before the first op reads it
+        value = DEFAULTS[name].in_graph(graph, main, like)
+    if isinstance(like, torch.Tensor):
+        value.meta["val"] = like
+    placeholder.replace_all_uses_with(value)
+
+
+def _identical(a, b) -> bool:
+    la, lb = _leaves(a), _leaves(b)
+    return len(la) == len(lb) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        for x, y in zip(la, lb))
+
+
+def _leaves(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if hasattr(value, "to_tuple"):
+        value = value.to_tuple()
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [] if value is None else [value]
