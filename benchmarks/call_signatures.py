@@ -6,8 +6,8 @@ The lora_llama.py model and spec. Each row is a variation of the compiled call (
 attention_mask): ones that map to the compiled graph (positional ids, no mask, return_dict=False,
 arguments equal to their defaults), ones whose graph is derived from the superset capture
 without exporting (labels, Trainer's labels + num_items_in_batch, output_hidden_states,
-output_attentions; see peftc.capture.specialize), and ones outside the superset that still
-capture (position_ids).
+output_attentions, position_ids; see peftc.capture.specialize), and one outside the superset
+that still captures (inputs_embeds in place of input_ids).
 Reported: the time to bind the call and get its graph (`cm.graph_for`: what meeting the
 signature costs, without the forward's own time, which is noise on a loaded machine), medians
 over fresh compiles, as a share of the compile time. Also the compile time with the superset
@@ -33,6 +33,7 @@ from peftc.capture.binding import bind_call
 from peftc.runtime.call_contract import split_output_flags
 
 IDS = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(0))
+EMBEDS = torch.randn(4, 128, 512, generator=torch.Generator().manual_seed(1))  # lora_llama's hidden size
 VARIATIONS = {
     "positional ids, no mask": ((IDS,), {}),
     "return_dict=False": ((), {"input_ids": IDS, "return_dict": False}),
@@ -46,8 +47,11 @@ VARIATIONS = {
     "output_hidden_states + labels (derived)": ((), {"input_ids": IDS, "output_hidden_states": True, "labels": IDS}),
     "output_hidden_states=False, output_attentions=False (the config's: same graph)":
         ((), {"input_ids": IDS, "output_hidden_states": False, "output_attentions": False}),
-    "position_ids (outside the superset: a capture)":
-        ((), {"input_ids": IDS, "position_ids": torch.arange(128).expand(4, -1)}),
+    "position_ids (derived)": ((), {"input_ids": IDS, "position_ids": torch.arange(128).expand(4, -1) + 3}),
+    "position_ids + labels + output_hidden_states (derived)":
+        ((), {"input_ids": IDS, "position_ids": torch.arange(128).expand(4, -1), "labels": IDS,
+              "output_hidden_states": True}),
+    "inputs_embeds (outside the superset: a capture)": ((), {"inputs_embeds": EMBEDS}),
 }
 
 
@@ -75,16 +79,16 @@ def main() -> None:
     full = build()
     spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
     compile_s, plain_compile_s, met = [], [], {name: [] for name in VARIATIONS}
-    with_superset = first_build.superset_call
+    with_superset = first_build.superset_calls
     timed_compile(full, spec)  # warm-up: the first compile in a process pays torch's own first-use costs
     for repeat in range(args.repeats):  # alternated: a compile with the superset, one without
         for superset in ((True, False) if repeat % 2 == 0 else (False, True)):
             if not superset:
-                first_build.superset_call = lambda *a: None
+                first_build.superset_calls = lambda *a: []
                 try:
                     plain_compile_s.append(timed_compile(full, spec)[0])
                 finally:
-                    first_build.superset_call = with_superset
+                    first_build.superset_calls = with_superset
                 continue
             seconds, cm = timed_compile(full, spec)
             compile_s.append(seconds)

@@ -13,8 +13,9 @@ An input the model computes a default for when it is absent (`position_ids`) is 
 that default computed in the graph (peftc.capture.input_defaults checks the default holds for
 the model before the superset takes the input). An input dropped while the outputs it feeds
 stay (labels kept, `num_items_in_batch` dropped) needs the computation itself to change;
-`mean_from_sum` does this for the one case HF models have (a sum-reduced cross entropy divided by the item count is the mean-reduced one). When a
-dropped input is still read after all that, no graph can be derived and the caller captures.
+`mean_from_sum` does this for the one case HF models have (a sum-reduced cross entropy
+divided by the item count is the mean-reduced one). When a dropped input is still read after
+all that, no graph can be derived and the caller captures.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The superset call: the example call plus the optional inputs a derived graph can drop.
 
 peftc captures a transformers model once with `labels` (of the shape its head takes),
-`num_items_in_batch` (what Trainer passes to a forward with `**kwargs`), `output_hidden_states=True`,
-`output_attentions=True`, and the inputs whose default it computes and that default is checked
-for (`position_ids`, `token_type_ids`: peftc.capture.input_defaults), and derives the graph of every call that passes fewer of them by
-graph surgery (peftc.capture.specialize) instead of capturing again: the call a user makes first,
-Trainer's training call, a call with labels alone, one asking for the hidden states.
+`num_items_in_batch` (what Trainer passes to a forward with `**kwargs`),
+`output_hidden_states=True`, `output_attentions=True`, and the inputs whose default the model
+computes where that default is checked to hold (`position_ids`, `token_type_ids`:
+peftc.capture.input_defaults), and derives the graph of every call that passes fewer of them
+by graph surgery (peftc.capture.specialize) instead of capturing again: the call a user makes
+first, Trainer's training call, a call with labels alone, one asking for the hidden states,
+one passing its own positions.
 
 The per-layer outputs the two flags record are grown from the two-layer capture of a layer stack
 (peftc.capture.recorded_outputs), so they do not make the capture export every layer. A flag is
@@ -33,16 +35,30 @@ TOKEN_CLASS_LABELS = ("ForTokenClassification",)
 EXAMPLE_CLASS_LABELS = ("ForSequenceClassification", "ForImageClassification")
 
 
-def superset_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """(args, kwargs) with the droppable optional inputs added, or None when there is none to add."""
+def superset_calls(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+    """The calls to capture, widest first: (args, kwargs) with every droppable optional input added, then
+    with the loss inputs alone (for a model whose capture refuses a flag or a defaulted input)."""
     if args or not is_hf_model(model):
-        return None
-    extra = superset_extras(model, kwargs)
-    return ((), {**kwargs, **extra}) if extra else None
+        return []
+    calls = []
+    for extra in (superset_extras(model, kwargs), loss_extras(model, kwargs)):
+        if extra and all(set(extra) != set(wider) for _, wider in calls):
+            calls.append(((), {**kwargs, **extra}))
+    return calls
 
 
 def superset_extras(model: nn.Module, kwargs: dict) -> dict:
     """The inputs the superset call adds to `kwargs`, shaped after this call's main input."""
+    extra = loss_extras(model, kwargs)
+    for flag in RECORDING_FLAGS:  # they switch on outputs a derived graph drops
+        if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag):
+            extra[flag] = True
+    extra.update(default_inputs(model, kwargs))  # a derived graph computes them (peftc.capture.input_defaults)
+    return extra
+
+
+def loss_extras(model: nn.Module, kwargs: dict) -> dict:
+    """Labels for the model's head and Trainer's num_items_in_batch, when the call leaves them out."""
     params = forward_signature(model).parameters
     extra: dict = {}
     labels = kwargs.get("labels")
@@ -50,10 +66,6 @@ def superset_extras(model: nn.Module, kwargs: dict) -> dict:
         labels = extra["labels"] = example_labels(model, kwargs)
     if isinstance(labels, torch.Tensor) and _takes_any_keyword(params) and "num_items_in_batch" not in kwargs:
         extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
-    for flag in RECORDING_FLAGS:  # they switch on outputs a derived graph drops
-        if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag):
-            extra[flag] = True
-    extra.update(default_inputs(model, kwargs))  # a derived graph computes them (peftc.capture.input_defaults)
     return {name: value for name, value in extra.items() if value is not None}
 
 

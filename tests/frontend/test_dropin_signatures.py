@@ -153,3 +153,25 @@ def test_position_ids_are_derived_both_ways(llama_pair, monkeypatch):
         for kwargs in ({"position_ids": position_ids}, {"position_ids": position_ids, "labels": ids}, {}):
             _assert_same(cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
     assert captures == []
+
+
+def test_a_refused_superset_gives_way_to_the_loss_only_one(monkeypatch):
+    """A model whose capture refuses the output flags still gets labels derived from a narrower superset."""
+    from peftc.compiler.compilation import Compilation
+    build = Compilation.build
+
+    def refusing(self, args, kwargs, plan, **options):
+        if "output_hidden_states" in kwargs:
+            raise peftc.CaptureError("this model refuses output_hidden_states")
+        return build(self, args, kwargs, plan, **options)
+
+    monkeypatch.setattr(Compilation, "build", refusing)
+    cm = peftc.compile(llama(), SPEC).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(llama(), cm, ["q_proj", "v_proj"], r=4, alpha=8).eval()
+    assert "labels" in cm._superset[1] and "output_hidden_states" not in cm._superset[1]
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(8))
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        _assert_same(cm(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids, use_cache=False))
+    assert captures == []
