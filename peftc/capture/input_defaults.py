@@ -9,6 +9,9 @@ before an input joins the superset the model itself is checked on small calls, o
 left-padded: its output without the input must equal its output with the default passed, bit for
 bit (`default_holds`). An input whose check fails (a mask-derived default, GPT-2's token types,
 which add an embedding only when passed) stays out of the superset; a call passing it captures.
+The superset's position_ids have one row per example; a call passing one row for the whole batch
+(`arange(seq)[None]`) is expanded to that when the same kind of check says the model reads it so
+(`rows_broadcast`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ DEFAULTS: dict[str, InputDefault] = {
     "token_type_ids": InputDefault(_zeros, _zeros_in_graph),
 }
 MAIN_INPUT = "input_ids"  # the defaults are shaped after it
+ROWS = "position_ids rows"  # default_holds' key for "one row of position_ids stands for every row"
 _HOLDS: "weakref.WeakKeyDictionary[nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
 
 
@@ -68,6 +72,19 @@ def default_inputs(model: nn.Module, kwargs: dict) -> dict:
     params = forward_signature(model).parameters
     return {name: default.value(ids) for name, default in DEFAULTS.items()
             if name in params and name not in kwargs and default_holds(model, name)}
+
+
+def rows_broadcast(model: nn.Module, kwargs: dict) -> dict:
+    """`kwargs` with a one-row `position_ids` expanded to the batch, where the model reads one row as every
+    row's (checked as defaults are): a graph captured with a position per row then takes the call."""
+    ids, positions = kwargs.get(MAIN_INPUT), kwargs.get("position_ids")
+    if not (isinstance(ids, torch.Tensor) and isinstance(positions, torch.Tensor) and ids.dim() == positions.dim() == 2):
+        return kwargs
+    if positions.shape[0] != 1 or ids.shape[0] == 1 or positions.shape[1] != ids.shape[1]:
+        return kwargs
+    if not default_holds(model, ROWS):
+        return kwargs
+    return {**kwargs, "position_ids": positions.expand(ids.shape[0], -1)}
 
 
 def default_holds(model: nn.Module, name: str) -> bool:
@@ -96,8 +113,12 @@ def _check(model: nn.Module, name: str) -> bool:
                 call = {MAIN_INPUT: ids, "attention_mask": mask}
                 if "use_cache" in forward_signature(model).parameters:
                     call["use_cache"] = False
-                without = model(**call)
-                given = model(**call, **{name: DEFAULTS[name].value(ids)})
+                if name == ROWS:  # one row of positions against that row for every example
+                    row = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) + 1
+                    without, given = model(**call, position_ids=row), model(**call, position_ids=row.expand(2, -1))
+                else:
+                    without = model(**call)
+                    given = model(**call, **{name: DEFAULTS[name].value(ids)})
                 if not _identical(without, given):
                     return False
     except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the input out of the superset

@@ -56,3 +56,21 @@ def test_a_default_that_does_not_hold_stays_out_of_the_superset_and_a_call_captu
             theirs = reference(input_ids=ids, use_cache=False, **kwargs).logits
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert len(captures) == 1  # the call with position_ids
+
+
+def test_one_row_of_positions_for_the_batch_takes_the_superset_graph(monkeypatch):
+    """`position_ids=arange(seq)[None]` with a batch of 3: LLaMA reads the row for every example (checked),
+    so the call is expanded to the superset's one row per example instead of failing its guard."""
+    cm = peftc.compile(llama(), {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4}]}).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(llama(), cm, ["q_proj", "v_proj"], r=4, alpha=8).eval()
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(1))
+    row = torch.arange(6).unsqueeze(0) + 4
+    captures = []
+    build = type(cm.compilation).build
+    monkeypatch.setattr(type(cm.compilation), "build", lambda self, *a, **k: captures.append(a) or build(self, *a, **k))
+    with torch.no_grad():
+        ours = cm(input_ids=ids, position_ids=row).logits
+        theirs = reference(input_ids=ids, position_ids=row, use_cache=False).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert captures == []
