@@ -65,13 +65,15 @@ _HOLDS: "weakref.WeakKeyDictionary[nn.Module, dict[str, bool]]" = weakref.WeakKe
 
 def default_inputs(model: nn.Module, kwargs: dict) -> dict:
     """The defaulted inputs this call leaves out, as the model would compute them, for those whose default
-    holds for this model (checked once per model and cached on the check's key)."""
+    holds for this model (checked once per model: `default_holds`)."""
     ids = kwargs.get(MAIN_INPUT)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
         return {}
     params = forward_signature(model).parameters
-    return {name: default.value(ids) for name, default in DEFAULTS.items()
-            if name in params and name not in kwargs and default_holds(model, name)}
+    names = tuple(name for name in DEFAULTS if name in params and name not in kwargs)
+    if names and not default_holds(model, names):  # one check for all; each alone only if that fails
+        names = tuple(name for name in names if default_holds(model, (name,)))
+    return {name: DEFAULTS[name].value(ids) for name in names}
 
 
 def rows_broadcast(model: nn.Module, kwargs: dict) -> dict:
@@ -87,46 +89,44 @@ def rows_broadcast(model: nn.Module, kwargs: dict) -> dict:
     return {**kwargs, "position_ids": positions.expand(ids.shape[0], -1)}
 
 
-def default_holds(model: nn.Module, name: str) -> bool:
-    """Whether `model` without `name` computes what it computes with DEFAULTS[name] passed (cached per model)."""
+def default_holds(model: nn.Module, names: tuple[str, ...] | str) -> bool:
+    """Whether `model` without the inputs `names` computes what it computes with their DEFAULTS passed
+    (or, for ROWS, with one row of positions as with that row for every example); cached per model.
+
+    Checked on a small call whose first row is left-padded and whose second is not, without the
+    inputs and with them (same ids, eval mode, no grad), bit for bit."""
     known = _HOLDS.setdefault(model, {})
-    if name not in known:
-        known[name] = _check(model, name)
-    return known[name]
+    if names not in known:
+        known[names] = _check(model, names)
+    return known[names]
 
 
-def _check(model: nn.Module, name: str) -> bool:
-    """The check behind default_holds: a small call with an all-ones mask and one with a left-padded row,
-    without the input and with the default passed (same ids, eval mode, no grad), equal bit for bit."""
+def _check(model: nn.Module, names: tuple[str, ...] | str) -> bool:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     parameter = next(model.parameters(), None)
     if not isinstance(vocab, int) or parameter is None:
         return False
     ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0)).to(parameter.device)
-    padded = torch.ones_like(ids)
-    padded[0, :2] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a mask-derived default (OPT's positions) differs from arange on this row
+    call = {MAIN_INPUT: ids, "attention_mask": mask}
+    if "use_cache" in forward_signature(model).parameters:
+        call["use_cache"] = False
+    if names == ROWS:
+        row = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) + 1
+        without, given = {"position_ids": row}, {"position_ids": row.expand(ids.shape[0], -1)}
+    else:
+        without, given = {}, {name: DEFAULTS[name].value(ids) for name in names}
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            for mask in (torch.ones_like(ids), padded):
-                call = {MAIN_INPUT: ids, "attention_mask": mask}
-                if "use_cache" in forward_signature(model).parameters:
-                    call["use_cache"] = False
-                if name == ROWS:  # one row of positions against that row for every example
-                    row = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) + 1
-                    without, given = model(**call, position_ids=row), model(**call, position_ids=row.expand(2, -1))
-                else:
-                    without = model(**call)
-                    given = model(**call, **{name: DEFAULTS[name].value(ids)})
-                if not _identical(without, given):
-                    return False
-    except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the input out of the superset
+            return _identical(model(**call, **without), model(**call, **given))
+    except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the inputs out of the superset
         return False
     finally:
         for module, training in modes.items():
             module.training = training
-    return True
 
 
 def substitute_default(graph: Graph, placeholder: Node, main: Node, name: str) -> None:

@@ -85,6 +85,7 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
     graph.output(type(outputs)(leaves))
     inputs = _inputs_by_keyword(graph, info.in_spec)
     guards = _detach_guards(graph, inputs, dropped, stand_ins)
+    _sizes_from_kept_inputs(graph, inputs, dropped)
     _drop_checks_on(graph, [node for name in dropped for node in inputs.get(name, [])])
     if not _defaults_substituted(graph, inputs, [name for name in dropped if name in DEFAULTS]):
         return None
@@ -111,6 +112,23 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
     derived.meta[DERIVED_REMOVED] = len(gm.graph.nodes) - len(graph.nodes)  # report() counts captured nodes
     derived._in_spec, derived._out_spec = in_spec, out_spec  # what torch.export's graph modules carry
     return derived
+
+
+def _sizes_from_kept_inputs(graph: Graph, inputs: dict[str, list[Node]], dropped: list[str]) -> None:
+    """Read each size the graph takes from a dropped input (export takes the batch size from whichever input
+    carries it first: ViT's from `labels`) from a kept input with the same symbolic size instead."""
+    kept: dict[str, tuple[Node, int]] = {}
+    for name, nodes in inputs.items():
+        for node in nodes if name not in dropped else []:
+            value = node.meta.get("val")
+            for dim, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+                if isinstance(size, torch.SymInt):
+                    kept.setdefault(str(size), (node, dim))
+    for node in (node for name in dropped for node in inputs.get(name, [])):
+        for user in list(node.users):
+            size = str(user.meta.get("val")) if user.target is aten.sym_size.int else None
+            if size in kept:
+                user.args = kept[size]
 
 
 def _defaults_substituted(graph: Graph, inputs: dict[str, list[Node]], names: list[str]) -> bool:

@@ -35,25 +35,28 @@ TOKEN_CLASS_LABELS = ("ForTokenClassification",)
 EXAMPLE_CLASS_LABELS = ("ForSequenceClassification", "ForImageClassification")
 
 
-def superset_calls(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+def superset_calls(model: nn.Module, args: tuple, kwargs: dict, defaults: bool = True) -> list[tuple[tuple, dict]]:
     """The calls to capture, widest first: (args, kwargs) with every droppable optional input added, then
-    with the loss inputs alone (for a model whose capture refuses a flag or a defaulted input)."""
+    with the loss inputs alone (for a model whose capture refuses a flag or a defaulted input).
+    `defaults=False` leaves out the inputs with a default (for passes that move positions: a graph
+    derived by computing the default after them would not be the one they make without the input)."""
     if args or not is_hf_model(model):
         return []
     calls = []
-    for extra in (superset_extras(model, kwargs), loss_extras(model, kwargs)):
+    for extra in (superset_extras(model, kwargs, defaults), loss_extras(model, kwargs)):
         if extra and all(set(extra) != set(wider) for _, wider in calls):
             calls.append(((), {**kwargs, **extra}))
     return calls
 
 
-def superset_extras(model: nn.Module, kwargs: dict) -> dict:
+def superset_extras(model: nn.Module, kwargs: dict, defaults: bool = True) -> dict:
     """The inputs the superset call adds to `kwargs`, shaped after this call's main input."""
     extra = loss_extras(model, kwargs)
     for flag in RECORDING_FLAGS:  # they switch on outputs a derived graph drops
         if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag):
             extra[flag] = True
-    extra.update(default_inputs(model, kwargs))  # a derived graph computes them (peftc.capture.input_defaults)
+    if defaults:  # a derived graph computes them (peftc.capture.input_defaults)
+        extra.update(default_inputs(model, kwargs))
     return extra
 
 

@@ -21,7 +21,12 @@ from peftc.capture.superset import superset_calls, superset_extras, superset_qui
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
+from peftc.spec.methods import METHODS
+from peftc.spec.parse import Spec
 from peftc.pipeline.runner import PassRecord
+
+
+POSITION_FREE_ADDITIVE = ("adapter", "ia3")  # additive methods on linear ops: the sequence is untouched
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
     itself when there is no superset, no superset can be captured, or the graph cannot be derived.
     A superset the model refuses (a CaptureError) gives way to the next, narrower one."""
     built = None
-    for wide in superset_calls(compilation.source, *example) if dynamic_shapes is None else []:
+    defaults = positions_untouched(compilation.spec)
+    for wide in superset_calls(compilation.source, *example, defaults=defaults) if dynamic_shapes is None else []:
         try:
             with superset_quiet():
                 built = compilation.build(*wide, plan, dump_dir=dump_dir)
@@ -53,6 +59,14 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
     return FirstBuild(own)
 
 
+def positions_untouched(spec: Spec | None) -> bool:
+    """Whether no pass of `spec` reads or moves token positions (prompt tuning lengthens the sequence,
+    prefix tuning shifts positions): only then may a derived graph compute default positions after them."""
+    return spec is not None and all(
+        METHODS[entry.method].family != "additive" or entry.method in POSITION_FREE_ADDITIVE
+        for entry in spec.adapters)
+
+
 def _with_params_added(records: list[PassRecord], first: list[PassRecord]) -> list[PassRecord]:
     """`records` with the parameters each pass added in the build that first created them."""
     made = {(r.index, r.name): r.params_added for r in first}
@@ -62,7 +76,7 @@ def _with_params_added(records: list[PassRecord], first: list[PassRecord]) -> li
 
 def _derived(built: Built, compilation: Compilation, wide: CallSignature, call: CallSignature) -> Built | None:
     """`built` derived for `call`: the graph to run, and its flat view (what report() and diff() read)."""
-    stand_ins = functools.partial(superset_extras, compilation.source)
+    stand_ins = functools.partial(superset_extras, compilation.source, defaults=positions_untouched(compilation.spec))
     graph = derive_graph(built.graph_module, wide, call, stand_ins)
     if graph is None:
         return None

@@ -23,7 +23,7 @@ from peftc.capture.calls import CallSignature, normalize_call
 from peftc.capture.input_defaults import rows_broadcast
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import superset_extras
-from peftc.compiler.first_build import build_first
+from peftc.compiler.first_build import build_first, positions_untouched
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
@@ -120,7 +120,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if self._superset is None:
             return None
         wide = CallSignature.of(*self._superset)
-        return derive_graph(self._graphs[wide], wide, signature, functools.partial(superset_extras, self.compilation.source))
+        stand_ins = functools.partial(superset_extras, self.compilation.source,
+                                      defaults=positions_untouched(self.compilation.spec))
+        return derive_graph(self._graphs[wide], wide, signature, stand_ins)
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""

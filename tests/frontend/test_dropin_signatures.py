@@ -175,3 +175,17 @@ def test_a_refused_superset_gives_way_to_the_loss_only_one(monkeypatch):
     with torch.no_grad():
         _assert_same(cm(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids, use_cache=False))
     assert captures == []
+
+
+def test_vit_labels_and_hidden_states_are_derived(monkeypatch):
+    """ViT's capture takes the batch size from `labels`: derivation reads it from pixel_values instead."""
+    from families import vit, vit_inputs
+    cm = peftc.compile(vit(), SPEC, example_kwargs=vit_inputs(2, 0)).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(vit(), cm, ["q_proj", "v_proj"], r=4, alpha=8).eval()
+    pixels, labels = vit_inputs(3, 0)["pixel_values"], torch.tensor([0, 4, 2])
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        for kwargs in ({}, {"labels": labels}, {"output_hidden_states": True, "labels": labels}):
+            _assert_same(cm(pixel_values=pixels, **kwargs), reference(pixel_values=pixels, **kwargs))
+    assert captures == []

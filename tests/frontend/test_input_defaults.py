@@ -32,7 +32,7 @@ def opt():
 def test_the_check_tells_which_defaults_hold(build, name, holds):
     model = build()
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    assert default_holds(model, name) is holds
+    assert default_holds(model, (name,)) is holds
     assert not model.training  # the check puts the modes back
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
 
