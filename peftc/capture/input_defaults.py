@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, Node
 
+from peftc.capture import layer_stacks
 from peftc.capture.binding import forward_signature
 
 aten = torch.ops.aten
@@ -94,7 +95,8 @@ def default_holds(model: nn.Module, names: tuple[str, ...] | str) -> bool:
     (or, for ROWS, with one row of positions as with that row for every example); cached per model.
 
     Checked on a small call whose first row is left-padded and whose second is not, without the
-    inputs and with them (same ids, eval mode, no grad), bit for bit."""
+    inputs and with them (same ids, eval mode, no grad, a stack of alike layers cut to two as
+    peftc.capture.layer_stacks traces it), bit for bit."""
     known = _HOLDS.setdefault(model, {})
     if names not in known:
         known[names] = _check(model, names)
@@ -120,7 +122,8 @@ def _check(model: nn.Module, names: tuple[str, ...] | str) -> bool:
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        # a stack of alike layers run as two (as a capture traces it): the inputs reach every layer alike
+        with torch.no_grad(), layer_stacks.cut_to_two(model, layer_stacks.find_stacks(model)):
             return _identical(model(**call, **without), model(**call, **given))
     except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the inputs out of the superset
         return False
