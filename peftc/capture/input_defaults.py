@@ -90,6 +90,13 @@ def rows_broadcast(model: nn.Module, kwargs: dict) -> dict:
     return {**kwargs, "position_ids": positions.expand(ids.shape[0], -1)}
 
 
+def flag_only_adds_outputs(model: nn.Module, flag: str) -> bool:
+    """Whether `flag=True` (output_hidden_states, output_attentions) only adds output fields: every field of
+    the call without it comes out the same with it (not so where asking for attention weights switches
+    the attention code, as in Falcon). Checked as defaults are, cached per model."""
+    return default_holds(model, f"{flag}=True")
+
+
 def default_holds(model: nn.Module, names: tuple[str, ...] | str) -> bool:
     """Whether `model` without the inputs `names` computes what it computes with their DEFAULTS passed
     (or, for ROWS, with one row of positions as with that row for every example); cached per model.
@@ -117,6 +124,8 @@ def _check(model: nn.Module, names: tuple[str, ...] | str) -> bool:
     if names == ROWS:
         row = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) + 1
         without, given = {"position_ids": row}, {"position_ids": row.expand(ids.shape[0], -1)}
+    elif isinstance(names, str) and names.endswith("=True"):  # an output flag: compare the fields without it
+        without, given = {}, {names[: -len("=True")]: True}
     else:
         without, given = {}, {name: DEFAULTS[name].value(ids) for name in names}
     modes = {module: module.training for module in model.modules()}
@@ -124,7 +133,11 @@ def _check(model: nn.Module, names: tuple[str, ...] | str) -> bool:
         model.eval()
         # a stack of alike layers run as two (as a capture traces it): the inputs reach every layer alike
         with torch.no_grad(), layer_stacks.cut_to_two(model, layer_stacks.find_stacks(model)):
-            return _identical(model(**call, **without), model(**call, **given))
+            plain = model(**call, **without)
+            flagged = model(**call, **given)
+            if hasattr(plain, "keys") and hasattr(flagged, "keys"):  # fields the flag adds are not compared
+                flagged = type(plain)(**{key: flagged[key] for key in plain.keys() if key in flagged.keys()})
+            return _identical(plain, flagged)
     except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the inputs out of the superset
         return False
     finally:

@@ -11,7 +11,9 @@ one passing its own positions.
 
 The per-layer outputs the two flags record are grown from the two-layer capture of a layer stack
 (peftc.capture.recorded_outputs), so they do not make the capture export every layer. A flag is
-added only when the config leaves it off (a call without it then means without those outputs).
+added only when the config leaves it off (a call without it then means without those outputs)
+and a check on the model shows it only adds outputs (Falcon's output_attentions switches its
+attention code: there a call with it captures).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from peftc.capture.binding import RECORDING_FLAGS, forward_signature
 from peftc.capture.calls import is_hf_model
-from peftc.capture.input_defaults import default_inputs
+from peftc.capture.input_defaults import default_inputs, flag_only_adds_outputs
 
 SDPA_LOGGER = "transformers.integrations.sdpa_attention"
 # class-name endings -> what the head's labels are: one per token, or one per example
@@ -53,7 +55,8 @@ def superset_extras(model: nn.Module, kwargs: dict, defaults: bool = True) -> di
     """The inputs the superset call adds to `kwargs`, shaped after this call's main input."""
     extra = loss_extras(model, kwargs)
     for flag in RECORDING_FLAGS:  # they switch on outputs a derived graph drops
-        if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag):
+        if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag) \
+                and flag_only_adds_outputs(model, flag):
             extra[flag] = True
     if defaults:  # a derived graph computes them (peftc.capture.input_defaults)
         extra.update(default_inputs(model, kwargs))

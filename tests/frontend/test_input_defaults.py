@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import peftc
-from families import bert, gpt2, llama, randomize_adapters
+from families import bert, falcon, gpt2, llama, randomize_adapters
 from peft_reference import peft_lora
-from peftc.capture.input_defaults import default_holds
+from peftc.capture.input_defaults import default_holds, flag_only_adds_outputs
 
 
 def opt():
@@ -74,3 +74,26 @@ def test_one_row_of_positions_for_the_batch_takes_the_superset_graph(monkeypatch
         theirs = reference(input_ids=ids, position_ids=row, use_cache=False).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert captures == []
+
+
+@pytest.mark.parametrize("build, flag, only_adds", [
+    (llama, "output_hidden_states", True),
+    (llama, "output_attentions", True),
+    (bert, "output_attentions", True),
+    (falcon, "output_attentions", False),  # asking for the weights switches Falcon's attention code
+])
+def test_the_check_tells_which_output_flags_only_add_outputs(build, flag, only_adds):
+    assert flag_only_adds_outputs(build(), flag) is only_adds
+
+
+def test_a_flag_that_changes_the_computation_stays_out_of_the_superset(monkeypatch):
+    model = falcon()
+    cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["query_key_value"], "r": 4}]}).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(falcon(), cm, ["query_key_value"], r=4, alpha=8).eval()
+    assert "output_attentions" not in cm._superset[1] and "output_hidden_states" in cm._superset[1]
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for kwargs in ({}, {"output_attentions": True}):
+            ours, theirs = cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs)
+            torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
