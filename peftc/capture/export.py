@@ -16,7 +16,7 @@ from torch.export import Dim
 from peftc.capture import layer_stacks
 from peftc.capture.binding import with_named_keywords
 from peftc.capture.calls import forward_parameters
-from peftc.capture.superset import model_kept
+from peftc.capture.model_kept import model_kept
 from peftc.errors import CaptureError
 
 COPIED_LAYERS = "peftc_copied_layers"  # gm.meta key: which layers capture copied instead of tracing

@@ -26,6 +26,7 @@ from torch.fx import Graph, Node
 
 from peftc.capture import layer_stacks
 from peftc.capture.binding import forward_signature
+from peftc.capture.model_kept import model_kept
 
 aten = torch.ops.aten
 
@@ -60,6 +61,7 @@ DEFAULTS: dict[str, InputDefault] = {
     "token_type_ids": InputDefault(_zeros, _zeros_in_graph),
 }
 MAIN_INPUT = "input_ids"  # the defaults are shaped after it
+FLAG_CHECK = "{}=True"  # default_holds' item for "this output flag only adds outputs"
 ROWS = "position_ids rows"  # default_holds' key for "one row of position_ids stands for every row"
 _HOLDS: "weakref.WeakKeyDictionary[nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
 
@@ -68,13 +70,26 @@ def default_inputs(model: nn.Module, kwargs: dict) -> dict:
     """The defaulted inputs this call leaves out, as the model would compute them, for those whose default
     holds for this model (checked once per model: `default_holds`)."""
     ids = kwargs.get(MAIN_INPUT)
+    return {name: DEFAULTS[name].value(ids) for name in default_inputs_to_check(model, kwargs)
+            if default_holds(model, (name,))}
+
+
+def default_inputs_to_check(model: nn.Module, kwargs: dict) -> list[str]:
+    """The inputs with a default that this call leaves out and could join the superset, if checked."""
+    ids = kwargs.get(MAIN_INPUT)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-        return {}
+        return []
     params = forward_signature(model).parameters
-    names = tuple(name for name in DEFAULTS if name in params and name not in kwargs)
-    if names and not default_holds(model, names):  # one check for all; each alone only if that fails
-        names = tuple(name for name in names if default_holds(model, (name,)))
-    return {name: DEFAULTS[name].value(ids) for name in names}
+    return [name for name in DEFAULTS if name in params and name not in kwargs]
+
+
+def settle(model: nn.Module, checks: list[str], example: dict | None = None) -> None:
+    """Check all of `checks` (default names, FLAG_CHECK of flags) with one pair of calls, and each alone only
+    if that fails (an eager forward costs more than its maths on a small call)."""
+    if checks and default_holds(model, tuple(checks), example):
+        known = _HOLDS.setdefault(model, {})
+        for check in checks:
+            known[(check,)] = True
 
 
 def rows_broadcast(model: nn.Module, kwargs: dict) -> dict:
@@ -90,14 +105,14 @@ def rows_broadcast(model: nn.Module, kwargs: dict) -> dict:
     return {**kwargs, "position_ids": positions.expand(ids.shape[0], -1)}
 
 
-def flag_only_adds_outputs(model: nn.Module, flag: str) -> bool:
+def flag_only_adds_outputs(model: nn.Module, flag: str, example: dict | None = None) -> bool:
     """Whether `flag=True` (output_hidden_states, output_attentions) only adds output fields: every field of
     the call without it comes out the same with it (not so where asking for attention weights switches
     the attention code, as in Falcon). Checked as defaults are, cached per model."""
-    return default_holds(model, f"{flag}=True")
+    return default_holds(model, (FLAG_CHECK.format(flag),), example)
 
 
-def default_holds(model: nn.Module, names: tuple[str, ...] | str) -> bool:
+def default_holds(model: nn.Module, names: tuple[str, ...] | str, example: dict | None = None) -> bool:
     """Whether `model` without the inputs `names` computes what it computes with their DEFAULTS passed
     (or, for ROWS, with one row of positions as with that row for every example); cached per model.
 
@@ -106,33 +121,49 @@ def default_holds(model: nn.Module, names: tuple[str, ...] | str) -> bool:
     peftc.capture.layer_stacks traces it), bit for bit."""
     known = _HOLDS.setdefault(model, {})
     if names not in known:
-        known[names] = _check(model, names)
+        known[names] = _check(model, names, example)
     return known[names]
 
 
-def _check(model: nn.Module, names: tuple[str, ...] | str) -> bool:
+def _small_call(model: nn.Module, example: dict | None) -> dict | None:
+    """Token ids (2 x 5, the first row left-padded) for a model that reads them, else the first two rows
+    of the example call's tensors (images); None if neither."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     parameter = next(model.parameters(), None)
-    if not isinstance(vocab, int) or parameter is None:
-        return False
+    if parameter is None:
+        return None
+    if MAIN_INPUT not in forward_signature(model).parameters or not isinstance(vocab, int):
+        if not example or any(name == MAIN_INPUT for name in example):
+            return None
+        return {name: value[:2] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+                for name, value in example.items()}
     ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0)).to(parameter.device)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a mask-derived default (OPT's positions) differs from arange on this row
     call = {MAIN_INPUT: ids, "attention_mask": mask}
     if "use_cache" in forward_signature(model).parameters:
         call["use_cache"] = False
+    return call
+
+
+def _check(model: nn.Module, names: tuple[str, ...] | str, example: dict | None) -> bool:
+    call = _small_call(model, example)
+    if call is None:
+        return False
+    ids = call.get(MAIN_INPUT)
     if names == ROWS:
         row = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) + 1
         without, given = {"position_ids": row}, {"position_ids": row.expand(ids.shape[0], -1)}
-    elif isinstance(names, str) and names.endswith("=True"):  # an output flag: compare the fields without it
-        without, given = {}, {names[: -len("=True")]: True}
-    else:
-        without, given = {}, {name: DEFAULTS[name].value(ids) for name in names}
+    else:  # defaults passed; output flags on (the fields they add are not compared)
+        flag_suffix = FLAG_CHECK.format("")
+        without = {}
+        given = {name[: -len(flag_suffix)]: True for name in names if name.endswith(flag_suffix)}
+        given.update({name: DEFAULTS[name].value(ids) for name in names if not name.endswith(flag_suffix)})
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
         # a stack of alike layers run as two (as a capture traces it): the inputs reach every layer alike
-        with torch.no_grad(), layer_stacks.cut_to_two(model, layer_stacks.find_stacks(model)):
+        with torch.no_grad(), model_kept(model), layer_stacks.cut_to_two(model, layer_stacks.find_stacks(model)):
             plain = model(**call, **without)
             flagged = model(**call, **given)
             if hasattr(plain, "keys") and hasattr(flagged, "keys"):  # fields the flag adds are not compared

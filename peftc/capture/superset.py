@@ -28,7 +28,8 @@ from torch import nn
 
 from peftc.capture.binding import RECORDING_FLAGS, forward_signature
 from peftc.capture.calls import is_hf_model
-from peftc.capture.input_defaults import default_inputs, flag_only_adds_outputs
+from peftc.capture.input_defaults import (FLAG_CHECK, default_inputs, default_inputs_to_check, flag_only_adds_outputs,
+                                          settle)
 
 SDPA_LOGGER = "transformers.integrations.sdpa_attention"
 # class-name endings -> what the head's labels are: one per token, or one per example
@@ -54,9 +55,10 @@ def superset_calls(model: nn.Module, args: tuple, kwargs: dict, defaults: bool =
 def superset_extras(model: nn.Module, kwargs: dict, defaults: bool = True) -> dict:
     """The inputs the superset call adds to `kwargs`, shaped after this call's main input."""
     extra = loss_extras(model, kwargs)
-    for flag in RECORDING_FLAGS:  # they switch on outputs a derived graph drops
-        if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag) \
-                and flag_only_adds_outputs(model, flag):
+    settle(model, [FLAG_CHECK.format(flag) for flag in _flags_to_check(model, kwargs)]
+           + (list(default_inputs_to_check(model, kwargs)) if defaults else []), kwargs)
+    for flag in _flags_to_check(model, kwargs):  # they switch on outputs a derived graph drops
+        if flag_only_adds_outputs(model, flag, kwargs):
             extra[flag] = True
     if defaults:  # a derived graph computes them (peftc.capture.input_defaults)
         extra.update(default_inputs(model, kwargs))
@@ -73,6 +75,11 @@ def loss_extras(model: nn.Module, kwargs: dict) -> dict:
     if isinstance(labels, torch.Tensor) and _takes_any_keyword(params) and "num_items_in_batch" not in kwargs:
         extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
     return {name: value for name, value in extra.items() if value is not None}
+
+
+def _flags_to_check(model: nn.Module, kwargs: dict) -> list[str]:
+    return [flag for flag in RECORDING_FLAGS
+            if flag not in kwargs and takes_output_flag(model, flag) and not getattr(model.config, flag)]
 
 
 def takes_output_flag(model: nn.Module, flag: str) -> bool:
@@ -101,29 +108,6 @@ def example_labels(model: nn.Module, kwargs: dict) -> torch.Tensor | None:
     if name.endswith(EXAMPLE_CLASS_LABELS):
         return torch.randint(0, num_labels, (batch,), generator=generator).to(main.device)
     return None
-
-
-@contextlib.contextmanager
-def model_kept(model: nn.Module) -> Iterator[None]:
-    """What a forward with labels or output_hidden_states leaves on a transformers model, undone after
-    a capture the user did not ask for: classification heads set `config.problem_type` on their first
-    call with labels; output capturing installs forward hooks (local functions pickle cannot store)."""
-    config = getattr(model, "config", None)
-    problem_type = getattr(config, "problem_type", None)
-    hooks = {module: (set(module._forward_hooks), set(module._forward_pre_hooks), dict(module.__dict__))
-             for module in model.modules()}
-    try:
-        yield
-    finally:
-        if config is not None and hasattr(config, "problem_type"):
-            config.problem_type = problem_type
-        for module, (post, pre, attributes) in hooks.items():
-            for key in set(module._forward_hooks) - post:
-                del module._forward_hooks[key]
-            for key in set(module._forward_pre_hooks) - pre:
-                del module._forward_pre_hooks[key]
-            for name in set(module.__dict__) - set(attributes):  # transformers' "hooks installed" marks
-                del module.__dict__[name]
 
 
 @contextlib.contextmanager

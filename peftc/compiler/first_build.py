@@ -42,8 +42,10 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
     itself when there is no superset, no superset can be captured, or the graph cannot be derived.
     A superset the model refuses (a CaptureError) gives way to the next, narrower one."""
     built = None
-    defaults = positions_untouched(compilation.spec)
-    for wide in superset_calls(compilation.source, *example, defaults=defaults) if dynamic_shapes is None else []:
+    with superset_quiet():  # the checks behind the superset call the model with output_attentions too
+        wide_calls = superset_calls(compilation.source, *example, defaults=positions_untouched(compilation.spec)) \
+            if dynamic_shapes is None else []
+    for wide in wide_calls:
         try:
             with superset_quiet():
                 built = compilation.build(*wide, plan, dump_dir=dump_dir)
