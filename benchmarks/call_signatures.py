@@ -24,12 +24,12 @@ import statistics
 import time
 
 import torch
+from common import machine
+from lora_llama import ALPHA, TARGETS, R, build
 
 import peftc
-import peftc.compiler.first_build as first_build
-from common import machine
-from lora_llama import ALPHA, R, TARGETS, build
 from peftc.capture.binding import bind_call
+from peftc.compiler import first_build
 from peftc.runtime.call_contract import split_output_flags
 
 IDS = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(0))

@@ -17,8 +17,8 @@ The superset's position_ids have one row per example; a call passing one row for
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ DEFAULTS: dict[str, InputDefault] = {
 MAIN_INPUT = "input_ids"  # the defaults are shaped after it
 FLAG_CHECK = "{}=True"  # default_holds' item for "this output flag only adds outputs"
 ROWS = "position_ids rows"  # default_holds' key for "one row of position_ids stands for every row"
-_HOLDS: "weakref.WeakKeyDictionary[nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
+_HOLDS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 def default_inputs(model: nn.Module, kwargs: dict) -> dict:
@@ -76,10 +76,20 @@ def default_inputs(model: nn.Module, kwargs: dict) -> dict:
 
 def default_inputs_to_check(model: nn.Module, kwargs: dict) -> list[str]:
     """The inputs with a default that this call leaves out and could join the superset, if checked."""
+    return _left_out(forward_signature(model).parameters, kwargs)
+
+
+def default_values(params, kwargs: dict) -> dict:
+    """The default of every input with one that a forward taking `params` is called without (unchecked:
+    what a derived graph's guards stand in for an input the superset held)."""
+    ids = kwargs.get(MAIN_INPUT)
+    return {name: DEFAULTS[name].value(ids) for name in _left_out(params, kwargs)}
+
+
+def _left_out(params, kwargs: dict) -> list[str]:
     ids = kwargs.get(MAIN_INPUT)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
         return []
-    params = forward_signature(model).parameters
     return [name for name in DEFAULTS if name in params and name not in kwargs]
 
 
@@ -167,7 +177,7 @@ def _check(model: nn.Module, names: tuple[str, ...] | str, example: dict | None)
             plain = model(**call, **without)
             flagged = model(**call, **given)
             if hasattr(plain, "keys") and hasattr(flagged, "keys"):  # fields the flag adds are not compared
-                flagged = type(plain)(**{key: flagged[key] for key in plain.keys() if key in flagged.keys()})
+                flagged = type(plain)(**{key: flagged[key] for key in plain if key in flagged})
             return _identical(plain, flagged)
     except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the inputs out of the superset
         return False

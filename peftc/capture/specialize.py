@@ -20,7 +20,7 @@ all that, no graph can be derived and the caller captures.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
 import peftc.ir.cross_entropy  # noqa: F401  registers peftc::cross_entropy
-
 from peftc.capture.calls import CallSignature
 from peftc.capture.input_defaults import DEFAULTS, MAIN_INPUT, substitute_default
 

@@ -21,15 +21,23 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from peftc.capture.binding import RECORDING_FLAGS, forward_signature
 from peftc.capture.calls import is_hf_model
-from peftc.capture.input_defaults import (FLAG_CHECK, default_inputs, default_inputs_to_check, flag_only_adds_outputs,
-                                          settle)
+from peftc.capture.input_defaults import (
+    FLAG_CHECK,
+    default_inputs,
+    default_inputs_to_check,
+    default_values,
+    flag_only_adds_outputs,
+    settle,
+)
 
 SDPA_LOGGER = "transformers.integrations.sdpa_attention"
 # class-name endings -> what the head's labels are: one per token, or one per example
@@ -46,7 +54,7 @@ def superset_calls(model: nn.Module, args: tuple, kwargs: dict, defaults: bool =
     if args or not is_hf_model(model):
         return []
     calls = []
-    for extra in (superset_extras(model, kwargs, defaults), loss_extras(model, kwargs)):
+    for extra in (superset_extras(model, kwargs, defaults), ExtraInputs.of(model).loss(kwargs)):
         if extra and all(set(extra) != set(wider) for _, wider in calls):
             calls.append(((), {**kwargs, **extra}))
     return calls
@@ -54,7 +62,7 @@ def superset_calls(model: nn.Module, args: tuple, kwargs: dict, defaults: bool =
 
 def superset_extras(model: nn.Module, kwargs: dict, defaults: bool = True) -> dict:
     """The inputs the superset call adds to `kwargs`, shaped after this call's main input."""
-    extra = loss_extras(model, kwargs)
+    extra = ExtraInputs.of(model).loss(kwargs)
     settle(model, [FLAG_CHECK.format(flag) for flag in _flags_to_check(model, kwargs)]
            + (list(default_inputs_to_check(model, kwargs)) if defaults else []), kwargs)
     for flag in _flags_to_check(model, kwargs):  # they switch on outputs a derived graph drops
@@ -63,18 +71,6 @@ def superset_extras(model: nn.Module, kwargs: dict, defaults: bool = True) -> di
     if defaults:  # a derived graph computes them (peftc.capture.input_defaults)
         extra.update(default_inputs(model, kwargs))
     return extra
-
-
-def loss_extras(model: nn.Module, kwargs: dict) -> dict:
-    """Labels for the model's head and Trainer's num_items_in_batch, when the call leaves them out."""
-    params = forward_signature(model).parameters
-    extra: dict = {}
-    labels = kwargs.get("labels")
-    if labels is None and "labels" in params:
-        labels = extra["labels"] = example_labels(model, kwargs)
-    if isinstance(labels, torch.Tensor) and _takes_any_keyword(params) and "num_items_in_batch" not in kwargs:
-        extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
-    return {name: value for name, value in extra.items() if value is not None}
 
 
 def _flags_to_check(model: nn.Module, kwargs: dict) -> list[str]:
@@ -89,25 +85,58 @@ def takes_output_flag(model: nn.Module, flag: str) -> bool:
     return flag in params or (_takes_any_keyword(params) and isinstance(getattr(model.config, flag, None), bool))
 
 
-def example_labels(model: nn.Module, kwargs: dict) -> torch.Tensor | None:
-    """Labels of the shape and range the model's head takes (None for heads peftc does not know)."""
-    name, config = type(model).__name__, model.config
-    main = kwargs.get(model.main_input_name)
-    if not isinstance(main, torch.Tensor) or main.dim() == 0:
+@dataclass(frozen=True)
+class ExtraInputs:
+    """The loss inputs for one model's calls (labels, num_items_in_batch) and the defaulted inputs' values,
+    holding only what it reads: not the model (nor its weights).
+
+    A derived graph's guards keep this to make stand-ins for the inputs a call leaves out; holding the
+    model there would keep every weight it references alive for as long as the graph lives. The
+    defaults are not checked here (superset_extras checks them before they join the superset);
+    a stand-in for an input the superset does not hold is never read.
+    """
+
+    params: Mapping[str, inspect.Parameter]  # the model's forward parameters
+    class_name: str
+    config: Any  # read when called: a classification head's problem_type can change
+    main_input_name: str | None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ExtraInputs:
+        return cls(forward_signature(model).parameters, type(model).__name__, getattr(model, "config", None),
+                   getattr(model, "main_input_name", None))
+
+    def __call__(self, kwargs: dict) -> dict:
+        return {**self.loss(kwargs), **default_values(self.params, kwargs)}
+
+    def loss(self, kwargs: dict) -> dict:
+        extra: dict = {}
+        labels = kwargs.get("labels")
+        if labels is None and "labels" in self.params:
+            labels = extra["labels"] = self.example_labels(kwargs)
+        if isinstance(labels, torch.Tensor) and _takes_any_keyword(self.params) and "num_items_in_batch" not in kwargs:
+            extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
+        return {name: value for name, value in extra.items() if value is not None}
+
+    def example_labels(self, kwargs: dict) -> torch.Tensor | None:
+        """Labels of the shape and range the model's head takes (None for heads peftc does not know)."""
+        name, config = self.class_name, self.config
+        main = kwargs.get(self.main_input_name)
+        if not isinstance(main, torch.Tensor) or main.dim() == 0:
+            return None
+        batch = main.shape[0]
+        generator = torch.Generator().manual_seed(0)
+        if name.endswith(TOKEN_LABELS) and main.dim() == 2 and not main.is_floating_point():
+            return main.clone()
+        num_labels = getattr(config, "num_labels", 0)
+        single_label = getattr(config, "problem_type", None) in (None, "single_label_classification")
+        if not single_label or num_labels < 2:  # regression and multi-label heads take float labels of their own shape
+            return None
+        if name.endswith(TOKEN_CLASS_LABELS) and main.dim() == 2:
+            return torch.randint(0, num_labels, tuple(main.shape), generator=generator).to(main.device)
+        if name.endswith(EXAMPLE_CLASS_LABELS):
+            return torch.randint(0, num_labels, (batch,), generator=generator).to(main.device)
         return None
-    batch = main.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    if name.endswith(TOKEN_LABELS) and main.dim() == 2 and not main.is_floating_point():
-        return main.clone()
-    num_labels = getattr(config, "num_labels", 0)
-    single_label = getattr(config, "problem_type", None) in (None, "single_label_classification")
-    if not single_label or num_labels < 2:  # regression and multi-label heads take float labels of their own shape
-        return None
-    if name.endswith(TOKEN_CLASS_LABELS) and main.dim() == 2:
-        return torch.randint(0, num_labels, tuple(main.shape), generator=generator).to(main.device)
-    if name.endswith(EXAMPLE_CLASS_LABELS):
-        return torch.randint(0, num_labels, (batch,), generator=generator).to(main.device)
-    return None
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ call that passes a subset of those inputs, so meeting such a call costs a graph 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,13 @@ from torch.fx import GraphModule
 
 from peftc.capture.calls import CallSignature
 from peftc.capture.specialize import derive_graph
-from peftc.capture.superset import superset_calls, superset_extras, superset_quiet
+from peftc.capture.superset import ExtraInputs, superset_calls, superset_quiet
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
+from peftc.pipeline.runner import PassRecord
 from peftc.spec.methods import METHODS
 from peftc.spec.parse import Spec
-from peftc.pipeline.runner import PassRecord
-
 
 POSITION_FREE_ADDITIVE = ("adapter", "ia3")  # additive methods on linear ops: the sequence is untouched
 
@@ -78,7 +76,7 @@ def _with_params_added(records: list[PassRecord], first: list[PassRecord]) -> li
 
 def _derived(built: Built, compilation: Compilation, wide: CallSignature, call: CallSignature) -> Built | None:
     """`built` derived for `call`: the graph to run, and its flat view (what report() and diff() read)."""
-    stand_ins = functools.partial(superset_extras, compilation.source, defaults=positions_untouched(compilation.spec))
+    stand_ins = ExtraInputs.of(compilation.source)
     graph = derive_graph(built.graph_module, wide, call, stand_ins)
     if graph is None:
         return None

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import peftc
 from families import bert, llama, randomize_adapters
 from peft_reference import peft_lora
+
+import peftc
 
 SPEC = {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8}]}
 BERT_SPEC = {"adapters": [{"method": "lora", "targets": ["query", "value"], "r": 4, "alpha": 8}]}

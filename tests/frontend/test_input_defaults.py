@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import peftc
 from families import bert, falcon, gpt2, llama, randomize_adapters
 from peft_reference import peft_lora
+
+import peftc
 from peftc.capture.input_defaults import default_holds, flag_only_adds_outputs
 
 
