@@ -8,16 +8,26 @@ batch of 4 adapters x 4 rows:
   together     `peftc.train_adapters(model, {...})` on all 16 rows, each row its adapter
   one by one   each adapter's own `peftc.compile` model on its 4 rows, four steps in turn
 Contenders alternate round by round; medians. The issue's goal: together <= 0.6x one by one.
+
+Memory (`--memory`): bytes a training job holds, counted as storages (peftc.inspect.memory):
+the base's parameters, the adapters with their AdamW state, and the step's peak live bytes.
+  together      one job: one base, K adapters, the peak of the 16-row step
+  K jobs        K single-adapter jobs running side by side, each loading its own base
+  one job       one single-adapter job alone (the least memory, and K times the wall time)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from common import alternate, llama_config, machine
 
 import peftc
+from peftc.inspect.memory import peak_live_bytes
+
+MIB = 2**20
 
 SPECS = {
     f"task{i}": {"adapters": [{"method": "lora", "targets": targets, "r": r, "alpha": 2 * r}]}
@@ -38,6 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--memory", action="store_true", help="also measure each job's bytes (see the docstring)")
     args = p.parse_args()
     batch = ROWS_PER_ADAPTER * len(SPECS)
     ids = torch.randint(0, llama_config().vocab_size, (batch, args.seq), generator=torch.Generator().manual_seed(0))
@@ -67,7 +78,42 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| {len(SPECS)} adapters x {ROWS_PER_ADAPTER} rows x {args.seq} tokens | {1e3 * t['together']:.1f} | "
           f"{1e3 * t['one by one']:.1f} | **{t['together'] / t['one by one']:.3f}** |")
+    if args.memory:
+        report_memory(model, (mt, opt_together, together),
+                      {name: (cm, opts[name], step_of(cm, opts[name], ids[picked[name]])) for name, cm in own.items()})
 
+
+def step_of(cm, opt, ids):
+    def step():
+        opt.zero_grad()
+        cm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return step
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def job_bytes(base: int, module, opt, step) -> int:
+    """What one training job holds: the base, its trainable parameters and their AdamW state,
+    and the peak of its step's live bytes (median of 3)."""
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    trainable = tensor_bytes(p for p in module.parameters() if p.requires_grad) + tensor_bytes(state)
+    return base + trainable + statistics.median(peak_live_bytes(step).peak for _ in range(3))
+
+
+def report_memory(model, together, singles: dict) -> None:
+    base = tensor_bytes(model.parameters())
+    held = job_bytes(base, *together)
+    jobs = {name: job_bytes(base, *job) for name, job in singles.items()}
+    k_jobs, one_job = sum(jobs.values()), max(jobs.values())
+    print(f"\nbase parameters {base / MIB:.1f} MiB")
+    print("| contender | bytes held (MiB) | together / contender |")
+    print("|---|---|---|")
+    print(f"| together (one job, one base) | {held / MIB:.1f} | 1.000 |")
+    print(f"| K = {len(jobs)} jobs side by side (K bases) | {k_jobs / MIB:.1f} | **{held / k_jobs:.3f}** |")
+    print(f"| one single-adapter job (the largest) | {one_job / MIB:.1f} | {held / one_job:.3f} |")
 
 if __name__ == "__main__":
     main()

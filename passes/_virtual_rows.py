@@ -24,9 +24,3 @@ def visible_slots(ins: Inserter, path: str, slot: str, lengths: Node, width: int
     offset = ins.call(aten.sub.Tensor, ins.call(aten.unsqueeze.default, slots, 0), start)
     return ins.call(aten.ge.Scalar, offset, 0), offset
 
-
-def refuse_export(kind: str) -> None:
-    """The serving export plan (gathered banks) with `kind` ("prompt" / "prefix") tuning adapters."""
-    raise NotImplementedError(f"export_onnx of a served model with {kind}-tuning adapters is not implemented (rows "
-                              "without virtual tokens differ in ONNX Runtime); export the other adapters' served "
-                              f"model, or each {kind} adapter's own compiled model")

@@ -32,6 +32,11 @@ class PTuningConfig:
     encoder_num_layers: int = field(default=2, metadata={"check": positive_int})
     encoder_dropout: float = field(default=0.0, metadata={"check": probability})  # between LSTM layers
 
+    @property
+    def prepended_tokens(self) -> int:
+        """How many positions the method puts before the input tokens (generate() makes room for them)."""
+        return self.num_virtual_tokens
+
 
 # (name, shape) of the MLP head as HF PEFT's mlp_head.<i>.weight/bias, for token width d and hidden h.
 def _mlp_shapes(config: PTuningConfig, d: int) -> list[tuple[str, tuple]]:

@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 from peftc.core.fields import boolean, positive_int
 from peftc.errors import SpecError
 from peftc.ir import adapters
-from peftc.ir.graph_edit import Inserter
+from peftc.ir.graph_edit import Inserter, redirect_users
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._attention import attention_ops, head_layout, sdpa_arg, set_sdpa_arg
@@ -68,7 +68,7 @@ def insert_prefix(gm: GraphModule, ctx: PassContext) -> PassResult:
         result.sites.append(path)
         if created:
             result.params_added.update(adapters.parameter_counts(path, ctx.slot, module))
-    shifted = _shift_positions(gm, [node for node, _ in attention], config.num_tokens)
+    shifted = _shift_positions(gm, [node for node, _ in attention], config.num_tokens, result.sites[0], ctx)
     if not shifted:
         result.notes.append("prefix: no past-length position offset found; positions not shifted")
     return result
@@ -126,10 +126,18 @@ def _widened_mask(ins: Inserter, node: Node, query: Node, key: Node, num_tokens:
     return ins.call(aten.cat.default, [ins.call(attend, mask, [*dims, num_tokens]), mask], -1)
 
 
-def _shift_positions(gm: GraphModule, attention: list[Node], num_tokens: int) -> int:
-    """Offset the real tokens' positions by N: HF models build them as arange(S) + past_length, with
-    past_length the constant 0 here; the offset nodes are those feeding rotary (cos/sin) or
-    position-embedding lookups rather than masks."""
+def _shift_positions(gm: GraphModule, attention: list[Node], num_tokens: int, path: str, ctx: PassContext) -> int:
+    """Offset the real tokens' positions by N. Given as `position_ids` (generate() passes them), the input
+    gains N, as HF PEFT adds num_virtual_tokens to the position_ids of a prefix-tuned call. Otherwise
+    HF models build them as arange(S) + past_length, with past_length the constant 0 here; the offset
+    nodes are those feeding rotary (cos/sin) or position-embedding lookups rather than masks."""
+    inputs = list(gm.graph.find_nodes(op="placeholder"))
+    given = next((n for n in inputs if n.name == "position_ids"), None)
+    if given is not None:
+        users = [u for u in given.users if u.op == "call_function"]
+        tag = {"pass": "insert_prefix", "method": "prefix", "site": path, "slot": ctx.slot, "entry": ctx.entry_index}
+        redirect_users(users, given, Inserter(gm, inputs[-1], tag).call(aten.add.Tensor, given, num_tokens))
+        return len(users)
     shifted = 0
     for node in gm.graph.nodes:
         if (node.op == "call_function" and node.target == aten.add.Tensor and len(node.args) == 2

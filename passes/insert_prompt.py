@@ -20,6 +20,8 @@ from ._site_output import current_output
 
 aten = torch.ops.aten
 
+# Generation graphs (peftc.runtime.kv_cache) take it: where in the KV cache the call's tokens go.
+CACHE_POSITION = "cache_position"
 # Inputs aligned with the token sequence, and what their N prepended positions hold (as HF PEFT does:
 # the virtual tokens are attended to, have token type 0, and are ignored by the loss).
 SEQUENCE_INPUTS = {"attention_mask": 1, "token_type_ids": 0, "labels": -100}
@@ -34,6 +36,11 @@ class PromptConfig:
 
     method = "prompt"
     num_tokens: int = field(default=8, metadata={"check": positive_int})
+
+    @property
+    def prepended_tokens(self) -> int:
+        """How many positions the method puts before the input tokens (generate() makes room for them)."""
+        return self.num_tokens
 
 
 class PromptWeights(nn.Module):
@@ -66,10 +73,17 @@ def prepend_virtual_tokens(gm: GraphModule, ctx: PassContext, pass_name: str, nu
                                              lambda: make_module(ctx.base_params[site.param]))
     tag = {"pass": pass_name, "method": ctx.entry.method, "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
-    _lengthen_inputs(gm, ids, num_tokens, tag)
     embedding_op = next(n for n in gm.graph.nodes if n.name == site.node_name)
-    _prepend_prompt(gm, embedding_op, num_tokens, tag, lambda ins: make_prompt(
-        ins, lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name)), module))
+
+    def prompt_at(ins: Inserter) -> Node:
+        return make_prompt(ins, lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name)), module)
+
+    cache_position = next((n for n in gm.graph.find_nodes(op="placeholder") if n.name == CACHE_POSITION), None)
+    if cache_position is not None:  # a generation graph: generate() put N slots before the prompt tokens
+        _prompt_at_cache_slots(gm, embedding_op, cache_position, num_tokens, tag, prompt_at)
+    else:
+        _lengthen_inputs(gm, ids, num_tokens, tag)
+        _prepend_prompt(gm, embedding_op, num_tokens, tag, prompt_at)
     result = PassResult(modified=True, sites=[site.path])
     if created:
         result.params_added.update(adapters.parameter_counts(site.path, ctx.slot, module))
@@ -127,4 +141,21 @@ def _prepend_prompt(gm: GraphModule, node: Node, num_tokens: int, tag: dict,
     prompt = ins.call(aten.expand.default, ins.call(aten.unsqueeze.default, prompt, 0), [batch, -1, -1])
     tokens = ins.call(aten.slice.Tensor, y, 1, num_tokens, SEQ_END)
     out = ins.call(aten.cat.default, [prompt, tokens], 1)
+    redirect_users(users, y, out)
+
+
+def _prompt_at_cache_slots(gm: GraphModule, node: Node, cache_position: Node, num_tokens: int, tag: dict,
+                           make_prompt: Callable[[Inserter], Node]) -> None:
+    """Generation graphs: the embedding output at cache positions 0..N-1 (the slots generate() puts before
+    the prompt) becomes the prompt's row there, so the virtual tokens sit in the KV cache as the first N
+    entries; decode steps are past them and keep their own embedding."""
+    y = current_output(node)
+    users = list(y.users)
+    ins = Inserter(gm, y, tag)
+    prompt = make_prompt(ins)
+    rows = ins.call(aten.index_select.default, prompt, 0, ins.call(aten.clamp_max.default, cache_position,
+                                                                    num_tokens - 1))
+    inside = ins.call(aten.lt.Scalar, cache_position, num_tokens)
+    inside = ins.call(aten.unsqueeze.default, ins.call(aten.unsqueeze.default, inside, 0), 2)
+    out = ins.call(aten.where.self, inside, ins.call(aten.unsqueeze.default, rows, 0), y)
     redirect_users(users, y, out)

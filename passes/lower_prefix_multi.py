@@ -14,7 +14,7 @@ from peftc.ir.virtual_bank import PrefixBank
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._attention import attention_ops, head_layout, sdpa_arg, set_sdpa_arg
-from ._virtual_rows import refuse_export, row_lengths, visible_slots
+from ._virtual_rows import row_lengths, visible_slots
 
 aten = torch.ops.aten
 SLOT = "prefix_multi"  # peftc.<attention path>.prefix_multi.{key, value, lengths, slots}
@@ -25,8 +25,6 @@ def lower_prefix_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     plan: ServingPlan = ctx.serving
     if not plan.prefix_paths:
         return PassResult(modified=False)
-    if plan.gathered:
-        refuse_export("prefix")
     found = attention_ops(gm)
     unknown = sorted(plan.prefix_paths - {path for _, path in found})
     if unknown:

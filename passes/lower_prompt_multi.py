@@ -13,8 +13,9 @@ from peftc.ir.lora_bank import ServingPlan
 from peftc.ir.virtual_bank import PromptBank
 from peftc.pipeline.runner import PassContext, PassResult
 
+from ._attention import attention_ops, sdpa_arg
 from ._site_output import current_output
-from ._virtual_rows import refuse_export, row_lengths, visible_slots
+from ._virtual_rows import row_lengths, visible_slots
 from .insert_prompt import INDEX_PASSTHROUGH, SEQ_END, SEQUENCE_INPUTS
 
 aten = torch.ops.aten
@@ -28,8 +29,6 @@ def lower_prompt_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     plan: ServingPlan = ctx.serving
     if not plan.prompt_paths:
         return PassResult(modified=False)
-    if plan.gathered:
-        refuse_export("prompt")
     if len(plan.prompt_paths) > 1:
         raise SpecError(f"served prompt adapters prepend at different embeddings {sorted(plan.prompt_paths)}; "
                         "serve adapters trained on one model")
@@ -54,6 +53,8 @@ def lower_prompt_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
     else:
         _lengthen_inputs(gm, seq_ids, _token_ids(embedding_op, site.input_index), inputs, path, width, tag)
         _prepend_prompts(gm, embedding_op, seq_ids, path, width, tag)
+    if plan.gathered:
+        _zero_unattended_queries(gm, tag)
     result = PassResult(modified=True, sites=[path])
     if created:
         result.params_added.update({f"{path}.{SLOT}.embedding": bank.embedding.numel()})
@@ -127,3 +128,21 @@ def _prompts_at_slots(gm: GraphModule, embedding_op: Node, seq_ids: Node, cache_
     out = ins.call(aten.where.self, inside, picked, y)
     out.meta["peftc"]["role"] = "output"
     redirect_users(users, y, out)
+
+
+def _zero_unattended_queries(gm: GraphModule, tag: dict) -> None:
+    """The export form: each attention op's output is 0 on query rows whose mask hides every key.
+
+    A row's slots before its own N (all `width` of them for rows without a prompt) are queries that
+    see no key: torch's attention returns 0 there (its safe softmax), ONNX Runtime a uniform average
+    over the hidden keys, and from that layer on those padding positions differ (the tokens' outputs
+    do not: the slots are hidden from them). Written out, torch's answer is ONNX Runtime's too.
+    The plan runs lower_prefix_multi first: the masks read here hold the prefix columns already."""
+    for node, _ in attention_ops(gm):
+        mask = sdpa_arg(node, 3)
+        if mask is None or mask.meta["val"].dtype != torch.bool:
+            continue  # an additive mask never hides a key outright: both runtimes agree
+        users = list(node.users)
+        ins = Inserter(gm, node, tag)
+        sees_a_key = ins.call(aten.any.dim, mask, -1, True)
+        redirect_users(users, node, ins.call(aten.where.ScalarOther, sees_a_key, node, 0.0))

@@ -37,6 +37,10 @@ class InvariantError(RuntimeError):
     """A pass broke one of peftc's invariants: a bug in that pass, not in the user's input."""
 
 
+class ShardedError(RuntimeError):
+    """What needs a model's whole weights was asked of a model FSDP2 sharded; says where to do it instead."""
+
+
 class CallError(ValueError):
     """A call the compiled graph cannot run though the original model accepts it; names the argument."""
 

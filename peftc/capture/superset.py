@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,35 +40,55 @@ def superset_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
 
 def superset_extras(model: nn.Module, kwargs: dict) -> dict:
     """The inputs the superset call adds to `kwargs`, shaped after this call's main input."""
-    params = forward_signature(model).parameters
-    extra: dict = {}
-    labels = kwargs.get("labels")
-    if labels is None and "labels" in params:
-        labels = extra["labels"] = example_labels(model, kwargs)
-    if isinstance(labels, torch.Tensor) and _takes_any_keyword(params) and "num_items_in_batch" not in kwargs:
-        extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
-    return {name: value for name, value in extra.items() if value is not None}
+    return ExtraInputs.of(model)(kwargs)
 
 
-def example_labels(model: nn.Module, kwargs: dict) -> torch.Tensor | None:
-    """Labels of the shape and range the model's head takes (None for heads peftc does not know)."""
-    name, config = type(model).__name__, model.config
-    main = kwargs.get(model.main_input_name)
-    if not isinstance(main, torch.Tensor) or main.dim() == 0:
+@dataclass(frozen=True)
+class ExtraInputs:
+    """`superset_extras` for one model, holding only what it reads: not the model (nor its weights).
+
+    A derived graph's guards keep this to make stand-ins for the inputs a call leaves out; holding the
+    model there would keep every weight it references alive for as long as the graph lives.
+    """
+
+    params: Mapping[str, inspect.Parameter]  # the model's forward parameters
+    class_name: str
+    config: Any  # read when called: a classification head's problem_type can change
+    main_input_name: str | None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ExtraInputs:
+        return cls(forward_signature(model).parameters, type(model).__name__, getattr(model, "config", None),
+                   getattr(model, "main_input_name", None))
+
+    def __call__(self, kwargs: dict) -> dict:
+        extra: dict = {}
+        labels = kwargs.get("labels")
+        if labels is None and "labels" in self.params:
+            labels = extra["labels"] = self.example_labels(kwargs)
+        if isinstance(labels, torch.Tensor) and _takes_any_keyword(self.params) and "num_items_in_batch" not in kwargs:
+            extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
+        return {name: value for name, value in extra.items() if value is not None}
+
+    def example_labels(self, kwargs: dict) -> torch.Tensor | None:
+        """Labels of the shape and range the model's head takes (None for heads peftc does not know)."""
+        name, config = self.class_name, self.config
+        main = kwargs.get(self.main_input_name)
+        if not isinstance(main, torch.Tensor) or main.dim() == 0:
+            return None
+        batch = main.shape[0]
+        generator = torch.Generator().manual_seed(0)
+        if name.endswith(TOKEN_LABELS) and main.dim() == 2 and not main.is_floating_point():
+            return main.clone()
+        num_labels = getattr(config, "num_labels", 0)
+        single_label = getattr(config, "problem_type", None) in (None, "single_label_classification")
+        if not single_label or num_labels < 2:  # regression and multi-label heads take float labels of their own shape
+            return None
+        if name.endswith(TOKEN_CLASS_LABELS) and main.dim() == 2:
+            return torch.randint(0, num_labels, tuple(main.shape), generator=generator).to(main.device)
+        if name.endswith(EXAMPLE_CLASS_LABELS):
+            return torch.randint(0, num_labels, (batch,), generator=generator).to(main.device)
         return None
-    batch = main.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    if name.endswith(TOKEN_LABELS) and main.dim() == 2 and not main.is_floating_point():
-        return main.clone()
-    num_labels = getattr(config, "num_labels", 0)
-    single_label = getattr(config, "problem_type", None) in (None, "single_label_classification")
-    if not single_label or num_labels < 2:  # regression and multi-label heads take float labels of their own shape
-        return None
-    if name.endswith(TOKEN_CLASS_LABELS) and main.dim() == 2:
-        return torch.randint(0, num_labels, tuple(main.shape), generator=generator).to(main.device)
-    if name.endswith(EXAMPLE_CLASS_LABELS):
-        return torch.randint(0, num_labels, (batch,), generator=generator).to(main.device)
-    return None
 
 
 @contextlib.contextmanager

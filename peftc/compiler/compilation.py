@@ -20,9 +20,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.capture.export import capture
+from peftc.capture.sharded import bind_shards, is_sharded, without_shards
 from peftc.compiler.plan import BACKENDS, Plan
 from peftc.core.targets import select
-from peftc.errors import SpecError
+from peftc.errors import ShardedError, SpecError
 from peftc.ir import adapters
 from peftc.ir.lora_bank import ServingPlan
 from peftc.ir.modes import record_modes
@@ -65,7 +66,9 @@ class Built:
 
 @dataclass(frozen=True, eq=False)
 class Compilation:
-    source: nn.Module  # the model graphs are captured from (the user's, or its copy without packed weights)
+    # The model graphs are captured from: a weight view of the user's (or its copy without packed weights)
+    # whose modules, once a compiled model owns a tree, read their parameters from it (module_tree.share_parameters).
+    source: nn.Module
     spec: Spec | None  # None for a serving compilation (its plan names the adapters)
     adapter_root: nn.Module  # mounted at `peftc` on every graph: all graphs share these parameters
     options: CompileOptions = field(default_factory=CompileOptions)
@@ -97,7 +100,7 @@ class Compilation:
     def build(self, args: tuple, kwargs: dict, plan: Plan, *, dynamic_shapes: Any = None,
               dump_dir: Path | None = None) -> Built:
         """Capture one call signature and run `plan`'s passes on it."""
-        gm = capture(self.source, args, kwargs, dynamic_shapes, copy_layers=self.options.copy_layers)
+        gm = self._capture(args, kwargs, plan, dynamic_shapes)
         record_modes(gm)
         base_params = dict(gm.named_parameters(remove_duplicate=False))
         sites = tuple(find_sites(gm))
@@ -110,6 +113,15 @@ class Compilation:
             return Built(gm, records, sites)
         structured = structure_layers(gm, checkpointed=plan.checkpoint_layers, compiled=plan.backend == "inductor")
         return Built(structured, records, sites, flat=gm)
+
+    def _capture(self, args: tuple, kwargs: dict, plan: Plan, dynamic_shapes: Any) -> GraphModule:
+        if not is_sharded(self.source):
+            return capture(self.source, args, kwargs, dynamic_shapes, copy_layers=self.options.copy_layers)
+        refuse_sharded(plan)
+        stand_in, shards = without_shards(self.source)  # capture traces shapes; FSDP2's shards are bound back
+        gm = capture(stand_in, args, kwargs, dynamic_shapes, copy_layers=self.options.copy_layers)
+        bind_shards(gm, shards)
+        return gm
 
     def after_first_build(self, built: Built) -> "Compilation":
         """The compilation later graphs build from: once quantize_base has packed weights, capture
@@ -127,3 +139,14 @@ class Compilation:
         chosen = select(self.spec.trainable, list(base_params), "trainable", what="parameter name")
         chosen_ids = {id(base_params[name]) for name in chosen}
         return frozenset(name for name, p in base_params.items() if id(p) in chosen_ids)
+
+
+def refuse_sharded(plan: Plan) -> None:
+    """Only training graphs build on a model FSDP2 sharded: they run inside its hooks, which gather each
+    layer's weights; folding, exporting and serving need whole base weights this rank does not hold."""
+    if plan.name != "train":
+        raise ShardedError(
+            f"a {plan.name!r} graph needs the whole base weights, and FSDP2 (fully_shard) left this rank only its "
+            "shard of each. Save the adapter (cm.save_adapter(dir): every rank calls it, rank 0 writes whole "
+            "tensors), then on one process compile the base model again, cm.load_adapter(dir), and call "
+            "merged(), merge_and_unload() or export_onnx there")

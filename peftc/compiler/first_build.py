@@ -8,7 +8,6 @@ call that passes a subset of those inputs, so meeting such a call costs a graph 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch.fx import GraphModule
 
 from peftc.capture.calls import CallSignature
 from peftc.capture.specialize import derive_graph
-from peftc.capture.superset import model_kept, superset_call, superset_extras
+from peftc.capture.superset import ExtraInputs, model_kept, superset_call
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
@@ -60,7 +59,7 @@ def _with_params_added(records: list[PassRecord], first: list[PassRecord]) -> li
 
 def _derived(built: Built, compilation: Compilation, wide: CallSignature, call: CallSignature) -> Built | None:
     """`built` derived for `call`: the graph to run, and its flat view (what report() and diff() read)."""
-    stand_ins = functools.partial(superset_extras, compilation.source)
+    stand_ins = ExtraInputs.of(compilation.source)
     graph = derive_graph(built.graph_module, wide, call, stand_ins)
     if graph is None:
         return None

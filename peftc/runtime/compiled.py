@@ -24,6 +24,7 @@ from peftc.runtime import rank_allocation
 from peftc.runtime.checkpoint import load_adapter, save_adapter
 from peftc.runtime.dispatch import GraphDispatch
 from peftc.runtime.facade import AdapterCheckpoint
+from peftc.runtime.module_tree import share_parameters
 from peftc.runtime.unload import merge_and_unload
 
 
@@ -31,6 +32,11 @@ class CompiledModel(AdapterCheckpoint, GraphDispatch):
     """The result of `peftc.compile`: trains and evaluates like the original model."""
 
     supports_gradient_checkpointing = True
+
+    def _use_first(self, first, superset=None) -> None:
+        super()._use_first(first, superset)
+        # The tree owns the base weights; the capture source reads them from it (FSDP2 shards them there).
+        share_parameters(self.compilation.source, self)
 
     @property
     def spec(self):

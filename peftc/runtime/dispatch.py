@@ -11,7 +11,6 @@ submodules.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 
 import torch
@@ -20,9 +19,11 @@ from torch.fx import GraphModule
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
+from peftc.capture.sharded import is_sharded, runnable
 from peftc.capture.specialize import derive_graph
-from peftc.capture.superset import superset_extras
+from peftc.capture.superset import ExtraInputs
 from peftc.compiler.first_build import build_first
+from peftc.errors import ShardedError
 from peftc.ir.layer_program import run_graph
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
@@ -97,7 +98,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
             gm, args, kwargs = self.graph_for(args, kwargs)
             output = run_graph(gm, *args, **kwargs)  # torch.compile'd with the inductor back end
         except Exception as err:  # a guard or capture failure: raise what the original model raises
-            raise_call_error(self.compilation.source, *call, err)
+            raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
@@ -119,7 +120,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if self._superset is None:
             return None
         wide = CallSignature.of(*self._superset)
-        return derive_graph(self._graphs[wide], wide, signature, functools.partial(superset_extras, self.compilation.source))
+        return derive_graph(self._graphs[wide], wide, signature, ExtraInputs.of(self.compilation.source))
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""
@@ -139,6 +140,11 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if not self.can_generate():
             raise TypeError(f"{type(self.compilation.source).__name__} cannot generate: generate() needs a "
                             "transformers causal language model (one whose can_generate() is True)")
+        if is_sharded(self):
+            raise ShardedError("generate() on a model FSDP2 (fully_shard) sharded: decoding graphs run outside "
+                               "its hooks, so no rank holds the whole weights they read. Save the adapter "
+                               "(cm.save_adapter(dir) on every rank) and generate on one process from "
+                               "peftc.compile(base, spec) with cm.load_adapter(dir)")
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:

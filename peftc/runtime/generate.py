@@ -10,6 +10,11 @@ it (max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition
 eos_token_id, pad_token_id); the result is the sequences tensor, prompt included, as
 `model.generate` returns by default. Prompts are left-padded, as transformers expects for
 decoder-only models; positions come from the attention mask as transformers computes them.
+
+Prompt tuning and p-tuning: generate() puts N slots before the prompt, which the generation graphs
+fill with the virtual tokens (insert_prompt), so they enter the KV cache first; as in HF PEFT, the
+mask sees them and positions count every slot (virtual tokens 0..N-1, then the prompt, padding
+included: PEFT drops position_ids for prompt learning). The sequences returned leave them out.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class Generator:
         # Decoding runs without grad, outside FSDP and checkpointing: the flat graph, no layer calls.
         self.plan = replace(plan, structure_layers=False, checkpoint_layers=False) if plan is not None else None
         self.graphs: dict[tuple[int, int], DecoderGraphs] = {}
+        # Slots the prompt methods fill before the caller's tokens (prompt tuning, p-tuning).
+        spec = compilation.spec
+        self.prompt_tokens = sum(getattr(entry, "prepended_tokens", 0) for entry in spec.adapters) if spec else 0
 
     @property
     def model(self) -> nn.Module:
@@ -136,36 +144,68 @@ def logits_processors(config):
 
 @torch.no_grad()
 def generate(generator: Generator, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             generation_config=None, graph_inputs: dict | None = None, **kwargs) -> torch.Tensor:
-    """`graph_inputs`: more keywords every graph call takes (a served model's per-row `adapter_ids`)."""
+             generation_config=None, graph_inputs: dict | None = None, position_mask: torch.Tensor | None = None,
+             slots: int = 0, **kwargs) -> torch.Tensor:
+    """`graph_inputs`: more keywords every graph call takes (a served model's per-row `adapter_ids`).
+    `slots`: leading columns of `input_ids` that are virtual-token slots, not tokens (a served model puts
+    them there); `position_mask`: the columns positions count (default: the attention mask's; ones
+    where a row's positions count its padding too, as prompt-tuning rows' do). The result, and what
+    the logits processors see, leave the slots out."""
     graph_inputs = graph_inputs or {}
     config = resolve_config(generator.model, generation_config, kwargs)
-    batch, prompt_len = input_ids.shape
+    prompt_len = input_ids.shape[1] - slots
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
     if new_tokens <= 0:
-        return input_ids
+        return input_ids[:, slots:]
+    if generator.prompt_tokens:
+        input_ids, attention_mask, position_mask = with_slots(input_ids, attention_mask, generator.prompt_tokens)
+        slots += generator.prompt_tokens
+    graphs, mask, positions, logits = _prefill(generator, input_ids, attention_mask, new_tokens, graph_inputs,
+                                               position_mask)
+    return _decode_loop(graphs.decode, config, input_ids, mask, positions[:, -1:], logits, new_tokens, graph_inputs,
+                        slots)
+
+
+def with_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position mask) with `slots` visible positions before the prompt; positions
+    count every slot (HF PEFT's prompt learning ignores position_ids: positions run 0..N+S-1)."""
+    batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    ids = torch.cat([input_ids.new_zeros(batch, slots), input_ids], 1)
+    mask = torch.cat([attention_mask.new_ones(batch, slots), attention_mask], 1)
+    return ids, mask, torch.ones_like(mask)
+
+
+def _prefill(generator: Generator, input_ids, attention_mask, new_tokens: int, graph_inputs: dict, position_mask):
+    """(graphs, cache-long mask, prompt positions, last-position logits) after the prompt's prefill."""
+    batch, prompt_len = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if position_mask is None:
+        position_mask = attention_mask
     graphs = generator.graphs_for(batch, cache_length(prompt_len + new_tokens))
     cache_len = graphs.source.cache.layers[0].keys.shape[2]
     mask = torch.ones(batch, cache_len, dtype=torch.long, device=input_ids.device)
     mask[:, :prompt_len] = attention_mask
     # transformers' positions for left-padded prompts: count of real tokens so far, padding at 1.
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    positions = (position_mask.long().cumsum(-1) - 1).masked_fill(position_mask == 0, 1)
     prefill = graphs.prefill if prompt_len > 1 else graphs.decode
     logits = prefill(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                      cache_position=torch.arange(prompt_len, device=input_ids.device), **graph_inputs)[:, -1]
-    return _decode_loop(graphs.decode, config, input_ids, mask, positions[:, -1:], logits, new_tokens, graph_inputs)
+    return graphs, mask, positions, logits
 
 
-def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, logits, new_tokens, graph_inputs):
+def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, logits, new_tokens, graph_inputs,
+                 slots: int):
     processors = logits_processors(config)
     eos = _as_list(config.eos_token_id)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     sequences = input_ids
     for step in range(new_tokens):
-        scores = processors(sequences, logits.float())
+        scores = processors(sequences[:, slots:], logits.float())
         if config.do_sample:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
@@ -180,7 +220,7 @@ def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, lo
         position = sequences.shape[1] - 1
         logits = decode(input_ids=token[:, None], attention_mask=mask, position_ids=last_position,
                         cache_position=torch.tensor([position], device=token.device), **graph_inputs)[:, -1]
-    return sequences
+    return sequences[:, slots:]
 
 
 def _as_list(value) -> list[int]:

@@ -17,6 +17,10 @@ names) stay that graph's own.
 
 A graph whose tensors disagree with the tree (a pass made a different tensor under the same
 name) is not attached; it keeps its own copy and still computes what it should.
+
+The tree is also the one owner of the base weights: the model later graphs are captured from
+(`compilation.source`) reads its parameters from the tree's modules (`share_parameters`), so when
+FSDP2 replaces a tree module's parameters by shards nothing else keeps the full weights alive.
 """
 
 from __future__ import annotations
@@ -65,9 +69,48 @@ def attach_graph(owner: nn.Module, gm: GraphModule, origin: dict[str, int]) -> b
     return True
 
 
+def share_parameters(source: nn.Module, owner: nn.Module) -> int:
+    """Make each module of `source` (the model later graphs are captured from) read its parameters
+    from the tree module at the same path: one dict, so the tree stays the one owner of each weight.
+
+    FSDP2's `fully_shard` replaces a module's parameters by shards in the module's own parameter
+    dict; a source holding its own references would keep every full weight alive on every rank.
+    A module is linked only where the tree holds the very same tensors under the same names (a
+    packed quantized weight, a tied copy the graph deduplicated stay the source's); the source's
+    empty slots (`bias=None`) join the shared dict, where nothing lists them. Returns how many
+    modules were linked.
+    """
+    linked = 0
+    for path, module in source.named_modules(remove_duplicate=False):
+        tree = _submodule(owner, path)
+        if tree is None or tree._parameters is module._parameters or not module._parameters:
+            continue
+        held = {name: p for name, p in module._parameters.items() if p is not None}
+        if any(tree._parameters.get(name) is not p for name, p in held.items()):
+            continue
+        for name, p in module._parameters.items():
+            tree._parameters.setdefault(name, p)
+        module._parameters = tree._parameters
+        linked += 1
+    return linked
+
+
+def _submodule(owner: nn.Module, path: str) -> nn.Module | None:
+    if not path:
+        return owner
+    if is_private(path.split(".")[0]):
+        return None
+    try:
+        return owner.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _agrees(owner: nn.Module, gm: GraphModule, origin: dict[str, int]) -> bool:
+    # The tree's tensors now, not when it was adopted: FSDP2 replaces them by shards (and back) in place.
+    current = {name: id(t) for name, t in _tensors(owner)}
     for name, tensor in _tensors(gm):
-        if name in origin and origin[name] != id(tensor):
+        if origin.get(name, id(tensor)) != id(tensor) and current.get(name) != id(tensor):
             return False
     for path, layer in _layers(gm):
         try:

@@ -121,12 +121,13 @@ class ServedModel(GraphDispatch):
             raise TypeError("generate() needs input_ids [batch, seq] (the prompt token ids)")
         ids = self.adapter_index(adapter_ids, input_ids.shape[0]).to(input_ids.device)
         width = self._prompt_width()
-        prompt = (input_ids, attention_mask)
+        position_mask = None
         if width:
-            prompt = with_prompt_slots(input_ids, attention_mask, self._prompt_lengths()[ids.cpu()], width)
+            input_ids, attention_mask, position_mask = with_prompt_slots(
+                input_ids, attention_mask, self._prompt_lengths()[ids.cpu()], width)
         with self._build_lock:
-            sequences = super().generate(*prompt, generation_config, graph_inputs={"adapter_ids": ids}, **kwargs)
-        return sequences[:, width:]
+            return super().generate(input_ids, attention_mask, generation_config, graph_inputs={"adapter_ids": ids},
+                                    position_mask=position_mask, slots=width, **kwargs)
 
     def _prompt_lengths(self) -> torch.Tensor:
         """Each adapter's number of prompt-tuning virtual tokens (0 if none), then the base's 0."""

@@ -41,15 +41,19 @@ def with_virtual_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
 
 
 def with_prompt_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, slot_lengths: torch.Tensor,
-                      width: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A generation prompt with `width` slots before each row's tokens, its own N of them (the last N)
-    visible in the mask: what the served generation graphs read their prompts into.
+    visible in the mask: what the served generation graphs read their prompts into. Returns (ids,
+    attention mask, position mask): a prompt row's positions count its padding, as its own compiled
+    model's (and HF PEFT's) do; the other rows' count real tokens only, as transformers' generate.
 
     `slot_lengths` [batch]: each row's number of virtual tokens (0 for rows without a prompt)."""
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    lengths = slot_lengths.to(input_ids.device)
     slots = torch.arange(width, device=input_ids.device)
-    visible = slots[None, :] >= (width - slot_lengths.to(input_ids.device))[:, None]
+    visible = (slots[None, :] >= (width - lengths)[:, None]).to(attention_mask.dtype)
     ids = torch.cat([input_ids.new_zeros(batch, width), input_ids], 1)
-    return ids, torch.cat([visible.to(attention_mask.dtype), attention_mask], 1)
+    counted = torch.where((lengths > 0)[:, None], torch.ones_like(attention_mask), attention_mask)
+    return ids, torch.cat([visible, attention_mask], 1), torch.cat([visible, counted], 1)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+import peftc
 from distributed_harness import run_on_ranks
 from distributed_lora import (
+    LORA,
     STEPS,
     assert_dim0_chunk,
     assert_identical_across_ranks,
@@ -21,7 +26,9 @@ from distributed_lora import (
     train,
     trained_tensors,
 )
-from families import randomize_adapters
+from families import FAMILIES, randomize_adapters
+from peftc.errors import ShardedError
+from peftc.inspect.reachable import reachable_storage_bytes
 
 pytestmark = pytest.mark.distributed
 QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "format": "nf4", "group_size": 32}}
@@ -37,9 +44,11 @@ def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict
     shapes = shard_shapes(cm)
     result = train(cm, rank, world_size, steps)
     packed = {name: b.numel() for name, b in cm.named_buffers() if ".quantized." in f".{name}"}
+    packed_bytes = sum(b.numel() * b.element_size() for name, b in cm.named_buffers() if ".quantized." in f".{name}")
     if save_to:
         result["reloaded"] = saved_and_loaded_into_a_fresh_sharded_model(cm, save_to)
-    return result | {"parameters": parameters, "shapes": shapes, "packed": packed}
+    return result | {"parameters": parameters, "shapes": shapes, "packed": packed, "packed_bytes": packed_bytes,
+                     "kept": reachable_storage_bytes(cm), "whole": sum(p.numel() * p.element_size() for p in cm.parameters())}
 
 
 def saved_and_loaded_into_a_fresh_sharded_model(cm, directory: str) -> dict[str, torch.Tensor]:
@@ -106,6 +115,8 @@ def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated(
             assert not any(".quantized." in f".{name}" for name in result["shapes"])
             assert len(result["packed"]) >= 28, fmt  # 7 projections x 2 layers, each with codes and scales
         assert results[0]["packed"] == results[1]["packed"]
+        for result in results:  # the float weights' shards plus the packed weights, whole: nothing else kept
+            assert result["kept"] <= result["whole"] / 2 + result["packed_bytes"] + 4 * 1024, fmt
 
 
 def layer_sharded_training(rank: int, world_size: int, steps: int, checkpointing: bool) -> dict:
@@ -125,23 +136,72 @@ def layer_sharded_training(rank: int, world_size: int, steps: int, checkpointing
          isinstance(layers[1].get_parameter("self_attn.q_proj.weight"), DTensor))))
     layer_shapes = [shard_shapes(layer) for layer in layers]
     result = train(cm, rank, world_size, steps)
-    with torch.no_grad():  # a call signature with no graph yet: built after sharding, on the same layers
-        result["logits"] = cm(input_ids=rows(batch(steps), rank, world_size)).logits
+    kept = reachable_storage_bytes(cm)  # every storage the compiled model (and its compilation) keeps alive
+    whole = sum(p.numel() * p.element_size() for p in cm.parameters())  # a DTensor's numel is the whole tensor's
+    ids = rows(batch(steps), rank, world_size)
+    with torch.no_grad():  # call signatures with no graph yet: built after sharding, on the same layers
+        result["logits"] = cm(input_ids=ids).logits  # derived from the superset graph
+        result["masked_logits"] = cm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # captured
+    result["refused"] = refusals(cm, ids)
+    result["kept_after_new_signatures"] = resharded_bytes(cm)
+    # Last: FSDP2 leaves the root gathered after a forward that raised (its state stays "forward").
+    with pytest.raises(RuntimeError, match="indices") as caught:  # the original model's error, as on one process
+        cm(input_ids=ids.float())
+    result["float_ids_error"] = str(caught.value)
     return result | {"base_weights": base_weights, "layer_shapes": layer_shapes, "shapes": shard_shapes(cm),
                      "seen_by_second_layer": seen_by_second_layer,
-                     "checkpointed": [layer.checkpointed for layer in layers]}
+                     "checkpointed": [layer.checkpointed for layer in layers], "kept": kept, "whole": whole}
+
+
+def resharded_bytes(cm) -> int:
+    """Storage reachable once FSDP2 resharded: the root keeps its parameters gathered after a forward with no
+    backward (reshard_after_forward is off on the root), which is FSDP2's choice, not something peftc keeps."""
+    cm.reshard()
+    return reachable_storage_bytes(cm)
+
+
+def refusals(cm, ids) -> list[str]:
+    """What needs whole base weights raises ShardedError on a sharded model, naming where to do it instead."""
+    messages = []
+    with tempfile.TemporaryDirectory(prefix="peftc-sharded-") as directory:
+        onnx = Path(directory) / "never.onnx"
+        for needs_whole_weights in (cm.merged, cm.merge_and_unload, lambda: cm.generate(ids, max_new_tokens=2),
+                                    lambda: peftc.export_onnx(cm, onnx)):
+            with pytest.raises(ShardedError, match="one process") as caught:
+                needs_whole_weights()
+            messages.append(str(caught.value))
+        assert not onnx.exists()
+    return messages
+
+
+def peft_layer_sharded(rank: int, world_size: int, steps: int) -> int:
+    """HF PEFT under the same recipe: the bytes its model keeps alive after training."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["targets"], lora_dropout=0.0)
+    model = get_peft_model(FAMILIES["llama"].build(), config).train()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    train(model, rank, world_size, steps)
+    return reachable_storage_bytes(model)
 
 
 def layer_sharded_runs(rank: int, world_size: int, steps: int) -> dict:
-    """Without and with activation checkpointing, in the same two processes (one process start for both)."""
-    return {checkpointing: layer_sharded_training(rank, world_size, steps, checkpointing) for checkpointing in (False, True)}
+    """Without and with activation checkpointing, and HF PEFT, in the same two processes (one process start for all)."""
+    runs = {checkpointing: layer_sharded_training(rank, world_size, steps, checkpointing) for checkpointing in (False, True)}
+    return runs | {"peft_kept": peft_layer_sharded(rank, world_size, steps)}
 
 
 def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and_without_checkpointing():
+    """...and each rank keeps only its shards alive (as HF PEFT does): every storage reachable from the compiled
+    model, its graphs and its compilation (the capture source included) is this rank's half of each weight."""
     runs = run_on_ranks(layer_sharded_runs, world_size=2, timeout=150, steps=STEPS)
     cm = compiled_llama()
     reference = train(cm, steps=STEPS)
     expected_logits = reference_logits(cm, STEPS)
+    with pytest.raises(RuntimeError) as one_process_error:
+        cm(input_ids=batch(STEPS).float())
     for checkpointing in (False, True):
         results = [run[checkpointing] for run in runs]
         assert_identical_across_ranks(results)
@@ -155,3 +215,11 @@ def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and
             # One layer whole at a time: layer 0 is back to its shard when layer 1 runs, layer 1 gathered.
             assert result["seen_by_second_layer"] and all(seen == (True, False) for seen in result["seen_by_second_layer"])
             torch.testing.assert_close(result["logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
+            torch.testing.assert_close(result["masked_logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
+            assert len(result["refused"]) == 4
+            assert result["float_ids_error"] == str(one_process_error.value)
+            whole = result["whole"]  # every base weight and adapter, all sharded: each rank keeps half of them
+            assert whole > 300_000 and result["kept"] <= whole / 2 + 4 * 1024, (rank, checkpointing, result["kept"], whole)
+            assert result["kept_after_new_signatures"] <= whole / 2 + 4 * 1024
+            assert result["kept"] <= runs[rank]["peft_kept"] * 1.01, (result["kept"], runs[rank]["peft_kept"])
+
