@@ -20,14 +20,12 @@ activation checkpointing keeps by reference instead of saving.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 from torch.fx import GraphModule
 from torch.utils.checkpoint import checkpoint
 
-COMPILER_BACKEND = "inductor"  # what torch.compile lowers layer programs and top graphs with (tests: "eager")
+COMPILER_BACKEND = "inductor"  # what torch.compile lowers layer programs with (tests use "eager" to count graphs)
 
 
 class LayerProgram:
@@ -98,9 +96,9 @@ class CompiledLayer(nn.Module):
 
     def forward(self, *inputs, program: str):
         code = self.programs[program]
-        if code.compiled:  # compiled on its own: the top graph's torch.compile (run_graph) breaks here
-            return _run_compiled_layer(self, code, inputs)
-        return _run_layer(self, code, inputs)
+        if not (self.checkpointed and code.recomputable and torch.is_grad_enabled()):
+            return code.run(self, *inputs)
+        return recomputed(lambda *xs: code.run(self, *xs), inputs, code.num_held)
 
     def add_programs(self, programs: dict[str, LayerProgram]) -> None:
         for key, program in programs.items():
@@ -116,17 +114,6 @@ class CompiledLayer(nn.Module):
         return f"path={self.path!r}, programs={list(self.programs)}, checkpointed={self.checkpointed}"
 
 
-def _run_layer(layer: CompiledLayer, code: LayerProgram, inputs: tuple):
-    if not (layer.checkpointed and code.recomputable and torch.is_grad_enabled()):
-        return code.run(layer, *inputs)
-    return recomputed(lambda *xs: code.run(layer, *xs), inputs, code.num_held)
-
-
-# Outside the top graph's compiled code: a layer program compiles once for the whole stack (a
-# nested compile region would compile the first layer again, its input needing no grad).
-_run_compiled_layer = torch.compiler.disable(_run_layer)
-
-
 def recomputed(run, inputs: tuple, num_held: int):
     """`run(*inputs)` under torch.utils.checkpoint: activations recomputed in backward.
 
@@ -136,33 +123,6 @@ def recomputed(run, inputs: tuple, num_held: int):
     split = len(inputs) - num_held
     activations, held = inputs[:split], inputs[split:]
     return checkpoint(lambda *xs: run(*xs, *held), *activations, use_reentrant=False)
-
-
-def run_graph(gm: GraphModule, *args, **kwargs):
-    """Run a top graph: under torch.compile if its layer programs are compiled (the inductor back end).
-
-    The code between the layers (embedding, masks, rotary tables, final norm, LM head, loss)
-    then compiles too, in pieces between the layer calls, which run their own compiled
-    programs (CompiledLayer.forward). The compiled code is kept per generated forward: a mode
-    switch regenerates it and compiles anew.
-    """
-    codes = _TOP_CODE.get(gm)
-    if codes is None:
-        codes = _TOP_CODE[gm] = {} if _has_compiled_programs(gm) else None
-    if codes is None:
-        return gm(*args, **kwargs)
-    function = type(gm).forward
-    compiled = codes.get(function)
-    if compiled is None:
-        compiled = codes[function] = torch.compile(function, backend=COMPILER_BACKEND)
-    return compiled(gm, *args, **kwargs)
-
-
-_TOP_CODE: "weakref.WeakKeyDictionary[GraphModule, dict | None]" = weakref.WeakKeyDictionary()
-
-
-def _has_compiled_programs(gm: GraphModule) -> bool:
-    return any(program.compiled for layer in compiled_layers(gm) for program in layer.programs.values())
 
 
 def compiled_layers(module: nn.Module) -> list[CompiledLayer]:

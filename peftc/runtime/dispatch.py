@@ -24,7 +24,6 @@ from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import ExtraInputs
 from peftc.compiler.first_build import build_first
 from peftc.errors import ShardedError
-from peftc.ir.layer_program import run_graph
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
@@ -96,7 +95,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         call = (args, kwargs)
         try:
             gm, args, kwargs = self.graph_for(args, kwargs)
-            output = run_graph(gm, *args, **kwargs)  # torch.compile'd with the inductor back end
+            output = gm(*args, **kwargs)
         except Exception as err:  # a guard or capture failure: raise what the original model raises
             raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)

@@ -128,10 +128,8 @@ def test_pickle_round_trip_rebuilds_the_layers():
 
 
 def test_inductor_compiles_each_distinct_layer_once_not_once_per_layer(monkeypatch):
-    """Regional compilation: the number of graphs torch.compile makes does not grow with depth:
-    the code before the first layer, one program for the stack, the code after the last layer
-    (embedding to loss compiled too). Counted with dynamo's eager back end; the Inductor numerics
-    are the next test."""
+    """Regional compilation: the number of graphs torch.compile makes does not grow with depth.
+    (Counted with dynamo's eager back end; the Inductor numerics are the next test.)"""
     monkeypatch.setattr(layer_program, "COMPILER_BACKEND", "eager")
     graphs = {}
     for depth in (2, 4):
@@ -141,26 +139,7 @@ def test_inductor_compiles_each_distinct_layer_once_not_once_per_layer(monkeypat
         x = ids()
         cm(input_ids=x, labels=x).loss.backward()
         graphs[depth] = counters["stats"]["unique_graphs"]
-    assert graphs[4] == graphs[2] == 3  # before the stack, the layer program (compiled once), after it
-
-
-def test_inductor_with_checkpointed_layers_equals_the_torch_backend(monkeypatch):
-    monkeypatch.setattr(layer_program, "COMPILER_BACKEND", "aot_eager")
-    model = llama(2, hidden=16)
-    eager, regional = compiled(model), compiled(model, backend="inductor")
-    regional.load_state_dict(eager.state_dict())
-    x = ids(2, 4)
-    results = []
-    for cm in (eager, regional):
-        cm.train()
-        cm.gradient_checkpointing_enable()
-        out = cm(input_ids=x, labels=x)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad for n, p in cm.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
-    assert results[1][1].keys() == results[0][1].keys() and results[0][1]
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-5)
+    assert graphs[4] == graphs[2] == 1  # one program for the stack, compiled once
 
 
 def test_inductor_backend_equals_the_torch_backend():
