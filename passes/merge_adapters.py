@@ -7,11 +7,12 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from peftc.ir import adapters
-from peftc.ir.graph_edit import erase_nodes, provenance
+from peftc.ir.graph_edit import PROVENANCE_KEY, erase_nodes, provenance
 from peftc.pipeline.runner import PassContext, PassResult
 
 from . import _merge_quantized
 from ._weight_ops import bias_param
+from .copy_params import ParamCopies
 
 
 def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -29,6 +30,11 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     for group in _adapter_groups(gm):
         tag = provenance(group[0])
         method = ctx.methods[tag["method"]]
+        if isinstance(_adapter_module(gm, tag), ParamCopies):  # copy, ln_tuning: the copy is the weight
+            _fold_copies(gm, group, ctx, merged, fresh=precomputed is None)
+            result.modified = True
+            result.sites.append(tag["site"])
+            continue
         if method.fold is None or not _foldable(gm, tag):
             kept.append(f"{tag['method']} at {tag['site']}")
             continue
@@ -61,10 +67,31 @@ def merge_adapters(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
+def _adapter_module(gm: GraphModule, tag: dict) -> nn.Module:
+    path = f"{tag['site']}.{tag['slot']}" if tag["site"] else tag["slot"]
+    return getattr(gm, adapters.ROOT).get_submodule(path)
+
+
 def _foldable(gm: GraphModule, tag: dict) -> bool:
     """False for an adapter whose update depends on the input (a gated LoRA), though its method folds."""
-    module = getattr(gm, adapters.ROOT).get_submodule(f"{tag['site']}.{tag['slot']}")
-    return getattr(module, "foldable", True)
+    return getattr(_adapter_module(gm, tag), "foldable", True)
+
+
+def _fold_copies(gm: GraphModule, group: list[Node], ctx: PassContext, merged: dict, fresh: bool) -> None:
+    """Point each read of a trained copy (copy_params: `peftc.<owner>.<slot>.<leaf>`) back at the base
+    parameter `<owner>.<leaf>`, which takes the copy's value: HF PEFT's modules_to_save merge."""
+    owner = provenance(group[0])["site"]
+    for node in group:
+        base = ".".join(filter(None, (owner, str(node.target).rpartition(".")[2])))
+        twins = [n for n, p in ctx.base_params.items() if n != base and p is ctx.base_params[base]]
+        if twins:
+            raise NotImplementedError(
+                f"cannot merge the trained copy of {base!r}: it is tied to {twins} (tied weights), and "
+                "writing it would change those too; untie the weights before compiling, or keep the compiled model")
+        if fresh:
+            merged[base] = gm.get_parameter(str(node.target)).detach().clone()
+        node.target = base
+        node.meta.pop(PROVENANCE_KEY, None)  # a base parameter read now, no adapter node
 
 
 def _fold_bias(gm: GraphModule, site, method, module, merged: dict) -> None:

@@ -40,6 +40,15 @@ def llama() -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
+def qwen2() -> nn.Module:
+    """LLaMA's layout with biases on q/k/v and tied embeddings off: the other common causal LM."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -117,6 +126,8 @@ class ConvNet(nn.Module):
 
 FAMILIES = {
     "llama": Family("llama", llama, _ids(128), ("q_proj", "v_proj"),
+                    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "qwen2": Family("qwen2", qwen2, _ids(128), ("q_proj", "v_proj"),
                     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     "gpt2": Family("gpt2", gpt2, _ids(128), ("c_attn",), ("c_attn", "c_proj", "c_fc")),
     "bert": Family("bert", bert, _ids(128), ("query", "value"), ("query", "key", "value", "dense")),

@@ -93,7 +93,25 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) ->
         ) from err
     finally:
         model.train(was_training)
-    return program.module()
+    return drop_dtype_asserts(program.module())
+
+
+def drop_dtype_asserts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove `aten._assert_tensor_metadata` checks: they pin every `.to()` input to its traced dtype.
+
+    Under an ambient autocast (Trainer's bf16=True) the graph's matmuls dispatch through autocast as
+    the original module's do, so a `.float()` (logits, the loss) sees bfloat16 where capture saw
+    float32; the original runs there, and so must the graph. The checks compute nothing.
+    """
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _ASSERT_METADATA]
+    for node in asserts:
+        gm.graph.erase_node(node)
+    if asserts:
+        gm.recompile()
+    return gm
+
+
+_ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
 
 
 def _as_export_dynamic_shapes(model: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> Any:

@@ -33,6 +33,7 @@ from peftc.spec.parse import Spec
 WEIGHTS_FILE = "adapter.safetensors"
 SPEC_FILE = "spec.json"
 FORMAT_VERSION = "1"
+TRAINER_FILE = "model.safetensors"  # transformers' Trainer.save_model of a model that is not a PreTrainedModel
 
 
 def save_adapter(cm, directory, format: str = "peftc") -> Path:
@@ -86,21 +87,23 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 def read_adapter(directory) -> tuple[Spec, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     weights, spec_file = directory / WEIGHTS_FILE, directory / SPEC_FILE
     for f in (weights, spec_file):
         if not f.is_file():
             raise CheckpointError(f"adapter checkpoint {str(directory)!r} has no {f.name}; "
                                   "expected a folder written by CompiledModel.save_adapter")
-    spec = read_spec_json(spec_file)
+    return read_spec_json(spec_file), read_tensors(weights)
+
+
+def read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        tensors = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: cannot be read ({err}); the file is truncated or not safetensors") from err
-    return spec, tensors
 
 
 def read_spec_json(spec_file: Path) -> Spec:
@@ -119,7 +122,14 @@ def read_spec_json(spec_file: Path) -> Spec:
 
 
 def load_adapter(cm, directory) -> None:
-    spec, tensors = read_adapter(directory)
+    """Load a save_adapter folder, or what transformers' Trainer.save_model / a Trainer checkpoint wrote for
+    the compiled model (TRAINER_FILE: its state_dict, the adapter tensors by name, no spec: this model's)."""
+    weights = Path(directory) / WEIGHTS_FILE
+    if not (Path(directory) / SPEC_FILE).is_file() and (Path(directory) / TRAINER_FILE).is_file():
+        weights = Path(directory) / TRAINER_FILE
+        spec, tensors = cm.spec, read_tensors(weights)
+    else:
+        spec, tensors = read_adapter(directory)
     if spec.to_dict() != cm.spec.to_dict():
         raise CheckpointError(
             f"adapter in {str(directory)!r} was trained with a different spec; compile the model with "
@@ -132,7 +142,6 @@ def load_adapter(cm, directory) -> None:
             f"adapter in {str(directory)!r} does not fit this model: "
             + (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}")
             + f" ({len(missing)} missing, {len(unexpected)} unexpected); was it saved from another model?")
-    weights = Path(directory) / WEIGHTS_FILE
     refuse_non_finite(weights, tensors)
     checked = {}
     for name, value in tensors.items():

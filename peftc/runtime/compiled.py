@@ -25,10 +25,11 @@ from peftc.runtime.checkpoint import load_adapter, save_adapter
 from peftc.runtime.dispatch import GraphDispatch
 from peftc.runtime.facade import AdapterCheckpoint
 from peftc.runtime.module_tree import share_parameters
+from peftc.runtime.peft_surface import PeftModelSurface
 from peftc.runtime.unload import merge_and_unload
 
 
-class CompiledModel(AdapterCheckpoint, GraphDispatch):
+class CompiledModel(AdapterCheckpoint, PeftModelSurface, GraphDispatch):
     """The result of `peftc.compile`: trains and evaluates like the original model."""
 
     supports_gradient_checkpointing = True

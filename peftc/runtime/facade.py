@@ -10,7 +10,7 @@
   takes and decides `model_accepts_loss_kwargs` as it would for the original.
 - `state_dict()` / `load_state_dict()` hold what the spec trains (adapter_state_dict), as
   a PEFT model's checkpoints do: a Trainer checkpoint of a compiled model is the adapter only,
-  and resuming loads it back. `save_pretrained(dir)` writes the adapter (save_adapter).
+  and resuming loads it back. `save_pretrained(dir)` writes the adapter (runtime.peft_surface).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from peftc.runtime.call_contract import signed_forward
 from peftc.runtime.model_methods import COMPILED_METHODS, COMPILED_SUBMODULES, CompiledSubmodule, compiled_method
+from peftc.runtime.signed_class import signed_class
 
 
 class ModelAttributes:
@@ -46,8 +47,11 @@ class ModelAttributes:
         return sorted(set(super().__dir__()) | set(extra))
 
     def sign_forward(self) -> None:
-        """Give `self.forward` the original's signature (an instance attribute, so each model has its own)."""
-        self.__dict__["forward"] = signed_forward(self, _user_model(self))
+        """Give `self.forward` the original's signature (an instance attribute, so each model has its own),
+        and `type(self).forward` too (runtime.signed_class: Trainer reads label names from the class)."""
+        model = _user_model(self)
+        self.__class__ = signed_class(type(self), type(model))
+        self.__dict__["forward"] = signed_forward(self, model)
 
     @property
     def device(self):
@@ -82,10 +86,6 @@ class AdapterCheckpoint:
                 if name in own:
                     own[name].copy_(value)
         return _IncompatibleKeys(missing, unexpected)
-
-    def save_pretrained(self, save_directory, **_ignored) -> None:
-        """Write the adapter (what PeftModel.save_pretrained writes): spec.json + adapter.safetensors."""
-        self.save_adapter(save_directory)
 
 
 def _user_model(module):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,6 +63,35 @@ def test_unloaded_causal_lm_generates():
     ids = family.inputs(1, 4)["input_ids"]
     out = plain.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9) and torch.equal(out[:, :4], ids)
+    assert torch.equal(out, cm.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0))  # the same tokens
+
+
+@pytest.mark.parametrize("adapters", [
+    [{"method": "ln_tuning", "targets": ["input_layernorm"]}],  # PEFT's LN_TUNING merges: the copies replace
+    [{**LORA, "targets": ["q_proj"]}, {"method": "copy", "targets": ["lm_head"]}],  # modules_to_save
+])
+def test_trained_copies_fold_into_the_weights_they_copy(adapters, tmp_path):
+    family, model, cm = compiled("llama", adapters=adapters)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = cm.merge_and_unload()
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        expected = cm(**x).logits
+        assert not torch.allclose(model(**x).logits, expected, atol=1e-4)
+        torch.testing.assert_close(plain.eval()(**x).logits, expected, atol=1e-5, rtol=1e-5)
+        plain.save_pretrained(tmp_path)
+        torch.testing.assert_close(type(model).from_pretrained(tmp_path).eval()(**x).logits, expected,
+                                   atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_copy_of_a_tied_weight_does_not_fold_into_its_twin():
+    family = FAMILIES["gpt2"]  # lm_head.weight is wte.weight
+    model = family.build()
+    cm = peftc.compile(model, {"adapters": [{"method": "copy", "targets": ["lm_head"]}]}).eval()
+    randomize_adapters(cm)
+    with pytest.raises(NotImplementedError, match="tied"):
+        cm.merge_and_unload()
 
 
 @pytest.mark.parametrize("adapter, named", [
@@ -107,3 +139,53 @@ def test_cli_merge_refuses_a_model_without_save_pretrained(tmp_path, capsys):
                  "--out", str(tmp_path / "merged")])
     err = capsys.readouterr().err
     assert code == 2 and "save_pretrained" in err and not (tmp_path / "merged").exists()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "peftc", *args], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+
+
+def test_python_m_peftc_merge_writes_what_auto_model_loads_and_generates(tmp_path):
+    """The real entry point, on a folder that cm.save_pretrained wrote (peftc and PEFT files side by side)."""
+    from transformers import AutoModelForCausalLM
+
+    family, model, cm = compiled("llama")
+    model.save_pretrained(tmp_path / "base")
+    cm.save_pretrained(tmp_path / "adapter")
+    done = run_cli("merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                   "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(loaded) is type(model)
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, cm(**x).logits, atol=1e-5, rtol=1e-5)
+        out = loaded.generate(x["input_ids"], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        expected = cm.merge_and_unload().eval().generate(x["input_ids"], max_new_tokens=4, do_sample=False,
+                                                         pad_token_id=0)
+    assert torch.equal(out, expected) and out.shape == (2, 9)
+
+
+def test_cli_merge_reads_an_adapter_peft_saved(tmp_path, capsys):
+    from peft_reference import peft_lora
+
+    family, model, cm = compiled("llama")
+    model.save_pretrained(tmp_path / "base")
+    peft_lora(model, cm, family.targets, 4, 8).save_pretrained(tmp_path / "peft")
+    code = main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    loaded = type(model).from_pretrained(tmp_path / "out").eval()
+    x = family.inputs(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, cm(**x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_merge_names_a_missing_adapter(tmp_path, capsys):
+    _, model, _ = compiled("llama")
+    model.save_pretrained(tmp_path / "base")
+    code = main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code != 0 and "nowhere" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

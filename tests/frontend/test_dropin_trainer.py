@@ -51,13 +51,73 @@ def train(model, rows, out, resume=None, **options):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("name, rows", [("llama", causal_rows), ("bert", class_rows)])
+@pytest.mark.parametrize("name, rows", [("llama", causal_rows), ("qwen2", causal_rows), ("bert", class_rows)])
 def test_losses_equal_peft_under_the_same_trainer(name, rows, tmp_path):
     cm, reference = pair(name)
     ours = train(cm, rows(), tmp_path / "peftc")
     theirs = train(reference, rows(), tmp_path / "peft")
     assert len(ours) == 4
     assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_default_training_arguments_train_as_peft(name, tmp_path):
+    """TrainingArguments' defaults (3 epochs, batch 8, linear schedule, lr 5e-5): the mean training loss."""
+    cm, reference = pair(name)
+    losses = []
+    for model, out in ((cm, tmp_path / "peftc"), (reference, tmp_path / "peft")):
+        trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(out), report_to=[]),
+                          train_dataset=causal_rows())
+        losses.append(trainer.train().training_loss)
+        assert trainer.state.global_step == 6
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("name, rows", [("llama", causal_rows), ("bert", class_rows)])
+def test_evaluate_and_predict_report_peft_losses(name, rows, tmp_path):
+    """Trainer finds label names in `type(model).forward` (find_labels): without them no eval loss."""
+    cm, reference = pair(name)
+    results = []
+    for model, out in ((cm, tmp_path / "peftc"), (reference, tmp_path / "peft")):
+        args = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, per_device_eval_batch_size=4)
+        trainer = Trainer(model=model, args=args, eval_dataset=rows())
+        assert trainer.label_names == ["labels"]
+        prediction = trainer.predict(rows()[:4])
+        results.append((trainer.evaluate()["eval_loss"], prediction.metrics["test_loss"], prediction.label_ids))
+    (ours, ours_test, labels), (theirs, theirs_test, ref_labels) = results
+    assert ours == pytest.approx(theirs, abs=1e-5) and ours_test == pytest.approx(theirs_test, abs=1e-5)
+    assert (labels == ref_labels).all()
+
+
+def tensor_bytes(path) -> int:
+    return sum(t.numel() * t.element_size() for t in load_file(path).values())
+
+
+def test_checkpoints_hold_as_many_tensor_bytes_as_peft_checkpoints(tmp_path):
+    cm, reference = pair("llama")
+    train(cm, causal_rows(), tmp_path / "peftc")
+    train(reference, causal_rows(), tmp_path / "peft")
+    ours, theirs = tmp_path / "peftc" / "checkpoint-2", tmp_path / "peft" / "checkpoint-2"
+    # PEFT's: adapter_model.safetensors + adapter_config.json + README.md; ours: model.safetensors
+    assert tensor_bytes(ours / "model.safetensors") == tensor_bytes(theirs / "adapter_model.safetensors") > 0
+    same = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+    assert {p.name for p in ours.iterdir()} == same | {"model.safetensors"}
+    assert same <= {p.name for p in theirs.iterdir()}
+
+
+def test_load_adapter_reads_what_trainer_save_model_wrote(tmp_path):
+    cm, _ = pair("llama")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             learning_rate=1e-2, save_strategy="no")
+    trainer = Trainer(model=cm, args=args, train_dataset=causal_rows())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))  # a state_dict file: Trainer saves any non-PreTrainedModel so
+    fresh, _ = pair("llama")
+    fresh.load_adapter(tmp_path / "final")
+    for key, value in cm.adapter_state_dict().items():
+        torch.testing.assert_close(fresh.adapter_state_dict()[key], value)
+    with pytest.raises(peftc.CheckpointError, match="no adapter.safetensors.*save_adapter"):
+        fresh.load_adapter(tmp_path)  # a folder with neither file
 
 
 def test_checkpoints_hold_the_adapter_and_resume_continues_exactly(tmp_path):
