@@ -5,9 +5,8 @@ flag threaded through the pipeline:
 
 - `Plan.train(backend)`: the adapters as graph ops, LoRA shrinks fused (torch back end) or lowered to fused kernels (triton back end) — what `compile` returns — then
   layer-structured (each layer a module at its own path, passes/structure_layers.py; with the
-  inductor back end each distinct layer program compiled once); on the torch back end
-  attention skips a mask that is only causal and the loss saves less for backward (torch and
-  inductor back ends); with
+  inductor back end each distinct layer program compiled once); on the torch and inductor
+  back ends attention skips a mask that is only causal and the loss saves less for backward; with
   `checkpoint_layers`, each layer recomputed in backward;
 - `Plan.merged(options)`: every foldable adapter folded into its weight — `cm.merged()`;
 - `Plan.export(merge)`: what ONNX export reads: torch ops only, no shrink fusion, no lowering,
