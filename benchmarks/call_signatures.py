@@ -5,31 +5,35 @@
 The lora_llama.py model and spec. Each row is a variation of the compiled call (input_ids +
 attention_mask): ones that map to the compiled graph (positional ids, no mask, return_dict=False,
 arguments equal to their defaults), ones whose graph is derived from the superset capture
-without exporting (labels, Trainer's labels + num_items_in_batch; see peftc.capture.specialize),
-and ones outside the superset that still capture (output_hidden_states, position_ids).
+without exporting (labels, Trainer's labels + num_items_in_batch, output_hidden_states,
+output_attentions, position_ids; see peftc.capture.specialize), and one outside the superset
+that still captures (inputs_embeds in place of input_ids).
 Reported: the time to bind the call and get its graph (`cm.graph_for`: what meeting the
 signature costs, without the forward's own time, which is noise on a loaded machine), medians
 over fresh compiles, as a share of the compile time. Also the compile time with the superset
-capture turned off, i.e. what compiling cost before it.
+capture turned off, i.e. what compiling cost before it: one warm-up compile first, then the two
+compiles alternate, each repeat swapping which goes first.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import time
 
 import torch
+from common import machine
+from lora_llama import ALPHA, TARGETS, R, build
 
 import peftc
-import peftc.compiler.first_build as first_build
-from common import machine
-from lora_llama import ALPHA, R, TARGETS, build
 from peftc.capture.binding import bind_call
+from peftc.compiler import first_build
 from peftc.runtime.call_contract import split_output_flags
 
 IDS = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(0))
+EMBEDS = torch.randn(4, 128, 512, generator=torch.Generator().manual_seed(1))  # lora_llama's hidden size
 VARIATIONS = {
     "positional ids, no mask": ((IDS,), {}),
     "return_dict=False": ((), {"input_ids": IDS, "return_dict": False}),
@@ -38,9 +42,16 @@ VARIATIONS = {
     "labels + num_items_in_batch, Trainer's call (derived)":
         ((), {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS,
               "num_items_in_batch": torch.tensor(508)}),
-    "output_hidden_states (not in the superset: a capture)": ((), {"input_ids": IDS, "output_hidden_states": True}),
-    "position_ids (outside the superset: a capture)":
-        ((), {"input_ids": IDS, "position_ids": torch.arange(128).expand(4, -1)}),
+    "output_hidden_states (derived)": ((), {"input_ids": IDS, "output_hidden_states": True}),
+    "output_attentions (derived)": ((), {"input_ids": IDS, "output_attentions": True}),
+    "output_hidden_states + labels (derived)": ((), {"input_ids": IDS, "output_hidden_states": True, "labels": IDS}),
+    "output_hidden_states=False, output_attentions=False (the config's: same graph)":
+        ((), {"input_ids": IDS, "output_hidden_states": False, "output_attentions": False}),
+    "position_ids (derived)": ((), {"input_ids": IDS, "position_ids": torch.arange(128).expand(4, -1) + 3}),
+    "position_ids + labels + output_hidden_states (derived)":
+        ((), {"input_ids": IDS, "position_ids": torch.arange(128).expand(4, -1), "labels": IDS,
+              "output_hidden_states": True}),
+    "inputs_embeds (outside the superset: a capture)": ((), {"inputs_embeds": EMBEDS}),
 }
 
 
@@ -54,6 +65,7 @@ def meet(cm, args: tuple, kwargs: dict) -> float:
 
 
 def timed_compile(full, spec) -> tuple[float, object]:
+    gc.collect()  # the previous compiled models' graphs are freed before the clock starts
     start = time.perf_counter()
     cm = peftc.compile(copy.deepcopy(full), spec).eval()
     return time.perf_counter() - start, cm
@@ -67,18 +79,23 @@ def main() -> None:
     full = build()
     spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
     compile_s, plain_compile_s, met = [], [], {name: [] for name in VARIATIONS}
-    with_superset = first_build.superset_call
-    for _ in range(args.repeats):  # alternated: a compile with the superset, one without
-        seconds, cm = timed_compile(full, spec)
-        compile_s.append(seconds)
-        with torch.no_grad():
-            for name, (call_args, call_kwargs) in VARIATIONS.items():
-                met[name].append(meet(cm, call_args, call_kwargs))
-        first_build.superset_call = lambda *a: None
-        try:
-            plain_compile_s.append(timed_compile(full, spec)[0])
-        finally:
-            first_build.superset_call = with_superset
+    with_superset = first_build.superset_calls
+    timed_compile(full, spec)  # warm-up: the first compile in a process pays torch's own first-use costs
+    for repeat in range(args.repeats):  # alternated: a compile with the superset, one without
+        for superset in ((True, False) if repeat % 2 == 0 else (False, True)):
+            if not superset:
+                first_build.superset_calls = lambda *a, **k: []
+                try:
+                    plain_compile_s.append(timed_compile(full, spec)[0])
+                finally:
+                    first_build.superset_calls = with_superset
+                continue
+            seconds, cm = timed_compile(full, spec)
+            compile_s.append(seconds)
+            with torch.no_grad():
+                for name, (call_args, call_kwargs) in VARIATIONS.items():
+                    met[name].append(meet(cm, call_args, call_kwargs))
+            del cm
     base = statistics.median(compile_s)
     print(f"compile: {base:.2f} s; without the superset capture: {statistics.median(plain_compile_s):.2f} s "
           f"(medians of {args.repeats})")

@@ -98,11 +98,13 @@ def main() -> None:
               + f"; peftc/peft {colds['peftc_inductor'] / colds['peft_compiled']:.3f}")
     ids = IDS()
     steps = {name: step_fn(contender(name, args.layers), ids) for name in NAMES}
-    times = alternate(steps, args.repeats, warmup=2)
-    print("warm training step (median s): " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()))
-    print(f"peftc_inductor / peft_eager {times['peftc_inductor'] / times['peft_eager']:.3f}; "
-          f"peftc_inductor / peft_compiled {times['peftc_inductor'] / times['peft_compiled']:.3f}; "
-          f"peftc_torch / peft_eager {times['peftc_torch'] / times['peft_eager']:.3f}")
+    for clock, what in ((time.perf_counter, "wall"), (time.process_time, "process CPU")):
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        times = alternate(steps, args.repeats, warmup=2, clock=clock)
+        print(f"warm training step, {what} (median s): " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()))
+        print(f"peftc_inductor / peft_eager {times['peftc_inductor'] / times['peft_eager']:.3f}; "
+              f"peftc_inductor / peft_compiled {times['peftc_inductor'] / times['peft_compiled']:.3f}; "
+              f"peftc_torch / peft_eager {times['peftc_torch'] / times['peft_eager']:.3f}")
 
 
 if __name__ == "__main__":

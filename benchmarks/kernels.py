@@ -116,7 +116,7 @@ def cases(smoke: bool):
     return build
 
 
-def _flat(tensors) -> "torch.Tensor":
+def _flat(tensors):
     import torch
 
     return torch.cat([t.flatten() for t in tensors])

@@ -4,7 +4,8 @@ A call is bound to the model's `forward` signature first, so an argument the ori
 not accept raises the same TypeError before anything is captured. transformers models' calls
 are then put in canonical form — every argument by keyword, arguments equal to their default
 dropped — so `m(ids)`, `m(input_ids=ids)` and `m(input_ids=ids, attention_mask=None)` are one
-call signature and reach one graph; so do calls with and without an all-ones attention mask.
+call signature and reach one graph; so do calls with and without an all-ones attention mask, and
+calls passing an output flag (`output_hidden_states=False`) equal to the config's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def bind_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
         raise TypeError(f"{type(model).__name__}.forward() {err}") from None
     if not is_hf_model(model):
         return args, kwargs
-    return (), _with_full_mask(signature, _canonical_kwargs(signature, bound))
+    return (), _with_full_mask(signature, _without_config_flags(model, _canonical_kwargs(signature, bound)))
 
 
 def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict, what: str) -> dict:
@@ -44,6 +45,16 @@ def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict, what
     except TypeError as err:
         raise TypeError(f"{what} {err}") from None
     return _canonical_kwargs(signature, bound)
+
+
+RECORDING_FLAGS = ("output_hidden_states", "output_attentions")  # default: the config's value
+
+
+def _without_config_flags(model: nn.Module, kwargs: dict) -> dict:
+    """transformers reads an absent output flag as the config's; passing that value is the same call."""
+    same = [flag for flag in RECORDING_FLAGS
+            if isinstance(kwargs.get(flag), bool) and kwargs[flag] == getattr(model.config, flag, None)]
+    return {k: v for k, v in kwargs.items() if k not in same}
 
 
 def _with_full_mask(signature: inspect.Signature, kwargs: dict) -> dict:

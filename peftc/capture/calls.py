@@ -23,7 +23,7 @@ class CallSignature:
     kwargs: tuple
 
     @classmethod
-    def of(cls, args: tuple, kwargs: dict) -> "CallSignature":
+    def of(cls, args: tuple, kwargs: dict) -> CallSignature:
         return cls(
             args=tuple(_kind(a) for a in args),
             kwargs=tuple(sorted((k, _kind(v)) for k, v in kwargs.items())),

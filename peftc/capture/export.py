@@ -16,6 +16,7 @@ from torch.export import Dim
 from peftc.capture import layer_stacks
 from peftc.capture.binding import with_named_keywords
 from peftc.capture.calls import forward_parameters
+from peftc.capture.model_kept import model_kept
 from peftc.errors import CaptureError
 
 COPIED_LAYERS = "peftc_copied_layers"  # gm.meta key: which layers capture copied instead of tracing
@@ -58,7 +59,14 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = N
 
     With `copy_layers`, stacks of identical layers are exported as two layers and copied
     (`peftc.capture.layer_stacks`); if that cannot be done exactly, every layer is exported.
+    What the traced forward leaves on the model (output-recording hooks on the cut stack, a
+    classifier's `config.problem_type`) is undone (`model_kept`).
     """
+    with model_kept(model):
+        return _capture(model, args, kwargs, dynamic_shapes, copy_layers)
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, copy_layers: bool) -> torch.fx.GraphModule:
     model = with_named_keywords(model, kwargs)  # export cannot key dynamic shapes inside **kwargs
     if dynamic_shapes is None:
         args = tuple(widen(a) for a in args)

@@ -11,6 +11,11 @@ Whatever it cannot prove raises `NotCopyable`, and capture then exports every la
 Assumed, not provable without the full trace: a layer reads its index only in ways layers 0
 and 1 already show (a stored setting, a constant), and the model runs the stack as a chain
 whose last outputs are what follows reads. `peftc.compile(..., copy_layers=False)` opts out.
+
+Outputs recorded per layer (transformers' `output_hidden_states` / `output_attentions`: a hook
+on every layer appends its value to a tuple) show in the two-layer graph as a value of layer 0
+followed, in the same output tuple, by the same value of layer 1; the full graph's tuple holds
+that value of every layer in order (peftc.capture.recorded_outputs).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
+
+from peftc.capture import recorded_outputs
 
 MIN_LAYERS = 3  # with fewer, exporting every layer costs no more than two
 INDEX_ATTRS = frozenset({"layer_idx", "layer_index", "layer_id", "layer_number"})
@@ -64,11 +71,13 @@ def _alike(layers: list[nn.Module]) -> bool:
 
 
 def _signature(layer: nn.Module) -> tuple | None:
-    """What a layer's graph can depend on, besides its index; None if it has hooks."""
+    """What a layer's graph can depend on, besides its index; None if it has hooks (other than
+    transformers' output recording, which every layer of a class has alike: recorded_outputs)."""
     parts = []
     for name, module in layer.named_modules(remove_duplicate=False):
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks \
-                or module._backward_pre_hooks:
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values(),
+                 *module._backward_hooks.values(), *module._backward_pre_hooks.values()]
+        if not all(recorded_outputs.is_recording_hook(hook) for hook in hooks):
             return None
         tensors = [(n, _tensor_key(t)) for n, t in {**module._parameters, **module._buffers}.items()]
         persistent = tuple(sorted(set(module._buffers) - module._non_persistent_buffers_set))
@@ -142,7 +151,12 @@ def _copy_stack(gm: GraphModule, stack: Stack) -> None:
     layers = [second]
     for index in range(2, len(stack.layers)):
         layers.append(_append_layer(gm, stack, index, first, second, layers[-1], attrs[1]))
-    _redirect_later_uses(first, layers)
+    runs = recorded_outputs.find_runs(gm, first, second)
+    if runs is None:
+        raise NotCopyable(f"an output reads {stack.layer_path(0)} but is not recorded per layer")
+    _redirect_later_uses(first, layers, skip=graph.output_node() if runs else None)
+    if runs:
+        recorded_outputs.grow_runs(gm, runs, [first, *layers])
 
 
 def _layer_of(node: Node, stack: Stack) -> int | None:
@@ -289,10 +303,13 @@ def _register(gm: GraphModule, stack: Stack, index: int, name: str) -> str:
     return target
 
 
-def _redirect_later_uses(first: list[Node], layers: list[list[Node]]) -> None:
-    """Ops after the stack read the last layer's outputs; none may read layer 0's."""
+def _redirect_later_uses(first: list[Node], layers: list[list[Node]], skip: Node | None = None) -> None:
+    """Ops after the stack read the last layer's outputs; none may read layer 0's. `skip` (the output
+    node, when it holds per-layer recorded values) is rewritten by recorded_outputs.grow_runs instead."""
     second, last = layers[0], layers[-1]
     inside = set(first).union(*layers)
+    if skip is not None:
+        inside.add(skip)
     for node in first:
         if any(user not in inside for user in node.users):
             raise NotCopyable(f"{node.name} of layer 0 is used after the stack")

@@ -9,15 +9,18 @@ without them is the captured graph with those outputs removed, the code only the
 removed, and the inputs that became unused removed from the graph and its pytree input spec:
 a graph copy, not a capture (milliseconds instead of seconds).
 
-An input dropped while the outputs it feeds stay (labels kept, `num_items_in_batch` dropped)
-needs the computation itself to change; `mean_from_sum` does this for the one case HF models
-have (a sum-reduced cross entropy divided by the item count is the mean-reduced one). When a
-dropped input is still read after all that, no graph can be derived and the caller captures.
+An input the model computes a default for when it is absent (`position_ids`) is replaced by
+that default computed in the graph (peftc.capture.input_defaults checks the default holds for
+the model before the superset takes the input). An input dropped while the outputs it feeds
+stay (labels kept, `num_items_in_batch` dropped) needs the computation itself to change;
+`mean_from_sum` does this for the one case HF models have (a sum-reduced cross entropy
+divided by the item count is the mean-reduced one). When a dropped input is still read after
+all that, no graph can be derived and the caller captures.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,8 +28,8 @@ from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
 import peftc.ir.cross_entropy  # noqa: F401  registers peftc::cross_entropy
-
 from peftc.capture.calls import CallSignature
+from peftc.capture.input_defaults import DEFAULTS, MAIN_INPUT, substitute_default
 
 aten = torch.ops.aten
 
@@ -35,6 +38,9 @@ DROPPABLE: dict[str, Callable[[str], bool]] = {
     "labels": lambda field: field == "loss",
     "num_items_in_batch": lambda field: False,  # scales the loss; see mean_from_sum
     "output_hidden_states": lambda field: field == "hidden_states" or field.endswith("_hidden_states"),
+    "output_attentions": lambda field: field == "attentions" or field.endswith("_attentions"),
+    # computed from input_ids where the graph read them (peftc.capture.input_defaults): no output changes
+    **{name: (lambda field: False) for name in DEFAULTS},
 }
 _SUM, _MEAN = 2, 1  # torch's reduction enum (cross_entropy_loss's `reduction` argument)
 # The loss ops a summed loss can come from, and where their `reduction` argument is
@@ -78,7 +84,10 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
     graph.output(type(outputs)(leaves))
     inputs = _inputs_by_keyword(graph, info.in_spec)
     guards = _detach_guards(graph, inputs, dropped, stand_ins)
+    _sizes_from_kept_inputs(graph, inputs, dropped)
     _drop_checks_on(graph, [node for name in dropped for node in inputs.get(name, [])])
+    if not _defaults_substituted(graph, inputs, [name for name in dropped if name in DEFAULTS]):
+        return None
     graph.eliminate_dead_code()
     counts = inputs.get("num_items_in_batch", []) if "num_items_in_batch" in dropped else []
     if not all(mean_from_sum(count) for count in counts):
@@ -102,6 +111,33 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
     derived.meta[DERIVED_REMOVED] = len(gm.graph.nodes) - len(graph.nodes)  # report() counts captured nodes
     derived._in_spec, derived._out_spec = in_spec, out_spec  # what torch.export's graph modules carry
     return derived
+
+
+def _sizes_from_kept_inputs(graph: Graph, inputs: dict[str, list[Node]], dropped: list[str]) -> None:
+    """Read each size the graph takes from a dropped input (export takes the batch size from whichever input
+    carries it first: ViT's from `labels`) from a kept input with the same symbolic size instead."""
+    kept: dict[str, tuple[Node, int]] = {}
+    for name, nodes in inputs.items():
+        for node in nodes if name not in dropped else []:
+            value = node.meta.get("val")
+            for dim, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+                if isinstance(size, torch.SymInt):
+                    kept.setdefault(str(size), (node, dim))
+    for node in (node for name in dropped for node in inputs.get(name, [])):
+        for user in list(node.users):
+            size = str(user.meta.get("val")) if user.target is aten.sym_size.int else None
+            if size in kept:
+                user.args = kept[size]
+
+
+def _defaults_substituted(graph: Graph, inputs: dict[str, list[Node]], names: list[str]) -> bool:
+    """Each of `names` (dropped inputs with a checked default) computed from the call's input_ids instead."""
+    main = inputs.get(MAIN_INPUT, [])
+    if names and (len(main) != 1 or any(len(inputs.get(name, [])) != 1 for name in names)):
+        return False
+    for name in names:
+        substitute_default(graph, inputs[name][0], main[0], name)
+    return True
 
 
 def mean_from_sum(count: Node) -> bool:

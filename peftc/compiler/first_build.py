@@ -1,8 +1,8 @@
 """The first build of a compiled model: one capture that also serves the call signatures to come.
 
 For a transformers model the first capture is of the superset call (peftc.capture.superset):
-the example call plus labels and num_items_in_batch (what Trainer passes). The example
-call's own graph is derived from it (peftc.capture.specialize), and so is the graph of any later
+the example call plus labels, num_items_in_batch (what Trainer passes), the output flags and
+the inputs with a checked default (position_ids). The example call's own graph is derived from it (peftc.capture.specialize), and so is the graph of any later
 call that passes a subset of those inputs, so meeting such a call costs a graph copy, not a capture.
 """
 
@@ -16,11 +16,15 @@ from torch.fx import GraphModule
 
 from peftc.capture.calls import CallSignature
 from peftc.capture.specialize import derive_graph
-from peftc.capture.superset import ExtraInputs, model_kept, superset_call
+from peftc.capture.superset import ExtraInputs, superset_calls, superset_quiet
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
 from peftc.pipeline.runner import PassRecord
+from peftc.spec.methods import METHODS
+from peftc.spec.parse import Spec
+
+POSITION_FREE_ADDITIVE = ("adapter", "ia3")  # additive methods on linear ops: the sequence is untouched
 
 
 @dataclass(frozen=True)
@@ -33,21 +37,34 @@ class FirstBuild:
 def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Plan, *,
                 dynamic_shapes: Any = None, dump_dir: Path | None = None) -> FirstBuild:
     """Capture the superset call and derive the example call's graph from it; capture the example call
-    itself when there is no superset, the superset cannot be captured, or the graph cannot be derived."""
-    wide = superset_call(compilation.source, *example) if dynamic_shapes is None else None
-    if wide is not None:
+    itself when there is no superset, no superset can be captured, or the graph cannot be derived.
+    A superset the model refuses (a CaptureError) gives way to the next, narrower one."""
+    built = None
+    with superset_quiet():  # the checks behind the superset call the model with output_attentions too
+        wide_calls = superset_calls(compilation.source, *example, defaults=positions_untouched(compilation.spec)) \
+            if dynamic_shapes is None else []
+    for wide in wide_calls:
         try:
-            with model_kept(compilation.source):
+            with superset_quiet():
                 built = compilation.build(*wide, plan, dump_dir=dump_dir)
         except CaptureError:
-            built = None  # the model refuses one of the extra inputs: capture the example call alone
-        derived = built and _derived(built, compilation, CallSignature.of(*wide), CallSignature.of(*example))
+            continue  # the model refuses one of the extra inputs: try without them
+        derived = _derived(built, compilation, CallSignature.of(*wide), CallSignature.of(*example))
         if derived is not None:
             return FirstBuild(derived, wide, built.graph_module)
+        break
     own = compilation.build(*example, plan, dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
-    if wide is not None and built is not None:  # the superset build made the adapters: its records say so
+    if built is not None:  # the superset build made the adapters: its records say so
         own = replace(own, records=_with_params_added(own.records, built.records))
     return FirstBuild(own)
+
+
+def positions_untouched(spec: Spec | None) -> bool:
+    """Whether no pass of `spec` reads or moves token positions (prompt tuning lengthens the sequence,
+    prefix tuning shifts positions): only then may a derived graph compute default positions after them."""
+    return spec is not None and all(
+        METHODS[entry.method].family != "additive" or entry.method in POSITION_FREE_ADDITIVE
+        for entry in spec.adapters)
 
 
 def _with_params_added(records: list[PassRecord], first: list[PassRecord]) -> list[PassRecord]:

@@ -5,8 +5,8 @@ flag threaded through the pipeline:
 
 - `Plan.train(backend)`: the adapters as graph ops, LoRA shrinks fused (torch back end) or lowered to fused kernels (triton back end) — what `compile` returns — then
   layer-structured (each layer a module at its own path, passes/structure_layers.py; with the
-  inductor back end each distinct layer program compiled once); on the torch back end
-  attention skips a mask that is only causal and the loss saves less for backward; with
+  inductor back end each distinct layer program compiled once); on the torch and inductor
+  back ends attention skips a mask that is only causal and the loss saves less for backward; with
   `checkpoint_layers`, each layer recomputed in backward;
 - `Plan.merged(options)`: every foldable adapter folded into its weight — `cm.merged()`;
 - `Plan.export(merge)`: what ONNX export reads: torch ops only, no shrink fusion, no lowering,
@@ -110,7 +110,9 @@ class Plan:
             steps.append(Step("merge_adapters", merge_adapters))
         elif self.backend == "triton":
             steps.append(Step("lower_lora_triton", lower_lora_triton))
-        if self.name == "train" and self.backend == "torch":  # eager training: save less for backward
+        # Training on torch (and inductor, whose top graph runs eagerly between the compiled layers):
+        # attention skips a causal-only mask, and the loss saves less for backward.
+        if self.name == "train" and self.backend in ("torch", "inductor"):
             steps += [Step("skip_causal_masks", skip_causal_masks), Step("lower_cross_entropy", lower_cross_entropy)]
         if self.checkpoint_layers and not self.structure_layers:  # last: a layer's outlined body holds
             steps.append(Step("checkpoint_layers", checkpoint_layers))  # every op the passes put there

@@ -19,6 +19,7 @@ from torch.fx import GraphModule
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
+from peftc.capture.input_defaults import rows_broadcast
 from peftc.capture.sharded import is_sharded, runnable
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import ExtraInputs
@@ -103,6 +104,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""
         args, kwargs = normalize_call(self.compilation.source, args, kwargs)
+        kwargs = rows_broadcast(self.compilation.source, kwargs)  # one row of position_ids for the batch
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
         self._unmet.discard(signature)

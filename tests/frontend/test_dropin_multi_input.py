@@ -3,7 +3,6 @@ CLIP's get_text_features / get_image_features run with the adapters, as peft's m
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import peftc
 from families import bert, llama, randomize_adapters
 from peft_reference import peft_lora
+
+import peftc
 
 SPEC = {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8}]}
 BERT_SPEC = {"adapters": [{"method": "lora", "targets": ["query", "value"], "r": 4, "alpha": 8}]}
@@ -135,9 +135,57 @@ def test_a_derived_graph_keeps_the_input_guards(llama_pair):
 def test_a_signature_outside_the_superset_still_captures(llama_pair, monkeypatch):
     cm, reference = llama_pair
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    embeds = reference.get_input_embeddings()(ids)
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        ours, theirs = cm(inputs_embeds=embeds), reference(inputs_embeds=embeds, use_cache=False)
+    assert len(captures) == 1
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_position_ids_are_derived_both_ways(llama_pair, monkeypatch):
+    """The superset takes position_ids; calls without them compute LLaMA's default in the graph."""
+    cm, reference = llama_pair
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
     position_ids = torch.arange(6).unsqueeze(0).expand(2, -1) + 1
     captures = _captures(monkeypatch, cm)
     with torch.no_grad():
-        ours, theirs = cm(input_ids=ids, position_ids=position_ids), reference(input_ids=ids, position_ids=position_ids)
-    assert len(captures) == 1
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+        for kwargs in ({"position_ids": position_ids}, {"position_ids": position_ids, "labels": ids}, {}):
+            _assert_same(cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
+    assert captures == []
+
+
+def test_a_refused_superset_gives_way_to_the_loss_only_one(monkeypatch):
+    """A model whose capture refuses the output flags still gets labels derived from a narrower superset."""
+    from peftc.compiler.compilation import Compilation
+    build = Compilation.build
+
+    def refusing(self, args, kwargs, plan, **options):
+        if "output_hidden_states" in kwargs:
+            raise peftc.CaptureError("this model refuses output_hidden_states")
+        return build(self, args, kwargs, plan, **options)
+
+    monkeypatch.setattr(Compilation, "build", refusing)
+    cm = peftc.compile(llama(), SPEC).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(llama(), cm, ["q_proj", "v_proj"], r=4, alpha=8).eval()
+    assert "labels" in cm._superset[1] and "output_hidden_states" not in cm._superset[1]
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(8))
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        _assert_same(cm(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids, use_cache=False))
+    assert captures == []
+
+
+def test_vit_labels_and_hidden_states_are_derived(monkeypatch):
+    """ViT's capture takes the batch size from `labels`: derivation reads it from pixel_values instead."""
+    from families import vit, vit_inputs
+    cm = peftc.compile(vit(), SPEC, example_kwargs=vit_inputs(2, 0)).eval()
+    randomize_adapters(cm)
+    reference = peft_lora(vit(), cm, ["q_proj", "v_proj"], r=4, alpha=8).eval()
+    pixels, labels = vit_inputs(3, 0)["pixel_values"], torch.tensor([0, 4, 2])
+    captures = _captures(monkeypatch, cm)
+    with torch.no_grad():
+        for kwargs in ({}, {"labels": labels}, {"output_hidden_states": True, "labels": labels}):
+            _assert_same(cm(pixel_values=pixels, **kwargs), reference(pixel_values=pixels, **kwargs))
+    assert captures == []

@@ -84,7 +84,7 @@ def _prefill_and_step(generator: Generator, ids, mask, extra: dict) -> tuple[tor
 
 def test_peft_mixed_lora_generate_matches(tmp_path):
     """Two PEFT LoRA folders (different ranks and targets): PEFT's own mixed batch, generate(adapter_names=...)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel
 
     configs = {"a": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
                "b": LoraConfig(r=4, lora_alpha=4, target_modules=["v_proj", "up_proj"])}
