@@ -29,7 +29,8 @@ def rewrite_sites(gm: GraphModule, ctx: PassContext, sites: list[Site], make_wei
     for site in sites:
         weight = ctx.base_params[site.param]
         module, created = adapters.get_or_create(
-            ctx.adapter_root, site.path, ctx.slot, lambda: in_adapter_dtype(ctx, make_weights(site, weight), weight))
+            ctx.adapter_root, site.path, ctx.slot,
+            lambda site=site, weight=weight: in_adapter_dtype(ctx, make_weights(site, weight), weight))
         rewrite(gm, nodes[site.node_name], site, ctx, module)
         result.modified = True
         result.sites.append(site.path)

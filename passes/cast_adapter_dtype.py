@@ -59,6 +59,8 @@ def _module_dtype(ctx: PassContext, tag: dict) -> torch.dtype | None:
 
 
 def _cast_group(gm: GraphModule, group: list[Node], dtype: torch.dtype, ctx: PassContext) -> None:
+    """Every half-precision value the group's nodes read, cast to `dtype` once (role "cast_up"), each
+    output node's value cast back to the dtype of the base value it stands for (role "cast_back")."""
     tag = {k: v for k, v in provenance(group[0]).items() if k != "role"}
     cast_up: dict[Node, Node] = {}
     for node in group:  # in graph order, each node's dtype settled before its readers are looked at
