@@ -95,13 +95,25 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) ->
         reason = f"{type(err).__name__}: {err}"
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {reason.splitlines()[0][:500]}\n"
-            "Try: pass example_inputs/example_kwargs that match a real call, make data-dependent "
-            "Python control flow tensor-free, or pass dynamic_shapes=... to fix the dims yourself.",
+            f"Try: {_fix_for(reason)}",
             reason=reason,
         ) from err
     finally:
         model.train(was_training)
     return drop_dtype_asserts(program.module())
+
+
+KV_CACHE_IN_OUTPUT = "cache_utils"  # export's "Found <class 'transformers.cache_utils.DynamicCache'> in output"
+
+
+def _fix_for(reason: str) -> str:
+    if "in output" in reason and KV_CACHE_IN_OUTPUT in reason:
+        # use_cache=True on a forward: the graph would have to return transformers' cache object
+        return ("this call returns a KV cache object (use_cache=True), which a compiled forward does not "
+                "return; call cm.generate(...) for cached decoding (its graphs keep a StaticCache), or "
+                "pass use_cache=False")
+    return ("pass example_inputs/example_kwargs that match a real call, make data-dependent "
+            "Python control flow tensor-free, or pass dynamic_shapes=... to fix the dims yourself.")
 
 
 def drop_dtype_asserts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -58,6 +58,20 @@ def test_capture_error_keeps_export_reason_and_model():
     assert_unchanged(model, before)
 
 
+def test_a_forward_with_use_cache_names_generate_and_leaves_the_model():
+    """The original returns a DynamicCache; a compiled forward returns none: the error says what to call."""
+    family = FAMILIES["llama"]
+    model = family.build().eval()
+    cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["q_proj"], "r": 2}]})
+    randomize_adapters(cm)
+    before = model_state(model)
+    with pytest.raises(CaptureError, match=r"use_cache=True.*cm\.generate\(\.\.\.\).*use_cache=False"):
+        cm(**family.inputs(2, 5), use_cache=True)
+    assert_unchanged(model, before)
+    out = cm(**family.inputs(2, 5))  # the compiled model still serves the calls it could
+    assert out.logits.shape[:2] == (2, 5)
+
+
 def test_plain_model_without_inputs_is_a_clear_error():
     with pytest.raises(CaptureError, match="pass example_inputs"):
         peftc.compile(FAMILIES["mlp"].build(), {"adapters": [{"method": "lora", "targets": ["fc1"]}]})
