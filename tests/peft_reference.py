@@ -91,3 +91,18 @@ def inputs_like_capture(family, batch: int, seq: int) -> dict:
     if family.hf and "input_ids" in inputs:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     return inputs
+
+
+def save_random_peft_folders(build, configs: dict, folder, seed: int, scale: float = 0.5, offset: float = 0.0) -> None:
+    """One PEFT folder per named config under `folder`, each on a fresh `build()` with its trainable
+    tensors set to offset + scale * N(0, 1) (non-zero, so every adapter changes the output)."""
+    from peft import get_peft_model
+
+    g = torch.Generator().manual_seed(seed)
+    for name, config in configs.items():
+        pm = get_peft_model(build(), config)
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.copy_(offset + torch.randn(p.shape, generator=g) * scale)
+        pm.save_pretrained(folder / name)

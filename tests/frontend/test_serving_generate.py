@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES, compile_family, logits, randomize_adapters
+from generation_steps import prefill_and_step
+from peft_reference import save_random_peft_folders
 
 import peftc
 from peftc.runtime.generate import Generator
@@ -58,28 +60,12 @@ def test_prefill_and_decode_rows_equal_the_own_models_to_1e5(served):
     cms, mm = served
     ids, mask = _prompt(len(ROWS), 5)
     adapter_ids = mm.adapter_index(ROWS, len(ROWS))
-    got = _prefill_and_step(Generator(mm.compilation, mm.plan), ids, mask, {"adapter_ids": adapter_ids})
+    got = prefill_and_step(Generator(mm.compilation, mm.plan), ids, mask, {"adapter_ids": adapter_ids})
     for name, cm in cms.items():
         rows = [i for i, r in enumerate(ROWS) if r == name]
-        want = _prefill_and_step(Generator(cm.compilation, cm.plan), ids, mask, {})
+        want = prefill_and_step(Generator(cm.compilation, cm.plan), ids, mask, {})
         for got_part, want_part in zip(got, want):
             torch.testing.assert_close(got_part[rows], want_part[rows], **TOL)
-
-
-def _prefill_and_step(generator: Generator, ids, mask, extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last-position prefill logits, logits of one decode step), calling the graphs as generate() does."""
-    batch, seq = ids.shape
-    graphs = generator.graphs_for(batch, 32)
-    full = torch.ones(batch, 32, dtype=torch.long)
-    full[:, :seq] = mask
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    with torch.no_grad():
-        prefill = graphs.prefill(input_ids=ids, attention_mask=full, position_ids=positions,
-                                 cache_position=torch.arange(seq), **extra)[:, -1]
-        token = prefill.argmax(-1, keepdim=True)
-        step = graphs.decode(input_ids=token, attention_mask=full, position_ids=positions[:, -1:] + 1,
-                             cache_position=torch.tensor([seq]), **extra)[:, -1]
-    return prefill, step
 
 
 def test_peft_mixed_lora_generate_matches(tmp_path):
@@ -88,7 +74,7 @@ def test_peft_mixed_lora_generate_matches(tmp_path):
 
     configs = {"a": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
                "b": LoraConfig(r=4, lora_alpha=4, target_modules=["v_proj", "up_proj"])}
-    _save_peft(configs, tmp_path)
+    save_random_peft_folders(FAMILY.build, configs, tmp_path, seed=3)
     peft_model = PeftModel.from_pretrained(FAMILY.build(), tmp_path / "a", adapter_name="a")
     peft_model.load_adapter(tmp_path / "b", adapter_name="b")
     peft_model.eval()
@@ -109,7 +95,7 @@ def test_prompt_and_prefix_rows_generate_as_peft_decodes_greedily(tmp_path):
     configs = {"prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
                "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
                "lora": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])}
-    _save_peft(configs, tmp_path)
+    save_random_peft_folders(FAMILY.build, configs, tmp_path, seed=3)
     mm = peftc.serve_adapters(FAMILY.build(), {n: tmp_path / n for n in configs}, example_kwargs=FAMILY.inputs(2, 3))
     ids = FAMILY.inputs(4, 5)["input_ids"]
     rows = ["prefix", "prompt", None, "lora"]
@@ -129,19 +115,6 @@ def _greedy(step, ids: torch.Tensor) -> torch.Tensor:
         for _ in range(GREEDY["max_new_tokens"]):
             ids = torch.cat([ids, step(ids)[:, -1].argmax(-1, keepdim=True)], 1)
     return ids
-
-
-def _save_peft(configs: dict, folder) -> None:
-    from peft import get_peft_model
-
-    g = torch.Generator().manual_seed(3)
-    for name, config in configs.items():
-        pm = get_peft_model(FAMILY.build(), config)
-        with torch.no_grad():
-            for p in pm.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        pm.save_pretrained(folder / name)
 
 
 def test_generate_checks_the_ids(served):

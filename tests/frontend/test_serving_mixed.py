@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES, compile_family, logits, randomize_adapters
+from peft_reference import save_random_peft_folders
 
 import peftc
 from peftc.capture.export import capture
@@ -90,19 +91,12 @@ def _sites(mm, name: str) -> list[str]:
 
 def test_peft_ia3_folder_serves_beside_lora(tmp_path):
     """A PEFT IA3 folder and a PEFT LoRA folder in one served model, rows equal to PEFT's own models."""
-    from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+    from peft import IA3Config, LoraConfig, PeftModel
 
     family = FAMILIES["llama"]
     configs = {"ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
                "lora": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])}
-    g = torch.Generator().manual_seed(5)
-    for name, config in configs.items():
-        pm = get_peft_model(family.build(), config)
-        with torch.no_grad():
-            for key, p in pm.named_parameters():
-                if p.requires_grad:
-                    p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
-        pm.save_pretrained(tmp_path / name)
+    save_random_peft_folders(family.build, configs, tmp_path, seed=5, scale=0.3, offset=1.0)
     inputs = family.inputs(4, 3)
     mm = peftc.serve_adapters(family.build(), {n: tmp_path / n for n in configs}, example_kwargs=inputs)
     rows = ["ia3", "lora", "ia3", None]

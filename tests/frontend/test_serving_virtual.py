@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from families import FAMILIES, compile_family, logits, randomize_adapters
+from peft_reference import save_random_peft_folders
 
 import peftc
 from peftc import SpecError
@@ -114,20 +115,13 @@ def test_report_names_prompt_and_prefix_sites(served):
 def test_peft_prompt_and_prefix_folders_serve_beside_lora(tmp_path):
     """PEFT prompt-tuning, prefix-tuning and LoRA folders in one served model, rows equal to PEFT's own models
     (PEFT's mixed batches, adapter_names=, do not take prompt learning, so each folder is loaded alone)."""
-    from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType
 
     family = FAMILIES["llama"]
     configs = {"prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
                "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
                "lora": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])}
-    g = torch.Generator().manual_seed(3)
-    for name, config in configs.items():
-        pm = get_peft_model(family.build(), config)
-        with torch.no_grad():
-            for p in pm.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        pm.save_pretrained(tmp_path / name)
+    save_random_peft_folders(family.build, configs, tmp_path, seed=3)
     inputs = _padded(family, 5, 4)
     mm = peftc.serve_adapters(family.build(), {n: tmp_path / n for n in configs}, example_kwargs=family.inputs(2, 3))
     rows = ["prefix", "prompt", None, "lora", "prompt"]

@@ -21,6 +21,7 @@ import functools
 import pytest
 import torch
 from families import FAMILIES, compile_family, randomize_adapters
+from generation_steps import prefill_and_step
 from peft_reference import sharpened
 
 import peftc
@@ -217,30 +218,15 @@ def test_served_prefill_and_decode_logits_equal_the_own_models_to_1e5(served):
     index = mm.adapter_index(ROWS, len(ROWS))
     width = max(e["num_tokens"] for e in SERVED.values() if e["method"] == "prompt")
     lengths = torch.tensor([SERVED[r]["num_tokens"] if r and SERVED[r]["method"] == "prompt" else 0 for r in ROWS])
-    got = _prefill_and_step(Generator(mm.compilation, mm.plan), *with_prompt_slots(ids, mask, lengths, width),
-                            {"adapter_ids": index})
+    slot_ids, slot_mask, position_mask = with_prompt_slots(ids, mask, lengths, width)
+    got = prefill_and_step(Generator(mm.compilation, mm.plan), slot_ids, slot_mask, {"adapter_ids": index},
+                           position_mask)
     for name, cm in cms.items():
         rows = [i for i, r in enumerate(ROWS) if r == name]
         generator = Generator(cm.compilation, cm.plan)
         if generator.prompt_tokens:  # its N slots first, as its generate() puts them
-            own = with_slots(ids[rows], mask[rows], generator.prompt_tokens)
+            own_ids, own_mask, own_positions = with_slots(ids[rows], mask[rows], generator.prompt_tokens)
         else:
-            own = (ids[rows], mask[rows], mask[rows])
-        for got_part, want_part in zip(got, _prefill_and_step(generator, *own, {})):
+            own_ids, own_mask, own_positions = ids[rows], mask[rows], None
+        for got_part, want_part in zip(got, prefill_and_step(generator, own_ids, own_mask, {}, own_positions)):
             torch.testing.assert_close(got_part[rows], want_part, atol=1e-5, rtol=1e-5, msg=name)
-
-
-def _prefill_and_step(generator, ids, mask, position_mask, extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last-position prefill logits, logits of one decode step), calling the graphs as generate() does."""
-    batch, seq = ids.shape
-    graphs = generator.graphs_for(batch, 32)
-    full = torch.ones(batch, 32, dtype=torch.long)
-    full[:, :seq] = mask
-    positions = (position_mask.cumsum(-1) - 1).masked_fill(position_mask == 0, 1)
-    with torch.no_grad():
-        prefill = graphs.prefill(input_ids=ids, attention_mask=full, position_ids=positions,
-                                 cache_position=torch.arange(seq), **extra)[:, -1]
-        token = prefill.argmax(-1, keepdim=True)
-        step = graphs.decode(input_ids=token, attention_mask=full, position_ids=positions[:, -1:] + 1,
-                             cache_position=torch.tensor([seq]), **extra)[:, -1]
-    return prefill, step
