@@ -67,10 +67,34 @@ def reference_logits(cm, steps: int) -> torch.Tensor:
         return cm(input_ids=batch(steps)).logits
 
 
-def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_process(tmp_path):
-    results = run_on_ranks(root_sharded_training, world_size=2, timeout=150, steps=STEPS, save_to=str(tmp_path / "a"))
+def every_sharding_recipe(rank: int, world_size: int, steps: int, save_to: str) -> dict:
+    """The three recipes the tests below check, in the same two processes: each rank is a fresh Python that
+    imports torch, transformers and peftc (seconds of CPU), so one process start serves all of them.
+    Each recipe compiles its own models; none reads another's state."""
+    return {"root": root_sharded_training(rank, world_size, steps, save_to=save_to),
+            "quantized": quantized_bases_trained(rank, world_size, 2),
+            "layers": layer_sharded_runs(rank, world_size, steps)}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> tuple[list[dict], Path]:
+    """Every rank's results (by recipe), and the folder the root recipe saved into."""
+    saved = tmp_path_factory.mktemp("fsdp") / "a"
+    runs = run_on_ranks(every_sharding_recipe, world_size=2, timeout=450, steps=STEPS, save_to=str(saved))
+    return runs, saved
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """The single-process run on the whole batch every sharded run is compared with (tests only read it)."""
     cm = compiled_llama()
-    reference = train(cm, steps=STEPS)
+    return cm, train(cm, steps=STEPS)
+
+
+def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_process(sharded, single_process, tmp_path):
+    runs, saved_to = sharded
+    results = [run["root"] for run in runs]
+    cm, reference = single_process
     assert_identical_across_ranks(results)
     assert_matches_single_process(results, reference)
     for rank, result in enumerate(results):
@@ -81,13 +105,13 @@ def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_proces
         assert abs(local - whole / 2) <= 0.01 * whole
         for name, tensor in result["reloaded"].items():  # sharded load: each rank kept its part of the file
             assert torch.equal(tensor, result["adapters"][-1][name]), name
-    saved = load_file(str(tmp_path / "a" / "adapter.safetensors"))  # whole tensors, as one process saves them
+    saved = load_file(str(saved_to / "adapter.safetensors"))  # whole tensors, as one process saves them
     assert saved.keys() == cm.adapter_state_dict().keys()
     for name, tensor in cm.adapter_state_dict().items():
         assert saved[name].shape == tensor.shape
         torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-5)
     cm.save_adapter(tmp_path / "one-process-peft", format="peft")
-    in_peft_format = load_file(str(tmp_path / "a-peft" / "adapter_model.safetensors"))
+    in_peft_format = load_file(str(saved_to.with_name("a-peft") / "adapter_model.safetensors"))
     one_process = load_file(str(tmp_path / "one-process-peft" / "adapter_model.safetensors"))
     assert in_peft_format.keys() == one_process.keys() and one_process
     for key, tensor in one_process.items():
@@ -100,10 +124,10 @@ def quantized_bases_trained(rank: int, world_size: int, steps: int) -> dict:
             for fmt, quantize in QUANTIZED.items()}
 
 
-def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated():
+def test_a_quantized_base_trains_under_fsdp2_with_its_packed_weights_replicated(sharded):
     """Sharded per layer then the root. FSDP2 shards parameters; packed base weights are buffers (they never
     train), so each rank keeps them whole (a fraction of the float weights' bytes, but not 1/world of them)."""
-    runs = run_on_ranks(quantized_bases_trained, world_size=2, timeout=150, steps=2)
+    runs = [run["quantized"] for run in sharded[0]]
     for fmt, quantize in QUANTIZED.items():
         results = [run[fmt] for run in runs]
         reference = train(compiled_llama(quantize), steps=2)
@@ -193,12 +217,11 @@ def layer_sharded_runs(rank: int, world_size: int, steps: int) -> dict:
     return runs | {"peft_kept": peft_layer_sharded(rank, world_size, steps)}
 
 
-def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and_without_checkpointing():
+def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and_without_checkpointing(sharded, single_process):
     """...and each rank keeps only its shards alive (as HF PEFT does): every storage reachable from the compiled
     model, its graphs and its compilation (the capture source included) is this rank's half of each weight."""
-    runs = run_on_ranks(layer_sharded_runs, world_size=2, timeout=150, steps=STEPS)
-    cm = compiled_llama()
-    reference = train(cm, steps=STEPS)
+    runs = [run["layers"] for run in sharded[0]]
+    cm, reference = single_process
     expected_logits = reference_logits(cm, STEPS)
     with pytest.raises(RuntimeError) as one_process_error:
         cm(input_ids=batch(STEPS).float())
