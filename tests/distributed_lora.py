@@ -8,6 +8,7 @@ step. Dropout is off, so both runs compute the same function.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,6 +31,14 @@ def compiled_llama(quantize: dict | None = None) -> peftc.CompiledModel:
     cm = peftc.compile(FAMILIES["llama"].build(), spec, example_kwargs={"input_ids": ids, "labels": ids})
     randomize_adapters(cm, seed=1)
     return cm.train()
+
+
+@functools.cache
+def single_process_run() -> tuple[peftc.CompiledModel, dict]:
+    """compiled_llama trained `STEPS` steps on the whole batch in this process, and its `train` result: what
+    the DDP and FSDP2 runs are compared with. Made once per test process; the tests only read it."""
+    cm = compiled_llama()
+    return cm, train(cm, steps=STEPS)
 
 
 def batch(step: int) -> torch.Tensor:

@@ -49,6 +49,9 @@ def train_losses(model, ids, steps=3):
 
 @pytest.fixture(scope="module")
 def trained_pair():
+    """A bfloat16 LLaMA, its compiled LoRA (non-zero float32 adapters) and PEFT's with the same adapters. Tests
+    that read the compiled model leave its adapters as they are: the training test below needs them equal to
+    PEFT's when it starts."""
     model = bf16_llama()
     cm = peftc.compile(copy.deepcopy(model), lora())
     randomize_adapters(cm)
@@ -161,10 +164,8 @@ def test_every_method_trains_in_float32_over_bf16_and_matches_a_float32_model(en
     assert (merged(input_ids=ids).logits.float() - logits.float()).abs().max() <= 2 * noise
 
 
-def test_merged_folds_in_float32_and_rounds_once():
-    model = bf16_llama()
-    cm = peftc.compile(copy.deepcopy(model), lora(targets=["q_proj"]))
-    randomize_adapters(cm)
+def test_merged_folds_in_float32_and_rounds_once(trained_pair):
+    model, cm, _, _ = trained_pair  # float32 adapters over the bfloat16 base (non-zero; maybe trained: any values do)
     merged = cm.merged()
     state = cm.adapter_state_dict()
     name = "model.layers.0.self_attn.q_proj"
@@ -176,10 +177,8 @@ def test_merged_folds_in_float32_and_rounds_once():
     torch.testing.assert_close(merged(input_ids=ids).logits, cm(input_ids=ids).logits, atol=3e-2, rtol=3e-2)
 
 
-def test_saves_float32_adapters_that_peft_and_peftc_load(tmp_path):
-    model = bf16_llama()
-    cm = peftc.compile(copy.deepcopy(model), lora())
-    randomize_adapters(cm)
+def test_saves_float32_adapters_that_peft_and_peftc_load(trained_pair, tmp_path):
+    model, cm, _, _ = trained_pair  # float32 adapters over the bfloat16 base (non-zero; maybe trained: any values do)
     cm.save_adapter(tmp_path / "peft", format="peft")
     from safetensors.torch import load_file
 

@@ -11,6 +11,7 @@ from distributed_lora import (
     assert_identical_across_ranks,
     assert_matches_single_process,
     compiled_llama,
+    single_process_run,
     train,
 )
 
@@ -32,7 +33,7 @@ def ddp_training(rank: int, world_size: int, steps: int) -> dict:
 
 def test_ddp_trains_lora_as_one_process_on_the_whole_batch_with_and_without_checkpointing():
     runs = run_on_ranks(ddp_training, world_size=2, timeout=150, steps=STEPS)
-    reference = train(compiled_llama(), steps=STEPS)
+    _, reference = single_process_run()
     for checkpointing in (False, True):
         results = [run[checkpointing] for run in runs]
         assert all(result["checkpointing"] == checkpointing for result in results)

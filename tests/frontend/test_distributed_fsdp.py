@@ -23,6 +23,7 @@ from distributed_lora import (
     compiled_llama,
     rows,
     shard_shapes,
+    single_process_run,
     train,
     trained_tensors,
 )
@@ -87,8 +88,7 @@ def sharded(tmp_path_factory) -> tuple[list[dict], Path]:
 @pytest.fixture(scope="module")
 def single_process():
     """The single-process run on the whole batch every sharded run is compared with (tests only read it)."""
-    cm = compiled_llama()
-    return cm, train(cm, steps=STEPS)
+    return single_process_run()
 
 
 def test_fully_shard_on_the_root_shards_every_parameter_and_trains_as_one_process(sharded, single_process, tmp_path):
