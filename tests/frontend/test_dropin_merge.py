@@ -26,6 +26,13 @@ def compiled(name, adapters=None, **options):
     return family, model, cm
 
 
+@pytest.fixture(scope="module")
+def llama():
+    """compiled("llama") for the tests that only read it (merge_and_unload makes a new model by default,
+    and saving or generating leaves the compiled model's adapters as they are)."""
+    return compiled("llama")
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "vit"])
 def test_unloaded_model_is_the_original_class_with_the_compiled_logits(name, tmp_path):
     family, model, cm = compiled(name)
@@ -57,8 +64,8 @@ def test_inplace_writes_into_the_users_model():
         torch.testing.assert_close(result(**x).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_unloaded_causal_lm_generates():
-    family, model, cm = compiled("llama")
+def test_unloaded_causal_lm_generates(llama):
+    family, model, cm = llama
     plain = cm.merge_and_unload().eval()
     ids = family.inputs(1, 4)["input_ids"]
     out = plain.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -116,8 +123,8 @@ def test_quantized_base_unloads_in_full_precision():
         cm.merge_and_unload(inplace=True)
 
 
-def test_cli_merge_writes_a_transformers_folder(tmp_path, capsys):
-    family, model, cm = compiled("llama")
+def test_cli_merge_writes_a_transformers_folder(llama, tmp_path, capsys):
+    family, model, cm = llama
     model.save_pretrained(tmp_path / "base")
     cm.save_adapter(tmp_path / "adapter")
     code = main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
@@ -131,7 +138,6 @@ def test_cli_merge_writes_a_transformers_folder(tmp_path, capsys):
 
 
 def test_cli_merge_refuses_a_model_without_save_pretrained(tmp_path, capsys):
-    _, model, _ = compiled("llama")
     mlp = peftc.compile(FAMILIES["mlp"].build(), {"adapters": [{**LORA, "targets": ["fc1"]}]},
                         example_inputs=(torch.randn(3, 16),))
     mlp.save_adapter(tmp_path / "adapter")
@@ -147,11 +153,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
-def test_python_m_peftc_merge_writes_what_auto_model_loads_and_generates(tmp_path):
+def test_python_m_peftc_merge_writes_what_auto_model_loads_and_generates(llama, tmp_path):
     """The real entry point, on a folder that cm.save_pretrained wrote (peftc and PEFT files side by side)."""
     from transformers import AutoModelForCausalLM
 
-    family, model, cm = compiled("llama")
+    family, model, cm = llama
     model.save_pretrained(tmp_path / "base")
     cm.save_pretrained(tmp_path / "adapter")
     done = run_cli("merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
@@ -168,10 +174,10 @@ def test_python_m_peftc_merge_writes_what_auto_model_loads_and_generates(tmp_pat
     assert torch.equal(out, expected) and out.shape == (2, 9)
 
 
-def test_cli_merge_reads_an_adapter_peft_saved(tmp_path, capsys):
+def test_cli_merge_reads_an_adapter_peft_saved(llama, tmp_path, capsys):
     from peft_reference import peft_lora
 
-    family, model, cm = compiled("llama")
+    family, model, cm = llama
     model.save_pretrained(tmp_path / "base")
     peft_lora(model, cm, family.targets, 4, 8).save_pretrained(tmp_path / "peft")
     code = main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "out")])
@@ -182,8 +188,8 @@ def test_cli_merge_reads_an_adapter_peft_saved(tmp_path, capsys):
         torch.testing.assert_close(loaded(**x).logits, cm(**x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_cli_merge_names_a_missing_adapter(tmp_path, capsys):
-    _, model, _ = compiled("llama")
+def test_cli_merge_names_a_missing_adapter(llama, tmp_path, capsys):
+    _, model, _ = llama
     model.save_pretrained(tmp_path / "base")
     code = main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
