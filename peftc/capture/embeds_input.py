@@ -192,10 +192,21 @@ def _past_prepended(output: Node, width: int) -> Node | None:
 
 
 def _sizes_moved(graph: Graph, ids: Node, embeds: Node) -> bool:
-    """Point every read of input_ids' batch or sequence size (directly or through a view) and the input
-    guards at `embeds`; False if input_ids (or a view of it) is still read for anything else."""
+    """Point every read of input_ids' batch or sequence size (directly, through a view, or the batch size of
+    the ids a prompt method lengthened) and the input guards at `embeds`; False if input_ids is still
+    read for anything else."""
     for user in list(ids.users):
-        if user.target in ID_VIEWS and _same_shape(user, ids) and _sizes_moved(graph, user, embeds):
+        if _prepended(user, ids) is not None:
+            for size in list(user.users):
+                if size.target is aten.sym_size.int and size.args[1] == 0:
+                    size.args = (embeds, 0)
+    graph.eliminate_dead_code()
+    return _uses_moved(graph, ids, embeds)
+
+
+def _uses_moved(graph: Graph, ids: Node, embeds: Node) -> bool:
+    for user in list(ids.users):
+        if user.target in ID_VIEWS and _same_shape(user, ids) and _uses_moved(graph, user, embeds):
             graph.erase_node(user)
         elif user.target is aten.sym_size.int and user.args[1] in (0, 1):
             user.args = (embeds, user.args[1])
