@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from families import FAMILIES
 from torch._dynamo.utils import counters
@@ -33,6 +34,13 @@ def compiled(model, backend: str = "torch"):
     return cm
 
 
+@pytest.fixture(scope="module")
+def two_layers():
+    """(the user's 2-layer model, its compile) for the tests that only read it or run its graphs."""
+    model = llama(2)
+    return model, compiled(model)
+
+
 def layer_calls(gm) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                        CompiledLayer)]
@@ -55,17 +63,16 @@ def test_each_layer_is_a_module_at_its_own_path_holding_its_parameters():
     assert len(functions) == 1  # identical layers share one code object
 
 
-def test_parameter_names_read_like_the_original_model():
-    model = llama(2)
-    cm = compiled(model)
+def test_parameter_names_read_like_the_original_model(two_layers):
+    model, cm = two_layers
     base = {n for n, _ in cm.named_parameters() if not n.startswith("peftc.")}
     assert base == {n for n, _ in model.named_parameters()}
     adapters = {n for n, p in cm.named_parameters() if p.requires_grad}
     assert adapters == {"peftc." + n for n in cm.adapter_state_dict()}
 
 
-def test_the_structured_graph_computes_what_the_flat_graph_does():
-    cm = compiled(llama(2))
+def test_the_structured_graph_computes_what_the_flat_graph_does(two_layers):
+    _, cm = two_layers
     cm.train()
     args, kwargs = cm.example_call
 
@@ -116,9 +123,9 @@ def test_a_model_without_layer_stacks_runs_its_flat_graph():
     assert cm.graph_module is cm.flat_graph_module and not compiled_layers(cm)
 
 
-def test_pickle_round_trip_rebuilds_the_layers():
+def test_pickle_round_trip_rebuilds_the_layers(two_layers):
     import pickle
-    cm = compiled(llama(2))
+    _, cm = two_layers
     x = ids()
     with torch.no_grad():
         expected = cm(input_ids=x).logits
