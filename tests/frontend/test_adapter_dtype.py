@@ -229,8 +229,9 @@ def test_quantized_bf16_base_trains_float32_adapters():
 
 
 # -- virtual-token methods over a bfloat16 base ----------------------------------------------------------
-VIRTUAL = [{"method": "prompt", "num_tokens": 3},
-           {"method": "p_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 16},
+# p-tuning runs prompt tuning's code (prepend_virtual_tokens: the weights' dtype, the cast where the prompt
+# joins the embeddings) plus its float32 encoder, so it stands for both (each case is a capture)
+VIRTUAL = [{"method": "p_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 16},
            {"method": "prefix", "num_tokens": 3}]
 
 
