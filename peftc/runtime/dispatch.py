@@ -30,6 +30,7 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
+from peftc.runtime.forward_cache import CachedForward, check_cached_call, wants_cache
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 
@@ -56,6 +57,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self._flat = {self._first_signature: first.flat}  # a dict: graph modules are not our submodules
         self._tree_origin = adopt_tree(self, first.graph_module)
         self._generator = None  # built on the first generate()
+        self._cached_forward = None  # built on the first call with a KV cache
         set_mode(first.graph_module, self.training)
         self._keep_superset(superset)
 
@@ -93,6 +95,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
     def forward(self, *args, **kwargs):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
         kwargs, output_flags = split_output_flags(kwargs)
+        if wants_cache(self.compilation.source, kwargs):
+            return apply_output_flags(self._cached_call(kwargs), output_flags)
         call = (args, kwargs)
         try:
             gm, args, kwargs = self.graph_for(args, kwargs)
@@ -100,6 +104,13 @@ class GraphDispatch(ModelAttributes, nn.Module):
         except Exception as err:  # a guard or capture failure: raise what the original model raises
             raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
+
+    def _cached_call(self, kwargs: dict):
+        """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
+        check_cached_call(self.compilation.source, kwargs, sharded=is_sharded(self))
+        if self._cached_forward is None:
+            self._cached_forward = CachedForward(self.compilation, self.plan)
+        return self._cached_forward(kwargs, self.training)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""
@@ -204,7 +215,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         state = self.__dict__.copy()
         state["_modules"], state["_parameters"], state["_buffers"] = {}, {}, {}  # the tree: rebuilt
         state["_non_persistent_buffers_set"] = set()
-        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_method_graphs", "forward",
+        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_cached_forward", "_method_graphs", "forward",
                           "records", "sites"):
             state.pop(transient, None)
         return state
