@@ -3,7 +3,8 @@
 torch.export specializes a graph on which arguments a call passes (labels or not, a mask or
 not). A dispatch keeps one graph per call signature: the first, built when it was made, and
 others built on first use of a new signature by the same Compilation and plan (or derived
-without a capture from the superset graph: peftc.capture.specialize). The dispatch
+without a capture from the superset graph: peftc.capture.specialize); a call with
+`use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs. The dispatch
 owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
 original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
 submodules.
@@ -30,7 +31,7 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
-from peftc.runtime.forward_cache import CachedForward, check_cached_call, wants_cache
+from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_cached_forward, wants_cache
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 
@@ -107,8 +108,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     def _cached_call(self, kwargs: dict):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
-        check_cached_call(self.compilation.source, kwargs, sharded=is_sharded(self))
+        check_cached_call(kwargs)
         if self._cached_forward is None:
+            refuse_cached_forward(self.compilation.source, sharded=is_sharded(self))
             self._cached_forward = CachedForward(self.compilation, self.plan)
         return self._cached_forward(kwargs, self.training)
 

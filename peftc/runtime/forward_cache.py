@@ -33,7 +33,7 @@ from peftc.capture.calls import CallSignature, is_hf_model
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.runtime.kv_cache import head_dim, kv_heads
-from peftc.runtime.tensor_cache import CACHE_PARAMETERS, WithTensorCache, cache_parameter
+from peftc.runtime.tensor_cache import CACHE_PARAMETERS, WithTensorCache, cache_parameter, fill
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
 TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
@@ -63,6 +63,7 @@ class CachedForward:
         self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
         self.source = WithTensorCache(compilation.source)
         self.graphs: dict[CallSignature, GraphModule] = {}
+        self.modes: dict[GraphModule, bool] = {}  # the mode each graph's nodes are in
 
     @property
     def model(self) -> nn.Module:
@@ -76,9 +77,11 @@ class CachedForward:
         keys, values = past if past is not None else self._empty(batch)
         inputs = _with_full_mask(inputs, keys[0].shape[2], new)
         gm = self.graph_for(inputs)
-        set_mode(gm, training)
+        if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
+            set_mode(gm, training)
+            self.modes[gm] = training
         out, keys, values = gm(past_keys=list(keys), past_values=list(values), **inputs)
-        cache = store(cache if cache is not None else _new_cache(self.model), keys, values)
+        cache = fill(cache if cache is not None else _new_cache(self.model), keys, values)
         return type(out)(**{**out, self.source.cache_field: cache})  # in the original's field order
 
     def graph_for(self, inputs: dict) -> GraphModule:
@@ -118,12 +121,19 @@ class CachedForward:
         return ([weight.new_zeros(shape) for _ in layers], [weight.new_zeros(shape) for _ in layers])
 
 
-def check_cached_call(model: nn.Module, kwargs: dict, sharded: bool) -> None:
-    """Refuse what a cached forward cannot do, naming it (before anything is captured)."""
+def refuse_cached_forward(model: nn.Module, sharded: bool) -> None:
+    """Refuse a model a cached forward cannot run, naming why (checked once, before the first capture)."""
     if sharded:
         raise ShardedError("a forward with a KV cache (use_cache=True or cache=) on a model FSDP2 (fully_shard) "
                            "sharded: its graph runs outside FSDP2's hooks. Call it with use_cache=False, or save "
                            "the adapter (cm.save_adapter) and decode on one process from peftc.compile(base, spec)")
+    if cache_parameter(model) is None:
+        raise TypeError(f"{type(model).__name__}.forward takes no KV cache (no `cache` or `past_key_values` "
+                        "parameter)")
+
+
+def check_cached_call(kwargs: dict) -> None:
+    """Refuse a call a cached forward cannot run, naming what it passes (before anything is captured)."""
     supported = set(TOKEN_INPUTS + TOTAL_INPUTS + CACHE_PARAMETERS) | {"use_cache"}
     tensors = sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in supported)
     if tensors:
@@ -133,9 +143,6 @@ def check_cached_call(model: nn.Module, kwargs: dict, sharded: bool) -> None:
     ids = kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise TypeError("a forward with a KV cache needs input_ids [batch, new tokens]")
-    if cache_parameter(model) is None:
-        raise TypeError(f"{type(model).__name__}.forward takes no KV cache (no `cache` or `past_key_values` "
-                        "parameter)")
 
 
 def past_tensors(model: nn.Module, cache, batch: int) -> tuple[list, list] | None:
@@ -169,19 +176,6 @@ def past_tensors(model: nn.Module, cache, batch: int) -> tuple[list, list] | Non
         keys.append(layer.keys)
         values.append(layer.values)
     return keys, values
-
-
-def store(cache, keys, values):
-    """`cache` holding each layer's keys and values after the call (what DynamicLayer.update leaves)."""
-    from transformers.cache_utils import DynamicLayer
-
-    while len(cache.layers) < len(keys):  # a DynamicCache() made without a config
-        cache.layers.append(DynamicLayer())
-    for layer, k, v in zip(cache.layers, keys, values):
-        if not layer.is_initialized:
-            layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-    return cache
 
 
 def _new_cache(model: nn.Module):

@@ -41,9 +41,22 @@ class WithTensorCache(nn.Module):
         config = self._model.config.get_text_config(decoder=True)
         cache = DynamicCache(config=config)
         if past_keys is not None:
-            for layer, (keys, values) in enumerate(zip(past_keys, past_values)):
-                cache.update(keys, values, layer)
+            fill(cache, past_keys, past_values)
         out = self._model(**{self.cache_parameter: cache}, use_cache=True, **kwargs)
         self.cache_field = next(name for name, value in out.items() if value is cache)
         rest = type(out)(**{name: value for name, value in out.items() if value is not cache})
         return rest, tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers)
+
+
+def fill(cache, keys, values):
+    """`cache` holding `keys` and `values` (one tensor each per layer) as its layers' state, not copied:
+    what DynamicLayer.update leaves, without the concatenation onto an empty tensor it would do first."""
+    from transformers.cache_utils import DynamicLayer
+
+    while len(cache.layers) < len(keys):  # a DynamicCache() made without a config
+        cache.layers.append(DynamicLayer())
+    for layer, k, v in zip(cache.layers, keys, values):
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
