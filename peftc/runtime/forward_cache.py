@@ -33,13 +33,14 @@ from peftc.capture.calls import CallSignature, is_hf_model
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.runtime.kv_cache import head_dim, kv_heads
-from peftc.runtime.tensor_cache import CACHE_PARAMETERS, WithTensorCache, cache_parameter, fill
+from peftc.runtime.tensor_cache import CACHE_PARAMETERS, KEYS, VALUES, WithTensorCache, cache_parameter, fill
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
 TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
 TOTAL_INPUTS = ("attention_mask",)  # ... or [batch, past + new tokens]
 # Example sizes for the capture; all different, so that export's duck sizing ties no two dims.
 BATCH, NEW, PAST = 2, 3, 5
+PAST_LENGTH = Dim("past_length", min=0)
 
 
 def cache_argument(kwargs: dict):
@@ -56,9 +57,7 @@ class CachedForward:
     """The cached-forward graphs of one compiled model (its compilation, under its plan), by call signature."""
 
     def __init__(self, compilation, plan):
-        # Every layer exported: layer_stacks cannot copy a layer that reads and returns its own cache tensors
-        # (they are per-layer graph inputs), and a two-layer attempt that fails costs an export more.
-        self.compilation = replace(compilation, options=replace(compilation.options, copy_layers=False))
+        self.compilation = compilation
         # As generation does: the flat graph, no layer calls or checkpointing (nothing to recompute).
         self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
         self.source = WithTensorCache(compilation.source)
@@ -80,7 +79,8 @@ class CachedForward:
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
-        out, keys, values = gm(past_keys=list(keys), past_values=list(values), **inputs)
+        result = gm(past_keys=list(keys), past_values=list(values), **inputs)
+        out, keys, values = result["output"], result[KEYS], result[VALUES]
         cache = fill(cache if cache is not None else _new_cache(self.model), keys, values)
         return type(out)(**{**out, self.source.cache_field: cache})  # in the original's field order
 
@@ -110,7 +110,9 @@ class CachedForward:
             shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO}
         keys, values = self._empty(BATCH, PAST)
         example.update(past_keys=[k.normal_() for k in keys], past_values=[v.normal_() for v in values])
-        shapes.update(past_keys=[{0: Dim.AUTO, 2: Dim.AUTO}] * len(keys), past_values=[{0: Dim.AUTO, 2: Dim.AUTO}] * len(keys))
+        # One past length for every layer: one symbol, so each layer reads the same size (layer_stacks can copy them).
+        past = {0: Dim.AUTO, 2: PAST_LENGTH}
+        shapes.update(past_keys=[past] * len(keys), past_values=[past] * len(keys))
         return example, shapes
 
     def _empty(self, batch: int, length: int = 0) -> tuple[list, list]:

@@ -17,6 +17,7 @@ import inspect
 
 from torch import nn
 
+KEYS, VALUES = "peftc_cache_keys", "peftc_cache_values"  # output fields, one tensor per layer
 CACHE_PARAMETERS = ("cache", "past_key_values")  # transformers 5.x's name, then the older one
 
 
@@ -45,7 +46,11 @@ class WithTensorCache(nn.Module):
         out = self._model(**{self.cache_parameter: cache}, use_cache=True, **kwargs)
         self.cache_field = next(name for name, value in out.items() if value is cache)
         rest = type(out)(**{name: value for name, value in out.items() if value is not cache})
-        return rest, tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers)
+        # The layers that ran: all of them, but in layer_stacks' two-layer capture, which grows the tuples
+        # back to every layer as it does transformers' per-layer outputs (peftc.capture.recorded_outputs).
+        ran = [i for i, layer in enumerate(cache.layers) if past_keys is None or layer.keys is not past_keys[i]]
+        return {"output": rest, KEYS: tuple(cache.layers[i].keys for i in ran),
+                VALUES: tuple(cache.layers[i].values for i in ran)}
 
 
 def fill(cache, keys, values):

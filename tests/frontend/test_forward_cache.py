@@ -12,9 +12,24 @@ from peft import PeftModel
 from transformers import DynamicCache, StaticCache
 
 import peftc
+from peftc.capture.export import COPIED_LAYERS
 from families import FAMILIES, randomize_adapters
 
 CASES = [("llama", "lora"), ("qwen2", "ia3"), ("gpt2", "lora")]  # every family, LoRA and one other method
+
+
+def three_layer_llama():
+    """tests/families.py's LLaMA with a third layer: the cache graph's capture copies layer 1 as layer 2
+    (peftc.capture.layer_stacks), each copy reading and returning its own cache tensors."""
+    from transformers import LlamaForCausalLM
+
+    config = FAMILIES["llama"].build().config
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+BUILDS = {"llama": three_layer_llama, "qwen2": FAMILIES["qwen2"].build, "gpt2": FAMILIES["gpt2"].build}
 STEPS = 3
 
 
@@ -28,10 +43,10 @@ def compiled_pair(case: tuple[str, str], folder):
         entry = {"method": method, "targets": list(family.targets)}
         if method == "lora":
             entry.update(r=4, alpha=8)
-        cm = peftc.compile(family.build(), {"adapters": [entry]})
+        cm = peftc.compile(BUILDS[family_name](), {"adapters": [entry]})
         randomize_adapters(cm)
         cm.save_adapter(folder, format="peft")
-        COMPILED[case] = cm.eval(), PeftModel.from_pretrained(family.build(), folder).eval()
+        COMPILED[case] = cm.eval(), PeftModel.from_pretrained(BUILDS[family_name](), folder).eval()
     return COMPILED[case]
 
 
@@ -97,13 +112,15 @@ def test_one_graph_serves_the_prompt_and_every_step(pair):
     cm(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=out.past_key_values,
        use_cache=True)
     assert len(cm._cached_forward.graphs) == 1
+    if cm.config.num_hidden_layers > 2:  # captured with two layers, the third a copy
+        assert next(iter(cm._cached_forward.graphs.values())).meta[COPIED_LAYERS]
 
 
 @pytest.fixture(scope="module")
 def llama_pair(tmp_path_factory):
     """The llama-lora case's compiled model, and the original model it was compiled from."""
     cm, _ = compiled_pair(CASES[0], tmp_path_factory.mktemp("llama-lora"))
-    return cm, FAMILIES["llama"].build()
+    return cm, three_layer_llama()
 
 
 @torch.no_grad()
@@ -125,9 +142,9 @@ def test_a_cache_the_model_could_not_have_produced_fails_naming_the_problem(llam
     good = cm(ids, attention_mask=mask, use_cache=True).past_key_values
     layer = good.layers[0]
     step = {"attention_mask": torch.cat([mask, mask[:, :1]], 1), "use_cache": True}
-    with pytest.raises(ValueError, match="cache: holds 1 layers, LlamaForCausalLM has 2"):
+    with pytest.raises(ValueError, match="cache: holds 1 layers, LlamaForCausalLM has 3"):
         cm(ids[:, :1], past_key_values=DynamicCache([(layer.keys, layer.values)]), **step)
-    narrow = DynamicCache([(layer.keys[..., :8], layer.values[..., :8])] * 2)
+    narrow = DynamicCache([(layer.keys[..., :8], layer.values[..., :8])] * 3)
     with pytest.raises(ValueError, match=r"layer 0 keys have shape \(2, 2, 6, 8\).*head dim=16"):
         cm(ids[:, :1], past_key_values=narrow, **step)
     with pytest.raises(ValueError, match="batch=1"):
