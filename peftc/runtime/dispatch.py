@@ -31,7 +31,7 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
-from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_cached_forward, wants_cache
+from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_sharded, wants_cache
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 
@@ -110,7 +110,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
         check_cached_call(kwargs)
         if self._cached_forward is None:
-            refuse_cached_forward(self.compilation.source, sharded=is_sharded(self))
+            refuse_sharded(is_sharded(self))
             self._cached_forward = CachedForward(self.compilation, self.plan)
         return self._cached_forward(kwargs, self.training)
 

@@ -10,18 +10,22 @@ cache a call passes, hands its tensors to the graph (empty ones for a call witho
 graph serves the prompt and every continued step) and stores what comes back in a DynamicCache,
 the one passed (updated in place, as the original updates it) or a new one. One capture per set of
 other inputs (with or without position_ids, labels, ...), on the first call that passes them;
-the past length, batch and sequence length are dynamic.
+the past length, batch and sequence length are dynamic. The capture traces two decoder layers and
+copies the rest (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`),
+as the compile's own capture does.
 
 Which calls return a cache. The original returns one whenever `use_cache` (argument, else
 `config.use_cache`) is on, training calls included. The compiled model returns one when a call
 asks for it (`use_cache=True`) or passes one (`cache=`/`past_key_values=`); a call that says
-nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: a
-cache it never reads costs a layer's keys and values per layer held by the output (see
-benchmarks/RESULTS.md, "forward with a KV cache").
+nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: there
+a cache would cost a capture on the first call instead of a derived graph, and every output would
+hold each layer's keys and values (measured in benchmarks/RESULTS.md, "Forward with a KV cache").
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import replace
 
 import torch
@@ -33,10 +37,10 @@ from peftc.capture.calls import CallSignature, is_hf_model
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.runtime.kv_cache import head_dim, kv_heads
-from peftc.runtime.tensor_cache import CACHE_PARAMETERS, KEYS, VALUES, WithTensorCache, cache_parameter, fill
+from peftc.runtime.tensor_cache import CACHE_PARAMETERS, KEYS, VALUES, WithTensorCache, fill
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
-TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
+TOKEN_INPUTS = ("input_ids", "position_ids")
 TOTAL_INPUTS = ("attention_mask",)  # ... or [batch, past + new tokens]
 # Example sizes for the capture; all different, so that export's duck sizing ties no two dims.
 BATCH, NEW, PAST = 2, 3, 5
@@ -49,8 +53,15 @@ def cache_argument(kwargs: dict):
 
 
 def wants_cache(model: nn.Module, kwargs: dict) -> bool:
-    """Whether a (bound) call asks for a KV cache: `use_cache=True`, or a cache passed."""
-    return is_hf_model(model) and (kwargs.get("use_cache") is True or cache_argument(kwargs) is not None)
+    """Whether a (bound) call asks a model that takes a KV cache for one: `use_cache=True`, or a cache passed."""
+    asks = kwargs.get("use_cache") is True or cache_argument(kwargs) is not None
+    return asks and is_hf_model(model) and takes_cache(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def takes_cache(model_class: type) -> bool:
+    """Whether the class's forward takes a cache (a causal LM's does; an encoder's use_cache, if any, is inert)."""
+    return any(name in inspect.signature(model_class.forward).parameters for name in CACHE_PARAMETERS)
 
 
 class CachedForward:
@@ -123,15 +134,12 @@ class CachedForward:
         return ([weight.new_zeros(shape) for _ in layers], [weight.new_zeros(shape) for _ in layers])
 
 
-def refuse_cached_forward(model: nn.Module, sharded: bool) -> None:
-    """Refuse a model a cached forward cannot run, naming why (checked once, before the first capture)."""
+def refuse_sharded(sharded: bool) -> None:
+    """A sharded model cannot run a cached forward (checked once, before the first capture)."""
     if sharded:
         raise ShardedError("a forward with a KV cache (use_cache=True or cache=) on a model FSDP2 (fully_shard) "
                            "sharded: its graph runs outside FSDP2's hooks. Call it with use_cache=False, or save "
                            "the adapter (cm.save_adapter) and decode on one process from peftc.compile(base, spec)")
-    if cache_parameter(model) is None:
-        raise TypeError(f"{type(model).__name__}.forward takes no KV cache (no `cache` or `past_key_values` "
-                        "parameter)")
 
 
 def check_cached_call(kwargs: dict) -> None:

@@ -109,23 +109,24 @@ def test_one_graph_serves_the_prompt_and_every_step(pair):
     cm, _ = pair
     ids, mask = prompt(True)
     out = cm(ids, attention_mask=mask, use_cache=True)
+    graphs = dict(cm._cached_forward.graphs)
     cm(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=out.past_key_values,
        use_cache=True)
-    assert len(cm._cached_forward.graphs) == 1
+    assert cm._cached_forward.graphs == graphs  # the step captured nothing
     if cm.config.num_hidden_layers > 2:  # captured with two layers, the third a copy
-        assert next(iter(cm._cached_forward.graphs.values())).meta[COPIED_LAYERS]
+        assert all(gm.meta[COPIED_LAYERS] for gm in graphs.values())
 
 
 @pytest.fixture(scope="module")
 def llama_pair(tmp_path_factory):
     """The llama-lora case's compiled model, and the original model it was compiled from."""
-    cm, _ = compiled_pair(CASES[0], tmp_path_factory.mktemp("llama-lora"))
-    return cm, three_layer_llama()
+    cm, reference = compiled_pair(CASES[0], tmp_path_factory.mktemp("llama-lora"))
+    return cm, three_layer_llama(), reference
 
 
 @torch.no_grad()
 def test_a_passed_cache_is_updated_in_place_as_the_original_does(llama_pair):
-    cm, model = llama_pair
+    cm, model, _ = llama_pair
     ids, mask = prompt(False)
     for module in (cm, model):
         cache = DynamicCache(config=model.config)  # made by the caller, filled by the first call
@@ -137,7 +138,7 @@ def test_a_passed_cache_is_updated_in_place_as_the_original_does(llama_pair):
 
 @torch.no_grad()
 def test_a_cache_the_model_could_not_have_produced_fails_naming_the_problem(llama_pair):
-    cm, model = llama_pair
+    cm, model, _ = llama_pair
     ids, mask = prompt(False)
     good = cm(ids, attention_mask=mask, use_cache=True).past_key_values
     layer = good.layers[0]
@@ -156,10 +157,28 @@ def test_a_cache_the_model_could_not_have_produced_fails_naming_the_problem(llam
 @torch.no_grad()
 def test_a_plain_eval_call_returns_no_cache(llama_pair):
     """The documented choice (peftc.runtime.forward_cache): only a call that asks gets a cache."""
-    cm, model = llama_pair
+    cm, model, _ = llama_pair
     assert model.config.use_cache
     ids, mask = prompt(False)
     assert isinstance(model(ids, attention_mask=mask).past_key_values, DynamicCache)  # the original returns one
     out = cm(ids, attention_mask=mask)
     assert list(out.keys()) == ["logits"]
     assert cm(ids, attention_mask=mask, use_cache=False).keys() == out.keys()
+
+
+@torch.no_grad()
+def test_position_ids_with_a_cache_equal_peft(llama_pair):
+    """A left-padded batch decoded with positions counted from the mask, as users compute them."""
+    cm, _, reference = llama_pair
+    ids, mask = prompt(True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ours = cm(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    theirs = reference(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    token = theirs.logits[:, -1].argmax(-1, keepdim=True)
+    step = {"attention_mask": torch.cat([mask, torch.ones_like(token)], 1), "position_ids": positions[:, -1:] + 1,
+            "use_cache": True}
+    ours = cm(token, past_key_values=ours.past_key_values, **step)
+    theirs = reference(input_ids=token, past_key_values=theirs.past_key_values, **step)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert_same_cache(ours.past_key_values, theirs.past_key_values)
