@@ -9,7 +9,7 @@ without exporting (labels, Trainer's labels + num_items_in_batch, output_hidden_
 output_attentions, position_ids; see peftc.capture.specialize), one outside the superset
 that still captures (inputs_embeds in place of input_ids), and a forward with use_cache=True,
 whose graph takes and returns each layer's keys and values (peftc.runtime.forward_cache: one
-capture of every layer, timed with the forward it runs).
+capture, two layers traced and the rest copied; timed with the forward it runs).
 Reported: the time to bind the call and get its graph (`cm.graph_for`: what meeting the
 signature costs, without the forward's own time, which is noise on a loaded machine), medians
 over fresh compiles, as a share of the compile time. Also the compile time with the superset
@@ -37,7 +37,7 @@ from peftc.runtime.forward_cache import wants_cache
 
 IDS = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(0))
 EMBEDS = torch.randn(4, 128, 512, generator=torch.Generator().manual_seed(1))  # lora_llama's hidden size
-CACHED = "use_cache=True (a KV-cache graph: one capture, every layer; timed with its forward)"
+CACHED = "use_cache=True (a KV-cache graph: one capture; timed with its forward)"
 VARIATIONS = {
     "positional ids, no mask": ((IDS,), {}),
     "return_dict=False": ((), {"input_ids": IDS, "return_dict": False}),
