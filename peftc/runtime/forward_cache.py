@@ -58,7 +58,7 @@ def wants_cache(model: nn.Module, kwargs: dict) -> bool:
     return asks and is_hf_model(model) and takes_cache(type(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def takes_cache(model_class: type) -> bool:
     """Whether the class's forward takes a cache (a causal LM's does; an encoder's use_cache, if any, is inert)."""
     return any(name in inspect.signature(model_class.forward).parameters for name in CACHE_PARAMETERS)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import FAMILIES, randomize_adapters
 from peft import PeftModel
 from transformers import DynamicCache, StaticCache
 
 import peftc
 from peftc.capture.export import COPIED_LAYERS
-from families import FAMILIES, randomize_adapters
 
 CASES = [("llama", "lora"), ("qwen2", "ia3"), ("gpt2", "lora")]  # every family, LoRA and one other method
 
