@@ -6,8 +6,9 @@ The lora_llama.py model and spec. Each row is a variation of the compiled call (
 attention_mask): ones that map to the compiled graph (positional ids, no mask, return_dict=False,
 arguments equal to their defaults), ones whose graph is derived from the superset capture
 without exporting (labels, Trainer's labels + num_items_in_batch, output_hidden_states,
-output_attentions, position_ids; see peftc.capture.specialize), one outside the superset
-that still captures (inputs_embeds in place of input_ids), and a forward with use_cache=True,
+output_attentions, position_ids; see peftc.capture.specialize; inputs_embeds in place of
+input_ids: peftc.capture.embeds_input), one outside the superset that still captures
+(logits_to_keep, a constant the graph is specialized on), and a forward with use_cache=True,
 whose graph takes and returns each layer's keys and values (peftc.runtime.forward_cache: one
 capture, two layers traced and the rest copied; timed with the forward it runs).
 Reported: the time to bind the call and get its graph (`cm.graph_for`: what meeting the
@@ -55,7 +56,10 @@ VARIATIONS = {
     "position_ids + labels + output_hidden_states (derived)":
         ((), {"input_ids": IDS, "position_ids": torch.arange(128).expand(4, -1), "labels": IDS,
               "output_hidden_states": True}),
-    "inputs_embeds (outside the superset: a capture)": ((), {"inputs_embeds": EMBEDS}),
+    "inputs_embeds in place of input_ids (derived)": ((), {"inputs_embeds": EMBEDS}),
+    "inputs_embeds + attention_mask + labels (derived)":
+        ((), {"inputs_embeds": EMBEDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}),
+    "logits_to_keep=1 (outside the superset: a capture)": ((), {"input_ids": IDS, "logits_to_keep": 1}),
     CACHED: ((), {"input_ids": IDS, "use_cache": True}),
 }
 

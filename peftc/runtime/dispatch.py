@@ -20,6 +20,7 @@ from torch.fx import GraphModule
 
 from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
+from peftc.capture.embeds_input import derive_embeds_graph
 from peftc.capture.input_defaults import rows_broadcast
 from peftc.capture.sharded import is_sharded, runnable
 from peftc.capture.specialize import derive_graph
@@ -134,7 +135,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if self._superset is None:
             return None
         wide = CallSignature.of(*self._superset)
-        return derive_graph(self._graphs[wide], wide, signature, ExtraInputs.of(self.compilation.source))
+        gm, model = self._graphs[wide], self.compilation.source
+        return derive_graph(gm, wide, signature, ExtraInputs.of(model)) \
+            or derive_embeds_graph(gm, wide, signature, model)  # inputs_embeds in place of input_ids
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""
