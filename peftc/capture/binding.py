@@ -59,11 +59,14 @@ def _without_config_flags(model: nn.Module, kwargs: dict) -> dict:
 
 def _with_full_mask(signature: inspect.Signature, kwargs: dict) -> dict:
     """transformers reads a missing attention_mask as all ones; passing those ones keeps calls with
-    and without a mask on one graph."""
-    ids = kwargs.get("input_ids")
-    if "attention_mask" in signature.parameters and "attention_mask" not in kwargs \
-            and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+    and without a mask on one graph (for input_ids [batch, seq], or inputs_embeds [batch, seq, dim])."""
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if "attention_mask" not in signature.parameters or "attention_mask" in kwargs:
+        return kwargs
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
         return {**kwargs, "attention_mask": torch.ones_like(ids)}
+    if ids is None and isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+        return {**kwargs, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)}
     return kwargs
 
 

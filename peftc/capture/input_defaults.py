@@ -16,8 +16,9 @@ The superset's position_ids have one row per example; a call passing one row for
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ DEFAULTS: dict[str, InputDefault] = {
     "token_type_ids": InputDefault(_zeros, _zeros_in_graph),
 }
 MAIN_INPUT = "input_ids"  # the defaults are shaped after it
+EMBEDS_INPUT = "inputs_embeds"  # or after the embeddings passed in its place (peftc.capture.embeds_input)
 FLAG_CHECK = "{}=True"  # default_holds' item for "this output flag only adds outputs"
 ROWS = "position_ids rows"  # default_holds' key for "one row of position_ids stands for every row"
 _HOLDS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
@@ -135,7 +137,7 @@ def default_holds(model: nn.Module, names: tuple[str, ...] | str, example: dict 
     return known[names]
 
 
-def _small_call(model: nn.Module, example: dict | None) -> dict | None:
+def small_call(model: nn.Module, example: dict | None) -> dict | None:
     """Token ids (2 x 5, the first row left-padded) for a model that reads them, else the first two rows
     of the example call's tensors (images); None if neither."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -157,7 +159,7 @@ def _small_call(model: nn.Module, example: dict | None) -> dict | None:
 
 
 def _check(model: nn.Module, names: tuple[str, ...] | str, example: dict | None) -> bool:
-    call = _small_call(model, example)
+    call = small_call(model, example)
     if call is None:
         return False
     ids = call.get(MAIN_INPUT)
@@ -169,18 +171,26 @@ def _check(model: nn.Module, names: tuple[str, ...] | str, example: dict | None)
         without = {}
         given = {name[: -len(flag_suffix)]: True for name in names if name.endswith(flag_suffix)}
         given.update({name: DEFAULTS[name].value(ids) for name in names if not name.endswith(flag_suffix)})
-    modes = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        # a stack of alike layers run as two (as a capture traces it): the inputs reach every layer alike
-        with torch.no_grad(), model_kept(model), layer_stacks.cut_to_two(model, layer_stacks.find_stacks(model)):
+        with checking(model):
             plain = model(**call, **without)
             flagged = model(**call, **given)
             if hasattr(plain, "keys") and hasattr(flagged, "keys"):  # fields the flag adds are not compared
                 flagged = type(plain)(**{key: flagged[key] for key in plain if key in flagged})
-            return _identical(plain, flagged)
+            return identical(plain, flagged)
     except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the inputs out of the superset
         return False
+
+
+@contextlib.contextmanager
+def checking(model: nn.Module) -> Iterator[None]:
+    """How a check calls the model: eval mode, no grad, what the forward leaves undone after, and a stack
+    of alike layers run as two (as a capture traces it: the inputs reach every layer alike)."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), model_kept(model), layer_stacks.cut_to_two(model, layer_stacks.find_stacks(model)):
+            yield
     finally:
         for module, training in modes.items():
             module.training = training
@@ -197,7 +207,7 @@ def substitute_default(graph: Graph, placeholder: Node, main: Node, name: str) -
     placeholder.replace_all_uses_with(value)
 
 
-def _identical(a, b) -> bool:
+def identical(a, b) -> bool:
     la, lb = _leaves(a), _leaves(b)
     return len(la) == len(lb) and all(
         torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y

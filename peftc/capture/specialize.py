@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 import peftc.ir.cross_entropy  # noqa: F401  registers peftc::cross_entropy
 from peftc.capture.calls import CallSignature
-from peftc.capture.input_defaults import DEFAULTS, MAIN_INPUT, substitute_default
+from peftc.capture.input_defaults import DEFAULTS, EMBEDS_INPUT, MAIN_INPUT, substitute_default
 
 aten = torch.ops.aten
 
@@ -72,7 +72,7 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
     """
     dropped = dropped_inputs(superset, call)
     info = getattr(gm.graph._codegen, "pytree_info", None)  # torch.export's (args, kwargs) and output specs
-    if dropped is None or info is None or not _is_args_kwargs(info.in_spec) or info.out_spec is None:
+    if dropped is None or info is None or not is_args_kwargs(info.in_spec) or info.out_spec is None:
         return None
     graph = Graph(owning_module=gm)  # dead-code elimination asks the owner whether a called submodule is pure
     values: dict[Node, Node] = {}
@@ -82,10 +82,10 @@ def derive_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
     switched_on = [DROPPABLE[name] for name in dropped]
     out_spec, leaves = _prune_fields(info.out_spec, list(outputs), lambda field: any(on(field) for on in switched_on))
     graph.output(type(outputs)(leaves))
-    inputs = _inputs_by_keyword(graph, info.in_spec)
+    inputs = inputs_by_keyword(graph, info.in_spec)
     guards = _detach_guards(graph, inputs, dropped, stand_ins)
     _sizes_from_kept_inputs(graph, inputs, dropped)
-    _drop_checks_on(graph, [node for name in dropped for node in inputs.get(name, [])])
+    drop_checks_on(graph, [node for name in dropped for node in inputs.get(name, [])])
     if not _defaults_substituted(graph, inputs, [name for name in dropped if name in DEFAULTS]):
         return None
     graph.eliminate_dead_code()
@@ -131,8 +131,9 @@ def _sizes_from_kept_inputs(graph: Graph, inputs: dict[str, list[Node]], dropped
 
 
 def _defaults_substituted(graph: Graph, inputs: dict[str, list[Node]], names: list[str]) -> bool:
-    """Each of `names` (dropped inputs with a checked default) computed from the call's input_ids instead."""
-    main = inputs.get(MAIN_INPUT, [])
+    """Each of `names` (dropped inputs with a checked default) computed from the call's input_ids instead
+    (or from the inputs_embeds in their place: the defaults read only batch and sequence sizes)."""
+    main = inputs.get(MAIN_INPUT) or inputs.get(EMBEDS_INPUT, [])
     if names and (len(main) != 1 or any(len(inputs.get(name, [])) != 1 for name in names)):
         return False
     for name in names:
@@ -248,7 +249,7 @@ class DerivedGuards(nn.Module):
         return self.guards(*(filled[name] for name in self.names))
 
 
-def _drop_checks_on(graph: Graph, inputs: list[Node]) -> None:
+def drop_checks_on(graph: Graph, inputs: list[Node]) -> None:
     """Remove the metadata and shape assertions on values computed from `inputs`: they have no users,
     so dead-code elimination keeps them (and all they read) as side effects."""
     computed = set(inputs)
@@ -256,16 +257,16 @@ def _drop_checks_on(graph: Graph, inputs: list[Node]) -> None:
         if node not in computed and any(arg in computed for arg in node.all_input_nodes):
             computed.add(node)
     for node in reversed(list(graph.nodes)):
-        if node in computed and node.op == "call_function" and not node.users and _is_check(node):
+        if node in computed and node.op == "call_function" and not node.users and is_check(node):
             graph.erase_node(node)
 
 
-def _is_check(node: Node) -> bool:
+def is_check(node: Node) -> bool:
     name = getattr(node.target, "__name__", str(node.target))
     return name.startswith(("_assert", "sym_constrain_range"))
 
 
-def _inputs_by_keyword(graph: Graph, in_spec: pytree.TreeSpec) -> dict[str, list[Node]]:
+def inputs_by_keyword(graph: Graph, in_spec: pytree.TreeSpec) -> dict[str, list[Node]]:
     """The placeholders of each keyword argument (a keyword holding a tuple has several)."""
     placeholders = list(graph.find_nodes(op="placeholder"))
     args_spec, kwargs_spec = in_spec.children()
@@ -284,6 +285,6 @@ def _without_keywords(in_spec: pytree.TreeSpec, names: list[str]) -> pytree.Tree
     return pytree.TreeSpec(tuple, None, [args_spec, kwargs_spec])
 
 
-def _is_args_kwargs(spec: pytree.TreeSpec) -> bool:
+def is_args_kwargs(spec: pytree.TreeSpec) -> bool:
     return (spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple
             and spec.child(1).type is dict)

@@ -1,7 +1,8 @@
 """Every subset of the superset's optional inputs gets a derived graph (no capture) that returns what the
 original model with the same non-zero adapters returns (peft), on random shapes and padding (hypothesis).
 The inputs: labels, num_items_in_batch, the output flags, return_dict=False, and the inputs whose
-default the derived graph computes (position_ids; token_type_ids for BERT: peftc.capture.input_defaults).
+default the derived graph computes (position_ids; token_type_ids for BERT: peftc.capture.input_defaults),
+with input_ids or their embeddings passed as inputs_embeds.
 
 The models have three layers, so the capture copies layer 1 for layer 2 (peftc.capture.layer_stacks)
 and the per-layer hidden states and attentions are grown from the two-layer capture
@@ -110,6 +111,9 @@ def _flat(value) -> list:
 def test_any_subset_of_optional_inputs_is_derived_and_equals_the_original(pair, monkeypatch, data, batch, seq):
     cm, reference, family = pair
     kwargs = _call(data, batch, seq, family)
+    if data.draw(st.booleans(), label="inputs_embeds in place of input_ids"):  # peftc.capture.embeds_input
+        with torch.no_grad():
+            kwargs["inputs_embeds"] = reference.get_input_embeddings()(kwargs.pop("input_ids"))
     captures = []
     build = type(cm.compilation).build
     monkeypatch.setattr(type(cm.compilation), "build", lambda self, *a, **k: captures.append(a) or build(self, *a, **k))
