@@ -109,7 +109,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     def _cached_call(self, kwargs: dict):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
-        check_cached_call(kwargs)
+        check_cached_call(self.compilation.source, kwargs)
         if self._cached_forward is None:
             refuse_sharded(is_sharded(self))
             self._cached_forward = CachedForward(self.compilation, self.plan)
