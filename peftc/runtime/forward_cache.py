@@ -81,7 +81,8 @@ class CachedForward:
     def model(self) -> nn.Module:
         return self.compilation.source
 
-    def __call__(self, kwargs: dict, training: bool):
+    def __call__(self, kwargs: dict, training: bool, graph_inputs: dict | None = None):
+        """`graph_inputs`: more keywords the graphs take, which the model does not (a served model's adapter_ids)."""
         cache = cache_argument(kwargs)
         inputs = {k: v for k, v in kwargs.items() if k not in CACHE_PARAMETERS and k != "use_cache"}
         batch, new = _main_input(inputs).shape[:2]
@@ -92,7 +93,7 @@ class CachedForward:
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
-        result = gm(past_keys=list(keys), past_values=list(values), **inputs)
+        result = gm(past_keys=list(keys), past_values=list(values), **inputs, **(graph_inputs or {}))
         out, keys, values = result["output"], result[KEYS], result[VALUES]
         cache = fill(cache if cache is not None else _new_cache(self.model), keys, values)
         return type(out)(**{**out, self.source.cache_field: cache})  # in the original's field order
