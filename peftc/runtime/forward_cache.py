@@ -9,8 +9,9 @@ layer's past keys and values as tensors and returns them after the call; this mo
 cache a call passes, hands its tensors to the graph (empty ones for a call without a cache: one
 graph serves the prompt and every continued step) and stores what comes back in a DynamicCache,
 the one passed (updated in place, as the original updates it) or a new one. One capture per set of
-other inputs (with or without position_ids, labels, ...), on the first call that passes them;
-the past length, batch and sequence length are dynamic. The capture traces two decoder layers and
+other inputs (with or without position_ids, labels, inputs_embeds in place of input_ids, ...), on
+the first call that passes them; the past length, batch and sequence length are dynamic. A served
+model (peftc.serving.served) runs these graphs too, its routing `adapter_ids` one more graph input. The capture traces two decoder layers and
 copies the rest (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`),
 as the compile's own capture does.
 

@@ -23,7 +23,10 @@ How the ids reach the graph: as data. add_routing_input gives each served graph 
 keyword input, `adapter_ids` (int64 [batch], -1 for the base), and the multi-adapter ops read
 that placeholder; the wrapper checks the caller's ids (peftc.serving.routing) and passes them
 with the model's own inputs. Nothing is stored per call, so threads may share one served model,
-and `export_onnx(mm, path)` keeps the ids as an ONNX input (Plan.serve_export).
+and `export_onnx(mm, path)` keeps the ids as an ONNX input (Plan.serve_export). A call with
+`use_cache=True` or a cache passed returns a DynamicCache as a compiled model's does (its graphs,
+peftc.runtime.forward_cache, built by the serving plan, the ids one more input); with prompt or
+prefix adapters served it is refused (their virtual tokens would enter the cache): generate() decodes.
 """
 
 from __future__ import annotations
