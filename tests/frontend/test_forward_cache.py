@@ -254,7 +254,7 @@ def test_inputs_embeds_start_a_cache_that_embeds_and_ids_continue_as_peft(lora_p
 def test_a_cached_call_it_cannot_run_fails_naming_what_it_passes(llama_pair):
     """Checked before any capture: the refusals name the argument and what it should be."""
     cm, model, _ = llama_pair
-    ids, mask = prompt(False)
+    ids, _ = prompt(False)
     embeds = model.get_input_embeddings()(ids)
     with pytest.raises(ValueError, match=r"exactly one of input_ids.*inputs_embeds.*\['input_ids', 'inputs_embeds'\]"):
         cm(ids, inputs_embeds=embeds, use_cache=True)
