@@ -108,11 +108,11 @@ KV_CACHE_IN_OUTPUT = "cache_utils"  # export's "Found <class 'transformers.cache
 
 def _fix_for(reason: str) -> str:
     if "in output" in reason and KV_CACHE_IN_OUTPUT in reason:
-        # A capture whose output holds transformers' cache object: compiled models route use_cache=True
-        # calls to graphs with the cache as tensors (peftc.runtime.forward_cache); served models do not.
-        return ("this call returns a KV cache object (use_cache=True), which this graph cannot return; a "
-                "compiled model's forward returns one (cm(..., use_cache=True)), a served model's does not: "
-                "call its generate(...) for cached decoding, or pass use_cache=False")
+        # A capture whose output holds transformers' cache object: compiled and served models route
+        # use_cache=True calls to graphs with the cache as tensors (peftc.runtime.forward_cache).
+        return ("this call returns a KV cache object (use_cache=True), which this graph cannot return; call "
+                "peftc.compile(...) or peftc.serve_adapters(...) and their forward with use_cache=True (or their "
+                "generate(...)) for cached decoding, or pass use_cache=False")
     return ("pass example_inputs/example_kwargs that match a real call, make data-dependent "
             "Python control flow tensor-free, or pass dynamic_shapes=... to fix the dims yourself.")
 

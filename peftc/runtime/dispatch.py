@@ -107,13 +107,13 @@ class GraphDispatch(ModelAttributes, nn.Module):
             raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
 
-    def _cached_call(self, kwargs: dict):
+    def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
-        check_cached_call(kwargs)
+        check_cached_call(self.compilation.source, kwargs)
         if self._cached_forward is None:
             refuse_sharded(is_sharded(self))
             self._cached_forward = CachedForward(self.compilation, self.plan)
-        return self._cached_forward(kwargs, self.training)
+        return self._cached_forward(kwargs, self.training, graph_inputs)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""

@@ -9,8 +9,9 @@ layer's past keys and values as tensors and returns them after the call; this mo
 cache a call passes, hands its tensors to the graph (empty ones for a call without a cache: one
 graph serves the prompt and every continued step) and stores what comes back in a DynamicCache,
 the one passed (updated in place, as the original updates it) or a new one. One capture per set of
-other inputs (with or without position_ids, labels, ...), on the first call that passes them;
-the past length, batch and sequence length are dynamic. The capture traces two decoder layers and
+other inputs (with or without position_ids, labels, inputs_embeds in place of input_ids, ...), on
+the first call that passes them; the past length, batch and sequence length are dynamic. A served
+model (peftc.serving.served) runs these graphs too, its routing `adapter_ids` one more graph input. The capture traces two decoder layers and
 copies the rest (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`),
 as the compile's own capture does.
 
@@ -40,8 +41,10 @@ from peftc.runtime.kv_cache import head_dim, kv_heads
 from peftc.runtime.tensor_cache import CACHE_PARAMETERS, KEYS, VALUES, WithTensorCache, fill
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
-TOKEN_INPUTS = ("input_ids", "position_ids")
+TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
 TOTAL_INPUTS = ("attention_mask",)  # ... or [batch, past + new tokens]
+EMBEDS_INPUTS = ("inputs_embeds",)  # ... or [batch, new tokens, hidden], in the token embedding's dtype
+MAIN_INPUTS = ("input_ids", "inputs_embeds")  # the new tokens: exactly one of them, as the original requires
 # Example sizes for the capture; all different, so that export's duck sizing ties no two dims.
 BATCH, NEW, PAST = 2, 3, 5
 PAST_LENGTH = Dim("past_length", min=0)
@@ -79,7 +82,8 @@ class CachedForward:
     def model(self) -> nn.Module:
         return self.compilation.source
 
-    def __call__(self, kwargs: dict, training: bool):
+    def __call__(self, kwargs: dict, training: bool, graph_inputs: dict | None = None):
+        """`graph_inputs`: more keywords the graphs take, which the model does not (a served model's adapter_ids)."""
         cache = cache_argument(kwargs)
         inputs = {k: v for k, v in kwargs.items() if k not in CACHE_PARAMETERS and k != "use_cache"}
         batch, new = _main_input(inputs).shape[:2]
@@ -90,7 +94,7 @@ class CachedForward:
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
-        result = gm(past_keys=list(keys), past_values=list(values), **inputs)
+        result = gm(past_keys=list(keys), past_values=list(values), **inputs, **(graph_inputs or {}))
         out, keys, values = result["output"], result[KEYS], result[VALUES]
         cache = fill(cache if cache is not None else _new_cache(self.model), keys, values)
         return type(out)(**{**out, self.source.cache_field: cache})  # in the original's field order
@@ -113,7 +117,12 @@ class CachedForward:
             if not isinstance(value, torch.Tensor):
                 example[name], shapes[name] = value, None  # a flag or logits_to_keep: part of the signature
                 continue
-            width = NEW if name in TOKEN_INPUTS else PAST + NEW
+            width = NEW if name in TOKEN_INPUTS + EMBEDS_INPUTS else PAST + NEW
+            if name in EMBEDS_INPUTS:
+                weight = self.model.get_input_embeddings().weight
+                example[name] = weight.new_zeros(BATCH, width, value.shape[-1]).normal_()
+                shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO, 2: Dim.STATIC}  # hidden is the model's: static
+                continue
             if name == "position_ids":
                 example[name] = torch.arange(PAST, PAST + NEW, device=value.device).expand(BATCH, -1).to(value.dtype)
             else:
@@ -142,17 +151,29 @@ def refuse_sharded(sharded: bool) -> None:
                            "the adapter (cm.save_adapter) and decode on one process from peftc.compile(base, spec)")
 
 
-def check_cached_call(kwargs: dict) -> None:
+def check_cached_call(model: nn.Module, kwargs: dict) -> None:
     """Refuse a call a cached forward cannot run, naming what it passes (before anything is captured)."""
-    supported = set(TOKEN_INPUTS + TOTAL_INPUTS + CACHE_PARAMETERS) | {"use_cache"}
+    supported = set(TOKEN_INPUTS + TOTAL_INPUTS + EMBEDS_INPUTS + CACHE_PARAMETERS) | {"use_cache"}
     tensors = sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in supported)
     if tensors:
         raise NotImplementedError(f"a forward with a KV cache takes {sorted(supported)} (and flags); this call "
                                   f"also passes {tensors}. Pass use_cache=False, or call "
                                   "cm.merge_and_unload() for the original model with every option")
-    ids = kwargs.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise TypeError("a forward with a KV cache needs input_ids [batch, new tokens]")
+    main = [k for k in MAIN_INPUTS if kwargs.get(k) is not None]
+    if len(main) != 1:  # the original's rule, checked here: the capture would fail less clearly
+        raise ValueError(f"a forward with a KV cache needs exactly one of input_ids [batch, new tokens] or "
+                         f"inputs_embeds [batch, new tokens, hidden]; this call passes {main or 'neither'}")
+    tensor = kwargs[main[0]]
+    dims = 2 if main[0] == "input_ids" else 3
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != dims:
+        raise TypeError(f"a forward with a KV cache needs {main[0]} with {dims} dims "
+                        f"({'[batch, new tokens]' if dims == 2 else '[batch, new tokens, hidden]'})")
+    if dims == 3:
+        weight = model.get_input_embeddings().weight
+        if tensor.shape[-1] != weight.shape[-1] or tensor.dtype != weight.dtype:
+            raise ValueError(f"inputs_embeds: [..., {tensor.shape[-1]}] {tensor.dtype}; {type(model).__name__}'s "
+                             f"token embeddings are [..., {weight.shape[-1]}] {weight.dtype}, as inputs_embeds "
+                             "must be (model.get_input_embeddings()(input_ids) gives them)")
 
 
 def past_tensors(model: nn.Module, cache, batch: int) -> tuple[list, list] | None:
@@ -199,7 +220,8 @@ def _text_config(model: nn.Module):
 
 
 def _main_input(inputs: dict) -> torch.Tensor:
-    return inputs["input_ids"]
+    """The new tokens' input: [batch, new, ...] (check_cached_call made sure there is exactly one)."""
+    return next(inputs[k] for k in MAIN_INPUTS if inputs.get(k) is not None)
 
 
 def _with_full_mask(inputs: dict, past: int, new: int) -> dict:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from families import FAMILIES, randomize_adapters
 from peft import PeftModel
+from peft_reference import PEFT_PREFIXES
 from transformers import DynamicCache, StaticCache
 
 import peftc
@@ -182,3 +183,82 @@ def test_position_ids_with_a_cache_equal_peft(llama_pair):
     theirs = reference(input_ids=token, past_key_values=theirs.past_key_values, **step)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert_same_cache(ours.past_key_values, theirs.past_key_values)
+
+
+LORA_CASES = [case for case in CASES if case[1] == "lora"]  # LLaMA and GPT-2: the ones PEFT's LoRA grads read
+
+
+@pytest.fixture(scope="module", params=LORA_CASES, ids=lambda case: "-".join(case))
+def lora_pair(request, tmp_path_factory):
+    return compiled_pair(request.param, tmp_path_factory.mktemp("-".join(request.param)))
+
+
+def peft_lora_grads(reference) -> dict[str, torch.Tensor]:
+    """PEFT's LoRA gradients under peftc's adapter names ("<path>.lora.A")."""
+    grads = {}
+    for name, module in reference.named_modules():
+        if "default" in getattr(module, "lora_A", {}):
+            path = name.removeprefix(PEFT_PREFIXES[0])
+            grads[f"{path}.lora.A"] = module.lora_A["default"].weight.grad
+            grads[f"{path}.lora.B"] = module.lora_B["default"].weight.grad
+    return grads
+
+
+def test_labels_with_a_cache_give_the_loss_the_cache_and_the_gradients_peft_gives(lora_pair):
+    """`model(ids, labels=ids, use_cache=True)`: loss, logits and past_key_values, and the loss trains as PEFT's."""
+    cm, reference = lora_pair
+    ids, mask = prompt(True)
+    labels = ids.masked_fill(mask == 0, -100)
+    for name, param in reference.named_parameters():  # loaded for inference: frozen
+        param.requires_grad_("lora_" in name)
+    cm.zero_grad()
+    reference.zero_grad()
+    ours = cm(ids, attention_mask=mask, labels=labels, use_cache=True)
+    theirs = reference(input_ids=ids, attention_mask=mask, labels=labels, use_cache=True)
+    assert list(ours.keys()) == list(theirs.keys())[:3] and list(ours.keys())[:2] == ["loss", "logits"]
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert_same_cache(ours.past_key_values, theirs.past_key_values)
+    ours.loss.backward()
+    theirs.loss.backward()
+    mine = {name: p.grad for name, p in cm.adapter_root.named_parameters()}
+    expected = peft_lora_grads(reference)
+    assert mine.keys() == expected.keys() and len(mine) >= 4
+    for name, grad in mine.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_inputs_embeds_start_a_cache_that_embeds_and_ids_continue_as_peft(lora_pair):
+    """A prompt given as embeddings (one graph for it and each embeds step), then a step with token ids."""
+    cm, reference = lora_pair
+    ids, mask = prompt(True)
+    embed = reference.get_input_embeddings()
+    ours = cm(inputs_embeds=embed(ids), attention_mask=mask, use_cache=True)
+    theirs = reference(inputs_embeds=embed(ids), attention_mask=mask, use_cache=True)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert_same_cache(ours.past_key_values, theirs.past_key_values)
+    for as_embeds in (True, False):
+        token = theirs.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        step = {"inputs_embeds": embed(token)} if as_embeds else {"input_ids": token}
+        ours = cm(**step, attention_mask=mask, past_key_values=ours.past_key_values, use_cache=True)
+        theirs = reference(**step, attention_mask=mask, past_key_values=theirs.past_key_values, use_cache=True)
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert ours.past_key_values.get_seq_length() == ids.shape[1] + 2
+    assert_same_cache(ours.past_key_values, theirs.past_key_values)
+
+
+@torch.no_grad()
+def test_a_cached_call_it_cannot_run_fails_naming_what_it_passes(llama_pair):
+    """Checked before any capture: the refusals name the argument and what it should be."""
+    cm, model, _ = llama_pair
+    ids, _ = prompt(False)
+    embeds = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match=r"exactly one of input_ids.*inputs_embeds.*\['input_ids', 'inputs_embeds'\]"):
+        cm(ids, inputs_embeds=embeds, use_cache=True)
+    with pytest.raises(ValueError, match=r"inputs_embeds: \[\.\.\., 64\] torch.float64.*\[\.\.\., 64\] torch.float32"):
+        cm(inputs_embeds=embeds.double(), use_cache=True)
+    with pytest.raises(NotImplementedError, match=r"also passes \['cache_position'\]"):
+        cm(ids, cache_position=torch.arange(ids.shape[1]), use_cache=True)
