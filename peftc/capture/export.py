@@ -37,6 +37,27 @@ def widen(value: Any) -> Any:
     return value
 
 
+def unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example call with every tensor that shares storage with an earlier one cloned.
+
+    torch.export traces aliased inputs as one: given `labels=input_ids` (the same tensor, as users
+    write examples), the graph looks the token embeddings up from `labels`, and every later call with
+    other labels (-100 padding) would embed those. Distinct example tensors give each input its own uses.
+    """
+    seen: set[tuple] = set()
+
+    def distinct(value: Any) -> Any:
+        if type(value) is not torch.Tensor or value.device.type == "meta":  # not DTensors, fakes, stand-ins
+            return value
+        storage = (value.device, value.untyped_storage().data_ptr())
+        if storage in seen:
+            return value.clone()
+        seen.add(storage)
+        return value
+
+    return torch.utils._pytree.tree_map(distinct, (args, kwargs))
+
+
 def auto_dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Dim.AUTO on the batch dim of every tensor, and the sequence dim of integer tensors."""
 
@@ -68,6 +89,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = N
 
 def _capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, copy_layers: bool) -> torch.fx.GraphModule:
     model = with_named_keywords(model, kwargs)  # export cannot key dynamic shapes inside **kwargs
+    args, kwargs = unaliased(args, kwargs)
     if dynamic_shapes is None:
         args = tuple(widen(a) for a in args)
         kwargs = {k: widen(v) for k, v in kwargs.items()}
