@@ -7,8 +7,10 @@ attention_mask): ones that map to the compiled graph (positional ids, no mask, r
 arguments equal to their defaults), ones whose graph is derived from the superset capture
 without exporting (labels, Trainer's labels + num_items_in_batch, output_hidden_states,
 output_attentions, position_ids; see peftc.capture.specialize; inputs_embeds in place of
-input_ids: peftc.capture.embeds_input), and one outside the superset that still captures
-(logits_to_keep, a constant the graph is specialized on).
+input_ids: peftc.capture.embeds_input), one outside the superset that still captures
+(logits_to_keep, a constant the graph is specialized on), and a forward with use_cache=True,
+whose graph takes and returns each layer's keys and values (peftc.runtime.forward_cache: one
+capture, two layers traced and the rest copied; timed with the forward it runs).
 Reported: the time to bind the call and get its graph (`cm.graph_for`: what meeting the
 signature costs, without the forward's own time, which is noise on a loaded machine), medians
 over fresh compiles, as a share of the compile time. Also the compile time with the superset
@@ -32,9 +34,11 @@ import peftc
 from peftc.capture.binding import bind_call
 from peftc.compiler import first_build
 from peftc.runtime.call_contract import split_output_flags
+from peftc.runtime.forward_cache import wants_cache
 
 IDS = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(0))
 EMBEDS = torch.randn(4, 128, 512, generator=torch.Generator().manual_seed(1))  # lora_llama's hidden size
+CACHED = "use_cache=True (a KV-cache graph: one capture; timed with its forward)"
 VARIATIONS = {
     "positional ids, no mask": ((IDS,), {}),
     "return_dict=False": ((), {"input_ids": IDS, "return_dict": False}),
@@ -56,12 +60,16 @@ VARIATIONS = {
     "inputs_embeds + attention_mask + labels (derived)":
         ((), {"inputs_embeds": EMBEDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}),
     "logits_to_keep=1 (outside the superset: a capture)": ((), {"input_ids": IDS, "logits_to_keep": 1}),
+    CACHED: ((), {"input_ids": IDS, "use_cache": True}),
 }
 
 
 def meet(cm, args: tuple, kwargs: dict) -> float:
     """Seconds to bind the call and get its graph (built on first use), as cm(...) does before running it."""
     start = time.perf_counter()
+    if wants_cache(cm.compilation.source, kwargs):  # runs its own graphs (runtime.forward_cache), not graph_for's
+        cm(*args, **kwargs)
+        return time.perf_counter() - start
     args, kwargs = bind_call(cm.compilation.source, args, kwargs)
     kwargs, _ = split_output_flags(kwargs)
     cm.graph_for(args, kwargs)

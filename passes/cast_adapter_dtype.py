@@ -31,12 +31,18 @@ def cast_adapter_dtype(gm: GraphModule, ctx: PassContext) -> PassResult:
         param = params.get(tag["site"])
         dtype = _module_dtype(ctx, tag)
         if param is None or dtype is None or ctx.base_params[param].dtype not in adapters.HALF_DTYPES \
-                or dtype == ctx.base_params[param].dtype:
+                or dtype == ctx.base_params[param].dtype or _casts_itself(group):
             continue
         _cast_group(gm, group, dtype, ctx)
         result.modified = True
         result.sites.append(tag["site"])
     return result
+
+
+def _casts_itself(group: list[Node]) -> bool:
+    """Whether the insert pass already cast what the adapter hands the base (prompt, p-tuning and prefix
+    tuning cast their virtual tokens to the base's dtype where they join it, as PEFT does)."""
+    return any(provenance(node).get("role") == "cast_back" for node in group)
 
 
 def adapter_groups(gm: GraphModule) -> list[list[Node]]:

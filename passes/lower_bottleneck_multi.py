@@ -49,6 +49,8 @@ def lower_bottleneck_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
                        for name in ("down", "down_bias", "up", "up_bias", "scales")]
             delta = ins.call(BOTTLENECK_ROWS, y if placement == "serial" else x, *tensors, seq_ids, activation)
             out = ins.call(aten.add.Tensor, y, delta)
+            if bank.down.dtype != y.meta["val"].dtype:  # float32 banks over a half base: y + delta rounded once
+                out = ins.call(aten._to_copy.default, out, dtype=y.meta["val"].dtype)
             out.meta["peftc"]["role"] = "output"
             redirect_users(users, y, out)
             if created:

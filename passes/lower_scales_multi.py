@@ -68,8 +68,10 @@ def _bank(ins: Inserter, site: Site, part: str, plan: ServingPlan) -> Node:
 
 
 def _rewrite(gm: GraphModule, op: Node, site: Site, bank: ScaleBank, seq_ids: Node, plan: ServingPlan) -> None:
-    """Scale op's input and output rows; with a lora_multi op, its bias moves after the scaling
-    (DoRA leaves the bias unscaled, IA3 scales it: the bias bank says which)."""
+    """Scale op's input and output rows; with a lora_multi op, scale_rows also reads its bias to put
+    back what scaling the output did to it (DoRA leaves the bias unscaled, IA3 scales it: the bias
+    bank says which). The bias stays inside the op, so rows whose factors are one (LoRA, the base)
+    keep the op's output exactly, and IA3 rows scale it as their own model does, rounded once."""
     tag = {"pass": "lower_scales_multi", "method": "serving", "site": site.path, "slot": SLOT, "entry": None}
     if bank.input is not None:
         ins = Inserter(gm, op.prev, tag)
@@ -84,7 +86,6 @@ def _rewrite(gm: GraphModule, op: Node, site: Site, bank: ScaleBank, seq_ids: No
     bias = bias_bank = None
     if op.target in MULTI_OPS and op.args[2] is not None:
         bias = op.args[2]
-        op.update_arg(2, None)
         bias_bank = _bank(ins, site, "bias", plan) if bank.bias is not None else None
     out = ins.call(SCALE_ROWS, op, _bank(ins, site, "output", plan), seq_ids, bias, bias_bank)
     out.meta["peftc"]["role"] = "output"

@@ -5,6 +5,8 @@ of smaller rank are zero-padded to r). BGMV: row i uses adapter idx[i]; idx[i] =
 base alone. SGMV: rows seg_starts[j] .. seg_starts[j+1]-1 share adapter seg_adapters[j] (-1 the
 base), so each segment is a small dense matmul (tl.dot) instead of per-row dot products.
 Both add the delta in place onto y, which holds the base output (a cuBLAS matmul).
+A float32 bank over half-precision x (the spec's adapter_dtype) keeps the shrink's result h in float32
+and the SGMV dot in float32, and y + delta is rounded once to y's dtype in the expand kernel.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def bgmv_expand_kernel(h_ptr, b_ptr, s_ptr, idx_ptr, y_ptr, N, R, stride_hm, str
 
 @triton.jit
 def sgmv_shrink_kernel(x_ptr, a_ptr, starts_ptr, adapters_ptr, h_ptr, K, R, stride_xm, stride_an, stride_ar,
-                       stride_ak, stride_hm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                       stride_ak, stride_hm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                       WIDE_BANK: tl.constexpr):
     seg = tl.program_id(0)
     start = tl.load(starts_ptr + seg)
     end = tl.load(starts_ptr + seg + 1)
@@ -79,7 +82,10 @@ def sgmv_shrink_kernel(x_ptr, a_ptr, starts_ptr, adapters_ptr, h_ptr, K, R, stri
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = tl.load(a_ptr + adapter * stride_an + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(x, a.to(x.dtype), acc)
+        if WIDE_BANK:  # float32 adapters over a half-precision x: the adapter's part in float32
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc)
+        else:
+            acc = tl.dot(x, a.to(x.dtype), acc)
     tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :], acc.to(h_ptr.dtype.element_ty),
              mask=mask_m[:, None] & (offs_r < R)[None, :])
 
@@ -139,10 +145,15 @@ def a_as_expand(a_bank: torch.Tensor) -> tuple[int, int, int]:
     return a_bank.stride(0), a_bank.stride(2), a_bank.stride(1)
 
 
+def _h_dtype(x2: torch.Tensor, bank: torch.Tensor) -> torch.dtype:
+    """The shrink result's dtype: the wider of x's and the bank's (float32 adapters over a half x)."""
+    return torch.promote_types(x2.dtype, bank.dtype)
+
+
 def bgmv_shrink(x2, bank, strides, rank: int, idx32) -> torch.Tensor:
     """h[i] = x2_i bank[idx_i]^T ([M, rank]; zeros on -1 rows). x2 row-contiguous."""
     m, k = x2.shape
-    h = x2.new_empty(m, rank)
+    h = x2.new_empty(m, rank, dtype=_h_dtype(x2, bank))
     bgmv_shrink_kernel[(m,)](x2, bank, idx32, h, k, rank, x2.stride(0), *strides, h.stride(0),
                              BLOCK_K=BGMV_BLOCK_K, BLOCK_R=_block_r(rank))
     return h
@@ -194,10 +205,11 @@ class Segments:
 def sgmv_shrink(x2, bank, strides, rank: int, seg: Segments) -> torch.Tensor:
     """h[rows of segment j] = x2 bank[adapter_j]^T ([M, rank]; zeros outside live segments)."""
     m, k = x2.shape
-    h = x2.new_zeros(m, rank)
+    h = x2.new_zeros(m, rank, dtype=_h_dtype(x2, bank))
     bm, bk = SGMV_BLOCKS["BLOCK_M"], SGMV_BLOCKS["BLOCK_K"]
     sgmv_shrink_kernel[seg.grid()](x2, bank, seg.starts, seg.adapters, h, k, rank, x2.stride(0), *strides,
-                                   h.stride(0), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(rank))
+                                   h.stride(0), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(rank),
+                                   WIDE_BANK=h.dtype != x2.dtype)
     return h
 
 

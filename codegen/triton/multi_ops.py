@@ -5,8 +5,8 @@
     peftc::lora_multi(x, weight, bias, A_bank, B_bank, scales, seq_ids)  x[b] uses adapter seq_ids[b]:
         BGMV when each sequence has one row here (decode), else SGMV over runs of equal ids (prefill)
     peftc::lora_gather(...)  lora_multi's arguments and result, as gathers and batched matmuls (export)
-    peftc::scale_rows(x, bank, seq_ids, bias, bias_bank)  x[b] ⊙ bank[seq_ids[b]] (+ bias ⊙ bias_bank[..]):
-        elementwise adapters (IA3, DoRA's magnitude) per row, a gather and a multiply
+    peftc::scale_rows(x, bank, seq_ids, bias, bias_bank)  x[b] ⊙ bank[seq_ids[b]] (x holding `bias`, which
+        ends up scaled by bias_bank[..]): elementwise adapters (IA3, DoRA's magnitude) per row
     peftc::bottleneck_rows(h, down, down_bias, up, up_bias, scales, seq_ids, activation)
         bottleneck adapters per row: gathered banks, two batched matmuls
 
@@ -212,12 +212,12 @@ def lora_gather(x, weight, bias, a_bank, b_bank, scales, seq_ids):
     decompose it into Gather and MatMul; it copies A and B per sequence, so it is for export only."""
     y = torch.nn.functional.linear(x, weight, bias)
     sequences = seq_ids.numel()
-    rows = x.reshape(sequences, -1, x.shape[-1])
+    rows = x.reshape(sequences, -1, x.shape[-1]).to(a_bank.dtype)  # float32 banks over a half base: cast up
     known = seq_ids.clamp(min=0)
     scale = (scales[known] * (seq_ids >= 0).to(scales.dtype))[:, None, None]
     h = torch.bmm(rows, a_bank[known].transpose(1, 2))
     delta = torch.bmm(h, b_bank[known].transpose(1, 2)) * scale
-    return y + delta.reshape(y.shape)
+    return (y + delta.reshape(y.shape)).to(y.dtype)  # rounded once
 
 
 # -- per-row vectors: elementwise adapters (IA3, DoRA's magnitude) gathered by adapter id --------
@@ -229,15 +229,21 @@ torch.library.define(
 
 @torch.library.impl("peftc::scale_rows", "CompositeImplicitAutograd")
 def scale_rows(x, bank, seq_ids, bias, bias_bank):
-    """x ⊙ bank[id] (+ bias ⊙ bias_bank[id], or + bias) per sequence; bank [n+1, F], its last row the base's.
+    """x ⊙ bank[id] per sequence; bank [n+1, F], its last row the base's. With `bias`, x already holds
+    it and the bias ends up scaled by bias_bank[id] instead (None: unscaled, DoRA's bias):
+    x ⊙ bank[id] + bias ⊙ (bias_bank[id] - bank[id]). Rows whose two factors agree (IA3's, ones) are
+    then x ⊙ bank[id] alone, rounded once as their own compiled model rounds.
 
-    x's rows are sequence-major and split evenly among seq_ids.numel() sequences, as lora_multi's."""
+    x's rows are sequence-major and split evenly among seq_ids.numel() sequences, as lora_multi's.
+    A float32 bank over a half-precision x computes in float32 and returns x's dtype."""
     sequences = seq_ids.numel()
     features = x.shape[-1]
-    rows = x.reshape(sequences, -1, features) * bank[seq_ids].unsqueeze(1)
+    factor = bank[seq_ids]
+    rows = x.reshape(sequences, -1, features) * factor.unsqueeze(1)
     if bias is not None:
-        rows = rows + (bias if bias_bank is None else bias * bias_bank[seq_ids]).unsqueeze(-2)
-    return rows.reshape(x.shape)
+        bias_factor = 1.0 if bias_bank is None else bias_bank[seq_ids]
+        rows = rows + (bias * (bias_factor - factor)).unsqueeze(-2)
+    return rows.reshape(x.shape).to(x.dtype)
 
 
 # -- per-row bottleneck adapters -----------------------------------------------------------------
@@ -256,7 +262,7 @@ def bottleneck_rows(h, down, down_bias, up, up_bias, scales, seq_ids, activation
     """Per sequence b with adapter a = seq_ids[b]: s[a] (up[a] act(down[a] h + down_bias[a]) + up_bias[a]);
     zero for id -1 (the base). Banks are gathered per sequence, so each row reads only its adapter."""
     sequences = seq_ids.numel()
-    rows = h.reshape(sequences, -1, h.shape[-1])
+    rows = h.reshape(sequences, -1, h.shape[-1]).to(down.dtype)  # the delta in the banks' dtype
     known = seq_ids.clamp(min=0)
     scale = (scales[known] * (seq_ids >= 0).to(scales.dtype))[:, None, None]
     hidden = _ACTIVATIONS[activation](torch.bmm(rows, down[known].transpose(1, 2)) + down_bias[known][:, None])

@@ -36,9 +36,9 @@ def with_adapter_grads(dx_base, dy, x, a, b, scale, x_lora=None):
     return dx_base, dx_lora, da, db
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types (as the kernels accumulate), the input's own dtype if wider (float64)."""
-    return torch.promote_types(dtype, torch.float32)
+def _compute_dtype(dtype: torch.dtype, bank_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """float32 for half types (as the kernels accumulate), wider if the input or the bank is (float64)."""
+    return torch.promote_types(torch.promote_types(dtype, torch.float32), bank_dtype)
 
 
 def adapter_groups(idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -56,32 +56,45 @@ def segment_groups(seg_starts: torch.Tensor, seg_adapters: torch.Tensor) -> list
 def add_grouped_(y2, x2, a_bank, b_bank, scales, groups):
     """y2[rows] += s[a] (x A[a]^T) B[a]^T for each (adapter a, rows) group: one matmul pair per group,
     the torch analogue of SGMV (and how PEFT runs mixed batches). The scale multiplies the [rows, r]
-    product, and where the rows are a slice (SGMV's segments) the expand accumulates in place."""
-    ct = _compute_dtype(x2.dtype)
+    product, and where the rows are a slice (SGMV's segments) the expand accumulates in place.
+    Over a half-precision base, the base rows are cast up and the sum rounded once (`_add_rounded_once`)."""
+    ct = _compute_dtype(x2.dtype, a_bank.dtype)
     for adapter, rows in groups:
+        if ct != y2.dtype:
+            y2[rows] = _add_rounded_once(y2[rows], x2[rows], a_bank[adapter], b_bank[adapter], scales[adapter], ct)
+            continue
         h = (x2[rows].to(ct) @ a_bank[adapter].to(ct).t()) * scales[adapter].to(ct)
-        if isinstance(rows, slice) and ct == y2.dtype:
+        if isinstance(rows, slice):
             y2[rows].addmm_(h, b_bank[adapter].to(ct).t())
         else:
-            y2[rows] += (h @ b_bank[adapter].to(ct).t()).to(y2.dtype)
+            y2[rows] += h @ b_bank[adapter].to(ct).t()
     return y2
 
 
+def _add_rounded_once(y, x, a, b, scale, ct):
+    """y + s B(A x) with the adapter's part in `ct` and one rounding to y's dtype: the op order of the
+    adapter's own compiled branch over a half-precision base (passes/cast_adapter_dtype.py), so a served
+    row equals its own model."""
+    delta = (x.to(ct) @ a.to(ct).t()) @ b.to(ct).t()
+    return torch.add(y.to(ct), delta, alpha=float(scale)).to(y.dtype)
+
+
 def lora_delta_bgmv(x2, a_bank, b_bank, scales, idx):
-    """Per row i: s[idx_i] (x_i A[idx_i]^T) B[idx_i]^T, zero where idx_i < 0. x2: [M, K].
+    """Per row i: s[idx_i] (x_i A[idx_i]^T) B[idx_i]^T, zero where idx_i < 0. x2: [M, K]; in the
+    compute dtype (float32 over a half-precision x), for the caller to add before rounding.
 
     The torch analogue of BGMV: each row gathers its adapter's A and B and two batched matvecs
     follow, a fixed handful of ops however many adapters the batch mixes (decode batches are small,
     so the gathered [M, r, K] / [M, N, r] copies are too).
     """
-    ct = _compute_dtype(x2.dtype)
+    ct = _compute_dtype(x2.dtype, a_bank.dtype)
     safe = idx.clamp_min(0).long()
     # [M, 1, K] @ [M, K, r] then [M, 1, r] @ [M, r, N]: row-vector bmm, which CPU BLAS runs far
     # faster than the matrix-times-column form on these shapes
     h = torch.bmm(x2.to(ct)[:, None, :], a_bank.index_select(0, safe).to(ct).transpose(1, 2))
     delta = torch.bmm(h, b_bank.index_select(0, safe).to(ct).transpose(1, 2)).squeeze(1)
     live_scale = torch.where(idx >= 0, scales[safe].to(ct), torch.zeros((), dtype=ct, device=x2.device))
-    return (delta * live_scale[:, None]).to(x2.dtype)
+    return delta * live_scale[:, None]
 
 
 def segment_indices(seg_starts: torch.Tensor, seg_adapters: torch.Tensor, rows: int) -> torch.Tensor:
@@ -102,7 +115,8 @@ def lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx):
     if x2.shape[0] >= ROWS_PER_GROUP * len(groups):  # e.g. one adapter for the whole batch
         y2 = add_grouped_(y2, x2, a_bank, b_bank, scales, groups)
     else:
-        y2 = y2 + lora_delta_bgmv(x2, a_bank, b_bank, scales, idx)
+        delta = lora_delta_bgmv(x2, a_bank, b_bank, scales, idx)
+        y2 = (y2.to(delta.dtype) + delta).to(y2.dtype)  # one rounding over a half-precision base
     return y2.view(*x.shape[:-1], weight.shape[0])
 
 

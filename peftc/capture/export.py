@@ -37,6 +37,27 @@ def widen(value: Any) -> Any:
     return value
 
 
+def unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example call with every tensor that shares storage with an earlier one cloned.
+
+    torch.export traces aliased inputs as one: given `labels=input_ids` (the same tensor, as users
+    write examples), the graph looks the token embeddings up from `labels`, and every later call with
+    other labels (-100 padding) would embed those. Distinct example tensors give each input its own uses.
+    """
+    seen: set[tuple] = set()
+
+    def distinct(value: Any) -> Any:
+        if type(value) is not torch.Tensor or value.device.type == "meta":  # not DTensors, fakes, stand-ins
+            return value
+        storage = (value.device, value.untyped_storage().data_ptr())
+        if storage in seen:
+            return value.clone()
+        seen.add(storage)
+        return value
+
+    return torch.utils._pytree.tree_map(distinct, (args, kwargs))
+
+
 def auto_dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Dim.AUTO on the batch dim of every tensor, and the sequence dim of integer tensors."""
 
@@ -68,6 +89,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = N
 
 def _capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, copy_layers: bool) -> torch.fx.GraphModule:
     model = with_named_keywords(model, kwargs)  # export cannot key dynamic shapes inside **kwargs
+    args, kwargs = unaliased(args, kwargs)
     if dynamic_shapes is None:
         args = tuple(widen(a) for a in args)
         kwargs = {k: widen(v) for k, v in kwargs.items()}
@@ -100,7 +122,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) ->
         ) from err
     finally:
         model.train(was_training)
-    return drop_dtype_asserts(program.module())
+    return return_uncast_outputs(drop_dtype_asserts(program.module()))
 
 
 KV_CACHE_IN_OUTPUT = "cache_utils"  # export's "Found <class 'transformers.cache_utils.DynamicCache'> in output"
@@ -108,10 +130,11 @@ KV_CACHE_IN_OUTPUT = "cache_utils"  # export's "Found <class 'transformers.cache
 
 def _fix_for(reason: str) -> str:
     if "in output" in reason and KV_CACHE_IN_OUTPUT in reason:
-        # use_cache=True on a forward: the graph would have to return transformers' cache object
-        return ("this call returns a KV cache object (use_cache=True), which a compiled forward does not "
-                "return; call cm.generate(...) for cached decoding (its graphs keep a StaticCache), or "
-                "pass use_cache=False")
+        # A capture whose output holds transformers' cache object: compiled and served models route
+        # use_cache=True calls to graphs with the cache as tensors (peftc.runtime.forward_cache).
+        return ("this call returns a KV cache object (use_cache=True), which this graph cannot return; call "
+                "peftc.compile(...) or peftc.serve_adapters(...) and their forward with use_cache=True (or their "
+                "generate(...)) for cached decoding, or pass use_cache=False")
     return ("pass example_inputs/example_kwargs that match a real call, make data-dependent "
             "Python control flow tensor-free, or pass dynamic_shapes=... to fix the dims yourself.")
 
@@ -132,6 +155,46 @@ def drop_dtype_asserts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 _ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
+_DTYPE_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default)
+
+
+def return_uncast_outputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Return a loss function's `.float()` of an output as the output itself, as the original does.
+
+    transformers' causal-LM losses start with `logits = logits.float()`; at capture the logits are float32,
+    so that cast returns the very tensor the model returns, and export records the model's `logits` output
+    as the cast. Under an ambient autocast (Trainer's bf16=True) the original returns the bfloat16 logits
+    and only its loss sees the float32 copy: the graph must do the same. A cast the model's own code
+    returns (`return logits.float()`) is kept; the loss's is told apart by the call it was traced in.
+    """
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = output.args[0]
+    if not isinstance(leaves, (tuple, list)):
+        return gm
+    uncast = [_uncast(leaf) for leaf in leaves]
+    if all(a is b for a, b in zip(uncast, leaves)):
+        return gm
+    output.args = (type(leaves)(uncast),)
+    gm.recompile()
+    return gm
+
+
+def _uncast(node: Any) -> Any:
+    """The input of `node` if it is a no-op dtype cast (at capture) made inside a loss-function call."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _DTYPE_CASTS):
+        return node
+    source = node.args[0]
+    same_dtype = (isinstance(source, torch.fx.Node) and isinstance(source.meta.get("val"), torch.Tensor)
+                  and isinstance(node.meta.get("val"), torch.Tensor)
+                  and source.meta["val"].dtype == node.meta["val"].dtype)
+    return source if same_dtype and _traced_in_loss_call(node) else node
+
+
+def _traced_in_loss_call(node: torch.fx.Node) -> bool:
+    """Whether the innermost model-code line export recorded for `node` calls a loss (`self.loss_function(`):
+    the cast happened inside transformers' loss, not in the model's own return."""
+    lines = [line.strip() for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip()]
+    return bool(lines) and not lines[-1].startswith("File ") and "loss_function(" in lines[-1]
 
 
 def _as_export_dynamic_shapes(model: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> Any:

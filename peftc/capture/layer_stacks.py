@@ -147,10 +147,11 @@ def _copy_stack(gm: GraphModule, stack: Stack) -> None:
     first, second = _segment(graph, stack, 0), _segment(graph, stack, 1)
     _check_contiguous(graph, stack, first, second)
     attrs = _layer_attrs(graph, stack)
-    _check_same_graph(first, second, attrs)
+    inputs = _per_layer_inputs(graph, stack)
+    _check_same_graph(first, second, attrs, inputs)
     layers = [second]
     for index in range(2, len(stack.layers)):
-        layers.append(_append_layer(gm, stack, index, first, second, layers[-1], attrs[1]))
+        layers.append(_append_layer(gm, stack, index, first, second, layers[-1], attrs[1], inputs))
     runs = recorded_outputs.find_runs(gm, first, second)
     if runs is None:
         raise NotCopyable(f"an output reads {stack.layer_path(0)} but is not recorded per layer")
@@ -202,13 +203,28 @@ def _layer_attrs(graph: Graph, stack: Stack) -> list[dict[Node, str]]:
     return attrs
 
 
-def _check_same_graph(first: list[Node], second: list[Node], attrs: list[dict[Node, str]]) -> None:
+def _per_layer_inputs(graph: Graph, stack: Stack) -> list[tuple[Node, ...]]:
+    """Graph inputs given one per layer: a list input of as many tensors as the stack has layers, flattened
+    to `{name}_0` ... `{name}_{L-1}` (a KV cache's past keys: peftc.runtime.tensor_cache). Layer 0 reads
+    the first where layer 1 reads the second; layer k's copy reads the k-th."""
+    groups: dict[str, dict[int, Node]] = {}
+    for node in graph.nodes:
+        base, _, index = node.name.rpartition("_")
+        if node.op == "placeholder" and base and index.isdigit():
+            groups.setdefault(base, {})[int(index)] = node
+    count = len(stack.layers)
+    return [tuple(group[i] for i in range(count)) for group in groups.values() if sorted(group) == list(range(count))]
+
+
+def _check_same_graph(first: list[Node], second: list[Node], attrs: list[dict[Node, str]],
+                      inputs: list[tuple[Node, ...]]) -> None:
     """Layer 1 must be layer 0 op for op: same targets, constants, and inputs up to renaming."""
     if len(first) != len(second):
         raise NotCopyable(f"the two traced layers have {len(first)} and {len(second)} ops")
     index0 = {n: i for i, n in enumerate(first)}
     index1 = {n: i for i, n in enumerate(second)}
     carried: dict[Node, Node] = {}  # what layer 0 reads from before the stack -> what layer 1 reads instead
+    carried.update({group[0]: group[1] for group in inputs})  # a per-layer input: layer 1 reads its own
     for a, b in zip(first, second):
         if a.target != b.target or a.kwargs.keys() != b.kwargs.keys() or _module_types(a) != _module_types(b):
             raise NotCopyable(f"op {a.name} of layer 0 and {b.name} of layer 1 differ")
@@ -239,16 +255,18 @@ def _same_input(x: Any, y: Any, index0: dict, index1: dict, attrs: list[dict], c
         return attrs[1].get(y) == attrs[0][x]
     if y in index0:  # layer 0 reads x from before the stack, layer 1 reads layer 0's output
         return carried.setdefault(x, y) is y
+    if x in carried:  # a per-layer input (_per_layer_inputs)
+        return carried[x] is y
     return x is y  # shared input (position ids, masks, rotary tables)
 
 
 def _append_layer(gm: GraphModule, stack: Stack, index: int, first: list[Node], second: list[Node],
-                  previous: list[Node], attrs: dict[Node, str]) -> list[Node]:
-    """Copy layer 1 as layer `index`, reading its weights and layer index-1's outputs."""
+                  previous: list[Node], attrs: dict[Node, str], inputs: list[tuple[Node, ...]]) -> list[Node]:
+    """Copy layer 1 as layer `index`, reading its weights, its per-layer inputs and layer index-1's outputs."""
     graph = gm.graph
     position = {n: i for i, n in enumerate(second)}
     from_first = {n: i for i, n in enumerate(first)}
-    env: dict[Node, Node] = {}
+    env: dict[Node, Node] = {group[1]: group[index] for group in inputs}
     with graph.inserting_before(previous[-1].next):
         for node, name in attrs.items():
             env[node] = graph.get_attr(_register(gm, stack, index, name))

@@ -19,7 +19,9 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 RECORDING_HOOKS_MODULE = "transformers.utils.output_capturing"
-RECORDED_FIELDS = ("hidden_states", "attentions")  # output fields (name endings) transformers fills per layer
+# output fields (name endings) filled per layer: transformers' recorded outputs, and the keys and values
+# a cached-forward graph returns (peftc.runtime.tensor_cache)
+RECORDED_FIELDS = ("hidden_states", "attentions", "cache_keys", "cache_values")
 
 
 def is_recording_hook(hook) -> bool:

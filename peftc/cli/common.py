@@ -157,7 +157,7 @@ def compile_model(loaded: LoadedModel, spec=None, adapter_dir: Path | None = Non
     if adapter_dir is not None:
         if not Path(adapter_dir).is_dir():
             raise FileNotFoundError(f"adapter {str(adapter_dir)!r}: no such directory")
-        return load_adapter_dir(loaded.model, adapter_dir, **inputs)
+        return load_adapter_dir(loaded.model, adapter_dir, spec=spec, **inputs)
     if spec is None:
         raise UsageError("pass --spec SPEC or --adapter DIR")
     return compile(loaded.model, spec, **inputs)

@@ -16,8 +16,10 @@ from peftc.runtime.checkpoint import (
     SPEC_FILE,
     WEIGHTS_FILE,
     checked_tensor,
+    is_trainer_folder,
     read_adapter,
     refuse_non_finite,
+    trainer_folder_message,
 )
 from peftc.spec.parse import Spec
 
@@ -83,6 +85,8 @@ def _adapter_dir(source: Any) -> Path | None:
     if path.is_file() and path.name == CONFIG_FILE:
         return path.parent
     if path.is_dir():
+        if is_trainer_folder(path):
+            raise CheckpointError(trainer_folder_message(path))
         if not (path / CONFIG_FILE).is_file():
             raise CheckpointError(f"{str(path)!r} has no {CONFIG_FILE}; expected a PEFT adapter directory")
         return path
@@ -234,10 +238,15 @@ def _as_peftc_shape(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def load_adapter_dir(model: nn.Module, path, *, allow_pickle: bool = False, **compile_kwargs):
+def load_adapter_dir(model: nn.Module, path, *, spec: Any = None, allow_pickle: bool = False, **compile_kwargs):
     """A CompiledModel from a peftc checkpoint (spec.json + adapter.safetensors) or a PEFT adapter
-    directory (adapter_config.json), whichever `path` is: the CLI's --adapter."""
+    directory (adapter_config.json), whichever `path` is: the CLI's --adapter. A folder transformers'
+    Trainer wrote for a compiled model (model.safetensors alone) needs the training `spec`."""
     path = Path(path)
+    if is_trainer_folder(path):
+        if spec is None:
+            raise CheckpointError(trainer_folder_message(path))
+        return compile(model, spec, **compile_kwargs).load_adapter(path)
     if (path / SPEC_FILE).is_file():
         spec, _ = read_adapter(path)
         cm = compile(model, spec, **compile_kwargs)

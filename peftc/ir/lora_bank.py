@@ -11,6 +11,10 @@ has the largest rank served there, smaller adapters zero-padded, which adds noth
 and keeps zero gradients in the padding. A site an adapter does not target gets a zero slot.
 The serving layer reads adapters into `ServedAdapter`s (peftc.serving.sources); lower_lora_multi
 builds the LoRA banks, lower_scales_multi the scale banks.
+
+A bank keeps its adapters' dtype (`bank_dtype`): float32 adapters over a bfloat16 base (the spec's
+adapter_dtype, PEFT's autocast_adapter_dtype) stay float32, and the multi-adapter ops compute the
+adapter's part in float32 and round the site's output once, as each adapter's own compiled model does.
 """
 
 from __future__ import annotations
@@ -127,6 +131,16 @@ class ServingPlan:
         return {path for adapter in self.adapters for path, site in adapter.sites.items() if site.bottleneck}
 
 
+def bank_dtype(weight: torch.Tensor, tensors: list[torch.Tensor | None]) -> torch.dtype:
+    """The dtype a bank of `tensors` (the served adapters' own, None where one has none) holds beside the
+    base `weight`: the widest of them, so float32 adapters over a half-precision base are not rounded."""
+    dtype = weight.dtype
+    for tensor in tensors:
+        if tensor is not None and tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
 class LoraBank(nn.Module):
     """Every served adapter's LoRA at one site, stacked: A_bank [n, r, in], B_bank [n, out, r], scales [n].
 
@@ -138,7 +152,8 @@ class LoraBank(nn.Module):
         super().__init__()
         loras = [adapter.loras().get(site.path) for adapter in adapters]
         rank = max(lora.a.shape[0] for lora in loras if lora is not None)
-        factory = dict(dtype=weight.dtype, device=weight.device)
+        dtype = bank_dtype(weight, [t for lora in loras if lora is not None for t in (lora.a, lora.b)])
+        factory = dict(dtype=dtype, device=weight.device)
         a_bank = torch.zeros(len(adapters), rank, site.in_features, **factory)
         b_bank = torch.zeros(len(adapters), site.out_features, rank, **factory)
         scales = torch.zeros(len(adapters), **factory)
@@ -174,7 +189,8 @@ class ScaleBank(nn.Module):
     def __init__(self, site: Site, adapters: list[ServedAdapter], weight: torch.Tensor, weight_out_in: torch.Tensor):
         super().__init__()
         parts = [adapter.sites.get(site.path, SiteAdapter()) for adapter in adapters]
-        factory = dict(dtype=weight.dtype, device=weight.device)
+        vectors = [t for p in parts for t in (p.input_scale, p.output_scale, p.magnitude)]
+        factory = dict(dtype=bank_dtype(weight, vectors), device=weight.device)
         outputs = [p.output_scale if p.magnitude is None else _dora_factor(p, weight_out_in) for p in parts]
         self.register_buffer("input", self._bank([p.input_scale for p in parts], site.in_features, factory))
         self.register_buffer("output", self._bank(outputs, site.out_features, factory))
@@ -193,8 +209,9 @@ class ScaleBank(nn.Module):
 
 
 def _dora_factor(part: SiteAdapter, weight_out_in: torch.Tensor) -> torch.Tensor:
+    """m / ||W + sBA||, in the adapter's dtype (W cast up, as the compiled DoRA computes it)."""
     lora = part.lora
-    full = weight_out_in + lora.scale * (lora.b @ lora.a)
+    full = weight_out_in.to(lora.a.dtype) + lora.scale * (lora.b @ lora.a)
     return part.magnitude.reshape(-1) / torch.linalg.vector_norm(full, dim=1)
 
 
@@ -211,7 +228,8 @@ class BottleneckBank(nn.Module):
                 for p in parts]
         k = max(p.down.shape[0] for p in mine if p is not None)
         in_dim = next(p.down.shape[1] for p in mine if p is not None)
-        factory = dict(dtype=weight.dtype, device=weight.device)
+        dtype = bank_dtype(weight, [p.down for p in mine if p is not None])
+        factory = dict(dtype=dtype, device=weight.device)
         n = len(adapters)
         down, down_bias = torch.zeros(n, k, in_dim, **factory), torch.zeros(n, k, **factory)
         up, up_bias = torch.zeros(n, site.out_features, k, **factory), torch.zeros(n, site.out_features, **factory)

@@ -36,6 +36,25 @@ FORMAT_VERSION = "1"
 TRAINER_FILE = "model.safetensors"  # transformers' Trainer.save_model of a model that is not a PreTrainedModel
 
 
+def trainer_folder_message(directory) -> str:
+    """What a folder holding only TRAINER_FILE is and how to use it: Trainer.save_model (and each save_steps
+    checkpoint) writes a compiled model's state_dict there, the adapter tensors by name, but no spec and no
+    adapter_config.json, since it calls save_pretrained only on a PreTrainedModel or a PeftModel."""
+    return (f"{str(directory)!r} holds {TRAINER_FILE} alone, what transformers' Trainer.save_model writes for a "
+            "compiled model (its adapter tensors, no spec or adapter_config.json: Trainer calls save_pretrained only "
+            "on a PreTrainedModel or PeftModel). Load it into the model compiled with the training spec: "
+            f"peftc.compile(model, spec).load_adapter({str(directory)!r}) (CLI: --adapter DIR --spec SPEC); "
+            "then cm.save_pretrained(new_dir) writes a folder PeftModel.from_pretrained reads (save_pretrained "
+            "replaces the whole folder it is given, so give it a new one)")
+
+
+def is_trainer_folder(directory) -> bool:
+    """A folder with Trainer's state-dict file and neither peftc's spec nor a PEFT config."""
+    path = Path(directory)
+    return (path / TRAINER_FILE).is_file() and not (path / SPEC_FILE).is_file() \
+        and not (path / "adapter_config.json").is_file()
+
+
 def save_adapter(cm, directory, format: str = "peftc") -> Path:
     if format in ("peft", "peft_lora"):  # peft_lora: residual inits as plain LoRA (interop/peft_plain_lora.py)
         return save_peft(cm, directory, plain_lora=format == "peft_lora")

@@ -3,7 +3,8 @@
 torch.export specializes a graph on which arguments a call passes (labels or not, a mask or
 not). A dispatch keeps one graph per call signature: the first, built when it was made, and
 others built on first use of a new signature by the same Compilation and plan (or derived
-without a capture from the superset graph: peftc.capture.specialize). The dispatch
+without a capture from the superset graph: peftc.capture.specialize); a call with
+`use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs. The dispatch
 owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
 original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
 submodules.
@@ -31,6 +32,7 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
+from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_sharded, wants_cache
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 
@@ -57,6 +59,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self._flat = {self._first_signature: first.flat}  # a dict: graph modules are not our submodules
         self._tree_origin = adopt_tree(self, first.graph_module)
         self._generator = None  # built on the first generate()
+        self._cached_forward = None  # built on the first call with a KV cache
         set_mode(first.graph_module, self.training)
         self._keep_superset(superset)
 
@@ -94,6 +97,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
     def forward(self, *args, **kwargs):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
         kwargs, output_flags = split_output_flags(kwargs)
+        if wants_cache(self.compilation.source, kwargs):
+            return apply_output_flags(self._cached_call(kwargs), output_flags)
         call = (args, kwargs)
         try:
             gm, args, kwargs = self.graph_for(args, kwargs)
@@ -101,6 +106,14 @@ class GraphDispatch(ModelAttributes, nn.Module):
         except Exception as err:  # a guard or capture failure: raise what the original model raises
             raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
+
+    def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None):
+        """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
+        check_cached_call(self.compilation.source, kwargs)
+        if self._cached_forward is None:
+            refuse_sharded(is_sharded(self))
+            self._cached_forward = CachedForward(self.compilation, self.plan)
+        return self._cached_forward(kwargs, self.training, graph_inputs)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""
@@ -207,7 +220,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         state = self.__dict__.copy()
         state["_modules"], state["_parameters"], state["_buffers"] = {}, {}, {}  # the tree: rebuilt
         state["_non_persistent_buffers_set"] = set()
-        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_method_graphs", "forward",
+        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_cached_forward", "_method_graphs", "forward",
                           "records", "sites"):
             state.pop(transient, None)
         return state

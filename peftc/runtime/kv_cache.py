@@ -28,7 +28,7 @@ class WithStaticCache(nn.Module):
         config = model.config.get_text_config()
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
         weight = next(model.parameters())
-        self.cache.early_initialization(batch_size, _kv_heads(config), _head_dim(config), weight.dtype,
+        self.cache.early_initialization(batch_size, kv_heads(config), head_dim(config), weight.dtype,
                                         weight.device)
         buffers = nn.Module()
         for i, layer in enumerate(self.cache.layers):
@@ -50,9 +50,9 @@ class WithStaticCache(nn.Module):
                            **self.head_kwargs).logits
 
 
-def _kv_heads(config) -> int:
+def kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def _head_dim(config) -> int:
+def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

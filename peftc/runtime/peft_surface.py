@@ -94,5 +94,7 @@ class PeftModelSurface:
                 written = self.save_adapter(Path(tmp) / "peft", format="peft")
             except SpecError:  # a method or mix PEFT has no config for: peftc's files alone
                 return
-            for file in sorted(written.iterdir()):
+            # the weights first, adapter_config.json last: PEFT reads a folder by its config, so a save that
+            # fails between the moves leaves no config pointing at missing or stale weights
+            for file in sorted(written.iterdir(), key=lambda f: f.name == "adapter_config.json"):
                 shutil.move(str(file), str(directory / file.name))

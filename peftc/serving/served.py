@@ -23,7 +23,10 @@ How the ids reach the graph: as data. add_routing_input gives each served graph 
 keyword input, `adapter_ids` (int64 [batch], -1 for the base), and the multi-adapter ops read
 that placeholder; the wrapper checks the caller's ids (peftc.serving.routing) and passes them
 with the model's own inputs. Nothing is stored per call, so threads may share one served model,
-and `export_onnx(mm, path)` keeps the ids as an ONNX input (Plan.serve_export).
+and `export_onnx(mm, path)` keeps the ids as an ONNX input (Plan.serve_export). A call with
+`use_cache=True` or a cache passed returns a DynamicCache as a compiled model's does (its graphs,
+peftc.runtime.forward_cache, built by the serving plan, the ids one more input); with prompt or
+prefix adapters served it is refused (their virtual tokens would enter the cache): generate() decodes.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from peftc.capture.binding import bind_call
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation
 from peftc.errors import SpecError
 from peftc.inspect.report import Report
 from peftc.ir.lora_bank import LoraBank, ServingPlan
 from peftc.passes.lower_lora_multi import SLOT
+from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.dispatch import GraphDispatch
+from peftc.runtime.forward_cache import wants_cache
 from peftc.runtime.user_model import weight_view
 from peftc.serving.routing import adapter_index, check_adapter_names
 from peftc.serving.sources import load_adapter
@@ -102,10 +108,24 @@ class ServedModel(GraphDispatch):
 
     def forward(self, *args, adapter_ids: Any = None, **kwargs):
         ids = self.adapter_index(adapter_ids, batch_size(args, kwargs))
+        _, bound = bind_call(self.compilation.source, args, kwargs)
+        if wants_cache(self.compilation.source, bound):
+            return self._served_cached_call(bound, ids.to(_device(self.compilation.source)))
         if self.plan.serving.has_virtual_tokens:
             args, kwargs = with_virtual_inputs(self.compilation.source, args, kwargs)
         gm, args, kwargs = self.graph_for(args, kwargs)
         return gm(*args, **kwargs, adapter_ids=ids.to(_device(self.compilation.source)))
+
+    def _served_cached_call(self, kwargs: dict, ids: torch.Tensor):
+        """A call with use_cache=True or a cache passed, as a compiled model's (peftc.runtime.forward_cache):
+        the cached-forward graphs built by this model's serving plan take the ids as one more input."""
+        if self.plan.serving.has_virtual_tokens:
+            raise NotImplementedError("use_cache=True (or a cache passed) on a model serving prompt or prefix "
+                                      "adapters: each row's virtual tokens would enter the cache. Call "
+                                      "mm.generate(..., adapter_ids=...) for cached decoding, or pass use_cache=False")
+        kwargs, output_flags = split_output_flags(kwargs)
+        with self._build_lock:  # the first call of a signature captures its graph
+            return apply_output_flags(self._cached_call(kwargs, {"adapter_ids": ids}), output_flags)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, *, adapter_ids: Any = None, **kwargs) -> torch.Tensor:

@@ -32,7 +32,7 @@ from peftc.passes.insert_ia3 import Ia3Weights
 from peftc.passes.insert_prefix import PrefixWeights
 from peftc.passes.insert_prompt import PromptWeights
 from peftc.passes.insert_vera import VeraWeights
-from peftc.runtime.checkpoint import SPEC_FILE, read_adapter
+from peftc.runtime.checkpoint import SPEC_FILE, is_trainer_folder, read_adapter, trainer_folder_message
 from peftc.runtime.compiled import CompiledModel
 from peftc.spec.parse import Spec
 
@@ -58,6 +58,8 @@ def load_adapter(name: str, source: Any, model: nn.Module, example: tuple[tuple,
         config = resolve_all_linear(as_config_dict(path), model)
         if _only_one(name, Spec.from_dict(spec_dict_from_peft(config))).method == "lora":
             return _peft_adapter(name, path, model)
+    elif is_trainer_folder(path):
+        raise CheckpointError(f"adapter {name!r}: {trainer_folder_message(path)}")
     else:
         raise CheckpointError(f"adapter {name!r}: {str(path)!r} is neither a peftc checkpoint ({SPEC_FILE}) nor a "
                               f"PEFT adapter directory ({CONFIG_FILE}); save one with cm.save_adapter(dir)")

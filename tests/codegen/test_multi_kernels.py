@@ -200,3 +200,32 @@ def test_sequence_segments_drive_the_sgmv_kernel():
     assert starts.tolist() == [0, 6, 9, 12, 15] and adapters.tolist() == [2, -1, 0, 2]
     got = multi_ops.lora_sgmv_triton(x, w, bias, a_bank, b_bank, scales, starts, adapters)
     _close(got, _per_row(x, w, bias, a_bank, b_bank, scales, seq_ids.repeat_interleave(seq)), torch.float32)
+
+
+@pytest.mark.parametrize("kernel", ["bgmv", "sgmv"])
+def test_float32_banks_over_half_rows_round_once(kernel):
+    """Float32 adapters over a half-precision base (spec adapter_dtype): the kernels keep the adapter's part
+    in float32 and round y + delta once, as the torch path and each adapter's own compiled model do.
+    float16 here: the interpreter truncates float32 -> bfloat16 stores (the GPU rounds to nearest)."""
+    half = torch.float16
+    m, k, n, r = 24, 40, 36, 8
+    x, w, bias, _, _ = _tensors(m, k, n, r, half)
+    a_bank, b_bank, scales = _banks(3, k, n, r, torch.float32)
+    a_bank, b_bank = a_bank * 3, b_bank * 3  # a delta as large as the base output: its rounding shows
+    idx = torch.tensor([0, 2, -1, 1] * 6)
+    starts, adapters = torch.tensor([0, 7, 8, 24]), torch.tensor([2, -1, 0])
+    if kernel == "bgmv":
+        got = multi_ops.lora_bgmv_triton(x, w, bias, a_bank, b_bank, scales, idx)
+    else:
+        idx = reference.segment_indices(starts, adapters, m)
+        got = multi_ops.lora_sgmv_triton(x, w, bias, a_bank, b_bank, scales, starts, adapters)
+    base = torch.nn.functional.linear(x.float(), w.float(), bias.float()).to(half).float()  # the half matmul
+    live = idx.clamp(min=0)
+    delta = torch.einsum("mk,mrk,mnr->mn", x.float(), a_bank[live], b_bank[live]) * (scales[live] * (idx >= 0))[:, None]
+    want = (base + delta).to(half)
+    assert got.dtype == half
+    torch.testing.assert_close(reference.lora_bgmv(x, w, bias, a_bank, b_bank, scales, idx).float(), want.float(),
+                               atol=2e-3, rtol=1e-3)  # the torch path: float32 adapters, one rounding
+    one_ulp = 2.0 ** -10 * want.float().abs().clamp(min=2.0 ** -6)
+    assert ((got.float() - want.float()).abs() <= one_ulp).all()
+    assert (got != want).float().mean() < 0.02  # rare one-ulp ties from the float32 sum order, no more

@@ -8,6 +8,7 @@ is the opt-out (PEFT's autocast_adapter_dtype=False).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -35,8 +36,8 @@ def adapter_dtypes(module) -> set:
     return {p.dtype for p in module.parameters() if p.requires_grad}
 
 
-def train_losses(model, ids, steps=3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+def train_losses(model, ids, steps=3, lr=1e-3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
@@ -224,3 +225,30 @@ def test_quantized_bf16_base_trains_float32_adapters():
         for name, tensor in opted_out.adapter_state_dict().items():
             tensor.copy_(cm.adapter_state_dict()[name])
     assert abs(opted_out(input_ids=ids, labels=ids).loss.item() - out.loss.item()) < 2e-2
+
+
+# -- virtual-token methods over a bfloat16 base ----------------------------------------------------------
+# p-tuning runs prompt tuning's code (prepend_virtual_tokens: the weights' dtype, the cast where the prompt
+# joins the embeddings) plus its float32 encoder, so it stands for both (each case is a capture)
+VIRTUAL = [{"method": "p_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 16},
+           {"method": "prefix", "num_tokens": 3}]
+
+
+@pytest.mark.parametrize("entry", VIRTUAL, ids=lambda e: e["method"])
+def test_virtual_tokens_train_in_float32_as_peft_does(entry):
+    """PEFT builds its prompt encoders in float32 whatever the base dtype and casts the prompt (or the prefix
+    keys and values) to the base's dtype where it joins the model: peftc keeps these weights float32 too,
+    and the training losses follow PEFT's (bfloat16 weights drifted by ~1e-3 within three AdamW steps)."""
+    from test_virtual_generate import peft_model
+
+    family = dataclasses.replace(FAMILIES["llama"], build=bf16_llama)
+    cm = peftc.compile(bf16_llama(), {"adapters": [entry]})
+    randomize_adapters(cm, std=0.5)
+    reference = peft_model(family, cm, entry).train()
+    assert adapter_dtypes(cm) == {torch.float32} == adapter_dtypes(reference)
+    ids = FAMILIES["llama"].inputs(2, 6)["input_ids"]
+    ours, theirs = train_losses(cm, ids, lr=1e-2), train_losses(reference, ids, lr=1e-2)
+    assert ours[:2] == theirs[:2], (ours, theirs)
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 3e-4, (ours, theirs)
+    assert adapter_dtypes(cm) == {torch.float32}
+    assert cm(input_ids=ids).logits.dtype == BF16

@@ -7,6 +7,7 @@ from torch import nn
 
 import peftc
 from peftc import CaptureError, CheckpointError, SpecError
+from peftc.capture.export import capture
 
 
 def model_state(model):
@@ -58,18 +59,25 @@ def test_capture_error_keeps_export_reason_and_model():
     assert_unchanged(model, before)
 
 
-def test_a_forward_with_use_cache_names_generate_and_leaves_the_model():
-    """The original returns a DynamicCache; a compiled forward returns none: the error says what to call."""
+def test_a_forward_with_use_cache_returns_the_cache_and_leaves_the_model():
+    """The original returns a DynamicCache; so does the compiled forward (peftc.runtime.forward_cache)."""
     family = FAMILIES["llama"]
     model = family.build().eval()
     cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["q_proj"], "r": 2}]})
     randomize_adapters(cm)
     before = model_state(model)
-    with pytest.raises(CaptureError, match=r"use_cache=True.*cm\.generate\(\.\.\.\).*use_cache=False"):
-        cm(**family.inputs(2, 5), use_cache=True)
+    out = cm(**family.inputs(2, 5), use_cache=True)
+    assert out.past_key_values.get_seq_length() == 5
     assert_unchanged(model, before)
-    out = cm(**family.inputs(2, 5))  # the compiled model still serves the calls it could
+    out = cm(**family.inputs(2, 5))  # the other calls still run their graphs
     assert out.logits.shape[:2] == (2, 5)
+
+
+def test_a_capture_returning_a_cache_object_says_what_returns_one():
+    """What still captures a forward with use_cache=True (a served model's) gets an error naming the way out."""
+    family = FAMILIES["llama"]
+    with pytest.raises(CaptureError, match=r"use_cache=True.*generate\(\.\.\.\).*use_cache=False"):
+        capture(family.build(), (), {**family.inputs(2, 5), "use_cache": True})
 
 
 def test_plain_model_without_inputs_is_a_clear_error():

@@ -169,6 +169,9 @@ def layer_sharded_training(rank: int, world_size: int, steps: int, checkpointing
     result["refused"] = refusals(cm, ids)
     result["kept_after_new_signatures"] = resharded_bytes(cm)
     # Last: FSDP2 leaves the root gathered after a forward that raised (its state stays "forward").
+    with pytest.raises(ShardedError, match="one process") as caught:  # a KV-cache forward needs whole weights
+        cm(input_ids=ids, use_cache=True)
+    result["cache_refused"] = str(caught.value)
     with pytest.raises(RuntimeError, match="indices") as caught:  # the original model's error, as on one process
         cm(input_ids=ids.float())
     result["float_ids_error"] = str(caught.value)
@@ -239,7 +242,7 @@ def test_fully_shard_per_compiled_layer_then_root_trains_as_one_process_with_and
             assert result["seen_by_second_layer"] and all(seen == (True, False) for seen in result["seen_by_second_layer"])
             torch.testing.assert_close(result["logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
             torch.testing.assert_close(result["masked_logits"], rows(expected_logits, rank, 2), rtol=0, atol=1e-5)
-            assert len(result["refused"]) == 4
+            assert len(result["refused"]) == 4 and "KV cache" in result["cache_refused"]
             assert result["float_ids_error"] == str(one_process_error.value)
             whole = result["whole"]  # every base weight and adapter, all sharded: each rank keeps half of them
             assert whole > 300_000 and result["kept"] <= whole / 2 + 4 * 1024, (rank, checkpointing, result["kept"], whole)

@@ -135,6 +135,18 @@ def test_cli_merge_writes_a_transformers_folder(llama, tmp_path, capsys):
     x = family.inputs(2, 5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**x).logits, cm(**x).logits, atol=1e-5, rtol=1e-5)
+    # what Trainer.save_model writes for a compiled model (its state_dict alone) merges given the spec
+    from safetensors.torch import save_file
+
+    (tmp_path / "trainer").mkdir()
+    save_file({k: v.contiguous() for k, v in cm.state_dict().items()}, str(tmp_path / "trainer" / "model.safetensors"))
+    cm.spec.save(tmp_path / "spec.json")
+    code = main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "trainer"), "--spec",
+                 str(tmp_path / "spec.json"), "--out", str(tmp_path / "from_trainer")])
+    assert code == 0, capsys.readouterr().err
+    again = type(model).from_pretrained(tmp_path / "from_trainer").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**x).logits, loaded(**x).logits, atol=0, rtol=0)
 
 
 def test_cli_merge_refuses_a_model_without_save_pretrained(tmp_path, capsys):

@@ -45,23 +45,26 @@ def gradients(model, ids, labels, autocast: bool):
     model.eval().zero_grad()  # no dropout: the two models draw masks differently
     with torch.autocast(**BF16, enabled=autocast):
         out = model(input_ids=ids, labels=labels)
-        logits = model(input_ids=ids).logits  # the signature without labels: logits.float() in the graph
+        logits = model(input_ids=ids).logits  # the signature without labels, derived from the one with
     out.loss.backward()
     flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-    return out.loss.detach(), logits.detach().float(), flat
+    return out.loss.detach(), (out.logits.detach(), logits.detach()), flat
 
 
-@pytest.mark.parametrize("name", ["llama", "bert"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_autocast_forward_and_backward_match_peft(name):
     family, cm, reference = pair(name)
     ids = family.inputs(2, 6)["input_ids"]
-    labels = ids if name == "llama" else torch.tensor([0, 2])
+    labels = torch.tensor([0, 2]) if name == "bert" else ids
     loss, logits, ours = gradients(cm, ids, labels, autocast=True)
     ref_loss, ref_logits, theirs = gradients(reference, ids, labels, autocast=True)
     _, _, exact = gradients(reference, ids, labels, autocast=False)
-    # values equal; the dtype may not: export traces `logits.float()` (the loss's, a no-op in float32)
-    # as the logits output, so a causal LM's compiled logits come back in float32 under autocast
-    torch.testing.assert_close(logits, ref_logits)
+    # the same values in the same dtype, with labels and without: bfloat16 logits (the lm_head / classifier
+    # matmul's dtype under autocast), the loss float32 (transformers' loss upcasts its own copy of the logits)
+    for got, want in zip(logits, ref_logits):
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want)
+    assert loss.dtype == ref_loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref_loss)
     assert ours.dtype == torch.float32 and ours.shape == theirs.shape
     # bf16 rounds each product to 8 bits (2^-8 ~ 0.4%): the gradients differ from float32 by ~1% in both
@@ -89,3 +92,36 @@ def test_trainer_bf16_losses_equal_peft(name, tmp_path):
     theirs = bf16_losses(reference, tmp_path / "peft")
     assert len(ours) == 3
     assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+class _Head(torch.nn.Module):
+    """A head whose loss upcasts its own copy of the logits, as transformers' ForCausalLMLoss does; with
+    `upcast`, the model itself returns float32 logits (a model's own `return logits.float()`)."""
+
+    def __init__(self, upcast: bool):
+        super().__init__()
+        self.lin, self.upcast = torch.nn.Linear(8, 4), upcast
+
+    def loss_function(self, logits, labels):
+        return (logits.float() - labels).pow(2).mean()
+
+    def forward(self, x, labels):
+        logits = self.lin(x)
+        logits = logits.float() if self.upcast else logits
+        return {"loss": self.loss_function(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("upcast", [False, True], ids=["loss_casts", "model_casts"])
+def test_the_loss_functions_cast_is_not_the_models_output(upcast):
+    """Under autocast the logits come back in the dtype the original returns: bfloat16 when only the loss
+    upcasts (export traced its no-op cast as the output), float32 when the model's own code does."""
+    from peftc.capture.export import capture
+
+    model = _Head(upcast)
+    x, labels = torch.randn(3, 8), torch.randn(3, 4)
+    gm = capture(model, (x, labels), {})
+    with torch.autocast(**BF16):
+        got, want = gm(x, labels), model(x, labels)
+    assert got["logits"].dtype == want["logits"].dtype == (torch.float32 if upcast else torch.bfloat16)
+    assert got["loss"].dtype == want["loss"].dtype == torch.float32
+    torch.testing.assert_close(got["loss"], want["loss"])

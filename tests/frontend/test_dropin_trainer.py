@@ -118,6 +118,32 @@ def test_load_adapter_reads_what_trainer_save_model_wrote(tmp_path):
         torch.testing.assert_close(fresh.adapter_state_dict()[key], value)
     with pytest.raises(peftc.CheckpointError, match="no adapter.safetensors.*save_adapter"):
         fresh.load_adapter(tmp_path)  # a folder with neither file
+    trainer_folder_converts_to_what_peft_reads(cm, tmp_path / "final")
+
+
+def trainer_folder_converts_to_what_peft_reads(cm, folder):
+    """Trainer calls save_pretrained only on a PreTrainedModel or PeftModel, so its folder holds model.safetensors
+    alone, which PeftModel.from_pretrained cannot read; peftc says what it is and how to load and convert it."""
+    from peft import PeftModel
+
+    from peftc.interop.from_peft import load_adapter_dir
+
+    base = FAMILIES["llama"].build()
+    with pytest.raises(ValueError):  # PEFT's own error: no adapter_config.json
+        PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    message = r"model\.safetensors alone, what transformers' Trainer\.save_model writes.*load_adapter.*--spec SPEC"
+    with pytest.raises(peftc.CheckpointError, match=message):
+        peftc.from_peft(copy.deepcopy(base), folder)
+    with pytest.raises(peftc.CheckpointError, match=message):
+        load_adapter_dir(copy.deepcopy(base), folder)  # the CLI's --adapter without --spec
+    converted = load_adapter_dir(copy.deepcopy(base), folder, spec=cm.spec)  # ... and with it
+    converted.save_pretrained(folder.with_name("peft"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.with_name("peft").iterdir()}
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), folder.with_name("peft")).eval()
+    ids = FAMILIES["llama"].inputs(2, 6)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, cm.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoints_hold_the_adapter_and_resume_continues_exactly(tmp_path):

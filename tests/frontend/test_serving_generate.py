@@ -103,6 +103,8 @@ def test_prompt_and_prefix_rows_generate_as_peft_decodes_greedily(tmp_path):
     assert got.shape == (4, 5 + GREEDY["max_new_tokens"])  # the prompt slots are not returned
     served_loop = _greedy(lambda seq: logits(mm(input_ids=seq, adapter_ids=rows)), ids)
     assert got.tolist() == served_loop.tolist()
+    with pytest.raises(NotImplementedError, match=r"prompt or prefix adapters.*generate\(.*use_cache=False"):
+        mm(input_ids=ids, adapter_ids=rows, use_cache=True)  # checked before any capture
     for i, name in enumerate(rows):
         own = PeftModel.from_pretrained(FAMILY.build(), tmp_path / name).eval() if name else FAMILY.build().eval()
         want = _greedy(lambda seq: logits(own(input_ids=seq, use_cache=False)), ids[i:i + 1])
@@ -115,6 +117,33 @@ def _greedy(step, ids: torch.Tensor) -> torch.Tensor:
         for _ in range(GREEDY["max_new_tokens"]):
             ids = torch.cat([ids, step(ids)[:, -1].argmax(-1, keepdim=True)], 1)
     return ids
+
+
+@torch.no_grad()
+def test_a_forward_with_a_cache_gives_each_row_its_own_models_cached_forward(served):
+    """`mm(ids, adapter_ids=rows, use_cache=True)`, then a step continuing its cache: one cached graph
+    (peftc.runtime.forward_cache) with the ids as an input. Each row's logits equal its own model's over the
+    whole sequence (the base row's the original's); the IA3 rows' cache (it scales k_proj) equals its own
+    compiled model's cached forward (one capture more; the others' caches feed the step's logits)."""
+    cms, mm = served
+    ids, mask = _prompt(len(ROWS), 5)
+    prompt = mm(ids, attention_mask=mask, adapter_ids=ROWS, use_cache=True)
+    token = prompt.logits[:, -1].argmax(-1, keepdim=True)
+    longer = torch.cat([mask, torch.ones_like(token)], 1)
+    step = mm(token, attention_mask=longer, adapter_ids=ROWS, past_key_values=prompt.past_key_values, use_cache=True)
+    assert len(mm._cached_forward.graphs) == 1 and step.past_key_values is prompt.past_key_values
+    whole = torch.cat([ids, token], 1)
+    owners = {**cms, None: FAMILY.build().eval()}
+    for name, own in owners.items():
+        rows = [i for i, r in enumerate(ROWS) if r == name]
+        torch.testing.assert_close(prompt.logits[rows], own(ids[rows], attention_mask=mask[rows]).logits, **TOL)
+        want = own(whole[rows], attention_mask=longer[rows]).logits[:, -1:]
+        torch.testing.assert_close(step.logits[rows], want, **TOL)
+    rows = [i for i, r in enumerate(ROWS) if r == "ia3"]
+    own = cms["ia3"](whole[rows], attention_mask=longer[rows], use_cache=True)
+    for served_layer, own_layer in zip(step.past_key_values.layers, own.past_key_values.layers, strict=True):
+        torch.testing.assert_close(served_layer.keys[rows], own_layer.keys, **TOL)
+        torch.testing.assert_close(served_layer.values[rows], own_layer.values, **TOL)
 
 
 def test_generate_checks_the_ids(served):

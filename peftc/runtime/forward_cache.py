@@ -1,0 +1,232 @@
+"""Forward calls with a KV cache: `use_cache=True` returns a transformers DynamicCache, `cache=` continues it.
+
+    out = cm(ids, attention_mask=mask, use_cache=True)            # out.past_key_values: a DynamicCache
+    out = cm(next_ids, attention_mask=longer_mask, past_key_values=out.past_key_values, use_cache=True)
+
+These calls run graphs captured from `WithTensorCache` (peftc.runtime.tensor_cache) through the
+compiled model's own pipeline: the same passes, the same adapter parameters. A graph takes every
+layer's past keys and values as tensors and returns them after the call; this module checks the
+cache a call passes, hands its tensors to the graph (empty ones for a call without a cache: one
+graph serves the prompt and every continued step) and stores what comes back in a DynamicCache,
+the one passed (updated in place, as the original updates it) or a new one. One capture per set of
+other inputs (with or without position_ids, labels, inputs_embeds in place of input_ids, ...), on
+the first call that passes them; the past length, batch and sequence length are dynamic. A served
+model (peftc.serving.served) runs these graphs too, its routing `adapter_ids` one more graph input. The capture traces two decoder layers and
+copies the rest (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`),
+as the compile's own capture does.
+
+Which calls return a cache. The original returns one whenever `use_cache` (argument, else
+`config.use_cache`) is on, training calls included. The compiled model returns one when a call
+asks for it (`use_cache=True`) or passes one (`cache=`/`past_key_values=`); a call that says
+nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: there
+a cache would cost a capture on the first call instead of a derived graph, and every output would
+hold each layer's keys and values (measured in benchmarks/RESULTS.md, "Forward with a KV cache").
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import GraphModule
+
+from peftc.capture.calls import CallSignature, is_hf_model
+from peftc.errors import ShardedError
+from peftc.ir.modes import set_mode
+from peftc.runtime.kv_cache import head_dim, kv_heads
+from peftc.runtime.tensor_cache import CACHE_PARAMETERS, KEYS, VALUES, WithTensorCache, fill
+
+# Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
+TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
+TOTAL_INPUTS = ("attention_mask",)  # ... or [batch, past + new tokens]
+EMBEDS_INPUTS = ("inputs_embeds",)  # ... or [batch, new tokens, hidden], in the token embedding's dtype
+MAIN_INPUTS = ("input_ids", "inputs_embeds")  # the new tokens: exactly one of them, as the original requires
+# Example sizes for the capture; all different, so that export's duck sizing ties no two dims.
+BATCH, NEW, PAST = 2, 3, 5
+PAST_LENGTH = Dim("past_length", min=0)
+
+
+def cache_argument(kwargs: dict):
+    """The cache a call passes (under either keyword), or None."""
+    return next((kwargs[k] for k in CACHE_PARAMETERS if kwargs.get(k) is not None), None)
+
+
+def wants_cache(model: nn.Module, kwargs: dict) -> bool:
+    """Whether a (bound) call asks a model that takes a KV cache for one: `use_cache=True`, or a cache passed."""
+    asks = kwargs.get("use_cache") is True or cache_argument(kwargs) is not None
+    return asks and is_hf_model(model) and takes_cache(type(model))
+
+
+@functools.cache
+def takes_cache(model_class: type) -> bool:
+    """Whether the class's forward takes a cache (a causal LM's does; an encoder's use_cache, if any, is inert)."""
+    return any(name in inspect.signature(model_class.forward).parameters for name in CACHE_PARAMETERS)
+
+
+class CachedForward:
+    """The cached-forward graphs of one compiled model (its compilation, under its plan), by call signature."""
+
+    def __init__(self, compilation, plan):
+        self.compilation = compilation
+        # As generation does: the flat graph, no layer calls or checkpointing (nothing to recompute).
+        self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
+        self.source = WithTensorCache(compilation.source)
+        self.graphs: dict[CallSignature, GraphModule] = {}
+        self.modes: dict[GraphModule, bool] = {}  # the mode each graph's nodes are in
+
+    @property
+    def model(self) -> nn.Module:
+        return self.compilation.source
+
+    def __call__(self, kwargs: dict, training: bool, graph_inputs: dict | None = None):
+        """`graph_inputs`: more keywords the graphs take, which the model does not (a served model's adapter_ids)."""
+        cache = cache_argument(kwargs)
+        inputs = {k: v for k, v in kwargs.items() if k not in CACHE_PARAMETERS and k != "use_cache"}
+        batch, new = _main_input(inputs).shape[:2]
+        past = past_tensors(self.model, cache, batch) if cache is not None else None
+        keys, values = past if past is not None else self._empty(batch)
+        inputs = _with_full_mask(inputs, keys[0].shape[2], new)
+        gm = self.graph_for(inputs)
+        if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
+            set_mode(gm, training)
+            self.modes[gm] = training
+        result = gm(past_keys=list(keys), past_values=list(values), **inputs, **(graph_inputs or {}))
+        out, keys, values = result["output"], result[KEYS], result[VALUES]
+        cache = fill(cache if cache is not None else _new_cache(self.model), keys, values)
+        return type(out)(**{**out, self.source.cache_field: cache})  # in the original's field order
+
+    def graph_for(self, inputs: dict) -> GraphModule:
+        signature = CallSignature.of((), inputs)
+        if signature not in self.graphs:
+            self.graphs[signature] = self._capture(inputs)
+        return self.graphs[signature]
+
+    def _capture(self, inputs: dict) -> GraphModule:
+        example, shapes = self._example(inputs)
+        built = replace(self.compilation, source=self.source).build((), example, self.plan, dynamic_shapes=shapes)
+        return built.graph_module
+
+    def _example(self, inputs: dict) -> tuple[dict, dict]:
+        """A call like `inputs` at the example sizes, and its dynamic shapes."""
+        example, shapes = {}, {}
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor):
+                example[name], shapes[name] = value, None  # a flag or logits_to_keep: part of the signature
+                continue
+            width = NEW if name in TOKEN_INPUTS + EMBEDS_INPUTS else PAST + NEW
+            if name in EMBEDS_INPUTS:
+                weight = self.model.get_input_embeddings().weight
+                example[name] = weight.new_zeros(BATCH, width, value.shape[-1]).normal_()
+                shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO, 2: Dim.STATIC}  # hidden is the model's: static
+                continue
+            if name == "position_ids":
+                example[name] = torch.arange(PAST, PAST + NEW, device=value.device).expand(BATCH, -1).to(value.dtype)
+            else:
+                example[name] = value.new_ones(BATCH, width) if name in TOTAL_INPUTS else value.new_zeros(BATCH, width)
+            shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO}
+        keys, values = self._empty(BATCH, PAST)
+        example.update(past_keys=[k.normal_() for k in keys], past_values=[v.normal_() for v in values])
+        # One past length for every layer: one symbol, so each layer reads the same size (layer_stacks can copy them).
+        past = {0: Dim.AUTO, 2: PAST_LENGTH}
+        shapes.update(past_keys=[past] * len(keys), past_values=[past] * len(keys))
+        return example, shapes
+
+    def _empty(self, batch: int, length: int = 0) -> tuple[list, list]:
+        config = _text_config(self.model)
+        weight = next(self.model.parameters())
+        shape = (batch, kv_heads(config), length, head_dim(config))
+        layers = range(config.num_hidden_layers)
+        return ([weight.new_zeros(shape) for _ in layers], [weight.new_zeros(shape) for _ in layers])
+
+
+def refuse_sharded(sharded: bool) -> None:
+    """A sharded model cannot run a cached forward (checked once, before the first capture)."""
+    if sharded:
+        raise ShardedError("a forward with a KV cache (use_cache=True or cache=) on a model FSDP2 (fully_shard) "
+                           "sharded: its graph runs outside FSDP2's hooks. Call it with use_cache=False, or save "
+                           "the adapter (cm.save_adapter) and decode on one process from peftc.compile(base, spec)")
+
+
+def check_cached_call(model: nn.Module, kwargs: dict) -> None:
+    """Refuse a call a cached forward cannot run, naming what it passes (before anything is captured)."""
+    supported = set(TOKEN_INPUTS + TOTAL_INPUTS + EMBEDS_INPUTS + CACHE_PARAMETERS) | {"use_cache"}
+    tensors = sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in supported)
+    if tensors:
+        raise NotImplementedError(f"a forward with a KV cache takes {sorted(supported)} (and flags); this call "
+                                  f"also passes {tensors}. Pass use_cache=False, or call "
+                                  "cm.merge_and_unload() for the original model with every option")
+    main = [k for k in MAIN_INPUTS if kwargs.get(k) is not None]
+    if len(main) != 1:  # the original's rule, checked here: the capture would fail less clearly
+        raise ValueError(f"a forward with a KV cache needs exactly one of input_ids [batch, new tokens] or "
+                         f"inputs_embeds [batch, new tokens, hidden]; this call passes {main or 'neither'}")
+    tensor = kwargs[main[0]]
+    dims = 2 if main[0] == "input_ids" else 3
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != dims:
+        raise TypeError(f"a forward with a KV cache needs {main[0]} with {dims} dims "
+                        f"({'[batch, new tokens]' if dims == 2 else '[batch, new tokens, hidden]'})")
+    if dims == 3:
+        weight = model.get_input_embeddings().weight
+        if tensor.shape[-1] != weight.shape[-1] or tensor.dtype != weight.dtype:
+            raise ValueError(f"inputs_embeds: [..., {tensor.shape[-1]}] {tensor.dtype}; {type(model).__name__}'s "
+                             f"token embeddings are [..., {weight.shape[-1]}] {weight.dtype}, as inputs_embeds "
+                             "must be (model.get_input_embeddings()(input_ids) gives them)")
+
+
+def past_tensors(model: nn.Module, cache, batch: int) -> tuple[list, list] | None:
+    """Each layer's (keys, values) in `cache`, checked to be what this model produces for `batch` rows;
+    None for a cache not filled yet (`DynamicCache(config=...)`, passed for the first call)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if not isinstance(cache, DynamicCache):
+        raise TypeError(f"cache: expected the transformers DynamicCache a previous call returned "
+                        f"(out.past_key_values), got {type(cache).__name__}")
+    config = _text_config(model)
+    layers = config.num_hidden_layers
+    if len(cache.layers) not in (0, layers):  # DynamicCache() makes its layers on first update
+        raise ValueError(f"cache: holds {len(cache.layers)} layers, {type(model).__name__} has {layers}; "
+                         "pass the cache this model returned")
+    if not any(layer.is_initialized for layer in cache.layers):
+        return None
+    expected = (batch, kv_heads(config), head_dim(config))
+    keys, values = [], []
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            raise ValueError(f"cache: layer {i} is a {type(layer).__name__}{'' if layer.is_initialized else ' (empty)'}; "
+                             "a compiled forward continues full-attention DynamicCache layers it filled")
+        for what, tensor in (("keys", layer.keys), ("values", layer.values)):
+            got = (tensor.shape[0], tensor.shape[1], tensor.shape[3]) if tensor.dim() == 4 else tuple(tensor.shape)
+            if got != expected or tensor.shape[2] != cache.layers[0].keys.shape[2]:
+                raise ValueError(f"cache: layer {i} {what} have shape {tuple(tensor.shape)}; this call needs "
+                                 f"[batch={batch}, kv heads={expected[1]}, past length, head dim={expected[2]}] "
+                                 "with one past length for every layer")
+        keys.append(layer.keys)
+        values.append(layer.values)
+    return keys, values
+
+
+def _new_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=_text_config(model))
+
+
+def _text_config(model: nn.Module):
+    return model.config.get_text_config(decoder=True)
+
+
+def _main_input(inputs: dict) -> torch.Tensor:
+    """The new tokens' input: [batch, new, ...] (check_cached_call made sure there is exactly one)."""
+    return next(inputs[k] for k in MAIN_INPUTS if inputs.get(k) is not None)
+
+
+def _with_full_mask(inputs: dict, past: int, new: int) -> dict:
+    """A mask over past and new tokens: bind_call's stand-in for a missing mask covers the new ones only."""
+    mask = inputs.get("attention_mask")
+    if past and mask is not None and mask.shape[1] == new and bool(mask.all()):
+        inputs = {**inputs, "attention_mask": torch.cat([mask.new_ones(mask.shape[0], past), mask], 1)}
+    return inputs

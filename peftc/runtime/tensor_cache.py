@@ -1,0 +1,67 @@
+"""A causal LM whose KV cache enters and leaves as tensors: the module cached-forward graphs are captured from.
+
+transformers' forward takes and returns a `DynamicCache` object, which torch.export cannot put
+in a graph's inputs or outputs without registering the class as a pytree node process-wide
+(transformers.integrations.executorch's `register_dynamic_cache_export_support`). This wrapper
+keeps the object inside the trace instead: its forward takes each layer's past keys and values
+as tensors, fills a `DynamicCache` with them, calls the model with it, and returns the model's
+output without the cache plus each layer's keys and values after the call. The runtime
+(peftc.runtime.forward_cache) wraps the tensors into a `DynamicCache` again, so callers see what
+the original returns. As `WithStaticCache` does, it registers the model's children as its own, so
+parameter names and sites are the model's and the spec's passes mount the same adapters.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+KEYS, VALUES = "peftc_cache_keys", "peftc_cache_values"  # output fields, one tensor per layer
+CACHE_PARAMETERS = ("cache", "past_key_values")  # transformers 5.x's name, then the older one
+
+
+def cache_parameter(model: nn.Module) -> str | None:
+    """The name under which `model.forward` takes a KV cache, if it takes one."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_PARAMETERS if name in params), None)
+
+
+class WithTensorCache(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_model", model)  # called, not registered: its children are ours
+        self.cache_parameter = cache_parameter(model)
+        self.cache_field = "cache"  # the output field holding the cache; read from the traced output
+
+    def forward(self, past_keys=None, past_values=None, **kwargs):
+        from transformers import DynamicCache
+
+        config = self._model.config.get_text_config(decoder=True)
+        cache = DynamicCache(config=config)
+        if past_keys is not None:
+            fill(cache, past_keys, past_values)
+        out = self._model(**{self.cache_parameter: cache}, use_cache=True, **kwargs)
+        self.cache_field = next(name for name, value in out.items() if value is cache)
+        rest = type(out)(**{name: value for name, value in out.items() if value is not cache})
+        # The layers that ran: all of them, but in layer_stacks' two-layer capture, which grows the tuples
+        # back to every layer as it does transformers' per-layer outputs (peftc.capture.recorded_outputs).
+        ran = [i for i, layer in enumerate(cache.layers) if past_keys is None or layer.keys is not past_keys[i]]
+        return {"output": rest, KEYS: tuple(cache.layers[i].keys for i in ran),
+                VALUES: tuple(cache.layers[i].values for i in ran)}
+
+
+def fill(cache, keys, values):
+    """`cache` holding `keys` and `values` (one tensor each per layer) as its layers' state, not copied:
+    what DynamicLayer.update leaves, without the concatenation onto an empty tensor it would do first."""
+    from transformers.cache_utils import DynamicLayer
+
+    while len(cache.layers) < len(keys):  # a DynamicCache() made without a config
+        cache.layers.append(DynamicLayer())
+    for layer, k, v in zip(cache.layers, keys, values):
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
