@@ -46,6 +46,18 @@ def in_adapter_dtype(ctx: PassContext, module: nn.Module, weight: torch.Tensor) 
     return module if dtype == weight.dtype else module.to(dtype=dtype)
 
 
+def in_dtype_of(ins: Inserter, tensor: Node, like: Node) -> Node:
+    """`tensor` in `like`'s dtype, for adapters that cast their own values (prompt, p-tuning, prefix): float32
+    adapter weights (the spec's adapter_dtype) enter a bfloat16 model rounded once, as PEFT casts its prompts
+    and past_key_values to the base dtype. Role "cast_back" tells cast_adapter_dtype this adapter casts itself."""
+    dtype = like.meta["val"].dtype
+    if tensor.meta["val"].dtype == dtype:
+        return tensor
+    cast = ins.call(torch.ops.aten._to_copy.default, tensor, dtype=dtype)
+    cast.meta["peftc"]["role"] = "cast_back"
+    return cast
+
+
 def site_inserter(gm: GraphModule, node: Node, site: Site, ctx: PassContext, pass_name: str) -> Inserter:
     """An Inserter after `node` whose nodes are tagged with this pass, method, site, slot and entry."""
     tag = {"pass": pass_name, "method": ctx.entry.method, "site": site.path, "slot": ctx.slot,

@@ -15,7 +15,7 @@ from peftc.ir.graph_edit import Inserter, redirect_users
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._attention import attention_ops, head_layout, sdpa_arg, set_sdpa_arg
-from ._per_site import in_adapter_dtype
+from ._per_site import in_adapter_dtype, in_dtype_of
 
 aten = torch.ops.aten
 POSITION_OPS = (aten.cos.default, aten.sin.default, aten.embedding.default)
@@ -82,11 +82,11 @@ def _rewrite_attention(gm: GraphModule, node: Node, path: str, groups: int, ctx:
     query, key, value = sdpa_arg(node, 0), sdpa_arg(node, 1), sdpa_arg(node, 2)
     ins = Inserter(gm, node.prev, tag)
     batch = ins.call(aten.sym_size.int, query, 0)
-    prefix_k = _batched(ins, _in_dtype_of(ins, ins.get_attr(adapters.target(path, ctx.slot, "key")), key), groups, batch)
-    prefix_v = _batched(ins, _in_dtype_of(ins, ins.get_attr(adapters.target(path, ctx.slot, "value")), value),
+    prefix_k = _batched(ins, in_dtype_of(ins, ins.get_attr(adapters.target(path, ctx.slot, "key")), key), groups, batch)
+    prefix_v = _batched(ins, in_dtype_of(ins, ins.get_attr(adapters.target(path, ctx.slot, "value")), value),
                         groups, batch)
     if config.gate:
-        prefix_v = ins.call(aten.mul.Tensor, prefix_v, _in_dtype_of(ins, _gate(ins, query, path, ctx), value))
+        prefix_v = ins.call(aten.mul.Tensor, prefix_v, in_dtype_of(ins, _gate(ins, query, path, ctx), value))
     set_sdpa_arg(node, 1, ins.call(aten.cat.default, [prefix_k, key], 2))
     set_sdpa_arg(node, 2, ins.call(aten.cat.default, [prefix_v, value], 2))
     mask = _widened_mask(ins, node, query, key, config.num_tokens)
@@ -94,18 +94,6 @@ def _rewrite_attention(gm: GraphModule, node: Node, path: str, groups: int, ctx:
         set_sdpa_arg(node, 3, mask)
     if sdpa_arg(node, 5, False):
         set_sdpa_arg(node, 5, False)  # the widened mask now says what is_causal said, prefix columns included
-
-
-def _in_dtype_of(ins: Inserter, tensor: Node, like: Node) -> Node:
-    """`tensor` in `like`'s dtype: float32 prefix weights (the spec's adapter_dtype) enter a bfloat16 attention
-    rounded once, as PEFT casts its past_key_values to the base model's dtype; role "cast_back" tells
-    cast_adapter_dtype this adapter casts its own results."""
-    dtype = like.meta["val"].dtype
-    if tensor.meta["val"].dtype == dtype:
-        return tensor
-    cast = ins.call(aten._to_copy.default, tensor, dtype=dtype)
-    cast.meta["peftc"]["role"] = "cast_back"
-    return cast
 
 
 def _batched(ins: Inserter, prefix: Node, groups: int, batch: Node) -> Node:
@@ -121,7 +109,7 @@ def _gate(ins: Inserter, query: Node, path: str, ctx: PassContext) -> Node:
     """sigmoid(mean over queries of q·w + b): one gate per batch row and head, shape [b, h, 1, 1]."""
     weight = ins.get_attr(adapters.target(path, ctx.slot, "gate"))
     bias = ins.get_attr(adapters.target(path, ctx.slot, "gate_bias"))
-    query = _in_dtype_of(ins, query, weight)  # the gate computes in its weights' dtype
+    query = in_dtype_of(ins, query, weight)  # the gate computes in its weights' dtype
     logits = ins.call(aten.mean.dim, ins.call(aten.matmul.default, query, weight), [2], True)
     return ins.call(aten.sigmoid.default, ins.call(aten.add.Tensor, logits, bias))
 

@@ -16,7 +16,7 @@ from peftc.ir.graph_edit import Inserter, redirect_users
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
 
-from ._per_site import in_adapter_dtype
+from ._per_site import in_adapter_dtype, in_dtype_of
 from ._site_output import current_output
 
 aten = torch.ops.aten
@@ -79,7 +79,7 @@ def prepend_virtual_tokens(gm: GraphModule, ctx: PassContext, pass_name: str, nu
 
     def prompt_at(ins: Inserter) -> Node:
         prompt = make_prompt(ins, lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name)), module)
-        return in_embedding_dtype(ins, prompt, current_output(embedding_op))
+        return in_dtype_of(ins, prompt, current_output(embedding_op))
 
     cache_position = next((n for n in gm.graph.find_nodes(op="placeholder") if n.name == CACHE_POSITION), None)
     if cache_position is not None:  # a generation graph: generate() put N slots before the prompt tokens
@@ -91,18 +91,6 @@ def prepend_virtual_tokens(gm: GraphModule, ctx: PassContext, pass_name: str, nu
     if created:
         result.params_added.update(adapters.parameter_counts(site.path, ctx.slot, module))
     return result
-
-
-def in_embedding_dtype(ins: Inserter, prompt: Node, embeddings: Node) -> Node:
-    """The prompt cast to the token embeddings' dtype where it joins them: float32 prompt weights (the spec's
-    adapter_dtype) over a bfloat16 model enter it rounded once, as PEFT's prompts.to(inputs_embeds.dtype);
-    role "cast_back" tells cast_adapter_dtype this adapter casts its own result."""
-    dtype = embeddings.meta["val"].dtype
-    if prompt.meta["val"].dtype == dtype:
-        return prompt
-    cast = ins.call(aten._to_copy.default, prompt, dtype=dtype)
-    cast.meta["peftc"]["role"] = "cast_back"
-    return cast
 
 
 def _token_embedding(gm: GraphModule, ctx: PassContext) -> tuple[Site, Node]:
