@@ -45,6 +45,17 @@ def copy_lora_weights(cm, reference) -> int:
     return copied
 
 
+def peft_lora_grads(reference) -> dict[str, torch.Tensor]:
+    """PEFT's LoRA gradients under peftc's adapter names ("<path>.lora.A"), as copy_lora_weights maps them."""
+    grads = {}
+    for name, module in reference.named_modules():
+        if "default" in getattr(module, "lora_A", {}):
+            path = _strip(name)
+            grads[f"{path}.lora.A"] = module.lora_A["default"].weight.grad
+            grads[f"{path}.lora.B"] = module.lora_B["default"].weight.grad
+    return grads
+
+
 def _strip(name: str) -> str:
     for prefix in PEFT_PREFIXES:
         if name.startswith(prefix):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import bert, gpt2, llama, randomize_adapters
-from peft_reference import PEFT_PREFIXES, peft_lora
+from peft_reference import peft_lora, peft_lora_grads
 
 import peftc
 from peftc.capture.embeds_input import embeds_hold
@@ -49,17 +49,6 @@ def _reference_kwargs(family: str) -> dict:
     return {} if family == "bert" else {"use_cache": False}
 
 
-def _lora_grads(reference) -> dict[str, torch.Tensor]:
-    """PEFT's LoRA gradients under peftc's adapter names ("<path>.lora.A")."""
-    grads = {}
-    for name, module in reference.named_modules():
-        if "default" in getattr(module, "lora_A", {}):
-            path = name.removeprefix(PEFT_PREFIXES[0])
-            grads[f"{path}.lora.A"] = module.lora_A["default"].weight.grad
-            grads[f"{path}.lora.B"] = module.lora_B["default"].weight.grad
-    return grads
-
-
 def test_inputs_embeds_is_derived_and_trains_as_peft(pair, monkeypatch):
     """Loss, logits and gradients (adapters and the embeddings themselves) equal PEFT's, without a capture."""
     cm, reference, family = pair
@@ -78,7 +67,7 @@ def test_inputs_embeds_is_derived_and_trains_as_peft(pair, monkeypatch):
     torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
     assert ours_in.grad is not None and ours_in.grad.abs().sum() > 0  # the gradient reaches inputs_embeds
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-5, rtol=1e-5)
-    expected = _lora_grads(reference)
+    expected = peft_lora_grads(reference)
     got = {name: p.grad for name, p in cm.adapter_root.named_parameters()}
     assert got.keys() == expected.keys()
     for name, grad in got.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from families import FAMILIES, randomize_adapters
 from peft import PeftModel
-from peft_reference import PEFT_PREFIXES
+from peft_reference import peft_lora_grads
 from transformers import DynamicCache, StaticCache
 
 import peftc
@@ -191,17 +191,6 @@ LORA_CASES = [case for case in CASES if case[1] == "lora"]  # LLaMA and GPT-2: t
 @pytest.fixture(scope="module", params=LORA_CASES, ids=lambda case: "-".join(case))
 def lora_pair(request, tmp_path_factory):
     return compiled_pair(request.param, tmp_path_factory.mktemp("-".join(request.param)))
-
-
-def peft_lora_grads(reference) -> dict[str, torch.Tensor]:
-    """PEFT's LoRA gradients under peftc's adapter names ("<path>.lora.A")."""
-    grads = {}
-    for name, module in reference.named_modules():
-        if "default" in getattr(module, "lora_A", {}):
-            path = name.removeprefix(PEFT_PREFIXES[0])
-            grads[f"{path}.lora.A"] = module.lora_A["default"].weight.grad
-            grads[f"{path}.lora.B"] = module.lora_B["default"].weight.grad
-    return grads
 
 
 def test_labels_with_a_cache_give_the_loss_the_cache_and_the_gradients_peft_gives(lora_pair):
