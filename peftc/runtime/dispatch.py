@@ -22,6 +22,7 @@ from peftc.capture.binding import bind_call
 from peftc.capture.calls import CallSignature, normalize_call
 from peftc.capture.embeds_input import derive_embeds_graph
 from peftc.capture.input_defaults import rows_broadcast
+from peftc.capture.kept_logits import derive_kept_logits_graph, positions_to_keep
 from peftc.capture.sharded import is_sharded, runnable
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import ExtraInputs
@@ -119,6 +120,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         """The graph for this call's signature (built on first use) and the call, normalized."""
         args, kwargs = normalize_call(self.compilation.source, args, kwargs)
         kwargs = rows_broadcast(self.compilation.source, kwargs)  # one row of position_ids for the batch
+        kwargs = positions_to_keep(self.compilation.source, kwargs)  # an int logits_to_keep as its positions
         signature = CallSignature.of(args, kwargs)
         gm = self._graphs.get(signature)
         self._unmet.discard(signature)
@@ -135,9 +137,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if self._superset is None:
             return None
         wide = CallSignature.of(*self._superset)
-        gm, model = self._graphs[wide], self.compilation.source
-        return derive_graph(gm, wide, signature, ExtraInputs.of(model)) \
-            or derive_embeds_graph(gm, wide, signature, model)  # inputs_embeds in place of input_ids
+        return _derive(self._graphs[wide], wide, signature, self.compilation.source)
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""
@@ -229,6 +229,14 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self.__dict__.update(state)
         self._rebuild()
         self.sign_forward()
+
+
+def _derive(gm: GraphModule, wide: CallSignature, signature: CallSignature, model: nn.Module) -> GraphModule | None:
+    """The graph for `signature` derived from `gm` (captured for `wide`): inputs dropped, inputs_embeds in
+    place of input_ids, logits_to_keep positions taken (then the rest derived as from `gm`), or None."""
+    return derive_graph(gm, wide, signature, ExtraInputs.of(model)) \
+        or derive_embeds_graph(gm, wide, signature, model) \
+        or derive_kept_logits_graph(gm, wide, signature, model, lambda kept, w, s: _derive(kept, w, s, model))
 
 
 def _placement(gm: GraphModule) -> set:

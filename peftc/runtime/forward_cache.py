@@ -35,6 +35,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from peftc.capture.calls import CallSignature, is_hf_model
+from peftc.capture.kept_logits import LOGITS_TO_KEEP, keep_positions, output_embeddings_path, positions_to_keep
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.runtime.kv_cache import head_dim, kv_heads
@@ -90,7 +91,7 @@ class CachedForward:
         past = past_tensors(self.model, cache, batch) if cache is not None else None
         keys, values = past if past is not None else self._empty(batch)
         inputs = _with_full_mask(inputs, keys[0].shape[2], new)
-        gm = self.graph_for(inputs)
+        gm, inputs = self.graph_for(inputs)
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
@@ -99,7 +100,23 @@ class CachedForward:
         cache = fill(cache if cache is not None else _new_cache(self.model), keys, values)
         return type(out)(**{**out, self.source.cache_field: cache})  # in the original's field order
 
-    def graph_for(self, inputs: dict) -> GraphModule:
+    def graph_for(self, inputs: dict) -> tuple[GraphModule, dict]:
+        """The graph for this call (captured on first use) and the call as it takes it: an int logits_to_keep
+        as its positions, the graph of the call without it keeping them (peftc.capture.kept_logits)."""
+        kept = positions_to_keep(self.model, inputs)
+        if kept is not inputs:
+            signature = CallSignature.of((), kept)
+            if signature not in self.graphs:
+                rest = {name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP}
+                head = output_embeddings_path(self.model)
+                graph = keep_positions(self.graph_for(rest)[0], head) if head is not None else None
+                if graph is None:  # the LM head reads something else: the int stays in the signature
+                    return self._graph(inputs), inputs
+                self.graphs[signature] = graph
+            return self.graphs[signature], kept
+        return self._graph(inputs), inputs
+
+    def _graph(self, inputs: dict) -> GraphModule:
         signature = CallSignature.of((), inputs)
         if signature not in self.graphs:
             self.graphs[signature] = self._capture(inputs)
@@ -115,7 +132,7 @@ class CachedForward:
         example, shapes = {}, {}
         for name, value in inputs.items():
             if not isinstance(value, torch.Tensor):
-                example[name], shapes[name] = value, None  # a flag or logits_to_keep: part of the signature
+                example[name], shapes[name] = value, None  # a flag (or logits_to_keep, where not derived)
                 continue
             width = NEW if name in TOKEN_INPUTS + EMBEDS_INPUTS else PAST + NEW
             if name in EMBEDS_INPUTS:
