@@ -7,8 +7,8 @@ attention_mask): ones that map to the compiled graph (positional ids, no mask, r
 arguments equal to their defaults), ones whose graph is derived from the superset capture
 without exporting (labels, Trainer's labels + num_items_in_batch, output_hidden_states,
 output_attentions, position_ids; see peftc.capture.specialize; inputs_embeds in place of
-input_ids: peftc.capture.embeds_input), one outside the superset that still captures
-(logits_to_keep, a constant the graph is specialized on), and a forward with use_cache=True,
+input_ids: peftc.capture.embeds_input; logits_to_keep, its positions a graph input:
+peftc.capture.kept_logits), and a forward with use_cache=True,
 whose graph takes and returns each layer's keys and values (peftc.runtime.forward_cache: one
 capture, two layers traced and the rest copied; timed with the forward it runs).
 Reported: the time to bind the call and get its graph (`cm.graph_for`: what meeting the
@@ -59,7 +59,9 @@ VARIATIONS = {
     "inputs_embeds in place of input_ids (derived)": ((), {"inputs_embeds": EMBEDS}),
     "inputs_embeds + attention_mask + labels (derived)":
         ((), {"inputs_embeds": EMBEDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}),
-    "logits_to_keep=1 (outside the superset: a capture)": ((), {"input_ids": IDS, "logits_to_keep": 1}),
+    "logits_to_keep=1 (derived)": ((), {"input_ids": IDS, "logits_to_keep": 1}),
+    "logits_to_keep=positions + labels (derived)":
+        ((), {"input_ids": IDS, "logits_to_keep": torch.arange(96, 128), "labels": IDS[:, 96:]}),
     CACHED: ((), {"input_ids": IDS, "use_cache": True}),
 }
 

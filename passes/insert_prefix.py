@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -133,8 +134,10 @@ def _widened_mask(ins: Inserter, node: Node, query: Node, key: Node, num_tokens:
 def _shift_positions(gm: GraphModule, attention: list[Node], num_tokens: int, path: str, ctx: PassContext) -> int:
     """Offset the real tokens' positions by N. Given as `position_ids` (generate() passes them), the input
     gains N, as HF PEFT adds num_virtual_tokens to the position_ids of a prefix-tuned call. Otherwise
-    HF models build them as arange(S) + past_length, with past_length the constant 0 here; the offset
-    nodes are those feeding rotary (cos/sin) or position-embedding lookups rather than masks."""
+    HF models build them as arange(S) + past_length, with past_length the constant 0 here, or in a graph
+    taking past keys and values as tensors (peftc.runtime.forward_cache) their length: the prefix is not
+    in that cache, so the positions gain N on every call. The offset nodes are those feeding rotary
+    (cos/sin) or position-embedding lookups rather than masks."""
     inputs = list(gm.graph.find_nodes(op="placeholder"))
     given = next((n for n in inputs if n.name == "position_ids"), None)
     if given is not None:
@@ -146,10 +149,19 @@ def _shift_positions(gm: GraphModule, attention: list[Node], num_tokens: int, pa
     for node in gm.graph.nodes:
         if (node.op == "call_function" and node.target == aten.add.Tensor and len(node.args) == 2
                 and isinstance(node.args[0], Node) and node.args[0].target == aten.arange.default
-                and node.args[1] == 0 and _feeds_positions(node, set(attention))):
-            node.args = (node.args[0], num_tokens)
+                and (node.args[1] == 0 or _is_size(node.args[1])) and _feeds_positions(node, set(attention))):
+            past = node.args[1]
+            if isinstance(past, Node):
+                with gm.graph.inserting_before(node):
+                    past = gm.graph.call_function(operator.add, (past, num_tokens))
+            node.args = (node.args[0], past if isinstance(past, Node) else num_tokens)
             shifted += 1
     return shifted
+
+
+def _is_size(value) -> bool:
+    """A size read from a tensor (the past length: `past_keys_<i>.size(2)`)."""
+    return isinstance(value, Node) and value.target == aten.sym_size.int
 
 
 def _feeds_positions(start: Node, stops: set[Node]) -> bool:
