@@ -25,8 +25,11 @@ that placeholder; the wrapper checks the caller's ids (peftc.serving.routing) an
 with the model's own inputs. Nothing is stored per call, so threads may share one served model,
 and `export_onnx(mm, path)` keeps the ids as an ONNX input (Plan.serve_export). A call with
 `use_cache=True` or a cache passed returns a DynamicCache as a compiled model's does (its graphs,
-peftc.runtime.forward_cache, built by the serving plan, the ids one more input); with prompt or
-prefix adapters served it is refused (their virtual tokens would enter the cache): generate() decodes.
+peftc.runtime.forward_cache, built by the serving plan, the ids one more input). Prefix rows work
+there as a compiled prefix model's cached forward does: the cache holds the tokens' keys and values
+only, every call adds the row's prefix at each attention op and counts the row's positions from its
+N (so all rows share one cache length, whatever their prefixes). With prompt-tuning adapters served
+it is refused (their virtual tokens would enter the cache): generate() decodes.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from peftc.runtime.forward_cache import wants_cache
 from peftc.runtime.user_model import weight_view
 from peftc.serving.routing import adapter_index, check_adapter_names
 from peftc.serving.sources import load_adapter
-from peftc.serving.virtual_inputs import with_prompt_slots, with_virtual_inputs
+from peftc.serving.virtual_inputs import with_cached_positions, with_prompt_slots, with_virtual_inputs
 
 BACKENDS = ("triton",)
 
@@ -119,11 +122,13 @@ class ServedModel(GraphDispatch):
     def _served_cached_call(self, kwargs: dict, ids: torch.Tensor):
         """A call with use_cache=True or a cache passed, as a compiled model's (peftc.runtime.forward_cache):
         the cached-forward graphs built by this model's serving plan take the ids as one more input."""
-        if self.plan.serving.has_virtual_tokens:
-            raise NotImplementedError("use_cache=True (or a cache passed) on a model serving prompt or prefix "
-                                      "adapters: each row's virtual tokens would enter the cache. Call "
+        if self.plan.serving.prompt_paths:
+            raise NotImplementedError("use_cache=True (or a cache passed) on a model serving prompt-tuning "
+                                      "adapters: their virtual tokens would enter the cache. Call "
                                       "mm.generate(..., adapter_ids=...) for cached decoding, or pass use_cache=False")
         kwargs, output_flags = split_output_flags(kwargs)
+        if self.plan.serving.prefix_paths:  # the graph shifts each prefix row's positions by its own N
+            kwargs = with_cached_positions(self.compilation.source, kwargs)
         with self._build_lock:  # the first call of a signature captures its graph
             return apply_output_flags(self._cached_call(kwargs, {"adapter_ids": ids}), output_flags)
 

@@ -40,6 +40,21 @@ def with_virtual_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
                   "position_ids": positions}
 
 
+def with_cached_positions(model: nn.Module, kwargs: dict) -> dict:
+    """A cached call (bound keywords) with the position_ids a served prefix graph reads: past..past+S-1 for every
+    row, as the model counts them from the cache length when called without (the graph adds each prefix row's
+    N; padding does not count, as in the model's own cached call)."""
+    if "position_ids" in kwargs:
+        raise NotImplementedError("position_ids: served prefix adapters place each row's positions themselves; "
+                                  "call without position_ids (compiling prefix tuning shifts them too)")
+    main = next(kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None)
+    cache = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+    past = cache.get_seq_length() if cache is not None else 0
+    batch, seq = main.shape[:2]
+    positions = torch.arange(past, past + seq, device=main.device).unsqueeze(0).repeat(batch, 1)
+    return {**kwargs, "position_ids": positions}
+
+
 def with_prompt_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, slot_lengths: torch.Tensor,
                       width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A generation prompt with `width` slots before each row's tokens, its own N of them (the last N)
