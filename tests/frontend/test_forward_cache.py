@@ -81,8 +81,6 @@ def test_prefill_and_continued_steps_equal_peft(pair, padded):
     theirs = reference(input_ids=ids, attention_mask=mask, use_cache=True)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert_same_cache(ours.past_key_values, theirs.past_key_values)
-    keeping = [s for s in cm._cached_forward.graphs if "logits_to_keep" in dict(s.kwargs)]
-    assert [dict(s.kwargs)["logits_to_keep"] for s in keeping] == ["tensor[1d,int64]"]  # not the int: derived
     for _ in range(STEPS):  # a manual greedy loop, each call continuing the cache the last one returned
         token = theirs.logits[:, -1].argmax(-1, keepdim=True)
         assert torch.equal(ours.logits[:, -1].argmax(-1, keepdim=True), token)
@@ -93,8 +91,6 @@ def test_prefill_and_continued_steps_equal_peft(pair, padded):
         torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert ours.past_key_values.get_seq_length() == ids.shape[1] + STEPS
     assert_same_cache(ours.past_key_values, theirs.past_key_values)
-    keeping = [s for s in cm._cached_forward.graphs if "logits_to_keep" in dict(s.kwargs)]
-    assert [dict(s.kwargs)["logits_to_keep"] for s in keeping] == ["tensor[1d,int64]"]  # not the int: derived
 
 
 @torch.no_grad()
@@ -187,8 +183,6 @@ def test_position_ids_with_a_cache_equal_peft(llama_pair):
     theirs = reference(input_ids=token, past_key_values=theirs.past_key_values, **step)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert_same_cache(ours.past_key_values, theirs.past_key_values)
-    keeping = [s for s in cm._cached_forward.graphs if "logits_to_keep" in dict(s.kwargs)]
-    assert [dict(s.kwargs)["logits_to_keep"] for s in keeping] == ["tensor[1d,int64]"]  # not the int: derived
 
 
 LORA_CASES = [case for case in CASES if case[1] == "lora"]  # LLaMA and GPT-2: the ones PEFT's LoRA grads read
@@ -214,8 +208,6 @@ def test_labels_with_a_cache_give_the_loss_the_cache_and_the_gradients_peft_give
     torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert_same_cache(ours.past_key_values, theirs.past_key_values)
-    keeping = [s for s in cm._cached_forward.graphs if "logits_to_keep" in dict(s.kwargs)]
-    assert [dict(s.kwargs)["logits_to_keep"] for s in keeping] == ["tensor[1d,int64]"]  # not the int: derived
     ours.loss.backward()
     theirs.loss.backward()
     mine = {name: p.grad for name, p in cm.adapter_root.named_parameters()}
@@ -236,8 +228,6 @@ def test_inputs_embeds_start_a_cache_that_embeds_and_ids_continue_as_peft(lora_p
     theirs = reference(inputs_embeds=embed(ids), attention_mask=mask, use_cache=True)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert_same_cache(ours.past_key_values, theirs.past_key_values)
-    keeping = [s for s in cm._cached_forward.graphs if "logits_to_keep" in dict(s.kwargs)]
-    assert [dict(s.kwargs)["logits_to_keep"] for s in keeping] == ["tensor[1d,int64]"]  # not the int: derived
     for as_embeds in (True, False):
         token = theirs.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(token)], 1)
@@ -247,8 +237,6 @@ def test_inputs_embeds_start_a_cache_that_embeds_and_ids_continue_as_peft(lora_p
         torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert ours.past_key_values.get_seq_length() == ids.shape[1] + 2
     assert_same_cache(ours.past_key_values, theirs.past_key_values)
-    keeping = [s for s in cm._cached_forward.graphs if "logits_to_keep" in dict(s.kwargs)]
-    assert [dict(s.kwargs)["logits_to_keep"] for s in keeping] == ["tensor[1d,int64]"]  # not the int: derived
 
 
 @torch.no_grad()
