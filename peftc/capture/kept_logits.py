@@ -13,7 +13,7 @@ An int k is passed to the graph as the positions it keeps, `arange(seq)[-k:]` (`
 so every k runs one graph: a graph per value would add a graph for each new k a loop passes (GRPO
 passes the completion length, which changes every batch). Both rest on how the model reads
 logits_to_keep, so the model is checked once (`kept_logits_hold`): on a small left-padded call its
-logits with an int k and with an index tensor must equal the matching rows of its full logits.
+logits with an int k and with an index tensor must be the matching rows of the same logits.
 A model that fails the check, a 2-D or boolean logits_to_keep, or a graph whose LM head reads
 something else than that slice captures the call instead, as before.
 """
@@ -54,8 +54,9 @@ def positions_to_keep(model: nn.Module, kwargs: dict) -> dict:
 
 
 def kept_logits_hold(model: nn.Module) -> bool:
-    """Whether `model`'s logits with logits_to_keep (an int, and 1-D positions) are the matching rows of its
-    logits without it, on a small left-padded call; cached per model."""
+    """Whether `model` reads logits_to_keep as transformers' causal LMs do, on a small left-padded call: an int k
+    keeps the last k positions' logits and 1-D positions keep those positions', rows of one and the same logits
+    (two calls: k = seq - 1, and positions out of order among those rows); cached per model."""
     if model not in _HOLDS:
         _HOLDS[model] = _check(model)
     return _HOLDS[model]
@@ -66,15 +67,14 @@ def _check(model: nn.Module) -> bool:
     if LOGITS_TO_KEEP not in forward_signature(model).parameters or call is None or MAIN_INPUT not in call:
         return False
     seq = call[MAIN_INPUT].shape[1]
-    positions = torch.tensor([seq - 1, 0, 2], device=call[MAIN_INPUT].device)  # out of order, as a caller may pass
+    positions = torch.tensor([seq - 1, 1, 2], device=call[MAIN_INPUT].device)  # out of order, as a caller may pass
     try:
         with checking(model):
-            full = model(**call).logits
-            last_two = model(**call, logits_to_keep=2).logits
+            last = model(**call, logits_to_keep=seq - 1).logits  # positions 1 .. seq-1
             picked = model(**call, logits_to_keep=positions).logits
     except Exception:  # noqa: BLE001  a model that refuses the check's calls captures logits_to_keep calls
         return False
-    return _close(last_two, full[:, -2:]) and _close(picked, full[:, positions])
+    return isinstance(last, torch.Tensor) and last.shape[1] == seq - 1 and _close(picked, last[:, positions - 1])
 
 
 def _close(a, b) -> bool:
