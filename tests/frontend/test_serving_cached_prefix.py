@@ -12,7 +12,7 @@ from peft_reference import save_random_peft_folders
 
 import peftc
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 FAMILY = FAMILIES["llama"]
 STEPS = 3
 ROWS = ["prefix3", None, "prefix2", "lora", "prefix3"]
@@ -22,7 +22,8 @@ PREFIX = {"prefix3": 3, "prefix2": 2}  # the prefix lengths, as the configs set 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cached-prefix")
-    configs = {name: PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n) for name, n in PREFIX.items()}
+    configs = {name: PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n)
+               for name, n in PREFIX.items()}
     configs["lora"] = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     save_random_peft_folders(FAMILY.build, configs, folder, seed=5)
     references = {name: PeftModel.from_pretrained(FAMILY.build(), folder / name).eval() for name in configs}
