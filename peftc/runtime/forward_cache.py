@@ -78,6 +78,7 @@ class CachedForward:
         self.source = WithTensorCache(compilation.source)
         self.graphs: dict[CallSignature, GraphModule] = {}
         self.modes: dict[GraphModule, bool] = {}  # the mode each graph's nodes are in
+        self.unkept: set[CallSignature] = set()  # logits_to_keep positions no graph here can take: captured
 
     @property
     def model(self) -> nn.Module:
@@ -104,17 +105,18 @@ class CachedForward:
         """The graph for this call (captured on first use) and the call as it takes it: an int logits_to_keep
         as its positions, the graph of the call without it keeping them (peftc.capture.kept_logits)."""
         kept = positions_to_keep(self.model, inputs)
-        if kept is not inputs:
-            signature = CallSignature.of((), kept)
-            if signature not in self.graphs:
-                rest = {name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP}
-                head = output_embeddings_path(self.model)
-                graph = keep_positions(self.graph_for(rest)[0], head) if head is not None else None
-                if graph is None:  # the LM head reads something else: the int stays in the signature
-                    return self._graph(inputs), inputs
-                self.graphs[signature] = graph
-            return self.graphs[signature], kept
-        return self._graph(inputs), inputs
+        signature = CallSignature.of((), kept)
+        if kept is inputs or signature in self.unkept:
+            return self._graph(inputs), inputs
+        if signature not in self.graphs:
+            rest = {name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP}
+            head = output_embeddings_path(self.model)
+            graph = keep_positions(self._graph(rest), head) if head is not None else None
+            if graph is None:  # the LM head reads something else: the int stays in the signature
+                self.unkept.add(signature)
+                return self._graph(inputs), inputs
+            self.graphs[signature] = graph
+        return self.graphs[signature], kept
 
     def _graph(self, inputs: dict) -> GraphModule:
         signature = CallSignature.of((), inputs)
