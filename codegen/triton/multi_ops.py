@@ -209,13 +209,16 @@ def lora_multi(x, weight, bias, a_bank, b_bank, scales, seq_ids):
     return _EagerSgmv.apply(*args) if eager else torch.ops.peftc.lora_sgmv(*args)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)  # not FakeTensor, FunctionalTensor or another subclass
+
+
 def _eager_cpu(*tensors: Tensor) -> bool:
     """Plain CPU tensors run eagerly (no torch.compile, export, fake or functional tensors, dispatch mode):
     lora_multi then runs the torch path through the autograd Functions below, which compute exactly what
     peftc::lora_bgmv / lora_sgmv and their backward ops do, without the custom ops' dispatcher round trips
     (about 0.2 ms per site and step in a train_adapters step, 3% of it; measured A/B in one process)."""
     return (not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
-            and all(type(t) is Tensor and t.device.type == "cpu" for t in tensors))
+            and all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors))
 
 
 class _EagerBgmv(torch.autograd.Function):
