@@ -16,7 +16,9 @@ base weight is frozen; scales and indices get none); the backward is itself an o
 (peftc::lora_bgmv_backward / lora_sgmv_backward) whose CUDA kernel reuses the shrink/expand
 kernels on transposed banks for dx, and reduces dA / dB per adapter with grouped torch matmuls
 (one matmul pair per adapter present: cuBLAS, not a Triton kernel). lora_multi is a
-CompositeImplicitAutograd op: it only routes, so autograd runs through the op it picks.
+CompositeImplicitAutograd op: it only routes, so autograd runs through the op it picks (on plain eager
+CPU tensors, autograd Functions over the same torch functions: `_eager_cpu`). Bank slots with scale 0
+(adapters that do not target the site) are skipped by the torch path: no matmuls, zero gradients.
 """
 
 from __future__ import annotations
