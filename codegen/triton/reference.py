@@ -41,16 +41,28 @@ def _compute_dtype(dtype: torch.dtype, bank_dtype: torch.dtype = torch.float32) 
     return torch.promote_types(torch.promote_types(dtype, torch.float32), bank_dtype)
 
 
-def adapter_groups(idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(adapter, row indices) per adapter some row of `idx` uses; -1 rows belong to none (one host sync)."""
-    return [(a, (idx == a).nonzero().squeeze(1)) for a in idx[idx >= 0].unique().tolist()]
+def live_slots(scales: torch.Tensor) -> list[bool]:
+    """Which bank slots hold an adapter at this site. A slot with scale 0 (an adapter that does not
+    target the site, or alpha 0) adds nothing and gets a zero gradient, so its rows skip the matmuls."""
+    return scales.ne(0).tolist()
 
 
-def segment_groups(seg_starts: torch.Tensor, seg_adapters: torch.Tensor) -> list[tuple[int, slice]]:
-    """(adapter, row slice) per non-empty, non-base segment of an SGMV segment table (one host sync)."""
+def adapter_groups(idx: torch.Tensor, scales: torch.Tensor | None = None) -> list[tuple[int, torch.Tensor]]:
+    """(adapter, row indices) per adapter some row of `idx` uses; -1 rows belong to none (one host sync).
+    With `scales`, adapters whose slot is empty (scale 0) are left out."""
+    present = idx[idx >= 0].unique().tolist()
+    live = [True] * (max(present) + 1 if present else 0) if scales is None else live_slots(scales)
+    return [(a, (idx == a).nonzero().squeeze(1)) for a in present if live[a]]
+
+
+def segment_groups(seg_starts: torch.Tensor, seg_adapters: torch.Tensor,
+                   scales: torch.Tensor | None = None) -> list[tuple[int, slice]]:
+    """(adapter, row slice) per non-empty, non-base segment of an SGMV segment table (one host sync).
+    With `scales`, segments of empty slots (scale 0) are left out."""
     starts, adapters = seg_starts.tolist(), seg_adapters.tolist()
+    live = None if scales is None else live_slots(scales)
     return [(a, slice(starts[j], starts[j + 1])) for j, a in enumerate(adapters)
-            if a >= 0 and starts[j + 1] > starts[j]]
+            if a >= 0 and starts[j + 1] > starts[j] and (live is None or live[a])]
 
 
 def add_grouped_(y2, x2, a_bank, b_bank, scales, groups):
@@ -111,7 +123,7 @@ ROWS_PER_GROUP = 4  # gathering copies each row's A and B: worth it only when ad
 def lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx):
     x2 = x.reshape(-1, x.shape[-1])
     y2 = F.linear(x2, weight, bias)
-    groups = adapter_groups(idx)
+    groups = adapter_groups(idx, scales)
     if x2.shape[0] >= ROWS_PER_GROUP * len(groups):  # e.g. one adapter for the whole batch
         y2 = add_grouped_(y2, x2, a_bank, b_bank, scales, groups)
     else:
@@ -122,7 +134,8 @@ def lora_bgmv(x, weight, bias, a_bank, b_bank, scales, idx):
 
 def lora_sgmv(x, weight, bias, a_bank, b_bank, scales, seg_starts, seg_adapters):
     x2 = x.reshape(-1, x.shape[-1])
-    y2 = add_grouped_(F.linear(x2, weight, bias), x2, a_bank, b_bank, scales, segment_groups(seg_starts, seg_adapters))
+    groups = segment_groups(seg_starts, seg_adapters, scales)
+    y2 = add_grouped_(F.linear(x2, weight, bias), x2, a_bank, b_bank, scales, groups)
     return y2.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -140,29 +153,34 @@ def bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups):
     return da.to(a_bank.dtype), db.to(b_bank.dtype)
 
 
-def lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, groups):
-    """(dx, dA_bank, dB_bank) of y = x W^T + b + per-group LoRA deltas; W frozen, scales constant."""
+def lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, groups, needs_dx=True):
+    """(dx, dA_bank, dB_bank) of y = x W^T + b + per-group LoRA deltas; W frozen, scales constant.
+    Per group u = s dy B[a] and h = x A[a]^T ([rows, r]): dx[rows] += u A[a], dA[a] += u^T x,
+    dB[a] += dy^T h s, accumulated in place; adapters no live group uses keep zero gradients.
+    needs_dx=False (the op's input needs no gradient) skips dx = dy W, returning an empty dx."""
     ct = _compute_dtype(x.dtype)
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dx = (dy2.to(ct) @ weight.to(ct))
-    u = torch.zeros(x2.shape[0], a_bank.shape[1], dtype=ct, device=x.device)
-    h = torch.zeros_like(u)
+    x2, dy2 = x.reshape(-1, x.shape[-1]).to(ct), dy.reshape(-1, dy.shape[-1]).to(ct)
+    dx = dy2 @ weight.to(ct) if needs_dx else None
+    da = torch.zeros(a_bank.shape, dtype=ct, device=a_bank.device)
+    db = torch.zeros(b_bank.shape, dtype=ct, device=b_bank.device)
     for adapter, rows in groups:
-        a = a_bank[adapter].to(ct)
-        u[rows] = dy2[rows].to(ct) @ b_bank[adapter].to(ct)
-        h[rows] = x2[rows].to(ct) @ a.t()
-        scaled = u[rows] * scales[adapter].to(ct)
-        if isinstance(rows, slice):
-            dx[rows].addmm_(scaled, a)
-        else:
-            dx[rows] += scaled @ a
-    da, db = bank_grads(dy2, x2, u, h, a_bank, b_bank, scales, groups)
-    return dx.to(x.dtype).view(x.shape), da, db
+        a, b, s = a_bank[adapter].to(ct), b_bank[adapter].to(ct), scales[adapter].to(ct)
+        x_rows, dy_rows = x2[rows], dy2[rows]
+        u = (dy_rows @ b) * s
+        if dx is not None and isinstance(rows, slice):
+            dx[rows].addmm_(u, a)
+        elif dx is not None:
+            dx[rows] += u @ a
+        da[adapter].addmm_(u.t(), x_rows)
+        db[adapter].addmm_(dy_rows.t(), (x_rows @ a.t()) * s)
+    dx = x.new_empty(0) if dx is None else dx.to(x.dtype).view(x.shape)
+    return dx, da.to(a_bank.dtype), db.to(b_bank.dtype)
 
 
-def lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx):
-    return lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, adapter_groups(idx))
+def lora_bgmv_backward(dy, x, weight, a_bank, b_bank, scales, idx, needs_dx=True):
+    return lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, adapter_groups(idx, scales), needs_dx)
 
 
-def lora_sgmv_backward(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters):
-    return lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, segment_groups(seg_starts, seg_adapters))
+def lora_sgmv_backward(dy, x, weight, a_bank, b_bank, scales, seg_starts, seg_adapters, needs_dx=True):
+    groups = segment_groups(seg_starts, seg_adapters, scales)
+    return lora_multi_backward(dy, x, weight, a_bank, b_bank, scales, groups, needs_dx)

@@ -174,6 +174,55 @@ def test_lora_multi_routes_per_sequence(seq):
                                     (a_bank,))
 
 
+def _routed(seq, x_grad):
+    """lora_multi's inputs with an empty slot (adapter 1: non-zero tensors, scale 0), every id, a base row."""
+    batch, k, n = 5, 6, 7
+    x = torch.randn(batch, seq, k, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    w, bias = torch.randn(n, k, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    a_bank, b_bank, scales = _banks(3, k, n, 2, torch.float64)
+    scales = scales.double()
+    scales[1] = 0.0
+    leaves = [x.requires_grad_(x_grad), bias.requires_grad_(), a_bank.requires_grad_(), b_bank.requires_grad_()]
+    return leaves, (w, scales, torch.tensor([2, 1, -1, 0, 2]))
+
+
+@pytest.mark.parametrize("seq", [1, 3], ids=["bgmv", "sgmv"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no_dx"])
+def test_eager_routing_equals_the_custom_ops_and_skips_empty_slots(seq, x_grad):
+    """lora_multi on plain CPU tensors (its autograd Functions) against peftc::lora_bgmv / lora_sgmv with their
+    registered autograd: the same output and gradients, an empty slot's gradient zero, no dx when x needs none."""
+    (x, bias, a_bank, b_bank), (w, scales, seq_ids) = _routed(seq, x_grad)
+    y = torch.ops.peftc.lora_multi(x, w, bias, a_bank, b_bank, scales, seq_ids)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [t for t in (x, bias, a_bank, b_bank) if t.requires_grad], dy)
+    if seq == 1:
+        want_y = multi_ops.lora_bgmv(x, w, bias, a_bank, b_bank, scales, seq_ids)
+    else:
+        starts, adapters = multi_ops.sequence_segments(seq_ids, seq)
+        want_y = multi_ops.lora_sgmv(x, w, bias, a_bank, b_bank, scales, starts, adapters)
+    want = torch.autograd.grad(want_y, [t for t in (x, bias, a_bank, b_bank) if t.requires_grad], dy)
+    assert y.grad_fn.name() != want_y.grad_fn.name()  # two routes: the eager Function and the custom op
+    torch.testing.assert_close(y, want_y)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_)
+    da, db = got[-2:]
+    assert da[1].abs().sum() == 0 and db[1].abs().sum() == 0 and da[0].abs().sum() > 0
+    dx, _, _ = reference.lora_sgmv_backward(dy.reshape(-1, 7), x.detach().reshape(-1, 6), w, a_bank.detach(),
+                                            b_bank.detach(), scales, torch.tensor([0, 5 * seq]),
+                                            torch.tensor([0]), False)
+    assert dx.numel() == 0  # needs_dx=False: dx = dy W is not computed
+
+
+def test_traced_routing_keeps_the_custom_op():
+    """Under a tracer (make_fx's dispatch mode) lora_multi records peftc::lora_sgmv, not the eager Function."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    (x, bias, a_bank, b_bank), (w, scales, seq_ids) = _routed(3, True)
+    gm = make_fx(lambda *t: torch.ops.peftc.lora_multi(*t))(x.detach(), w, bias.detach(), a_bank.detach(),
+                                                           b_bank.detach(), scales, seq_ids)
+    assert torch.ops.peftc.lora_sgmv.default in {node.target for node in gm.graph.nodes}
+
+
 def test_lora_multi_refuses_ids_that_do_not_split_the_rows():
     with pytest.raises(ValueError, match="one adapter id per sequence"):
         torch.ops.peftc.lora_multi(torch.randn(5, 4), torch.randn(3, 4), None, torch.randn(1, 2, 4),
