@@ -5,8 +5,9 @@ can build and load (`torch._inductor.cpu_vec_isa.valid_vec_isa_list`): one g++ b
 program and one Python process that loads it, per candidate set, one after another, on the
 critical path of the first compiled call (about a fifth of backend="inductor"'s cold first step,
 measured in benchmarks/RESULTS.md). The work is subprocesses, so threads run the probes side by
-side while the capture (torch.export, one core) runs in the main thread; the layer program waits
-for them before it compiles, and Inductor then finds every answer in its own cache.
+side while the capture (torch.export, one core) runs in the main thread; peftc.compile joins them
+before it returns (no thread left running when the user forks), and Inductor's first compile then
+finds every answer in its own cache.
 
 Best effort: if torch's internals change, the warm-up does nothing and Inductor probes as it did.
 """

@@ -25,8 +25,6 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils.checkpoint import checkpoint
 
-from peftc.ir.inductor_warmup import wait_for_probes
-
 COMPILER_BACKEND = "inductor"  # what torch.compile lowers layer programs with (tests use "eager" to count graphs)
 
 
@@ -74,7 +72,6 @@ class LayerProgram:
                      and x.is_floating_point() and not x.requires_grad else x for i, x in enumerate(inputs))
 
     def _compile(self, function):
-        wait_for_probes()  # started at peftc.compile, beside the capture: answered once, not twice
         compiled = torch.compile(function, backend=COMPILER_BACKEND)
         self._compiled_code[function] = compiled
         return compiled
