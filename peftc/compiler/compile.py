@@ -11,6 +11,7 @@ from peftc.capture.example_inputs import example_call
 from peftc.compiler.calibrate import calibrate
 from peftc.compiler.compilation import Compilation, CompileOptions
 from peftc.compiler.first_build import build_first
+from peftc.ir.inductor_warmup import start_cpu_probes, wait_for_probes
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.user_model import kept_unchanged, weight_view
 from peftc.spec.parse import as_spec
@@ -34,6 +35,8 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     or a function that calls the model it is given (peftc.compiler.calibrate).
     """
     spec = as_spec(spec)
+    if backend == "inductor" and any(p.device.type == "cpu" for p in model.parameters()):
+        start_cpu_probes()  # Inductor's C++ start-up, in threads while the capture runs
     view = weight_view(model)  # the user's storage; our own Parameter objects, flags and modes
     compilation = Compilation.start(view, spec, CompileOptions(backend=backend, copy_layers=copy_layers))
     args, kwargs = example_call(model, example_inputs, example_kwargs)
@@ -43,6 +46,7 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
         start = build_first(compilation, (args, kwargs), plan, dynamic_shapes=dynamic_shapes,
                             dump_dir=Path(dump_dir) if dump_dir is not None else None)
     compilation.shared.calibration = None  # read only when the adapter weights were made, just now
+    wait_for_probes()  # answered before the first compiled call needs them; no thread outlives compile()
     superset = (start.superset, start.superset_graph) if start.superset is not None else None
     return CompiledModel(compilation.after_first_build(start.built), plan, start.built, (args, kwargs),
                          training=model.training, superset=superset)
