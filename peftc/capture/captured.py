@@ -53,9 +53,11 @@ class CapturedGraphs:
 
     def reuse(self, model: nn.Module, args: tuple, kwargs: dict) -> GraphModule | None:
         """A copy of the capture of an equal call, reading `model`'s tensors; None if there is none."""
-        for kept in self._kept:
+        for kept in self._kept:  # a call captured again after a dtype change has two: the one that fits
             if kept.model() is model and same_call(kept.call, (args, kwargs)):
-                return _instance(kept, model)
+                gm = _instance(kept, model)
+                if gm is not None:
+                    return gm
         return None
 
     def keep(self, model: nn.Module, args: tuple, kwargs: dict, gm: GraphModule) -> None:
@@ -65,6 +67,7 @@ class CapturedGraphs:
         stand_ins = {name: _meta_like(t) for name, t in supplied.items()}
         template = copy_graph_module(gm, stand_ins)
         meta = {name: (t.shape, t.dtype, t.device) for name, t in supplied.items()}
+        self._kept = [kept for kept in self._kept if kept.model() is not None]  # a method's wrapper, gone
         self._kept.append(_Kept(weakref.ref(model), pytree.tree_map(_detached, (args, kwargs)), template, meta))
 
     def __len__(self) -> int:
