@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 from torch.utils import _pytree as pytree
 
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -133,8 +133,18 @@ def copy_graph_module(gm: GraphModule, tensors: dict[str, torch.Tensor]) -> Grap
         owner = clone.get_submodule(owner_path)
         slots = owner._parameters if leaf in owner._parameters else owner._buffers
         slots[leaf] = tensor
-    clone.graph = copy.deepcopy(gm.graph)  # new nodes (their meta shallow-copied), codegen and output; recompiles
+    clone.graph = _graph_copy(gm.graph)  # recompiles
     return clone
+
+
+def _graph_copy(graph: Graph) -> Graph:
+    """New nodes (their meta shallow-copied) with the same names, the same output and input specs.
+    (Graph.__deepcopy__ would deep-copy the pytree specs too, which torch warns about.)"""
+    copied = Graph(tracer_cls=graph._tracer_cls)
+    output_value, output = copied.graph_copy(graph, {}, return_output_node=True)
+    copied.output(output_value, type_expr=getattr(output, "type", None)).meta = copy.copy(output.meta)
+    copied._codegen = copy.copy(graph._codegen)  # its pytree_info is an immutable tuple
+    return copied
 
 
 def _copy_module_state(source: nn.Module, clone: nn.Module, modules: dict[int, nn.Module]) -> None:
