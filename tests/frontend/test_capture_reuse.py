@@ -3,34 +3,19 @@ deep copy run no torch.export, and give what a fresh capture gives; a changed dt
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import replace
-from unittest import mock
 
 import pytest
 import torch
 
 import peftc
+from export_counter import counted_exports
 from families import FAMILIES, logits, randomize_adapters
 from peftc.capture.captured import CapturedGraphs, same_call
 from peftc.ir.modes import set_mode
 
 LORA = {"method": "lora", "r": 4, "alpha": 8}
-
-
-@contextlib.contextmanager
-def counted_exports():
-    """How many times torch.export.export runs inside the block."""
-    calls = []
-    real = torch.export.export
-
-    def counting(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    with mock.patch.object(torch.export, "export", counting):
-        yield calls
 
 
 @pytest.fixture(scope="module")
