@@ -76,7 +76,7 @@ class CapturedGraphs:
     def __getstate__(self):
         return {"_kept": []}
 
-    def __deepcopy__(self, memo: dict) -> "CapturedGraphs":
+    def __deepcopy__(self, memo: dict) -> CapturedGraphs:
         """The kept captures (they hold no tensors) for the copy of each model, where it was copied first (a
         Compilation's `source` comes before its `captured`); the copy's weights fill them when reused."""
         shared = CapturedGraphs()

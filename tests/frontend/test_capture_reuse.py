@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-import peftc
 from export_counter import counted_exports
 from families import FAMILIES, logits, randomize_adapters
+
+import peftc
 from peftc.capture.captured import CapturedGraphs, same_call
 from peftc.ir.modes import set_mode
 
@@ -35,7 +35,7 @@ def fresh_capture_merged(cm):
 
 
 def test_merged_and_unload_run_no_export_and_match_a_fresh_capture(gpt2):
-    family, model, cm = gpt2
+    _, model, cm = gpt2
     args, kwargs = cm.example_call
     with counted_exports() as calls:
         merged = cm.merged().eval()
