@@ -87,7 +87,7 @@ def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
     args, kwargs = user_example(cm, example_inputs) if example_inputs is not None else cm.example_call
     serving = getattr(cm.plan, "serving", None)
     if isinstance(cm, CompiledModel):
-        gm = cm.compilation.build(args, kwargs, cm.compilation.export_plan(merge)).graph_module
+        gm = cm.build_under(cm.compilation.export_plan(merge), (args, kwargs)).built.graph_module
     elif serving is not None:  # a served model: its adapters and the `adapter_ids` input, gathered
         gm = cm.compilation.build(args, kwargs, cm.compilation.serve_export_plan(serving)).graph_module
     else:

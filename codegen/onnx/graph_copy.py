@@ -12,6 +12,7 @@ import numbers
 import torch
 from torch.fx import GraphModule
 
+from peftc.capture.specialize import DerivedGuards
 from peftc.ir.graph_edit import provenance
 from peftc.ir.modes import set_mode
 
@@ -22,7 +23,19 @@ def eval_copy(gm: GraphModule) -> GraphModule:
     """A graph module sharing `gm`'s parameters, with its own graph, in eval mode."""
     copied = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     set_mode(copied, False)
+    drop_derived_guards(copied)
     return copied
+
+
+def drop_derived_guards(gm: GraphModule) -> None:
+    """Remove the input guards of a graph derived from the superset capture (peftc.capture.specialize): they
+    make stand-ins for the inputs the call leaves out with factory calls ONNX's trace cannot size, and
+    they compute nothing the exported model returns (the trace checks its own example)."""
+    for node in list(gm.graph.find_nodes(op="call_module")):
+        if not node.users and isinstance(gm.get_submodule(str(node.target)), DerivedGuards):
+            gm.graph.erase_node(node)
+            gm.delete_submodule(str(node.target))
+    gm.recompile()
 
 
 def strip_lora_scales(gm: GraphModule) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.capture.captured import CapturedGraphs
 from peftc.capture.export import capture
 from peftc.capture.sharded import bind_shards, is_sharded, without_shards
 from peftc.compiler.plan import BACKENDS, Plan
@@ -73,6 +74,7 @@ class Compilation:
     adapter_root: nn.Module  # mounted at `peftc` on every graph: all graphs share these parameters
     options: CompileOptions = field(default_factory=CompileOptions)
     shared: SharedState = field(default_factory=SharedState)
+    captured: CapturedGraphs = field(default_factory=CapturedGraphs)  # captures a later build of the same call reuses
 
     @classmethod
     def start(cls, model: nn.Module, spec: Spec | None, options: CompileOptions | None = None) -> "Compilation":
@@ -117,7 +119,13 @@ class Compilation:
 
     def _capture(self, args: tuple, kwargs: dict, plan: Plan, dynamic_shapes: Any) -> GraphModule:
         if not is_sharded(self.source):
-            return capture(self.source, args, kwargs, dynamic_shapes, copy_layers=self.options.copy_layers)
+            if dynamic_shapes is not None:
+                return capture(self.source, args, kwargs, dynamic_shapes, copy_layers=self.options.copy_layers)
+            gm = self.captured.reuse(self.source, args, kwargs)
+            if gm is None:
+                gm = capture(self.source, args, kwargs, copy_layers=self.options.copy_layers)
+                self.captured.keep(self.source, args, kwargs, gm)
+            return gm
         refuse_sharded(plan)
         stand_in, shards = without_shards(self.source)  # capture traces shapes; FSDP2's shards are bound back
         gm = capture(stand_in, args, kwargs, dynamic_shapes, copy_layers=self.options.copy_layers)
@@ -131,7 +139,7 @@ class Compilation:
             return self
         kept = dict(built.graph_module.named_parameters(remove_duplicate=False))
         packed = [p for p in quantized_weights(self.shared.quantized) if p not in kept]
-        return replace(self, source=without_quantized_weights(self.source, packed))
+        return replace(self, source=without_quantized_weights(self.source, packed), captured=CapturedGraphs())
 
     def _trainable(self, base_params: dict[str, nn.Parameter]) -> frozenset[str]:
         """Base FQNs `spec.trainable` unfreezes; a tied weight's other names come with it."""

@@ -35,14 +35,19 @@ class FirstBuild:
 
 
 def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Plan, *,
-                dynamic_shapes: Any = None, dump_dir: Path | None = None) -> FirstBuild:
+                dynamic_shapes: Any = None, dump_dir: Path | None = None,
+                superset: tuple[tuple, dict] | None = None) -> FirstBuild:
     """Capture the superset call and derive the example call's graph from it; capture the example call
     itself when there is no superset, no superset can be captured, or the graph cannot be derived.
-    A superset the model refuses (a CaptureError) gives way to the next, narrower one."""
+    A superset the model refuses (a CaptureError) gives way to the next, narrower one. `superset`: the
+    call an earlier build chose (another plan's: its capture is reused, peftc.capture.captured)."""
     built = None
-    with superset_quiet():  # the checks behind the superset call the model with output_attentions too
-        wide_calls = superset_calls(compilation.source, *example, defaults=positions_untouched(compilation.spec)) \
-            if dynamic_shapes is None else []
+    if superset is not None:
+        wide_calls = [superset]
+    else:
+        with superset_quiet():  # the checks behind the superset call the model with output_attentions too
+            wide_calls = superset_calls(compilation.source, *example, defaults=positions_untouched(compilation.spec)) \
+                if dynamic_shapes is None else []
     for wide in wide_calls:
         try:
             with superset_quiet():

@@ -16,6 +16,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from export_counter import counted_exports  # noqa: E402
 from families import FAMILIES, call, compile_family, logits, randomize_adapters  # noqa: E402
 from peftc.codegen.onnx import quantize_onnx  # noqa: E402
 
@@ -77,17 +78,35 @@ def compiled():
 
 
 @pytest.fixture(scope="module")
-def merged_file(compiled, tmp_path_factory):
+def exports_made():
+    """family name -> the torch.export calls its merged export made (merged_file records them)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def merged_file(compiled, tmp_path_factory, exports_made):
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = peftc.export_onnx(compiled(name)[1], tmp_path_factory.mktemp(name) / "model.onnx")
+            cm = compiled(name)[1]
+            with counted_exports() as calls:
+                cache[name] = peftc.export_onnx(cm, tmp_path_factory.mktemp(name) / "model.onnx")
+            exports_made[name] = calls
         return cache[name]
     return get
 
 
 # -- merge=True ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_merged_export_reuses_the_compile_capture(name, merged_file, exports_made):
+    """The export graph is built from the capture compile kept (peftc.capture.captured): the one
+    torch.export call left is torch.onnx's own trace of that graph."""
+    merged_file(name)
+    calls = exports_made[name]
+    assert len(calls) == 1 and isinstance(calls[0], torch.fx.GraphModule)
+
+
 @pytest.mark.parametrize("name", EXPORTED)
 def test_merged_export_matches_eval(name, compiled, merged_file):
     family = FAMILIES[name]
