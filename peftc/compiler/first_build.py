@@ -14,6 +14,7 @@ from typing import Any
 
 from torch.fx import GraphModule
 
+from peftc.capture.cache_points import WithCachePoints, marks_cache
 from peftc.capture.calls import CallSignature
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import ExtraInputs, superset_calls, superset_quiet
@@ -32,6 +33,7 @@ class FirstBuild:
     built: Built  # the graph of the example call
     superset: tuple[tuple, dict] | None = None  # the call captured, when it is not the example call
     superset_graph: GraphModule | None = None
+    superset_flat: GraphModule | None = None  # that graph as the passes left it (cached calls derive from it)
 
 
 def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Plan, *,
@@ -45,18 +47,30 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
             if dynamic_shapes is None else []
     for wide in wide_calls:
         try:
-            with superset_quiet():
-                built = compilation.build(*wide, plan, dump_dir=dump_dir)
+            built = _build_superset(compilation, wide, plan, dump_dir)
         except CaptureError:
             continue  # the model refuses one of the extra inputs: try without them
         derived = _derived(built, compilation, CallSignature.of(*wide), CallSignature.of(*example))
         if derived is not None:
-            return FirstBuild(derived, wide, built.graph_module)
+            return FirstBuild(derived, wide, built.graph_module, built.flat)
         break
     own = compilation.build(*example, plan, dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
     if built is not None:  # the superset build made the adapters: its records say so
         own = replace(own, records=_with_params_added(own.records, built.records))
     return FirstBuild(own)
+
+
+def _build_superset(compilation: Compilation, wide: tuple[tuple, dict], plan: Plan, dump_dir: Path | None) -> Built:
+    """The superset call's build, traced with a PointCache where the model takes a cache (its graph marks where
+    the model writes its KV cache: peftc.capture.cache_points); without, should the model refuse that."""
+    with superset_quiet():
+        if marks_cache(compilation.source, wide[1]):
+            try:
+                return replace(compilation, source=WithCachePoints(compilation.source)).build(*wide, plan,
+                                                                                             dump_dir=dump_dir)
+            except CaptureError:
+                pass
+        return compilation.build(*wide, plan, dump_dir=dump_dir)
 
 
 def positions_untouched(spec: Spec | None) -> bool:

@@ -38,7 +38,9 @@ from peftc.capture.calls import CallSignature, is_hf_model
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.runtime.kv_cache import head_dim, kv_heads
-from peftc.runtime.tensor_cache import CACHE_PARAMETERS, KEYS, VALUES, WithTensorCache, fill
+from peftc.capture.cache_points import CACHE_PARAMETERS, KEYS, VALUES
+from peftc.runtime.cache_derivation import CacheDerivation, derived_inputs, empty_past
+from peftc.runtime.tensor_cache import WithTensorCache, fill
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
 TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
@@ -68,15 +70,23 @@ def takes_cache(model_class: type) -> bool:
 
 
 class CachedForward:
-    """The cached-forward graphs of one compiled model (its compilation, under its plan), by call signature."""
+    """The cached-forward graphs of one compiled model (its compilation, under its plan), by call signature.
 
-    def __init__(self, compilation, plan):
+    `superset`: the compile's superset call and its flat graph, which graphs are derived from
+    (peftc.runtime.cache_derivation) where the model allows; None: every signature captures."""
+
+    def __init__(self, compilation, plan, superset: tuple[tuple[tuple, dict], GraphModule] | None = None):
         self.compilation = compilation
         # As generation does: the flat graph, no layer calls or checkpointing (nothing to recompute).
         self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
         self.source = WithTensorCache(compilation.source)
         self.graphs: dict[CallSignature, GraphModule] = {}
         self.modes: dict[GraphModule, bool] = {}  # the mode each graph's nodes are in
+        self.cache_fields: dict[GraphModule, str] = {}  # a derived graph's output field for the cache
+        # The superset's flat graph ran the same passes unless its plan checkpointed inline (no layer structure).
+        same_passes = plan.structure_layers or not plan.checkpoint_layers
+        self.derivation = CacheDerivation(compilation.source, *superset) \
+            if superset is not None and same_passes else None
 
     @property
     def model(self) -> nn.Module:
@@ -88,21 +98,28 @@ class CachedForward:
         inputs = {k: v for k, v in kwargs.items() if k not in CACHE_PARAMETERS and k != "use_cache"}
         batch, new = _main_input(inputs).shape[:2]
         past = past_tensors(self.model, cache, batch) if cache is not None else None
-        keys, values = past if past is not None else self._empty(batch)
+        keys, values = past if past is not None else empty_past(self.model, batch)
         inputs = _with_full_mask(inputs, keys[0].shape[2], new)
         gm = self.graph_for(inputs)
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
-        result = gm(past_keys=list(keys), past_values=list(values), **inputs, **(graph_inputs or {}))
+        cache = cache if cache is not None else _new_cache(self.model)
+        derived = derived_inputs(self.model, inputs, cache, keys[0].shape[2]) if gm in self.cache_fields else {}
+        result = gm(past_keys=list(keys), past_values=list(values), **{**inputs, **derived}, **(graph_inputs or {}))
         out, keys, values = result["output"], result[KEYS], result[VALUES]
-        cache = fill(cache if cache is not None else _new_cache(self.model), keys, values)
-        return type(out)(**{**out, self.source.cache_field: cache})  # in the original's field order
+        cache = fill(cache, keys, values)
+        field = self.cache_fields.get(gm, self.source.cache_field)
+        return type(out)(**{**out, field: cache})  # in the original's field order
 
     def graph_for(self, inputs: dict) -> GraphModule:
+        """The graph of this signature: derived from the superset graph where it can be, else captured."""
         signature = CallSignature.of((), inputs)
         if signature not in self.graphs:
-            self.graphs[signature] = self._capture(inputs)
+            derived = self.derivation.derive(inputs) if self.derivation is not None else None
+            if derived is not None:
+                self.cache_fields[derived.graph_module] = derived.cache_field
+            self.graphs[signature] = derived.graph_module if derived is not None else self._capture(inputs)
         return self.graphs[signature]
 
     def _capture(self, inputs: dict) -> GraphModule:
@@ -128,19 +145,12 @@ class CachedForward:
             else:
                 example[name] = value.new_ones(BATCH, width) if name in TOTAL_INPUTS else value.new_zeros(BATCH, width)
             shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO}
-        keys, values = self._empty(BATCH, PAST)
+        keys, values = empty_past(self.model, BATCH, PAST)
         example.update(past_keys=[k.normal_() for k in keys], past_values=[v.normal_() for v in values])
         # One past length for every layer: one symbol, so each layer reads the same size (layer_stacks can copy them).
         past = {0: Dim.AUTO, 2: PAST_LENGTH}
         shapes.update(past_keys=[past] * len(keys), past_values=[past] * len(keys))
         return example, shapes
-
-    def _empty(self, batch: int, length: int = 0) -> tuple[list, list]:
-        config = _text_config(self.model)
-        weight = next(self.model.parameters())
-        shape = (batch, kv_heads(config), length, head_dim(config))
-        layers = range(config.num_hidden_layers)
-        return ([weight.new_zeros(shape) for _ in layers], [weight.new_zeros(shape) for _ in layers])
 
 
 def refuse_sharded(sharded: bool) -> None:
