@@ -99,12 +99,19 @@ class WithCachePoints(nn.Module):
 
 
 def marks_cache(model: nn.Module, kwargs: dict) -> bool:
-    """Whether the superset capture of this call traces WithCachePoints: a transformers causal LM whose
-    forward takes a cache the call does not pass, called with a 2-D padding mask (PointCache sizes by it)."""
-    name = cache_parameter(model)
+    """Whether the superset capture of this call traces WithCachePoints: a transformers decoder-only model
+    that generates (an encoder-decoder's cache holds cross-attention too), whose forward takes a cache the
+    call does not pass, called with a 2-D padding mask (PointCache sizes the mask by it)."""
+    name, config = cache_parameter(model), getattr(model, "config", None)
     mask = kwargs.get("attention_mask")
-    return (name is not None and hasattr(model, "config") and isinstance(mask, torch.Tensor) and mask.dim() == 2
+    return (name is not None and config is not None and not getattr(config, "is_encoder_decoder", False)
+            and _generates(model) and isinstance(mask, torch.Tensor) and mask.dim() == 2
             and not any(kwargs.get(k) is not None for k in CACHE_PARAMETERS) and _takes_keyword(model, name))
+
+
+def _generates(model: nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    return callable(can) and bool(can())
 
 
 def _takes_keyword(model: nn.Module, name: str) -> bool:

@@ -30,14 +30,25 @@ import dataclasses
 
 import torch
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
-from peftc.capture.cache_points import CACHE_PARAMETERS, CACHE_POINT, KEYS, ROLES, VALUES
+from peftc.capture.cache_points import (
+    CACHE_PARAMETERS,
+    CACHE_POINT,
+    KEYS,
+    ROLES,
+    VALUES,
+)
 from peftc.capture.calls import CallSignature
 from peftc.capture.embeds_input import derive_embeds_graph
 from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT
-from peftc.capture.specialize import DERIVED_REMOVED, GUARDS, derive_graph, inputs_by_keyword, is_check
+from peftc.capture.specialize import (
+    DERIVED_REMOVED,
+    GUARDS,
+    derive_graph,
+    inputs_by_keyword,
+    is_check,
+)
 from peftc.capture.superset import ExtraInputs
 from peftc.ir.causal_attention import attention, mask_unless_causal
 
@@ -200,10 +211,9 @@ def _kv_sizes(graph: Graph, cat: Node, main: Node) -> bool:
         sizes = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.SymInt)]
         if any(str(size.meta["val"]) != new_length and new_length in _free(size) for size in sizes):
             return False
-        if any(str(size.meta["val"]) == new_length for size in sizes):
-            swap = {size: kv_length() for size in sizes if str(size.meta["val"]) == new_length}
-            node.args = map_arg(node.args, lambda arg: swap.get(arg, arg))
-            node.kwargs = map_arg(node.kwargs, lambda arg: swap.get(arg, arg))
+        for size in sizes:
+            if str(size.meta["val"]) == new_length:
+                node.replace_input_with(size, kv_length())
     return True
 
 

@@ -32,7 +32,12 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
-from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_sharded, wants_cache
+from peftc.runtime.forward_cache import (
+    CachedForward,
+    check_cached_call,
+    refuse_sharded,
+    wants_cache,
+)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 
@@ -223,8 +228,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
         state = self.__dict__.copy()
         state["_modules"], state["_parameters"], state["_buffers"] = {}, {}, {}  # the tree: rebuilt
         state["_non_persistent_buffers_set"] = set()
-        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_cached_forward", "_superset_flat", "_method_graphs", "forward",
-                          "records", "sites"):
+        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_cached_forward",
+                          "_superset_flat", "_method_graphs", "forward", "records", "sites"):
             state.pop(transient, None)
         return state
 

@@ -3,24 +3,35 @@
     out = cm(ids, attention_mask=mask, use_cache=True)            # out.past_key_values: a DynamicCache
     out = cm(next_ids, attention_mask=longer_mask, past_key_values=out.past_key_values, use_cache=True)
 
-These calls run graphs captured from `WithTensorCache` (peftc.runtime.tensor_cache) through the
-compiled model's own pipeline: the same passes, the same adapter parameters. A graph takes every
-layer's past keys and values as tensors and returns them after the call; this module checks the
-cache a call passes, hands its tensors to the graph (empty ones for a call without a cache: one
-graph serves the prompt and every continued step) and stores what comes back in a DynamicCache,
-the one passed (updated in place, as the original updates it) or a new one. One capture per set of
-other inputs (with or without position_ids, labels, inputs_embeds in place of input_ids, ...), on
-the first call that passes them; the past length, batch and sequence length are dynamic. A served
-model (peftc.serving.served) runs these graphs too, its routing `adapter_ids` one more graph input. The capture traces two decoder layers and
-copies the rest (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`),
-as the compile's own capture does.
+A graph takes every layer's past keys and values as tensors and returns them after the call; this
+module checks the cache a call passes, hands its tensors to the graph (empty ones for a call without a
+cache: one graph serves the prompt and every continued step) and stores what comes back in a
+DynamicCache, the one passed (updated in place, as the original updates it) or a new one. One graph
+per set of other inputs (with or without position_ids, labels, inputs_embeds in place of input_ids,
+...), made on the first call that passes them; the past length, batch and sequence length are dynamic.
+
+Where the graphs come from. A compiled model derives them from its superset capture, without export
+(peftc.runtime.cache_derivation, peftc.capture.cached_call): that capture marked where the model
+writes its cache (peftc.capture.cache_points), and the derived graph concatenates each layer's past
+there and takes the attention mask and positions as inputs, which this module makes per call as the
+original makes them (transformers' create_causal_mask over the past and new tokens; past + arange
+positions). A check on the model's own outputs runs once per compiled model before the first derived
+graph. Where there is no superset graph (a served or merged model, a compile given dynamic_shapes or
+positional example inputs), the superset takes no position_ids (prompt and prefix tuning move
+positions), the model has sliding-window or chunked attention, the graph cannot be derived (a call
+outside the superset: logits_to_keep) or the check fails, the graph is captured from `WithTensorCache`
+(peftc.runtime.tensor_cache) through the compiled model's own pipeline: the same passes, the same
+adapter parameters. A served model (peftc.serving.served) runs captured graphs, its routing
+`adapter_ids` one more graph input. The capture traces two decoder layers and copies the rest
+(peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`), as the compile's
+own capture does.
 
 Which calls return a cache. The original returns one whenever `use_cache` (argument, else
 `config.use_cache`) is on, training calls included. The compiled model returns one when a call
 asks for it (`use_cache=True`) or passes one (`cache=`/`past_key_values=`); a call that says
-nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: there
-a cache would cost a capture on the first call instead of a derived graph, and every output would
-hold each layer's keys and values (measured in benchmarks/RESULTS.md, "Forward with a KV cache").
+nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: every
+output would hold each layer's keys and values (measured in benchmarks/RESULTS.md, "Forward with a KV
+cache"), and a training step would keep them alive.
 """
 
 from __future__ import annotations
@@ -34,12 +45,12 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
+from peftc.capture.cache_points import CACHE_PARAMETERS, KEYS, VALUES
 from peftc.capture.calls import CallSignature, is_hf_model
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
-from peftc.runtime.kv_cache import head_dim, kv_heads
-from peftc.capture.cache_points import CACHE_PARAMETERS, KEYS, VALUES
 from peftc.runtime.cache_derivation import CacheDerivation, derived_inputs, empty_past
+from peftc.runtime.kv_cache import head_dim, kv_heads
 from peftc.runtime.tensor_cache import WithTensorCache, fill
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
