@@ -43,7 +43,6 @@ from peftc.capture.calls import CallSignature
 from peftc.capture.embeds_input import derive_embeds_graph
 from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT
 from peftc.capture.specialize import (
-    DERIVED_REMOVED,
     GUARDS,
     derive_graph,
     inputs_by_keyword,
@@ -82,9 +81,11 @@ def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, 
     info = getattr(plain.graph._codegen, "pytree_info", None) if plain is not None else None
     if info is None or info.out_spec is None:
         return None
+    plain = _copied(plain) if plain is gm else plain  # a derived graph is ours to edit; the superset's is not
     cache_field = _cache_field(info.out_spec.type)
-    graph = Graph(owning_module=plain)
-    leaves = graph.graph_copy(plain.graph, {})
+    graph = plain.graph
+    output = graph.output_node()
+    leaves = output.args[0]
     inputs_of = inputs_by_keyword(graph, info.in_spec)
     keys, values = _points(graph, ROLES[0]), _points(graph, ROLES[1])
     mask = _shared_mask(graph)
@@ -99,14 +100,14 @@ def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, 
     pasts, mask_input = _new_inputs(graph, layers, mask)
     mask.replace_all_uses_with(mask_input)
     joined = [_join(graph, past, new) for past, new in zip(pasts, keys + values)]
-    graph.output((*leaves, *joined))
+    output.args = ((*leaves, *joined),)
     graph.eliminate_dead_code()
     if not all(_kv_sizes(graph, cat, main) for cat in joined):
         return None
     if not _sizes_from_new_tokens(graph, inputs_of.get(PADDING_MASK, []), main):
         return None
     graph.eliminate_dead_code()
-    return Derived(_module_for(plain, graph, info, layers), cache_field)
+    return Derived(_as_cached(plain, info, layers), cache_field)
 
 
 def _plain_graph(gm: GraphModule, superset: CallSignature, inputs: dict, model) -> GraphModule | None:
@@ -237,9 +238,19 @@ def _free(size: Node) -> set[str]:
     return {str(s) for s in size.meta["val"].node.expr.free_symbols}
 
 
-def _module_for(plain: GraphModule, graph: Graph, info, layers: int) -> GraphModule:
-    """The GraphModule running `graph`: called as the plain graph plus the past tensors and the mask,
-    returning {"output": the model's output, KEYS: each layer's keys, VALUES: each layer's values}."""
+def _copied(gm: GraphModule) -> GraphModule:
+    graph = Graph(owning_module=gm)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = GraphModule(gm, graph)
+    for name, child in gm.named_children():  # whole trees, as derive_graph keeps them
+        copy.add_module(name, child)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+def _as_cached(gm: GraphModule, info, layers: int) -> GraphModule:
+    """`gm`, its graph edited in place, called as before plus the past tensors and the mask, returning
+    {"output": the model's output, KEYS: each layer's keys, VALUES: each layer's values}."""
     leaf = pytree.tree_structure(0)
     per_layer = pytree.TreeSpec(list, None, [leaf] * layers)
     args_spec, kwargs_spec = info.in_spec.children()
@@ -249,15 +260,12 @@ def _module_for(plain: GraphModule, graph: Graph, info, layers: int) -> GraphMod
     in_spec = pytree.TreeSpec(tuple, None, [args_spec, kwargs_spec])
     tuple_spec = pytree.TreeSpec(tuple, None, [leaf] * layers)
     out_spec = pytree.TreeSpec(dict, ["output", KEYS, VALUES], [info.out_spec, tuple_spec, tuple_spec])
-    graph.set_codegen(plain.graph._codegen.__class__(info._replace(
+    gm.graph.set_codegen(gm.graph._codegen.__class__(info._replace(
         orig_args=[a for a in info.orig_args if a != USE_CACHE] + [*PAST_INPUTS, MASK_INPUT], in_spec=in_spec,
         out_spec=out_spec)))
-    derived = GraphModule(plain, graph)
-    for name, child in plain.named_children():  # whole trees, as derive_graph keeps them
-        if name != GUARDS:
-            derived.add_module(name, child)
-    derived.meta.update(plain.meta)
-    derived.meta[DERIVED_REMOVED] = plain.meta.get(DERIVED_REMOVED, 0) + len(plain.graph.nodes) - len(graph.nodes)
-    derived.meta[CACHE_DERIVED] = True
-    derived._in_spec, derived._out_spec = in_spec, out_spec
-    return derived
+    if GUARDS in gm._modules:  # its call was dropped with the superset's checks
+        del gm._modules[GUARDS]
+    gm.recompile()
+    gm.meta[CACHE_DERIVED] = True
+    gm._in_spec, gm._out_spec = in_spec, out_spec
+    return gm
