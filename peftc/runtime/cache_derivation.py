@@ -17,10 +17,14 @@ its cache), the derived graph's logits at every real token must equal, to GATE_T
 superset graph itself over the whole sequence, without a cache (the graph every plain signature is
 derived from, which the tests compare to PEFT). That checks what the graph surgery cannot see (a model that counts positions or
 lengths from its cache), with this model's own adapters. A model it refuses captures its cached graphs
-as before.
+as before. Its three small forwards run on one intra-op thread (`one_thread`).
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -93,8 +97,9 @@ class CacheDerivation:
         set_mode(derived.graph_module, False)
         set_mode(self.flat, False)  # derived graphs set their own mode before they run
         try:
-            whole = self.flat(**whole_call).logits
-            stepped = torch.cat(list(self._steps(derived.graph_module, ids, mask)), 1)
+            with one_thread():
+                whole = self.flat(**whole_call).logits
+                stepped = torch.cat(list(self._steps(derived.graph_module, ids, mask)), 1)
         except Exception:  # noqa: BLE001  a graph the model's cache cannot feed (its past's shape): capture
             return False
         real = mask.bool()
@@ -126,6 +131,26 @@ class CacheDerivation:
             fill(cache, keys, values)
             start += width
             yield result["output"].logits
+
+
+_THREADS = threading.Lock()  # one check at a time: each restores the thread count it found
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The check's forwards on one intra-op thread, the count restored after. Its matmuls are a few rows
+    each: with more threads each waits for the others to be scheduled, which on a busy machine costs more
+    than the maths (measured on two loaded cores: 0.5-0.7 s per forward on two threads, 0.1 s on one).
+    torch's thread count is process-wide, so other threads running torch meanwhile (for the check's
+    tenth of a second, once per compiled model) run on one thread too; checks are serialized so that
+    each restores the count it found."""
+    with _THREADS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _close(ours: torch.Tensor, reference: torch.Tensor) -> bool:
