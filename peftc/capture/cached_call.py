@@ -42,12 +42,7 @@ from peftc.capture.cache_points import (
 from peftc.capture.calls import CallSignature
 from peftc.capture.embeds_input import derive_embeds_graph
 from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT
-from peftc.capture.specialize import (
-    GUARDS,
-    derive_graph,
-    inputs_by_keyword,
-    is_check,
-)
+from peftc.capture.specialize import GUARDS, derive_graph, inputs_by_keyword, is_check
 from peftc.capture.superset import ExtraInputs
 from peftc.ir.causal_attention import attention, mask_unless_causal
 

@@ -4,6 +4,9 @@ For a transformers model the first capture is of the superset call (peftc.captur
 the example call plus labels, num_items_in_batch (what Trainer passes), the output flags and
 the inputs with a checked default (position_ids). The example call's own graph is derived from it (peftc.capture.specialize), and so is the graph of any later
 call that passes a subset of those inputs, so meeting such a call costs a graph copy, not a capture.
+A causal LM's superset is traced with a cache that marks where each layer writes its keys and values
+(peftc.capture.cache_points), so cached forward calls derive their graph from it as well
+(peftc.runtime.cache_derivation); the graphs themselves are the same as without the marks.
 """
 
 from __future__ import annotations

@@ -31,12 +31,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.capture.cache_points import KEYS, VALUES
-from peftc.capture.cached_call import (
-    MASK_INPUT,
-    POSITIONS,
-    Derived,
-    derive_cached_graph,
-)
+from peftc.capture.cached_call import MASK_INPUT, POSITIONS, Derived, derive_cached_graph
 from peftc.capture.calls import CallSignature
 from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT
 from peftc.capture.superset import ExtraInputs
@@ -112,9 +107,9 @@ class CacheDerivation:
         """The superset call over `inputs`: its flags as captured, stand-ins for its other tensors (labels like
         the ids, default positions), so the superset graph itself is the whole-sequence reference."""
         _, captured = self.superset_call
-        call = {**ExtraInputs.of(self.model)(inputs), **inputs}
-        call.update({name: value for name, value in captured.items() if not isinstance(value, torch.Tensor)})
-        return call if call.keys() == captured.keys() else None
+        given = {**ExtraInputs.of(self.model)(inputs), **inputs}
+        given.update({name: value for name, value in captured.items() if not isinstance(value, torch.Tensor)})
+        return {name: given[name] for name in captured} if all(name in given for name in captured) else None
 
     def _steps(self, gm: GraphModule, ids: torch.Tensor, mask: torch.Tensor):
         """The derived graph's logits over `ids`, GATE_SEGMENTS tokens a call, each continuing the last's cache."""

@@ -32,12 +32,7 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
-from peftc.runtime.forward_cache import (
-    CachedForward,
-    check_cached_call,
-    refuse_sharded,
-    wants_cache,
-)
+from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_sharded, wants_cache
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 
