@@ -4,8 +4,9 @@
 
 The lora_llama.py model and spec (LoRA r=16 on the 7 projections), batch 4 x 128, eval mode.
 Reported:
-- compile time, and the first `cm(ids, attention_mask=mask, use_cache=True)` (one capture of the
-  cache graph, peftc.runtime.forward_cache, plus one forward), as a share of it;
+- compile time, and the first `cm(ids, attention_mask=mask, use_cache=True)` (the cache graph
+  derived from the superset capture and checked, peftc.runtime.cache_derivation, or captured where
+  it cannot be; plus one forward), as a share of it;
 - eval forward, process CPU time, alternated medians: peftc's plain call (no cache, today's
   default), peftc with use_cache=True (what a plain call would run if it returned a cache as the
   original does), PEFT's plain call (which returns one);

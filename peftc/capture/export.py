@@ -15,6 +15,7 @@ from torch.export import Dim
 
 from peftc.capture import layer_stacks
 from peftc.capture.binding import with_named_keywords
+from peftc.capture.cache_points import tag_cache_points
 from peftc.capture.calls import forward_parameters
 from peftc.capture.model_kept import model_kept
 from peftc.errors import CaptureError
@@ -122,7 +123,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) ->
         ) from err
     finally:
         model.train(was_training)
-    return return_uncast_outputs(drop_dtype_asserts(program.module()))
+    return tag_cache_points(return_uncast_outputs(drop_dtype_asserts(program.module())))
 
 
 KV_CACHE_IN_OUTPUT = "cache_utils"  # export's "Found <class 'transformers.cache_utils.DynamicCache'> in output"

@@ -4,6 +4,9 @@ For a transformers model the first capture is of the superset call (peftc.captur
 the example call plus labels, num_items_in_batch (what Trainer passes), the output flags and
 the inputs with a checked default (position_ids). The example call's own graph is derived from it (peftc.capture.specialize), and so is the graph of any later
 call that passes a subset of those inputs, so meeting such a call costs a graph copy, not a capture.
+A causal LM's superset is traced with a cache that marks where each layer writes its keys and values
+(peftc.capture.cache_points), so cached forward calls derive their graph from it as well
+(peftc.runtime.cache_derivation); the graphs themselves are the same as without the marks.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from torch.fx import GraphModule
 
+from peftc.capture.cache_points import WithCachePoints, marks_cache
 from peftc.capture.calls import CallSignature
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import ExtraInputs, superset_calls, superset_quiet
@@ -32,6 +36,7 @@ class FirstBuild:
     built: Built  # the graph of the example call
     superset: tuple[tuple, dict] | None = None  # the call captured, when it is not the example call
     superset_graph: GraphModule | None = None
+    superset_flat: GraphModule | None = None  # that graph as the passes left it (cached calls derive from it)
 
 
 def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Plan, *,
@@ -50,18 +55,30 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
                 if dynamic_shapes is None else []
     for wide in wide_calls:
         try:
-            with superset_quiet():
-                built = compilation.build(*wide, plan, dump_dir=dump_dir)
+            built = _build_superset(compilation, wide, plan, dump_dir)
         except CaptureError:
             continue  # the model refuses one of the extra inputs: try without them
         derived = _derived(built, compilation, CallSignature.of(*wide), CallSignature.of(*example))
         if derived is not None:
-            return FirstBuild(derived, wide, built.graph_module)
+            return FirstBuild(derived, wide, built.graph_module, built.flat)
         break
     own = compilation.build(*example, plan, dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
     if built is not None:  # the superset build made the adapters: its records say so
         own = replace(own, records=_with_params_added(own.records, built.records))
     return FirstBuild(own)
+
+
+def _build_superset(compilation: Compilation, wide: tuple[tuple, dict], plan: Plan, dump_dir: Path | None) -> Built:
+    """The superset call's build, traced with a PointCache where the model takes a cache (its graph marks where
+    the model writes its KV cache: peftc.capture.cache_points); without, should the model refuse that."""
+    with superset_quiet():
+        if marks_cache(compilation.source, wide[1]):
+            try:
+                return replace(compilation, source=WithCachePoints(compilation.source)).build(*wide, plan,
+                                                                                             dump_dir=dump_dir)
+            except CaptureError:
+                pass
+        return compilation.build(*wide, plan, dump_dir=dump_dir)
 
 
 def positions_untouched(spec: Spec | None) -> bool:

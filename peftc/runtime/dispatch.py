@@ -42,7 +42,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
     """Runs `compilation.build(args, kwargs, plan)`'s graph for each call signature."""
 
     def __init__(self, compilation, plan, first, example: tuple[tuple, dict], training: bool = False,
-                 superset: tuple[tuple[tuple, dict], GraphModule] | None = None):
+                 superset: tuple[tuple[tuple, dict], GraphModule, GraphModule] | None = None):
         super().__init__()
         self.training = training
         self.compilation = compilation  # a dataclass, not a module: the user's model is not our submodule
@@ -65,8 +65,10 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self._keep_superset(superset)
 
     def _keep_superset(self, superset) -> None:
-        """The graph captured for the superset call (peftc.compiler.first_build): others derive from it."""
+        """The graph captured for the superset call (peftc.compiler.first_build): others derive from it,
+        cached-forward graphs from its flat form (the passes' graph, layers inline)."""
         self._superset = superset[0] if superset is not None else None
+        self._superset_flat = superset[2] if superset is not None else None
         self._unmet = set()  # signatures of graphs held but not called yet: the superset's
         if superset is not None:
             signature, gm = CallSignature.of(*superset[0]), superset[1]
@@ -113,7 +115,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
         check_cached_call(self.compilation.source, kwargs)
         if self._cached_forward is None:
             refuse_sharded(is_sharded(self))
-            self._cached_forward = CachedForward(self.compilation, self.plan)
+            superset = (self._superset, self._superset_flat) if self._superset is not None else None
+            self._cached_forward = CachedForward(self.compilation, self.plan, superset)
         return self._cached_forward(kwargs, self.training, graph_inputs)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
@@ -205,7 +208,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
             start = build_first(self.compilation, self._example, self.plan)
             first = start.built
             if start.superset is not None:
-                superset = (start.superset, start.superset_graph)
+                superset = (start.superset, start.superset_graph, start.superset_flat)
         else:
             first = self.compilation.build(*self._example, self.plan)
         self._use_first(first, superset)
@@ -220,8 +223,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
         state = self.__dict__.copy()
         state["_modules"], state["_parameters"], state["_buffers"] = {}, {}, {}  # the tree: rebuilt
         state["_non_persistent_buffers_set"] = set()
-        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_cached_forward", "_method_graphs", "forward",
-                          "records", "sites"):
+        for transient in ("_graphs", "_flat", "_tree_origin", "_unmet", "_generator", "_cached_forward",
+                          "_superset_flat", "_method_graphs", "forward", "records", "sites"):
             state.pop(transient, None)
         return state
 

@@ -3,24 +3,35 @@
     out = cm(ids, attention_mask=mask, use_cache=True)            # out.past_key_values: a DynamicCache
     out = cm(next_ids, attention_mask=longer_mask, past_key_values=out.past_key_values, use_cache=True)
 
-These calls run graphs captured from `WithTensorCache` (peftc.runtime.tensor_cache) through the
-compiled model's own pipeline: the same passes, the same adapter parameters. A graph takes every
-layer's past keys and values as tensors and returns them after the call; this module checks the
-cache a call passes, hands its tensors to the graph (empty ones for a call without a cache: one
-graph serves the prompt and every continued step) and stores what comes back in a DynamicCache,
-the one passed (updated in place, as the original updates it) or a new one. One capture per set of
-other inputs (with or without position_ids, labels, inputs_embeds in place of input_ids, ...), on
-the first call that passes them; the past length, batch and sequence length are dynamic. A served
-model (peftc.serving.served) runs these graphs too, its routing `adapter_ids` one more graph input. The capture traces two decoder layers and
-copies the rest (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`),
-as the compile's own capture does.
+A graph takes every layer's past keys and values as tensors and returns them after the call; this
+module checks the cache a call passes, hands its tensors to the graph (empty ones for a call without a
+cache: one graph serves the prompt and every continued step) and stores what comes back in a
+DynamicCache, the one passed (updated in place, as the original updates it) or a new one. One graph
+per set of other inputs (with or without position_ids, labels, inputs_embeds in place of input_ids,
+...), made on the first call that passes them; the past length, batch and sequence length are dynamic.
+
+Where the graphs come from. A compiled model derives them from its superset capture, without export
+(peftc.runtime.cache_derivation, peftc.capture.cached_call): that capture marked where the model
+writes its cache (peftc.capture.cache_points), and the derived graph concatenates each layer's past
+there and takes the attention mask and positions as inputs, which this module makes per call as the
+original makes them (transformers' create_causal_mask over the past and new tokens; past + arange
+positions). A check on the model's own outputs runs once per compiled model before the first derived
+graph. Where there is no superset graph (a served or merged model, a compile given dynamic_shapes or
+positional example inputs), the superset takes no position_ids (prompt and prefix tuning move
+positions), the model has sliding-window or chunked attention, the graph cannot be derived (a call
+outside the superset: logits_to_keep) or the check fails, the graph is captured from `WithTensorCache`
+(peftc.runtime.tensor_cache) through the compiled model's own pipeline: the same passes, the same
+adapter parameters. A served model (peftc.serving.served) runs captured graphs, its routing
+`adapter_ids` one more graph input. The capture traces two decoder layers and copies the rest
+(peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`), as the compile's
+own capture does.
 
 Which calls return a cache. The original returns one whenever `use_cache` (argument, else
 `config.use_cache`) is on, training calls included. The compiled model returns one when a call
 asks for it (`use_cache=True`) or passes one (`cache=`/`past_key_values=`); a call that says
-nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: there
-a cache would cost a capture on the first call instead of a derived graph, and every output would
-hold each layer's keys and values (measured in benchmarks/RESULTS.md, "Forward with a KV cache").
+nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: every
+output would hold each layer's keys and values (measured in benchmarks/RESULTS.md, "Forward with a KV
+cache"), and a training step would keep them alive.
 """
 
 from __future__ import annotations
@@ -34,12 +45,14 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
+from peftc.capture.cache_points import CACHE_PARAMETERS, KEYS, VALUES
 from peftc.capture.calls import CallSignature, is_hf_model
 from peftc.capture.kept_logits import LOGITS_TO_KEEP, keep_positions, output_embeddings_path, positions_to_keep
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
+from peftc.runtime.cache_derivation import CacheDerivation, derived_inputs, empty_past
 from peftc.runtime.kv_cache import head_dim, kv_heads
-from peftc.runtime.tensor_cache import CACHE_PARAMETERS, KEYS, VALUES, WithTensorCache, fill
+from peftc.runtime.tensor_cache import WithTensorCache, fill
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
 TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
@@ -69,9 +82,12 @@ def takes_cache(model_class: type) -> bool:
 
 
 class CachedForward:
-    """The cached-forward graphs of one compiled model (its compilation, under its plan), by call signature."""
+    """The cached-forward graphs of one compiled model (its compilation, under its plan), by call signature.
 
-    def __init__(self, compilation, plan):
+    `superset`: the compile's superset call and its flat graph, which graphs are derived from
+    (peftc.runtime.cache_derivation) where the model allows; None: every signature captures."""
+
+    def __init__(self, compilation, plan, superset: tuple[tuple[tuple, dict], GraphModule] | None = None):
         self.compilation = compilation
         # As generation does: the flat graph, no layer calls or checkpointing (nothing to recompute).
         self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
@@ -79,6 +95,11 @@ class CachedForward:
         self.graphs: dict[CallSignature, GraphModule] = {}
         self.modes: dict[GraphModule, bool] = {}  # the mode each graph's nodes are in
         self.unkept: set[CallSignature] = set()  # logits_to_keep positions no graph here can take: captured
+        self.cache_fields: dict[GraphModule, str] = {}  # a derived graph's output field for the cache
+        # The superset's flat graph ran the same passes unless its plan checkpointed inline (no layer structure).
+        same_passes = plan.structure_layers or not plan.checkpoint_layers
+        self.derivation = CacheDerivation(compilation.source, *superset) \
+            if superset is not None and same_passes else None
 
     @property
     def model(self) -> nn.Module:
@@ -90,38 +111,47 @@ class CachedForward:
         inputs = {k: v for k, v in kwargs.items() if k not in CACHE_PARAMETERS and k != "use_cache"}
         batch, new = _main_input(inputs).shape[:2]
         past = past_tensors(self.model, cache, batch) if cache is not None else None
-        keys, values = past if past is not None else self._empty(batch)
+        keys, values = past if past is not None else empty_past(self.model, batch)
         inputs = _with_full_mask(inputs, keys[0].shape[2], new)
         gm, inputs = self.graph_for(inputs)
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
-        result = gm(past_keys=list(keys), past_values=list(values), **inputs, **(graph_inputs or {}))
+        cache = cache if cache is not None else _new_cache(self.model)
+        derived = derived_inputs(self.model, inputs, cache, keys[0].shape[2]) if gm in self.cache_fields else {}
+        result = gm(past_keys=list(keys), past_values=list(values), **{**inputs, **derived}, **(graph_inputs or {}))
         out, keys, values = result["output"], result[KEYS], result[VALUES]
-        cache = fill(cache if cache is not None else _new_cache(self.model), keys, values)
-        return type(out)(**{**out, self.source.cache_field: cache})  # in the original's field order
+        cache = fill(cache, keys, values)
+        field = self.cache_fields.get(gm, self.source.cache_field)
+        return type(out)(**{**out, field: cache})  # in the original's field order
 
     def graph_for(self, inputs: dict) -> tuple[GraphModule, dict]:
-        """The graph for this call (captured on first use) and the call as it takes it: an int logits_to_keep
-        as its positions, the graph of the call without it keeping them (peftc.capture.kept_logits)."""
+        """The graph for this call and the call as it takes it: an int logits_to_keep as its positions, the
+        graph of the call without it keeping them (peftc.capture.kept_logits)."""
         kept = positions_to_keep(self.model, inputs)
         signature = CallSignature.of((), kept)
         if kept is inputs or signature in self.unkept:
             return self._graph(inputs), inputs
         if signature not in self.graphs:
-            rest = {name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP}
+            rest = self._graph({name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP})
             head = output_embeddings_path(self.model)
-            graph = keep_positions(self._graph(rest), head) if head is not None else None
+            graph = keep_positions(rest, head) if head is not None else None
             if graph is None:  # the LM head reads something else: the int stays in the signature
                 self.unkept.add(signature)
                 return self._graph(inputs), inputs
+            if rest in self.cache_fields:  # kept from a derived graph: it takes the mask and positions too
+                self.cache_fields[graph] = self.cache_fields[rest]
             self.graphs[signature] = graph
         return self.graphs[signature], kept
 
     def _graph(self, inputs: dict) -> GraphModule:
+        """The graph of this signature: derived from the superset graph where it can be, else captured."""
         signature = CallSignature.of((), inputs)
         if signature not in self.graphs:
-            self.graphs[signature] = self._capture(inputs)
+            derived = self.derivation.derive(inputs) if self.derivation is not None else None
+            if derived is not None:
+                self.cache_fields[derived.graph_module] = derived.cache_field
+            self.graphs[signature] = derived.graph_module if derived is not None else self._capture(inputs)
         return self.graphs[signature]
 
     def _capture(self, inputs: dict) -> GraphModule:
@@ -147,19 +177,12 @@ class CachedForward:
             else:
                 example[name] = value.new_ones(BATCH, width) if name in TOTAL_INPUTS else value.new_zeros(BATCH, width)
             shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO}
-        keys, values = self._empty(BATCH, PAST)
+        keys, values = empty_past(self.model, BATCH, PAST)
         example.update(past_keys=[k.normal_() for k in keys], past_values=[v.normal_() for v in values])
         # One past length for every layer: one symbol, so each layer reads the same size (layer_stacks can copy them).
         past = {0: Dim.AUTO, 2: PAST_LENGTH}
         shapes.update(past_keys=[past] * len(keys), past_values=[past] * len(keys))
         return example, shapes
-
-    def _empty(self, batch: int, length: int = 0) -> tuple[list, list]:
-        config = _text_config(self.model)
-        weight = next(self.model.parameters())
-        shape = (batch, kv_heads(config), length, head_dim(config))
-        layers = range(config.num_hidden_layers)
-        return ([weight.new_zeros(shape) for _ in layers], [weight.new_zeros(shape) for _ in layers])
 
 
 def refuse_sharded(sharded: bool) -> None:

@@ -13,18 +13,9 @@ parameter names and sites are the model's and the spec's passes mount the same a
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 
-KEYS, VALUES = "peftc_cache_keys", "peftc_cache_values"  # output fields, one tensor per layer
-CACHE_PARAMETERS = ("cache", "past_key_values")  # transformers 5.x's name, then the older one
-
-
-def cache_parameter(model: nn.Module) -> str | None:
-    """The name under which `model.forward` takes a KV cache, if it takes one."""
-    params = inspect.signature(model.forward).parameters
-    return next((name for name in CACHE_PARAMETERS if name in params), None)
+from peftc.capture.cache_points import KEYS, VALUES, cache_parameter
 
 
 class WithTensorCache(nn.Module):

@@ -1,0 +1,266 @@
+"""A forward with a KV cache derived from the superset graph, without export.
+
+The superset graph (peftc.compiler.first_build) is a call without a cache, traced for a past of
+length 0; its capture marked where the model writes its cache (peftc.capture.cache_points: each
+layer's keys and values after rotary, before grouped-query attention repeats them). The cached
+graph is that graph, first specialized to the call's other inputs (peftc.capture.specialize, or
+peftc.capture.embeds_input for inputs_embeds), then:
+
+- each layer's marked keys and values become `cat([past_<i>, new], 2)` (DynamicLayer.update's
+  concatenation), read by the attention as the update's result was, and returned as the layer's cache;
+- the boolean mask every attention reads (the output of transformers' mask code, which the superset
+  traced for keys as long as the new tokens) becomes an input, `peftc_causal_mask`, [batch, 1, new,
+  past + new], made by the runtime as the original makes it for a cached call
+  (peftc.runtime.cache_derivation); `position_ids` stay an input (the runtime counts them from the
+  past length where the call passes none);
+- every size the graph read from the padding mask (GPT-2 reads the sequence length there) is read
+  from the new tokens instead, and the ops between a concatenation and its attention (repeat_kv's
+  expand and reshape) take the concatenation's length where they took the new tokens' one.
+
+Anything else is refused (None, and the caller captures): no marks, a layer count that differs, a mask
+that is not one boolean tensor shared by every attention, an op between the keys and the attention that
+is not a view, a size computed from the sequence length there, or a padding mask still read afterwards.
+What the derivation cannot see (positions or lengths a model computes from the cache) is checked on the
+model's own outputs by the runtime's gate before a derived graph runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.utils import _pytree as pytree
+
+from peftc.capture.cache_points import (
+    CACHE_PARAMETERS,
+    CACHE_POINT,
+    KEYS,
+    ROLES,
+    VALUES,
+)
+from peftc.capture.calls import CallSignature
+from peftc.capture.embeds_input import derive_embeds_graph
+from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT
+from peftc.capture.specialize import GUARDS, derive_graph, inputs_by_keyword, is_check
+from peftc.capture.superset import ExtraInputs
+from peftc.ir.causal_attention import attention, mask_unless_causal
+
+aten = torch.ops.aten
+MASK_INPUT = "peftc_causal_mask"  # the attention mask input of a derived cached graph
+PAST_INPUTS = ("past_keys", "past_values")  # one tensor per layer each, as WithTensorCache takes them
+POSITIONS, PADDING_MASK, USE_CACHE = "position_ids", "attention_mask", "use_cache"
+CACHE_DERIVED = "peftc_cache_derived"  # gm.meta: the graph takes MASK_INPUT and position_ids
+ATTENTIONS = (aten.scaled_dot_product_attention.default, attention)
+MASK_ARG = 3  # attn_mask's position in SDPA's schema (and causal_attention.attention's)
+SEQ = 2  # the sequence dim of keys and values [batch, heads, seq, head_dim]
+# ops that may stand between the cache update and the attention (transformers' repeat_kv, casts)
+KV_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+                      aten.unsqueeze.default, aten.slice.Tensor, aten.clone.default, aten.contiguous.default,
+                      aten.transpose.int, aten.permute.default, aten.alias.default, aten.to.dtype,
+                      aten._to_copy.default})
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """A derived cached graph and the output field the runtime puts the cache in."""
+
+    graph_module: GraphModule
+    cache_field: str
+
+
+def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, model, layers: int) -> Derived | None:
+    """The cached-forward graph for a call passing `inputs` (besides the cache), derived from the superset
+    graph `gm` (flat, captured for `superset`) for a model with `layers` decoder layers, or None."""
+    plain = _plain_graph(gm, superset, inputs, model)
+    info = getattr(plain.graph._codegen, "pytree_info", None) if plain is not None else None
+    if info is None or info.out_spec is None:
+        return None
+    plain = _copied(plain) if plain is gm else plain  # a derived graph is ours to edit; the superset's is not
+    cache_field = _cache_field(info.out_spec.type)
+    graph = plain.graph
+    output = graph.output_node()
+    leaves = output.args[0]
+    inputs_of = inputs_by_keyword(graph, info.in_spec)
+    keys, values = _points(graph, ROLES[0]), _points(graph, ROLES[1])
+    mask = _shared_mask(graph)
+    main = (inputs_of.get(MAIN_INPUT) or inputs_of.get(EMBEDS_INPUT) or [None])[0]
+    if cache_field is None or mask is None or len(keys) != layers or len(values) != layers or main is None:
+        return None
+    _drop_checks(graph)
+    if any(node.users for node in inputs_of.get(USE_CACHE, [])):
+        return None
+    for node in inputs_of.get(USE_CACHE, []):  # the plain graph's constant, not an input of a cached call
+        graph.erase_node(node)
+    pasts, mask_input = _new_inputs(graph, layers, mask)
+    mask.replace_all_uses_with(mask_input)
+    joined = [_join(graph, past, new) for past, new in zip(pasts, keys + values)]
+    output.args = ((*leaves, *joined),)
+    graph.eliminate_dead_code()
+    if not all(_kv_sizes(graph, cat, main) for cat in joined):
+        return None
+    if not _sizes_from_new_tokens(graph, inputs_of.get(PADDING_MASK, []), main):
+        return None
+    graph.eliminate_dead_code()
+    return Derived(_as_cached(plain, info, layers), cache_field)
+
+
+def _plain_graph(gm: GraphModule, superset: CallSignature, inputs: dict, model) -> GraphModule | None:
+    """The superset graph specialized to the call without a cache: its inputs, position_ids kept as an input."""
+    wide = dict(superset.kwargs)
+    if POSITIONS not in wide:
+        return None
+    call = {name: kind for name, kind in CallSignature.of((), inputs).kwargs}
+    call[POSITIONS] = wide[POSITIONS]
+    if USE_CACHE in wide:
+        call[USE_CACHE] = wide[USE_CACHE]
+    narrow = CallSignature((), tuple(sorted(call.items())))
+    if narrow == superset:
+        return gm
+    if EMBEDS_INPUT in call:
+        return derive_embeds_graph(gm, superset, narrow, model)
+    return derive_graph(gm, superset, narrow, ExtraInputs.of(model))
+
+
+def _cache_field(output_type: type) -> str | None:
+    """The field of the model's output class that holds its cache (`cache`, `past_key_values`)."""
+    if not dataclasses.is_dataclass(output_type):
+        return None
+    return next((f.name for f in dataclasses.fields(output_type) if f.name in CACHE_PARAMETERS), None)
+
+
+def _points(graph: Graph, role: str) -> list[Node]:
+    return [node for node in graph.nodes if node.meta.get(CACHE_POINT) == role]
+
+
+def _shared_mask(graph: Graph) -> Node | None:
+    """The one boolean 4-D mask node every attention reads (through mask_unless_causal), or None."""
+    masks = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in ATTENTIONS:
+            mask = node.args[MASK_ARG] if len(node.args) > MASK_ARG else node.kwargs.get("attn_mask")
+            if isinstance(mask, Node) and mask.target is mask_unless_causal:
+                mask = mask.args[0]
+            masks.add(mask)
+    if len(masks) != 1:
+        return None
+    (mask,) = masks
+    value = mask.meta.get("val") if isinstance(mask, Node) else None
+    return mask if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() == 4 else None
+
+
+def _drop_checks(graph: Graph) -> None:
+    """Remove the superset's input guards and shape assertions: they tie the padding mask's length to the
+    new tokens', which a cached call breaks (the runtime checks the cache and the inputs instead)."""
+    for node in reversed(list(graph.nodes)):
+        if not node.users and ((node.op == "call_module" and node.target == GUARDS)
+                               or (node.op == "call_function" and is_check(node))):
+            graph.erase_node(node)
+
+
+def _new_inputs(graph: Graph, layers: int, mask: Node) -> tuple[list[Node], Node]:
+    """Placeholders after the last one: each layer's past keys, then values, then the mask."""
+    last = list(graph.find_nodes(op="placeholder"))[-1]
+    names = [f"{group}_{i}" for group in PAST_INPUTS for i in range(layers)] + [MASK_INPUT]
+    made = []
+    with graph.inserting_after(last):
+        for name in reversed(names):  # each inserted right after `last`: reversed, they end up in order
+            made.insert(0, graph.placeholder(name))
+    made[-1].meta["val"] = mask.meta["val"]
+    return made[:-1], made[-1]
+
+
+def _join(graph: Graph, past: Node, new: Node) -> Node:
+    """`cat([past, new], 2)` in place of `new` for everything that read it."""
+    users = list(new.users)
+    with graph.inserting_after(new):
+        cat = graph.call_function(aten.cat.default, ([past, new], SEQ))
+    cat.meta.update({k: v for k, v in new.meta.items() if k != CACHE_POINT})
+    for user in users:
+        user.replace_input_with(new, cat)
+    return cat
+
+
+def _kv_sizes(graph: Graph, cat: Node, main: Node) -> bool:
+    """Make the ops between `cat` and the attentions reading it take its length where they took the new
+    tokens' (repeat_kv's expand and reshape); False if an op there is not a view or a size is computed
+    from that length."""
+    new_length = _symbol(main, 1)
+    region, frontier = [], [cat]
+    while frontier:
+        for user in frontier.pop().users:
+            if user.op == "output" or user.op == "call_function" and user.target in ATTENTIONS:
+                continue
+            if user.op != "call_function" or user.target not in KV_VIEWS:
+                return False
+            region.append(user)
+            frontier.append(user)
+    length: list[Node] = []
+
+    def kv_length() -> Node:
+        if not length:
+            with graph.inserting_after(cat):
+                length.append(graph.call_function(aten.sym_size.int, (cat, SEQ)))
+        return length[0]
+
+    for node in region:
+        sizes = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.SymInt)]
+        if any(str(size.meta["val"]) != new_length and new_length in _free(size) for size in sizes):
+            return False
+        for size in sizes:
+            if str(size.meta["val"]) == new_length:
+                node.replace_input_with(size, kv_length())
+    return True
+
+
+def _sizes_from_new_tokens(graph: Graph, padding_mask: list[Node], main: Node) -> bool:
+    """Read the sizes the graph still takes from the padding mask ([batch, past + new] in a cached call)
+    from the new tokens' input where the superset tied the two; False if the mask is still read otherwise."""
+    for mask in padding_mask:
+        for user in list(mask.users):
+            dim = user.args[1] if user.target is aten.sym_size.int else None
+            if dim not in (0, 1) or _symbol(mask, dim) != _symbol(main, dim):
+                return False
+            user.args = (main, dim)
+    return True
+
+
+def _symbol(node: Node, dim: int) -> str:
+    return str(node.meta["val"].shape[dim])
+
+
+def _free(size: Node) -> set[str]:
+    return {str(s) for s in size.meta["val"].node.expr.free_symbols}
+
+
+def _copied(gm: GraphModule) -> GraphModule:
+    graph = Graph(owning_module=gm)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = GraphModule(gm, graph)
+    for name, child in gm.named_children():  # whole trees, as derive_graph keeps them
+        copy.add_module(name, child)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+def _as_cached(gm: GraphModule, info, layers: int) -> GraphModule:
+    """`gm`, its graph edited in place, called as before plus the past tensors and the mask, returning
+    {"output": the model's output, KEYS: each layer's keys, VALUES: each layer's values}."""
+    leaf = pytree.tree_structure(0)
+    per_layer = pytree.TreeSpec(list, None, [leaf] * layers)
+    args_spec, kwargs_spec = info.in_spec.children()
+    kept = [(name, child) for name, child in zip(kwargs_spec.context, kwargs_spec.children()) if name != USE_CACHE]
+    kwargs_spec = pytree.TreeSpec(dict, [name for name, _ in kept] + [*PAST_INPUTS, MASK_INPUT],
+                                  [child for _, child in kept] + [per_layer, per_layer, leaf])
+    in_spec = pytree.TreeSpec(tuple, None, [args_spec, kwargs_spec])
+    tuple_spec = pytree.TreeSpec(tuple, None, [leaf] * layers)
+    out_spec = pytree.TreeSpec(dict, ["output", KEYS, VALUES], [info.out_spec, tuple_spec, tuple_spec])
+    gm.graph.set_codegen(gm.graph._codegen.__class__(info._replace(
+        orig_args=[a for a in info.orig_args if a != USE_CACHE] + [*PAST_INPUTS, MASK_INPUT], in_spec=in_spec,
+        out_spec=out_spec)))
+    if GUARDS in gm._modules:  # its call was dropped with the superset's checks
+        del gm._modules[GUARDS]
+    gm.recompile()
+    gm.meta[CACHE_DERIVED] = True
+    gm._in_spec, gm._out_spec = in_spec, out_spec
+    return gm
