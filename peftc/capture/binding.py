@@ -105,6 +105,16 @@ def stand_in_for(module: nn.Module, model: nn.Module, signature: inspect.Signatu
     module.__dict__["forward"] = forward
 
 
+def stood_for(module: nn.Module) -> tuple[nn.Module, tuple[type, ...]]:
+    """The model `module` stands for (through any wrappers made by `stand_in_for`), and the wrappers' types,
+    outermost first: a capture traced through a wrapper made per build is the wrapped model's."""
+    wrappers = []
+    while isinstance(module.__dict__.get("_model"), nn.Module):
+        wrappers.append(type(module))
+        module = module.__dict__["_model"]
+    return module, tuple(wrappers)
+
+
 class NamedKeywords(nn.Module):
     """`model` with the arguments a call passes through its `**kwargs` (Trainer's `num_items_in_batch`)
     as named keyword parameters, which torch.export needs to key their dynamic shapes.

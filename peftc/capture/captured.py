@@ -18,6 +18,7 @@ changed them: the graph bakes in dtypes and devices), the call is captured again
 from __future__ import annotations
 
 import copy
+import hashlib
 import types
 import weakref
 from dataclasses import dataclass, replace
@@ -28,6 +29,8 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 from torch.utils import _pytree as pytree
 
+from peftc.capture.binding import stood_for
+
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
@@ -36,7 +39,8 @@ HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_al
 @dataclass(frozen=True)
 class _Kept:
     model: weakref.ref  # the model captured (a compilation's other sources, a method's wrapper, are others)
-    call: tuple[tuple, dict]  # the (args, kwargs) captured
+    wrappers: tuple[type, ...]  # the stand-ins it was traced through (peftc.capture.binding.stood_for), made per build
+    call: tuple  # call_fingerprint of the (args, kwargs) captured: no tensor of the call is held
     template: GraphModule  # the capture, with "meta" stand-ins for the model's tensors
     model_tensors: dict[str, tuple[torch.Size, torch.dtype, torch.device]]  # the names the model supplies
 
@@ -53,8 +57,9 @@ class CapturedGraphs:
 
     def reuse(self, model: nn.Module, args: tuple, kwargs: dict) -> GraphModule | None:
         """A copy of the capture of an equal call, reading `model`'s tensors; None if there is none."""
+        inner, wrappers = stood_for(model)
         for kept in self._kept:  # a call captured again after a dtype change has two: the one that fits
-            if kept.model() is model and same_call(kept.call, (args, kwargs)):
+            if kept.model() is inner and kept.wrappers == wrappers and kept.call == call_fingerprint((args, kwargs)):
                 gm = _instance(kept, model)
                 if gm is not None:
                     return gm
@@ -68,7 +73,10 @@ class CapturedGraphs:
         template = copy_graph_module(gm, stand_ins)
         meta = {name: (t.shape, t.dtype, t.device) for name, t in supplied.items()}
         self._kept = [kept for kept in self._kept if kept.model() is not None]  # a method's wrapper, gone
-        self._kept.append(_Kept(weakref.ref(model), pytree.tree_map(_detached, (args, kwargs)), template, meta))
+        inner, wrappers = stood_for(model)
+        fingerprint = call_fingerprint((args, kwargs))
+        if fingerprint is not None:
+            self._kept.append(_Kept(weakref.ref(inner), wrappers, fingerprint, template, meta))
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -89,20 +97,25 @@ class CapturedGraphs:
 
 def same_call(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
     """Whether two (args, kwargs) calls are equal: same structure, constants, and tensors (metadata and values)."""
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    return spec_a == spec_b and all(_same_leaf(x, y) for x, y in zip(leaves_a, leaves_b))
+    first = call_fingerprint(a)
+    return first is not None and first == call_fingerprint(b)
 
 
-def _same_leaf(x: Any, y: Any) -> bool:
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        return (type(x) is type(y) and x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
-                and x.device.type != "meta" and torch.equal(x, y))
-    return type(x) is type(y) and x == y
+def call_fingerprint(call: tuple[tuple, dict]) -> tuple | None:
+    """What `same_call` compares, without holding the call's tensors (a digest of each one's bytes), or None
+    for a call that cannot be compared (a tensor without data, on the meta device)."""
+    leaves, spec = pytree.tree_flatten(call)
+    prints = tuple(_leaf_print(leaf) for leaf in leaves)
+    return None if any(p is None for p in prints) else (spec, prints)
 
 
-def _detached(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+def _leaf_print(leaf: Any) -> Any:
+    if not isinstance(leaf, torch.Tensor):
+        return (type(leaf), leaf)
+    if leaf.device.type == "meta":
+        return None
+    data = leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return (type(leaf), leaf.shape, leaf.dtype, leaf.device, hashlib.sha256(data).digest())
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,6 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
                             dump_dir=Path(dump_dir) if dump_dir is not None else None)
     compilation.shared.calibration = None  # read only when the adapter weights were made, just now
     wait_for_probes()  # answered before the first compiled call needs them; no thread outlives compile()
-    superset = (start.superset, start.superset_graph, start.superset_flat) if start.superset is not None else None
+    superset = start.superset_parts()
     return CompiledModel(compilation.after_first_build(start.built), plan, start.built, (args, kwargs),
                          training=model.training, superset=superset)

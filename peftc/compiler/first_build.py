@@ -38,6 +38,10 @@ class FirstBuild:
     superset_graph: GraphModule | None = None
     superset_flat: GraphModule | None = None  # that graph as the passes left it (cached calls derive from it)
 
+    def superset_parts(self) -> tuple[tuple[tuple, dict], GraphModule, GraphModule] | None:
+        """(call, graph, flat graph) of the superset, as a dispatching model takes them; None without one."""
+        return (self.superset, self.superset_graph, self.superset_flat) if self.superset is not None else None
+
 
 def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Plan, *,
                 dynamic_shapes: Any = None, dump_dir: Path | None = None,

@@ -129,7 +129,7 @@ class CompiledModel(AdapterCheckpoint, PeftModelSurface, GraphDispatch):
                                   quantized_base=needs_quantized_base(self.spec))  # quantize, or LoftQ
         plan = self.compilation.merged_plan(options)
         start = self.build_under(plan)
-        superset = (start.superset, start.superset_graph) if start.superset is not None else None
+        superset = start.superset_parts()
         merged = GraphDispatch(self.compilation, plan, start.built, self.example_call, training=self.training,
                                superset=superset)
         if plan.merge.requantization is not None:

@@ -206,9 +206,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         superset = None
         if self._superset is not None:  # capture the superset again (from the converted example call)
             start = build_first(self.compilation, self._example, self.plan)
-            first = start.built
-            if start.superset is not None:
-                superset = (start.superset, start.superset_graph, start.superset_flat)
+            first, superset = start.built, start.superset_parts()
         else:
             first = self.compilation.build(*self._example, self.plan)
         self._use_first(first, superset)
