@@ -21,7 +21,6 @@ and that slice is what the passed embeddings replace.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from peftc.capture.binding import forward_signature
 from peftc.capture.calls import CallSignature
-from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT, checking, identical, small_call
+from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT, checking, identical, once_per_model, small_call
 from peftc.capture.specialize import (
     DERIVED_REMOVED,
     GUARDS,
@@ -47,7 +46,6 @@ aten = torch.ops.aten
 ID_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default,
             aten.clone.default)
 SEQ_END = 2**63 - 1  # slice's "to the end"
-_HOLDS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def derive_embeds_graph(gm: GraphModule, superset: CallSignature, call: CallSignature,
@@ -80,14 +78,13 @@ def embedding_path(model: nn.Module) -> str | None:
     return next((name for name, module in model.named_modules() if module is embedding), None)
 
 
+@once_per_model
 def embeds_hold(model: nn.Module) -> bool:
     """Whether `model` computes the same from `get_input_embeddings()(input_ids)` passed as inputs_embeds as
     from input_ids (with labels where its head takes them), on a small call with a left-padded and a
     right-padded row whose padding holds the pad token (a model that finds the last real token from the
-    ids, as classifiers do, differs there); cached per model."""
-    if model not in _HOLDS:
-        _HOLDS[model] = _check(model)
-    return _HOLDS[model]
+    ids, as classifiers do, differs there); once per model."""
+    return _check(model)
 
 
 def _check(model: nn.Module) -> bool:

@@ -17,6 +17,7 @@ The superset's position_ids have one row per example; a call passing one row for
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -180,6 +181,20 @@ def _check(model: nn.Module, names: tuple[str, ...] | str, example: dict | None)
             return identical(plain, flagged)
     except Exception:  # noqa: BLE001  a model that refuses the check's call keeps the inputs out of the superset
         return False
+
+
+def once_per_model(check: Callable[[nn.Module], bool]) -> Callable[[nn.Module], bool]:
+    """`check(model)` run on a model's first call only, its answer kept while the model lives (the eager checks
+    behind derived graphs: one small forward or two per model)."""
+    answers: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+    @functools.wraps(check)
+    def once(model: nn.Module) -> bool:
+        if model not in answers:
+            answers[model] = check(model)
+        return answers[model]
+
+    return once
 
 
 @contextlib.contextmanager

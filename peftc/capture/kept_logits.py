@@ -20,8 +20,6 @@ something else than that slice captures the call instead, as before.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
@@ -29,15 +27,14 @@ from torch.utils import _pytree as pytree
 
 from peftc.capture.binding import forward_signature
 from peftc.capture.calls import CallSignature, is_hf_model
-from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT, checking, small_call
+from peftc.capture.embeds_input import SEQ_END
+from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT, checking, once_per_model, small_call
 from peftc.capture.specialize import DERIVED_REMOVED, GUARDS, is_args_kwargs
 
 aten = torch.ops.aten
 
 LOGITS_TO_KEEP = "logits_to_keep"
-SEQ_END = 2**63 - 1  # slice's "to the end"
 INDEX_DTYPES = (torch.int64, torch.int32)
-_HOLDS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def positions_to_keep(model: nn.Module, kwargs: dict) -> dict:
@@ -53,13 +50,12 @@ def positions_to_keep(model: nn.Module, kwargs: dict) -> dict:
     return {**kwargs, LOGITS_TO_KEEP: positions}
 
 
+@once_per_model
 def kept_logits_hold(model: nn.Module) -> bool:
     """Whether `model` reads logits_to_keep as transformers' causal LMs do, on a small left-padded call: an int k
     keeps the last k positions' logits and 1-D positions keep those positions', rows of one and the same logits
-    (two calls: k = seq - 1, and positions out of order among those rows); cached per model."""
-    if model not in _HOLDS:
-        _HOLDS[model] = _check(model)
-    return _HOLDS[model]
+    (two calls: k = seq - 1, and positions out of order among those rows); once per model."""
+    return _check(model)
 
 
 def _check(model: nn.Module) -> bool:
