@@ -36,6 +36,7 @@ from peftc.runtime.facade import ModelAttributes
 from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_sharded, wants_cache
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
+from peftc.runtime.prompt_cache import prepended_tokens, with_cache_slots
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -113,11 +114,20 @@ class GraphDispatch(ModelAttributes, nn.Module):
     def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
         check_cached_call(self.compilation.source, kwargs)
+        kwargs = self.with_cache_slots(kwargs, graph_inputs or {})
         if self._cached_forward is None:
             refuse_sharded(is_sharded(self))
             superset = (self._superset, self._superset_flat) if self._superset is not None else None
             self._cached_forward = CachedForward(self.compilation, self.plan, superset)
         return self._cached_forward(kwargs, self.training, graph_inputs)
+
+    def with_cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
+        """A cached call with its virtual tokens' slots, where the spec prepends some (peftc.runtime.prompt_cache)."""
+        tokens = prepended_tokens(self.compilation.spec)
+        if not tokens:
+            return kwargs
+        batch = next(kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None).shape[0]
+        return with_cache_slots(kwargs, torch.full((batch,), tokens), tokens, positions=False)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""
