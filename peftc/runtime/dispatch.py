@@ -114,14 +114,14 @@ class GraphDispatch(ModelAttributes, nn.Module):
     def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
         check_cached_call(self.compilation.source, kwargs)
-        kwargs = self.with_cache_slots(kwargs, graph_inputs or {})
+        kwargs = self._cache_slots(kwargs, graph_inputs or {})
         if self._cached_forward is None:
             refuse_sharded(is_sharded(self))
             superset = (self._superset, self._superset_flat) if self._superset is not None else None
             self._cached_forward = CachedForward(self.compilation, self.plan, superset)
         return self._cached_forward(kwargs, self.training, graph_inputs)
 
-    def with_cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
+    def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
         """A cached call with its virtual tokens' slots, where the spec prepends some (peftc.runtime.prompt_cache)."""
         tokens = prepended_tokens(self.compilation.spec)
         if not tokens:

@@ -131,7 +131,7 @@ class ServedModel(GraphDispatch):
         with self._build_lock:  # the first call of a signature captures its graph
             return apply_output_flags(self._cached_call(kwargs, {"adapter_ids": ids}), output_flags)
 
-    def with_cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
+    def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
         """With prompt adapters served, a cached call gets `width` slots, each row's own N visible, on the call
         that starts the cache, and every call each row's positions (peftc.runtime.prompt_cache)."""
         width = self._prompt_width()
