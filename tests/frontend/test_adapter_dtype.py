@@ -248,7 +248,9 @@ def test_virtual_tokens_train_in_float32_as_peft_does(entry):
     assert adapter_dtypes(cm) == {torch.float32} == adapter_dtypes(reference)
     ids = FAMILIES["llama"].inputs(2, 6)["input_ids"]
     ours, theirs = train_losses(cm, ids, lr=1e-2), train_losses(reference, ids, lr=1e-2)
-    assert ours[:2] == theirs[:2], (ours, theirs)
+    # The first loss is the same computation in both; after an AdamW step, bfloat16 kernels may order
+    # their sums differently by CPU (1.3e-4 apart on one machine), well inside the ~1e-3 drift of bf16 weights.
+    assert ours[0] == theirs[0], (ours, theirs)
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 3e-4, (ours, theirs)
     assert adapter_dtypes(cm) == {torch.float32}
     assert cm(input_ids=ids).logits.dtype == BF16
