@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES
+from generation_steps import greedy_cached_calls
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType
 from peft_reference import save_random_peft_folders
 from transformers import DynamicCache
@@ -49,19 +50,6 @@ def _prompt(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _decode(model, ids, mask, **kwargs):
-    """The prompt with use_cache=True, then STEPS greedy steps continuing its cache, each step's mask over the
-    caller's tokens: [(call's output, whole sequence, its mask)] per call."""
-    out = model(ids, attention_mask=mask, use_cache=True, **kwargs)
-    calls = [(out, ids, mask)]
-    for _ in range(STEPS):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-        out = model(token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True, **kwargs)
-        calls.append((out, ids, mask))
-    return calls
-
-
 @torch.no_grad()
 def test_compiled_prompt_model_puts_its_virtual_tokens_in_the_cache_once(folders):
     """The first call's N + S logits and cache equal PEFT's forward; each continued step's logits equal PEFT's over
@@ -70,7 +58,7 @@ def test_compiled_prompt_model_puts_its_virtual_tokens_in_the_cache_once(folders
     cm = peftc.from_peft(FAMILY.build(), sources["prompt4"]).eval()
     reference = references["prompt4"]
     ids, mask = _prompt(2)
-    calls = _decode(cm, ids, mask)
+    calls = greedy_cached_calls(cm, ids, mask, STEPS)
     first = reference(input_ids=ids, attention_mask=mask, use_cache=True)
     torch.testing.assert_close(calls[0][0].logits, first.logits, **TOL)  # N + S positions, as PEFT's
     for out, seq, seq_mask in calls[1:]:
@@ -91,7 +79,7 @@ def test_served_rows_of_every_kind_share_one_cache_and_each_equals_its_own_peft_
     PEFT model's over the whole sequence, from one cached graph."""
     _, references = folders
     ids, mask = _prompt(len(ROWS))
-    calls = _decode(served, ids, mask, adapter_ids=ROWS)
+    calls = greedy_cached_calls(served, ids, mask, STEPS, adapter_ids=ROWS)
     assert len(served._cached_forward.graphs) == 1
     out, seq, seq_mask = calls[-1]
     assert out.past_key_values.get_seq_length() == WIDTH + seq.shape[1]  # the same for every row
