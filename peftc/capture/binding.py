@@ -34,7 +34,8 @@ def bind_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
         raise TypeError(f"{type(model).__name__}.forward() {err}") from None
     if not is_hf_model(model):
         return args, kwargs
-    return (), _with_full_mask(signature, _without_config_flags(model, _canonical_kwargs(signature, bound)))
+    kwargs = _without_config_flags(model, _canonical_kwargs(signature, bound))
+    return (), _with_full_mask(signature, _with_float_count(kwargs))
 
 
 def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict, what: str) -> dict:
@@ -55,6 +56,21 @@ def _without_config_flags(model: nn.Module, kwargs: dict) -> dict:
     same = [flag for flag in RECORDING_FLAGS
             if isinstance(kwargs.get(flag), bool) and kwargs[flag] == getattr(model.config, flag, None)]
     return {k: v for k, v in kwargs.items() if k not in same}
+
+
+ITEM_COUNT = "num_items_in_batch"
+COUNT_DTYPE = torch.float32  # what transformers' Trainer passes: the count divided by the parallel sizes
+
+
+def _with_float_count(kwargs: dict) -> dict:
+    """`num_items_in_batch` as an integer tensor (a training loop's `labels.ne(-100).sum()`) is the float32 count
+    Trainer passes: transformers' losses divide a float32 loss by it, which converts an integer count to
+    float32 anyway, so both are one call signature and reach one graph."""
+    count = kwargs.get(ITEM_COUNT)
+    if isinstance(count, torch.Tensor) and count.dim() == 0 and not count.is_floating_point() \
+            and not count.is_complex() and count.dtype != torch.bool:
+        return {**kwargs, ITEM_COUNT: count.to(COUNT_DTYPE)}
+    return kwargs
 
 
 def _with_full_mask(signature: inspect.Signature, kwargs: dict) -> dict:

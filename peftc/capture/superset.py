@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.capture.binding import RECORDING_FLAGS, forward_signature
+from peftc.capture.binding import COUNT_DTYPE, RECORDING_FLAGS, forward_signature
 from peftc.capture.calls import is_hf_model
 from peftc.capture.input_defaults import (
     FLAG_CHECK,
@@ -115,7 +115,7 @@ class ExtraInputs:
         if labels is None and "labels" in self.params:
             labels = extra["labels"] = self.example_labels(kwargs)
         if isinstance(labels, torch.Tensor) and _takes_any_keyword(self.params) and "num_items_in_batch" not in kwargs:
-            extra["num_items_in_batch"] = torch.tensor(labels.numel(), device=labels.device)
+            extra["num_items_in_batch"] = torch.tensor(labels.numel(), dtype=COUNT_DTYPE, device=labels.device)
         return {name: value for name, value in extra.items() if value is not None}
 
     def example_labels(self, kwargs: dict) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ from torch import nn
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.calibrate import calibrate
 from peftc.compiler.compilation import Compilation, CompileOptions
+from peftc.compiler.early_targets import check_targets
 from peftc.compiler.first_build import build_first
 from peftc.ir.inductor_warmup import start_cpu_probes, wait_for_probes
 from peftc.runtime.compiled import CompiledModel
@@ -35,6 +36,7 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     or a function that calls the model it is given (peftc.compiler.calibrate).
     """
     spec = as_spec(spec)
+    check_targets(model, spec)  # a target naming nothing in the model fails before the capture's seconds
     if backend == "inductor" and any(p.device.type == "cpu" for p in model.parameters()):
         start_cpu_probes()  # Inductor's C++ start-up, in threads while the capture runs
     view = weight_view(model)  # the user's storage; our own Parameter objects, flags and modes

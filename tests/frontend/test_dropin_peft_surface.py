@@ -27,12 +27,18 @@ def pair():
     return model, cm, peft_lora(model, cm, TARGETS, 4, 8)
 
 
+@pytest.fixture(scope="module")
+def shared_pair():
+    """pair(), made once, for the tests that only read it (or change it and put it back)."""
+    return pair()
+
+
 def ids(batch=2, seq=5):
     return FAMILIES["llama"].inputs(batch, seq)["input_ids"]
 
 
-def test_trainable_parameter_counts_equal_peft(capsys):
-    _, cm, reference = pair()
+def test_trainable_parameter_counts_equal_peft(capsys, shared_pair):
+    _, cm, reference = shared_pair
     assert cm.get_nb_trainable_parameters() == reference.get_nb_trainable_parameters()
     cm.print_trainable_parameters()
     ours = capsys.readouterr().out
@@ -40,8 +46,8 @@ def test_trainable_parameter_counts_equal_peft(capsys):
     assert ours == capsys.readouterr().out and ours.startswith("trainable params: ")
 
 
-def test_disable_adapter_runs_the_base_model_and_restores_the_adapters():
-    model, cm, _ = pair()
+def test_disable_adapter_runs_the_base_model_and_restores_the_adapters(shared_pair):
+    model, cm, _ = shared_pair
     x = ids()
     with torch.no_grad():
         adapted = cm.eval()(input_ids=x).logits
@@ -127,8 +133,8 @@ def test_accelerate_prepare_loop_equals_peft():
     assert losses[0][0] != losses[0][-1]  # it trained
 
 
-def test_adapter_names_are_peft_single_adapter_ones():
-    _, cm, reference = pair()
+def test_adapter_names_are_peft_single_adapter_ones(shared_pair):
+    _, cm, reference = shared_pair
     assert cm.active_adapter == reference.active_adapter == "default"
     assert cm.active_adapters == reference.active_adapters == ["default"]
     cm.set_adapter("default")

@@ -48,7 +48,8 @@ def _assert_same(ours, theirs) -> None:
 
 CALLS = {
     "labels": lambda ids: {"labels": ids},
-    "labels and num_items_in_batch (Trainer)": lambda ids: {"labels": ids, "num_items_in_batch": torch.tensor(9)},
+    "labels and num_items_in_batch (Trainer's float32)": lambda ids: {"labels": ids, "num_items_in_batch": torch.tensor(9.0)},
+    "labels and an integer num_items_in_batch": lambda ids: {"labels": ids, "num_items_in_batch": torch.tensor(9)},
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from export_counter import counted_exports
 from families import FAMILIES
 
 import peftc
@@ -70,6 +71,39 @@ def test_a_dotted_name_that_matches_nothing_names_the_nearest_path():
     family = FAMILIES["llama"]
     with pytest.raises(SpecError, match=r"adapters\[0\]\.targets\[0\]: 'attn.q_proj' matches no module path"):
         _compile(family, {"adapters": [{"method": "lora", "targets": ["attn.q_proj"]}]}, via_peft=False)
+
+
+@pytest.mark.parametrize("spec, message, nearest", [
+    ({"adapters": [{"method": "lora", "targets": ["q_prj"]}]},
+     "adapters[0].targets[0]: 'q_prj' matches no module path; nearest: ", "'model.layers.0.self_attn.q_proj'"),
+    ({"adapters": [{"method": "lora", "targets": ["q_proj"]}, {"method": "ia3", "targets": ["*.dwon_proj"]}]},
+     "adapters[1].targets[0]: '*.dwon_proj' matches no module path; nearest: ", "'model.layers.0.mlp.down_proj'"),
+    ({"adapters": [{"method": "lora", "target_parameters": ["up_proj.wieght"]}]},
+     "adapters[0].target_parameters[0]: 'up_proj.wieght' matches no parameter a site reads; nearest: ",
+     "'model.layers.0.mlp.up_proj.weight'"),
+    ({"adapters": [{"method": "ln_tuning", "targets": ["input_layrnorm"]}]},
+     "adapters[0].targets[0]: 'input_layrnorm' matches no module path; nearest: ", "'model.layers.0.input_layernorm'"),
+    ({"adapters": [{"method": "lora", "targets": ["q_proj"]}], "quantize": {"bits": 8, "targets": ["o_prj"]}},
+     "quantize.targets[0]: 'o_prj' matches no module path; nearest: ", "'model.layers.0.self_attn.o_proj'"),
+    ({"adapters": [{"method": "lora", "targets": ["q_proj"]}], "trainable": ["*.bais"]},
+     "trainable[0]: '*.bais' matches no parameter name; nearest: ", "'model.layers.0.self_attn.q_proj.weight'"),
+])
+def test_a_target_naming_nothing_in_the_model_fails_before_the_capture(spec, message, nearest):
+    """The model's module and parameter names are all a site's path can be made of: a pattern matching none
+    of them is refused before torch.export runs, with the error (and nearest real paths) the passes give."""
+    with counted_exports() as exports, pytest.raises(SpecError) as err:
+        peftc.compile(FAMILIES["llama"].build(), spec)
+    assert message in str(err.value)
+    assert nearest in str(err.value).split("nearest: ")[1]
+    assert exports == []
+
+
+def test_a_target_naming_modules_without_sites_is_refused_on_the_graph():
+    """An activation module exists in the model but runs no site op: only the captured graph tells, and it does."""
+    with counted_exports() as exports, pytest.raises(SpecError, match=r"'re:.*act' matches no module path"):
+        peftc.compile(FAMILIES["mlp"].build(), {"adapters": [{"method": "lora", "targets": ["re:.*act"]}]},
+                      example_inputs=FAMILIES["mlp"].example_inputs())
+    assert len(exports) == 1
 
 
 def test_dotted_rank_pattern_keys_round_trip_literally():
