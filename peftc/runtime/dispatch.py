@@ -33,7 +33,8 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
-from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_sharded, wants_cache
+from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check_cached_call, drops_cache,
+                                         refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 
@@ -101,7 +102,13 @@ class GraphDispatch(ModelAttributes, nn.Module):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
         kwargs, output_flags = split_output_flags(kwargs)
         if wants_cache(self.compilation.source, kwargs):
-            return apply_output_flags(self._cached_call(kwargs), output_flags)
+            if not drops_cache(kwargs, self.training, self.plan.checkpoint_layers):
+                return apply_output_flags(self._cached_call(kwargs), output_flags)
+            kwargs = {**kwargs, "use_cache": False}  # as the original: checkpointed training keeps no cache
+        elif self._caches_by_default(kwargs):
+            cached = self._cached_call(kwargs, capture=False)
+            if cached is not None:
+                return apply_output_flags(cached, output_flags)
         call = (args, kwargs)
         try:
             gm, args, kwargs = self.graph_for(args, kwargs)
@@ -110,14 +117,31 @@ class GraphDispatch(ModelAttributes, nn.Module):
             raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
 
-    def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None):
-        """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
+    def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None, capture: bool = True):
+        """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache).
+        `capture=False`: None where its graph would have to be captured (peftc.runtime.forward_cache)."""
         check_cached_call(self.compilation.source, kwargs)
         if self._cached_forward is None:
             refuse_sharded(is_sharded(self))
             superset = (self._superset, self._superset_flat) if self._superset is not None else None
             self._cached_forward = CachedForward(self.compilation, self.plan, superset)
-        return self._cached_forward(kwargs, self.training, graph_inputs)
+        return self._cached_forward(kwargs, self.training, graph_inputs, capture)
+
+    def _caches_by_default(self, kwargs: dict) -> bool:
+        """Whether a call saying nothing of a cache runs a cached graph: in eval mode where the original
+        returns one (config.use_cache), the call is one a cached graph takes, and the graph derives from
+        the superset capture (no export). Training calls, the Inductor back end's compiled layers and
+        sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
+        source = self.compilation.source
+        if self.training or self.plan.backend == "inductor" or self._superset is None or is_sharded(self):
+            return False
+        if not caches_by_default(source, kwargs):
+            return False
+        try:
+            check_cached_call(source, kwargs)
+        except (TypeError, ValueError, NotImplementedError):  # the plain graph serves it (or raises the original's error)
+            return False
+        return True
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""

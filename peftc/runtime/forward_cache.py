@@ -75,6 +75,22 @@ def wants_cache(model: nn.Module, kwargs: dict) -> bool:
     return asks and is_hf_model(model) and takes_cache(type(model))
 
 
+def drops_cache(kwargs: dict, training: bool, checkpointing: bool) -> bool:
+    """Whether the original ignores a call's use_cache=True: under gradient checkpointing, in training
+    with gradients on and no cache passed (transformers' merge_with_config_defaults turns it off)."""
+    return training and checkpointing and torch.is_grad_enabled() and cache_argument(kwargs) is None
+
+
+def caches_by_default(model: nn.Module, kwargs: dict) -> bool:
+    """Whether a (bound) call that neither asks for a cache nor refuses one gets one from the original:
+    its `config.use_cache` (transformers' merge_with_config_defaults; the generation config plays no part)."""
+    if kwargs.get("use_cache") is not None or cache_argument(kwargs) is not None:
+        return False
+    if not (is_hf_model(model) and takes_cache(type(model))):
+        return False
+    return bool(getattr(_text_config(model), "use_cache", False))
+
+
 @functools.cache
 def takes_cache(model_class: type) -> bool:
     """Whether the class's forward takes a cache (a causal LM's does; an encoder's use_cache, if any, is inert)."""
@@ -96,6 +112,7 @@ class CachedForward:
         self.modes: dict[GraphModule, bool] = {}  # the mode each graph's nodes are in
         self.unkept: set[CallSignature] = set()  # logits_to_keep positions no graph here can take: captured
         self.cache_fields: dict[GraphModule, str] = {}  # a derived graph's output field for the cache
+        self.underived: set[CallSignature] = set()  # signatures no graph derives for (tried once)
         # The superset's flat graph ran the same passes unless its plan checkpointed inline (no layer structure).
         same_passes = plan.structure_layers or not plan.checkpoint_layers
         self.derivation = CacheDerivation(compilation.source, *superset) \
@@ -105,15 +122,19 @@ class CachedForward:
     def model(self) -> nn.Module:
         return self.compilation.source
 
-    def __call__(self, kwargs: dict, training: bool, graph_inputs: dict | None = None):
-        """`graph_inputs`: more keywords the graphs take, which the model does not (a served model's adapter_ids)."""
+    def __call__(self, kwargs: dict, training: bool, graph_inputs: dict | None = None, capture: bool = True):
+        """`graph_inputs`: more keywords the graphs take, which the model does not (a served model's adapter_ids);
+        `capture=False`: None instead of capturing a graph this call's signature has none of (no graph derives)."""
         cache = cache_argument(kwargs)
         inputs = {k: v for k, v in kwargs.items() if k not in CACHE_PARAMETERS and k != "use_cache"}
         batch, new = _main_input(inputs).shape[:2]
         past = past_tensors(self.model, cache, batch) if cache is not None else None
         keys, values = past if past is not None else empty_past(self.model, batch)
         inputs = _with_full_mask(inputs, keys[0].shape[2], new)
-        gm, inputs = self.graph_for(inputs)
+        found = self.graph_for(inputs, capture)
+        if found is None:
+            return None
+        gm, inputs = found
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
@@ -125,30 +146,40 @@ class CachedForward:
         field = self.cache_fields.get(gm, self.source.cache_field)
         return type(out)(**{**out, field: cache})  # in the original's field order
 
-    def graph_for(self, inputs: dict) -> tuple[GraphModule, dict]:
+    def graph_for(self, inputs: dict, capture: bool = True) -> tuple[GraphModule, dict] | None:
         """The graph for this call and the call as it takes it: an int logits_to_keep as its positions, the
-        graph of the call without it keeping them (peftc.capture.kept_logits)."""
+        graph of the call without it keeping them (peftc.capture.kept_logits). None where `capture` is False
+        and the graph would have to be captured."""
         kept = positions_to_keep(self.model, inputs)
         signature = CallSignature.of((), kept)
         if kept is inputs or signature in self.unkept:
-            return self._graph(inputs), inputs
+            return _paired(self._graph(inputs, capture), inputs)
         if signature not in self.graphs:
-            rest = self._graph({name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP})
+            rest = self._graph({name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP}, capture)
+            if rest is None:
+                return None
             head = output_embeddings_path(self.model)
             graph = keep_positions(rest, head) if head is not None else None
             if graph is None:  # the LM head reads something else: the int stays in the signature
                 self.unkept.add(signature)
-                return self._graph(inputs), inputs
+                return _paired(self._graph(inputs, capture), inputs)
             if rest in self.cache_fields:  # kept from a derived graph: it takes the mask and positions too
                 self.cache_fields[graph] = self.cache_fields[rest]
             self.graphs[signature] = graph
         return self.graphs[signature], kept
 
-    def _graph(self, inputs: dict) -> GraphModule:
-        """The graph of this signature: derived from the superset graph where it can be, else captured."""
+    def _graph(self, inputs: dict, capture: bool = True) -> GraphModule | None:
+        """The graph of this signature: derived from the superset graph where it can be, else captured (or
+        None, without `capture`)."""
         signature = CallSignature.of((), inputs)
         if signature not in self.graphs:
-            derived = self.derivation.derive(inputs) if self.derivation is not None else None
+            derived = None
+            if self.derivation is not None and signature not in self.underived:
+                derived = self.derivation.derive(inputs)
+            if derived is None:
+                self.underived.add(signature)  # derivation is tried once per signature
+                if not capture:
+                    return None
             if derived is not None:
                 self.cache_fields[derived.graph_module] = derived.cache_field
             self.graphs[signature] = derived.graph_module if derived is not None else self._capture(inputs)
@@ -259,6 +290,10 @@ def _new_cache(model: nn.Module):
 
 def _text_config(model: nn.Module):
     return model.config.get_text_config(decoder=True)
+
+
+def _paired(gm: GraphModule | None, inputs: dict) -> tuple[GraphModule, dict] | None:
+    return (gm, inputs) if gm is not None else None
 
 
 def _main_input(inputs: dict) -> torch.Tensor:
