@@ -139,7 +139,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
             return False
         try:
             check_cached_call(source, kwargs)
-        except (TypeError, ValueError, NotImplementedError):  # the plain graph serves it (or raises the original's error)
+        except (TypeError, ValueError):  # the plain graph serves it (or raises the original's error)
             return False
         return True
 

@@ -180,6 +180,7 @@ class CachedForward:
                 self.underived.add(signature)  # derivation is tried once per signature
                 if not capture:
                     return None
+                refuse_uncapturable(inputs)
             if derived is not None:
                 self.cache_fields[derived.graph_module] = derived.cache_field
             self.graphs[signature] = derived.graph_module if derived is not None else self._capture(inputs)
@@ -224,14 +225,19 @@ def refuse_sharded(sharded: bool) -> None:
                            "the adapter (cm.save_adapter) and decode on one process from peftc.compile(base, spec)")
 
 
-def check_cached_call(model: nn.Module, kwargs: dict) -> None:
-    """Refuse a call a cached forward cannot run, naming what it passes (before anything is captured)."""
+def refuse_uncapturable(inputs: dict) -> None:
+    """Refuse, before a capture, a cached call passing tensors a captured cached graph cannot take (a graph
+    derived from the superset takes every input of the superset: num_items_in_batch, ...), naming them."""
     supported = set(TOKEN_INPUTS + TOTAL_INPUTS + EMBEDS_INPUTS + CACHE_PARAMETERS) | {"use_cache"}
-    tensors = sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in supported)
+    tensors = sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in supported)
     if tensors:
         raise NotImplementedError(f"a forward with a KV cache takes {sorted(supported)} (and flags); this call "
                                   f"also passes {tensors}. Pass use_cache=False, or call "
                                   "cm.merge_and_unload() for the original model with every option")
+
+
+def check_cached_call(model: nn.Module, kwargs: dict) -> None:
+    """Refuse a call a cached forward cannot run, naming what it passes (before anything is derived)."""
     main = [k for k in MAIN_INPUTS if kwargs.get(k) is not None]
     if len(main) != 1:  # the original's rule, checked here: the capture would fail less clearly
         raise ValueError(f"a forward with a KV cache needs exactly one of input_ids [batch, new tokens] or "
