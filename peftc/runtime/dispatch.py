@@ -128,14 +128,14 @@ class GraphDispatch(ModelAttributes, nn.Module):
         return self._cached_forward(kwargs, self.training, graph_inputs, capture)
 
     def _caches_by_default(self, kwargs: dict) -> bool:
-        """Whether a call saying nothing of a cache runs a cached graph: in eval mode where the original
-        returns one (config.use_cache), the call is one a cached graph takes, and the graph derives from
-        the superset capture (no export). Training calls, the Inductor back end's compiled layers and
-        sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
+        """Whether a call saying nothing of a cache runs a cached graph: where the original returns one
+        (config.use_cache, not dropped by checkpointed training), the call is one a cached graph takes, and
+        the graph derives from the superset capture (no export). The Inductor back end's compiled layers
+        and sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
         source = self.compilation.source
-        if self.training or self.plan.backend == "inductor" or self._superset is None or is_sharded(self):
+        if self.plan.backend == "inductor" or self._superset is None or is_sharded(self):
             return False
-        if not caches_by_default(source, kwargs):
+        if not caches_by_default(source, kwargs) or drops_cache(kwargs, self.training, self.plan.checkpoint_layers):
             return False
         try:
             check_cached_call(source, kwargs)
