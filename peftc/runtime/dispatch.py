@@ -33,8 +33,8 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
-from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check_cached_call, drops_cache,
-                                         refuse_sharded, wants_cache)
+from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check_cached_call, covers_new_tokens,
+                                         drops_cache, refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 
@@ -141,7 +141,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
             check_cached_call(source, kwargs)
         except (TypeError, ValueError):  # the plain graph serves it (or raises the original's error)
             return False
-        return True
+        return covers_new_tokens(kwargs)  # else the plain graph's guards name the mask
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""

@@ -255,6 +255,12 @@ def check_cached_call(model: nn.Module, kwargs: dict) -> None:
                              "must be (model.get_input_embeddings()(input_ids) gives them)")
 
 
+def covers_new_tokens(kwargs: dict) -> bool:
+    """Whether a call without a cache passes no padding mask, or one as long as its new tokens."""
+    mask = kwargs.get("attention_mask")
+    return not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == _main_input(kwargs).shape[1]
+
+
 def past_tensors(model: nn.Module, cache, batch: int) -> tuple[list, list] | None:
     """Each layer's (keys, values) in `cache`, checked to be what this model produces for `batch` rows;
     None for a cache not filled yet (`DynamicCache(config=...)`, passed for the first call)."""

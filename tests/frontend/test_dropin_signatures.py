@@ -217,7 +217,7 @@ def test_every_form_is_derived_and_equals_peft(llama_pair, monkeypatch):
     before = len(cm.graphs)
     with torch.no_grad():
         for keep in KEEPS.values():
-            ours = cm(input_ids=ids, attention_mask=mask, logits_to_keep=keep)
+            ours = cm(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False)  # the plain graphs
             theirs = reference(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False)
             assert ours.logits.shape == theirs.logits.shape
             torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
