@@ -4,7 +4,9 @@ torch.export specializes a graph on which arguments a call passes (labels or not
 not). A dispatch keeps one graph per call signature: the first, built when it was made, and
 others built on first use of a new signature by the same Compilation and plan (or derived
 without a capture from the superset graph: peftc.capture.specialize); a call with
-`use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs. The dispatch
+`use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs, and so does a call
+saying nothing of a cache where the original returns one (config.use_cache) and that graph derives
+without a capture (forward_cache's docstring: which calls return a cache). The dispatch
 owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
 original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
 submodules.

@@ -26,12 +26,30 @@ adapter parameters. A served model (peftc.serving.served) runs captured graphs, 
 (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`), as the compile's
 own capture does.
 
-Which calls return a cache. The original returns one whenever `use_cache` (argument, else
-`config.use_cache`) is on, training calls included. The compiled model returns one when a call
-asks for it (`use_cache=True`) or passes one (`cache=`/`past_key_values=`); a call that says
-nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: every
-output would hold each layer's keys and values (measured in benchmarks/RESULTS.md, "Forward with a KV
-cache"), and a training step would keep them alive.
+Which calls return a cache. As in the original (transformers 5.24: merge_with_config_defaults on the base
+model's forward), `use_cache` is the argument when passed, else `config.use_cache` (the generation config
+plays no part in forward), and it is dropped in training under gradient checkpointing while gradients are
+on (use_cache=True included; the output then holds no cache). A cache passed is continued and returned
+whatever `use_cache` says (LLaMA's rule; GPT-2 returns none for use_cache=False with a cache passed: not
+followed). `return_dict=False` gives the original's tuple, the cache after the logits (and the loss).
+
+- A call that asks (`use_cache=True`) or passes a cache runs the graphs here: derived, else captured.
+- A call that says nothing, with config.use_cache on, runs the graph derived here and returns a new
+  DynamicCache, in eval and in training alike, as the original does: `out = cm(ids)` then
+  `cm(next_ids, past_key_values=out.past_key_values)` works. That graph is the flat one, run in place of the
+  layer modules (forward hooks on `model.layers.<i>` do not fire; pass use_cache=False). Measured (benchmarks/RESULTS.md, "Plain calls
+  return the cache"): the eval forward and the training step cost what the plain graphs cost, within the
+  noise of a shared machine, and the training step's peak memory is the same to the byte (the cache holds
+  the keys and values the attention saves for backward anyway).
+- It keeps its plain graph and returns no cache where the derived graph is not to be had or would lose
+  what the plain graph carries: no superset graph to derive from (served models, compiles given
+  dynamic_shapes or positional example inputs), prompt or prefix tuning, sliding-window or chunked
+  attention (Mistral's default config), eager attention (no SDPA op to find the mask at), heads the gate
+  refuses (sequence classifiers: the gate compares per-token logits; Falcon), encoder-decoders (the
+  cache is the decoder's and cross-attention's), inputs a cached graph does not take, a padding mask not
+  as long as the tokens; the Inductor back end (its compiled layers run the plain graph; the derived graph
+  is the flat one) and FSDP2-sharded models (the flat graph runs outside the per-layer hooks). Those
+  calls return what `use_cache=False` returns; `use_cache=True` gets the cache there (one capture).
 """
 
 from __future__ import annotations
