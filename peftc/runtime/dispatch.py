@@ -123,8 +123,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache).
         `capture=False`: None where its graph would have to be captured (peftc.runtime.forward_cache)."""
         check_cached_call(self.compilation.source, kwargs)
+        refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
         if self._cached_forward is None:
-            refuse_sharded(is_sharded(self))
             superset = (self._superset, self._superset_flat) if self._superset is not None else None
             self._cached_forward = CachedForward(self.compilation, self.plan, superset)
         return self._cached_forward(kwargs, self.training, graph_inputs, capture)
@@ -135,9 +135,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
         the graph derives from the superset capture (no export). The Inductor back end's compiled layers
         and sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
         source = self.compilation.source
-        if self.plan.backend == "inductor" or self._superset is None or is_sharded(self):
+        if self.plan.backend == "inductor" or self._superset is None or not caches_by_default(source, kwargs):
             return False
-        if not caches_by_default(source, kwargs) or drops_cache(kwargs, self.training, self.plan.checkpoint_layers):
+        if drops_cache(kwargs, self.training, self.plan.checkpoint_layers) or is_sharded(self):
             return False
         try:
             check_cached_call(source, kwargs)
