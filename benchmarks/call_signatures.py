@@ -30,7 +30,7 @@ import time
 
 import torch
 from common import machine
-from lora_llama import ALPHA, TARGETS, R, build
+from lora_llama import build, lora_spec
 
 import peftc
 from peftc.capture.binding import bind_call
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}")
     full = build()
-    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
+    spec = lora_spec()
     compile_s, plain_compile_s, met, first_cached = [], [], {name: [] for name in VARIATIONS}, []
     with_superset = first_build.superset_calls
     timed_compile(full, spec)  # warm-up: the first compile in a process pays torch's own first-use costs

@@ -16,7 +16,7 @@ import torch
 
 import peftc
 from common import alternate, machine
-from lora_llama import ALPHA, R, TARGETS, build, training_step
+from lora_llama import build, lora_spec, peft_lora, training_step
 
 
 def saved_bytes(model, ids) -> int:
@@ -35,12 +35,10 @@ def saved_bytes(model, ids) -> int:
 
 
 def contenders():
-    from peft import LoraConfig, get_peft_model
-
     full = build()
-    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
-    peft_plain = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
-    peft_ckpt = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    spec = lora_spec()
+    peft_plain = peft_lora(full)
+    peft_ckpt = peft_lora(full)
     peft_ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ours_plain = peftc.compile(copy.deepcopy(full), spec)
     ours_ckpt = peftc.compile(copy.deepcopy(full), spec)

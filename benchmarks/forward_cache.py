@@ -22,7 +22,7 @@ import time
 
 import torch
 from common import alternate, machine
-from lora_llama import ALPHA, TARGETS, R, build
+from lora_llama import build, lora_spec, peft_lora
 
 import peftc
 
@@ -59,10 +59,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    from peft import LoraConfig, get_peft_model
-
     full = build()
-    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
+    spec = lora_spec()
     start = time.perf_counter()
     cm = peftc.compile(copy.deepcopy(full), spec).eval()
     compile_s = time.perf_counter() - start
@@ -75,7 +73,7 @@ def main() -> None:
     cache_bytes = tensor_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
     print(f"output bytes: logits {tensor_bytes([out.logits]) / 2**20:.1f} MiB, cache {cache_bytes / 2**20:.1f} MiB")
 
-    hf = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS)).eval()
+    hf = peft_lora(full).eval()
     forward = alternate({"base model plain (returns a cache)": plain(full),
                          "peftc use_cache=False (no cache)": plain(cm, use_cache=False),
                          "peftc plain (returns a cache, as the original)": plain(cm),

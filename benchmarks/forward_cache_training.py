@@ -21,7 +21,7 @@ import time
 
 import torch
 from common import alternate, llama_config, machine
-from lora_llama import ALPHA, TARGETS, R
+from lora_llama import lora_spec, peft_lora
 
 import peftc
 from peftc.inspect.memory import peak_live_bytes
@@ -48,14 +48,12 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8, help="fewer than the 8 query heads: grouped-query attention")
     args = parser.parse_args()
     print(f"machine: {machine()}; checkpointing: {args.checkpointing}; kv heads: {args.kv_heads}")
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     full = LlamaForCausalLM(llama_config(num_key_value_heads=args.kv_heads))
-    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
-    cm = peftc.compile(copy.deepcopy(full), spec).train()
-    hf = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS)).train()
+    cm = peftc.compile(copy.deepcopy(full), lora_spec()).train()
+    hf = peft_lora(full).train()
     if args.checkpointing:
         cm.gradient_checkpointing_enable()
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

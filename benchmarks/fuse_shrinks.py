@@ -19,7 +19,7 @@ from unittest import mock
 
 import torch
 from common import machine
-from lora_llama import ALPHA, TARGETS, R, build, forward, training_step
+from lora_llama import R, build, forward, lora_spec, peft_lora, training_step
 
 import peftc
 
@@ -108,13 +108,11 @@ def main() -> None:
                   f"train {r['train']:.3f}  (unfused eval {1e6 * r['eval_unfused']:.0f} us, "
                   f"train {1e6 * r['train_unfused']:.0f} us)")
         return
-    from peft import LoraConfig, get_peft_model
-
     print(f"machine: {machine()}")
     ids = torch.randint(0, 4000, (4, args.tokens), generator=torch.Generator().manual_seed(0))
     full = build()
-    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
-    hf = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    spec = lora_spec()
+    hf = peft_lora(full)
     fused, plain = compiled_pair(full, spec)
     sections = []
     if not args.skip_train:

@@ -17,20 +17,18 @@ import torch
 
 import peftc
 from common import alternate, machine
-from lora_llama import ALPHA, R, TARGETS, build
+from lora_llama import build, lora_spec, peft_lora
 
 
 def main() -> None:
-    from peft import LoraConfig, get_peft_model
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     print(f"machine: {machine()}")
     full = build()
-    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
-    hf = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS)).eval()
+    spec = lora_spec()
+    hf = peft_lora(full).eval()
     start = time.perf_counter()
     ours = peftc.compile(copy.deepcopy(full), spec).eval()
     compile_s = time.perf_counter() - start

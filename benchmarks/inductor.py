@@ -29,11 +29,9 @@ import time
 
 import torch
 from common import alternate, llama_config, machine
+from lora_llama import lora_spec, peft_lora
 
 import peftc
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-R, ALPHA = 16, 32
 
 
 def build(layers: int):
@@ -44,14 +42,12 @@ def build(layers: int):
 
 
 def contender(name: str, layers: int, full=None):
-    from peft import LoraConfig, get_peft_model
-
     full = build(layers) if full is None else full
     if name in ("peft_eager", "peft_compiled"):
-        model = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+        model = peft_lora(full)
         return torch.compile(model) if name == "peft_compiled" else model
     backend = "inductor" if name == "peftc_inductor" else "torch"
-    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
+    spec = lora_spec()
     return peftc.compile(copy.deepcopy(full), spec, backend=backend).train()
 
 

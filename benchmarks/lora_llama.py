@@ -23,6 +23,18 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 R, ALPHA = 16, 32
 
 
+def lora_spec() -> dict:
+    """The peftc spec of this LoRA: r=16, alpha=32 on the 7 projections (a fresh dict each call)."""
+    return {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
+
+
+def peft_lora(model):
+    """HF PEFT's model of the same LoRA, over a copy of `model` (which is left as it is)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+
+
 def training_step(model, ids):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -51,12 +63,10 @@ def build(seed=0):
 
 
 def compare(repeats: int) -> dict:
-    from peft import LoraConfig, get_peft_model
-
     ids = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(0))
     full = build()
-    hf = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
-    ours = peftc.compile(copy.deepcopy(full), {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]})
+    hf = peft_lora(full)
+    ours = peftc.compile(copy.deepcopy(full), lora_spec())
     hf.train(), ours.train(), full.train()
     train = alternate({"full": training_step(full, ids), "peft": training_step(hf, ids),
                        "peftc": training_step(ours, ids)}, repeats)
@@ -76,7 +86,7 @@ def compile_7b_on_meta() -> float:
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     start = time.perf_counter()
-    cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]})
+    cm = peftc.compile(model, lora_spec())
     seconds = time.perf_counter() - start
     assert len(cm.report().sites) == 32 * 7
     return seconds

@@ -24,7 +24,7 @@ import statistics
 
 import torch
 from common import llama_config, machine
-from lora_llama import ALPHA, R, TARGETS, training_step
+from lora_llama import lora_spec, peft_lora, training_step
 
 import peftc
 from peftc.inspect.memory import peak_live_bytes, saved_for_backward
@@ -42,13 +42,11 @@ def build(hidden: int, layers: int):
 
 
 def contenders(full) -> dict:
-    from peft import LoraConfig, get_peft_model
-
-    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "r": R, "alpha": ALPHA}]}
+    spec = lora_spec()
     models = {}
     for checkpointing in (False, True):
         suffix = "_ckpt" if checkpointing else ""
-        theirs = get_peft_model(copy.deepcopy(full), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+        theirs = peft_lora(full)
         ours = peftc.compile(copy.deepcopy(full), spec)
         if checkpointing:
             theirs.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

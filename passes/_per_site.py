@@ -46,6 +46,19 @@ def in_adapter_dtype(ctx: PassContext, module: nn.Module, weight: torch.Tensor) 
     return module if dtype == weight.dtype else module.to(dtype=dtype)
 
 
+def in_virtual_token_dtype(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A virtual-token method's new weights (prompt tuning, p-tuning, prefix tuning): float32 over a half-precision
+    base under either adapter_dtype, as HF PEFT keeps them. PEFT builds its prompt encoders in torch's default
+    dtype and only moves them to the device (PeftModel._setup_prompt_encoder), and autocast_adapter_dtype=False
+    casts tuner layers only (BaseTuner._cast_adapter_dtype, which prompt learning never calls): with peft 0.21.2
+    over a bfloat16 LLaMA, prompt, p-tuning and prefix weights are float32 under both, LoRA's bfloat16 under
+    False. A drop-in loading those files (from_peft, autocast_adapter_dtype=False: adapter_dtype "base") keeps
+    them float32 too: the p-tuning encoder computes in float32 and AdamW's updates are not rounded away, as in
+    PEFT; the prompt is cast to the base dtype where it joins the model (in_dtype_of)."""
+    dtype = adapters.adapter_dtype(weight.dtype, "float32")
+    return module if dtype == weight.dtype else module.to(dtype=dtype)
+
+
 def in_dtype_of(ins: Inserter, tensor: Node, like: Node) -> Node:
     """`tensor` in `like`'s dtype, for adapters that cast their own values (prompt, p-tuning, prefix): float32
     adapter weights (the spec's adapter_dtype) enter a bfloat16 model rounded once, as PEFT casts its prompts

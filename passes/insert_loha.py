@@ -7,18 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from peftc.core.fields import boolean, probability
-from peftc.ir import adapters
+from peftc.ir.graph_edit import Inserter
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
 
-from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
-from ._per_site import rewrite_sites, site_inserter
-from ._site_selection import select_sites
-from ._weight_ops import add_dropped_delta_op, maybe_dropout, out_in_shape
+from ._lycoris import add_lycoris_updates, cp_weight, cp_weight_node, effective_conv
+from ._weight_ops import out_in_shape
 
 aten = torch.ops.aten
 
@@ -33,16 +31,6 @@ class LohaConfig(LowRankConfig):
     module_dropout: float = field(default=0.0, metadata={"check": probability})
     # On a Conv1d/2d with a kernel > 1: W1, W2 as CP (Tucker) products t ×₁ w_a ×₂ w_b (PEFT's hada_t1/t2)
     use_effective_conv2d: bool = field(default=False, metadata={"check": boolean})
-
-
-def effective_conv(site: Site, shape: tuple, wanted: bool) -> bool:
-    """PEFT's rule: the CP form on Conv1d/Conv2d only, and not for a kernel of ones."""
-    return wanted and site.kind == "conv" and len(shape) in (3, 4) and math.prod(shape[2:]) > 1
-
-
-def cp_weight(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
-    """[out, in, k1, k2] = Σ t[i, j, k1, k2] w_a[i, out] w_b[j, in] (LyCORIS' make_weight_cp)."""
-    return torch.einsum("ijkl,ip,jr->prkl", t, w_a, w_b)
 
 
 class LohaWeights(nn.Module):
@@ -89,26 +77,18 @@ class LohaWeights(nn.Module):
 def insert_loha(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add op(x, s·(W1a W1b) ⊙ (W2a W2b)) to the output of every targeted linear or conv op."""
     config: LohaConfig = ctx.entry
-    sites = select_sites(ctx, config, kinds=("linear", "conv"))
-    check_one_rewrite_per_weight(gm, ctx, sites)
-    return rewrite_sites(gm, ctx, sites, lambda site, weight: LohaWeights(site, weight, config),
-                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, module, config))
+    return add_lycoris_updates(gm, ctx, lambda site, weight: LohaWeights(site, weight, config), _hadamard_graph,
+                               "insert_loha")
 
 
-def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: LohaWeights,
-                  config: LohaConfig) -> None:
-    users = list(node.users)
-    ins = site_inserter(gm, node, site, ctx, "insert_loha")
+def _hadamard_graph(ins: Inserter, attr, module: LohaWeights) -> Node:
+    """(W1a W1b) ⊙ (W2a W2b), each pair a CP product with its core on an effective conv."""
     names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") + (("hada_t1", "hada_t2") if module.cp else ())
-    w = {name: ins.get_attr(adapters.target(site.path, ctx.slot, name)) for name in names}
+    w = {name: attr(name) for name in names}
     if module.cp:
-        first = ins.call(aten.einsum.default, "ijkl,ip,jr->prkl", [w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"]])
-        second = ins.call(aten.einsum.default, "ijkl,ip,jr->prkl", [w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"]])
+        first = cp_weight_node(ins, w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
+        second = cp_weight_node(ins, w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
     else:
         first = ins.call(aten.mm.default, w["hada_w1_a"], w["hada_w1_b"])
         second = ins.call(aten.mm.default, w["hada_w2_a"], w["hada_w2_b"])
-    delta = ins.call(aten.mul.Tensor, ins.call(aten.mul.Tensor, first, second), config.scale)
-    delta = ins.call(aten.view.default, delta, list(module.shape))
-    x = maybe_dropout(ins, node.args[site.input_index], config.dropout)
-    add_dropped_delta_op(ins, node, site, x, delta, users, config.rank_dropout, config.module_dropout,
-                         getattr(config, "rank_dropout_scale", True))
+    return ins.call(aten.mul.Tensor, first, second)

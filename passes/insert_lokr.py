@@ -7,20 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from peftc.core.fields import boolean, fail, probability
-from peftc.ir import adapters
 from peftc.ir.graph_edit import Inserter
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
 
-from ._conflicts import check_one_rewrite_per_weight
 from ._low_rank import LowRankConfig
-from ._per_site import rewrite_sites, site_inserter
-from ._site_selection import select_sites
-from ._weight_ops import add_dropped_delta_op, maybe_dropout, out_in_shape
-from .insert_loha import cp_weight, effective_conv
+from ._lycoris import add_lycoris_updates, cp_weight, cp_weight_node, effective_conv
+from ._weight_ops import out_in_shape
 
 aten = torch.ops.aten
 
@@ -143,32 +139,23 @@ class LokrWeights(nn.Module):
 def insert_lokr(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Add op(x, s·kron(W1, W2)) to the output of every targeted linear or conv op."""
     config: LokrConfig = ctx.entry
-    sites = select_sites(ctx, config, kinds=("linear", "conv"))
-    check_one_rewrite_per_weight(gm, ctx, sites)
-    return rewrite_sites(gm, ctx, sites, lambda site, weight: LokrWeights(site, weight, config),
-                         lambda gm, node, site, ctx, module: _rewrite_site(gm, node, site, ctx, module, config))
+    return add_lycoris_updates(gm, ctx, lambda site, weight: LokrWeights(site, weight, config), _kron_graph,
+                               "insert_lokr")
 
 
-def _rewrite_site(gm: GraphModule, node, site: Site, ctx: PassContext, module: LokrWeights,
-                  config: LokrConfig) -> None:
-    users = list(node.users)
-    ins = site_inserter(gm, node, site, ctx, "insert_lokr")
-    attr = lambda name: ins.get_attr(adapters.target(site.path, ctx.slot, name))  # noqa: E731
+def _kron_graph(ins: Inserter, attr, module: LokrWeights) -> Node:
+    """kron(W1, W2), W1 and W2 each full, low-rank, or (W2 on an effective conv) a CP product."""
     w1 = ins.call(aten.mm.default, attr("lokr_w1_a"), attr("lokr_w1_b")) if module.w1_low_rank else attr("lokr_w1")
     if module.kron_3d:
         w2 = attr("lokr_w2")
     elif module.cp:  # [b, d, k1, k2] flattened to [b, d·k1·k2]: kron as for a full W2
-        w2 = ins.call(aten.einsum.default, "ijkl,ip,jr->prkl", [attr("lokr_t2"), attr("lokr_w2_a"), attr("lokr_w2_b")])
+        w2 = cp_weight_node(ins, attr("lokr_t2"), attr("lokr_w2_a"), attr("lokr_w2_b"))
         w2 = ins.call(aten.reshape.default, w2, [module.lokr_w2_a.shape[1], -1])
     elif module.low_rank:
         w2 = ins.call(aten.mm.default, attr("lokr_w2_a"), attr("lokr_w2_b"))
     else:
         w2 = ins.call(aten.view.default, attr("lokr_w2"), [module.lokr_w2.shape[0], -1])
-    delta = ins.call(aten.mul.Tensor, _kron(ins, w1, w2, module), config.scale)
-    delta = ins.call(aten.view.default, delta, list(module.shape))
-    x = maybe_dropout(ins, node.args[site.input_index], config.dropout)
-    add_dropped_delta_op(ins, node, site, x, delta, users, config.rank_dropout, config.module_dropout,
-                         getattr(config, "rank_dropout_scale", True))
+    return _kron(ins, w1, w2, module)
 
 
 def _kron(ins: Inserter, w1, w2, module: LokrWeights):

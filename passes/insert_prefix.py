@@ -16,7 +16,7 @@ from peftc.ir.graph_edit import Inserter, redirect_users
 from peftc.pipeline.runner import PassContext, PassResult
 
 from ._attention import attention_ops, head_layout, sdpa_arg, set_sdpa_arg
-from ._per_site import in_adapter_dtype, in_dtype_of
+from ._per_site import in_dtype_of, in_virtual_token_dtype
 
 aten = torch.ops.aten
 POSITION_OPS = (aten.cos.default, aten.sin.default, aten.embedding.default)
@@ -66,7 +66,7 @@ def insert_prefix(gm: GraphModule, ctx: PassContext) -> PassResult:
         heads, kv_heads, groups, head_dim = head_layout(node)
         module, created = adapters.get_or_create(
             ctx.adapter_root, path, ctx.slot,
-            lambda: in_adapter_dtype(ctx, PrefixWeights(kv_heads, head_dim, heads, like, config), like))
+            lambda: in_virtual_token_dtype(PrefixWeights(kv_heads, head_dim, heads, like, config), like))
         _rewrite_attention(gm, node, path, groups, ctx, config)
         result.sites.append(path)
         if created:

@@ -16,7 +16,7 @@ from peftc.ir.graph_edit import Inserter, redirect_users
 from peftc.ir.sites import Site
 from peftc.pipeline.runner import PassContext, PassResult
 
-from ._per_site import in_adapter_dtype, in_dtype_of
+from ._per_site import in_dtype_of, in_virtual_token_dtype
 from ._site_output import current_output
 
 aten = torch.ops.aten
@@ -72,7 +72,7 @@ def prepend_virtual_tokens(gm: GraphModule, ctx: PassContext, pass_name: str, nu
     site, ids = _token_embedding(gm, ctx)
     weight = ctx.base_params[site.param]
     module, created = adapters.get_or_create(ctx.adapter_root, site.path, ctx.slot,
-                                             lambda: in_adapter_dtype(ctx, make_module(weight), weight))
+                                             lambda: in_virtual_token_dtype(make_module(weight), weight))
     tag = {"pass": pass_name, "method": ctx.entry.method, "site": site.path, "slot": ctx.slot,
            "entry": ctx.entry_index}
     embedding_op = next(n for n in gm.graph.nodes if n.name == site.node_name)

@@ -1,4 +1,5 @@
-"""Call a Generator's prefill and decode graphs as generate() does, for logit-level comparisons."""
+"""Call a Generator's prefill and decode graphs as generate() does, or a model forward by forward with its
+KV cache as a greedy decoding loop does, for logit-level comparisons."""
 
 from __future__ import annotations
 
@@ -23,3 +24,17 @@ def prefill_and_step(generator, ids, mask, extra: dict, position_mask=None) -> t
         step = graphs.decode(input_ids=token, attention_mask=full, position_ids=positions[:, -1:] + 1,
                              cache_position=torch.tensor([seq]), **extra)[:, -1]
     return prefill, step
+
+
+def greedy_cached_calls(model, ids, mask, steps: int, **kwargs) -> list[tuple]:
+    """The prompt with use_cache=True, then `steps` greedy steps continuing its cache, each step's mask over the
+    caller's tokens: [(call's output, whole sequence, its mask)] per call. `kwargs` go to every call (adapter_ids).
+    One cache, updated in place: after the last call it holds every step's."""
+    out = model(ids, attention_mask=mask, use_cache=True, **kwargs)
+    calls = [(out, ids, mask)]
+    for _ in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        out = model(token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True, **kwargs)
+        calls.append((out, ids, mask))
+    return calls

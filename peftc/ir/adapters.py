@@ -22,7 +22,9 @@ def adapter_dtype(base_dtype: torch.dtype, policy: str = "float32") -> torch.dty
 
     "float32" (the default, HF PEFT's autocast_adapter_dtype=True): float32 over a float16/bfloat16
     base, so AdamW's small updates are not rounded away; the branch computes in float32 and casts
-    its result back (passes/cast_adapter_dtype.py). "base": the base weight's own dtype.
+    its result back (passes/cast_adapter_dtype.py). "base": the base weight's own dtype, but for the
+    virtual-token methods (prompt, p-tuning, prefix), float32 under both, as HF PEFT keeps them
+    (passes/_per_site.in_virtual_token_dtype).
     Other bases (float32, float64) keep their dtype under either policy.
     """
     return torch.float32 if policy == "float32" and base_dtype in HALF_DTYPES else base_dtype

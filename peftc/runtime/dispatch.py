@@ -39,6 +39,7 @@ from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check
                                          drops_cache, refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
+from peftc.runtime.prompt_cache import prepended_tokens, with_cache_slots
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -124,6 +125,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         `capture=False`: None where its graph would have to be captured (peftc.runtime.forward_cache)."""
         check_cached_call(self.compilation.source, kwargs)
         refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
+        kwargs = self._cache_slots(kwargs, graph_inputs or {})
         if self._cached_forward is None:
             superset = (self._superset, self._superset_flat) if self._superset is not None else None
             self._cached_forward = CachedForward(self.compilation, self.plan, superset)
@@ -144,6 +146,14 @@ class GraphDispatch(ModelAttributes, nn.Module):
         except (TypeError, ValueError):  # the plain graph serves it (or raises the original's error)
             return False
         return covers_new_tokens(kwargs)  # else the plain graph's guards name the mask
+
+    def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
+        """A cached call with its virtual tokens' slots, where the spec prepends some (peftc.runtime.prompt_cache)."""
+        tokens = prepended_tokens(self.compilation.spec)
+        if not tokens:
+            return kwargs
+        batch = next(kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None).shape[0]
+        return with_cache_slots(kwargs, torch.full((batch,), tokens), tokens, positions=False)
 
     def graph_for(self, args: tuple, kwargs: dict) -> tuple[GraphModule, tuple, dict]:
         """The graph for this call's signature (built on first use) and the call, normalized."""

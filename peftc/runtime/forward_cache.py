@@ -70,6 +70,7 @@ from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.runtime.cache_derivation import CacheDerivation, derived_inputs, empty_past
 from peftc.runtime.kv_cache import head_dim, kv_heads
+from peftc.runtime.prompt_cache import CACHE_POSITION
 from peftc.runtime.tensor_cache import WithTensorCache, fill
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
@@ -221,6 +222,9 @@ class CachedForward:
                 weight = self.model.get_input_embeddings().weight
                 example[name] = weight.new_zeros(BATCH, width, value.shape[-1]).normal_()
                 shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO, 2: Dim.STATIC}  # hidden is the model's: static
+                continue
+            if name == CACHE_POSITION:  # [new tokens]: a prompt model's (peftc.runtime.prompt_cache)
+                example[name], shapes[name] = torch.arange(PAST, PAST + NEW, device=value.device), {0: Dim.AUTO}
                 continue
             if name == "position_ids":
                 example[name] = torch.arange(PAST, PAST + NEW, device=value.device).expand(BATCH, -1).to(value.dtype)

@@ -29,6 +29,7 @@ from torch.fx import GraphModule
 
 from peftc.ir.modes import set_mode
 from peftc.runtime.kv_cache import WithStaticCache
+from peftc.runtime.prompt_cache import prepended_tokens
 
 MIN_CACHE_LEN = 32
 # What this loop implements; other GenerationConfig fields passed to generate() are refused.
@@ -54,8 +55,7 @@ class Generator:
         self.plan = replace(plan, structure_layers=False, checkpoint_layers=False) if plan is not None else None
         self.graphs: dict[tuple[int, int], DecoderGraphs] = {}
         # Slots the prompt methods fill before the caller's tokens (prompt tuning, p-tuning).
-        spec = compilation.spec
-        self.prompt_tokens = sum(getattr(entry, "prepended_tokens", 0) for entry in spec.adapters) if spec else 0
+        self.prompt_tokens = prepended_tokens(compilation.spec)
 
     @property
     def model(self) -> nn.Module:

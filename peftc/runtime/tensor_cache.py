@@ -27,7 +27,9 @@ class WithTensorCache(nn.Module):
         self.cache_parameter = cache_parameter(model)
         self.cache_field = "cache"  # the output field holding the cache; read from the traced output
 
-    def forward(self, past_keys=None, past_values=None, **kwargs):
+    def forward(self, past_keys=None, past_values=None, cache_position=None, **kwargs):
+        """`cache_position`: where the call's tokens sit in the cache, read by the prompt passes only (a model with
+        virtual tokens: peftc.runtime.prompt_cache); the model counts its own from the cache, the same."""
         from transformers import DynamicCache
 
         config = self._model.config.get_text_config(decoder=True)

@@ -28,8 +28,10 @@ and `export_onnx(mm, path)` keeps the ids as an ONNX input (Plan.serve_export). 
 peftc.runtime.forward_cache, built by the serving plan, the ids one more input). Prefix rows work
 there as a compiled prefix model's cached forward does: the cache holds the tokens' keys and values
 only, every call adds the row's prefix at each attention op and counts the row's positions from its
-N (so all rows share one cache length, whatever their prefixes). With prompt-tuning adapters served
-it is refused (their virtual tokens would enter the cache): generate() decodes.
+N (so all rows share one cache length, whatever their prefixes). Prompt rows as a compiled prompt
+model's (peftc.runtime.prompt_cache): the call that starts the cache puts W slots first, each row's
+own N virtual tokens the last N of them, so the cache holds W + S entries for every row; a call
+continuing it adds no virtual tokens, and its mask covers the caller's tokens (or the whole cache).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from peftc.passes.lower_lora_multi import SLOT
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.dispatch import GraphDispatch
 from peftc.runtime.forward_cache import wants_cache
+from peftc.runtime.prompt_cache import with_cache_slots
 from peftc.runtime.user_model import weight_view
 from peftc.serving.routing import adapter_index, check_adapter_names
 from peftc.serving.sources import load_adapter
@@ -122,15 +125,20 @@ class ServedModel(GraphDispatch):
     def _served_cached_call(self, kwargs: dict, ids: torch.Tensor):
         """A call with use_cache=True or a cache passed, as a compiled model's (peftc.runtime.forward_cache):
         the cached-forward graphs built by this model's serving plan take the ids as one more input."""
-        if self.plan.serving.prompt_paths:
-            raise NotImplementedError("use_cache=True (or a cache passed) on a model serving prompt-tuning "
-                                      "adapters: their virtual tokens would enter the cache. Call "
-                                      "mm.generate(..., adapter_ids=...) for cached decoding, or pass use_cache=False")
         kwargs, output_flags = split_output_flags(kwargs)
-        if self.plan.serving.prefix_paths:  # the graph shifts each prefix row's positions by its own N
-            kwargs = with_cached_positions(self.compilation.source, kwargs)
+        if self.plan.serving.prefix_paths and not self.plan.serving.prompt_paths:  # else with_cache_slots places them
+            kwargs = with_cached_positions(self.compilation.source, kwargs)  # the graph adds each prefix row's N
         with self._build_lock:  # the first call of a signature captures its graph
             return apply_output_flags(self._cached_call(kwargs, {"adapter_ids": ids}), output_flags)
+
+    def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
+        """With prompt adapters served, a cached call gets `width` slots, each row's own N visible, on the call
+        that starts the cache, and every call each row's positions (peftc.runtime.prompt_cache)."""
+        width = self._prompt_width()
+        if not width:
+            return kwargs
+        lengths = self._prompt_lengths()[graph_inputs["adapter_ids"].cpu()]  # -1, the base: its last entry, 0
+        return with_cache_slots(kwargs, lengths, width, positions=True)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, *, adapter_ids: Any = None, **kwargs) -> torch.Tensor:

@@ -28,7 +28,8 @@ from peftc.spec.methods import METHODS, QUANTIZE_CONFIG
 SPEC_VERSION = 1
 TOP_LEVEL_FIELDS = ("version", "adapters", "trainable", "quantize", "adapter_dtype")
 # "float32": adapter tensors over a float16/bfloat16 base are kept and computed in float32 (as HF PEFT's
-# autocast_adapter_dtype=True), so optimizer updates are not rounded away; "base": the base weight's dtype.
+# autocast_adapter_dtype=True), so optimizer updates are not rounded away; "base": the base weight's dtype
+# (virtual-token weights stay float32 under both, as PEFT's: passes/_per_site.in_virtual_token_dtype).
 ADAPTER_DTYPES = ("float32", "base")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES
+from generation_steps import greedy_cached_calls
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType
 from peft_reference import save_random_peft_folders
 
@@ -37,19 +38,6 @@ def _prompt(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _decode(model, ids, mask, **kwargs):
-    """The prompt with use_cache=True, then STEPS greedy steps continuing the cache: [(call's output, whole
-    sequence, its mask)] per call (one cache, updated in place: after the last call it holds every step's)."""
-    out = model(ids, attention_mask=mask, use_cache=True, **kwargs)
-    calls = [(out, ids, mask)]
-    for _ in range(STEPS):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-        out = model(token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True, **kwargs)
-        calls.append((out, ids, mask))
-    return calls
-
-
 def _assert_cache_is_the_tokens_of(cache, reference_cache, skip: int) -> None:
     """Each layer's keys and values equal the reference's past its `skip` prefix entries (PEFT's cache starts
     with the prefix; a compiled model adds it at each attention op instead)."""
@@ -65,7 +53,7 @@ def test_compiled_prefix_model_decodes_with_its_cache_as_peft(folders):
     sources, references = folders
     cm = peftc.from_peft(FAMILY.build(), sources["prefix3"]).eval()
     ids, mask = _prompt(2)
-    for out, seq, seq_mask in _decode(cm, ids, mask):
+    for out, seq, seq_mask in greedy_cached_calls(cm, ids, mask, STEPS):
         want = references["prefix3"](input_ids=seq, attention_mask=seq_mask, use_cache=True)
         torch.testing.assert_close(out.logits, want.logits[:, -out.logits.shape[1]:], **TOL)
     _assert_cache_is_the_tokens_of(out.past_key_values, want.past_key_values, skip=PREFIX["prefix3"])
@@ -78,7 +66,7 @@ def test_served_prefix_lora_and_base_rows_decode_with_one_cache(folders):
     sources, references = folders
     mm = peftc.serve_adapters(FAMILY.build(), sources, example_kwargs=FAMILY.inputs(2, 3)).eval()
     ids, mask = _prompt(len(ROWS))
-    calls = _decode(mm, ids, mask, adapter_ids=ROWS)
+    calls = greedy_cached_calls(mm, ids, mask, STEPS, adapter_ids=ROWS)
     assert len(mm._cached_forward.graphs) == 1
     assert calls[-1][0].past_key_values.get_seq_length() == calls[-1][1].shape[1]  # the tokens only, every row
     for out, seq, seq_mask in calls:
