@@ -39,7 +39,7 @@ from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check
                                          drops_cache, refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
-from peftc.runtime.prompt_cache import prepended_tokens, with_cache_slots
+from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -128,7 +128,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
         kwargs = self._cache_slots(kwargs, graph_inputs or {})
         if self._cached_forward is None:
             superset = (self._superset, self._superset_flat) if self._superset is not None else None
-            self._cached_forward = CachedForward(self.compilation, self.plan, superset)
+            slots = prepended_tokens(self.compilation.spec) or (self.plan.serving and self.plan.serving.prompt_paths)
+            self._cached_forward = CachedForward(self.compilation, self.plan, superset,
+                                                 runtime_inputs=(CACHE_POSITION,) if slots else ())
         return self._cached_forward(kwargs, self.training, graph_inputs, capture)
 
     def _caches_by_default(self, kwargs: dict) -> bool:
@@ -138,6 +140,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
         and sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
         source = self.compilation.source
         if self.plan.backend == "inductor" or self._superset is None or not caches_by_default(source, kwargs):
+            return False
+        if prepended_tokens(self.compilation.spec):  # prompt tuning: its superset takes no positions, none derives
             return False
         if drops_cache(kwargs, self.training, self.plan.checkpoint_layers) or is_sharded(self):
             return False

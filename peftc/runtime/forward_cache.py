@@ -122,8 +122,10 @@ class CachedForward:
     `superset`: the compile's superset call and its flat graph, which graphs are derived from
     (peftc.runtime.cache_derivation) where the model allows; None: every signature captures."""
 
-    def __init__(self, compilation, plan, superset: tuple[tuple[tuple, dict], GraphModule] | None = None):
+    def __init__(self, compilation, plan, superset: tuple[tuple[tuple, dict], GraphModule] | None = None,
+                 runtime_inputs: tuple[str, ...] = ()):
         self.compilation = compilation
+        self.runtime_inputs = runtime_inputs  # what the caller's wrapper adds (refuse_uncapturable lets them pass)
         # As generation does: the flat graph, no layer calls or checkpointing (nothing to recompute).
         self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
         self.source = WithTensorCache(compilation.source)
@@ -199,7 +201,7 @@ class CachedForward:
                 self.underived.add(signature)  # derivation is tried once per signature
                 if not capture:
                     return None
-                refuse_uncapturable(inputs)
+                refuse_uncapturable(inputs, self.runtime_inputs)
             if derived is not None:
                 self.cache_fields[derived.graph_module] = derived.cache_field
             self.graphs[signature] = derived.graph_module if derived is not None else self._capture(inputs)
@@ -247,11 +249,13 @@ def refuse_sharded(sharded: bool) -> None:
                            "the adapter (cm.save_adapter) and decode on one process from peftc.compile(base, spec)")
 
 
-def refuse_uncapturable(inputs: dict) -> None:
+def refuse_uncapturable(inputs: dict, runtime_inputs: tuple[str, ...] = ()) -> None:
     """Refuse, before a capture, a cached call passing tensors a captured cached graph cannot take (a graph
-    derived from the superset takes every input of the superset: num_items_in_batch, ...), naming them."""
+    derived from the superset takes every input of the superset: num_items_in_batch, ...), naming them.
+    `runtime_inputs`: inputs the runtime itself adds to the caller's (prompt tuning's cache_position)."""
     supported = set(TOKEN_INPUTS + TOTAL_INPUTS + EMBEDS_INPUTS + CACHE_PARAMETERS) | {"use_cache"}
-    tensors = sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in supported)
+    tensors = sorted(k for k, v in inputs.items()
+                     if isinstance(v, torch.Tensor) and k not in supported and k not in runtime_inputs)
     if tensors:
         raise NotImplementedError(f"a forward with a KV cache takes {sorted(supported)} (and flags); this call "
                                   f"also passes {tensors}. Pass use_cache=False, or call "
