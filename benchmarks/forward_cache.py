@@ -7,9 +7,9 @@ Reported:
 - compile time, and the first `cm(ids, attention_mask=mask, use_cache=True)` (the cache graph
   derived from the superset capture and checked, peftc.runtime.cache_derivation, or captured where
   it cannot be; plus one forward), as a share of it;
-- eval forward, process CPU time, alternated medians: peftc's plain call (no cache, today's
-  default), peftc with use_cache=True (what a plain call would run if it returned a cache as the
-  original does), PEFT's plain call (which returns one);
+- eval forward, process CPU time, alternated medians: the base model's plain call (which returns a
+  cache), peftc with use_cache=False (the plain graph, no cache), peftc's plain call (the cached graph:
+  it returns a cache, as the original does), PEFT's plain call (which returns one);
 - bytes the output holds: logits, and the cache a plain call would return;
 - a manual greedy decoding loop (cache passed back each step): ms per token, peftc vs PEFT.
 """
@@ -74,11 +74,13 @@ def main() -> None:
     print(f"output bytes: logits {tensor_bytes([out.logits]) / 2**20:.1f} MiB, cache {cache_bytes / 2**20:.1f} MiB")
 
     hf = peft_lora(full).eval()
-    forward = alternate({"peftc plain (no cache)": plain(cm), "peftc use_cache=True": plain(cm, use_cache=True),
+    forward = alternate({"base model plain (returns a cache)": plain(full),
+                         "peftc use_cache=False (no cache)": plain(cm, use_cache=False),
+                         "peftc plain (returns a cache, as the original)": plain(cm),
                          "peft plain (returns a cache)": plain(hf)}, args.repeats, clock=time.process_time)
-    base = forward["peftc plain (no cache)"]
+    base = forward["base model plain (returns a cache)"]
     for name, seconds in forward.items():
-        print(f"eval forward, {name}: {seconds * 1e3:.1f} ms CPU ({seconds / base:.3f} of peftc plain)")
+        print(f"eval forward, {name}: {seconds * 1e3:.1f} ms CPU ({seconds / base:.3f} of the base model)")
     loop = alternate({"peft": decode_loop(hf, args.steps), "peftc": decode_loop(cm, args.steps)}, args.repeats,
                      warmup=1, clock=time.process_time)
     per_token = {name: seconds / args.steps * 1e3 for name, seconds in loop.items()}

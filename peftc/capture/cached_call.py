@@ -236,6 +236,7 @@ def _free(size: Node) -> set[str]:
 def _copied(gm: GraphModule) -> GraphModule:
     graph = Graph(owning_module=gm)
     graph.output(graph.graph_copy(gm.graph, {}))
+    graph.set_codegen(type(gm.graph._codegen)(gm.graph._codegen.pytree_info))  # graph_copy keeps the nodes only
     copy = GraphModule(gm, graph)
     for name, child in gm.named_children():  # whole trees, as derive_graph keeps them
         copy.add_module(name, child)

@@ -4,7 +4,9 @@ torch.export specializes a graph on which arguments a call passes (labels or not
 not). A dispatch keeps one graph per call signature: the first, built when it was made, and
 others built on first use of a new signature by the same Compilation and plan (or derived
 without a capture from the superset graph: peftc.capture.specialize); a call with
-`use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs. The dispatch
+`use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs, and so does a call
+saying nothing of a cache where the original returns one (config.use_cache) and that graph derives
+without a capture (forward_cache's docstring: which calls return a cache). The dispatch
 owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
 original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
 submodules.
@@ -33,10 +35,11 @@ from peftc.pipeline.state import MergeState
 from peftc.runtime.call_contract import apply_output_flags, split_output_flags
 from peftc.runtime.call_errors import raise_call_error
 from peftc.runtime.facade import ModelAttributes
-from peftc.runtime.forward_cache import CachedForward, check_cached_call, refuse_sharded, wants_cache
+from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check_cached_call, covers_new_tokens,
+                                         drops_cache, refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
-from peftc.runtime.prompt_cache import prepended_tokens, with_cache_slots
+from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -102,7 +105,13 @@ class GraphDispatch(ModelAttributes, nn.Module):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
         kwargs, output_flags = split_output_flags(kwargs)
         if wants_cache(self.compilation.source, kwargs):
-            return apply_output_flags(self._cached_call(kwargs), output_flags)
+            if not drops_cache(kwargs, self.training, self.plan.checkpoint_layers):
+                return apply_output_flags(self._cached_call(kwargs), output_flags)
+            kwargs = {**kwargs, "use_cache": False}  # as the original: checkpointed training keeps no cache
+        elif self._caches_by_default(kwargs):
+            cached = self._cached_call(kwargs, capture=False)
+            if cached is not None:
+                return apply_output_flags(cached, output_flags)
         call = (args, kwargs)
         try:
             gm, args, kwargs = self.graph_for(args, kwargs)
@@ -111,15 +120,36 @@ class GraphDispatch(ModelAttributes, nn.Module):
             raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
 
-    def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None):
-        """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache)."""
+    def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None, capture: bool = True):
+        """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache).
+        `capture=False`: None where its graph would have to be captured (peftc.runtime.forward_cache)."""
         check_cached_call(self.compilation.source, kwargs)
+        refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
         kwargs = self._cache_slots(kwargs, graph_inputs or {})
         if self._cached_forward is None:
-            refuse_sharded(is_sharded(self))
             superset = (self._superset, self._superset_flat) if self._superset is not None else None
-            self._cached_forward = CachedForward(self.compilation, self.plan, superset)
-        return self._cached_forward(kwargs, self.training, graph_inputs)
+            slots = prepended_tokens(self.compilation.spec) or (self.plan.serving and self.plan.serving.prompt_paths)
+            self._cached_forward = CachedForward(self.compilation, self.plan, superset,
+                                                 runtime_inputs=(CACHE_POSITION,) if slots else ())
+        return self._cached_forward(kwargs, self.training, graph_inputs, capture)
+
+    def _caches_by_default(self, kwargs: dict) -> bool:
+        """Whether a call saying nothing of a cache runs a cached graph: where the original returns one
+        (config.use_cache, not dropped by checkpointed training), the call is one a cached graph takes, and
+        the graph derives from the superset capture (no export). The Inductor back end's compiled layers
+        and sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
+        source = self.compilation.source
+        if self.plan.backend == "inductor" or self._superset is None or not caches_by_default(source, kwargs):
+            return False
+        if prepended_tokens(self.compilation.spec):  # prompt tuning: its superset takes no positions, none derives
+            return False
+        if drops_cache(kwargs, self.training, self.plan.checkpoint_layers) or is_sharded(self):
+            return False
+        try:
+            check_cached_call(source, kwargs)
+        except (TypeError, ValueError):  # the plain graph serves it (or raises the original's error)
+            return False
+        return covers_new_tokens(kwargs)  # else the plain graph's guards name the mask
 
     def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
         """A cached call with its virtual tokens' slots, where the spec prepends some (peftc.runtime.prompt_cache)."""

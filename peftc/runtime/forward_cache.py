@@ -26,12 +26,30 @@ adapter parameters. A served model (peftc.serving.served) runs captured graphs, 
 (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`), as the compile's
 own capture does.
 
-Which calls return a cache. The original returns one whenever `use_cache` (argument, else
-`config.use_cache`) is on, training calls included. The compiled model returns one when a call
-asks for it (`use_cache=True`) or passes one (`cache=`/`past_key_values=`); a call that says
-nothing gets the superset-derived graph and no cache, as a training or evaluation loop wants: every
-output would hold each layer's keys and values (measured in benchmarks/RESULTS.md, "Forward with a KV
-cache"), and a training step would keep them alive.
+Which calls return a cache. As in the original (transformers 5.24: merge_with_config_defaults on the base
+model's forward), `use_cache` is the argument when passed, else `config.use_cache` (the generation config
+plays no part in forward), and it is dropped in training under gradient checkpointing while gradients are
+on (use_cache=True included; the output then holds no cache). A cache passed is continued and returned
+whatever `use_cache` says (LLaMA's rule; GPT-2 returns none for use_cache=False with a cache passed: not
+followed). `return_dict=False` gives the original's tuple, the cache after the logits (and the loss).
+
+- A call that asks (`use_cache=True`) or passes a cache runs the graphs here: derived, else captured.
+- A call that says nothing, with config.use_cache on, runs the graph derived here and returns a new
+  DynamicCache, in eval and in training alike, as the original does: `out = cm(ids)` then
+  `cm(next_ids, past_key_values=out.past_key_values)` works. That graph is the flat one, run in place of the
+  layer modules (forward hooks on `model.layers.<i>` do not fire; pass use_cache=False). Measured (benchmarks/RESULTS.md, "Plain calls
+  return the cache"): the eval forward and the training step cost what the plain graphs cost, within the
+  noise of a shared machine, and the training step's peak memory is the same to the byte (the cache holds
+  the keys and values the attention saves for backward anyway).
+- It keeps its plain graph and returns no cache where the derived graph is not to be had or would lose
+  what the plain graph carries: no superset graph to derive from (served models, compiles given
+  dynamic_shapes or positional example inputs), prompt or prefix tuning, sliding-window or chunked
+  attention (Mistral's default config), eager attention (no SDPA op to find the mask at), heads the gate
+  refuses (sequence classifiers: the gate compares per-token logits; Falcon), encoder-decoders (the
+  cache is the decoder's and cross-attention's), inputs a cached graph does not take, a padding mask not
+  as long as the tokens; the Inductor back end (its compiled layers run the plain graph; the derived graph
+  is the flat one) and FSDP2-sharded models (the flat graph runs outside the per-layer hooks). Those
+  calls return what `use_cache=False` returns; `use_cache=True` gets the cache there (one capture).
 """
 
 from __future__ import annotations
@@ -76,6 +94,22 @@ def wants_cache(model: nn.Module, kwargs: dict) -> bool:
     return asks and is_hf_model(model) and takes_cache(type(model))
 
 
+def drops_cache(kwargs: dict, training: bool, checkpointing: bool) -> bool:
+    """Whether the original ignores a call's use_cache=True: under gradient checkpointing, in training
+    with gradients on and no cache passed (transformers' merge_with_config_defaults turns it off)."""
+    return training and checkpointing and torch.is_grad_enabled() and cache_argument(kwargs) is None
+
+
+def caches_by_default(model: nn.Module, kwargs: dict) -> bool:
+    """Whether a (bound) call that neither asks for a cache nor refuses one gets one from the original:
+    its `config.use_cache` (transformers' merge_with_config_defaults; the generation config plays no part)."""
+    if kwargs.get("use_cache") is not None or cache_argument(kwargs) is not None:
+        return False
+    if not (is_hf_model(model) and takes_cache(type(model))):
+        return False
+    return bool(getattr(_text_config(model), "use_cache", False))
+
+
 @functools.cache
 def takes_cache(model_class: type) -> bool:
     """Whether the class's forward takes a cache (a causal LM's does; an encoder's use_cache, if any, is inert)."""
@@ -88,8 +122,10 @@ class CachedForward:
     `superset`: the compile's superset call and its flat graph, which graphs are derived from
     (peftc.runtime.cache_derivation) where the model allows; None: every signature captures."""
 
-    def __init__(self, compilation, plan, superset: tuple[tuple[tuple, dict], GraphModule] | None = None):
+    def __init__(self, compilation, plan, superset: tuple[tuple[tuple, dict], GraphModule] | None = None,
+                 runtime_inputs: tuple[str, ...] = ()):
         self.compilation = compilation
+        self.runtime_inputs = runtime_inputs  # what the caller's wrapper adds (refuse_uncapturable lets them pass)
         # As generation does: the flat graph, no layer calls or checkpointing (nothing to recompute).
         self.plan = replace(plan, structure_layers=False, checkpoint_layers=False)
         self.source = WithTensorCache(compilation.source)
@@ -97,6 +133,7 @@ class CachedForward:
         self.modes: dict[GraphModule, bool] = {}  # the mode each graph's nodes are in
         self.unkept: set[CallSignature] = set()  # logits_to_keep positions no graph here can take: captured
         self.cache_fields: dict[GraphModule, str] = {}  # a derived graph's output field for the cache
+        self.underived: set[CallSignature] = set()  # signatures no graph derives for (tried once)
         # The superset's flat graph ran the same passes unless its plan checkpointed inline (no layer structure).
         same_passes = plan.structure_layers or not plan.checkpoint_layers
         self.derivation = CacheDerivation(compilation.source, *superset) \
@@ -106,15 +143,19 @@ class CachedForward:
     def model(self) -> nn.Module:
         return self.compilation.source
 
-    def __call__(self, kwargs: dict, training: bool, graph_inputs: dict | None = None):
-        """`graph_inputs`: more keywords the graphs take, which the model does not (a served model's adapter_ids)."""
+    def __call__(self, kwargs: dict, training: bool, graph_inputs: dict | None = None, capture: bool = True):
+        """`graph_inputs`: more keywords the graphs take, which the model does not (a served model's adapter_ids);
+        `capture=False`: None instead of capturing a graph this call's signature has none of (no graph derives)."""
         cache = cache_argument(kwargs)
         inputs = {k: v for k, v in kwargs.items() if k not in CACHE_PARAMETERS and k != "use_cache"}
         batch, new = _main_input(inputs).shape[:2]
         past = past_tensors(self.model, cache, batch) if cache is not None else None
         keys, values = past if past is not None else empty_past(self.model, batch)
         inputs = _with_full_mask(inputs, keys[0].shape[2], new)
-        gm, inputs = self.graph_for(inputs)
+        found = self.graph_for(inputs, capture)
+        if found is None:
+            return None
+        gm, inputs = found
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
@@ -126,30 +167,41 @@ class CachedForward:
         field = self.cache_fields.get(gm, self.source.cache_field)
         return type(out)(**{**out, field: cache})  # in the original's field order
 
-    def graph_for(self, inputs: dict) -> tuple[GraphModule, dict]:
+    def graph_for(self, inputs: dict, capture: bool = True) -> tuple[GraphModule, dict] | None:
         """The graph for this call and the call as it takes it: an int logits_to_keep as its positions, the
-        graph of the call without it keeping them (peftc.capture.kept_logits)."""
+        graph of the call without it keeping them (peftc.capture.kept_logits). None where `capture` is False
+        and the graph would have to be captured."""
         kept = positions_to_keep(self.model, inputs)
         signature = CallSignature.of((), kept)
         if kept is inputs or signature in self.unkept:
-            return self._graph(inputs), inputs
+            return _paired(self._graph(inputs, capture), inputs)
         if signature not in self.graphs:
-            rest = self._graph({name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP})
+            rest = self._graph({name: value for name, value in inputs.items() if name != LOGITS_TO_KEEP}, capture)
+            if rest is None:
+                return None
             head = output_embeddings_path(self.model)
             graph = keep_positions(rest, head) if head is not None else None
             if graph is None:  # the LM head reads something else: the int stays in the signature
                 self.unkept.add(signature)
-                return self._graph(inputs), inputs
+                return _paired(self._graph(inputs, capture), inputs)
             if rest in self.cache_fields:  # kept from a derived graph: it takes the mask and positions too
                 self.cache_fields[graph] = self.cache_fields[rest]
             self.graphs[signature] = graph
         return self.graphs[signature], kept
 
-    def _graph(self, inputs: dict) -> GraphModule:
-        """The graph of this signature: derived from the superset graph where it can be, else captured."""
+    def _graph(self, inputs: dict, capture: bool = True) -> GraphModule | None:
+        """The graph of this signature: derived from the superset graph where it can be, else captured (or
+        None, without `capture`)."""
         signature = CallSignature.of((), inputs)
         if signature not in self.graphs:
-            derived = self.derivation.derive(inputs) if self.derivation is not None else None
+            derived = None
+            if self.derivation is not None and signature not in self.underived:
+                derived = self.derivation.derive(inputs)
+            if derived is None:
+                self.underived.add(signature)  # derivation is tried once per signature
+                if not capture:
+                    return None
+                refuse_uncapturable(inputs, self.runtime_inputs)
             if derived is not None:
                 self.cache_fields[derived.graph_module] = derived.cache_field
             self.graphs[signature] = derived.graph_module if derived is not None else self._capture(inputs)
@@ -197,14 +249,21 @@ def refuse_sharded(sharded: bool) -> None:
                            "the adapter (cm.save_adapter) and decode on one process from peftc.compile(base, spec)")
 
 
-def check_cached_call(model: nn.Module, kwargs: dict) -> None:
-    """Refuse a call a cached forward cannot run, naming what it passes (before anything is captured)."""
+def refuse_uncapturable(inputs: dict, runtime_inputs: tuple[str, ...] = ()) -> None:
+    """Refuse, before a capture, a cached call passing tensors a captured cached graph cannot take (a graph
+    derived from the superset takes every input of the superset: num_items_in_batch, ...), naming them.
+    `runtime_inputs`: inputs the runtime itself adds to the caller's (prompt tuning's cache_position)."""
     supported = set(TOKEN_INPUTS + TOTAL_INPUTS + EMBEDS_INPUTS + CACHE_PARAMETERS) | {"use_cache"}
-    tensors = sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in supported)
+    tensors = sorted(k for k, v in inputs.items()
+                     if isinstance(v, torch.Tensor) and k not in supported and k not in runtime_inputs)
     if tensors:
         raise NotImplementedError(f"a forward with a KV cache takes {sorted(supported)} (and flags); this call "
                                   f"also passes {tensors}. Pass use_cache=False, or call "
                                   "cm.merge_and_unload() for the original model with every option")
+
+
+def check_cached_call(model: nn.Module, kwargs: dict) -> None:
+    """Refuse a call a cached forward cannot run, naming what it passes (before anything is derived)."""
     main = [k for k in MAIN_INPUTS if kwargs.get(k) is not None]
     if len(main) != 1:  # the original's rule, checked here: the capture would fail less clearly
         raise ValueError(f"a forward with a KV cache needs exactly one of input_ids [batch, new tokens] or "
@@ -220,6 +279,12 @@ def check_cached_call(model: nn.Module, kwargs: dict) -> None:
             raise ValueError(f"inputs_embeds: [..., {tensor.shape[-1]}] {tensor.dtype}; {type(model).__name__}'s "
                              f"token embeddings are [..., {weight.shape[-1]}] {weight.dtype}, as inputs_embeds "
                              "must be (model.get_input_embeddings()(input_ids) gives them)")
+
+
+def covers_new_tokens(kwargs: dict) -> bool:
+    """Whether a call without a cache passes no padding mask, or one as long as its new tokens."""
+    mask = kwargs.get("attention_mask")
+    return not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == _main_input(kwargs).shape[1]
 
 
 def past_tensors(model: nn.Module, cache, batch: int) -> tuple[list, list] | None:
@@ -263,6 +328,10 @@ def _new_cache(model: nn.Module):
 
 def _text_config(model: nn.Module):
     return model.config.get_text_config(decoder=True)
+
+
+def _paired(gm: GraphModule | None, inputs: dict) -> tuple[GraphModule, dict] | None:
+    return (gm, inputs) if gm is not None else None
 
 
 def _main_input(inputs: dict) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_keywords_the_original_accepts_return_what_it_returns(llama):
         theirs = model(**x, output_hidden_states=True, use_cache=False)
         assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
         as_tuple = cm(**x, return_dict=False)
-        original_tuple = model(**x, return_dict=False, use_cache=False)
+        original_tuple = model(**x, return_dict=False)  # its cache included, as ours
     assert isinstance(as_tuple, tuple) and len(as_tuple) == len(original_tuple)
     labels = x["input_ids"]
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Every subset of the superset's optional inputs gets a derived graph (no capture) that returns what the
 original model with the same non-zero adapters returns (peft), on random shapes and padding (hypothesis).
-The inputs: labels, num_items_in_batch, the output flags, return_dict=False, and the inputs whose
+The inputs: labels, num_items_in_batch, the output flags, return_dict=False, use_cache (absent, True or False,
+over config.use_cache True or False: the original's DynamicCache or none, peftc.runtime.forward_cache), and the inputs whose
 default the derived graph computes (position_ids; token_type_ids for BERT: peftc.capture.input_defaults),
 with input_ids or their embeddings passed as inputs_embeds.
 
@@ -17,6 +18,7 @@ from families import randomize_adapters
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft_reference import peft_lora
+from transformers import DynamicCache
 
 import peftc
 
@@ -56,6 +58,10 @@ DERIVED = {  # the optional inputs each family's superset holds (GPT-2's token t
     "llama": set(OPTIONAL) - {"token_type_ids"}, "gpt2-eager": set(OPTIONAL) - {"token_type_ids"},
     "bert": set(OPTIONAL),
 }
+
+# The families whose cached graphs derive from the superset (SDPA attention; peftc.capture.cached_call): their
+# plain calls return the original's DynamicCache. GPT-2 with eager attention computes attention without SDPA.
+CACHE_DERIVED = {"llama"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -99,6 +105,8 @@ def _call(data, batch: int, seq: int, family: str) -> dict:
 def _flat(value) -> list:
     if isinstance(value, torch.Tensor):
         return [value]
+    if isinstance(value, DynamicCache):  # every layer's keys and values
+        return [t for layer in value.layers for t in (layer.keys, layer.values)]
     if isinstance(value, (tuple, list)):
         return [leaf for item in value for leaf in _flat(item)]
     if hasattr(value, "to_tuple"):
@@ -114,11 +122,19 @@ def test_any_subset_of_optional_inputs_is_derived_and_equals_the_original(pair, 
     if data.draw(st.booleans(), label="inputs_embeds in place of input_ids"):  # peftc.capture.embeds_input
         with torch.no_grad():
             kwargs["inputs_embeds"] = reference.get_input_embeddings()(kwargs.pop("input_ids"))
+    if family in CACHE_DERIVED:  # use_cache: absent (the config's, drawn too), True or False; the original's cache or none
+        use_cache = data.draw(st.sampled_from([None, True, False]), label="use_cache")
+        kwargs.update({} if use_cache is None else {"use_cache": use_cache})
+        default = data.draw(st.booleans(), label="config.use_cache")
+        monkeypatch.setattr(cm.config, "use_cache", default)
+        monkeypatch.setattr(reference.config, "use_cache", default)
+    elif family != "bert":  # eager attention: no cached graph derives, so a plain call returns no cache (documented)
+        kwargs["use_cache"] = False
     captures = []
     build = type(cm.compilation).build
     monkeypatch.setattr(type(cm.compilation), "build", lambda self, *a, **k: captures.append(a) or build(self, *a, **k))
     with torch.no_grad():
-        ours, theirs = cm(**kwargs), reference(**kwargs, **({} if family == "bert" else {"use_cache": False}))
+        ours, theirs = cm(**kwargs), reference(**kwargs)
     assert captures == []
     if kwargs.get("return_dict") is False:
         assert isinstance(ours, tuple) and isinstance(theirs, tuple)
@@ -156,7 +172,7 @@ def test_output_flags_equal_to_the_config_are_the_call_without_them(pair):
     ids = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = cm(input_ids=ids).logits
-        spelled = cm(input_ids=ids, output_hidden_states=False, output_attentions=False)
+        spelled = cm(input_ids=ids, output_hidden_states=False, output_attentions=False, use_cache=False)
     assert set(spelled.keys()) == {"logits"}
     torch.testing.assert_close(spelled.logits, plain, atol=0, rtol=0)
 

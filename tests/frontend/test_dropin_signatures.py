@@ -60,7 +60,7 @@ def test_new_signature_is_derived_without_a_capture(llama_pair, monkeypatch, nam
     kwargs = CALLS[name](ids)
     captures = _captures(monkeypatch, cm)
     with torch.no_grad():
-        ours, theirs = cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs)
+        ours, theirs = cm(input_ids=ids, use_cache=False, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs)
     assert captures == []
     _assert_same(ours, theirs)
 
@@ -118,7 +118,7 @@ def test_hidden_states_compiled_in_are_dropped_without_a_capture(monkeypatch):
     captures = _captures(monkeypatch, cm)
     with torch.no_grad():
         for kwargs in ({}, {"labels": ids}, {"output_hidden_states": True, "labels": ids}):
-            _assert_same(cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
+            _assert_same(cm(input_ids=ids, use_cache=False, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
     assert captures == []
 
 
@@ -158,7 +158,7 @@ def test_position_ids_are_derived_both_ways(llama_pair, monkeypatch):
     captures = _captures(monkeypatch, cm)
     with torch.no_grad():
         for kwargs in ({"position_ids": position_ids}, {"position_ids": position_ids, "labels": ids}, {}):
-            _assert_same(cm(input_ids=ids, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
+            _assert_same(cm(input_ids=ids, use_cache=False, **kwargs), reference(input_ids=ids, use_cache=False, **kwargs))
     assert captures == []
 
 
@@ -180,7 +180,7 @@ def test_a_refused_superset_gives_way_to_the_loss_only_one(monkeypatch):
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(8))
     captures = _captures(monkeypatch, cm)
     with torch.no_grad():
-        _assert_same(cm(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids, use_cache=False))
+        _assert_same(cm(input_ids=ids, labels=ids, use_cache=False), reference(input_ids=ids, labels=ids, use_cache=False))
     assert captures == []
 
 
@@ -218,7 +218,7 @@ def test_every_form_is_derived_and_equals_peft(llama_pair, monkeypatch):
     before = len(cm.graphs)
     with torch.no_grad():
         for keep in KEEPS.values():
-            ours = cm(input_ids=ids, attention_mask=mask, logits_to_keep=keep)
+            ours = cm(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False)  # the plain graphs
             theirs = reference(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False)
             assert ours.logits.shape == theirs.logits.shape
             torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)

@@ -156,15 +156,89 @@ def test_a_cache_the_model_could_not_have_produced_fails_naming_the_problem(llam
 
 
 @torch.no_grad()
-def test_a_plain_eval_call_returns_no_cache(llama_pair):
-    """The documented choice (peftc.runtime.forward_cache): only a call that asks gets a cache."""
+def test_a_plain_call_returns_the_cache_peft_returns_and_a_loop_continues_it(pair):
+    """`out = cm(ids); cm(next, past_key_values=out.past_key_values)`, no use_cache anywhere: what a user's own
+    decoding loop does. The original returns a cache whenever config.use_cache is on (LLaMA, Qwen2, GPT-2's
+    default); so does the compiled model, through the cached graph derived from the superset (no export)."""
+    cm, reference = pair
+    assert cm.config.use_cache
+    ids, mask = prompt(True)
+    ours, theirs = cm(ids, attention_mask=mask), reference(input_ids=ids, attention_mask=mask)
+    assert list(ours.keys()) == list(theirs.keys()) == ["logits", "cache"]
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert_same_cache(ours.past_key_values, theirs.past_key_values)
+    for _ in range(2):
+        token = theirs.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        ours = cm(token, attention_mask=mask, past_key_values=ours.past_key_values)
+        theirs = reference(input_ids=token, attention_mask=mask, past_key_values=theirs.past_key_values)
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert ours.past_key_values.get_seq_length() == ids.shape[1] + 2
+    assert_same_cache(ours.past_key_values, theirs.past_key_values)
+    as_tuple, original = cm(ids, return_dict=False), reference(input_ids=ids, return_dict=False)
+    assert [type(x) for x in as_tuple] == [type(x) for x in original] == [torch.Tensor, DynamicCache]
+
+
+@torch.no_grad()
+def test_use_cache_comes_from_the_argument_then_the_config_as_in_the_original(llama_pair, monkeypatch):
     cm, model, _ = llama_pair
-    assert model.config.use_cache
     ids, mask = prompt(False)
-    assert isinstance(model(ids, attention_mask=mask).past_key_values, DynamicCache)  # the original returns one
-    out = cm(ids, attention_mask=mask)
-    assert list(out.keys()) == ["logits"]
-    assert cm(ids, attention_mask=mask, use_cache=False).keys() == out.keys()
+
+    def fields(module, **kwargs):
+        return list(module(ids, attention_mask=mask, **kwargs).keys())
+
+    for module in (cm, model):
+        assert fields(module) == fields(module, use_cache=True) == ["logits", "cache"]
+        assert fields(module, use_cache=False) == ["logits"]
+    monkeypatch.setattr(model.config, "use_cache", False)  # cm's source is `model`'s twin: set both
+    monkeypatch.setattr(cm.config, "use_cache", False)
+    for module in (cm, model):
+        assert fields(module) == fields(module, use_cache=False) == ["logits"]
+        assert fields(module, use_cache=True) == ["logits", "cache"]
+
+
+def test_training_calls_return_the_cache_unless_checkpointing_drops_it_as_in_the_original(llama_pair):
+    """In training the original returns a cache too; under gradient checkpointing (with gradients on) it drops
+    use_cache, even use_cache=True. peftc: the cached graph (no slower, no more memory: RESULTS.md), and under
+    checkpointing the layer-structured checkpointed graph with no cache. The loss trains either way."""
+    cm, model, _ = llama_pair
+    ids, mask = prompt(True)
+    labels = ids.masked_fill(mask == 0, -100)
+    try:
+        for module in (cm, model):
+            module.train()
+            out = module(ids, attention_mask=mask, labels=labels)
+            assert list(out.keys()) == ["loss", "logits", "cache"]
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for flags in ({}, {"use_cache": True}):
+                out = module(ids, attention_mask=mask, labels=labels, **flags)
+                assert list(out.keys()) == ["loss", "logits"], (type(module).__name__, flags)
+            with torch.no_grad():  # no backward to replay: the cache stays
+                assert "cache" in module(ids, attention_mask=mask).keys()
+        cm.zero_grad()
+        cm(ids, attention_mask=mask, labels=labels).loss.backward()  # the checkpointed graph trains
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cm.adapter_root.parameters())
+    finally:
+        for module in (cm, model):
+            module.gradient_checkpointing_disable()
+            module.eval()
+
+
+@torch.no_grad()
+def test_a_merged_model_returns_the_cache_peft_returns(llama_pair):
+    """merged(): the adapters folded, its plain call's cache derived from its own superset graph, as PEFT's."""
+    cm, _, reference = llama_pair
+    merged = cm.merged().eval()
+    ids, mask = prompt(True)
+    ours, theirs = merged(ids, attention_mask=mask), reference(input_ids=ids, attention_mask=mask)
+    assert list(ours.keys()) == list(theirs.keys())
+    assert_same_cache(ours.past_key_values, theirs.past_key_values)
+    token = theirs.logits[:, -1].argmax(-1, keepdim=True)
+    mask = torch.cat([mask, torch.ones_like(token)], 1)
+    ours = merged(token, attention_mask=mask, past_key_values=ours.past_key_values)
+    theirs = reference(input_ids=token, attention_mask=mask, past_key_values=theirs.past_key_values)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert_same_cache(ours.past_key_values, theirs.past_key_values)
 
 
 @torch.no_grad()
