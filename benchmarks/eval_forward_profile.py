@@ -2,9 +2,12 @@
 
     cd benchmarks && OMP_NUM_THREADS=1 python eval_forward_profile.py
 """
-import copy, sys, torch
+import copy
+import sys
+
+import torch
 sys.path.insert(0, ".")  # run from benchmarks/, as the other scripts
-from lora_llama import build, lora_spec, forward
+from lora_llama import build, lora_spec
 import peftc
 from torch.profiler import profile, ProfilerActivity
 full = build().eval()
