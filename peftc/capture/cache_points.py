@@ -33,6 +33,11 @@ KEYS, VALUES = "peftc_cache_keys", "peftc_cache_values"  # a cached-forward grap
 CACHE_PARAMETERS = ("cache", "past_key_values")  # transformers 5.x's name, then the older one
 
 
+def cache_argument(kwargs: dict):
+    """The cache a call passes (under either keyword), or None."""
+    return next((kwargs[k] for k in CACHE_PARAMETERS if kwargs.get(k) is not None), None)
+
+
 @torch.library.custom_op("peftc::cache_point", mutates_args=())
 def cache_point(x: torch.Tensor, role: str) -> torch.Tensor:
     """Identity (a copy: a custom op may not return its input); only traced, never run by a graph."""

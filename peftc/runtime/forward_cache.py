@@ -63,7 +63,7 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
-from peftc.capture.cache_points import CACHE_PARAMETERS, KEYS, VALUES
+from peftc.capture.cache_points import CACHE_PARAMETERS, KEYS, VALUES, cache_argument
 from peftc.capture.calls import CallSignature, is_hf_model
 from peftc.capture.kept_logits import LOGITS_TO_KEEP, keep_positions, output_embeddings_path, positions_to_keep
 from peftc.errors import ShardedError
@@ -81,11 +81,6 @@ MAIN_INPUTS = ("input_ids", "inputs_embeds")  # the new tokens: exactly one of t
 # Example sizes for the capture; all different, so that export's duck sizing ties no two dims.
 BATCH, NEW, PAST = 2, 3, 5
 PAST_LENGTH = Dim("past_length", min=0)
-
-
-def cache_argument(kwargs: dict):
-    """The cache a call passes (under either keyword), or None."""
-    return next((kwargs[k] for k in CACHE_PARAMETERS if kwargs.get(k) is not None), None)
 
 
 def wants_cache(model: nn.Module, kwargs: dict) -> bool:

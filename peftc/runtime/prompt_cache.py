@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from peftc.capture.cache_points import CACHE_PARAMETERS
+from peftc.capture.cache_points import cache_argument
 
 CACHE_POSITION = "cache_position"  # the graph input insert_prompt and lower_prompt_multi read
 IGNORED_LABEL = -100  # the virtual tokens' labels, as HF PEFT pads them
@@ -53,7 +53,7 @@ def with_cache_slots(kwargs: dict, slot_lengths: torch.Tensor, width: int, *, po
     _refuse_inputs(kwargs)
     ids = kwargs["input_ids"]
     batch, new = ids.shape
-    cache = next((kwargs[k] for k in CACHE_PARAMETERS if kwargs.get(k) is not None), None)
+    cache = cache_argument(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     lengths = slot_lengths.to(ids.device)
     mask = kwargs.get("attention_mask")
