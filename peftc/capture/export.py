@@ -18,6 +18,7 @@ from peftc.capture.binding import with_named_keywords
 from peftc.capture.cache_points import tag_cache_points
 from peftc.capture.calls import forward_parameters
 from peftc.capture.model_kept import model_kept
+from peftc.capture.size_bounds import relax_inferred_bounds
 from peftc.errors import CaptureError
 
 COPIED_LAYERS = "peftc_copied_layers"  # gm.meta key: which layers capture copied instead of tracing
@@ -123,6 +124,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) ->
         ) from err
     finally:
         model.train(was_training)
+    relax_inferred_bounds(program, dynamic_shapes)
     return tag_cache_points(return_uncast_outputs(drop_dtype_asserts(program.module())))
 
 
