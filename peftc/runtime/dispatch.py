@@ -106,10 +106,10 @@ class GraphDispatch(ModelAttributes, nn.Module):
         kwargs, output_flags = split_output_flags(kwargs)
         if wants_cache(self.compilation.source, kwargs):
             if not drops_cache(kwargs, self.training, self.plan.checkpoint_layers):
-                return apply_output_flags(self._cached_call(kwargs), output_flags)
+                return apply_output_flags(self._guarded_cached_call(args, kwargs), output_flags)
             kwargs = {**kwargs, "use_cache": False}  # as the original: checkpointed training keeps no cache
         elif self._caches_by_default(kwargs):
-            cached = self._cached_call(kwargs, capture=False)
+            cached = self._guarded_cached_call(args, kwargs, capture=False)
             if cached is not None:
                 return apply_output_flags(cached, output_flags)
         call = (args, kwargs)
@@ -119,6 +119,13 @@ class GraphDispatch(ModelAttributes, nn.Module):
         except Exception as err:  # a guard or capture failure: raise what the original model raises
             raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
+
+    def _guarded_cached_call(self, args: tuple, kwargs: dict, capture: bool = True):
+        """`_cached_call`, a graph guard's failure raised as the plain call's are (peftc.runtime.call_errors)."""
+        try:
+            return self._cached_call(kwargs, capture=capture)
+        except AssertionError as err:  # torch.export's input guards: the original's error, or a CallError
+            raise_call_error(runnable(self.compilation.source), args, kwargs, err)
 
     def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None, capture: bool = True):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache).
