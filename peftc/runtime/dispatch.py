@@ -109,7 +109,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
                 return apply_output_flags(self._guarded_cached_call(args, kwargs), output_flags)
             kwargs = {**kwargs, "use_cache": False}  # as the original: checkpointed training keeps no cache
         elif self._caches_by_default(kwargs):
-            cached = self._guarded_cached_call(args, kwargs, capture=False)
+            cached = self._guarded_cached_call(args, kwargs, capture=False, checked=True)
             if cached is not None:
                 return apply_output_flags(cached, output_flags)
         call = (args, kwargs)
@@ -120,18 +120,21 @@ class GraphDispatch(ModelAttributes, nn.Module):
             raise_call_error(runnable(self.compilation.source), *call, err)
         return apply_output_flags(output, output_flags)
 
-    def _guarded_cached_call(self, args: tuple, kwargs: dict, capture: bool = True):
+    def _guarded_cached_call(self, args: tuple, kwargs: dict, capture: bool = True, checked: bool = False):
         """`_cached_call`, a graph guard's failure raised as the plain call's are (peftc.runtime.call_errors)."""
         try:
-            return self._cached_call(kwargs, capture=capture)
+            return self._cached_call(kwargs, capture=capture, checked=checked)
         except AssertionError as err:  # torch.export's input guards: the original's error, or a CallError
             raise_call_error(runnable(self.compilation.source), args, kwargs, err)
 
-    def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None, capture: bool = True):
+    def _cached_call(self, kwargs: dict, graph_inputs: dict | None = None, capture: bool = True,
+                     checked: bool = False):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache).
-        `capture=False`: None where its graph would have to be captured (peftc.runtime.forward_cache)."""
-        check_cached_call(self.compilation.source, kwargs)
-        refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
+        `capture=False`: None where its graph would have to be captured (peftc.runtime.forward_cache);
+        `checked`: the caller has refused what check_cached_call and refuse_sharded refuse."""
+        if not checked:
+            check_cached_call(self.compilation.source, kwargs)
+            refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
         kwargs = self._cache_slots(kwargs, graph_inputs or {})
         if self._cached_forward is None:
             superset = (self._superset, self._superset_flat) if self._superset is not None else None

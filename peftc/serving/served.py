@@ -95,6 +95,8 @@ class ServedModel(GraphDispatch):
     def __init__(self, compilation, plan, first, example, *, training):
         super().__init__(compilation, plan, first, example, training=training)
         self.adapter_names = [a.name for a in plan.serving.adapters]
+        self._prompt_lengths = prompt_lengths(plan.serving.adapters)  # fixed with the adapters: read every step
+        self._prompt_width = int(self._prompt_lengths.max())
         object.__setattr__(self, "_build_lock", threading.Lock())
 
     def graph_for(self, args: tuple, kwargs: dict):
@@ -134,11 +136,10 @@ class ServedModel(GraphDispatch):
     def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
         """With prompt adapters served, a cached call gets `width` slots, each row's own N visible, on the call
         that starts the cache, and every call each row's positions (peftc.runtime.prompt_cache)."""
-        width = self._prompt_width()
-        if not width:
+        if not self._prompt_width:
             return kwargs
-        lengths = self._prompt_lengths()[graph_inputs["adapter_ids"].cpu()]  # -1, the base: its last entry, 0
-        return with_cache_slots(kwargs, lengths, width, positions=True)
+        return with_cache_slots(kwargs, self._rows_prompt_lengths(graph_inputs["adapter_ids"]), self._prompt_width,
+                                positions=True)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, *, adapter_ids: Any = None, **kwargs) -> torch.Tensor:
@@ -153,22 +154,18 @@ class ServedModel(GraphDispatch):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise TypeError("generate() needs input_ids [batch, seq] (the prompt token ids)")
         ids = self.adapter_index(adapter_ids, input_ids.shape[0]).to(input_ids.device)
-        width = self._prompt_width()
+        width = self._prompt_width
         position_mask = None
         if width:
             input_ids, attention_mask, position_mask = with_prompt_slots(
-                input_ids, attention_mask, self._prompt_lengths()[ids.cpu()], width)
+                input_ids, attention_mask, self._rows_prompt_lengths(ids), width)
         with self._build_lock:
             return super().generate(input_ids, attention_mask, generation_config, graph_inputs={"adapter_ids": ids},
                                     position_mask=position_mask, slots=width, **kwargs)
 
-    def _prompt_lengths(self) -> torch.Tensor:
-        """Each adapter's number of prompt-tuning virtual tokens (0 if none), then the base's 0."""
-        return torch.tensor([next((s.prompt.shape[0] for s in a.sites.values() if s.prompt is not None), 0)
-                             for a in self.plan.serving.adapters] + [0])
-
-    def _prompt_width(self) -> int:
-        return int(self._prompt_lengths().max())
+    def _rows_prompt_lengths(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each row's number of virtual tokens, on the ids' device (indexing there: no copy back to the host)."""
+        return self._prompt_lengths.to(ids.device)[ids]  # -1, the base: the last entry, 0
 
     def adapter_index(self, adapter_ids: Any, batch: int) -> torch.Tensor:
         """The ids as bank indices (int64 [batch], -1 for the base); SpecError naming a bad id."""
@@ -189,6 +186,12 @@ class ServedModel(GraphDispatch):
         return (f"ServedModel({type(self.compilation.source).__name__}, "
                 f"adapters={len(self.adapter_names)} {self.adapter_names}, "
                 f"sites={len(banks)}, bank ranks={ranks})")
+
+
+def prompt_lengths(adapters) -> torch.Tensor:
+    """Each served adapter's number of prompt-tuning virtual tokens (0 if none), then the base's 0."""
+    return torch.tensor([next((s.prompt.shape[0] for s in a.sites.values() if s.prompt is not None), 0)
+                         for a in adapters] + [0])
 
 
 def batch_size(args: tuple, kwargs: dict) -> int:
