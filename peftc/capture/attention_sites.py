@@ -74,16 +74,22 @@ def _eager_site(softmax: Node) -> AttentionSite | None:
     scores = softmax.args[0]
     if not _over_last_dim(softmax) or not _only_use(scores, softmax) or scores.target is not aten.add.Tensor:
         return None
-    for product, mask in (scores.args[:2], reversed(scores.args[:2])):
-        keys_reader = _unscaled(product, scores)
-        if keys_reader is not None and isinstance(mask, Node):
-            break
-    else:
-        return None
+    masked = _product_and_mask(scores)
     values_reader = _values_reader(softmax)
-    if values_reader is None or not _is_float_4d(mask):
+    if masked is None or values_reader is None:
         return None
+    keys_reader, mask = masked
     return AttentionSite(((keys_reader, 1), (values_reader, 1)), mask, True, frozenset({scores}))
+
+
+def _product_and_mask(scores: Node) -> tuple[Node, Node] | None:
+    """`scores` = scaled `matmul(query, keys^T)` + a float 4-D mask, in either order: the matmul and the mask."""
+    first, second = scores.args[:2]
+    for product, mask in ((first, second), (second, first)):
+        keys_reader = _unscaled(product, scores)
+        if keys_reader is not None and isinstance(mask, Node) and _is_float_4d(mask):
+            return keys_reader, mask
+    return None
 
 
 def _unscaled(node, user: Node) -> Node | None:
