@@ -8,18 +8,24 @@ peftc.capture.embeds_input for inputs_embeds), then:
 
 - each layer's marked keys and values become `cat([past_<i>, new], 2)` (DynamicLayer.update's
   concatenation), read by the attention as the update's result was, and returned as the layer's cache;
-- the boolean mask every attention reads (the output of transformers' mask code, which the superset
-  traced for keys as long as the new tokens) becomes an input, `peftc_causal_mask`, [batch, 1, new,
-  past + new], made by the runtime as the original makes it for a cached call
-  (peftc.runtime.cache_derivation); `position_ids` stay an input (the runtime counts them from the
-  past length where the call passes none);
+- the mask every attention reads (peftc.capture.attention_sites finds the attentions: SDPA, and
+  transformers' eager attention, matmul + mask, softmax, matmul), which the superset traced for keys as
+  long as the new tokens, becomes an input, `peftc_causal_mask`, [batch, 1, new, past + new], made by
+  the runtime as the original makes it for a cached call (peftc.runtime.cache_derivation): for SDPA the
+  boolean output of transformers' mask code; for eager attention the float mask eager_mask makes from
+  it, `where(mask, 0, min)`, which the graph reads through peftc.ir.causal_attention.additive_mask (a
+  boolean mask is made float there, as eager_mask makes it). `position_ids` stay an input (the runtime
+  counts them from the past length where the call passes none);
 - every size the graph read from the padding mask (GPT-2 reads the sequence length there) is read
   from the new tokens instead, and the ops between a concatenation and its attention (repeat_kv's
-  expand and reshape) take the concatenation's length where they took the new tokens' one.
+  expand and reshape) take the concatenation's length where they took the new tokens' one. Between
+  eager attention's two matmuls no op takes a size: the scores and weights follow the keys' length.
 
 Anything else is refused (None, and the caller captures): no marks, a layer count that differs, a mask
-that is not one boolean tensor shared by every attention, an op between the keys and the attention that
-is not a view, a size computed from the sequence length there, or a padding mask still read afterwards.
+that is not one tensor shared by every attention and read by nothing else (boolean, or for eager
+attention made from a boolean one by `where`), an op between the keys and the attention that is not a
+view, an attention reading them other than as its keys or values, a size computed from the sequence
+length there, or a padding mask still read afterwards.
 What the derivation cannot see (positions or lengths a model computes from the cache) is checked on the
 model's own outputs by the runtime's gate before a derived graph runs.
 """
@@ -39,26 +45,26 @@ from peftc.capture.cache_points import (
     ROLES,
     VALUES,
 )
+from peftc.capture.attention_sites import AttentionSite, attention_sites
 from peftc.capture.calls import CallSignature
 from peftc.capture.embeds_input import derive_embeds_graph
 from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT
 from peftc.capture.specialize import GUARDS, derive_graph, inputs_by_keyword, is_check
 from peftc.capture.superset import ExtraInputs
-from peftc.ir.causal_attention import attention, mask_unless_causal
+from peftc.ir.causal_attention import additive_mask
 
 aten = torch.ops.aten
 MASK_INPUT = "peftc_causal_mask"  # the attention mask input of a derived cached graph
 PAST_INPUTS = ("past_keys", "past_values")  # one tensor per layer each, as WithTensorCache takes them
 POSITIONS, PADDING_MASK, USE_CACHE = "position_ids", "attention_mask", "use_cache"
 CACHE_DERIVED = "peftc_cache_derived"  # gm.meta: the graph takes MASK_INPUT and position_ids
-ATTENTIONS = (aten.scaled_dot_product_attention.default, attention)
-MASK_ARG = 3  # attn_mask's position in SDPA's schema (and causal_attention.attention's)
 SEQ = 2  # the sequence dim of keys and values [batch, heads, seq, head_dim]
 # ops that may stand between the cache update and the attention (transformers' repeat_kv, casts)
 KV_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
                       aten.unsqueeze.default, aten.slice.Tensor, aten.clone.default, aten.contiguous.default,
                       aten.transpose.int, aten.permute.default, aten.alias.default, aten.to.dtype,
                       aten._to_copy.default})
+WHERE = (aten.where.ScalarOther, aten.where.self, aten.where.Scalar)  # eager_mask's `where(mask, 0, min)`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +89,8 @@ def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, 
     leaves = output.args[0]
     inputs_of = inputs_by_keyword(graph, info.in_spec)
     keys, values = _points(graph, ROLES[0]), _points(graph, ROLES[1])
-    mask = _shared_mask(graph)
+    sites = attention_sites(graph)
+    mask = _shared_mask(sites)
     main = (inputs_of.get(MAIN_INPUT) or inputs_of.get(EMBEDS_INPUT) or [None])[0]
     if cache_field is None or mask is None or len(keys) != layers or len(values) != layers or main is None:
         return None
@@ -93,11 +100,12 @@ def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, 
     for node in inputs_of.get(USE_CACHE, []):  # the plain graph's constant, not an input of a cached call
         graph.erase_node(node)
     pasts, mask_input = _new_inputs(graph, layers, mask)
-    mask.replace_all_uses_with(mask_input)
+    mask.replace_all_uses_with(_mask_as_read(graph, mask_input, mask, sites[0].additive))
     joined = [_join(graph, past, new) for past, new in zip(pasts, keys + values)]
     output.args = ((*leaves, *joined),)
     graph.eliminate_dead_code()
-    if not all(_kv_sizes(graph, cat, main) for cat in joined):
+    reads = _reads(sites)
+    if not all(_kv_sizes(graph, cat, main, reads) for cat in joined):
         return None
     if not _sizes_from_new_tokens(graph, inputs_of.get(PADDING_MASK, []), main):
         return None
@@ -133,20 +141,43 @@ def _points(graph: Graph, role: str) -> list[Node]:
     return [node for node in graph.nodes if node.meta.get(CACHE_POINT) == role]
 
 
-def _shared_mask(graph: Graph) -> Node | None:
-    """The one boolean 4-D mask node every attention reads (through mask_unless_causal), or None."""
-    masks = set()
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in ATTENTIONS:
-            mask = node.args[MASK_ARG] if len(node.args) > MASK_ARG else node.kwargs.get("attn_mask")
-            if isinstance(mask, Node) and mask.target is mask_unless_causal:
-                mask = mask.args[0]
-            masks.add(mask)
-    if len(masks) != 1:
+def _shared_mask(sites: list[AttentionSite]) -> Node | None:
+    """The one 4-D mask node every attention reads, read by nothing else, or None: transformers' boolean mask
+    (SDPA), or the float mask eager_mask makes from it, `where(boolean mask, 0, min)` (eager attention)."""
+    masks, kinds = {site.mask for site in sites}, {site.additive for site in sites}
+    if len(masks) != 1 or len(kinds) != 1 or None in masks:
         return None
-    (mask,) = masks
-    value = mask.meta.get("val") if isinstance(mask, Node) else None
+    (mask,), (additive,) = masks, kinds
+    readers = frozenset().union(*(site.nodes for site in sites))
+    if any(user not in readers for user in mask.users):
+        return None
+    if additive:  # eager attention's float mask: made by eager_mask's where from the boolean one
+        boolean = mask.args[0] if mask.target in WHERE else None
+    else:
+        boolean = mask
+    value = boolean.meta.get("val") if isinstance(boolean, Node) else None
     return mask if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() == 4 else None
+
+
+def _mask_as_read(graph: Graph, mask_input: Node, mask: Node, additive: bool) -> Node:
+    """What the attentions read in place of `mask`: the input itself, or for eager attention the input as a
+    float mask of the traced one's dtype (peftc.ir.causal_attention.additive_mask: the runtime's mask is
+    eager_mask's own for a model configured eager, a boolean one otherwise)."""
+    if not additive:
+        return mask_input
+    with graph.inserting_after(mask_input):
+        read = graph.call_function(additive_mask, (mask_input, mask.meta["val"].dtype))
+    read.meta["val"] = mask.meta["val"]
+    return read
+
+
+def _reads(sites: list[AttentionSite]) -> dict[Node, set[int]]:
+    """Each node that reads keys or values for an attention, and the argument positions it reads them at."""
+    reads: dict[Node, set[int]] = {}
+    for site in sites:
+        for node, position in site.reads:
+            reads.setdefault(node, set()).add(position)
+    return reads
 
 
 def _drop_checks(graph: Graph) -> None:
@@ -181,15 +212,20 @@ def _join(graph: Graph, past: Node, new: Node) -> Node:
     return cat
 
 
-def _kv_sizes(graph: Graph, cat: Node, main: Node) -> bool:
+def _kv_sizes(graph: Graph, cat: Node, main: Node, reads: dict[Node, set[int]]) -> bool:
     """Make the ops between `cat` and the attentions reading it take its length where they took the new
-    tokens' (repeat_kv's expand and reshape); False if an op there is not a view or a size is computed
-    from that length."""
+    tokens' (repeat_kv's expand and reshape); False if an op there is not a view, a size is computed
+    from that length, or an attention reads it other than as keys or values (`reads`)."""
     new_length = _symbol(main, 1)
     region, frontier = [], [cat]
     while frontier:
-        for user in frontier.pop().users:
-            if user.op == "output" or user.op == "call_function" and user.target in ATTENTIONS:
+        node = frontier.pop()
+        for user in node.users:
+            if user.op == "output":
+                continue
+            if user in reads:
+                if not _read_at(user, node, reads[user]):
+                    return False
                 continue
             if user.op != "call_function" or user.target not in KV_VIEWS:
                 return False
@@ -211,6 +247,12 @@ def _kv_sizes(graph: Graph, cat: Node, main: Node) -> bool:
             if str(size.meta["val"]) == new_length:
                 node.replace_input_with(size, kv_length())
     return True
+
+
+def _read_at(user: Node, node: Node, positions: set[int]) -> bool:
+    """Whether `user` reads `node` at argument `positions` only."""
+    at = {i for i, arg in enumerate(user.args) if arg is node}
+    return bool(at) and at <= positions and node not in user.kwargs.values()
 
 
 def _sizes_from_new_tokens(graph: Graph, padding_mask: list[Node], main: Node) -> bool:

@@ -10,6 +10,10 @@ the padding mask instead, and with no padding calls SDPA with `is_causal=True` a
 itself: None when the mask is exactly the lower triangle (what `is_causal=True` computes),
 the mask otherwise. `attention(...)` takes the same arguments as
 `aten.scaled_dot_product_attention` and runs it causally, unmasked, when it gets None.
+
+Eager attention (transformers' `attn_implementation="eager"`: matmul, + mask, softmax, matmul) adds a
+float mask to its scores; a cached graph derived for it reads its mask input through `additive_mask`
+(peftc.capture.cached_call).
 """
 
 from __future__ import annotations
@@ -53,3 +57,12 @@ def repeat_kv(heads: torch.Tensor, repeats: int) -> torch.Tensor:
     """[batch, kv_heads, seq, dim] -> [batch, kv_heads * repeats, seq, dim], each head `repeats` times in a row."""
     batch, kv_heads, seq, dim = heads.shape
     return heads[:, :, None].expand(batch, kv_heads, repeats, seq, dim).reshape(batch, kv_heads * repeats, seq, dim)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float mask eager attention adds to its scores, in `dtype`: `mask` itself where it is one
+    (transformers' eager_mask made it, for a model configured eager), else made from the boolean `mask`
+    as eager_mask makes it: 0 where a key is attended to, the dtype's minimum where not."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), torch.finfo(dtype).min)

@@ -8,7 +8,9 @@ graphs may run at all:
 - the mask: transformers' own `create_causal_mask` on the call's padding mask (past and new tokens)
   and the cache as it is before the call (its length sets the query offset), with the skip to
   SDPA's `is_causal` turned off (a graph input is a tensor; `mask_unless_causal` in the graph still
-  drops a mask that is only causal). That is the mask of a model whose layers all attend to every
+  drops a mask that is only causal). It is the mask the model's attention takes: boolean for SDPA,
+  for eager attention the float one eager_mask makes (0 or the dtype's minimum, in the embeddings'
+  dtype, as inputs_embeds would be). That is the mask of a model whose layers all attend to every
   past token: models with a sliding window, chunked or bidirectional attention capture instead;
 - the positions, where the call passes none: `past + arange(new)`, as transformers counts them.
 
@@ -16,8 +18,8 @@ The gate, `holds`: on a small left-padded call (a prompt of four tokens, then a 
 its cache), the derived graph's logits at every real token must equal, to GATE_TOLERANCE, those of the
 superset graph itself over the whole sequence, without a cache (the graph every plain signature is
 derived from, which the tests compare to PEFT). That checks what the graph surgery cannot see (a model that counts positions or
-lengths from its cache), with this model's own adapters. A model it refuses captures its cached graphs
-as before.
+lengths from its cache, a mask eager attention adds that is not eager_mask's), with this model's own
+adapters. A model it refuses captures its cached graphs as before.
 """
 
 from __future__ import annotations

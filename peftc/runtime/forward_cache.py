@@ -44,8 +44,8 @@ followed). `return_dict=False` gives the original's tuple, the cache after the l
 - It keeps its plain graph and returns no cache where the derived graph is not to be had or would lose
   what the plain graph carries: no superset graph to derive from (served models, compiles given
   dynamic_shapes or positional example inputs), prompt or prefix tuning, sliding-window or chunked
-  attention (Mistral's default config), eager attention (no SDPA op to find the mask at), heads the gate
-  refuses (sequence classifiers: the gate compares per-token logits; Falcon), encoder-decoders (the
+  attention (Mistral's default config), attention neither SDPA nor transformers' eager one
+  (peftc.capture.attention_sites; GPT-2's reorder_and_upcast_attn), heads the gate refuses (sequence classifiers: the gate compares per-token logits; Falcon), encoder-decoders (the
   cache is the decoder's and cross-attention's), inputs a cached graph does not take, a padding mask not
   as long as the tokens; the Inductor back end (its compiled layers run the plain graph; the derived graph
   is the flat one) and FSDP2-sharded models (the flat graph runs outside the per-layer hooks). Those

@@ -59,9 +59,9 @@ DERIVED = {  # the optional inputs each family's superset holds (GPT-2's token t
     "bert": set(OPTIONAL),
 }
 
-# The families whose cached graphs derive from the superset (SDPA attention; peftc.capture.cached_call): their
-# plain calls return the original's DynamicCache. GPT-2 with eager attention computes attention without SDPA.
-CACHE_DERIVED = {"llama"}
+# The families whose cached graphs derive from the superset (SDPA or eager attention; peftc.capture.cached_call):
+# their plain calls return the original's DynamicCache (BERT takes no cache).
+CACHE_DERIVED = {"llama", "gpt2-eager"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -128,8 +128,6 @@ def test_any_subset_of_optional_inputs_is_derived_and_equals_the_original(pair, 
         default = data.draw(st.booleans(), label="config.use_cache")
         monkeypatch.setattr(cm.config, "use_cache", default)
         monkeypatch.setattr(reference.config, "use_cache", default)
-    elif family != "bert":  # eager attention: no cached graph derives, so a plain call returns no cache (documented)
-        kwargs["use_cache"] = False
     captures = []
     build = type(cm.compilation).build
     monkeypatch.setattr(type(cm.compilation), "build", lambda self, *a, **k: captures.append(a) or build(self, *a, **k))

@@ -1,8 +1,9 @@
 """Size bounds export infers from its 0/1 assumption are not checked (peftc.capture.size_bounds).
 
 A guard relating sizes (`past + new <= mask`) is checked as written; the lower bound export derives
-from it by counting every size at 2 (`mask >= 4`) is not: GPT-2 with eager attention, whose cached
-graph is captured, takes a one-token prompt as the original does.
+from it by counting every size at 2 (`mask >= 4`) is not: GPT-2 with eager attention, its cached
+graph captured (a cached forward without the superset graph: eager attention derives it otherwise,
+peftc.capture.attention_sites), takes a one-token prompt as the original does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch.export import Dim
 
 import peftc
 from peftc.capture.export import capture
+from peftc.runtime.forward_cache import CachedForward
 
 
 class PaddedSum(nn.Module):
@@ -47,10 +49,17 @@ def test_a_declared_minimum_is_kept():
         gm(**example(2, 5, 8))
 
 
-def test_eager_attention_gpt2_takes_a_one_token_prompt_with_a_cache():
+def captured_eager_gpt2():
+    """GPT-2 with eager attention, compiled, its cached graphs captured (not derived from the superset)."""
     model = FAMILIES["gpt2"].build()
-    model.config._attn_implementation = "eager"  # no SDPA op: the cached graph is captured, not derived
+    model.config._attn_implementation = "eager"
     cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["c_attn"], "r": 4}]})
+    cm._cached_forward = CachedForward(cm.compilation, cm.plan)  # no superset graph: every signature captures
+    return cm
+
+
+def test_eager_attention_gpt2_takes_a_one_token_prompt_with_a_cache():
+    cm = captured_eager_gpt2()
     randomize_adapters(cm)
     merged = cm.merge_and_unload()  # the original's class and code, adapters folded in
     for batch, length in [(2, 6), (1, 1), (3, 2)]:
@@ -64,9 +73,7 @@ def test_eager_attention_gpt2_takes_a_one_token_prompt_with_a_cache():
 
 
 def test_a_cached_call_a_graph_guard_refuses_names_the_argument_and_keeps_the_cache():
-    model = FAMILIES["gpt2"].build()
-    model.config._attn_implementation = "eager"
-    cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": ["c_attn"], "r": 4}]})
+    cm = captured_eager_gpt2()
     ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(0))
     cache = cm(input_ids=ids, use_cache=True).past_key_values
     keys = cache.layers[0].keys.clone()
