@@ -1,8 +1,9 @@
 """Forward calls with a KV cache (use_cache=True / past_key_values=): cost against the compile and against PEFT.
 
-    python benchmarks/forward_cache.py [--repeats 5] [--steps 16]
+    python benchmarks/forward_cache.py [--repeats 5] [--steps 16] [--attn eager]
 
-The lora_llama.py model and spec (LoRA r=16 on the 7 projections), batch 4 x 128, eval mode.
+The lora_llama.py model and spec (LoRA r=16 on the 7 projections), batch 4 x 128, eval mode;
+`--attn eager`: the same model with transformers' eager attention (its cached graph derives too).
 Reported:
 - compile time, and the first `cm(ids, attention_mask=mask, use_cache=True)` (the cache graph
   derived from the superset capture and checked, peftc.runtime.cache_derivation, or captured where
@@ -57,9 +58,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; attention: {args.attn}")
     full = build()
+    full.config._attn_implementation = args.attn
     spec = lora_spec()
     start = time.perf_counter()
     cm = peftc.compile(copy.deepcopy(full), spec).eval()
