@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import torch
 
-CACHE_SLOTS = 32
+from peftc.runtime.generate import MIN_CACHE_LEN, Generator
+
+CACHE_SLOTS = MIN_CACHE_LEN  # the cache generate() gives a short prompt and its new tokens
+
+
+def generator_of(model):
+    """The Generator a compiled or served model's generate() keeps, made as generate() makes it if there is
+    none yet: a check of its graphs beside a generate() call of the same batch size captures no graphs more
+    (each new Generator exports its own prefill and decode graphs) and reads the graphs generate() runs."""
+    if model._generator is None:
+        model._generator = Generator(model.compilation, model.plan)
+    return model._generator
 
 
 def prefill_and_step(generator, ids, mask, extra: dict, position_mask=None) -> tuple[torch.Tensor, torch.Tensor]:

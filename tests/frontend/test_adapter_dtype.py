@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -86,8 +87,14 @@ def test_opt_out_keeps_adapters_in_the_base_dtype():
     torch.testing.assert_close(cm(input_ids=ids).logits, reference(input_ids=ids).logits, atol=2e-2, rtol=2e-2)
 
 
+@functools.cache
+def _float32_lora():
+    """LoRA over the float32 LLaMA, compiled once for the two tests below (each takes a deepcopy: no export)."""
+    return peftc.compile(FAMILIES["llama"].build(), lora())
+
+
 def test_float32_models_keep_float32_adapters_and_no_casts():
-    cm = peftc.compile(FAMILIES["llama"].build(), lora())
+    cm = copy.deepcopy(_float32_lora())
     assert adapter_dtypes(cm) == {torch.float32}
     assert "cast_adapter_dtype" not in [r.name for r in cm.records]
     assert not [n for n in cm.flat_graph_module.graph.nodes if n.target == torch.ops.aten._to_copy.default
@@ -199,7 +206,7 @@ def test_saves_float32_adapters_that_peft_and_peftc_load(trained_pair, tmp_path)
 
 def test_to_bfloat16_after_compile_casts_adapters_as_peft_does():
     """model.to(bfloat16) on a PeftModel casts its adapters too; the compiled model does the same."""
-    cm = peftc.compile(FAMILIES["llama"].build(), lora())
+    cm = copy.deepcopy(_float32_lora())
     randomize_adapters(cm)
     ids = FAMILIES["llama"].inputs(2, 8)["input_ids"]
     full = cm(input_ids=ids).logits

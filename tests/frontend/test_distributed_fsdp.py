@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,7 @@ QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "format": "nf4", "group_siz
 def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict | None = None,
                           save_to: str | None = None, per_layer: bool = False) -> dict:
     cm = compiled_llama(quantize)
+    unsharded = copy.deepcopy(cm) if save_to else None  # the fresh model the save is loaded into: no second compile
     parameters = {name for name, _ in cm.named_parameters()}
     for layer in cm.model.layers if per_layer else ():
         fully_shard(layer)
@@ -47,16 +49,16 @@ def root_sharded_training(rank: int, world_size: int, steps: int, quantize: dict
     packed = {name: b.numel() for name, b in cm.named_buffers() if ".quantized." in f".{name}"}
     packed_bytes = sum(b.numel() * b.element_size() for name, b in cm.named_buffers() if ".quantized." in f".{name}")
     if save_to:
-        result["reloaded"] = saved_and_loaded_into_a_fresh_sharded_model(cm, save_to)
+        result["reloaded"] = saved_and_loaded_into_a_fresh_sharded_model(cm, save_to, unsharded)
     return result | {"parameters": parameters, "shapes": shapes, "packed": packed, "packed_bytes": packed_bytes,
                      "kept": reachable_storage_bytes(cm), "whole": sum(p.numel() * p.element_size() for p in cm.parameters())}
 
 
-def saved_and_loaded_into_a_fresh_sharded_model(cm, directory: str) -> dict[str, torch.Tensor]:
-    """Every rank saves (rank 0 writes whole tensors) and loads into a sharded model with other adapters."""
+def saved_and_loaded_into_a_fresh_sharded_model(cm, directory: str, fresh) -> dict[str, torch.Tensor]:
+    """Every rank saves (rank 0 writes whole tensors) and loads into `fresh` (an untrained, unsharded compiled
+    model: a deepcopy of compiled_llama()'s, made before `cm` was sharded), sharded, with other adapters."""
     cm.save_adapter(directory)
     cm.save_adapter(directory + "-peft", format="peft")
-    fresh = compiled_llama()
     randomize_adapters(fresh, seed=7)
     fully_shard(fresh)
     fresh.load_adapter(directory)

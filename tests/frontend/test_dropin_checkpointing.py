@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -37,11 +38,18 @@ def grads(module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def compiled(name, **lora):
+@functools.cache
+def _compiled(name):
+    """One compile per family for the file (seconds of torch.export; a deepcopy runs none), never called."""
     family = FAMILIES[name]
-    cm = peftc.compile(family.build(), {"adapters": [{**LORA, **lora, "targets": list(family.targets)}]})
+    cm = peftc.compile(family.build(), {"adapters": [{**LORA, "targets": list(family.targets)}]})
     randomize_adapters(cm)
-    return family, cm.train()
+    return cm.train()
+
+
+def compiled(name):
+    """(family, a compiled model in train mode of its own: a deepcopy of the file's compile of `name`)."""
+    return FAMILIES[name], copy.deepcopy(_compiled(name))
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "vit"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import io
 
@@ -21,6 +22,17 @@ def compiled(name="llama"):
     cm = peftc.compile(model, {"adapters": [{**LORA, "targets": list(family.targets)}]}).eval()
     randomize_adapters(cm)
     return family, model, cm
+
+
+@functools.cache
+def _uncalled_llama():
+    """compiled("llama"), never called: the tests that need a compiled model of their own and never read the
+    user's model take a deepcopy (which owns its weights and runs no export) instead of a compile each."""
+    return compiled("llama")[2]
+
+
+def own_llama():
+    return FAMILIES["llama"], copy.deepcopy(_uncalled_llama())
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +99,8 @@ def raised_by(call):
 @pytest.mark.parametrize("name, misspelled", [("llama", "inputs_ids"), ("vit", "pixel_valuez"),
                                               ("bert", "input_idz")])
 def test_an_argument_the_original_refuses_fails_as_it_does(name, misspelled, compiled_once):
-    # LLaMA's own compile: the shared one's graph count is asserted above, and a refused call may capture
-    family, model, cm = compiled(name) if name == "llama" else compiled_once(name)
+    # LLaMA's own compiled model (a copy): the shared one's graph count is asserted above, and a refused call may capture
+    family, cm = own_llama() if name == "llama" else (FAMILIES[name], compiled_once(name)[2])
     value = next(iter(family.inputs(2, 5).values()))
     ours = raised_by(lambda: cm(**{misspelled: value}))
     assert not isinstance(ours, peftc.CaptureError)  # the model's own error, not an export one
@@ -120,7 +132,7 @@ def test_the_originals_attributes_are_there(llama):
 
 
 def test_deepcopy_is_independent_for_every_signature():
-    family, _, cm = compiled("llama")
+    family, cm = own_llama()
     x = full_inputs(family)
     with torch.no_grad():
         before = cm(**x).logits
@@ -137,7 +149,7 @@ def test_deepcopy_is_independent_for_every_signature():
 
 
 def test_torch_save_round_trips():
-    family, _, cm = compiled("llama")
+    family, cm = own_llama()
     x = full_inputs(family)
     buffer = io.BytesIO()
     torch.save(cm, buffer)

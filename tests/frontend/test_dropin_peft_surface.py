@@ -8,6 +8,7 @@ the user's model alone, checkpointing's use_reentrant, and accelerate's prepare 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -19,11 +20,22 @@ from peft_reference import peft_lora
 TARGETS = ("q_proj", "v_proj")
 
 
-def pair():
+@functools.cache
+def _compiled():
+    """The file's one compile (seconds of torch.export; a deepcopy runs none): the base model and its compiled
+    LoRA, adapters randomized, never called."""
     model = FAMILIES["llama"].build()
     cm = peftc.compile(copy.deepcopy(model), {"adapters": [{"method": "lora", "targets": list(TARGETS),
                                                             "r": 4, "alpha": 8}]})
     randomize_adapters(cm)
+    return model, cm
+
+
+def pair():
+    """(base, a compiled model of its own: a deepcopy of the file's compile, tested independent in
+    test_dropin_module.py and test_capture_reuse.py, and PEFT's model with the same adapter weights)."""
+    model, compiled = _compiled()
+    cm = copy.deepcopy(compiled)
     return model, cm, peft_lora(model, cm, TARGETS, 4, 8)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -34,13 +35,24 @@ def class_rows(n=12, seq=8):
             for i in range(n)]
 
 
-def pair(name):
+@functools.cache
+def _compiled(name):
+    """One compile per family for the whole file (a compile is seconds of torch.export; a deepcopy runs none):
+    the base model and its compiled model, adapters randomized, never called or trained."""
     family = FAMILIES[name]
     model = family.build()
     cm = peftc.compile(copy.deepcopy(model), {"adapters": [{"method": "lora", "targets": list(family.targets),
                                                             "r": R, "alpha": ALPHA}]})
     randomize_adapters(cm)
-    return cm, peft_lora(model, cm, family.targets, R, ALPHA)
+    return model, cm
+
+
+def pair(name):
+    """A compiled model of its own (a deepcopy of the file's one compile, tested independent in
+    test_dropin_module.py and test_capture_reuse.py) and PEFT's model with the same adapter weights."""
+    model, compiled = _compiled(name)
+    cm = copy.deepcopy(compiled)
+    return cm, peft_lora(model, cm, FAMILIES[name].targets, R, ALPHA)
 
 
 def train(model, rows, out, resume=None, **options):

@@ -21,11 +21,11 @@ import functools
 import pytest
 import torch
 from families import FAMILIES, compile_family, randomize_adapters
-from generation_steps import prefill_and_step
+from generation_steps import generator_of, prefill_and_step
 from peft_reference import sharpened
 
 import peftc
-from peftc.runtime.generate import Generator, with_slots
+from peftc.runtime.generate import with_slots
 from peftc.serving.virtual_inputs import with_prompt_slots
 
 N = 4
@@ -219,11 +219,11 @@ def test_served_prefill_and_decode_logits_equal_the_own_models_to_1e5(served):
     width = max(e["num_tokens"] for e in SERVED.values() if e["method"] == "prompt")
     lengths = torch.tensor([SERVED[r]["num_tokens"] if r and SERVED[r]["method"] == "prompt" else 0 for r in ROWS])
     slot_ids, slot_mask, position_mask = with_prompt_slots(ids, mask, lengths, width)
-    got = prefill_and_step(Generator(mm.compilation, mm.plan), slot_ids, slot_mask, {"adapter_ids": index},
+    got = prefill_and_step(generator_of(mm), slot_ids, slot_mask, {"adapter_ids": index},
                            position_mask)
     for name, cm in cms.items():
         rows = [i for i, r in enumerate(ROWS) if r == name]
-        generator = Generator(cm.compilation, cm.plan)
+        generator = generator_of(cm)  # the graphs its generate() in the test above runs (the same batch size)
         if generator.prompt_tokens:  # its N slots first, as its generate() puts them
             own_ids, own_mask, own_positions = with_slots(ids[rows], mask[rows], generator.prompt_tokens)
         else:
