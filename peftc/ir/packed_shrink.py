@@ -67,3 +67,23 @@ packed_shrink.register_autograd(_backward, setup_context=_setup_context)
 
 
 OP = torch.ops.peftc.packed_shrink.default
+
+
+def inline_packed_shrinks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` with every packed_shrink as the `linear(x, cat(A_i))` it computes, for a graph that never runs
+    backward (generate()'s decoding graphs, run under no_grad): what the op saves for backward is moot
+    there, and a custom op's Python dispatch costs each decoding step more than its two ATen calls.
+    Results equal the op's bit for bit (the op runs the same two calls)."""
+    graph = gm.graph
+    shrinks = [node for node in graph.nodes if node.op == "call_function" and node.target is OP]
+    for node in shrinks:
+        x, weights = node.args
+        with graph.inserting_before(node):
+            packed = graph.call_function(torch.ops.aten.cat.default, (list(weights), 0))
+            inlined = graph.call_function(torch.ops.aten.linear.default, (x, packed))
+        inlined.meta.update(node.meta)
+        node.replace_all_uses_with(inlined)
+        graph.erase_node(node)
+    if shrinks:
+        gm.recompile()
+    return gm

@@ -28,6 +28,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from peftc.ir.modes import set_mode
+from peftc.ir.packed_shrink import inline_packed_shrinks
 from peftc.runtime.kv_cache import WithStaticCache
 from peftc.runtime.prompt_cache import prepended_tokens
 
@@ -64,8 +65,8 @@ class Generator:
     def build(self, source: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: dict) -> GraphModule:
         """The compilation's build with `source` (the model plus its cache) captured instead: same
         passes, same adapter tree, same shared state."""
-        return replace(self.compilation, source=source).build(args, kwargs, self.plan,
-                                                              dynamic_shapes=dynamic_shapes).graph_module
+        built = replace(self.compilation, source=source).build(args, kwargs, self.plan, dynamic_shapes=dynamic_shapes)
+        return inline_packed_shrinks(built.graph_module)  # decoding runs no backward (generate is no_grad)
 
     def graphs_for(self, batch: int, cache_len: int) -> DecoderGraphs:
         key = (batch, cache_len)

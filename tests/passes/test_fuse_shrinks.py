@@ -257,3 +257,22 @@ def test_packed_shrink_passes_torch_library_opcheck():
     x = torch.randn(3, 8, requires_grad=True)
     weights = [torch.randn(2, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)]
     torch.library.opcheck(packed_shrink.packed_shrink, (x, weights))
+
+
+def test_generation_graphs_inline_the_packed_shrinks_and_decode_the_same_tokens():
+    """generate()'s graphs run under no_grad: the op's backward is moot there, so they compute its
+    linear(x, cat(A_i)) inline (peftc.ir.packed_shrink.inline_packed_shrinks), to the same tokens."""
+    fused, plain = compile_pair("llama", lora_spec(LLAMA_ALL))
+    assert any(n.target == packed_shrink.OP for n in fused.flat_graph_module.graph.nodes)
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    tokens = fused.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, plain.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+    (graphs,) = fused._generator.graphs.values()
+    for gm in (graphs.prefill, graphs.decode):
+        targets = [n.target for n in gm.graph.nodes]
+        assert packed_shrink.OP not in targets and aten.cat.default in targets
+    plain_graphs = next(iter(plain._generator.graphs.values()))
+    assert sum(t == aten.linear.default for t in (n.target for n in graphs.decode.graph.nodes)) < \
+        sum(t == aten.linear.default for t in (n.target for n in plain_graphs.decode.graph.nodes))  # still fused
