@@ -27,6 +27,7 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
+from peftc.ir.attribute_owners import alias_attribute_owners
 from peftc.ir.modes import set_mode
 from peftc.ir.packed_shrink import inline_packed_shrinks
 from peftc.runtime.kv_cache import WithStaticCache
@@ -66,7 +67,8 @@ class Generator:
         """The compilation's build with `source` (the model plus its cache) captured instead: same
         passes, same adapter tree, same shared state."""
         built = replace(self.compilation, source=source).build(args, kwargs, self.plan, dynamic_shapes=dynamic_shapes)
-        return inline_packed_shrinks(built.graph_module)  # decoding runs no backward (generate is no_grad)
+        gm = inline_packed_shrinks(built.graph_module)  # decoding runs no backward (generate is no_grad)
+        return alias_attribute_owners(gm)  # one lookup per parameter read, each decoding step
 
     def graphs_for(self, batch: int, cache_len: int) -> DecoderGraphs:
         key = (batch, cache_len)
