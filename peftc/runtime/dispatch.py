@@ -40,6 +40,7 @@ from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
+from peftc.runtime.seq2seq_generate import generate_seq2seq
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -199,7 +200,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, **kwargs) -> torch.Tensor:
-        """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs.
+        """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs
+        (an encoder-decoder: over the compiled forward, peftc.runtime.seq2seq_generate).
 
         Takes GenerationMixin's arguments (see peftc.runtime.generate for those implemented) and
         returns the sequences, prompt included. Greedy unless `do_sample=True`.
@@ -216,6 +218,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:
             raise TypeError("generate() needs input_ids (the prompt token ids)")
+        if getattr(getattr(self.compilation.source, "config", None), "is_encoder_decoder", False):
+            return generate_seq2seq(self, self.compilation.source, input_ids, attention_mask, generation_config,
+                                    **kwargs)
         if self._generator is None:
             self._generator = Generator(self.compilation, self.plan)
         return generate(self._generator, input_ids, attention_mask, generation_config, **kwargs)
