@@ -71,7 +71,7 @@ from peftc.ir.modes import set_mode
 from peftc.runtime.cache_derivation import CacheDerivation, derived_inputs, empty_past
 from peftc.runtime.kv_cache import head_dim, kv_heads
 from peftc.runtime.prompt_cache import CACHE_POSITION
-from peftc.runtime.tensor_cache import WithTensorCache, fill
+from peftc.runtime.tensor_cache import WithTensorCache, fill, full_attention_cache
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
 TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
@@ -316,9 +316,7 @@ def past_tensors(model: nn.Module, cache, batch: int) -> tuple[list, list] | Non
 
 
 def _new_cache(model: nn.Module):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=_text_config(model))
+    return full_attention_cache(_text_config(model))
 
 
 def _text_config(model: nn.Module):

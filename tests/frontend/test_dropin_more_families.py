@@ -94,6 +94,25 @@ def test_merge_and_unload_then_save_pretrained_keeps_the_logits(pair, tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, expected, **TOL)
 
 
+SLIDING = ["gemma2", "gemma3", "mistral"]  # window 4, shorter than the prompt
+
+
+@pytest.mark.parametrize("pair", SLIDING, indirect=True)
+def test_a_cached_forward_continues_as_peft_on_sliding_window_models(pair):
+    """cm(ids, use_cache=True), then one more token on its cache: PEFT's logits at both calls. The window (4) is
+    shorter than the prompt, so a cache or mask that ignored it would give other logits."""
+    family, model, cm, reference = pair
+    assert model.config.sliding_window < 7
+    inputs = forward_inputs(family)
+    step = {"input_ids": torch.tensor([[5], [9]]), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with torch.no_grad():
+        ours, theirs = cm(**inputs, use_cache=True), reference(**inputs, use_cache=True)
+        torch.testing.assert_close(ours.logits, theirs.logits, **TOL)
+        ours = cm(**step, past_key_values=ours.past_key_values, use_cache=True)
+        theirs = reference(**step, past_key_values=theirs.past_key_values, use_cache=True)
+        torch.testing.assert_close(ours.logits, theirs.logits, **TOL)
+
+
 def training_rows(model, n: int = 8, seq: int = 10) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
