@@ -37,6 +37,10 @@ SUPPORTED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k"
              "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "num_beams", "num_return_sequences",
              "cache_implementation", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id"}
 
+# Keywords GenerationMixin takes that change no token here, which Seq2SeqTrainer(predict_with_generate=True)
+# passes: labels (a model input that only adds a loss generate does not return) and synced_gpus (the
+# graphs hold no collective to keep in step: a sharded model cannot generate).
+NO_EFFECT = {"labels", "synced_gpus"}
 
 
 @dataclass
@@ -105,11 +109,11 @@ def resolve_config(model: nn.Module, generation_config, kwargs: dict):
 
     base = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
     config = copy.deepcopy(base)
-    unused = config.update(**kwargs)
+    unused = config.update(**{name: value for name, value in kwargs.items() if name not in NO_EFFECT})
     if unused:
         raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unused)}; the compiled model "
                         "accepts GenerationConfig fields and attention_mask")
-    changed = [k for k in kwargs if k not in SUPPORTED]
+    changed = [k for k in kwargs if k not in SUPPORTED | NO_EFFECT]
     if changed:
         raise NotImplementedError(f"generate(): peftc's compiled generate does not implement {sorted(changed)}; "
                                   f"it supports {sorted(SUPPORTED - {'use_cache', 'cache_implementation'})}. "

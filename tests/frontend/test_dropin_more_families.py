@@ -117,6 +117,21 @@ def test_a_cached_forward_continues_as_peft(pair):
         torch.testing.assert_close(ours.logits, theirs.logits, **TOL)
 
 
+
+@pytest.mark.parametrize("pair", ["t5"], indirect=True)
+def test_seq2seq_trainer_predicts_with_generate_as_peft(pair, tmp_path):
+    """Seq2SeqTrainer(predict_with_generate=True) calls generate with labels and synced_gpus beside the inputs."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    _, model, cm, reference = pair
+    predictions = []
+    for module, out in ((cm, tmp_path / "peftc"), (reference, tmp_path / "peft")):
+        args = Seq2SeqTrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, predict_with_generate=True,
+                                        per_device_eval_batch_size=4, generation_max_length=8)
+        predictions.append(Seq2SeqTrainer(model=module, args=args).predict(training_rows(model)[:4]).predictions)
+    assert predictions[0].shape[0] == 4
+    assert (predictions[0] == predictions[1]).all()
+
 def training_rows(model, n: int = 8, seq: int = 10) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
