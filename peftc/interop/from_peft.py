@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from peftc.compiler.compile import compile
+from peftc.core.all_linear import all_linear_names, is_all_linear
 from peftc.errors import CheckpointError, SpecError
 from peftc.passes.copy_params import copied_names
 from peftc.runtime.checkpoint import (
@@ -120,21 +121,9 @@ def read_peft_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Te
 
 def resolve_all_linear(config: dict, model: nn.Module) -> dict:
     """PEFT's 'all-linear': every nn.Linear / Conv1D module except the output layer, by full name."""
-    target = config.get("target_modules")
-    if not (isinstance(target, str) and target.lower() == "all-linear"):
+    if not is_all_linear(config.get("target_modules") or ()):
         return config
-    linear = (nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
-        linear = (nn.Linear, Conv1D)
-    except ImportError:
-        pass
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None and config.get("task_type") == "SEQ_CLS":  # PEFT also spares a classifier head
-        head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    names = [n for n, m in model.named_modules() if isinstance(m, linear) and m is not head]
-    if not names:
-        raise SpecError("target_modules: 'all-linear' found no linear layer in the model")
+    names = all_linear_names(model, sequence_classifier=config.get("task_type") == "SEQ_CLS")
     return {**config, "target_modules": names}
 
 

@@ -162,3 +162,21 @@ def test_trainer_losses_equal_peft_under_default_arguments(pair, tmp_path):
     assert len(ours) == 3
     assert ours == pytest.approx(theirs, abs=1e-5)
     assert ours[0] != ours[-1]  # the adapters moved
+
+
+def test_all_linear_targets_the_modules_peft_targets():
+    """PEFT's target_modules="all-linear" in a spec: the linear modules but the LM head, PEFT's own selection."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_reference import copy_lora_weights
+
+    family = MORE_FAMILIES["phi3"]
+    model = family.build()
+    cm = peftc.compile(model, {"adapters": [{"method": "lora", "targets": "all-linear", "r": R, "alpha": ALPHA}]})
+    randomize_adapters(cm.eval())
+    reference = get_peft_model(copy.deepcopy(model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"))
+    assert copy_lora_weights(cm, reference.eval()) == 8  # 2 layers x qkv_proj, o_proj, gate_up_proj, down_proj
+    assert "lm_head" not in cm.spec.adapters[0].targets
+    inputs = forward_inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(**inputs).logits, reference(**inputs).logits, **TOL)
