@@ -29,6 +29,7 @@ from torch.fx import GraphModule
 
 from peftc.ir.modes import set_mode
 from peftc.runtime.kv_cache import WithStaticCache
+from peftc.runtime.prefix_window import check_prefix_window
 from peftc.runtime.prompt_cache import prepended_tokens
 
 MIN_CACHE_LEN = 32
@@ -171,6 +172,7 @@ def generate(generator: Generator, input_ids: torch.Tensor, attention_mask: torc
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
     if new_tokens <= 0:
         return input_ids[:, slots:]
+    check_prefix_window(generator.model, generator.compilation.spec, prompt_len + new_tokens, "generate()")
     if generator.prompt_tokens:
         input_ids, attention_mask, position_mask = with_slots(input_ids, attention_mask, generator.prompt_tokens)
         slots += generator.prompt_tokens

@@ -180,3 +180,22 @@ def test_all_linear_targets_the_modules_peft_targets():
     inputs = forward_inputs(family)
     with torch.no_grad():
         torch.testing.assert_close(cm(**inputs).logits, reference(**inputs).logits, **TOL)
+
+
+def test_prefix_tuning_past_a_sliding_window_is_refused_naming_it(tmp_path):
+    """PEFT's prefix sits in the cache before the tokens, so Mistral's window (4) hides it from late queries; peftc's
+    keeps it visible: within the window the logits are PEFT's, past it the call says why it stops."""
+    from peft import PeftModel
+
+    model = MORE_FAMILIES["mistral"].build()
+    cm = peftc.compile(model, {"adapters": [{"method": "prefix", "num_tokens": 2}]}).eval()
+    randomize_adapters(cm)
+    cm.save_adapter(tmp_path, format="peft")
+    reference = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    short = {"input_ids": torch.tensor([[5, 6], [7, 8]]), "attention_mask": torch.ones(2, 2, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(cm(**short).logits, reference(**short).logits, **TOL)
+        with pytest.raises(NotImplementedError, match=r"within 4 positions: this call has 3 tokens.*2 tokens or fewer"):
+            cm(input_ids=torch.tensor([[5, 6, 7]]))
+    with pytest.raises(NotImplementedError, match=r"generate\(\) has 6 tokens"):
+        cm.generate(short["input_ids"], attention_mask=short["attention_mask"], max_new_tokens=4)
