@@ -28,6 +28,7 @@ from .peft_config import as_config_dict, spec_dict_from_peft
 from .peft_files import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE
 from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
 from .peft_prefix import split_table
+from .peft_rows import is_seq2seq_prompt
 from .peft_vblora import is_topk_file, logits_from_topk
 
 
@@ -49,7 +50,7 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, auto
         spec_dict = spec_dict_from_folder(model, directory / CONFIG_FILE, autocast_adapter_dtype)
     if directory is None:
         return compile(model, spec_dict, **compile_kwargs)
-    tensors = read_peft_weights(directory, allow_pickle)
+    tensors = encoder_prompt_rows(as_config_dict(directory / CONFIG_FILE), read_peft_weights(directory, allow_pickle))
     refuse_non_finite(directory / SAFETENSORS_FILE, tensors)  # as stored: VB-LoRA's rebuilt logits hold -inf
     spec_dict["adapters"] += overriding_copies(spec_dict, tensors, model)
     cm = compile(model, spec_dict, **compile_kwargs)
@@ -117,6 +118,14 @@ def read_peft_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Te
         return torch.load(pickled, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged or non-tensor pickles
         raise CheckpointError(f"{pickled}: cannot be read ({err})") from err
+
+
+def encoder_prompt_rows(config: dict, tensors: dict) -> dict:
+    """An encoder-decoder's prompt table (2N rows) as the N its prompt tuning reads (peft_rows.read_prompt)."""
+    table = tensors.get("prompt_embeddings")
+    if not is_seq2seq_prompt(config) or table is None or table.dim() != 2:
+        return tensors
+    return {**tensors, "prompt_embeddings": table[: config["num_virtual_tokens"]]}
 
 
 def resolve_all_linear(config: dict, model: nn.Module) -> dict:

@@ -199,3 +199,27 @@ def test_prefix_tuning_past_a_sliding_window_is_refused_naming_it(tmp_path):
             cm(input_ids=torch.tensor([[5, 6, 7]]))
     with pytest.raises(NotImplementedError, match=r"generate\(\) has 6 tokens"):
         cm.generate(short["input_ids"], attention_mask=short["attention_mask"], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("name", ["t5"])
+def test_encoder_decoder_prompt_tuning_round_trips_through_peft(name, tmp_path):
+    """PEFT's SEQ_2_SEQ_LM prompt tuning: a table of 2N rows, the first N prepended at the encoder, as peftc's prompt."""
+    from peft import PeftModel
+
+    family = MORE_FAMILIES[name]
+    model = family.build()
+    cm = peftc.compile(model, {"adapters": [{"method": "prompt", "num_tokens": 3}]}).eval()
+    randomize_adapters(cm, std=1.0)
+    cm.save_adapter(tmp_path, format="peft")
+    reference = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    assert reference.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
+    inputs = forward_inputs(family)
+    with torch.no_grad():
+        ours = cm(**inputs).logits
+        torch.testing.assert_close(ours, reference(**inputs).logits, **TOL)
+        assert not torch.allclose(ours, model(**inputs).logits, atol=1e-3)
+        loaded = peftc.from_peft(copy.deepcopy(model), tmp_path).eval()
+        torch.testing.assert_close(loaded(**inputs).logits, ours, **TOL)
+    ids, mask = padded_prompts(model)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6),
+                       reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
