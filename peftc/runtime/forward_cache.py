@@ -162,12 +162,16 @@ class CachedForward:
             self.modes[gm] = training
         cache = cache if cache is not None else _new_cache(self.model)
         derived = derived_inputs(self.model, inputs, cache, keys[0].shape[2]) if gm in self.cache_fields else {}
-        try:
-            result = gm(past_keys=list(keys), past_values=list(values), **{**inputs, **derived}, **(graph_inputs or {}))
-        except AssertionError as err:
-            if derived or not (past is None or new == 1) or not GUARD.search(str(err)):
-                raise
+        if not derived and self._kind(inputs, past) in self.specialized:  # the shared graph refused such a call
             result = self._run_specialized(inputs, past, training, graph_inputs)
+        else:
+            try:
+                result = gm(past_keys=list(keys), past_values=list(values), **{**inputs, **derived},
+                            **(graph_inputs or {}))
+            except AssertionError as err:
+                if derived or not (past is None or new == 1) or not GUARD.search(str(err)):
+                    raise
+                result = self._run_specialized(inputs, past, training, graph_inputs)
         out, keys, values = result["output"], result[KEYS], result[VALUES]
         cache = fill(cache, keys, values)
         field = self.cache_fields.get(gm, self.source.cache_field)
@@ -179,10 +183,9 @@ class CachedForward:
         sizes export cannot relate: OPT slices its mask-derived positions at `[:, past_length:]`, whose length
         (mask length - past) export neither knows is the tokens' nor shorter than the mask, so it guards
         `mask length != mask length - past` (no past breaks it) and `mask length - past != 1` (one token does)."""
-        new = _main_input(inputs).shape[1]
-        kind = (CallSignature.of((), inputs), past is not None, new == 1)
+        kind = self._kind(inputs, past)
         if kind not in self.specialized:
-            example, shapes = self._example(inputs, with_past=past is not None, one_token=new == 1)
+            example, shapes = self._example(inputs, with_past=kind[1], one_token=kind[2])
             self.specialized[kind] = replace(self.compilation, source=self.source).build(
                 (), example, self.plan, dynamic_shapes=shapes).graph_module
         gm = self.specialized[kind]
@@ -191,6 +194,11 @@ class CachedForward:
             self.modes[gm] = training
         pasts = {"past_keys": list(past[0]), "past_values": list(past[1])} if past is not None else {}
         return gm(**pasts, **inputs, **(graph_inputs or {}))
+
+    @staticmethod
+    def _kind(inputs: dict, past: tuple | None) -> tuple[CallSignature, bool, bool]:
+        """What a specialized graph is kept by: the call's signature, whether it has a past, one new token."""
+        return CallSignature.of((), inputs), past is not None, _main_input(inputs).shape[1] == 1
 
     def graph_for(self, inputs: dict, capture: bool = True) -> tuple[GraphModule, dict] | None:
         """The graph for this call and the call as it takes it: an int logits_to_keep as its positions, the
@@ -243,9 +251,7 @@ class CachedForward:
         example, shapes = {}, {}
         past_length = PAST if with_past else 0
         new = 1 if one_token else NEW
-        new_dim = Dim.STATIC if one_token else Dim.AUTO
-        # A mask of past + 1 (export asks for the relation, which it cannot state for past + a dynamic new).
-        total_dim = PAST_LENGTH + 1 if one_token and with_past else Dim.STATIC if one_token else Dim.AUTO
+        new_dim, total_dim = _token_dims(with_past, one_token)
         for name, value in inputs.items():
             if not isinstance(value, torch.Tensor):
                 example[name], shapes[name] = value, None  # a flag (or logits_to_keep, where not derived)
@@ -272,6 +278,15 @@ class CachedForward:
         past = {0: Dim.AUTO, 2: PAST_LENGTH}
         shapes.update(past_keys=[past] * len(keys), past_values=[past] * len(keys))
         return example, shapes
+
+
+def _token_dims(with_past: bool, one_token: bool) -> tuple:
+    """The dynamic shapes of a call's new-token dim and of its mask's (past + new) dim."""
+    if not one_token:
+        return Dim.AUTO, Dim.AUTO
+    # One token: static; a mask after a past is past + 1, a relation export asks to be told (it cannot be
+    # stated for past + a dynamic new, hence the shared graph's guards).
+    return Dim.STATIC, PAST_LENGTH + 1 if with_past else Dim.STATIC
 
 
 def refuse_sharded(sharded: bool) -> None:

@@ -115,6 +115,8 @@ def test_a_cached_forward_continues_as_peft(pair):
         ours = cm(**two, past_key_values=ours.past_key_values, use_cache=True)
         theirs = reference(**two, past_key_values=theirs.past_key_values, use_cache=True)
         torch.testing.assert_close(ours.logits, theirs.logits, **TOL)
+        again = cm(**inputs, use_cache=True)  # a second prompt: the graph the first one found
+        torch.testing.assert_close(again.logits, reference(**inputs, use_cache=True).logits, **TOL)
 
 
 
