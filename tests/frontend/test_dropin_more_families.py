@@ -7,7 +7,9 @@ Trainer with default TrainingArguments. What each family adds: Qwen3's q/k norms
 soft-capping, sliding and global layers, tied and scaled embeddings, Phi-3's fused qkv_proj and
 gate_up_proj, Mistral's sliding window (4, shorter than the sequences), OPT's mask-derived positions,
 GPT-NeoX's fused interleaved query_key_value, T5 and BART as encoder-decoders. One compile per family
-(module-scoped); LoRA on every linear layer of the blocks.
+(module-scoped); LoRA on every linear layer of the blocks. Beside the workflow, what these families
+broke once: a cached forward on sliding-window models and OPT, Seq2SeqTrainer's predict_with_generate,
+targets "all-linear", prefix tuning past a sliding window, an encoder-decoder's prompt tuning saved for PEFT.
 """
 
 from __future__ import annotations
