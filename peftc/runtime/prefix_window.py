@@ -1,12 +1,12 @@
-"""Prefix tuning on a model with sliding-window layers: calls longer than the window are refused.
+"""Prefix tuning on a model with chunked attention: calls longer than a chunk are refused.
 
 HF PEFT's prefix tuning puts the N prefix keys and values in the KV cache before the tokens, at cache
-positions 0..N-1, so a sliding-window layer (Mistral, Gemma 2/3's local layers, window W) hides them
-from a query at position N + i once N + i - j >= W: late queries lose the prefix. peftc's prefix pass
-(passes/insert_prefix.py) keeps every prefix key visible to every query (the mask it widens has no
-positions to apply the window to), which equals PEFT while N + L <= W for L tokens (cache included)
-and differs after. Until the pass applies the window, a call past it raises NotImplementedError
-instead of returning logits that are not PEFT's.
+positions 0..N-1. A sliding-window layer hides them from late queries, which the prefix pass applies
+(passes/insert_prefix.py: `_prefix_in_window`, from the layers' windows). A chunked-attention layer
+(Llama 4's `attention_chunk_size`) attends within blocks of the cache instead, which moves the real
+tokens' chunk boundaries by N; the pass does not model that, so it equals PEFT only while the prefix and
+the tokens fit in one chunk (N + L <= chunk), and a longer call raises NotImplementedError instead of
+returning logits that are not PEFT's.
 """
 
 from __future__ import annotations
@@ -22,33 +22,25 @@ def prefix_tokens(spec) -> int:
     return sum(entry.num_tokens for entry in getattr(spec, "adapters", ()) if getattr(entry, "method", "") == "prefix")
 
 
-def attention_window(model: nn.Module) -> int | None:
-    """The smallest window a layer of `model` attends within (sliding or chunked), or None: all full attention."""
+def attention_chunk(model: nn.Module) -> int | None:
+    """The chunk `model`'s chunked-attention layers attend within, or None."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "get_text_config"):
         return None
-    config = config.get_text_config(decoder=True)
-    types = getattr(config, "layer_types", None)
-    sliding = getattr(config, "sliding_window", None)
-    windows = []
-    if sliding is not None and (types is None or any(kind != "full_attention" for kind in types)):
-        windows.append(int(sliding))
-    if getattr(config, "attention_chunk_size", None) is not None:
-        windows.append(int(config.attention_chunk_size))
-    return min(windows) if windows else None
+    chunk = getattr(config.get_text_config(decoder=True), "attention_chunk_size", None)
+    return int(chunk) if chunk is not None else None
 
 
 def check_prefix_window(model: nn.Module, spec, length: int, where: str = "this call") -> None:
-    """Raise where `length` tokens (the cache's included) plus the prefix exceed the model's window."""
+    """Raise where `length` tokens (the cache's included) plus the prefix exceed the model's attention chunk."""
     tokens = prefix_tokens(spec)
-    window = attention_window(model) if tokens else None
-    if window is not None and tokens + length > window:
+    chunk = attention_chunk(model) if tokens else None
+    if chunk is not None and tokens + length > chunk:
         raise NotImplementedError(
-            f"prefix tuning on {type(model).__name__}, whose sliding-window layers attend within {window} positions: "
-            f"{where} has {length} tokens, which with the {tokens} prefix tokens exceed the window. HF PEFT's prefix "
-            "falls out of the window for the later queries and peftc's keeps it visible (passes/insert_prefix.py does "
-            f"not apply the window yet), so the logits would not be PEFT's. Keep calls to {window - tokens} tokens "
-            "or fewer, or use a config with a larger sliding_window")
+            f"prefix tuning on {type(model).__name__}, whose chunked-attention layers attend within chunks of {chunk} "
+            f"positions: {where} has {length} tokens, which with the {tokens} prefix tokens exceed a chunk. HF PEFT's "
+            "prefix moves the chunk boundaries and peftc's prefix pass does not model chunks, so the logits would not "
+            f"be PEFT's. Keep calls to {chunk - tokens} tokens or fewer")
 
 
 def call_length(kwargs: dict) -> int:

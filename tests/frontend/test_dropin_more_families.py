@@ -9,7 +9,8 @@ gate_up_proj, Mistral's sliding window (4, shorter than the sequences), OPT's ma
 GPT-NeoX's fused interleaved query_key_value, T5 and BART as encoder-decoders. One compile per family
 (module-scoped); LoRA on every linear layer of the blocks. Beside the workflow, what these families
 broke once: a cached forward on sliding-window models and OPT, Seq2SeqTrainer's predict_with_generate,
-targets "all-linear", prefix tuning past a sliding window, an encoder-decoder's prompt tuning saved for PEFT.
+targets "all-linear", an encoder-decoder's prompt tuning saved for PEFT (prefix tuning on a sliding window:
+test_prefix_sliding_window.py).
 """
 
 from __future__ import annotations
@@ -186,25 +187,6 @@ def test_all_linear_targets_the_modules_peft_targets():
         torch.testing.assert_close(cm(**inputs).logits, reference(**inputs).logits, **TOL)
 
 
-def test_prefix_tuning_past_a_sliding_window_is_refused_naming_it(tmp_path):
-    """PEFT's prefix sits in the cache before the tokens, so Mistral's window (4) hides it from late queries; peftc's
-    keeps it visible: within the window the logits are PEFT's, past it the call says why it stops."""
-    from peft import PeftModel
-
-    model = MORE_FAMILIES["mistral"].build()
-    cm = peftc.compile(model, {"adapters": [{"method": "prefix", "num_tokens": 2}]}).eval()
-    randomize_adapters(cm)
-    cm.save_adapter(tmp_path, format="peft")
-    reference = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
-    short = {"input_ids": torch.tensor([[5, 6], [7, 8]]), "attention_mask": torch.ones(2, 2, dtype=torch.long)}
-    with torch.no_grad():
-        torch.testing.assert_close(cm(**short).logits, reference(**short).logits, **TOL)
-        with pytest.raises(NotImplementedError, match=r"within 4 positions: this call has 3 tokens.*2 tokens or fewer"):
-            cm(input_ids=torch.tensor([[5, 6, 7]]))
-    with pytest.raises(NotImplementedError, match=r"generate\(\) has 6 tokens"):
-        cm.generate(short["input_ids"], attention_mask=short["attention_mask"], max_new_tokens=4)
-
-
 @pytest.mark.parametrize("name", ["t5"])
 def test_encoder_decoder_prompt_tuning_round_trips_through_peft(name, tmp_path):
     """PEFT's SEQ_2_SEQ_LM prompt tuning: a table of 2N rows, the first N prepended at the encoder, as peftc's prompt."""
@@ -227,3 +209,4 @@ def test_encoder_decoder_prompt_tuning_round_trips_through_peft(name, tmp_path):
     ids, mask = padded_prompts(model)
     assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6),
                        reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+
