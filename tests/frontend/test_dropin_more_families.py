@@ -187,7 +187,7 @@ def test_all_linear_targets_the_modules_peft_targets():
         torch.testing.assert_close(cm(**inputs).logits, reference(**inputs).logits, **TOL)
 
 
-@pytest.mark.parametrize("name", ["t5"])
+@pytest.mark.parametrize("name", ["bart"])  # T5 takes the same path; BART compiles faster
 def test_encoder_decoder_prompt_tuning_round_trips_through_peft(name, tmp_path):
     """PEFT's SEQ_2_SEQ_LM prompt tuning: a table of 2N rows, the first N prepended at the encoder, as peftc's prompt."""
     from peft import PeftModel
