@@ -74,7 +74,7 @@ from peftc.runtime.cache_derivation import CacheDerivation, derived_inputs, empt
 from peftc.runtime.call_errors import GUARD
 from peftc.runtime.kv_cache import head_dim, kv_heads
 from peftc.runtime.prompt_cache import CACHE_POSITION
-from peftc.runtime.tensor_cache import WithTensorCache, fill, full_attention_cache
+from peftc.runtime.tensor_cache import WithTensorCache, fill, full_attention_cache, with_full_layers
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
 TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
@@ -160,6 +160,8 @@ class CachedForward:
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
+        # A cache passed empty, as DynamicCache(config=...) makes it: full layers where the model slides (_new_cache).
+        cache = with_full_layers(cache) if cache is not None and past is None else cache
         cache = cache if cache is not None else _new_cache(self.model)
         derived = derived_inputs(self.model, inputs, cache, keys[0].shape[2]) if gm in self.cache_fields else {}
         if not derived and self._kind(inputs, past) in self.specialized:  # the shared graph refused such a call

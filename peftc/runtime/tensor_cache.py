@@ -52,10 +52,16 @@ def full_attention_cache(config):
     (create_sliding_window_causal_mask, from config.sliding_window) still limits what each query sees, so the
     logits are the original's. Such a layer holds more past than the original's: the positions before the window."""
     from transformers import DynamicCache
+
+    return with_full_layers(DynamicCache(config=config))
+
+
+def with_full_layers(cache):
+    """`cache` (a DynamicCache not filled yet) with a full DynamicLayer for each sliding one, in place."""
     from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache(config=config)
-    cache.layers = [DynamicLayer() if getattr(layer, "is_sliding", False) else layer for layer in cache.layers]
+    cache.layers = [DynamicLayer() if getattr(layer, "is_sliding", False) and not layer.is_initialized else layer
+                    for layer in cache.layers]
     return cache
 
 

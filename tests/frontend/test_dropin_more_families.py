@@ -120,6 +120,13 @@ def test_a_cached_forward_continues_as_peft(pair):
         torch.testing.assert_close(ours.logits, theirs.logits, **TOL)
         again = cm(**inputs, use_cache=True)  # a second prompt: the graph the first one found
         torch.testing.assert_close(again.logits, reference(**inputs, use_cache=True).logits, **TOL)
+        # a cache the caller made empty (sliding layers where the model slides), filled by the prompt, continued
+        from transformers import DynamicCache
+
+        ours, theirs = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        cm(**inputs, past_key_values=ours, use_cache=True), reference(**inputs, past_key_values=theirs, use_cache=True)
+        torch.testing.assert_close(cm(**step, past_key_values=ours, use_cache=True).logits,
+                                   reference(**step, past_key_values=theirs, use_cache=True).logits, **TOL)
 
 
 
