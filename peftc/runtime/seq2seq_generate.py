@@ -24,9 +24,16 @@ from peftc.runtime.generate import decode_loop, resolve_config
 
 @torch.no_grad()
 def generate_seq2seq(compiled: nn.Module, model: nn.Module, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None, generation_config=None, **kwargs) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None = None, generation_config=None,
+                     graph_inputs: dict | None = None, position_mask=None, slots: int = 0, **kwargs) -> torch.Tensor:
     """Decode with `compiled` (the compiled model, called as the original); `model`: the original, whose
-    generation config and config give the defaults."""
+    generation config and config give the defaults. `graph_inputs`: more keywords each call passes (a served
+    model's `adapter_ids`); `slots` and `position_mask` are a served model's prompt rows', not implemented."""
+    if slots or position_mask is not None:
+        raise NotImplementedError("generate() on an encoder-decoder served with prompt-tuning adapters: their "
+                                  "virtual-token slots are not implemented here; generate from the adapter's own "
+                                  "model (peftc.from_peft(model, folder).generate(...))")
+    graph_inputs = graph_inputs or {}
     config = resolve_config(model, generation_config, kwargs)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -39,8 +46,8 @@ def generate_seq2seq(compiled: nn.Module, model: nn.Module, input_ids: torch.Ten
     compiled.eval()
     try:
         def next_logits(token: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
-            return compiled(input_ids=input_ids, attention_mask=attention_mask,
-                            decoder_input_ids=sequences).logits[:, -1]
+            return compiled(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=sequences,
+                            **graph_inputs).logits[:, -1]
 
         return decode_loop(next_logits, config, start, next_logits(None, start), new_tokens)
     finally:
