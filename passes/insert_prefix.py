@@ -24,7 +24,8 @@ POSITION_OPS = (aten.cos.default, aten.sin.default, aten.embedding.default)
 
 @dataclass(frozen=True)
 class PrefixConfig:
-    """`num_tokens` trained key and value vectors per attention op, seen by every query.
+    """`num_tokens` trained key and value vectors per attention op, seen by every query (in a sliding-window
+    layer, by those within the window of the prefix's cache positions 0..N-1, as HF PEFT's).
 
     The real tokens' positions move to N..N+S-1, as with HF PEFT's KV-cache prefix; prefix keys
     are not rotated. `gate: true` scales the prefix values by a learned sigmoid gate computed
@@ -61,13 +62,14 @@ def insert_prefix(gm: GraphModule, ctx: PassContext) -> PassResult:
             f"adapters[{ctx.entry_index}].method: 'prefix' adds keys/values at attention ops "
             "(aten.scaled_dot_product_attention), and this model has none; use 'prompt' or 'adapter' instead")
     like = next(iter(ctx.base_params.values()))
+    windows = _windows(attention, ctx)
     result = PassResult(modified=True)
-    for node, path in attention:
+    for (node, path), window in zip(attention, windows):
         heads, kv_heads, groups, head_dim = head_layout(node)
         module, created = adapters.get_or_create(
             ctx.adapter_root, path, ctx.slot,
             lambda: in_virtual_token_dtype(PrefixWeights(kv_heads, head_dim, heads, like, config), like))
-        _rewrite_attention(gm, node, path, groups, ctx, config)
+        _rewrite_attention(gm, node, path, groups, ctx, config, window)
         result.sites.append(path)
         if created:
             result.params_added.update(adapters.parameter_counts(path, ctx.slot, module))
@@ -77,8 +79,20 @@ def insert_prefix(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
+def _windows(attention: list, ctx: PassContext) -> list:
+    """Each attention op's sliding window (None: full), from the model's layers in order (one op per layer)."""
+    windows = ctx.shared.attention_windows
+    if not windows:
+        return [None] * len(attention)
+    if len(windows) != len(attention):
+        raise SpecError(f"adapters[{ctx.entry_index}].method: 'prefix' on a model with sliding-window layers needs one "
+                        f"attention op per layer to know which slide; this graph has {len(attention)} for "
+                        f"{len(windows)} layers")
+    return list(windows)
+
+
 def _rewrite_attention(gm: GraphModule, node: Node, path: str, groups: int, ctx: PassContext,
-                       config: PrefixConfig) -> None:
+                       config: PrefixConfig, window: int | None = None) -> None:
     tag = {"pass": "insert_prefix", "method": "prefix", "site": path, "slot": ctx.slot, "entry": ctx.entry_index}
     query, key, value = sdpa_arg(node, 0), sdpa_arg(node, 1), sdpa_arg(node, 2)
     ins = Inserter(gm, node.prev, tag)
@@ -90,7 +104,7 @@ def _rewrite_attention(gm: GraphModule, node: Node, path: str, groups: int, ctx:
         prefix_v = ins.call(aten.mul.Tensor, prefix_v, in_dtype_of(ins, _gate(ins, query, path, ctx), value))
     set_sdpa_arg(node, 1, ins.call(aten.cat.default, [prefix_k, key], 2))
     set_sdpa_arg(node, 2, ins.call(aten.cat.default, [prefix_v, value], 2))
-    mask = _widened_mask(ins, node, query, key, config.num_tokens)
+    mask = _widened_mask(ins, node, query, key, config.num_tokens, window, _cache_positions(gm))
     if mask is not None:
         set_sdpa_arg(node, 3, mask)
     if sdpa_arg(node, 5, False):
@@ -115,20 +129,53 @@ def _gate(ins: Inserter, query: Node, path: str, ctx: PassContext) -> Node:
     return ins.call(aten.sigmoid.default, ins.call(aten.add.Tensor, logits, bias))
 
 
-def _widened_mask(ins: Inserter, node: Node, query: Node, key: Node, num_tokens: int) -> Node:
-    """The attention mask with N leading key columns every query may attend to."""
+def _widened_mask(ins: Inserter, node: Node, query: Node, key: Node, num_tokens: int, window: int | None = None,
+                  cache_positions: Node | None = None) -> Node:
+    """The attention mask with N leading key columns: every query may attend to them, but in a sliding-window
+    layer only those within the window (`_prefix_in_window`)."""
     mask = sdpa_arg(node, 3)
+    visible = _prefix_in_window(ins, query, key, num_tokens, window, cache_positions) if window else None
     if mask is None:
-        if not sdpa_arg(node, 5, False):
+        if not sdpa_arg(node, 5, False) and visible is None:
             return None  # every key visible already, the prefix too
         q_len = ins.call(aten.sym_size.int, query, 2)
         k_len = ins.call(aten.sym_size.int, key, 2)
-        causal = ins.call(aten.tril.default, ins.call(aten.new_ones.default, query, [q_len, k_len], dtype=torch.bool))
-        open_cols = ins.call(aten.new_ones.default, query, [q_len, num_tokens], dtype=torch.bool)
-        return ins.call(aten.cat.default, [open_cols, causal], 1)
+        real = ins.call(aten.new_ones.default, query, [q_len, k_len], dtype=torch.bool)
+        if sdpa_arg(node, 5, False):
+            real = ins.call(aten.tril.default, real)
+        prefix = visible if visible is not None else ins.call(aten.new_ones.default, query, [q_len, num_tokens],
+                                                             dtype=torch.bool)
+        return ins.call(aten.cat.default, [prefix, real], 1)
     dims = [ins.call(aten.sym_size.int, mask, d) for d in range(mask.meta["val"].dim() - 1)]
-    attend = aten.new_ones.default if mask.meta["val"].dtype == torch.bool else aten.new_zeros.default
-    return ins.call(aten.cat.default, [ins.call(attend, mask, [*dims, num_tokens]), mask], -1)
+    boolean = mask.meta["val"].dtype == torch.bool
+    block = ins.call(aten.new_ones.default if boolean else aten.new_zeros.default, mask, [*dims, num_tokens])
+    if visible is not None:
+        hidden = True if boolean else torch.finfo(mask.meta["val"].dtype).min
+        block = ins.call(aten.logical_and.default, block, visible) if boolean else \
+            ins.call(aten.masked_fill.Scalar, block, ins.call(aten.logical_not.default, visible), hidden)
+    return ins.call(aten.cat.default, [block, mask], -1)
+
+
+def _prefix_in_window(ins: Inserter, query: Node, key: Node, num_tokens: int, window: int,
+                      cache_positions: Node | None) -> Node:
+    """[queries, N] bool: which prefix columns each query sees in a sliding-window layer. PEFT's prefix holds
+    the cache's positions 0..N-1 and a query at the real position p sits at N + p, so prefix j is within the
+    window iff N + p - j < W. p is the generation graphs' `cache_position` input where there is one, else the
+    last q_len of the real keys (no past, or a cached forward's past followed by the new tokens)."""
+    if cache_positions is None:
+        q_len = ins.call(aten.sym_size.int, query, 2)
+        k_len = ins.call(aten.sym_size.int, key, 2)
+        cache_positions = ins.call(aten.arange.start, ins.call(operator.sub, k_len, q_len), k_len,
+                                   device=query.meta["val"].device)
+    columns = ins.call(aten.arange.default, num_tokens, device=query.meta["val"].device)
+    # j >= N + p - W + 1, per query (rows) and prefix column
+    first = ins.call(aten.add.Tensor, ins.call(aten.unsqueeze.default, cache_positions, 1), num_tokens - window + 1)
+    return ins.call(aten.ge.Tensor, ins.call(aten.unsqueeze.default, columns, 0), first)
+
+
+def _cache_positions(gm: GraphModule) -> Node | None:
+    """The generation graphs' `cache_position` input (peftc.runtime.kv_cache): each new token's cache slot."""
+    return next((n for n in gm.graph.find_nodes(op="placeholder") if n.name == "cache_position"), None)
 
 
 def _shift_positions(gm: GraphModule, attention: list[Node], num_tokens: int, path: str, ctx: PassContext) -> int:

@@ -91,6 +91,107 @@ def vit() -> nn.Module:
     return ViTForImageClassification(cfg).eval()
 
 
+# -- families beyond the shared table: each adds one thing the ones above do not have -------------------------
+def qwen3() -> nn.Module:
+    """Qwen2's layout plus an RMSNorm on each head's queries and keys (q_norm, k_norm) before RoPE."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=128)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def gemma2() -> nn.Module:
+    """Sliding (window 4) and global layers alternating, attention and final-logit soft-capping, tied and
+    sqrt(hidden)-scaled embeddings, pre- and post-norms around each block."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=128,
+                       sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Gemma2ForCausalLM(cfg).eval()
+
+
+def gemma3() -> nn.Module:
+    """Gemma 2's text layout with q/k norms and a local RoPE base on the sliding layers (one of two here)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=128,
+                           sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def phi3() -> nn.Module:
+    """Fused projections: one qkv_proj [q; k; v] and one gate_up_proj [gate; up] per layer."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    torch.manual_seed(0)
+    cfg = Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)
+    return Phi3ForCausalLM(cfg).eval()
+
+
+def mistral() -> nn.Module:
+    """LLaMA's layout with every layer a sliding-window one (window 4, shorter than the test sequences)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    cfg = MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, sliding_window=4)
+    return MistralForCausalLM(cfg).eval()
+
+
+def opt() -> nn.Module:
+    """Learned positions offset by 2 and computed from the attention mask; biases everywhere; pad id 1."""
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                    max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=2)
+    return OPTForCausalLM(cfg).eval()
+
+
+def gpt_neox() -> nn.Module:
+    """A fused query_key_value interleaved per head, partial rotary embeddings, parallel attention + MLP."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+def t5() -> nn.Module:
+    """Encoder-decoder with relative position biases and no biases in its linears (q, k, v, o, wi, wo)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=128,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def bart() -> nn.Module:
+    """Encoder-decoder with learned positions (offset 2); as facebook/bart-large, decoding starts from EOS and the
+    generation config forces BOS first and EOS at the last step."""
+    from transformers import BartConfig, BartForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = BartConfig(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
+                     encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=128,
+                     max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                     decoder_start_token_id=2)
+    model = BartForConditionalGeneration(cfg).eval()
+    model.generation_config.forced_bos_token_id = 0  # transformers 5 leaves it out of the generated config
+    return model
+
+
+def _seq2seq_ids(vocab: int) -> Callable[[int, int], dict]:
+    def make(batch: int, seq: int) -> dict:
+        g = torch.Generator().manual_seed(batch * 1000 + seq)
+        return {"input_ids": torch.randint(3, vocab, (batch, seq), generator=g),
+                "decoder_input_ids": torch.randint(3, vocab, (batch, max(1, seq - 2)), generator=g)}
+    return make
+
+
 def vit_inputs(batch: int, seq: int) -> dict:
     g = torch.Generator().manual_seed(batch)
     return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
@@ -143,6 +244,23 @@ FAMILIES = {
                       example_inputs=lambda: (torch.randn(2, 3, 12, 12),), hf=False),
 }
 HF_FAMILIES = [name for name, f in FAMILIES.items() if f.hf]
+
+_LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Kept out of FAMILIES, so the tests parametrized over the whole table do not grow; the drop-in workflow
+# (tests/frontend/test_dropin_more_families.py) runs on each. all_linear is what those tests adapt.
+MORE_FAMILIES = {
+    "qwen3": Family("qwen3", qwen3, _ids(128), ("q_proj", "v_proj"), _LLAMA_LINEAR),
+    "gemma2": Family("gemma2", gemma2, _ids(128), ("q_proj", "v_proj"), _LLAMA_LINEAR),
+    "gemma3": Family("gemma3", gemma3, _ids(128), ("q_proj", "v_proj"), _LLAMA_LINEAR),
+    "phi3": Family("phi3", phi3, _ids(128), ("qkv_proj",), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "mistral": Family("mistral", mistral, _ids(128), ("q_proj", "v_proj"), _LLAMA_LINEAR),
+    "opt": Family("opt", opt, _ids(128), ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    "gpt_neox": Family("gpt_neox", gpt_neox, _ids(128), ("query_key_value",),
+                       ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    "t5": Family("t5", t5, _seq2seq_ids(128), ("q", "v"), ("q", "k", "v", "o", "wi", "wo")),
+    "bart": Family("bart", bart, _seq2seq_ids(128), ("q_proj", "v_proj"),
+                   ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+}
 
 
 def compile_family(family: Family, spec, **kwargs):

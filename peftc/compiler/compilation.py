@@ -65,6 +65,21 @@ class Built:
             object.__setattr__(self, "flat", self.graph_module)
 
 
+def sliding_windows(model: nn.Module) -> tuple:
+    """Each decoder layer's sliding window (None: full attention) from a transformers config's layer_types and
+    sliding_window (no layer_types: every layer slides, as Mistral's); () when no layer slides."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return ()
+    config = config.get_text_config(decoder=True)
+    window, layers = getattr(config, "sliding_window", None), getattr(config, "num_hidden_layers", None)
+    if window is None or not isinstance(layers, int):
+        return ()
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * layers
+    windows = tuple(int(window) if kind == "sliding_attention" else None for kind in types)
+    return windows if any(w is not None for w in windows) else ()
+
+
 @dataclass(frozen=True, eq=False)
 class Compilation:
     # The model graphs are captured from: a weight view of the user's (or its copy without packed weights)
@@ -78,7 +93,8 @@ class Compilation:
 
     @classmethod
     def start(cls, model: nn.Module, spec: Spec | None, options: CompileOptions | None = None) -> "Compilation":
-        return cls(model, spec, nn.Module(), options or CompileOptions())
+        return cls(model, spec, nn.Module(), options or CompileOptions(),
+                   shared=SharedState(attention_windows=sliding_windows(model)))
 
     # The plans callers build with (peftc.compiler.plan); made here so callers need not know the passes.
     def train_plan(self, checkpoint_layers: bool = False) -> Plan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,12 @@ from peftc.capture.example_inputs import example_call
 from peftc.compiler.calibrate import calibrate
 from peftc.compiler.compilation import Compilation, CompileOptions
 from peftc.compiler.early_targets import check_targets
+from peftc.core.all_linear import all_linear_names, is_all_linear
 from peftc.compiler.first_build import build_first
 from peftc.ir.inductor_warmup import start_cpu_probes, wait_for_probes
 from peftc.runtime.compiled import CompiledModel
 from peftc.runtime.user_model import kept_unchanged, weight_view
-from peftc.spec.parse import as_spec
+from peftc.spec.parse import Spec, as_spec
 
 
 def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_kwargs: dict | None = None,
@@ -35,7 +37,7 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     `calibration` is the data LoRA's inits "corda" and "eva" start from: an iterable of model inputs,
     or a function that calls the model it is given (peftc.compiler.calibrate).
     """
-    spec = as_spec(spec)
+    spec = with_all_linear_resolved(as_spec(spec), model)
     check_targets(model, spec)  # a target naming nothing in the model fails before the capture's seconds
     if backend == "inductor" and any(p.device.type == "cpu" for p in model.parameters()):
         start_cpu_probes()  # Inductor's C++ start-up, in threads while the capture runs
@@ -52,3 +54,12 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     superset = start.superset_parts()
     return CompiledModel(compilation.after_first_build(start.built), plan, start.built, (args, kwargs),
                          training=model.training, superset=superset)
+
+
+def with_all_linear_resolved(spec: Spec, model: nn.Module) -> Spec:
+    """`spec` with each entry whose targets are PEFT's `"all-linear"` targeting the model's linear modules but
+    the output layer, by full name, as PEFT's get_peft_model resolves it (peftc.core.all_linear); the compiled
+    model's spec, report and PEFT checkpoints then name them."""
+    adapters = tuple(dataclasses.replace(entry, targets=tuple(all_linear_names(model)))
+                     if is_all_linear(getattr(entry, "targets", ())) else entry for entry in spec.adapters)
+    return spec if adapters == spec.adapters else dataclasses.replace(spec, adapters=adapters)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from peftc.compiler.compile import compile
+from peftc.core.all_linear import all_linear_names, is_all_linear
 from peftc.errors import CheckpointError, SpecError
 from peftc.passes.copy_params import copied_names
 from peftc.runtime.checkpoint import (
@@ -27,6 +28,7 @@ from .peft_config import as_config_dict, spec_dict_from_peft
 from .peft_files import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE
 from .peft_keys import PREFIX, is_unused_original, normalize, peft_names
 from .peft_prefix import split_table
+from .peft_rows import is_seq2seq_prompt
 from .peft_vblora import is_topk_file, logits_from_topk
 
 
@@ -48,7 +50,7 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, auto
         spec_dict = spec_dict_from_folder(model, directory / CONFIG_FILE, autocast_adapter_dtype)
     if directory is None:
         return compile(model, spec_dict, **compile_kwargs)
-    tensors = read_peft_weights(directory, allow_pickle)
+    tensors = encoder_prompt_rows(as_config_dict(directory / CONFIG_FILE), read_peft_weights(directory, allow_pickle))
     refuse_non_finite(directory / SAFETENSORS_FILE, tensors)  # as stored: VB-LoRA's rebuilt logits hold -inf
     spec_dict["adapters"] += overriding_copies(spec_dict, tensors, model)
     cm = compile(model, spec_dict, **compile_kwargs)
@@ -118,23 +120,19 @@ def read_peft_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Te
         raise CheckpointError(f"{pickled}: cannot be read ({err})") from err
 
 
+def encoder_prompt_rows(config: dict, tensors: dict) -> dict:
+    """An encoder-decoder's prompt table (2N rows) as the N its prompt tuning reads (peft_rows.read_prompt)."""
+    table = tensors.get("prompt_embeddings")
+    if not is_seq2seq_prompt(config) or table is None or table.dim() != 2:
+        return tensors
+    return {**tensors, "prompt_embeddings": table[: config["num_virtual_tokens"]]}
+
+
 def resolve_all_linear(config: dict, model: nn.Module) -> dict:
     """PEFT's 'all-linear': every nn.Linear / Conv1D module except the output layer, by full name."""
-    target = config.get("target_modules")
-    if not (isinstance(target, str) and target.lower() == "all-linear"):
+    if not is_all_linear(config.get("target_modules") or ()):
         return config
-    linear = (nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
-        linear = (nn.Linear, Conv1D)
-    except ImportError:
-        pass
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None and config.get("task_type") == "SEQ_CLS":  # PEFT also spares a classifier head
-        head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    names = [n for n, m in model.named_modules() if isinstance(m, linear) and m is not head]
-    if not names:
-        raise SpecError("target_modules: 'all-linear' found no linear layer in the model")
+    names = all_linear_names(model, sequence_classifier=config.get("task_type") == "SEQ_CLS")
     return {**config, "target_modules": names}
 
 

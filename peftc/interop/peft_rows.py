@@ -309,10 +309,18 @@ def read_vera(cfg: dict) -> list[dict]:
 
 
 def read_prompt(cfg: dict) -> list[dict]:
-    if (cfg.get("num_transformer_submodules") or 1) != 1:
+    """An encoder-decoder's (SEQ_2_SEQ_LM, 2 submodules) too: PEFT's prompt tuning prepends the first N rows of
+    its table at the encoder, as peftc's prompt does (from_peft reads those rows: encoder_prompt_rows)."""
+    if (cfg.get("num_transformer_submodules") or 1) != 1 and not is_seq2seq_prompt(cfg):
         raise SpecError(f"num_transformer_submodules: peftc prompt tuning prepends at one token embedding; "
                         f"{cfg['num_transformer_submodules']} (an encoder-decoder) is not supported")
     return [{"method": "prompt", "num_tokens": cfg["num_virtual_tokens"]}] + _saved_copies(cfg)
+
+
+def is_seq2seq_prompt(cfg: dict) -> bool:
+    """PEFT's encoder-decoder prompt tuning: a table of 2N rows, the encoder's first."""
+    return (cfg.get("peft_type") == "PROMPT_TUNING" and cfg.get("task_type") == "SEQ_2_SEQ_LM"
+            and (cfg.get("num_transformer_submodules") or 1) == 2)
 
 
 def read_prefix(cfg: dict) -> list[dict]:

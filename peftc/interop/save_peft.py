@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from peftc.core.distributed import any_sharded, wait_for_writer, whole, writes_files
 from peftc.core.files import atomic_dir
 from peftc.errors import CheckpointError
@@ -63,10 +65,27 @@ def _fill_prompt_config(config: dict, cm, tensors: dict, own: dict) -> None:
         config.update(token_dim=int(kv * d), num_attention_heads=int(kv), num_layers=len(keys))
     name = type(cm.compilation.source).__name__
     task = next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
+    if getattr(getattr(cm.compilation.source, "config", None), "is_encoder_decoder", False):
+        task = _seq2seq_prompt(config, tensors, name)
     if task is None:
         raise NotImplementedError(f"save_adapter(format='peft'): PEFT needs a task_type for prompt tuning and "
                                   f"peftc cannot tell it for {name}; known: {sorted(set(TASK_TYPES.values()))}")
     config["task_type"] = task
+
+
+def _seq2seq_prompt(config: dict, tensors: dict, name: str) -> str:
+    """An encoder-decoder's prompt as PEFT's SEQ_2_SEQ_LM writes it: prompt tuning keeps a table of 2N rows
+    (num_transformer_submodules 2) and prepends the first N to the encoder's embeddings, as peftc's prompt does;
+    the other N, which its prompt tuning never reads, are zeros here."""
+    if config["peft_type"] != "PROMPT_TUNING":
+        raise NotImplementedError(f"save_adapter(format='peft'): {config['peft_type']} on the encoder-decoder {name}: "
+                                  "PEFT's SEQ_2_SEQ_LM layout for it differs from peftc's (prefix keys at every "
+                                  "attention op; p-tuning's encoder over 2N tokens); save peftc's format "
+                                  "(cm.save_adapter(dir))")
+    table = tensors["prompt_embeddings"]
+    tensors["prompt_embeddings"] = torch.cat([table, torch.zeros_like(table)])
+    config["num_transformer_submodules"] = 2
+    return "SEQ_2_SEQ_LM"
 
 
 def _rank_pattern(cm) -> dict | None:

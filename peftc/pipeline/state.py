@@ -27,6 +27,10 @@ class SharedState:
     # LoRA's inits "corda" / "eva": the sites' input statistics on calibration data (peftc.ir.calibration),
     # gathered before the first build; None when the compile was given no calibration data
     calibration: Any = None
+    # Per decoder layer, in order: the sliding window it attends within, or None (full attention); empty for
+    # models with no sliding layers. Prefix tuning hides its keys from queries past the window, as PEFT's
+    # KV-cache prefix is (passes/insert_prefix.py).
+    attention_windows: tuple = ()
 
 
 @dataclass(frozen=True)

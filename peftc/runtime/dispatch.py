@@ -39,7 +39,9 @@ from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check
                                          drops_cache, refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
+from peftc.runtime.prefix_window import call_length, check_prefix_window
 from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
+from peftc.runtime.seq2seq_generate import generate_seq2seq
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -103,6 +105,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     def forward(self, *args, **kwargs):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
+        check_prefix_window(self.compilation.source, self.compilation.spec, call_length(kwargs))
         kwargs, output_flags = split_output_flags(kwargs)
         if wants_cache(self.compilation.source, kwargs):
             if not drops_cache(kwargs, self.training, self.plan.checkpoint_layers):
@@ -202,7 +205,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, **kwargs) -> torch.Tensor:
-        """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs.
+        """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs
+        (an encoder-decoder: over the compiled forward, peftc.runtime.seq2seq_generate).
 
         Takes GenerationMixin's arguments (see peftc.runtime.generate for those implemented) and
         returns the sequences, prompt included. Greedy unless `do_sample=True`.
@@ -219,6 +223,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:
             raise TypeError("generate() needs input_ids (the prompt token ids)")
+        if getattr(getattr(self.compilation.source, "config", None), "is_encoder_decoder", False):
+            return generate_seq2seq(self, self.compilation.source, input_ids, attention_mask, generation_config,
+                                    **kwargs)
         if self._generator is None:
             self._generator = Generator(self.compilation, self.plan)
         return generate(self._generator, input_ids, attention_mask, generation_config, **kwargs)

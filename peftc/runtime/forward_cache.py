@@ -21,7 +21,9 @@ positional example inputs), the superset takes no position_ids (prompt and prefi
 positions), the model has sliding-window or chunked attention, the graph cannot be derived (a call
 outside the superset: logits_to_keep) or the check fails, the graph is captured from `WithTensorCache`
 (peftc.runtime.tensor_cache) through the compiled model's own pipeline: the same passes, the same
-adapter parameters. A served model (peftc.serving.served) runs captured graphs, its routing
+adapter parameters. Where a captured graph's guards refuse a call with no past or with one new token
+that the original accepts (OPT: sizes export cannot relate, `_run_specialized`), a graph captured for
+calls of that kind runs it (one more capture each, on first use). A served model (peftc.serving.served) runs captured graphs, its routing
 `adapter_ids` one more graph input. The capture traces two decoder layers and copies the rest
 (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`), as the compile's
 own capture does.
@@ -69,9 +71,10 @@ from peftc.capture.kept_logits import LOGITS_TO_KEEP, keep_positions, output_emb
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.runtime.cache_derivation import CacheDerivation, derived_inputs, empty_past
+from peftc.runtime.call_errors import GUARD
 from peftc.runtime.kv_cache import head_dim, kv_heads
 from peftc.runtime.prompt_cache import CACHE_POSITION
-from peftc.runtime.tensor_cache import WithTensorCache, fill
+from peftc.runtime.tensor_cache import WithTensorCache, fill, full_attention_cache, with_full_layers
 
 # Inputs a cached call may pass besides the cache, by what their dims are: [batch, new tokens] ...
 TOKEN_INPUTS = ("input_ids", "position_ids", "labels")
@@ -129,6 +132,9 @@ class CachedForward:
         self.unkept: set[CallSignature] = set()  # logits_to_keep positions no graph here can take: captured
         self.cache_fields: dict[GraphModule, str] = {}  # a derived graph's output field for the cache
         self.underived: set[CallSignature] = set()  # signatures no graph derives for (tried once)
+        # Graphs for calls with no past or one new token where the shared graph's guards refuse them, by
+        # (signature, with a past, one token): _run_specialized.
+        self.specialized: dict[tuple[CallSignature, bool, bool], GraphModule] = {}
         # The superset's flat graph ran the same passes unless its plan checkpointed inline (no layer structure).
         same_passes = plan.structure_layers or not plan.checkpoint_layers
         self.derivation = CacheDerivation(compilation.source, *superset) \
@@ -154,13 +160,47 @@ class CachedForward:
         if self.modes.get(gm) is not training:  # set_mode walks the graph: only when the mode changed
             set_mode(gm, training)
             self.modes[gm] = training
+        # A cache passed empty, as DynamicCache(config=...) makes it: full layers where the model slides (_new_cache).
+        cache = with_full_layers(cache) if cache is not None and past is None else cache
         cache = cache if cache is not None else _new_cache(self.model)
         derived = derived_inputs(self.model, inputs, cache, keys[0].shape[2]) if gm in self.cache_fields else {}
-        result = gm(past_keys=list(keys), past_values=list(values), **{**inputs, **derived}, **(graph_inputs or {}))
+        if not derived and self._kind(inputs, past) in self.specialized:  # the shared graph refused such a call
+            result = self._run_specialized(inputs, past, training, graph_inputs)
+        else:
+            try:
+                result = gm(past_keys=list(keys), past_values=list(values), **{**inputs, **derived},
+                            **(graph_inputs or {}))
+            except AssertionError as err:
+                if derived or not (past is None or new == 1) or not GUARD.search(str(err)):
+                    raise
+                result = self._run_specialized(inputs, past, training, graph_inputs)
         out, keys, values = result["output"], result[KEYS], result[VALUES]
         cache = fill(cache, keys, values)
         field = self.cache_fields.get(gm, self.source.cache_field)
         return type(out)(**{**out, field: cache})  # in the original's field order
+
+    def _run_specialized(self, inputs: dict, past: tuple | None, training: bool, graph_inputs: dict | None) -> dict:
+        """A call the shared graph's guards refused, run by a graph captured for calls of its kind: with no past,
+        or with one new token. The shared graph was captured with 5 past and 3 new tokens, and a model may read
+        sizes export cannot relate: OPT slices its mask-derived positions at `[:, past_length:]`, whose length
+        (mask length - past) export neither knows is the tokens' nor shorter than the mask, so it guards
+        `mask length != mask length - past` (no past breaks it) and `mask length - past != 1` (one token does)."""
+        kind = self._kind(inputs, past)
+        if kind not in self.specialized:
+            example, shapes = self._example(inputs, with_past=kind[1], one_token=kind[2])
+            self.specialized[kind] = replace(self.compilation, source=self.source).build(
+                (), example, self.plan, dynamic_shapes=shapes).graph_module
+        gm = self.specialized[kind]
+        if self.modes.get(gm) is not training:
+            set_mode(gm, training)
+            self.modes[gm] = training
+        pasts = {"past_keys": list(past[0]), "past_values": list(past[1])} if past is not None else {}
+        return gm(**pasts, **inputs, **(graph_inputs or {}))
+
+    @staticmethod
+    def _kind(inputs: dict, past: tuple | None) -> tuple[CallSignature, bool, bool]:
+        """What a specialized graph is kept by: the call's signature, whether it has a past, one new token."""
+        return CallSignature.of((), inputs), past is not None, _main_input(inputs).shape[1] == 1
 
     def graph_for(self, inputs: dict, capture: bool = True) -> tuple[GraphModule, dict] | None:
         """The graph for this call and the call as it takes it: an int logits_to_keep as its positions, the
@@ -207,33 +247,48 @@ class CachedForward:
         built = replace(self.compilation, source=self.source).build((), example, self.plan, dynamic_shapes=shapes)
         return built.graph_module
 
-    def _example(self, inputs: dict) -> tuple[dict, dict]:
-        """A call like `inputs` at the example sizes, and its dynamic shapes."""
+    def _example(self, inputs: dict, with_past: bool = True, one_token: bool = False) -> tuple[dict, dict]:
+        """A call like `inputs` at the example sizes, and its dynamic shapes; `with_past=False`: a call with no
+        past (no past_keys, the mask as long as the tokens); `one_token`: one new token, a static size."""
         example, shapes = {}, {}
+        past_length = PAST if with_past else 0
+        new = 1 if one_token else NEW
+        new_dim, total_dim = _token_dims(with_past, one_token)
         for name, value in inputs.items():
             if not isinstance(value, torch.Tensor):
                 example[name], shapes[name] = value, None  # a flag (or logits_to_keep, where not derived)
                 continue
-            width = NEW if name in TOKEN_INPUTS + EMBEDS_INPUTS else PAST + NEW
+            width = new if name in TOKEN_INPUTS + EMBEDS_INPUTS else past_length + new
             if name in EMBEDS_INPUTS:
                 weight = self.model.get_input_embeddings().weight
                 example[name] = weight.new_zeros(BATCH, width, value.shape[-1]).normal_()
-                shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO, 2: Dim.STATIC}  # hidden is the model's: static
+                shapes[name] = {0: Dim.AUTO, 1: new_dim, 2: Dim.STATIC}  # hidden is the model's: static
                 continue
             if name == CACHE_POSITION:  # [new tokens]: a prompt model's (peftc.runtime.prompt_cache)
-                example[name], shapes[name] = torch.arange(PAST, PAST + NEW, device=value.device), {0: Dim.AUTO}
+                example[name], shapes[name] = torch.arange(past_length, past_length + new, device=value.device), {0: new_dim}
                 continue
             if name == "position_ids":
-                example[name] = torch.arange(PAST, PAST + NEW, device=value.device).expand(BATCH, -1).to(value.dtype)
+                example[name] = torch.arange(past_length, past_length + new, device=value.device).expand(BATCH, -1).to(value.dtype)
             else:
                 example[name] = value.new_ones(BATCH, width) if name in TOTAL_INPUTS else value.new_zeros(BATCH, width)
-            shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO}
+            shapes[name] = {0: Dim.AUTO, 1: total_dim if name in TOTAL_INPUTS else new_dim}
+        if not with_past:
+            return example, shapes
         keys, values = empty_past(self.model, BATCH, PAST)
         example.update(past_keys=[k.normal_() for k in keys], past_values=[v.normal_() for v in values])
         # One past length for every layer: one symbol, so each layer reads the same size (layer_stacks can copy them).
         past = {0: Dim.AUTO, 2: PAST_LENGTH}
         shapes.update(past_keys=[past] * len(keys), past_values=[past] * len(keys))
         return example, shapes
+
+
+def _token_dims(with_past: bool, one_token: bool) -> tuple:
+    """The dynamic shapes of a call's new-token dim and of its mask's (past + new) dim."""
+    if not one_token:
+        return Dim.AUTO, Dim.AUTO
+    # One token: static; a mask after a past is past + 1, a relation export asks to be told (it cannot be
+    # stated for past + a dynamic new, hence the shared graph's guards).
+    return Dim.STATIC, PAST_LENGTH + 1 if with_past else Dim.STATIC
 
 
 def refuse_sharded(sharded: bool) -> None:
@@ -316,9 +371,7 @@ def past_tensors(model: nn.Module, cache, batch: int) -> tuple[list, list] | Non
 
 
 def _new_cache(model: nn.Module):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=_text_config(model))
+    return full_attention_cache(_text_config(model))
 
 
 def _text_config(model: nn.Module):

@@ -31,14 +31,19 @@ from peftc.ir.attribute_owners import alias_attribute_owners
 from peftc.ir.modes import set_mode
 from peftc.ir.packed_shrink import inline_packed_shrinks
 from peftc.runtime.kv_cache import WithStaticCache
+from peftc.runtime.prefix_window import check_prefix_window
 from peftc.runtime.prompt_cache import prepended_tokens
 
 MIN_CACHE_LEN = 32
 # What this loop implements; other GenerationConfig fields passed to generate() are refused.
 SUPPORTED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
              "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "num_beams", "num_return_sequences",
-             "cache_implementation"}
+             "cache_implementation", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id"}
 
+# Keywords GenerationMixin takes that change no token here, which Seq2SeqTrainer(predict_with_generate=True)
+# passes: labels (a model input that only adds a loss generate does not return) and synced_gpus (the
+# graphs hold no collective to keep in step: a sharded model cannot generate).
+NO_EFFECT = {"labels", "synced_gpus"}
 
 
 @dataclass
@@ -108,11 +113,11 @@ def resolve_config(model: nn.Module, generation_config, kwargs: dict):
 
     base = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
     config = copy.deepcopy(base)
-    unused = config.update(**kwargs)
+    unused = config.update(**{name: value for name, value in kwargs.items() if name not in NO_EFFECT})
     if unused:
         raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unused)}; the compiled model "
                         "accepts GenerationConfig fields and attention_mask")
-    changed = [k for k in kwargs if k not in SUPPORTED]
+    changed = [k for k in kwargs if k not in SUPPORTED | NO_EFFECT]
     if changed:
         raise NotImplementedError(f"generate(): peftc's compiled generate does not implement {sorted(changed)}; "
                                   f"it supports {sorted(SUPPORTED - {'use_cache', 'cache_implementation'})}. "
@@ -123,8 +128,12 @@ def resolve_config(model: nn.Module, generation_config, kwargs: dict):
     return config
 
 
-def logits_processors(config):
+def logits_processors(config, max_length: int):
+    """GenerationMixin's processors for the fields this loop implements; `max_length` is the length
+    of the sequences at the last step (where a forced EOS goes)."""
     from transformers import (
+        ForcedBOSTokenLogitsProcessor,
+        ForcedEOSTokenLogitsProcessor,
         LogitsProcessorList,
         RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
@@ -135,6 +144,12 @@ def logits_processors(config):
     processors = LogitsProcessorList()
     if config.repetition_penalty not in (None, 1.0):
         processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    # After the penalty, as GenerationMixin orders them; a model's generation_config may set them (BART's
+    # forced_eos_token_id), which GenerationMixin applies unasked.
+    if config.forced_bos_token_id is not None:
+        processors.append(ForcedBOSTokenLogitsProcessor(config.forced_bos_token_id))
+    if config.forced_eos_token_id is not None:
+        processors.append(ForcedEOSTokenLogitsProcessor(max_length, config.forced_eos_token_id))
     if config.do_sample:
         if config.temperature not in (None, 1.0):
             processors.append(TemperatureLogitsWarper(config.temperature))
@@ -160,13 +175,22 @@ def generate(generator: Generator, input_ids: torch.Tensor, attention_mask: torc
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
     if new_tokens <= 0:
         return input_ids[:, slots:]
+    check_prefix_window(generator.model, generator.compilation.spec, prompt_len + new_tokens, "generate()")
     if generator.prompt_tokens:
         input_ids, attention_mask, position_mask = with_slots(input_ids, attention_mask, generator.prompt_tokens)
         slots += generator.prompt_tokens
     graphs, mask, positions, logits = _prefill(generator, input_ids, attention_mask, new_tokens, graph_inputs,
                                                position_mask)
-    return _decode_loop(graphs.decode, config, input_ids, mask, positions[:, -1:], logits, new_tokens, graph_inputs,
-                        slots)
+    position = positions[:, -1:]
+
+    def next_logits(token: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+        nonlocal position
+        position = position + 1
+        return graphs.decode(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                             cache_position=torch.tensor([sequences.shape[1] - 1], device=token.device),
+                             **graph_inputs)[:, -1]
+
+    return decode_loop(next_logits, config, input_ids, logits, new_tokens, slots)
 
 
 def with_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -200,9 +224,10 @@ def _prefill(generator: Generator, input_ids, attention_mask, new_tokens: int, g
     return graphs, mask, positions, logits
 
 
-def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, logits, new_tokens, graph_inputs,
-                 slots: int):
-    processors = logits_processors(config)
+def decode_loop(next_logits, config, input_ids, logits, new_tokens: int, slots: int = 0) -> torch.Tensor:
+    """Pick `new_tokens` tokens after `input_ids` as GenerationMixin does (processors, greedy or sampled,
+    eos and pad); `logits` are the last position's, `next_logits(token, sequences)` the next step's."""
+    processors = logits_processors(config, input_ids.shape[1] - slots + new_tokens)
     eos = _as_list(config.eos_token_id)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -219,10 +244,7 @@ def _decode_loop(decode: GraphModule, config, input_ids, mask, last_position, lo
             unfinished &= ~torch.isin(token, torch.tensor(eos, device=token.device))
         if not unfinished.any() or step == new_tokens - 1:
             break
-        last_position = last_position + 1
-        position = sequences.shape[1] - 1
-        logits = decode(input_ids=token[:, None], attention_mask=mask, position_ids=last_position,
-                        cache_position=torch.tensor([position], device=token.device), **graph_inputs)[:, -1]
+        logits = next_logits(token, sequences)
     return sequences[:, slots:]
 
 

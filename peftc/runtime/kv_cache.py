@@ -6,6 +6,15 @@ torch.export sees in-place buffer updates instead of a Cache object in the input
 Unlike that wrapper, this one registers the model's *children* as its own, so every parameter
 keeps its fully qualified name (`model.layers.0.self_attn.q_proj.weight`) and the spec's
 passes find the same sites and mount the same adapter parameters as on the training graph.
+
+Sliding-window layers (Mistral, Gemma 2/3's local layers, Qwen2 with use_sliding_window) get a full
+`StaticLayer` of the same length as the others. transformers' `StaticSlidingWindowLayer` keeps its
+fill level in a Python int (`cumulative_length_int`) and branches on it, so a graph captured once
+would bake in one step's branch (and the prefill capture leaks its symbolic length into the decode
+capture). A full layer holds every position; the window is still applied by the model's own
+sliding-window mask (`create_sliding_window_causal_mask` reads `config.sliding_window`), so the
+attention is the same as with a rolling buffer, at the cost of memory for the positions before the
+window.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ class WithStaticCache(nn.Module):
         object.__setattr__(self, "_model", model)  # called, not registered: its children are ours
         config = model.config.get_text_config()
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        self.cache.layers = [full_length(layer, max_cache_len) for layer in self.cache.layers]
         weight = next(model.parameters())
         self.cache.early_initialization(batch_size, kv_heads(config), head_dim(config), weight.dtype,
                                         weight.device)
@@ -48,6 +58,15 @@ class WithStaticCache(nn.Module):
         return self._model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            cache=self.cache, cache_position=cache_position, use_cache=True,
                            **self.head_kwargs).logits
+
+
+def full_length(layer, max_cache_len: int):
+    """`layer`, or a full StaticLayer of `max_cache_len` for a sliding one (its window comes from the mask)."""
+    from transformers.cache_utils import StaticLayer
+
+    if getattr(layer, "is_sliding", False) and isinstance(layer, StaticLayer):
+        return StaticLayer(max_cache_len=max_cache_len)
+    return layer
 
 
 def kv_heads(config) -> int:

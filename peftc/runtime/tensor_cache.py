@@ -9,6 +9,7 @@ output without the cache plus each layer's keys and values after the call. The r
 (peftc.runtime.forward_cache) wraps the tensors into a `DynamicCache` again, so callers see what
 the original returns. As `WithStaticCache` does, it registers the model's children as its own, so
 parameter names and sites are the model's and the spec's passes mount the same adapters.
+Sliding-window layers are full layers here (`full_attention_cache`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,7 @@ class WithTensorCache(nn.Module):
     def forward(self, past_keys=None, past_values=None, cache_position=None, **kwargs):
         """`cache_position`: where the call's tokens sit in the cache, read by the prompt passes only (a model with
         virtual tokens: peftc.runtime.prompt_cache); the model counts its own from the cache, the same."""
-        from transformers import DynamicCache
-
-        config = self._model.config.get_text_config(decoder=True)
-        cache = DynamicCache(config=config)
+        cache = full_attention_cache(self._model.config.get_text_config(decoder=True))
         if past_keys is not None:
             fill(cache, past_keys, past_values)
         out = self._model(**{self.cache_parameter: cache}, use_cache=True, **kwargs)
@@ -44,6 +42,27 @@ class WithTensorCache(nn.Module):
         ran = [i for i, layer in enumerate(cache.layers) if past_keys is None or layer.keys is not past_keys[i]]
         return {"output": rest, KEYS: tuple(cache.layers[i].keys for i in ran),
                 VALUES: tuple(cache.layers[i].values for i in ran)}
+
+
+def full_attention_cache(config):
+    """A DynamicCache for `config` whose sliding-window layers are full ones (DynamicLayer), as the generation
+    graphs' StaticCache (peftc.runtime.kv_cache). transformers' DynamicSlidingWindowLayer keeps the last
+    window - 1 positions and tracks its length in a Python int, which a captured graph would bake in (Mistral,
+    Gemma 2/3 failed to capture); a full layer keeps every position and the model's sliding-window mask
+    (create_sliding_window_causal_mask, from config.sliding_window) still limits what each query sees, so the
+    logits are the original's. Such a layer holds more past than the original's: the positions before the window."""
+    from transformers import DynamicCache
+
+    return with_full_layers(DynamicCache(config=config))
+
+
+def with_full_layers(cache):
+    """`cache` (a DynamicCache not filled yet) with a full DynamicLayer for each sliding one, in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    cache.layers = [DynamicLayer() if getattr(layer, "is_sliding", False) and not layer.is_initialized else layer
+                    for layer in cache.layers]
+    return cache
 
 
 def fill(cache, keys, values):

@@ -159,9 +159,12 @@ class ServedModel(GraphDispatch):
         if width:
             input_ids, attention_mask, position_mask = with_prompt_slots(
                 input_ids, attention_mask, self._rows_prompt_lengths(ids), width)
+        call = dict(graph_inputs={"adapter_ids": ids}, position_mask=position_mask, slots=width, **kwargs)
+        if getattr(getattr(self.compilation.source, "config", None), "is_encoder_decoder", False):
+            # decoded over forward calls (peftc.runtime.seq2seq_generate), each taking the lock itself
+            return super().generate(input_ids, attention_mask, generation_config, **call)
         with self._build_lock:
-            return super().generate(input_ids, attention_mask, generation_config, graph_inputs={"adapter_ids": ids},
-                                    position_mask=position_mask, slots=width, **kwargs)
+            return super().generate(input_ids, attention_mask, generation_config, **call)
 
     def _rows_prompt_lengths(self, ids: torch.Tensor) -> torch.Tensor:
         """Each row's number of virtual tokens, on the ids' device (indexing there: no copy back to the host)."""
