@@ -8,9 +8,13 @@ peftc.capture.attention_sites), takes a one-token prompt as the original does.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from families import FAMILIES, randomize_adapters
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.export import Dim
 
@@ -39,6 +43,23 @@ def test_a_relation_between_sizes_is_checked_and_no_bound_derived_from_it():
         assert torch.equal(gm(**example(*sizes)), PaddedSum()(**example(*sizes)))
     with pytest.raises(AssertionError, match="Guard failed"):
         gm(**example(3, 5, 7))  # mask shorter than past + new: still refused
+
+
+@functools.cache
+def captured_padded_sum():
+    return capture(PaddedSum(), (), example(3, 5, 10), copy_layers=False)
+
+
+@given(x_len=st.integers(1, 12), past_len=st.integers(0, 12), mask_len=st.integers(1, 30))
+def test_the_graph_takes_exactly_the_calls_whose_sizes_keep_the_relation(x_len, past_len, mask_len):
+    """Whatever the sizes, the graph refuses a call iff past + new > mask (the model's own rule), and
+    otherwise returns the module's result: no bound export inferred from counting sizes at 2."""
+    call = example(x_len, past_len, mask_len)
+    if mask_len >= past_len + x_len:
+        assert torch.equal(captured_padded_sum()(**call), PaddedSum()(**call))
+    else:
+        with pytest.raises(AssertionError, match="Guard failed"):
+            captured_padded_sum()(**call)
 
 
 def test_a_declared_minimum_is_kept():
