@@ -121,6 +121,16 @@ def stand_in_for(module: nn.Module, model: nn.Module, signature: inspect.Signatu
     module.__dict__["forward"] = forward
 
 
+# A weight view's note of the model it views (peftc.runtime.user_model): its id, which pickles and copies (a
+# weak reference would not), compared only among the views one call made (peftc.capture.captured's shared stores).
+VIEW_OF = "_peftc_view_of"
+
+
+def viewed_model_id(view: nn.Module) -> int | None:
+    """The id of the model `view` (a weight view) was made from; None for any other module."""
+    return view.__dict__.get(VIEW_OF)
+
+
 def stood_for(module: nn.Module) -> tuple[nn.Module, tuple[type, ...]]:
     """The model `module` stands for (through any wrappers made by `stand_in_for`), and the wrappers' types,
     outermost first: a capture traced through a wrapper made per build is the wrapped model's."""

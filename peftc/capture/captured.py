@@ -29,7 +29,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 from torch.utils import _pytree as pytree
 
-from peftc.capture.binding import stood_for
+from peftc.capture.binding import stood_for, viewed_model_id
 
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
@@ -52,14 +52,18 @@ class CapturedGraphs:
     captures again. A deep copy shares the kept captures, which the copy's weights then fill.
     """
 
-    def __init__(self):
+    def __init__(self, across_views: bool = False):
         self._kept: list[_Kept] = []
+        # Whether weight views of one model share captures: for compilations made together from one model
+        # (train_adapters' per-adapter compiles), which nothing can change between their captures.
+        self.across_views = across_views
 
     def reuse(self, model: nn.Module, args: tuple, kwargs: dict) -> GraphModule | None:
         """A copy of the capture of an equal call, reading `model`'s tensors; None if there is none."""
         inner, wrappers = stood_for(model)
         for kept in self._kept:  # a call captured again after a dtype change has two: the one that fits
-            if kept.model() is inner and kept.wrappers == wrappers and kept.call == call_fingerprint((args, kwargs)):
+            if self._same_model(kept, inner) and kept.wrappers == wrappers \
+                    and kept.call == call_fingerprint((args, kwargs)):
                 gm = _instance(kept, model)
                 if gm is not None:
                     return gm
@@ -78,11 +82,18 @@ class CapturedGraphs:
         if fingerprint is not None:
             self._kept.append(_Kept(weakref.ref(inner), wrappers, fingerprint, template, meta))
 
+    def _same_model(self, kept: _Kept, model: nn.Module) -> bool:
+        captured = kept.model()
+        if captured is model:
+            return True
+        viewed = viewed_model_id(model) if self.across_views else None  # a shared store: views of one call's model
+        return viewed is not None and captured is not None and viewed_model_id(captured) == viewed
+
     def __len__(self) -> int:
         return len(self._kept)
 
     def __getstate__(self):
-        return {"_kept": []}
+        return {"_kept": [], "across_views": self.across_views}
 
     def __deepcopy__(self, memo: dict) -> CapturedGraphs:
         """The kept captures (they hold no tensors) for the copy of each model, where it was copied first (a

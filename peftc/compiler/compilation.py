@@ -92,9 +92,12 @@ class Compilation:
     captured: CapturedGraphs = field(default_factory=CapturedGraphs)  # captures a later build of the same call reuses
 
     @classmethod
-    def start(cls, model: nn.Module, spec: Spec | None, options: CompileOptions | None = None) -> "Compilation":
+    def start(cls, model: nn.Module, spec: Spec | None, options: CompileOptions | None = None,
+              captured: CapturedGraphs | None = None) -> "Compilation":
+        """`captured`: a store shared with other compilations (peftc.serving.multi_train), else its own."""
         return cls(model, spec, nn.Module(), options or CompileOptions(),
-                   shared=SharedState(attention_windows=sliding_windows(model)))
+                   shared=SharedState(attention_windows=sliding_windows(model)),
+                   captured=captured if captured is not None else CapturedGraphs())  # an empty store is falsy
 
     # The plans callers build with (peftc.compiler.plan); made here so callers need not know the passes.
     def train_plan(self, checkpoint_layers: bool = False) -> Plan:

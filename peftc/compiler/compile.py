@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from peftc.capture.captured import CapturedGraphs
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.calibrate import calibrate
 from peftc.compiler.compilation import Compilation, CompileOptions
@@ -37,12 +38,24 @@ def compile(model: nn.Module, spec: Any, *, example_inputs: Any = None, example_
     `calibration` is the data LoRA's inits "corda" and "eva" start from: an iterable of model inputs,
     or a function that calls the model it is given (peftc.compiler.calibrate).
     """
+    return compile_sharing_captures(model, spec, None, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                                    dynamic_shapes=dynamic_shapes, dump_dir=dump_dir, backend=backend,
+                                    copy_layers=copy_layers, gradient_checkpointing=gradient_checkpointing,
+                                    calibration=calibration)
+
+
+def compile_sharing_captures(model: nn.Module, spec: Any, captured: CapturedGraphs | None, *,
+                             example_inputs: Any = None, example_kwargs: dict | None = None, dynamic_shapes: Any = None,
+                             dump_dir: str | Path | None = None, backend: str = "torch", copy_layers: bool = True,
+                             gradient_checkpointing: bool = False, calibration: Any = None) -> CompiledModel:
+    """`compile`, its captures kept in (and reused from) `captured`, a store compilations made together from one
+    model share (`CapturedGraphs(across_views=True)`: train_adapters' per-adapter models); None: its own."""
     spec = with_all_linear_resolved(as_spec(spec), model)
     check_targets(model, spec)  # a target naming nothing in the model fails before the capture's seconds
     if backend == "inductor" and any(p.device.type == "cpu" for p in model.parameters()):
         start_cpu_probes()  # Inductor's C++ start-up, in threads while the capture runs
     view = weight_view(model)  # the user's storage; our own Parameter objects, flags and modes
-    compilation = Compilation.start(view, spec, CompileOptions(backend=backend, copy_layers=copy_layers))
+    compilation = Compilation.start(view, spec, CompileOptions(backend=backend, copy_layers=copy_layers), captured)
     args, kwargs = example_call(model, example_inputs, example_kwargs)
     plan = compilation.train_plan(checkpoint_layers=gradient_checkpointing)
     with kept_unchanged(model):  # a second guard: nothing above should touch the user's model

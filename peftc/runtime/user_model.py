@@ -23,9 +23,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from peftc.capture.binding import VIEW_OF
+
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
 
 
 def weight_view(model: nn.Module) -> nn.Module:
@@ -56,7 +59,9 @@ def weight_view(model: nn.Module) -> nn.Module:
                 clone._init_flat_weights()
         return modules[id(module)]
 
-    return view_module(model)
+    view = view_module(model)
+    object.__setattr__(view, VIEW_OF, id(model))  # a plain attribute: not a submodule, not state
+    return view
 
 
 def frozen_view(model: nn.Module) -> nn.Module:

@@ -27,9 +27,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from peftc.capture.captured import CapturedGraphs
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation
-from peftc.compiler.compile import compile
+from peftc.compiler.compile import compile_sharing_captures
 from peftc.errors import SpecError
 from peftc.inspect.report import Report
 from peftc.interop.from_peft import load_adapter_dir
@@ -54,8 +55,10 @@ def train_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, exa
     """
     check_adapter_names(adapters_by_name, "train_adapters", "spec_or_adapter")
     example = example_call(model, example_inputs, example_kwargs)
-    own = {name: _own_model(name, value, model, example) for name, value in adapters_by_name.items()}
-    compilation = Compilation.start(frozen_view(model), None)  # the user's memory; the base frozen in our view only
+    captured = CapturedGraphs(across_views=True)  # one model, one call: each adapter's compile reuses the first capture
+    own = {name: _own_model(name, value, model, example, captured) for name, value in adapters_by_name.items()}
+    # the user's memory; the base frozen in our view only
+    compilation = Compilation.start(frozen_view(model), None, captured=captured)
     roots = []
     for k, cm in enumerate(own.values()):
         roots.append(f"adapter{k}")
@@ -67,16 +70,17 @@ def train_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, exa
     return MultiAdapterModel(compilation, plan, built, example, own)
 
 
-def _own_model(name: str, value: Any, model: nn.Module, example: tuple[tuple, dict]) -> CompiledModel:
-    """The adapter's own compiled model on `model`: its tensors are the ones trained."""
+def _own_model(name: str, value: Any, model: nn.Module, example: tuple[tuple, dict],
+               captured: CapturedGraphs) -> CompiledModel:
+    """The adapter's own compiled model on `model`: its tensors are the ones trained. Compiles share `captured`."""
     args, kwargs = example
     if isinstance(value, CompiledModel):
-        cm = compile(model, value.spec, example_inputs=args, example_kwargs=kwargs)
+        cm = compile_sharing_captures(model, value.spec, captured, example_inputs=args, example_kwargs=kwargs)
         cm.adapter_root.load_state_dict(value.adapter_root.state_dict())
     elif isinstance(value, (str, Path)) and Path(value).is_dir():
         cm = load_adapter_dir(model, value, example_inputs=args, example_kwargs=kwargs)
     else:
-        cm = compile(model, as_spec(value), example_inputs=args, example_kwargs=kwargs)
+        cm = compile_sharing_captures(model, as_spec(value), captured, example_inputs=args, example_kwargs=kwargs)
     methods = [entry.method for entry in cm.spec.adapters]
     if methods not in (["lora"], ["ia3"]) or cm.spec.trainable or cm.spec.quantize is not None:
         raise SpecError(f"adapter {name!r}: spec adapters are {methods}; train_adapters takes one 'lora' or 'ia3' "

@@ -115,3 +115,27 @@ def test_report_names_each_adapters_sites(trained):
         assert rows[name]["sites"] == sorted(s.path for s in ref.sites if any(
             r.method is not None and s.path in r.sites for r in ref.records))
     assert "train_many" == mt.plan.name and "lower_lora_multi" in str(mt.report())
+
+
+def test_the_adapters_own_compiles_share_one_capture_and_stay_independent():
+    """Each adapter's own model is compiled from the one capture of the call (CapturedGraphs(across_views=True)):
+    K adapters cost 2 exports, not K + 1, and each own model still trains only its own tensors."""
+    from export_counter import counted_exports
+
+    specs = {name: SPECS[name] for name in ("sql", "chat", "math")}
+    model = FAMILY.build()
+    with counted_exports() as exports:
+        mm = peftc.train_adapters(model, specs, example_kwargs=FAMILY.inputs(BATCH, SEQ))
+    assert len(exports) == 2  # the own compiles' capture, then the multi-adapter graph's example call
+    own = [mm._own[name] for name in specs]
+    params = [{id(p) for p in cm.adapter_root.parameters()} for cm in own]
+    assert all(not (a & b) for i, a in enumerate(params) for b in params[i + 1:])
+    for cm, seed in zip(own, range(3)):
+        _nonzero(cm, seed)
+    inputs = FAMILY.inputs(2, SEQ)
+    outs = [cm(**inputs).logits for cm in own]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+    for cm, out in zip(own, outs):  # each equals a model compiled on its own, with its weights
+        _, alone = compile_family(FAMILY, cm.spec, example_kwargs=FAMILY.inputs(BATCH, SEQ))
+        alone.adapter_root.load_state_dict(cm.adapter_root.state_dict())
+        torch.testing.assert_close(alone(**inputs).logits, out, **TOL)
