@@ -39,7 +39,7 @@ from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check
                                          drops_cache, refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
-from peftc.runtime.prefix_window import call_length, check_prefix_window
+from peftc.runtime.prefix_window import call_length, check_prefix_window, limits_call_length
 from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
 from peftc.runtime.seq2seq_generate import generate_seq2seq
 
@@ -54,6 +54,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         self.compilation = compilation  # a dataclass, not a module: the user's model is not our submodule
         self.plan = plan
         self._example = example  # the first graph's call: other plans build their first graph from it
+        self._checks_call_length = limits_call_length(compilation.source, compilation.spec)  # prefix + chunks
         self._use_first(first, superset)
         self.sign_forward()
 
@@ -105,7 +106,8 @@ class GraphDispatch(ModelAttributes, nn.Module):
 
     def forward(self, *args, **kwargs):
         args, kwargs = bind_call(self.compilation.source, args, kwargs)
-        check_prefix_window(self.compilation.source, self.compilation.spec, call_length(kwargs))
+        if self._checks_call_length:
+            check_prefix_window(self.compilation.source, self.compilation.spec, call_length(kwargs))
         kwargs, output_flags = split_output_flags(kwargs)
         if wants_cache(self.compilation.source, kwargs):
             if not drops_cache(kwargs, self.training, self.plan.checkpoint_layers):

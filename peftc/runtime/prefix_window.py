@@ -31,6 +31,12 @@ def attention_chunk(model: nn.Module) -> int | None:
     return int(chunk) if chunk is not None else None
 
 
+def limits_call_length(model: nn.Module, spec) -> bool:
+    """Whether `check_prefix_window` can refuse any call of `model` compiled with `spec` (a prefix on a model
+    with chunked attention): fixed at compile time, so a compiled model asks once, not every call."""
+    return prefix_tokens(spec) > 0 and attention_chunk(model) is not None
+
+
 def check_prefix_window(model: nn.Module, spec, length: int, where: str = "this call") -> None:
     """Raise where `length` tokens (the cache's included) plus the prefix exceed the model's attention chunk."""
     tokens = prefix_tokens(spec)

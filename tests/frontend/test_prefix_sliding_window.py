@@ -48,3 +48,23 @@ def test_serving_a_prefix_adapter_on_a_sliding_window_model_says_why_not(tmp_pat
     peftc.compile(model, {"adapters": [{"method": "prefix", "num_tokens": 2}]}).save_adapter(tmp_path, format="peft")
     with pytest.raises(peftc.SpecError, match="sliding-window layers.*peftc.from_peft"):
         peftc.serve_adapters(model, {"prefix": tmp_path})
+
+
+def test_prefix_tuning_past_an_attention_chunk_is_refused_naming_it_and_within_it_runs():
+    """A model whose config sets attention_chunk_size (Llama 4's chunked attention, here on tests' LLaMA config)
+    refuses a forward or generate() whose tokens and the prefix exceed one chunk (peftc.runtime.prefix_window);
+    calls within the chunk run. The refusal comes before any graph runs."""
+    from families import FAMILIES
+
+    model = FAMILIES["llama"].build()
+    model.config.attention_chunk_size = 8
+    cm = peftc.compile(model, {"adapters": [{"method": "prefix", "num_tokens": 2}]}).eval()
+    randomize_adapters(cm, std=1.0)
+    short, long = torch.randint(1, 128, (1, 6)), torch.randint(1, 128, (1, 7))
+    with torch.no_grad():
+        assert cm(input_ids=short).logits.shape == (1, 6, 128)  # 6 + 2 prefix = one chunk
+        with pytest.raises(NotImplementedError, match="chunks of 8.*7 tokens.*2 prefix tokens"):
+            cm(input_ids=long)
+    assert cm.generate(short[:, :4], max_new_tokens=2, eos_token_id=None).shape == (1, 6)
+    with pytest.raises(NotImplementedError, match=r"generate\(\) has 7 tokens"):
+        cm.generate(short[:, :4], max_new_tokens=3, eos_token_id=None)
