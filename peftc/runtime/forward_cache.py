@@ -164,7 +164,7 @@ class CachedForward:
         cache = with_full_layers(cache) if cache is not None and past is None else cache
         cache = cache if cache is not None else _new_cache(self.model)
         derived = derived_inputs(self.model, inputs, cache, keys[0].shape[2]) if gm in self.cache_fields else {}
-        if not derived and self._kind(inputs, past) in self.specialized:  # the shared graph refused such a call
+        if self.specialized and not derived and self._kind(inputs, past) in self.specialized:  # refused before
             result = self._run_specialized(inputs, past, training, graph_inputs)
         else:
             try:
