@@ -32,11 +32,15 @@ def _ids(vocab: int) -> Callable[[int, int], dict]:
     return make
 
 
+# The decoder size the causal-LM families share (each adds what is its own).
+SMALL_DECODER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+
+
 def llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    cfg = LlamaConfig(**SMALL_DECODER)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -44,8 +48,7 @@ def qwen2() -> nn.Module:
     """LLaMA's layout with biases on q/k/v and tied embeddings off: the other common causal LM."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    cfg = Qwen2Config(**SMALL_DECODER)
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -96,8 +99,7 @@ def qwen3() -> nn.Module:
     """Qwen2's layout plus an RMSNorm on each head's queries and keys (q_norm, k_norm) before RoPE."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(0)
-    cfg = Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=128)
+    cfg = Qwen3Config(**SMALL_DECODER, head_dim=16)
     return Qwen3ForCausalLM(cfg).eval()
 
 
@@ -106,9 +108,8 @@ def gemma2() -> nn.Module:
     sqrt(hidden)-scaled embeddings, pre- and post-norms around each block."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
     torch.manual_seed(0)
-    cfg = Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=128,
-                       sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = Gemma2Config(**SMALL_DECODER, head_dim=16, sliding_window=4, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
     return Gemma2ForCausalLM(cfg).eval()
 
 
@@ -116,10 +117,9 @@ def gemma3() -> nn.Module:
     """Gemma 2's text layout with q/k norms and a local RoPE base on the sliding layers (one of two here)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=128,
-                           sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = Gemma3TextConfig(**SMALL_DECODER, head_dim=16, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
     return Gemma3ForCausalLM(cfg).eval()
 
 
@@ -127,9 +127,7 @@ def phi3() -> nn.Module:
     """Fused projections: one qkv_proj [q; k; v] and one gate_up_proj [gate; up] per layer."""
     from transformers import Phi3Config, Phi3ForCausalLM
     torch.manual_seed(0)
-    cfg = Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, pad_token_id=0,
-                     bos_token_id=1, eos_token_id=2)
+    cfg = Phi3Config(**SMALL_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return Phi3ForCausalLM(cfg).eval()
 
 
@@ -137,8 +135,7 @@ def mistral() -> nn.Module:
     """LLaMA's layout with every layer a sliding-window one (window 4, shorter than the test sequences)."""
     from transformers import MistralConfig, MistralForCausalLM
     torch.manual_seed(0)
-    cfg = MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, sliding_window=4)
+    cfg = MistralConfig(**SMALL_DECODER, sliding_window=4)
     return MistralForCausalLM(cfg).eval()
 
 
