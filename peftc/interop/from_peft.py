@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.compiler.compile import compile
+from peftc.capture.captured import CapturedGraphs
+from peftc.compiler.compile import compile_sharing_captures
 from peftc.core.all_linear import all_linear_names, is_all_linear
 from peftc.errors import CheckpointError, SpecError
 from peftc.passes.copy_params import copied_names
@@ -33,7 +34,7 @@ from .peft_vblora import is_topk_file, logits_from_topk
 
 
 def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, autocast_adapter_dtype: bool = True,
-              **compile_kwargs):
+              captured: CapturedGraphs | None = None, **compile_kwargs):
     """A CompiledModel computing what `PeftModel.from_pretrained(model, source)` computes.
 
     `source` is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or its
@@ -41,7 +42,8 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, auto
     gives fresh adapters.
     The model itself is never written: weights PEFT would load into it (modules_to_save, biases)
     become trainable copies. `autocast_adapter_dtype` is PEFT's: adapters over a float16/bfloat16
-    base are float32 (the spec's adapter_dtype). `compile_kwargs` go to peftc.compile.
+    base are float32 (the spec's adapter_dtype). `compile_kwargs` go to peftc.compile; `captured` is a
+    capture store shared with other compiles of the same model (compile_sharing_captures).
     """
     directory = _adapter_dir(source)
     if directory is None:
@@ -49,11 +51,11 @@ def from_peft(model: nn.Module, source: Any, *, allow_pickle: bool = False, auto
     else:
         spec_dict = spec_dict_from_folder(model, directory / CONFIG_FILE, autocast_adapter_dtype)
     if directory is None:
-        return compile(model, spec_dict, **compile_kwargs)
+        return compile_sharing_captures(model, spec_dict, captured, **compile_kwargs)
     tensors = encoder_prompt_rows(as_config_dict(directory / CONFIG_FILE), read_peft_weights(directory, allow_pickle))
     refuse_non_finite(directory / SAFETENSORS_FILE, tensors)  # as stored: VB-LoRA's rebuilt logits hold -inf
     spec_dict["adapters"] += overriding_copies(spec_dict, tensors, model)
-    cm = compile(model, spec_dict, **compile_kwargs)
+    cm = compile_sharing_captures(model, spec_dict, captured, **compile_kwargs)
     load_peft_tensors(cm, tensors, directory)
     return cm
 
@@ -236,21 +238,24 @@ def _as_peftc_shape(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def load_adapter_dir(model: nn.Module, path, *, spec: Any = None, allow_pickle: bool = False, **compile_kwargs):
+def load_adapter_dir(model: nn.Module, path, *, spec: Any = None, allow_pickle: bool = False,
+                     captured: CapturedGraphs | None = None, **compile_kwargs):
     """A CompiledModel from a peftc checkpoint (spec.json + adapter.safetensors) or a PEFT adapter
     directory (adapter_config.json), whichever `path` is: the CLI's --adapter. A folder transformers'
-    Trainer wrote for a compiled model (model.safetensors alone) needs the training `spec`."""
+    Trainer wrote for a compiled model (model.safetensors alone) needs the training `spec`.
+    `captured`: a capture store shared with other compiles of the same model (serve_adapters' and
+    train_adapters' per-adapter folders: one export of the base for all of them)."""
     path = Path(path)
     if is_trainer_folder(path):
         if spec is None:
             raise CheckpointError(trainer_folder_message(path))
-        return compile(model, spec, **compile_kwargs).load_adapter(path)
+        return compile_sharing_captures(model, spec, captured, **compile_kwargs).load_adapter(path)
     if (path / SPEC_FILE).is_file():
         spec, _ = read_adapter(path)
-        cm = compile(model, spec, **compile_kwargs)
+        cm = compile_sharing_captures(model, spec, captured, **compile_kwargs)
         return cm.load_adapter(path)
     if (path / CONFIG_FILE).is_file():
-        return from_peft(model, path, allow_pickle=allow_pickle, **compile_kwargs)
+        return from_peft(model, path, allow_pickle=allow_pickle, captured=captured, **compile_kwargs)
     raise CheckpointError(f"{str(path)!r} is neither a peftc checkpoint ({SPEC_FILE} + {WEIGHTS_FILE}) nor a "
                           f"PEFT adapter directory ({CONFIG_FILE})")
 

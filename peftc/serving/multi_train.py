@@ -78,7 +78,7 @@ def _own_model(name: str, value: Any, model: nn.Module, example: tuple[tuple, di
         cm = compile_sharing_captures(model, value.spec, captured, example_inputs=args, example_kwargs=kwargs)
         cm.adapter_root.load_state_dict(value.adapter_root.state_dict())
     elif isinstance(value, (str, Path)) and Path(value).is_dir():
-        cm = load_adapter_dir(model, value, example_inputs=args, example_kwargs=kwargs)
+        cm = load_adapter_dir(model, value, captured=captured, example_inputs=args, example_kwargs=kwargs)
     else:
         cm = compile_sharing_captures(model, as_spec(value), captured, example_inputs=args, example_kwargs=kwargs)
     methods = [entry.method for entry in cm.spec.adapters]

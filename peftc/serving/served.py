@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from peftc.capture.binding import bind_call
+from peftc.capture.captured import CapturedGraphs
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation
 from peftc.errors import SpecError
@@ -75,8 +76,10 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
                         f"implementation elsewhere), got {backend!r}")
     check_adapter_names(adapters_by_name, "serve_adapters", "adapter_dir_or_CompiledModel")
     example = example_call(model, example_inputs, example_kwargs)
-    loaded = tuple(load_adapter(name, source, model, example) for name, source in adapters_by_name.items())
-    compilation = Compilation.start(weight_view(model), None)  # capture flips the view's modes, not the user's
+    captured = CapturedGraphs(across_views=True)  # one model, one call: the folders' compiles export it once
+    loaded = tuple(load_adapter(name, source, model, example, captured) for name, source in adapters_by_name.items())
+    # capture flips the view's modes, not the user's
+    compilation = Compilation.start(weight_view(model), None, captured=captured)
     plan = compilation.serve_plan(ServingPlan(loaded))
     if plan.serving.has_virtual_tokens:
         example = with_virtual_inputs(model, *example)

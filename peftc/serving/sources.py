@@ -4,7 +4,8 @@ directory) into what it does per site, peftc.ir.lora_bank's `ServedAdapter`.
 LoRA folders are read directly (no capture). Other methods (DoRA, VeRA, IA3, bottleneck adapters,
 prompt and prefix tuning) are read from the
 modules of their compiled model: a folder is first compiled on the same base
-(interop.load_adapter_dir), so peftc's own passes define what each tensor means.
+(interop.load_adapter_dir), so peftc's own passes define what each tensor means. Those compiles
+share one capture store, so the base is exported once for all of them (not once per folder).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.capture.captured import CapturedGraphs
 from peftc.errors import CheckpointError, SpecError
 from peftc.interop.from_peft import (
     CONFIG_FILE,
@@ -40,10 +42,12 @@ SERVED_METHODS = ("lora", "dora", "vera", "ia3", "adapter", "prompt", "prefix")
 PER_SITE_MODULES = (DoraWeights, VeraWeights, Ia3Weights, AdapterWeights, PromptWeights, PrefixWeights)
 
 
-def load_adapter(name: str, source: Any, model: nn.Module, example: tuple[tuple, dict]) -> ServedAdapter:
+def load_adapter(name: str, source: Any, model: nn.Module, example: tuple[tuple, dict],
+                 captured: CapturedGraphs | None = None) -> ServedAdapter:
     """Read one adapter: a CompiledModel, a peftc checkpoint folder, or a PEFT adapter folder.
 
-    `example` is the (args, kwargs) a folder of a non-LoRA method is compiled with."""
+    `example` is the (args, kwargs) a folder of a non-LoRA method is compiled with; `captured` the capture
+    store those compiles share (`CapturedGraphs(across_views=True)`: one export for all folders' compiles)."""
     if isinstance(source, CompiledModel):
         return compiled_adapter(name, source)
     if not isinstance(source, (str, Path)):
@@ -64,7 +68,8 @@ def load_adapter(name: str, source: Any, model: nn.Module, example: tuple[tuple,
         raise CheckpointError(f"adapter {name!r}: {str(path)!r} is neither a peftc checkpoint ({SPEC_FILE}) nor a "
                               f"PEFT adapter directory ({CONFIG_FILE}); save one with cm.save_adapter(dir)")
     args, kwargs = example
-    return compiled_adapter(name, load_adapter_dir(model, path, example_inputs=args, example_kwargs=kwargs))
+    return compiled_adapter(name, load_adapter_dir(model, path, captured=captured, example_inputs=args,
+                                                   example_kwargs=kwargs))
 
 
 def compiled_adapter(name: str, cm: CompiledModel) -> ServedAdapter:

@@ -134,6 +134,33 @@ def test_peft_prompt_and_prefix_folders_serve_beside_lora(tmp_path):
     assert [a.method for a in mm.plan.serving.adapters] == ["prompt", "prefix", "lora"]
 
 
+def test_non_lora_folders_share_the_captures_of_their_compiles(tmp_path):
+    """Four non-LoRA PEFT folders (two IA3, prompt, prefix) cost 3 exports, not 5: the folders' own compiles share
+    one capture store, so the IA3 pair exports the superset call once and prompt and prefix (whose superset has
+    no position_ids: they shift the positions themselves) once more, then the served graph; rows equal PEFT's."""
+    from export_counter import counted_exports
+    from peft import IA3Config, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    family = FAMILIES["llama"]
+    configs = {"ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+               "ia3v": IA3Config(target_modules=["v_proj", "up_proj"], feedforward_modules=["up_proj"]),
+               "prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
+               "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)}
+    save_random_peft_folders(family.build, configs, tmp_path, seed=4, scale=0.3, offset=0.5)
+    with counted_exports() as exports:
+        mm = peftc.serve_adapters(family.build(), {n: tmp_path / n for n in configs},
+                                  example_kwargs=family.inputs(2, 3))
+    assert len(exports) == 3
+    inputs = _padded(family, 5, 4)
+    rows = ["ia3v", "prompt", "ia3", "prefix", None]
+    with torch.no_grad():
+        got = logits(mm(**inputs, adapter_ids=rows))
+        for name in configs:
+            want = logits(PeftModel.from_pretrained(family.build(), tmp_path / name).eval()(**inputs))
+            picked = [i for i, r in enumerate(rows) if r == name]
+            torch.testing.assert_close(_own_rows(got[picked], want[picked]), want[picked], **TOL)
+
+
 def test_explicit_positions_and_gated_prefixes_are_refused(tmp_path):
     family = FAMILIES["llama"]
     inputs = family.inputs(2, 3)

@@ -139,3 +139,27 @@ def test_the_adapters_own_compiles_share_one_capture_and_stay_independent():
         _, alone = compile_family(FAMILY, cm.spec, example_kwargs=FAMILY.inputs(BATCH, SEQ))
         alone.adapter_root.load_state_dict(cm.adapter_root.state_dict())
         torch.testing.assert_close(alone(**inputs).logits, out, **TOL)
+
+
+def test_adapter_folders_share_the_one_capture(tmp_path):
+    """PEFT folders (IA3, LoRA) and a spec are compiled from one capture too: 2 exports, not 4; each row of the
+    multi-adapter model equals its folder's PEFT model."""
+    from export_counter import counted_exports
+    from peft import IA3Config, LoraConfig, PeftModel
+    from peft_reference import save_random_peft_folders
+
+    configs = {"ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+               "lora": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0)}
+    save_random_peft_folders(FAMILY.build, configs, tmp_path, seed=6, scale=0.3, offset=0.5)
+    sources = {**{name: tmp_path / name for name in configs}, "sql": SPECS["sql"]}
+    with counted_exports() as exports:
+        mm = peftc.train_adapters(FAMILY.build(), sources, example_kwargs=FAMILY.inputs(BATCH, SEQ))
+    assert len(exports) == 2  # the own compiles' capture (folders and spec alike), then the multi-adapter graph
+    inputs = FAMILY.inputs(3, SEQ)
+    rows = ["lora", "ia3", None]
+    got = mm(**inputs, adapter_ids=rows).logits.detach()
+    for name in configs:
+        with torch.no_grad():
+            want = logits(PeftModel.from_pretrained(FAMILY.build(), tmp_path / name).eval()(**inputs))
+        picked = [i for i, r in enumerate(rows) if r == name]
+        torch.testing.assert_close(got[picked], want[picked], **TOL)
