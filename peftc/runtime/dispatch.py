@@ -41,7 +41,7 @@ from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 from peftc.runtime.prefix_window import call_length, check_prefix_window, limits_call_length
 from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
-from peftc.runtime.seq2seq_generate import generate_seq2seq
+from peftc.runtime.seq2seq_generate import Seq2SeqGenerator, generate_seq2seq
 
 
 class GraphDispatch(ModelAttributes, nn.Module):
@@ -226,11 +226,18 @@ class GraphDispatch(ModelAttributes, nn.Module):
         if input_ids is None:
             raise TypeError("generate() needs input_ids (the prompt token ids)")
         if getattr(getattr(self.compilation.source, "config", None), "is_encoder_decoder", False):
-            return generate_seq2seq(self, self.compilation.source, input_ids, attention_mask, generation_config,
+            if self._generator is None and self.seq2seq_cached_generate:
+                self._generator = Seq2SeqGenerator(self.compilation, self.plan)
+            cached = self._generator if self._generator is not None and self._generator.cached else None
+            return generate_seq2seq(cached, self, self.compilation.source, input_ids, attention_mask, generation_config,
                                     **kwargs)
         if self._generator is None:
             self._generator = Generator(self.compilation, self.plan)
         return generate(self._generator, input_ids, attention_mask, generation_config, **kwargs)
+
+    # Encoder-decoders generate over cached graphs (runtime/seq2seq_generate.py); a served model's do not
+    # (its adapter banks want every site in each graph, and the encoder's graph holds no decoder site).
+    seq2seq_cached_generate = True
 
     def train(self, mode: bool = True):
         # Exported graph modules refuse .train(); the mode lives in the graph's nodes instead.

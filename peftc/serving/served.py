@@ -95,6 +95,8 @@ def _device(model: nn.Module) -> torch.device:
 class ServedModel(GraphDispatch):
     """`serve_adapters`' result: call it as the model, plus `adapter_ids` (one per batch row)."""
 
+    seq2seq_cached_generate = False  # see GraphDispatch: encoder-decoders decode over the served forward
+
     def __init__(self, compilation, plan, first, example, *, training):
         super().__init__(compilation, plan, first, example, training=training)
         self.adapter_names = [a.name for a in plan.serving.adapters]
