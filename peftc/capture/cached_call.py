@@ -8,9 +8,11 @@ peftc.capture.embeds_input for inputs_embeds), then:
 
 - each layer's marked keys and values become `cat([past_<i>, new], 2)` (DynamicLayer.update's
   concatenation), read by the attention as the update's result was, and returned as the layer's cache;
-- the mask every attention reads (peftc.capture.attention_sites finds the attentions: SDPA, and
-  transformers' eager attention, matmul + mask, softmax, matmul), which the superset traced for keys as
-  long as the new tokens, becomes an input, `peftc_causal_mask`, [batch, 1, new, past + new], made by
+- the mask the attentions of one layer kind read (`layer_kinds`: full causal, or sliding-window causal;
+  peftc.capture.attention_sites finds the attentions: SDPA, and transformers' eager attention, matmul +
+  mask, softmax, matmul), which the superset traced for keys as
+  long as the new tokens, becomes an input, `peftc_causal_mask` (`peftc_sliding_mask` for the sliding
+  layers' mask, where the model has them), [batch, 1, new, past + new], made by
   the runtime as the original makes it for a cached call (peftc.runtime.cache_derivation): for SDPA the
   boolean output of transformers' mask code; for eager attention the float mask eager_mask makes from
   it, `where(mask, 0, min)`, which the graph reads through peftc.ir.causal_attention.additive_mask (a
@@ -22,7 +24,7 @@ peftc.capture.embeds_input for inputs_embeds), then:
   eager attention's two matmuls no op takes a size: the scores and weights follow the keys' length.
 
 Anything else is refused (None, and the caller captures): no marks, a layer count that differs, a mask
-that is not one tensor shared by every attention and read by nothing else (boolean, or for eager
+that is not one tensor shared by every attention of a layer kind and read by nothing else (boolean, or for eager
 attention made from a boolean one by `where`), an op between the keys and the attention that is not a
 view, an attention reading them other than as its keys or values, a size computed from the sequence
 length there, or a padding mask still read afterwards.
@@ -93,11 +95,6 @@ def layer_kinds(config) -> list[str] | None:
     if any(kind not in MASK_INPUTS for kind in types) or (SLIDING in types and not config.sliding_window):
         return None
     return types
-
-
-def mask_inputs(kinds: list[str]) -> list[str]:
-    """The mask inputs a derived graph takes for layers of `kinds`, in order: one per kind present."""
-    return [MASK_INPUTS[kind] for kind in (FULL, SLIDING) if kind in kinds]
 
 
 def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, model,
