@@ -8,9 +8,11 @@ peftc.capture.embeds_input for inputs_embeds), then:
 
 - each layer's marked keys and values become `cat([past_<i>, new], 2)` (DynamicLayer.update's
   concatenation), read by the attention as the update's result was, and returned as the layer's cache;
-- the mask every attention reads (peftc.capture.attention_sites finds the attentions: SDPA, and
-  transformers' eager attention, matmul + mask, softmax, matmul), which the superset traced for keys as
-  long as the new tokens, becomes an input, `peftc_causal_mask`, [batch, 1, new, past + new], made by
+- the mask the attentions of one layer kind read (`layer_kinds`: full causal, or sliding-window causal;
+  peftc.capture.attention_sites finds the attentions: SDPA, and transformers' eager attention, matmul +
+  mask, softmax, matmul), which the superset traced for keys as
+  long as the new tokens, becomes an input, `peftc_causal_mask` (`peftc_sliding_mask` for the sliding
+  layers' mask, where the model has them), [batch, 1, new, past + new], made by
   the runtime as the original makes it for a cached call (peftc.runtime.cache_derivation): for SDPA the
   boolean output of transformers' mask code; for eager attention the float mask eager_mask makes from
   it, `where(mask, 0, min)`, which the graph reads through peftc.ir.causal_attention.additive_mask (a
@@ -22,7 +24,7 @@ peftc.capture.embeds_input for inputs_embeds), then:
   eager attention's two matmuls no op takes a size: the scores and weights follow the keys' length.
 
 Anything else is refused (None, and the caller captures): no marks, a layer count that differs, a mask
-that is not one tensor shared by every attention and read by nothing else (boolean, or for eager
+that is not one tensor shared by every attention of a layer kind and read by nothing else (boolean, or for eager
 attention made from a boolean one by `where`), an op between the keys and the attention that is not a
 view, an attention reading them other than as its keys or values, a size computed from the sequence
 length there, or a padding mask still read afterwards.
@@ -54,7 +56,10 @@ from peftc.capture.superset import ExtraInputs
 from peftc.ir.causal_attention import additive_mask
 
 aten = torch.ops.aten
-MASK_INPUT = "peftc_causal_mask"  # the attention mask input of a derived cached graph
+MASK_INPUT = "peftc_causal_mask"  # the attention mask input of a derived cached graph (full-attention layers)
+SLIDING_MASK_INPUT = "peftc_sliding_mask"  # the sliding-window layers' one
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
+MASK_INPUTS = {FULL: MASK_INPUT, SLIDING: SLIDING_MASK_INPUT}
 PAST_INPUTS = ("past_keys", "past_values")  # one tensor per layer each, as WithTensorCache takes them
 POSITIONS, PADDING_MASK, USE_CACHE = "position_ids", "attention_mask", "use_cache"
 CACHE_DERIVED = "peftc_cache_derived"  # gm.meta: the graph takes MASK_INPUT and position_ids
@@ -75,9 +80,29 @@ class Derived:
     cache_field: str
 
 
-def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, model, layers: int) -> Derived | None:
+def layer_kinds(config) -> list[str] | None:
+    """Each decoder layer's attention, FULL or SLIDING (config.layer_types; Mistral's `sliding_window`
+    without them slides in every layer), or None where a derived graph cannot serve the model: chunked
+    (Llama 4) or bidirectional attention, another layer type, or attention logits softcapped (Gemma 2)."""
+    if not getattr(config, "is_causal", True) or getattr(config, "attention_chunk_size", None) is not None:
+        return None
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        types = [SLIDING if getattr(config, "sliding_window", None) is not None else FULL] * config.num_hidden_layers
+    types = list(types)
+    if any(kind not in MASK_INPUTS for kind in types) or (SLIDING in types and not config.sliding_window):
+        return None
+    return types
+
+
+def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, model,
+                        kinds: list[str]) -> Derived | None:
     """The cached-forward graph for a call passing `inputs` (besides the cache), derived from the superset
-    graph `gm` (flat, captured for `superset`) for a model with `layers` decoder layers, or None."""
+    graph `gm` (flat, captured for `superset`) for a model whose decoder layers attend as `kinds` say
+    (layer_kinds), or None."""
+    layers = len(kinds)
     plain = _plain_graph(gm, superset, inputs, model)
     info = getattr(plain.graph._codegen, "pytree_info", None) if plain is not None else None
     if info is None or info.out_spec is None:
@@ -90,17 +115,18 @@ def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, 
     inputs_of = inputs_by_keyword(graph, info.in_spec)
     keys, values = _points(graph, ROLES[0]), _points(graph, ROLES[1])
     sites = attention_sites(graph)
-    mask = _shared_mask(sites)
+    masks = _masks_by_kind(sites, kinds)
     main = (inputs_of.get(MAIN_INPUT) or inputs_of.get(EMBEDS_INPUT) or [None])[0]
-    if cache_field is None or mask is None or len(keys) != layers or len(values) != layers or main is None:
+    if cache_field is None or masks is None or len(keys) != layers or len(values) != layers or main is None:
         return None
     _drop_checks(graph)
     if any(node.users for node in inputs_of.get(USE_CACHE, [])):
         return None
     for node in inputs_of.get(USE_CACHE, []):  # the plain graph's constant, not an input of a cached call
         graph.erase_node(node)
-    pasts, mask_input = _new_inputs(graph, layers, mask)
-    mask.replace_all_uses_with(_mask_as_read(graph, mask_input, mask, sites[0].additive))
+    pasts, made = _new_inputs(graph, layers, masks)
+    for mask, mask_input in zip(masks.values(), made):
+        mask.replace_all_uses_with(_mask_as_read(graph, mask_input, mask, sites[0].additive))
     joined = [_join(graph, past, new) for past, new in zip(pasts, keys + values)]
     output.args = ((*leaves, *joined),)
     graph.eliminate_dead_code()
@@ -110,7 +136,7 @@ def derive_cached_graph(gm: GraphModule, superset: CallSignature, inputs: dict, 
     if not _sizes_from_new_tokens(graph, inputs_of.get(PADDING_MASK, []), main):
         return None
     graph.eliminate_dead_code()
-    return Derived(_as_cached(plain, info, layers), cache_field)
+    return Derived(_as_cached(plain, info, layers, [MASK_INPUTS[kind] for kind in masks]), cache_field)
 
 
 def _plain_graph(gm: GraphModule, superset: CallSignature, inputs: dict, model) -> GraphModule | None:
@@ -139,6 +165,23 @@ def _cache_field(output_type: type) -> str | None:
 
 def _points(graph: Graph, role: str) -> list[Node]:
     return [node for node in graph.nodes if node.meta.get(CACHE_POINT) == role]
+
+
+def _masks_by_kind(sites: list[AttentionSite], kinds: list[str]) -> dict[str, Node] | None:
+    """The 4-D mask node the attentions of each layer kind read (site i is layer i's attention), FULL's
+    first, or None: every attention of a kind reads one mask, no mask is read by two kinds or by anything
+    else, and each is transformers' boolean mask (SDPA) or the float mask eager_mask makes from it."""
+    if len(sites) != len(kinds) or len({site.additive for site in sites}) != 1:
+        return None
+    masks: dict[str, Node] = {}
+    for kind in (FULL, SLIDING):
+        of_kind = [site for site, site_kind in zip(sites, kinds) if site_kind == kind]
+        if of_kind:
+            mask = _shared_mask(of_kind)
+            if mask is None or mask in masks.values():
+                return None
+            masks[kind] = mask
+    return masks
 
 
 def _shared_mask(sites: list[AttentionSite]) -> Node | None:
@@ -189,16 +232,18 @@ def _drop_checks(graph: Graph) -> None:
             graph.erase_node(node)
 
 
-def _new_inputs(graph: Graph, layers: int, mask: Node) -> tuple[list[Node], Node]:
-    """Placeholders after the last one: each layer's past keys, then values, then the mask."""
+def _new_inputs(graph: Graph, layers: int, masks: dict[str, Node]) -> tuple[list[Node], list[Node]]:
+    """Placeholders after the last one: each layer's past keys, then values, then a mask per kind."""
     last = list(graph.find_nodes(op="placeholder"))[-1]
-    names = [f"{group}_{i}" for group in PAST_INPUTS for i in range(layers)] + [MASK_INPUT]
+    names = [f"{group}_{i}" for group in PAST_INPUTS for i in range(layers)] + [MASK_INPUTS[k] for k in masks]
     made = []
     with graph.inserting_after(last):
         for name in reversed(names):  # each inserted right after `last`: reversed, they end up in order
             made.insert(0, graph.placeholder(name))
-    made[-1].meta["val"] = mask.meta["val"]
-    return made[:-1], made[-1]
+    mask_inputs = made[2 * layers:]
+    for mask, mask_input in zip(masks.values(), mask_inputs):
+        mask_input.meta["val"] = mask.meta["val"]
+    return made[:2 * layers], mask_inputs
 
 
 def _join(graph: Graph, past: Node, new: Node) -> Node:
@@ -286,20 +331,20 @@ def _copied(gm: GraphModule) -> GraphModule:
     return copy
 
 
-def _as_cached(gm: GraphModule, info, layers: int) -> GraphModule:
-    """`gm`, its graph edited in place, called as before plus the past tensors and the mask, returning
+def _as_cached(gm: GraphModule, info, layers: int, masks: list[str]) -> GraphModule:
+    """`gm`, its graph edited in place, called as before plus the past tensors and the `masks`, returning
     {"output": the model's output, KEYS: each layer's keys, VALUES: each layer's values}."""
     leaf = pytree.tree_structure(0)
     per_layer = pytree.TreeSpec(list, None, [leaf] * layers)
     args_spec, kwargs_spec = info.in_spec.children()
     kept = [(name, child) for name, child in zip(kwargs_spec.context, kwargs_spec.children()) if name != USE_CACHE]
-    kwargs_spec = pytree.TreeSpec(dict, [name for name, _ in kept] + [*PAST_INPUTS, MASK_INPUT],
-                                  [child for _, child in kept] + [per_layer, per_layer, leaf])
+    kwargs_spec = pytree.TreeSpec(dict, [name for name, _ in kept] + [*PAST_INPUTS, *masks],
+                                  [child for _, child in kept] + [per_layer, per_layer] + [leaf] * len(masks))
     in_spec = pytree.TreeSpec(tuple, None, [args_spec, kwargs_spec])
     tuple_spec = pytree.TreeSpec(tuple, None, [leaf] * layers)
     out_spec = pytree.TreeSpec(dict, ["output", KEYS, VALUES], [info.out_spec, tuple_spec, tuple_spec])
     gm.graph.set_codegen(gm.graph._codegen.__class__(info._replace(
-        orig_args=[a for a in info.orig_args if a != USE_CACHE] + [*PAST_INPUTS, MASK_INPUT], in_spec=in_spec,
+        orig_args=[a for a in info.orig_args if a != USE_CACHE] + [*PAST_INPUTS, *masks], in_spec=in_spec,
         out_spec=out_spec)))
     if GUARDS in gm._modules:  # its call was dropped with the superset's checks
         del gm._modules[GUARDS]

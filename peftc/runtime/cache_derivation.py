@@ -10,8 +10,11 @@ graphs may run at all:
   SDPA's `is_causal` turned off (a graph input is a tensor; `mask_unless_causal` in the graph still
   drops a mask that is only causal). It is the mask the model's attention takes: boolean for SDPA,
   for eager attention the float one eager_mask makes (0 or the dtype's minimum, in the embeddings'
-  dtype, as inputs_embeds would be). That is the mask of a model whose layers all attend to every
-  past token: models with a sliding window, chunked or bidirectional attention capture instead;
+  dtype, as inputs_embeds would be). A model with sliding-window layers (Mistral with sliding_window,
+  Gemma 3, Qwen2/3 with layer_types) gets a second mask for those, create_sliding_window_causal_mask's
+  (config.sliding_window): the cache keeps every position (tensor_cache.full_attention_cache) and the
+  mask applies the window. Chunked (Llama 4) and bidirectional attention, and softcapped attention
+  logits (Gemma 2), capture instead (cached_call.layer_kinds);
 - the positions, where the call passes none: `past + arange(new)`, as transformers counts them.
 
 The gate, `holds`: on a small left-padded call (a prompt of four tokens, then a step of two continuing
@@ -30,13 +33,20 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.capture.cache_points import KEYS, VALUES
-from peftc.capture.cached_call import MASK_INPUT, POSITIONS, Derived, derive_cached_graph
+from peftc.capture.cached_call import (
+    MASK_INPUTS,
+    POSITIONS,
+    SLIDING,
+    Derived,
+    derive_cached_graph,
+    layer_kinds,
+)
 from peftc.capture.calls import CallSignature
 from peftc.capture.input_defaults import EMBEDS_INPUT, MAIN_INPUT
 from peftc.capture.superset import ExtraInputs
 from peftc.ir.modes import set_mode
 from peftc.runtime.kv_cache import head_dim, kv_heads
-from peftc.runtime.tensor_cache import fill
+from peftc.runtime.tensor_cache import fill, full_attention_cache
 
 GATE_SEGMENTS = (4, 2)  # the check's prompt, then a continued step (new tokens each)
 GATE_PADDING = 2  # the second row's left padding
@@ -44,16 +54,6 @@ GATE_PADDING = 2  # the second row's left padding
 # of other matmul shapes (float32: about 1e-7 in practice), far below what a wrong position or mask gives.
 GATE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 HALF_TOLERANCE = 1e-2  # float16 / bfloat16 bases
-
-
-def full_attention_only(config) -> bool:
-    """Whether every layer attends to every past token (the mask create_causal_mask makes)."""
-    types = getattr(config, "layer_types", None)
-    if types is not None and any(kind != "full_attention" for kind in types):
-        return False
-    if types is None and getattr(config, "sliding_window", None) is not None:
-        return False
-    return getattr(config, "is_causal", True) and getattr(config, "attention_chunk_size", None) is None
 
 
 class CacheDerivation:
@@ -64,16 +64,16 @@ class CacheDerivation:
         self.superset_call = superset
         self.superset = CallSignature.of(*superset)
         self.config = model.config.get_text_config(decoder=True)
+        self.kinds = layer_kinds(self.config)
         self._holds: bool | None = None
         self._checked: dict[CallSignature, Derived] = {}  # the gate's graph, for the call of its signature
 
     def derive(self, inputs: dict) -> Derived | None:
         """The graph for a cached call passing `inputs` (besides the cache), or None: the caller captures."""
-        if not full_attention_only(self.config) or not self.holds():
+        if self.kinds is None or not self.holds():
             return None
         checked = self._checked.pop(CallSignature.of((), inputs), None)
-        return checked or derive_cached_graph(self.flat, self.superset, inputs, self.model,
-                                              self.config.num_hidden_layers)
+        return checked or derive_cached_graph(self.flat, self.superset, inputs, self.model, self.kinds)
 
     def holds(self) -> bool:
         if self._holds is None:
@@ -84,7 +84,7 @@ class CacheDerivation:
     def _check(self) -> bool:
         ids, mask = gate_call(self.config, _device(self.model))
         inputs = {MAIN_INPUT: ids, "attention_mask": mask}
-        derived = derive_cached_graph(self.flat, self.superset, inputs, self.model, self.config.num_hidden_layers)
+        derived = derive_cached_graph(self.flat, self.superset, inputs, self.model, self.kinds)
         whole_call = self._superset_like(inputs)
         if derived is None or whole_call is None:
             return False
@@ -111,9 +111,7 @@ class CacheDerivation:
 
     def _steps(self, gm: GraphModule, ids: torch.Tensor, mask: torch.Tensor):
         """The derived graph's logits over `ids`, GATE_SEGMENTS tokens a call, each continuing the last's cache."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.config)
+        cache = full_attention_cache(self.config)
         keys, values = empty_past(self.model, ids.shape[0])
         start = 0
         for width in GATE_SEGMENTS:
@@ -137,7 +135,7 @@ def derived_inputs(model: nn.Module, inputs: dict, cache, past: int) -> dict:
     """What a derived graph takes besides the call's inputs: the positions (when the call passes none) and
     the mask, as the original computes them for a call continuing `cache` (`past` tokens long; not yet
     updated with this call's tokens)."""
-    from transformers.masking_utils import create_causal_mask
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     main = inputs.get(MAIN_INPUT)
     main = main if main is not None else inputs[EMBEDS_INPUT]
@@ -150,9 +148,12 @@ def derived_inputs(model: nn.Module, inputs: dict, cache, past: int) -> dict:
     config = model.config.get_text_config(decoder=True)
     dtype = model.get_input_embeddings().weight.dtype  # what inputs_embeds would be: the eager mask's dtype
     shaped = torch.empty(batch, new, 0, dtype=dtype, device=main.device)  # create_causal_mask reads its sizes
-    mask = create_causal_mask(config=config, inputs_embeds=shaped, attention_mask=inputs.get("attention_mask"),
-                              cache=cache, position_ids=positions, allow_is_causal_skip=False)
-    return {POSITIONS: positions, MASK_INPUT: mask}
+    made = {}
+    for kind in set(layer_kinds(config) or ()):  # the cache's layers are full ones: the window is the mask's
+        create = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
+        made[MASK_INPUTS[kind]] = create(config=config, inputs_embeds=shaped, attention_mask=inputs.get("attention_mask"),
+                                         cache=cache, position_ids=positions, allow_is_causal_skip=False)
+    return {POSITIONS: positions, **made}
 
 
 def gate_call(config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

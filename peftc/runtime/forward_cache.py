@@ -18,7 +18,8 @@ original makes them (transformers' create_causal_mask over the past and new toke
 positions). A check on the model's own outputs runs once per compiled model before the first derived
 graph. Where there is no superset graph (a served or merged model, a compile given dynamic_shapes or
 positional example inputs), the superset takes no position_ids (prompt and prefix tuning move
-positions), the model has sliding-window or chunked attention, the graph cannot be derived (a call
+positions), the model has chunked, bidirectional or softcapped attention (cached_call.layer_kinds;
+sliding-window layers derive, each with its own mask), the graph cannot be derived (a call
 outside the superset: logits_to_keep) or the check fails, the graph is captured from `WithTensorCache`
 (peftc.runtime.tensor_cache) through the compiled model's own pipeline: the same passes, the same
 adapter parameters. Where a captured graph's guards refuse a call with no past or with one new token
@@ -45,8 +46,8 @@ followed). `return_dict=False` gives the original's tuple, the cache after the l
   the keys and values the attention saves for backward anyway).
 - It keeps its plain graph and returns no cache where the derived graph is not to be had or would lose
   what the plain graph carries: no superset graph to derive from (served models, compiles given
-  dynamic_shapes or positional example inputs), prompt or prefix tuning, sliding-window or chunked
-  attention (Mistral's default config), attention neither SDPA nor transformers' eager one
+  dynamic_shapes or positional example inputs), prompt or prefix tuning, chunked, bidirectional
+  or softcapped attention (Llama 4, Gemma 2), attention neither SDPA nor transformers' eager one
   (peftc.capture.attention_sites; GPT-2's reorder_and_upcast_attn), heads the gate refuses (sequence classifiers: the gate compares per-token logits; Falcon), encoder-decoders (the
   cache is the decoder's and cross-attention's), inputs a cached graph does not take, a padding mask not
   as long as the tokens; the Inductor back end (its compiled layers run the plain graph; the derived graph

@@ -127,9 +127,15 @@ def test_a_model_the_check_refuses_captures_its_cached_graph_and_still_equals_pe
     assert not any(gm.meta.get(CACHE_DERIVED) for gm in forward.graphs.values())
 
 
-def test_only_models_attending_to_every_past_token_derive():
-    assert cache_derivation.full_attention_only(Qwen2Config())
-    assert not cache_derivation.full_attention_only(Qwen2Config(use_sliding_window=True, sliding_window=4,
-                                                                max_window_layers=0))
-    assert not cache_derivation.full_attention_only(MistralConfig(sliding_window=4))
-    assert cache_derivation.full_attention_only(MistralConfig(sliding_window=None))
+def test_each_layer_gets_the_mask_of_its_attention_kind_and_chunked_or_softcapped_models_are_refused():
+    from transformers import Gemma2Config, Llama4TextConfig
+
+    from peftc.capture.cached_call import layer_kinds
+
+    assert layer_kinds(Qwen2Config(num_hidden_layers=2)) == ["full_attention"] * 2
+    assert layer_kinds(Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1)) == ["full_attention", "sliding_attention"]
+    assert layer_kinds(MistralConfig(num_hidden_layers=2, sliding_window=4)) == ["sliding_attention"] * 2
+    assert layer_kinds(MistralConfig(num_hidden_layers=2, sliding_window=None)) == ["full_attention"] * 2
+    assert layer_kinds(Gemma2Config(num_hidden_layers=2)) is None  # attn_logit_softcapping
+    assert layer_kinds(Llama4TextConfig(num_hidden_layers=2)) is None  # chunked attention

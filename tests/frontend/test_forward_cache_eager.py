@@ -191,7 +191,7 @@ def test_a_mask_the_gate_finds_wrong_captures_and_equals_peft(tmp_path_factory, 
     torch.testing.assert_close(ours.logits[mask.bool()], theirs.logits[mask.bool()], atol=1e-5, rtol=0)
     assert forward.derivation.holds() is False and len(exports) == 1
     surgery = derive_cached_graph(cm._superset_flat, forward.derivation.superset, {"input_ids": ids, "attention_mask": mask},
-                                  cm.compilation.source, cm.config.num_hidden_layers)
+                                  cm.compilation.source, forward.derivation.kinds)
     assert surgery is not None  # the surgery itself succeeds: the gate refused
     assert not any(gm.meta.get(CACHE_DERIVED) for gm in forward.graphs.values())
 
