@@ -17,7 +17,10 @@ from ._attention import attention_ops, head_layout, sdpa_arg, set_sdpa_arg
 from ._virtual_rows import row_lengths, visible_slots
 
 aten = torch.ops.aten
-SLOT = "prefix_multi"  # peftc.<attention path>.prefix_multi.{key, value, lengths, slots}
+SLOT = "prefix_multi"
+SLIDING_PREFIX_REFUSED = ("served prefix adapters on a model with sliding-window layers: PEFT's prefix falls out of "
+                          "the window for late queries, which the served prefix does not model yet (the compiled one "
+                          "does); serve the prefix adapter's own model, peftc.from_peft(model, folder)")  # peftc.<attention path>.prefix_multi.{key, value, lengths, slots}
 
 
 def lower_prefix_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -31,9 +34,7 @@ def lower_prefix_multi(gm: GraphModule, ctx: PassContext) -> PassResult:
         raise SpecError(f"a served prefix adapter names attention op {unknown[0]!r}, which this model does not "
                         f"have (it has {[p for _, p in found][:3]}...); was it trained on another model?")
     if any(window is not None for window in ctx.shared.attention_windows):
-        raise SpecError("served prefix adapters on a model with sliding-window layers: PEFT's prefix falls out of "
-                        "the window for late queries, which the served prefix does not model yet (the compiled one "
-                        "does); serve the prefix adapter's own model, peftc.from_peft(model, folder)")
+        raise SpecError(SLIDING_PREFIX_REFUSED)
     placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
     if "position_ids" not in placeholders:
         raise ValueError("lower_prefix_multi: the graph has no position_ids input; served calls pass them "

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from peftc.capture.captured import CapturedGraphs
+from peftc.compiler.compilation import sliding_windows
 from peftc.errors import CheckpointError, SpecError
 from peftc.interop.from_peft import (
     CONFIG_FILE,
@@ -34,6 +35,7 @@ from peftc.passes.insert_ia3 import Ia3Weights
 from peftc.passes.insert_prefix import PrefixWeights
 from peftc.passes.insert_prompt import PromptWeights
 from peftc.passes.insert_vera import VeraWeights
+from peftc.passes.lower_prefix_multi import SLIDING_PREFIX_REFUSED
 from peftc.runtime.checkpoint import SPEC_FILE, is_trainer_folder, read_adapter, trainer_folder_message
 from peftc.runtime.compiled import CompiledModel
 from peftc.spec.parse import Spec
@@ -60,16 +62,25 @@ def load_adapter(name: str, source: Any, model: nn.Module, example: tuple[tuple,
             return lora_adapter(name, spec, tensors)
     elif (path / CONFIG_FILE).is_file():
         config = resolve_all_linear(as_config_dict(path), model)
-        if _only_one(name, Spec.from_dict(spec_dict_from_peft(config))).method == "lora":
+        spec = Spec.from_dict(spec_dict_from_peft(config))
+        if _only_one(name, spec).method == "lora":
             return _peft_adapter(name, path, model)
     elif is_trainer_folder(path):
         raise CheckpointError(f"adapter {name!r}: {trainer_folder_message(path)}")
     else:
         raise CheckpointError(f"adapter {name!r}: {str(path)!r} is neither a peftc checkpoint ({SPEC_FILE}) nor a "
                               f"PEFT adapter directory ({CONFIG_FILE}); save one with cm.save_adapter(dir)")
+    refuse_before_compiling(name, spec, model)
     args, kwargs = example
     return compiled_adapter(name, load_adapter_dir(model, path, captured=captured, example_inputs=args,
                                                    example_kwargs=kwargs))
+
+
+def refuse_before_compiling(name: str, spec: Spec, model: nn.Module) -> None:
+    """The served plan's refusals a folder's method meets on this model, before its compile's seconds are spent
+    (the pass, passes/lower_prefix_multi.py, refuses the same for compiled sources)."""
+    if _only_one(name, spec).method == "prefix" and sliding_windows(model):
+        raise SpecError(f"adapter {name!r}: {SLIDING_PREFIX_REFUSED}")
 
 
 def compiled_adapter(name: str, cm: CompiledModel) -> ServedAdapter:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import peftc
+from export_counter import counted_exports
 from families import MORE_FAMILIES, randomize_adapters
 from test_dropin_more_families import TOL, padded_prompts
 
@@ -46,8 +47,10 @@ def test_prefix_tuning_on_a_sliding_window_hides_the_prefix_from_late_queries_as
 def test_serving_a_prefix_adapter_on_a_sliding_window_model_says_why_not(tmp_path):
     model = MORE_FAMILIES["mistral"].build()
     peftc.compile(model, {"adapters": [{"method": "prefix", "num_tokens": 2}]}).save_adapter(tmp_path, format="peft")
-    with pytest.raises(peftc.SpecError, match="sliding-window layers.*peftc.from_peft"):
+    with counted_exports() as exports, \
+            pytest.raises(peftc.SpecError, match="'prefix'.*sliding-window layers.*peftc.from_peft"):
         peftc.serve_adapters(model, {"prefix": tmp_path})
+    assert exports == []  # refused before the folder's compile
 
 
 def test_prefix_tuning_past_an_attention_chunk_is_refused_naming_it_and_within_it_runs():
