@@ -268,6 +268,21 @@ def compile_family(family: Family, spec, **kwargs):
     return model, peftc.compile(model, spec, example_inputs=family.example_inputs(), **kwargs)
 
 
+def compile_family_specs(family: Family, specs: dict, **kwargs) -> tuple[nn.Module, dict]:
+    """(model, {name: CompiledModel}): each spec compiled on one model built once, the compiles sharing one
+    capture store as train_adapters' per-adapter compiles do (peftc.compiler.compile.compile_sharing_captures),
+    so specs captured with the same call export the model once. For tests whose subject comes after the
+    compiles (serving, export); tests of compile itself call compile_family."""
+    from peftc.capture.captured import CapturedGraphs
+    from peftc.compiler.compile import compile_sharing_captures
+
+    model = family.build()
+    captured = CapturedGraphs(across_views=True)
+    if not family.hf:
+        kwargs = {"example_inputs": family.example_inputs(), **kwargs}
+    return model, {name: compile_sharing_captures(model, spec, captured, **kwargs) for name, spec in specs.items()}
+
+
 def call(module: nn.Module, family: Family, inputs: dict):
     """Call a compiled or plain module with family inputs (positional for plain torch models)."""
     return module(**inputs) if family.hf else module(*inputs.values())

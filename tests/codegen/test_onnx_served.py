@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, compile_family, logits, randomize_adapters
+from families import FAMILIES, compile_family_specs, logits, randomize_adapters
 
 import peftc
 
@@ -23,9 +23,9 @@ SPECS = {
 def test_exported_served_model_takes_the_ids_as_an_input(tmp_path):
     family = FAMILIES["llama"]
     inputs = family.inputs(4, 3)
-    cms = {}
-    for seed, (name, entry) in enumerate(SPECS.items()):
-        _, cms[name] = compile_family(family, {"adapters": [entry]}, example_kwargs=inputs)
+    _, cms = compile_family_specs(family, {name: {"adapters": [entry]} for name, entry in SPECS.items()},
+                                  example_kwargs=inputs)
+    for seed, name in enumerate(SPECS):
         randomize_adapters(cms[name], std=0.3, seed=seed)
     mm = peftc.serve_adapters(family.build(), cms, example_kwargs=inputs)
     session = ort.InferenceSession(str(peftc.export_onnx(mm, tmp_path / "served.onnx")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, compile_family, logits, randomize_adapters
+from families import FAMILIES, compile_family, compile_family_specs, logits, randomize_adapters
 
 import peftc
 from peftc import SpecError
@@ -140,9 +140,9 @@ def test_training_gradients_equal_single_adapter_models(tmp_path):
              "chat": {"method": "lora", "targets": ["v_proj", "down_proj"], "r": 2, "alpha": 3}}
     rows = ["sql", "chat", None, "sql"]
     inputs = family.inputs(len(rows), 4)  # also the example inputs: one capture per model
-    cms = {}
-    for seed, (name, entry) in enumerate(specs.items()):
-        _, cms[name] = compile_family(family, {"adapters": [entry]}, example_kwargs=inputs)
+    _, cms = compile_family_specs(family, {name: {"adapters": [entry]} for name, entry in specs.items()},
+                                  example_kwargs=inputs)
+    for seed, name in enumerate(specs):
         randomize_adapters(cms[name], seed=seed)
     cms["sql"].save_adapter(tmp_path / "sql")  # one from a peftc checkpoint folder, one from the CompiledModel
     mm = peftc.serve_adapters(family.build(), {"sql": tmp_path / "sql", "chat": cms["chat"]}, example_kwargs=inputs)

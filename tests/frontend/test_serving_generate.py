@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, compile_family, logits, randomize_adapters
+from families import FAMILIES, compile_family_specs, logits, randomize_adapters
 from generation_steps import generator_of, prefill_and_step
 from peft_reference import save_random_peft_folders
 
@@ -33,9 +33,9 @@ def _prompt(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def served():
     inputs = FAMILY.inputs(2, 4)
-    cms = {}
-    for seed, (name, entry) in enumerate(ENTRIES.items()):
-        _, cms[name] = compile_family(FAMILY, {"adapters": [entry]}, example_kwargs=inputs)
+    _, cms = compile_family_specs(FAMILY, {name: {"adapters": [entry]} for name, entry in ENTRIES.items()},
+                                  example_kwargs=inputs)
+    for seed, name in enumerate(ENTRIES):
         randomize_adapters(cms[name], std=0.4, seed=seed)
         cms[name].eval()
     return cms, peftc.serve_adapters(FAMILY.build(), cms, example_kwargs=inputs).eval()

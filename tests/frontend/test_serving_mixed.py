@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, compile_family, logits, randomize_adapters
+from families import FAMILIES, compile_family_specs, logits, randomize_adapters
 from peft_reference import save_random_peft_folders
 
 import peftc
@@ -38,9 +38,9 @@ def served(request, tmp_path_factory):
     """(family, {name: its own CompiledModel}, ServedModel): DoRA from a saved folder, the rest as models."""
     family = FAMILIES[request.param]
     inputs = family.inputs(BATCH, SEQ)
-    cms = {}
-    for seed, (name, entry) in enumerate(ADAPTERS[request.param].items()):
-        _, cms[name] = compile_family(family, {"adapters": [entry]}, example_kwargs=inputs)
+    _, cms = compile_family_specs(family, {name: {"adapters": [entry]} for name, entry in ADAPTERS[request.param].items()},
+                                  example_kwargs=inputs)
+    for seed, name in enumerate(ADAPTERS[request.param]):
         randomize_adapters(cms[name], std=0.3, seed=seed)
         cms[name].eval()
     folder = tmp_path_factory.mktemp(request.param) / "dora"

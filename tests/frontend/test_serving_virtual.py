@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, compile_family, logits, randomize_adapters
+from families import FAMILIES, compile_family, compile_family_specs, logits, randomize_adapters
 from peft_reference import save_random_peft_folders
 
 import peftc
@@ -37,9 +37,10 @@ def served(request, tmp_path_factory):
     """(family, {name: own CompiledModel}, ServedModel): prompt5 and prefix2 from saved folders, the rest as models."""
     family = FAMILIES[request.param]
     inputs = family.inputs(BATCH, SEQ)
-    cms = {}
-    for seed, (name, entry) in enumerate(_entries(request.param).items()):
-        _, cms[name] = compile_family(family, {"adapters": [entry]}, example_kwargs=inputs)
+    entries = _entries(request.param)
+    _, cms = compile_family_specs(family, {name: {"adapters": [entry]} for name, entry in entries.items()},
+                                  example_kwargs=inputs)
+    for seed, name in enumerate(entries):
         randomize_adapters(cms[name], std=0.5, seed=seed)
         cms[name].eval()
     sources = dict(cms)

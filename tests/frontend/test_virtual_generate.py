@@ -20,7 +20,7 @@ import functools
 
 import pytest
 import torch
-from families import FAMILIES, compile_family, randomize_adapters
+from families import FAMILIES, compile_family, compile_family_specs, randomize_adapters
 from generation_steps import generator_of, prefill_and_step
 from peft_reference import sharpened
 
@@ -189,9 +189,9 @@ ROWS = ["prefix", "prompt", "lora", "prompt5", None, "prefix", "lora", "prompt"]
 def served():
     family = livelier(FAMILIES["llama"])
     example = family.inputs(2, 4)
-    cms = {}
-    for seed, (name, entry) in enumerate(SERVED.items()):
-        _, cms[name] = compile_family(family, {"adapters": [entry]}, example_kwargs=example)
+    _, cms = compile_family_specs(family, {name: {"adapters": [entry]} for name, entry in SERVED.items()},
+                                  example_kwargs=example)
+    for seed, name in enumerate(SERVED):
         randomize_adapters(cms[name], std=0.5, seed=seed)
         cms[name].eval()
     return family, cms, peftc.serve_adapters(family.build(), cms, example_kwargs=example).eval()
