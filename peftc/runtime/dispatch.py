@@ -39,8 +39,9 @@ from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check
                                          drops_cache, refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
-from peftc.runtime.prefix_window import call_length, check_prefix_window, limits_call_length
+from peftc.runtime.prefix_window import call_length, check_prefix_window, limits_call_length, prefix_tokens
 from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
+from peftc.runtime.seq2seq_forward_cache import Seq2SeqCachedForward, is_encoder_decoder, serves_plain_call
 from peftc.runtime.seq2seq_generate import Seq2SeqGenerator, generate_seq2seq
 
 
@@ -136,7 +137,10 @@ class GraphDispatch(ModelAttributes, nn.Module):
                      checked: bool = False):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache).
         `capture=False`: None where its graph would have to be captured (peftc.runtime.forward_cache);
-        `checked`: the caller has refused what check_cached_call and refuse_sharded refuse."""
+        `checked`: the caller has refused what check_cached_call and refuse_sharded refuse. An encoder-decoder's
+        holds an EncoderDecoderCache (runtime.seq2seq_forward_cache; its graphs are captured on first use)."""
+        if is_encoder_decoder(self.compilation.source):
+            return self._seq2seq_cached_call(kwargs, graph_inputs)
         if not checked:
             check_cached_call(self.compilation.source, kwargs)
             refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
@@ -148,12 +152,26 @@ class GraphDispatch(ModelAttributes, nn.Module):
                                                  runtime_inputs=(CACHE_POSITION,) if slots else ())
         return self._cached_forward(kwargs, self.training, graph_inputs, capture)
 
+    def _seq2seq_cached_call(self, kwargs: dict, graph_inputs: dict | None):
+        refuse_sharded(is_sharded(self))
+        spec = self.compilation.spec
+        if graph_inputs or prepended_tokens(spec) or prefix_tokens(spec):
+            what = "a served model's" if graph_inputs else "virtual tokens' (prompt or prefix tuning)"
+            raise NotImplementedError(f"a forward with a KV cache on an encoder-decoder with {what} adapters: its "
+                                      "cached graphs do not take them. Pass use_cache=False (and decode with "
+                                      "generate()), or call cm.merge_and_unload() for the original model")
+        if self._cached_forward is None:
+            self._cached_forward = Seq2SeqCachedForward(self.compilation, self.plan)
+        return self._cached_forward(kwargs, self.training)
+
     def _caches_by_default(self, kwargs: dict) -> bool:
         """Whether a call saying nothing of a cache runs a cached graph: where the original returns one
         (config.use_cache, not dropped by checkpointed training), the call is one a cached graph takes, and
         the graph derives from the superset capture (no export). The Inductor back end's compiled layers
         and sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
         source = self.compilation.source
+        if is_encoder_decoder(source):
+            return self._seq2seq_caches_by_default(kwargs)
         if self.plan.backend == "inductor" or self._superset is None or not caches_by_default(source, kwargs):
             return False
         if prepended_tokens(self.compilation.spec):  # prompt tuning: its superset takes no positions, none derives
@@ -165,6 +183,18 @@ class GraphDispatch(ModelAttributes, nn.Module):
         except (TypeError, ValueError):  # the plain graph serves it (or raises the original's error)
             return False
         return covers_new_tokens(kwargs)  # else the plain graph's guards name the mask
+
+    def _seq2seq_caches_by_default(self, kwargs: dict) -> bool:
+        """An encoder-decoder's plain call returns the cache where the original does (config.use_cache), in eval
+        only: a training call keeps its graph (layer calls, checkpointing; the cached graph is the flat one, as
+        in generation), and so do the Inductor back end, sharded models, virtual tokens and calls the cached
+        graphs do not take (runtime.seq2seq_forward_cache). Its first call of each signature captures a graph."""
+        source, spec = self.compilation.source, self.compilation.spec
+        if self.training or self.plan.backend == "inductor" or not caches_by_default(source, kwargs):
+            return False
+        if prepended_tokens(spec) or prefix_tokens(spec) or is_sharded(self):
+            return False
+        return serves_plain_call(source, kwargs)
 
     def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
         """A cached call with its virtual tokens' slots, where the spec prepends some (peftc.runtime.prompt_cache)."""
@@ -225,7 +255,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:
             raise TypeError("generate() needs input_ids (the prompt token ids)")
-        if getattr(getattr(self.compilation.source, "config", None), "is_encoder_decoder", False):
+        if is_encoder_decoder(self.compilation.source):
             if self._generator is None and self.seq2seq_cached_generate:
                 self._generator = Seq2SeqGenerator(self.compilation, self.plan)
             cached = self._generator if self._generator is not None and self._generator.cached else None
