@@ -140,7 +140,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         `checked`: the caller has refused what check_cached_call and refuse_sharded refuse. An encoder-decoder's
         holds an EncoderDecoderCache (runtime.seq2seq_forward_cache; its graphs are captured on first use)."""
         if is_encoder_decoder(self.compilation.source):
-            return self._seq2seq_cached_call(kwargs, graph_inputs)
+            return self._seq2seq_cached_call(kwargs, graph_inputs, checked)
         if not checked:
             check_cached_call(self.compilation.source, kwargs)
             refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
@@ -152,8 +152,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
                                                  runtime_inputs=(CACHE_POSITION,) if slots else ())
         return self._cached_forward(kwargs, self.training, graph_inputs, capture)
 
-    def _seq2seq_cached_call(self, kwargs: dict, graph_inputs: dict | None):
-        refuse_sharded(is_sharded(self))
+    def _seq2seq_cached_call(self, kwargs: dict, graph_inputs: dict | None, checked: bool = False):
+        if not checked:  # a plain call's _seq2seq_caches_by_default looked (is_sharded walks every parameter)
+            refuse_sharded(is_sharded(self))
         spec = self.compilation.spec
         if graph_inputs or prepended_tokens(spec) or prefix_tokens(spec):
             what = "a served model's" if graph_inputs else "virtual tokens' (prompt or prefix tuning)"

@@ -37,6 +37,7 @@ from torch.fx import GraphModule
 
 from peftc.capture.cache_points import CACHE_PARAMETERS, cache_argument
 from peftc.capture.calls import CallSignature
+from peftc.ir.attribute_owners import alias_attribute_owners
 from peftc.ir.modes import set_mode
 from peftc.runtime.seq2seq_cache import (CROSS_KEYS, CROSS_VALUES, SELF_KEYS, SELF_VALUES, WithSeq2SeqTensorCache,
                                          head_dim, heads)
@@ -117,7 +118,7 @@ class Seq2SeqCachedForward:
     def _capture(self, inputs: dict, with_past: bool, with_cross: bool) -> GraphModule:
         example, shapes = self._example(inputs, with_past, with_cross)
         built = replace(self.compilation, source=self.source).build((), example, self.plan, dynamic_shapes=shapes)
-        return built.graph_module
+        return alias_attribute_owners(built.graph_module)  # one lookup per parameter read, as generation's graphs
 
     def _example(self, inputs: dict, with_past: bool, with_cross: bool) -> tuple[dict, dict]:
         """A call like `inputs` at the example sizes, and its dynamic shapes."""
