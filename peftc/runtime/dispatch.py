@@ -6,7 +6,8 @@ others built on first use of a new signature by the same Compilation and plan (o
 without a capture from the superset graph: peftc.capture.specialize); a call with
 `use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs, and so does a call
 saying nothing of a cache where the original returns one (config.use_cache) and that graph derives
-without a capture (forward_cache's docstring: which calls return a cache). The dispatch
+without a capture (forward_cache's docstring: which calls return a cache); an encoder-decoder's run
+peftc.runtime.seq2seq_forward_cache's (captured; plain calls in eval only). The dispatch
 owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
 original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
 submodules.
@@ -239,7 +240,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, **kwargs) -> torch.Tensor:
         """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs
-        (an encoder-decoder: over the compiled forward, peftc.runtime.seq2seq_generate).
+        (an encoder-decoder: its encoder and decoder-step graphs, peftc.runtime.seq2seq_generate).
 
         Takes GenerationMixin's arguments (see peftc.runtime.generate for those implemented) and
         returns the sequences, prompt included. Greedy unless `do_sample=True`.
