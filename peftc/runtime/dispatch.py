@@ -158,10 +158,13 @@ class GraphDispatch(ModelAttributes, nn.Module):
             refuse_sharded(is_sharded(self))
         spec = self.compilation.spec
         if graph_inputs or prepended_tokens(spec) or prefix_tokens(spec):
-            what = "a served model's" if graph_inputs else "virtual tokens' (prompt or prefix tuning)"
-            raise NotImplementedError(f"a forward with a KV cache on an encoder-decoder with {what} adapters: its "
-                                      "cached graphs do not take them. Pass use_cache=False (and decode with "
-                                      "generate()), or call cm.merge_and_unload() for the original model")
+            if graph_inputs:
+                raise NotImplementedError("a forward with a KV cache on a served encoder-decoder: its cached graphs "
+                                          "do not route adapters. Pass use_cache=False (generate() decodes), or "
+                                          "compile the adapter alone (peftc.from_peft(model, folder)) for cached calls")
+            raise NotImplementedError("a forward with a KV cache on an encoder-decoder with virtual tokens (prompt or "
+                                      "prefix tuning): its cached graphs do not take them. Pass use_cache=False "
+                                      "(generate() decodes), or call cm.merge_and_unload() for the original model")
         if self._cached_forward is None:
             self._cached_forward = Seq2SeqCachedForward(self.compilation, self.plan)
         return self._cached_forward(kwargs, self.training)
