@@ -205,3 +205,16 @@ def test_training_call_with_use_cache_has_peft_gradients(pair):
     for name, grad in mine.items():
         assert grad is not None and grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, expected[name], **TOLERANCE)
+
+
+@torch.no_grad()
+def test_served_model_refuses_a_cached_call_and_serves_a_plain_one(pair):
+    family, cm, reference = pair
+    served = peftc.serve_adapters(cm.compilation.source, {"a": cm})
+    ids, mask, decoder_ids = call(family)
+    with pytest.raises(NotImplementedError, match=r"served encoder-decoder.*use_cache=False"):
+        served(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, adapter_ids=["a", "a"],
+               use_cache=True)
+    ours = served(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, adapter_ids=["a", "a"])
+    theirs = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    torch.testing.assert_close(ours.logits, theirs.logits, **TOLERANCE)
