@@ -7,7 +7,7 @@ without a capture from the superset graph: peftc.capture.specialize); a call wit
 `use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs, and so does a call
 saying nothing of a cache where the original returns one (config.use_cache) and that graph derives
 without a capture (forward_cache's docstring: which calls return a cache); an encoder-decoder's run
-peftc.runtime.seq2seq_forward_cache's (captured; plain calls in eval only). The dispatch
+peftc.runtime.seq2seq_forward_cache's (captured on first use: plain calls keep their graph). The dispatch
 owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
 original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
 submodules.
@@ -42,7 +42,7 @@ from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
 from peftc.runtime.prefix_window import call_length, check_prefix_window, limits_call_length, prefix_tokens
 from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
-from peftc.runtime.seq2seq_forward_cache import Seq2SeqCachedForward, is_encoder_decoder, serves_plain_call
+from peftc.runtime.seq2seq_forward_cache import Seq2SeqCachedForward, is_encoder_decoder
 from peftc.runtime.seq2seq_generate import Seq2SeqGenerator, generate_seq2seq
 
 
@@ -154,7 +154,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
         return self._cached_forward(kwargs, self.training, graph_inputs, capture)
 
     def _seq2seq_cached_call(self, kwargs: dict, graph_inputs: dict | None, checked: bool = False):
-        if not checked:  # a plain call's _seq2seq_caches_by_default looked (is_sharded walks every parameter)
+        if not checked:
             refuse_sharded(is_sharded(self))
         spec = self.compilation.spec
         if graph_inputs or prepended_tokens(spec) or prefix_tokens(spec):
@@ -176,7 +176,9 @@ class GraphDispatch(ModelAttributes, nn.Module):
         and sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
         source = self.compilation.source
         if is_encoder_decoder(source):
-            return self._seq2seq_caches_by_default(kwargs)
+            # its cached graphs are captured, not derived: a plain call (the compile's own signature) would cost an
+            # export, so it keeps its graph and returns no cache; use_cache=True or a cache passed gets one
+            return False
         if self.plan.backend == "inductor" or self._superset is None or not caches_by_default(source, kwargs):
             return False
         if prepended_tokens(self.compilation.spec):  # prompt tuning: its superset takes no positions, none derives
@@ -188,18 +190,6 @@ class GraphDispatch(ModelAttributes, nn.Module):
         except (TypeError, ValueError):  # the plain graph serves it (or raises the original's error)
             return False
         return covers_new_tokens(kwargs)  # else the plain graph's guards name the mask
-
-    def _seq2seq_caches_by_default(self, kwargs: dict) -> bool:
-        """An encoder-decoder's plain call returns the cache where the original does (config.use_cache), in eval
-        only: a training call keeps its graph (layer calls, checkpointing; the cached graph is the flat one, as
-        in generation), and so do the Inductor back end, sharded models, virtual tokens and calls the cached
-        graphs do not take (runtime.seq2seq_forward_cache). Its first call of each signature captures a graph."""
-        source, spec = self.compilation.source, self.compilation.spec
-        if self.training or self.plan.backend == "inductor" or not caches_by_default(source, kwargs):
-            return False
-        if prepended_tokens(spec) or prefix_tokens(spec) or is_sharded(self):
-            return False
-        return serves_plain_call(source, kwargs)
 
     def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
         """A cached call with its virtual tokens' slots, where the spec prepends some (peftc.runtime.prompt_cache)."""

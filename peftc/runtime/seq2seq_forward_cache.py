@@ -169,15 +169,6 @@ def check_seq2seq_cached_call(model: nn.Module, kwargs: dict) -> None:
             raise TypeError(f"a forward with a KV cache needs {name} as a 2-D tensor [batch, length]")
 
 
-def serves_plain_call(model: nn.Module, kwargs: dict) -> bool:
-    """Whether a call saying nothing of a cache is one the graphs here take (else the plain graph serves it)."""
-    try:
-        check_seq2seq_cached_call(model, kwargs)
-    except (NotImplementedError, TypeError, ValueError):
-        return False
-    return True
-
-
 def cache_tensors(model: nn.Module, cache, batch: int, encoder_len: int) -> tuple[tuple | None, tuple | None]:
     """The (keys, values) per decoder layer of `cache`'s self-attention and cross-attention caches, each None
     where empty, checked to be what this model produces for `batch` rows and `encoder_len` encoder tokens."""

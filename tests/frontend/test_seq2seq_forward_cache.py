@@ -66,17 +66,23 @@ def tokens(step: int, batch: int = 2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_plain_eval_call_returns_the_cache_as_peft(pair):
+def test_use_cache_returns_the_cache_as_peft_and_a_plain_call_captures_nothing(pair):
+    """use_cache=True: PEFT's fields, logits and both caches. A call saying nothing of a cache keeps the compile's
+    graph (its cached graphs are captured, not derived: docs/design-call-signatures.md) and returns no cache."""
     family, cm, reference = pair
     ids, mask, decoder_ids = call(family)
-    ours = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
-    theirs = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    ours = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, use_cache=True)
+    theirs = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, use_cache=True)
     assert list(ours.keys()) == list(theirs.keys())  # logits, cache, encoder_last_hidden_state
     torch.testing.assert_close(ours.logits, theirs.logits, **TOLERANCE)
     torch.testing.assert_close(ours.encoder_last_hidden_state, theirs.encoder_last_hidden_state, **TOLERANCE)
     assert_same_cache(ours.past_key_values, theirs.past_key_values)
     assert ours.past_key_values.self_attention_cache.get_seq_length() == decoder_ids.shape[1]
     assert ours.past_key_values.cross_attention_cache.get_seq_length() == ids.shape[1]
+    with counted_exports() as exports:
+        plain = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    assert exports == [] and plain.past_key_values is None
+    torch.testing.assert_close(plain.logits, theirs.logits, **TOLERANCE)
 
 
 @torch.no_grad()
@@ -111,15 +117,17 @@ def test_step_with_a_decoder_mask_and_a_new_shape_captures_nothing_more(pair):
     and encoder length reuse the graphs (their shapes are dynamic)."""
     family, cm, reference = pair
     ids, mask, decoder_ids = call(family)
-    cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, decoder_attention_mask=torch.ones_like(decoder_ids))
-    out = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, decoder_attention_mask=torch.ones_like(decoder_ids),
+       use_cache=True)
+    out = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, use_cache=True)
     cm(encoder_outputs=(out.encoder_last_hidden_state,), attention_mask=mask, decoder_input_ids=tokens(0),
        past_key_values=out.past_key_values, decoder_attention_mask=torch.ones(2, decoder_ids.shape[1] + 1, dtype=torch.long))
     ids, mask, decoder_ids = call(family, batch=3, encoder_len=9)
     decoder_mask = torch.ones_like(decoder_ids)
     decoder_mask[0, :2] = 0  # the first row's decoder prefix left-padded
     with counted_exports() as exports:
-        ours = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask)
+        ours = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask,
+                  use_cache=True)
         step_mask = torch.cat([decoder_mask, torch.ones(3, 1, dtype=torch.long)], 1)
         ours = cm(encoder_outputs=(ours.encoder_last_hidden_state,), attention_mask=mask, decoder_input_ids=tokens(0, 3),
                   past_key_values=ours.past_key_values, decoder_attention_mask=step_mask)
@@ -134,13 +142,15 @@ def test_step_with_a_decoder_mask_and_a_new_shape_captures_nothing_more(pair):
 
 @torch.no_grad()
 def test_labels_and_return_dict_false_give_the_originals_tuple(pair):
-    """BART keeps no cache when given labels and no cache; T5 keeps one: the tuples are PEFT's either way."""
+    """With use_cache=True, BART keeps no cache when given labels and no cache; T5 keeps one: the tuples are
+    PEFT's either way."""
     family, cm, reference = pair
     ids, mask, decoder_ids = call(family)
     labels = decoder_ids.roll(1, 1)
-    ours = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, labels=labels, return_dict=False)
+    ours = cm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, labels=labels, return_dict=False,
+              use_cache=True)
     theirs = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, labels=labels,
-                       return_dict=False)
+                       return_dict=False, use_cache=True)
     assert [type(x).__name__ for x in ours] == [type(x).__name__ for x in theirs]
     assert ("EncoderDecoderCache" in [type(x).__name__ for x in ours]) == (family.name == "t5")
     for mine, reference_value in zip(ours, theirs):
