@@ -6,7 +6,8 @@ others built on first use of a new signature by the same Compilation and plan (o
 without a capture from the superset graph: peftc.capture.specialize); a call with
 `use_cache=True` or a KV cache passed runs peftc.runtime.forward_cache's graphs, and so does a call
 saying nothing of a cache where the original returns one (config.use_cache) and that graph derives
-without a capture (forward_cache's docstring: which calls return a cache). The dispatch
+without a capture (forward_cache's docstring: which calls return a cache); an encoder-decoder's run
+peftc.runtime.seq2seq_forward_cache's (captured on first use: plain calls keep their graph). The dispatch
 owns the module tree every graph reads (peftc.runtime.module_tree): base weights at their
 original paths, layers as modules, adapters under `peftc`; the graphs themselves are not
 submodules.
@@ -39,8 +40,9 @@ from peftc.runtime.forward_cache import (CachedForward, caches_by_default, check
                                          drops_cache, refuse_sharded, wants_cache)
 from peftc.runtime.generate import Generator, generate
 from peftc.runtime.module_tree import adopt_tree, attach_graph
-from peftc.runtime.prefix_window import call_length, check_prefix_window, limits_call_length
+from peftc.runtime.prefix_window import call_length, check_prefix_window, limits_call_length, prefix_tokens
 from peftc.runtime.prompt_cache import CACHE_POSITION, prepended_tokens, with_cache_slots
+from peftc.runtime.seq2seq_forward_cache import Seq2SeqCachedForward, is_encoder_decoder
 from peftc.runtime.seq2seq_generate import Seq2SeqGenerator, generate_seq2seq
 
 
@@ -136,7 +138,10 @@ class GraphDispatch(ModelAttributes, nn.Module):
                      checked: bool = False):
         """A call with use_cache=True or a cache passed: its output holds a DynamicCache (runtime.forward_cache).
         `capture=False`: None where its graph would have to be captured (peftc.runtime.forward_cache);
-        `checked`: the caller has refused what check_cached_call and refuse_sharded refuse."""
+        `checked`: the caller has refused what check_cached_call and refuse_sharded refuse. An encoder-decoder's
+        holds an EncoderDecoderCache (runtime.seq2seq_forward_cache; its graphs are captured on first use)."""
+        if is_encoder_decoder(self.compilation.source):
+            return self._seq2seq_cached_call(kwargs, graph_inputs, checked)
         if not checked:
             check_cached_call(self.compilation.source, kwargs)
             refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
@@ -148,12 +153,32 @@ class GraphDispatch(ModelAttributes, nn.Module):
                                                  runtime_inputs=(CACHE_POSITION,) if slots else ())
         return self._cached_forward(kwargs, self.training, graph_inputs, capture)
 
+    def _seq2seq_cached_call(self, kwargs: dict, graph_inputs: dict | None, checked: bool = False):
+        if not checked:
+            refuse_sharded(is_sharded(self))
+        spec = self.compilation.spec
+        if graph_inputs or prepended_tokens(spec) or prefix_tokens(spec):
+            if graph_inputs:
+                raise NotImplementedError("a forward with a KV cache on a served encoder-decoder: its cached graphs "
+                                          "do not route adapters. Pass use_cache=False (generate() decodes), or "
+                                          "compile the adapter alone (peftc.from_peft(model, folder)) for cached calls")
+            raise NotImplementedError("a forward with a KV cache on an encoder-decoder with virtual tokens (prompt or "
+                                      "prefix tuning): its cached graphs do not take them. Pass use_cache=False "
+                                      "(generate() decodes), or call cm.merge_and_unload() for the original model")
+        if self._cached_forward is None:
+            self._cached_forward = Seq2SeqCachedForward(self.compilation, self.plan)
+        return self._cached_forward(kwargs, self.training)
+
     def _caches_by_default(self, kwargs: dict) -> bool:
         """Whether a call saying nothing of a cache runs a cached graph: where the original returns one
         (config.use_cache, not dropped by checkpointed training), the call is one a cached graph takes, and
         the graph derives from the superset capture (no export). The Inductor back end's compiled layers
         and sharded models keep their graphs: the reasons are in peftc.runtime.forward_cache's docstring."""
         source = self.compilation.source
+        if is_encoder_decoder(source):
+            # its cached graphs are captured, not derived: a plain call (the compile's own signature) would cost an
+            # export, so it keeps its graph and returns no cache; use_cache=True or a cache passed gets one
+            return False
         if self.plan.backend == "inductor" or self._superset is None or not caches_by_default(source, kwargs):
             return False
         if prepended_tokens(self.compilation.spec):  # prompt tuning: its superset takes no positions, none derives
@@ -208,7 +233,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, **kwargs) -> torch.Tensor:
         """Generate tokens as transformers' `model.generate` does, with a StaticCache inside the graphs
-        (an encoder-decoder: over the compiled forward, peftc.runtime.seq2seq_generate).
+        (an encoder-decoder: its encoder and decoder-step graphs, peftc.runtime.seq2seq_generate).
 
         Takes GenerationMixin's arguments (see peftc.runtime.generate for those implemented) and
         returns the sequences, prompt included. Greedy unless `do_sample=True`.
@@ -225,7 +250,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:
             raise TypeError("generate() needs input_ids (the prompt token ids)")
-        if getattr(getattr(self.compilation.source, "config", None), "is_encoder_decoder", False):
+        if is_encoder_decoder(self.compilation.source):
             if self._generator is None and self.seq2seq_cached_generate:
                 self._generator = Seq2SeqGenerator(self.compilation, self.plan)
             cached = self._generator if self._generator is not None and self._generator.cached else None

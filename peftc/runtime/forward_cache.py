@@ -48,11 +48,12 @@ followed). `return_dict=False` gives the original's tuple, the cache after the l
   what the plain graph carries: no superset graph to derive from (served models, compiles given
   dynamic_shapes or positional example inputs), prompt or prefix tuning, chunked, bidirectional
   or softcapped attention (Llama 4, Gemma 2), attention neither SDPA nor transformers' eager one
-  (peftc.capture.attention_sites; GPT-2's reorder_and_upcast_attn), heads the gate refuses (sequence classifiers: the gate compares per-token logits; Falcon), encoder-decoders (the
-  cache is the decoder's and cross-attention's), inputs a cached graph does not take, a padding mask not
+  (peftc.capture.attention_sites; GPT-2's reorder_and_upcast_attn), heads the gate refuses (sequence classifiers: the gate compares per-token logits; Falcon), inputs a cached graph does not take, a padding mask not
   as long as the tokens; the Inductor back end (its compiled layers run the plain graph; the derived graph
   is the flat one) and FSDP2-sharded models (the flat graph runs outside the per-layer hooks). Those
   calls return what `use_cache=False` returns; `use_cache=True` gets the cache there (one capture).
+
+Encoder-decoders (T5, BART: an EncoderDecoderCache, the cross-attention's too) are peftc.runtime.seq2seq_forward_cache's.
 """
 
 from __future__ import annotations

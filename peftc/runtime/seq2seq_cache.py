@@ -95,3 +95,62 @@ def head_dim(config) -> int:
     if getattr(config, "d_kv", None):
         return config.d_kv  # T5: its heads' width need not be d_model / heads
     return getattr(config, "head_dim", None) or config.d_model // heads(config)
+
+
+class WithSeq2SeqTensorCache(nn.Module):
+    """An encoder-decoder whose decoder caches enter and leave as tensors: what forward calls with a cache are
+    captured from (peftc.runtime.seq2seq_forward_cache), as `tensor_cache.WithTensorCache` for causal LMs.
+
+    Its forward fills an `EncoderDecoderCache` of two DynamicCaches from the tensors passed (self-attention:
+    `past_keys`/`past_values`, none for a call without a past; cross-attention: `cross_keys`/`cross_values`,
+    none where this call computes them from the encoder output), calls the model with it and returns the
+    model's output without the cache and encoder output it was given, and each layer's keys and values after
+    the call (the cross ones only where computed). A call without a past passes no cache: the model makes
+    its own where it keeps one, and where it keeps none (BART given labels) none comes back, as from the
+    original. `encoder_hidden_states`: the encoder output a call passes (its `encoder_outputs`), else the
+    model runs its encoder on the call's input_ids."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_model", model)
+        self.cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_field = "cache"  # the output field holding the cache; read from the traced output
+
+    def forward(self, past_keys=None, past_values=None, cross_keys=None, cross_values=None,
+                encoder_hidden_states=None, **kwargs):
+        from transformers import DynamicCache, EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        from peftc.runtime.tensor_cache import fill
+
+        cache = None  # no past: the model makes its cache where it keeps one (BART keeps none with labels)
+        if past_keys is not None or cross_keys is not None:
+            self_cache, cross_cache = DynamicCache(), DynamicCache()
+            if past_keys is not None:
+                fill(self_cache, past_keys, past_values)
+            if cross_keys is not None:
+                fill(cross_cache, cross_keys, cross_values)
+            cache = EncoderDecoderCache(self_cache, cross_cache)  # is_updated: whether cross keys were passed
+        if encoder_hidden_states is not None:
+            kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden_states)
+        out = self._model(**{self.cache_keyword: cache}, use_cache=True, **kwargs)
+        cache = next((value for name, value in out.items() if isinstance(value, EncoderDecoderCache)), None)
+        self.cache_field = next((name for name, value in out.items() if value is cache), self.cache_field)
+        given = (cache, encoder_hidden_states)
+        rest = type(out)(**{name: value for name, value in out.items() if not any(value is g for g in given)})
+        result = {"output": rest}
+        if cache is None:  # the original returns none for this call
+            return result
+        result.update({SELF_KEYS: tuple(layer.keys for layer in cache.self_attention_cache.layers),
+                       SELF_VALUES: tuple(layer.values for layer in cache.self_attention_cache.layers)})
+        if cross_keys is None:
+            cross = cache.cross_attention_cache.layers
+            result.update({CROSS_KEYS: tuple(layer.keys for layer in cross),
+                           CROSS_VALUES: tuple(layer.values for layer in cross)})
+        return result
+
+
+SELF_KEYS, SELF_VALUES = "peftc_cache_keys", "peftc_cache_values"  # as cache_points.KEYS / VALUES
+CROSS_KEYS, CROSS_VALUES = "peftc_cross_keys", "peftc_cross_values"
