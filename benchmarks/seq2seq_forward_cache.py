@@ -5,9 +5,9 @@ vs HF PEFT's forward (its cache) vs peftc without a cache (the whole decoder pre
 
 The T5 of benchmarks/seq2seq_generate.py (random weights: d_model 256, 4 layers each side, vocab 4000), LoRA
 r 8 on q and v of every attention; a batch of 2 prompts of 24 tokens (one right-padded by 4). A loop: a
-plain call on the prompt and 4 decoder tokens (it returns the cache, as the original's does), then `steps`
+use_cache=True call on the prompt and 4 decoder tokens (it returns the cache, as the original's does), then `steps`
 one-token calls passing `encoder_outputs=` and the cache back. Reported apart: the compile, and the first
-plain call and first continued call (each captures its graph: the cost of this design). Then the loop,
+first use_cache=True call and first continued call (each captures its graph: the cost of this design). Then the loop,
 the three alternated, medians, and whether the last logits equal PEFT's.
 """
 
@@ -26,7 +26,7 @@ from common import alternate, machine
 
 
 def decode(model, ids, mask, start, steps: int, cached: bool = True) -> torch.Tensor:
-    """The loop's last logits: a plain call, then `steps` one-token calls (cached, or on the whole prefix)."""
+    """The loop's last logits: a call on the prompt, then `steps` one-token calls (cached, or on the whole prefix)."""
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=start, use_cache=cached)
         sequence = start
@@ -76,7 +76,7 @@ def main() -> None:
     n = args.steps
     last = {"peft": decode(hf, ids, mask, prefix, n), "peftc": decode(ours, ids, mask, prefix, n),
             "uncached": decode(ours, ids, mask, prefix, n, cached=False)}
-    print(f"compile {compile_s:.2f} s; first plain call (captures the cached prompt graph) {plain_s:.2f} s; first "
+    print(f"compile {compile_s:.2f} s; first use_cache=True call (captures the cached prompt graph) {plain_s:.2f} s; first "
           f"continued call (captures the step graph) {step_s:.2f} s; last logits vs PEFT: peftc "
           f"{float((last['peftc'] - last['peft']).abs().max()):.2e}, uncached "
           f"{float((last['uncached'] - last['peft']).abs().max()):.2e}")
