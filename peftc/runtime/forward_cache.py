@@ -119,10 +119,11 @@ class CachedForward:
     """The cached-forward graphs of one compiled model (its compilation, under its plan), by call signature.
 
     `superset`: the compile's superset call and its flat graph, which graphs are derived from
-    (peftc.runtime.cache_derivation) where the model allows; None: every signature captures."""
+    (peftc.runtime.cache_derivation) where the model allows; None: every signature captures. `gate_inputs`: the
+    graphs' inputs besides the model's for the derivation's 2-row check call (a served model's adapter_ids)."""
 
     def __init__(self, compilation, plan, superset: tuple[tuple[tuple, dict], GraphModule] | None = None,
-                 runtime_inputs: tuple[str, ...] = ()):
+                 runtime_inputs: tuple[str, ...] = (), gate_inputs: dict | None = None):
         self.compilation = compilation
         self.runtime_inputs = runtime_inputs  # what the caller's wrapper adds (refuse_uncapturable lets them pass)
         # As generation does: the flat graph, no layer calls or checkpointing (nothing to recompute).
@@ -138,7 +139,7 @@ class CachedForward:
         self.specialized: dict[tuple[CallSignature, bool, bool], GraphModule] = {}
         # The superset's flat graph ran the same passes unless its plan checkpointed inline (no layer structure).
         same_passes = plan.structure_layers or not plan.checkpoint_layers
-        self.derivation = CacheDerivation(compilation.source, *superset) \
+        self.derivation = CacheDerivation(compilation.source, *superset, gate_inputs=gate_inputs) \
             if superset is not None and same_passes else None
 
     @property
