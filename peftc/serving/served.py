@@ -32,6 +32,10 @@ N (so all rows share one cache length, whatever their prefixes). Prompt rows as 
 model's (peftc.runtime.prompt_cache): the call that starts the cache puts W slots first, each row's
 own N virtual tokens the last N of them, so the cache holds W + S entries for every row; a call
 continuing it adds no virtual tokens, and its mask covers the caller's tokens (or the whole cache).
+
+As peftc.compile, serve_adapters captures the superset call (peftc.compiler.first_build): calls adding labels or
+output flags derive their graph (the routing input stays), and without prompt or prefix rows so does the cached
+forward, so a plain call of a causal LM returns the cache where config.use_cache is on, as the original's does.
 """
 
 from __future__ import annotations
