@@ -28,7 +28,7 @@ from peftc.capture.kept_logits import derive_kept_logits_graph, positions_to_kee
 from peftc.capture.sharded import is_sharded, runnable
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import ExtraInputs
-from peftc.compiler.first_build import build_first
+from peftc.compiler.first_build import FirstBuild, build_first
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
@@ -209,6 +209,14 @@ class GraphDispatch(ModelAttributes, nn.Module):
             return None
         wide = CallSignature.of(*self._superset)
         return _derive(self._graphs[wide], wide, signature, self.compilation.source)
+
+    def build_under(self, plan, call: tuple[tuple, dict] | None = None) -> FirstBuild:
+        """`plan`'s graph for `call` (by default the example call), derived from the superset call this model
+        was built from where it can be: that call's capture is reused (peftc.capture.captured), not redone."""
+        call = call or self.example_call
+        if self._superset is None:  # the example call itself was captured (or no superset could be)
+            return FirstBuild(self.compilation.build(*call, plan))
+        return build_first(self.compilation, call, plan, superset=self._superset)
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""
