@@ -117,7 +117,7 @@ class ServedModel(GraphDispatch):
             return super().graph_for(args, kwargs)
 
     def __getstate__(self):  # a lock does not pickle or deepcopy; each copy gets its own
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # graphs are rebuilt (a derived graph's guards hold what does not copy)
         state.pop("_build_lock", None)
         return state
 
