@@ -96,8 +96,18 @@ def _lengthen_inputs(gm: GraphModule, seq_ids: Node, token_ids: Node, inputs: di
         else:
             batch = ins.call(aten.sym_size.int, placeholder, 0)
             first = ins.call(aten.new_full.default, placeholder, [batch, width], SEQUENCE_INPUTS.get(placeholder.name, 0))
-            rest = placeholder
+            rest = _first_label_unpredicted(ins, placeholder, lengths) if placeholder.name == "labels" else placeholder
         redirect_users(users, placeholder, ins.call(aten.cat.default, [first, rest], 1))
+
+
+def _first_label_unpredicted(ins: Inserter, labels: Node, lengths: Node) -> Node:
+    """`labels` with the first one ignored in rows without virtual tokens: the loss predicts each label from the
+    position before it, which for such a row is a masked padding slot (its own model has no position there);
+    a prompt row's last virtual token predicts it, as in its own model."""
+    prompted = ins.call(aten.unsqueeze.default, ins.call(aten.gt.Scalar, lengths, 0), 1)
+    head = ins.call(aten.slice.Tensor, labels, 1, 0, 1)
+    head = ins.call(aten.where.ScalarOther, prompted, head, SEQUENCE_INPUTS["labels"])
+    return ins.call(aten.cat.default, [head, ins.call(aten.slice.Tensor, labels, 1, 1, SEQ_END)], 1)
 
 
 def _prepend_prompts(gm: GraphModule, embedding_op: Node, seq_ids: Node, path: str, width: int, tag: dict) -> None:

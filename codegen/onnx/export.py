@@ -89,7 +89,7 @@ def graph_for_export(cm, merge: bool, example_inputs: Any) -> GraphModule:
     if isinstance(cm, CompiledModel):
         gm = cm.build_under(cm.compilation.export_plan(merge), (args, kwargs)).built.graph_module
     elif serving is not None:  # a served model: its adapters and the `adapter_ids` input, gathered
-        gm = cm.compilation.build(args, kwargs, cm.compilation.serve_export_plan(serving)).graph_module
+        gm = cm.build_under(cm.compilation.serve_export_plan(serving), (args, kwargs)).built.graph_module
     else:
         gm = _dispatched_graph(cm, args, kwargs)
     copy = eval_copy(gm)

@@ -217,8 +217,9 @@ def _detach_guards(graph: Graph, inputs: dict[str, list[Node]], dropped: list[st
     node = next((n for n in graph.find_nodes(op="call_module") if n.target == GUARDS and not n.users), None)
     if node is None:
         return None
-    names = list(inputs)
-    single = all(len(inputs[name]) == 1 for name in names)
+    single = all(len(nodes) == 1 for nodes in inputs.values())
+    # The inputs export's guards read: all but those a pass added after the capture (a served graph's adapter_ids).
+    names = [name for name, nodes in inputs.items() if single and nodes[0] in node.args]
     if stand_ins is None or not single or list(node.args) != [inputs[name][0] for name in names]:
         graph.erase_node(node)
         return None

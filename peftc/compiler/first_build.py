@@ -24,6 +24,7 @@ from peftc.capture.superset import ExtraInputs, superset_calls, superset_quiet
 from peftc.compiler.compilation import Built, Compilation
 from peftc.compiler.plan import Plan
 from peftc.errors import CaptureError
+from peftc.ir.lora_bank import ServingPlan
 from peftc.pipeline.runner import PassRecord
 from peftc.spec.methods import METHODS
 from peftc.spec.parse import Spec
@@ -55,8 +56,8 @@ def build_first(compilation: Compilation, example: tuple[tuple, dict], plan: Pla
         wide_calls = [superset]
     else:
         with superset_quiet():  # the checks behind the superset call the model with output_attentions too
-            wide_calls = superset_calls(compilation.source, *example, defaults=positions_untouched(compilation.spec)) \
-                if dynamic_shapes is None else []
+            defaults = positions_untouched(compilation.spec, plan.serving)
+            wide_calls = superset_calls(compilation.source, *example, defaults=defaults) if dynamic_shapes is None else []
     for wide in wide_calls:
         try:
             built = _build_superset(compilation, wide, plan, dump_dir)
@@ -85,9 +86,13 @@ def _build_superset(compilation: Compilation, wide: tuple[tuple, dict], plan: Pl
         return compilation.build(*wide, plan, dump_dir=dump_dir)
 
 
-def positions_untouched(spec: Spec | None) -> bool:
-    """Whether no pass of `spec` reads or moves token positions (prompt tuning lengthens the sequence,
-    prefix tuning shifts positions): only then may a derived graph compute default positions after them."""
+def positions_untouched(spec: Spec | None, serving: ServingPlan | None = None) -> bool:
+    """Whether no pass of `spec` (or of a serving plan) reads or moves token positions (prompt tuning lengthens
+    the sequence, prefix tuning shifts positions): only then may a derived graph compute default positions after
+    them. A served model's passes are its adapters' per-site ops, which leave positions alone, unless some adapter
+    is prompt or prefix tuning (whose served calls pass explicit positions anyway: peftc.serving.virtual_inputs)."""
+    if serving is not None:
+        return not serving.has_virtual_tokens
     return spec is not None and all(
         METHODS[entry.method].family != "additive" or entry.method in POSITION_FREE_ADDITIVE
         for entry in spec.adapters)

@@ -59,8 +59,10 @@ HALF_TOLERANCE = 1e-2  # float16 / bfloat16 bases
 class CacheDerivation:
     """Derives the cached graphs of one compiled model from its superset graph, once the gate passed."""
 
-    def __init__(self, model: nn.Module, superset: tuple[tuple, dict], flat: GraphModule):
+    def __init__(self, model: nn.Module, superset: tuple[tuple, dict], flat: GraphModule,
+                 gate_inputs: dict | None = None):
         self.model, self.flat = model, flat
+        self.gate_inputs = gate_inputs or {}  # the graphs' inputs besides the model's, for the check's 2 rows
         self.superset_call = superset
         self.superset = CallSignature.of(*superset)
         self.config = model.config.get_text_config(decoder=True)
@@ -91,7 +93,7 @@ class CacheDerivation:
         set_mode(derived.graph_module, False)
         set_mode(self.flat, False)  # derived graphs set their own mode before they run
         try:
-            whole = self.flat(**whole_call).logits
+            whole = self.flat(**whole_call, **self.gate_inputs).logits
             stepped = torch.cat(list(self._steps(derived.graph_module, ids, mask)), 1)
         except Exception:  # noqa: BLE001  a graph the model's cache cannot feed (its past's shape): capture
             return False
@@ -117,7 +119,7 @@ class CacheDerivation:
         for width in GATE_SEGMENTS:
             inputs = {MAIN_INPUT: ids[:, start:start + width], "attention_mask": mask[:, :start + width]}
             extra = derived_inputs(self.model, inputs, cache, start)
-            result = gm(past_keys=list(keys), past_values=list(values), **{**inputs, **extra})
+            result = gm(past_keys=list(keys), past_values=list(values), **{**inputs, **extra}, **self.gate_inputs)
             keys, values = result[KEYS], result[VALUES]
             fill(cache, keys, values)
             start += width

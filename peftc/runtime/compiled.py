@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftc.compiler.first_build import FirstBuild, build_first
 from peftc.inspect.diff import diff_text
 from peftc.inspect.dot import render, to_dot
 from peftc.inspect.graph_view import to_networkx
@@ -135,14 +134,6 @@ class CompiledModel(AdapterCheckpoint, PeftModelSurface, GraphDispatch):
         if plan.merge.requantization is not None:
             merged.requantization = plan.merge.requantization
         return merged
-
-    def build_under(self, plan, call: tuple[tuple, dict] | None = None) -> FirstBuild:
-        """`plan`'s graph for `call` (by default the example call), derived from the superset call this model
-        was built from where it can be: that call's capture is reused (peftc.capture.captured), not redone."""
-        call = call or self.example_call
-        if self._superset is None:  # the example call itself was captured (or no superset could be)
-            return FirstBuild(self.compilation.build(*call, plan))
-        return build_first(self.compilation, call, plan, superset=self._superset)
 
     def merge_and_unload(self, inplace: bool = False, *, dtype: torch.dtype | None = None,
                          base_state_dict: dict | None = None) -> nn.Module:

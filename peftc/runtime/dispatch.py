@@ -29,7 +29,7 @@ from peftc.capture.kept_logits import derive_kept_logits_graph, positions_to_kee
 from peftc.capture.sharded import is_sharded, runnable
 from peftc.capture.specialize import derive_graph
 from peftc.capture.superset import ExtraInputs
-from peftc.compiler.first_build import build_first
+from peftc.compiler.first_build import FirstBuild, build_first
 from peftc.errors import ShardedError
 from peftc.ir.modes import set_mode
 from peftc.pipeline.state import MergeState
@@ -147,10 +147,12 @@ class GraphDispatch(ModelAttributes, nn.Module):
             refuse_sharded(is_sharded(self))  # every call: a model may be sharded after its first cached call
         kwargs = self._cache_slots(kwargs, graph_inputs or {})
         if self._cached_forward is None:
-            superset = (self._superset, self._superset_flat) if self._superset is not None else None
+            derives = self._superset is not None and not self._serves_virtual_tokens()
+            superset = (self._superset, self._superset_flat) if derives else None
             slots = prepended_tokens(self.compilation.spec) or (self.plan.serving and self.plan.serving.prompt_paths)
             self._cached_forward = CachedForward(self.compilation, self.plan, superset,
-                                                 runtime_inputs=(CACHE_POSITION,) if slots else ())
+                                                 runtime_inputs=(CACHE_POSITION,) if slots else (),
+                                                 gate_inputs=self._gate_inputs())
         return self._cached_forward(kwargs, self.training, graph_inputs, capture)
 
     def _seq2seq_cached_call(self, kwargs: dict, graph_inputs: dict | None, checked: bool = False):
@@ -181,7 +183,7 @@ class GraphDispatch(ModelAttributes, nn.Module):
             return False
         if self.plan.backend == "inductor" or self._superset is None or not caches_by_default(source, kwargs):
             return False
-        if prepended_tokens(self.compilation.spec):  # prompt tuning: its superset takes no positions, none derives
+        if prepended_tokens(self.compilation.spec) or self._serves_virtual_tokens():  # no cached graph derives
             return False
         if drops_cache(kwargs, self.training, self.plan.checkpoint_layers) or is_sharded(self):
             return False
@@ -190,6 +192,17 @@ class GraphDispatch(ModelAttributes, nn.Module):
         except (TypeError, ValueError):  # the plain graph serves it (or raises the original's error)
             return False
         return covers_new_tokens(kwargs)  # else the plain graph's guards name the mask
+
+    def _serves_virtual_tokens(self) -> bool:
+        """Whether this is a served model with prompt or prefix rows: their graphs make each row's mask and positions
+        from the call's, so a cached graph is captured for them (prompt_cache, virtual_inputs), not derived (the
+        superset takes the explicit positions such calls pass, so nothing else would refuse the derivation)."""
+        return self.plan.serving is not None and self.plan.serving.has_virtual_tokens
+
+    def _gate_inputs(self) -> dict:
+        """What the graphs take besides the model's inputs for the cache derivation's check call of 2 rows (a served
+        model's adapter ids); none here."""
+        return {}
 
     def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
         """A cached call with its virtual tokens' slots, where the spec prepends some (peftc.runtime.prompt_cache)."""
@@ -221,6 +234,14 @@ class GraphDispatch(ModelAttributes, nn.Module):
             return None
         wide = CallSignature.of(*self._superset)
         return _derive(self._graphs[wide], wide, signature, self.compilation.source)
+
+    def build_under(self, plan, call: tuple[tuple, dict] | None = None) -> FirstBuild:
+        """`plan`'s graph for `call` (by default the example call), derived from the superset call this model
+        was built from where it can be: that call's capture is reused (peftc.capture.captured), not redone."""
+        call = call or self.example_call
+        if self._superset is None:  # the example call itself was captured (or no superset could be)
+            return FirstBuild(self.compilation.build(*call, plan))
+        return build_first(self.compilation, call, plan, superset=self._superset)
 
     def graph_built(self, gm: GraphModule) -> None:
         """Hook for subclasses: a graph for a new call signature was just built."""

@@ -16,16 +16,16 @@ writes its cache (peftc.capture.cache_points), and the derived graph concatenate
 there and takes the attention mask and positions as inputs, which this module makes per call as the
 original makes them (transformers' create_causal_mask over the past and new tokens; past + arange
 positions). A check on the model's own outputs runs once per compiled model before the first derived
-graph. Where there is no superset graph (a served or merged model, a compile given dynamic_shapes or
+graph. Where there is no superset graph (a merged model, a compile given dynamic_shapes or
 positional example inputs), the superset takes no position_ids (prompt and prefix tuning move
-positions), the model has chunked, bidirectional or softcapped attention (cached_call.layer_kinds;
+positions), a served model has prompt or prefix rows (GraphDispatch._serves_virtual_tokens), the model has chunked, bidirectional or softcapped attention (cached_call.layer_kinds;
 sliding-window layers derive, each with its own mask), the graph cannot be derived (a call
 outside the superset: logits_to_keep) or the check fails, the graph is captured from `WithTensorCache`
 (peftc.runtime.tensor_cache) through the compiled model's own pipeline: the same passes, the same
 adapter parameters. Where a captured graph's guards refuse a call with no past or with one new token
 that the original accepts (OPT: sizes export cannot relate, `_run_specialized`), a graph captured for
-calls of that kind runs it (one more capture each, on first use). A served model (peftc.serving.served) runs captured graphs, its routing
-`adapter_ids` one more graph input. The capture traces two decoder layers and copies the rest
+calls of that kind runs it (one more capture each, on first use). A served model's graphs (peftc.serving.served), derived or
+captured, take its routing `adapter_ids` as one more input (the check call passes two served adapters' ids). The capture traces two decoder layers and copies the rest
 (peftc.capture.layer_stacks: each copy reads its own past tensors, `past_keys_<i>`), as the compile's
 own capture does.
 
@@ -45,8 +45,8 @@ followed). `return_dict=False` gives the original's tuple, the cache after the l
   noise of a shared machine, and the training step's peak memory is the same to the byte (the cache holds
   the keys and values the attention saves for backward anyway).
 - It keeps its plain graph and returns no cache where the derived graph is not to be had or would lose
-  what the plain graph carries: no superset graph to derive from (served models, compiles given
-  dynamic_shapes or positional example inputs), prompt or prefix tuning, chunked, bidirectional
+  what the plain graph carries: no superset graph to derive from (compiles given
+  dynamic_shapes or positional example inputs), prompt or prefix tuning (compiled or served rows), chunked, bidirectional
   or softcapped attention (Llama 4, Gemma 2), attention neither SDPA nor transformers' eager one
   (peftc.capture.attention_sites; GPT-2's reorder_and_upcast_attn), heads the gate refuses (sequence classifiers: the gate compares per-token logits; Falcon), inputs a cached graph does not take, a padding mask not
   as long as the tokens; the Inductor back end (its compiled layers run the plain graph; the derived graph
@@ -120,10 +120,11 @@ class CachedForward:
     """The cached-forward graphs of one compiled model (its compilation, under its plan), by call signature.
 
     `superset`: the compile's superset call and its flat graph, which graphs are derived from
-    (peftc.runtime.cache_derivation) where the model allows; None: every signature captures."""
+    (peftc.runtime.cache_derivation) where the model allows; None: every signature captures. `gate_inputs`: the
+    graphs' inputs besides the model's for the derivation's 2-row check call (a served model's adapter_ids)."""
 
     def __init__(self, compilation, plan, superset: tuple[tuple[tuple, dict], GraphModule] | None = None,
-                 runtime_inputs: tuple[str, ...] = ()):
+                 runtime_inputs: tuple[str, ...] = (), gate_inputs: dict | None = None):
         self.compilation = compilation
         self.runtime_inputs = runtime_inputs  # what the caller's wrapper adds (refuse_uncapturable lets them pass)
         # As generation does: the flat graph, no layer calls or checkpointing (nothing to recompute).
@@ -139,7 +140,7 @@ class CachedForward:
         self.specialized: dict[tuple[CallSignature, bool, bool], GraphModule] = {}
         # The superset's flat graph ran the same passes unless its plan checkpointed inline (no layer structure).
         same_passes = plan.structure_layers or not plan.checkpoint_layers
-        self.derivation = CacheDerivation(compilation.source, *superset) \
+        self.derivation = CacheDerivation(compilation.source, *superset, gate_inputs=gate_inputs) \
             if superset is not None and same_passes else None
 
     @property

@@ -32,6 +32,10 @@ N (so all rows share one cache length, whatever their prefixes). Prompt rows as 
 model's (peftc.runtime.prompt_cache): the call that starts the cache puts W slots first, each row's
 own N virtual tokens the last N of them, so the cache holds W + S entries for every row; a call
 continuing it adds no virtual tokens, and its mask covers the caller's tokens (or the whole cache).
+
+As peftc.compile, serve_adapters captures the superset call (peftc.compiler.first_build): calls adding labels or
+output flags derive their graph (the routing input stays), and without prompt or prefix rows so does the cached
+forward, so a plain call of a causal LM returns the cache where config.use_cache is on, as the original's does.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from peftc.capture.binding import bind_call
 from peftc.capture.captured import CapturedGraphs
 from peftc.capture.example_inputs import example_call
 from peftc.compiler.compilation import Compilation
+from peftc.compiler.first_build import build_first
 from peftc.errors import SpecError
 from peftc.inspect.report import Report
 from peftc.ir.lora_bank import LoraBank, ServingPlan
@@ -83,8 +88,9 @@ def serve_adapters(model: nn.Module, adapters_by_name: Mapping[str, Any], *, bac
     plan = compilation.serve_plan(ServingPlan(loaded))
     if plan.serving.has_virtual_tokens:
         example = with_virtual_inputs(model, *example)
-    built = compilation.build(*example, plan)
-    return ServedModel(compilation, plan, built, example, training=model.training)
+    start = build_first(compilation, example, plan)  # the superset call: later signatures derive (first_build)
+    return ServedModel(compilation, plan, start.built, example, training=model.training,
+                       superset=start.superset_parts())
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -97,8 +103,8 @@ class ServedModel(GraphDispatch):
 
     seq2seq_cached_generate = False  # see GraphDispatch: encoder-decoders decode over the served forward
 
-    def __init__(self, compilation, plan, first, example, *, training):
-        super().__init__(compilation, plan, first, example, training=training)
+    def __init__(self, compilation, plan, first, example, *, training, superset=None):
+        super().__init__(compilation, plan, first, example, training=training, superset=superset)
         self.adapter_names = [a.name for a in plan.serving.adapters]
         self._prompt_lengths = prompt_lengths(plan.serving.adapters)  # fixed with the adapters: read every step
         self._prompt_width = int(self._prompt_lengths.max())
@@ -111,7 +117,7 @@ class ServedModel(GraphDispatch):
             return super().graph_for(args, kwargs)
 
     def __getstate__(self):  # a lock does not pickle or deepcopy; each copy gets its own
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # graphs are rebuilt (a derived graph's guards hold what does not copy)
         state.pop("_build_lock", None)
         return state
 
@@ -120,23 +126,33 @@ class ServedModel(GraphDispatch):
         object.__setattr__(self, "_build_lock", threading.Lock())
 
     def forward(self, *args, adapter_ids: Any = None, **kwargs):
-        ids = self.adapter_index(adapter_ids, batch_size(args, kwargs))
-        _, bound = bind_call(self.compilation.source, args, kwargs)
-        if wants_cache(self.compilation.source, bound):
-            return self._served_cached_call(bound, ids.to(_device(self.compilation.source)))
+        ids = self.adapter_index(adapter_ids, batch_size(args, kwargs)).to(_device(self.compilation.source))
+        args, kwargs = bind_call(self.compilation.source, args, kwargs)  # as the graphs were captured (a full mask)
+        kwargs, output_flags = split_output_flags(kwargs)
+        if wants_cache(self.compilation.source, kwargs):
+            return apply_output_flags(self._served_cached_call(kwargs, ids), output_flags)
+        if self._caches_by_default(kwargs):  # a plain call returns the cache where its graph derives (no export)
+            cached = self._served_cached_call(kwargs, ids, capture=False)
+            if cached is not None:
+                return apply_output_flags(cached, output_flags)
         if self.plan.serving.has_virtual_tokens:
             args, kwargs = with_virtual_inputs(self.compilation.source, args, kwargs)
         gm, args, kwargs = self.graph_for(args, kwargs)
-        return gm(*args, **kwargs, adapter_ids=ids.to(_device(self.compilation.source)))
+        return apply_output_flags(gm(*args, **kwargs, adapter_ids=ids), output_flags)
 
-    def _served_cached_call(self, kwargs: dict, ids: torch.Tensor):
+    def _served_cached_call(self, kwargs: dict, ids: torch.Tensor, capture: bool = True):
         """A call with use_cache=True or a cache passed, as a compiled model's (peftc.runtime.forward_cache):
-        the cached-forward graphs built by this model's serving plan take the ids as one more input."""
-        kwargs, output_flags = split_output_flags(kwargs)
+        the cached-forward graphs built by this model's serving plan take the ids as one more input.
+        `capture=False`: None where the graph would have to be captured (GraphDispatch._caches_by_default)."""
         if self.plan.serving.prefix_paths and not self.plan.serving.prompt_paths:  # else with_cache_slots places them
             kwargs = with_cached_positions(self.compilation.source, kwargs)  # the graph adds each prefix row's N
         with self._build_lock:  # the first call of a signature captures its graph
-            return apply_output_flags(self._cached_call(kwargs, {"adapter_ids": ids}), output_flags)
+            return self._cached_call(kwargs, {"adapter_ids": ids}, capture=capture, checked=not capture)
+
+    def _gate_inputs(self) -> dict:
+        """The cache derivation's check call (2 rows) runs the first and the last served adapter, one row each."""
+        last = len(self.adapter_names) - 1
+        return {"adapter_ids": torch.tensor([0, last], device=_device(self.compilation.source))}
 
     def _cache_slots(self, kwargs: dict, graph_inputs: dict) -> dict:
         """With prompt adapters served, a cached call gets `width` slots, each row's own N visible, on the call

@@ -83,10 +83,11 @@ def test_eight_threads_give_the_sequential_outputs(served):
 def test_threads_meeting_a_new_signature_build_it_once(served):
     """8 threads' first call with position_ids (a new call signature): one graph, sequential outputs.
 
-    (Not an attention mask: a call without one binds to the all-ones mask, the graph it already has.)
+    (Not an attention mask: a call without one binds to the all-ones mask, the graph it already has. use_cache=False:
+    a plain call would run the cached graph, which returns the cache as the original does.)
     """
     mm, _ = served
-    inputs = {**FAMILY.inputs(BATCH, SEQ), "position_ids": torch.arange(SEQ).expand(BATCH, SEQ)}
+    inputs = {**FAMILY.inputs(BATCH, SEQ), "position_ids": torch.arange(SEQ).expand(BATCH, SEQ), "use_cache": False}
     graphs_before = len(mm.graphs)
     calls = [torch.tensor([k % 3 - 1, 0, 1, -1]) for k in range(8)]
     got = logits_from_threads(mm, inputs, calls, timeout=300)
