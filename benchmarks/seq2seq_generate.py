@@ -33,15 +33,10 @@ def build():
     return T5ForConditionalGeneration(cfg).eval()
 
 
-def main() -> None:
+def lora_pair(model):
+    """(peftc's compiled model, PEFT's model with the same non-zero LoRA weights, compile seconds), both in eval."""
     from peft import PeftModel
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
-    print(f"machine: {machine()}")
-    model = build()
     start = time.perf_counter()
     ours = peftc.compile(copy.deepcopy(model), {"adapters": [{"method": "lora", "targets": ["q", "v"], "r": 8,
                                                               "alpha": 16}]}).eval()
@@ -53,9 +48,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         ours.save_adapter(folder, format="peft")
         hf = PeftModel.from_pretrained(copy.deepcopy(model), folder).eval()
+    return ours, hf, compile_s
+
+
+def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask): 2 prompts of 24 tokens, the second right-padded by 4."""
     ids = torch.randint(2, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ids[1, -4:], mask[1, -4:] = 0, 0
+    return ids, mask
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    ours, hf, compile_s = lora_pair(build())
+    ids, mask = padded_prompts()
     n = args.new_tokens
     options = {"attention_mask": mask, "max_new_tokens": n, "do_sample": False, "eos_token_id": None}
     start = time.perf_counter()
