@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from export_counter import counted_exports
-from families import FAMILIES, compile_family, randomize_adapters
+from families import FAMILIES, compile_family_specs, randomize_adapters
 
 import peftc
 
@@ -33,9 +33,9 @@ def _padded(batch: int, seq: int) -> dict:
 def _serve(entries: dict):
     """({name: own CompiledModel, None: the base}, ServedModel of them), adapters non-zero."""
     inputs = _padded(BATCH, SEQ)
-    cms = {}
-    for seed, (name, entry) in enumerate(entries.items()):
-        _, cms[name] = compile_family(FAMILY, {"adapters": [entry]}, example_kwargs=inputs)
+    _, cms = compile_family_specs(FAMILY, {name: {"adapters": [entry]} for name, entry in entries.items()},
+                                  example_kwargs=inputs)
+    for seed, name in enumerate(entries):
         randomize_adapters(cms[name], std=0.5, seed=seed)
         cms[name].eval()
     mm = peftc.serve_adapters(FAMILY.build(), cms, example_kwargs=inputs)
